@@ -1,0 +1,51 @@
+"""Serving the signed manifest (with ETag) and the content-addressed model files."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request, send_file
+
+from aggregator.api import API_PREFIX, blobs, error
+from aggregator.db import ModelVersion, get_session
+from aggregator.registry import current_version
+
+bp = Blueprint("models", __name__, url_prefix=API_PREFIX)
+
+
+def _manifest_response(row: ModelVersion) -> Response:
+    etag = f"v{row.version}-{row.head_sha256[:16]}"
+    if request.if_none_match.contains(etag):
+        resp = Response(status=304)
+    else:
+        resp = Response(row.signed_manifest, mimetype="application/json")
+    resp.set_etag(etag)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.get("/manifest")
+def manifest():
+    row = current_version(get_session())
+    if row is None:
+        return error(404, "no_model", "no model version is published yet")
+    return _manifest_response(row)
+
+
+@bp.get("/manifest/<int:version>")
+def manifest_version(version: int):
+    row = get_session().get(ModelVersion, version)
+    if row is None:
+        return error(404, "unknown_version", f"model version {version} doesn't exist")
+    return _manifest_response(row)
+
+
+@bp.get("/blobs/<sha256>")
+def blob(sha256: str):
+    try:
+        path = blobs().path(sha256)
+    except ValueError as exc:
+        return error(400, "bad_digest", str(exc))
+    if not path.exists():
+        return error(404, "unknown_blob", f"no file with sha256 {sha256}")
+    resp = send_file(path, mimetype="application/octet-stream", etag=sha256, max_age=31536000)
+    resp.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+    return resp

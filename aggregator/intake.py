@@ -1,0 +1,115 @@
+"""Checking a posted update: everything is checked, nothing bad gets in, nothing good is lost.
+
+:func:`accept_update` either stores the update (committed before it returns)
+or raises :class:`Refused` with an HTTP status and a machine-readable reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from aggregator.db import Device, Update
+from aggregator.fedavg import l2_norm
+from aggregator.registry import current_version, load_manifest
+from aggregator.rounds import open_round
+from edge_sdk.errors import SignatureError, WireFormatError
+from edge_sdk.signing import SigningKey, VerifyKey
+from edge_sdk.wire import UpdateEnvelope
+
+__all__ = ["Refused", "Accepted", "accept_update"]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, detail: str, *, device_id: str | None = None,
+                 authenticated: bool = False) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+        self.device_id, self.authenticated = device_id, authenticated
+
+
+@dataclass(frozen=True)
+class Accepted:
+    update_id: str
+    round_id: int
+    duplicate: bool
+    round_updates: int
+
+    def to_dict(self) -> dict:
+        return {"status": "accepted", "update_id": self.update_id, "round_id": self.round_id,
+                "duplicate": self.duplicate}
+
+
+def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_l2_norm: float) -> Accepted:
+    try:
+        envelope, header_bytes = UpdateEnvelope.from_bytes(data)
+    except WireFormatError as exc:
+        raise Refused(400, "malformed", str(exc)) from exc
+    header = envelope.header
+    device = session.get(Device, header.device_id)
+    if device is None:
+        raise Refused(401, "unknown_device", f"device {header.device_id!r} is not enrolled",
+                      device_id=header.device_id)
+    try:
+        envelope.verify(VerifyKey.from_b64(device.public_key).verify, header_bytes)
+    except SignatureError as exc:
+        raise Refused(401, "bad_signature", str(exc), device_id=device.id) from exc
+    if device.revoked:
+        raise Refused(403, "revoked_device", f"device {device.id} is revoked", device_id=device.id,
+                      authenticated=True)
+
+    def refuse(status: int, reason: str, detail: str) -> Refused:
+        return Refused(status, reason, detail, device_id=device.id, authenticated=True)
+
+    existing = session.get(Update, envelope.update_id)
+    if existing is not None:  # a retried post of an accepted update: same answer, counted once
+        return Accepted(existing.update_id, existing.round_id, True, 0)
+    if header.sequence <= device.last_sequence:
+        raise refuse(409, "replayed_sequence",
+                     f"sequence {header.sequence} is not above the last accepted {device.last_sequence}")
+    current = current_version(session)
+    if current is None:
+        raise refuse(409, "no_model", "no model version is published yet")
+    if header.base_version != current.version:
+        raise refuse(409, "stale_base", f"update is against version {header.base_version}; current is "
+                                        f"{current.version}: pull the new model and retrain")
+    manifest = load_manifest(current, server_key)
+    layout = manifest.metadata.head_layout
+    if header.layout_sha256 != layout.sha256:
+        raise refuse(422, "layout_mismatch", f"head layout {header.layout} does not match version "
+                                             f"{current.version}'s {layout.to_json()}")
+    try:
+        deltas = envelope.deltas()
+    except WireFormatError as exc:
+        raise refuse(422, "bad_values", str(exc)) from exc
+    norm = l2_norm(deltas)
+    if not math.isfinite(norm) or norm > max_l2_norm:
+        raise refuse(422, "norm_too_large", f"delta L2 norm {norm:.4g} exceeds the limit {max_l2_norm:.4g}")
+    rnd = open_round(session)
+    if rnd is None:
+        raise refuse(409, "no_open_round", f"no open round for version {current.version}")
+    if session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id,
+                                                                     Update.device_id == device.id)):
+        raise refuse(409, "already_contributed", f"device {device.id} already has an update in round {rnd.id}")
+    now = time.time()
+    session.add(Update(update_id=envelope.update_id, device_id=device.id, round_id=rnd.id,
+                       base_version=header.base_version, sequence=header.sequence,
+                       num_examples=header.num_examples, l2_norm=norm, body=envelope.body, received_at=now))
+    device.last_sequence, device.last_seen = header.sequence, now
+    device.updates_accepted += 1
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a concurrent post of the same update or sequence won the race
+        session.rollback()
+        again = session.get(Update, envelope.update_id)
+        if again is not None:
+            return Accepted(again.update_id, again.round_id, True, 0)
+        raise Refused(409, "replayed_sequence", f"concurrent update with sequence {header.sequence}",
+                      device_id=device.id, authenticated=True) from exc
+    count = session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id))
+    return Accepted(envelope.update_id, rnd.id, False, count)

@@ -1,0 +1,120 @@
+"""The model registry: content-addressed files, signed manifests, the current version."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from aggregator.db import ModelVersion, Round
+from edge_sdk.errors import ModelError
+from edge_sdk.manifest import BlobRef, Manifest, SignedManifest
+from edge_sdk.model import ModelMetadata
+from edge_sdk.signing import SigningKey
+from edge_sdk.storage import atomic_write
+from edge_sdk.wire import pack_arrays, unpack_arrays
+
+log = logging.getLogger("aggregator")
+
+__all__ = ["BlobStore", "current_version", "publish_version", "publish_base", "head_arrays", "blob_url"]
+
+
+def blob_url(sha256: str) -> str:
+    return f"/api/v1/blobs/{sha256}"
+
+
+class BlobStore:
+    """Files named by their sha256 under ``root/ab/abcdef...``; writes are atomic and idempotent."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes) -> BlobRef:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.path(sha)
+        if not path.exists():
+            atomic_write(path, data)
+        return BlobRef(sha, len(data), blob_url(sha))
+
+    def get(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+
+def current_version(session: Session) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.is_current.is_(True))).first()
+
+
+def head_arrays(blobs: BlobStore, manifest: Manifest) -> dict[str, np.ndarray]:
+    return unpack_arrays(manifest.metadata.head_layout, blobs.get(manifest.head.sha256))
+
+
+def publish_version(
+    session: Session,
+    blobs: BlobStore,
+    key: SigningKey,
+    *,
+    base: BlobRef,
+    head: dict[str, np.ndarray],
+    metadata: ModelMetadata,
+    parent_version: int | None,
+    round_id: int | None = None,
+    metrics: dict | None = None,
+) -> Manifest:
+    """Sign and record a new version, make it current, open its first round.
+
+    Runs inside the caller's transaction: nothing is visible until it commits,
+    and a crash before the commit leaves at most an unreferenced blob.
+    """
+    head_ref = blobs.put(pack_arrays(metadata.head_layout, head))
+    latest = session.scalars(select(ModelVersion.version).order_by(ModelVersion.version.desc())).first()
+    version = (latest or 0) + 1
+    manifest = Manifest(version=version, base=base, head=head_ref, metadata=metadata,
+                        parent_version=parent_version, round_id=round_id, metrics=metrics or {})
+    signed = manifest.sign(key.sign)
+    session.execute(update(ModelVersion).where(ModelVersion.is_current.is_(True)).values(is_current=False))
+    session.add(ModelVersion(version=version, parent_version=parent_version, round_id=round_id,
+                             base_sha256=base.sha256, head_sha256=head_ref.sha256,
+                             signed_manifest=signed.to_bytes(), created_at=time.time(), is_current=True))
+    session.flush()
+    session.add(Round(base_version=version, status="open", opened_at=time.time()))
+    log.info("published model version %d (parent %s, round %s)", version, parent_version, round_id)
+    return manifest
+
+
+def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
+                 metadata: ModelMetadata, *, metrics: dict | None = None) -> Manifest:
+    """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+    import tempfile
+
+    from edge_sdk.model import TFLiteModel
+
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as tmp:
+        tmp.write(tflite)
+        tmp.flush()
+        try:
+            head = TFLiteModel(tmp.name, metadata).get_weights()
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the uploaded model does not load in the TFLite runtime: {exc}") from exc
+    base = blobs.put(tflite)
+    parent = current_version(session)
+    return publish_version(session, blobs, key, base=base, head=head, metadata=metadata,
+                           parent_version=parent.version if parent else None,
+                           metrics=metrics or metadata.extra.get("test", {}))
+
+
+def load_manifest(row: ModelVersion, key: SigningKey) -> Manifest:
+    return SignedManifest.from_bytes(row.signed_manifest, key.verify_key.verify).manifest

@@ -1,0 +1,469 @@
+"""One device: classify, take feedback, personalise the head, federate.
+
+State lives in one folder (``state_dir``)::
+
+    device.key            Ed25519 private key, mode 0600
+    identity.json         device id, server URL, the server's pinned public key
+    fedser.db             FeedbackStore: predictions, feedback, outbox, counters
+    models/<sha256>.tflite, models/<sha256>.head    content-addressed model files
+    manifest.json         the signed manifest in use (the atomic swap point)
+    personal.head         personalised head weights (atomic write)
+
+Every write is atomic (temp file, fsync, rename), so a kill at any moment leaves
+the previous state or the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.audio import load_audio
+from edge_sdk.client import ServerClient
+from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
+from edge_sdk.features import extract
+from edge_sdk.manifest import SignedManifest
+from edge_sdk.model import ModelMetadata, TFLiteModel
+from edge_sdk.signing import SigningKey, VerifyKey
+from edge_sdk.storage import atomic_write
+from edge_sdk.store import FeedbackExample, FeedbackStore
+from edge_sdk.wire import UpdateEnvelope, pack_arrays, unpack_arrays
+
+log = logging.getLogger("edge_sdk")
+
+__all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy", "SyncReport"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    label: str
+    probs: dict[str, float]
+    model_version: int
+    latency_ms: float
+    personalized: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "label": self.label, "probs": self.probs, "model_version": self.model_version,
+            "latency_ms": round(self.latency_ms, 3), "personalized": self.personalized,
+        }
+
+
+@dataclass(frozen=True)
+class TrainPolicy:
+    """When and how hard the head is fine-tuned on the user's feedback."""
+
+    min_examples: int = 8
+    epochs: int = 10
+    learning_rate: float = 0.05
+    holdout_every: int = 5  # every 5th example is held back to guard the update
+    tolerance: float = 1e-4  # held-back loss may rise by this much and still count as "not worse"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """Optional clipping of the delta's L2 norm and Gaussian noise before signing."""
+
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+
+    def describe(self) -> dict:
+        if self.clip_norm <= 0:
+            return {}
+        return {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier}
+
+
+@dataclass
+class TrainReport:
+    status: str  # "kept", "discarded" or "skipped"
+    reason: str = ""
+    examples: int = 0
+    held_back: int = 0
+    loss_before: float | None = None
+    loss_after: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SyncReport:
+    model_updated: bool = False
+    model_version: int | None = None
+    enqueued_seq: int | None = None
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    still_pending: int = 0
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Device:
+    """The device side of fedser.
+
+    Parameters
+    ----------
+    state_dir : path
+        Folder of this device's state (created if missing).
+    runtime : str
+        TFLite runtime: ``auto``, ``ai_edge_litert`` or ``tflite_runtime``.
+    num_threads : int
+        Interpreter threads.
+    client : ServerClient, optional
+        Overrides the client built from the enrolled server URL.
+    sleep, clock : callables
+        Injected in tests so retries never really wait.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        *,
+        runtime: str = "auto",
+        num_threads: int = 1,
+        client: ServerClient | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime = runtime
+        self.num_threads = num_threads
+        self.clock = clock
+        self.store = FeedbackStore(self.state_dir / "fedser.db")
+        self.key = SigningKey.load_or_create(self.state_dir / "device.key")
+        self._client = client
+        self.identity: dict = {}
+        if (self.state_dir / "identity.json").exists():
+            self.identity = json.loads((self.state_dir / "identity.json").read_text())
+        self.manifest = None
+        self.model: TFLiteModel | None = None
+        self.global_head: dict[str, np.ndarray] | None = None
+        self.personalized = False
+        if (self.state_dir / "manifest.json").exists():
+            self._load_current()
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def device_id(self) -> str:
+        return self.identity.get("device_id", "")
+
+    @property
+    def enrolled(self) -> bool:
+        return bool(self.device_id)
+
+    @property
+    def client(self) -> ServerClient:
+        if self._client is None:
+            if not self.identity.get("server_url"):
+                raise FedserError("this device is not enrolled: run `fedser-edge enroll --server URL --token T`")
+            self._client = ServerClient(self.identity["server_url"])
+        return self._client
+
+    @property
+    def server_key(self) -> VerifyKey:
+        if not self.identity.get("server_public_key"):
+            raise FedserError("no pinned server key: enroll this device first")
+        return VerifyKey.from_b64(self.identity["server_public_key"])
+
+    def enroll(self, server_url: str, token: str, *, name: str = "") -> str:
+        """Register with the aggregator, pin its key, and install the current model."""
+        if self.enrolled:
+            raise FedserError(f"already enrolled as {self.device_id}; wipe {self.state_dir} to enroll anew")
+        client = self._client or ServerClient(server_url)
+        reply = client.enroll(token=token, public_key=self.key.verify_key.to_b64(), name=name)
+        identity = {
+            "device_id": reply["device_id"],
+            "server_url": server_url.rstrip("/"),
+            "server_public_key": reply["server_public_key"],
+            "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write(self.state_dir / "identity.json", json.dumps(identity, indent=2).encode(), mode=0o600)
+        self.identity = identity
+        self._client = client
+        log.info("enrolled as %s with %s", identity["device_id"], server_url)
+        if reply.get("manifest"):
+            self._install_manifest(json.dumps(reply["manifest"]).encode())
+        return identity["device_id"]
+
+    # -- model ----------------------------------------------------------------------------
+    def _model_path(self, sha256: str, suffix: str) -> Path:
+        return self.state_dir / "models" / f"{sha256}{suffix}"
+
+    def _load_current(self) -> None:
+        signed = SignedManifest.from_bytes((self.state_dir / "manifest.json").read_bytes(), self.server_key.verify)
+        manifest = signed.manifest
+        base = self._model_path(manifest.base.sha256, ".tflite")
+        head = self._model_path(manifest.head.sha256, ".head")
+        for path, ref in ((base, manifest.base), (head, manifest.head)):
+            if not path.exists() or _sha256_file(path) != ref.sha256:
+                raise ModelError(f"{path} is missing or does not match its manifest sha256; run `fedser-edge sync`")
+        model = TFLiteModel(base, manifest.metadata, num_threads=self.num_threads, runtime=self.runtime)
+        global_head = unpack_arrays(manifest.metadata.head_layout, head.read_bytes())
+        model.set_weights(global_head)
+        self.manifest, self.model, self.global_head = manifest, model, global_head
+        self.personalized = False
+        personal = self.state_dir / "personal.head"
+        if personal.exists() and self.store.get("personal_base_version") == str(manifest.version):
+            try:
+                model.set_weights(unpack_arrays(manifest.metadata.head_layout, personal.read_bytes()))
+                self.personalized = True
+            except WireFormatError as exc:
+                log.warning("ignoring unreadable personalised head %s: %s", personal, exc)
+
+    def _install_manifest(self, signed_bytes: bytes) -> bool:
+        """Verify, fetch what is missing, check every sha256, swap. Returns True on a new version."""
+        signed = SignedManifest.from_bytes(signed_bytes, self.server_key.verify)
+        manifest = signed.manifest
+        if self.manifest is not None and manifest.version == self.manifest.version:
+            return False
+        for ref, suffix in ((manifest.base, ".tflite"), (manifest.head, ".head")):
+            path = self._model_path(ref.sha256, suffix)
+            if path.exists() and _sha256_file(path) == ref.sha256:
+                continue
+            data = self.client.get_blob(ref.url)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != ref.sha256 or len(data) != ref.size:
+                raise WireFormatError(
+                    f"downloaded {ref.url} has sha256 {digest[:12]}.. and {len(data)} bytes; "
+                    f"the manifest says {ref.sha256[:12]}.. and {ref.size} bytes"
+                )
+            atomic_write(path, data)
+        # The manifest file is the commit point: written last, atomically.
+        atomic_write(self.state_dir / "manifest.json", signed.to_bytes())
+        self._load_current()
+        log.info("installed model version %d", manifest.version)
+        return True
+
+    def _require_model(self) -> TFLiteModel:
+        if self.model is None:
+            raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+        return self.model
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._require_model().metadata
+
+    @property
+    def model_version(self) -> int:
+        return self.manifest.version if self.manifest else 0
+
+    # -- classify and feedback ------------------------------------------------------------
+    def classify(self, audio: np.ndarray, *, source: str = "") -> Prediction:
+        """Classify one utterance (float mono at the model's sample rate) and remember it."""
+        model = self._require_model()
+        started = time.perf_counter()
+        feats = extract(np.asarray(audio, np.float32), model.metadata.features, model.metadata.normalization)
+        probs, embedding = model.infer(feats)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        labels = model.metadata.labels
+        pred = Prediction(
+            id=uuid.uuid4().hex,
+            label=labels[int(np.argmax(probs))],
+            probs={lab: float(p) for lab, p in zip(labels, probs, strict=False)},
+            model_version=self.model_version,
+            latency_ms=latency_ms,
+            personalized=self.personalized,
+        )
+        self.store.add_prediction(
+            prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
+            embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
+        )
+        return pred
+
+    def classify_file(self, path: str | os.PathLike) -> Prediction:
+        audio = load_audio(path, sample_rate=self.metadata.features.sample_rate)
+        return self.classify(audio, source=str(path))
+
+    def feedback(self, prediction_id: str, answer: str) -> None:
+        """Record ``up``, ``down``, or a corrected label for one prediction."""
+        answer = answer.strip()
+        if answer in ("up", "down"):
+            self.store.add_feedback(prediction_id, answer)
+            return
+        labels = self.metadata.labels
+        if answer not in labels:
+            raise ParameterError(f"answer must be 'up', 'down' or one of the labels {list(labels)}, got {answer!r}")
+        self.store.add_feedback(prediction_id, "label", answer)
+
+    # -- personalisation ------------------------------------------------------------------
+    def _examples(self) -> list[FeedbackExample]:
+        labels = set(self.metadata.labels)
+        return [e for e in self.store.examples() if e.target in labels]
+
+    def _arrays(self, examples: list[FeedbackExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = list(self.metadata.labels)
+        emb = np.stack([e.embedding for e in examples]).astype(np.float32)
+        targets = np.zeros((len(examples), len(labels)), np.float32)
+        targets[np.arange(len(examples)), [labels.index(e.target) for e in examples]] = 1.0
+        sign = np.array([e.sign for e in examples], np.float32)
+        return emb, targets, sign
+
+    def _loss(self, examples: list[FeedbackExample]) -> float:
+        emb, targets, sign = self._arrays(examples)
+        p = np.clip((self._require_model().head_probs(emb) * targets).sum(axis=1), 1e-7, 1 - 1e-7)
+        return float(np.mean(np.where(sign > 0, -np.log(p), -np.log(1.0 - p))))
+
+    def personalize(self, policy: TrainPolicy = TrainPolicy()) -> TrainReport:
+        """Fine-tune the head from the global head on all stored feedback, guarded by a held-back slice.
+
+        The new weights are kept only if the held-back feedback's loss is not worse
+        than with the weights in use now; otherwise they are discarded.
+        """
+        model = self._require_model()
+        started = time.perf_counter()
+        examples = self._examples()
+        if len(examples) < policy.min_examples:
+            return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
+                               examples=len(examples))
+        every = policy.holdout_every
+        held_idx = {i for i in range(len(examples)) if every and i % every == every - 1}
+        held = [e for i, e in enumerate(examples) if i in held_idx]
+        train = [e for i, e in enumerate(examples) if i not in held_idx]
+        in_use = model.get_weights()
+        loss_before = self._loss(held) if held else None
+        model.set_weights(self.global_head)
+        emb, targets, sign = self._arrays(train)
+        rng = np.random.default_rng(policy.seed)
+        batch = model.metadata.train_batch_size
+        for _ in range(policy.epochs):
+            order = rng.permutation(len(train))
+            for start in range(0, len(order), batch):
+                idx = order[start : start + batch]
+                model.train_step(emb[idx], targets[idx], sign[idx], learning_rate=policy.learning_rate)
+        loss_after = self._loss(held) if held else None
+        report = TrainReport("kept", examples=len(train), held_back=len(held), loss_before=loss_before,
+                             loss_after=loss_after)
+        if held and loss_after > loss_before + policy.tolerance:
+            model.set_weights(in_use)
+            report.status, report.reason = "discarded", "held-back feedback got worse"
+        else:
+            weights = model.get_weights()
+            atomic_write(self.state_dir / "personal.head", pack_arrays(model.metadata.head_layout, weights))
+            self.store.set("personal_base_version", str(self.model_version))
+            self.store.set("personal_examples", str(len(train)))
+            self.personalized = True
+        report.seconds = time.perf_counter() - started
+        log.info("personalisation %s: %s", report.status, report.to_dict())
+        return report
+
+    # -- federation -----------------------------------------------------------------------
+    def make_update(
+        self, privacy: PrivacyPolicy = PrivacyPolicy(), *, rng: np.random.Generator | None = None
+    ) -> int | None:
+        """Sign ``personal - global`` and put it in the outbox. Returns its sequence, or None.
+
+        Nothing is made when the head is not personalised for the current
+        version, or an update for this version is already in the outbox.
+        """
+        model = self._require_model()
+        if not self.enrolled:
+            raise FedserError("cannot make an update before enrolling")
+        if not self.personalized:
+            return None
+        if self.store.get("last_update_base_version") == str(self.model_version):
+            return None
+        layout = model.metadata.head_layout
+        personal = model.get_weights()
+        deltas = {n: personal[n] - self.global_head[n] for n in layout.names}
+        if privacy.clip_norm > 0:
+            norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
+            scale = min(1.0, privacy.clip_norm / max(norm, 1e-12))
+            rng = rng or np.random.default_rng()
+            sigma = privacy.noise_multiplier * privacy.clip_norm
+            deltas = {n: (d * scale + (rng.normal(0.0, sigma, d.shape) if sigma > 0 else 0)).astype(np.float32)
+                      for n, d in deltas.items()}
+        seq = self.store.next_sequence()
+        envelope = UpdateEnvelope.create(
+            device_id=self.device_id, base_version=self.model_version, layout=layout, deltas=deltas,
+            num_examples=int(self.store.get("personal_examples", "0")), sequence=seq, sign=self.key.sign,
+            privacy=privacy.describe(),
+        )
+        self.store.enqueue(seq, self.model_version, envelope.to_bytes())
+        self.store.set("last_update_base_version", str(self.model_version))
+        log.info("update %d for base version %d is in the outbox", seq, self.model_version)
+        return seq
+
+    def flush_outbox(self, *, base_delay: float = 2.0, max_delay: float = 3600.0,
+                     jitter: random.Random | None = None) -> SyncReport:
+        """Post due outbox items in order; keep what fails for a later try (exponential backoff + jitter)."""
+        report = SyncReport()
+        jitter = jitter or random.Random()
+        for item in self.store.pending(now=self.clock()):
+            try:
+                reply = self.client.post_update(item.envelope)
+            except ServerError as exc:
+                transient = exc.status is None or exc.status >= 500 or exc.status in (408, 429)
+                if transient:
+                    delay = min(max_delay, base_delay * 2 ** item.attempts) * (0.5 + jitter.random())
+                    self.store.mark_retry(item.seq, str(exc), self.clock() + delay)
+                    report.error = str(exc)
+                    break  # keep order: later updates wait behind this one
+                self.store.mark_done(item.seq, "rejected", {"status": exc.status, "reason": exc.reason,
+                                                            "detail": str(exc)})
+                report.rejected.append({"seq": item.seq, "reason": exc.reason})
+                log.warning("update %d was refused: %s", item.seq, exc)
+                continue
+            self.store.mark_done(item.seq, "accepted", reply)
+            report.accepted.append({"seq": item.seq, **reply})
+        report.still_pending = len(self.store.pending())
+        return report
+
+    def pull_model(self) -> bool:
+        """Fetch the current manifest; install it if it is new. Re-personalises on a new head."""
+        etag = self.store.get("manifest_etag")
+        data, new_etag = self.client.get_manifest(etag if self.manifest else None)
+        if data is None:
+            return False
+        updated = self._install_manifest(data)
+        if new_etag:
+            self.store.set("manifest_etag", new_etag)
+        if updated and self._examples():
+            self.personalize()
+        return updated
+
+    def sync(self, *, privacy: PrivacyPolicy = PrivacyPolicy()) -> SyncReport:
+        """Make an update if there is one to make, post the outbox, pull the current model."""
+        seq = self.make_update(privacy) if self.model is not None else None
+        report = self.flush_outbox()
+        report.enqueued_seq = seq
+        try:
+            report.model_updated = self.pull_model()
+        except ServerError as exc:
+            report.error = report.error or str(exc)
+        report.model_version = self.model_version
+        return report
+
+    def status(self) -> dict:
+        return {
+            "state_dir": str(self.state_dir),
+            "device_id": self.device_id or None,
+            "server_url": self.identity.get("server_url"),
+            "model_version": self.model_version if self.model else None,
+            "labels": list(self.metadata.labels) if self.model else [],
+            "runtime": self.model.runtime if self.model else None,
+            "personalized": self.personalized,
+            **self.store.counts(),
+        }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

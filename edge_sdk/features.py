@@ -1,0 +1,301 @@
+"""The feature definition shared by training and the device.
+
+The device computes exactly what training computed. The parameters live once,
+in :class:`FeatureConfig`, which travels in every model's metadata; training
+(``models.features``) computes the spectral part with librosa as the
+reference, the device computes it here with numpy only, and a parity test pins
+the two together. Everything after the spectral part (silence trimming,
+normalisation, the fixed frame count) is this module's on both sides.
+
+Pipeline for one utterance ``y`` (float32 mono at ``sample_rate``)::
+
+    y -> trim_silence -> mfcc (or log-mel)  [T, n_features]
+      -> normalise with the training split's mean/std
+      -> fit_frames to [max_frames, n_features] (cut, or pad with zeros = the mean)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edge_sdk.errors import ParameterError
+
+__all__ = [
+    "FeatureConfig",
+    "Normalization",
+    "mel_filterbank",
+    "dct_matrix",
+    "log_mel",
+    "mfcc",
+    "raw_features",
+    "trim_silence",
+    "fit_frames",
+    "extract",
+]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Parameters of the features a model expects.
+
+    Attributes
+    ----------
+    kind : {"mfcc", "logmel"}
+        MFCC (DCT-II of the log-mel spectrum) or the log-mel spectrum itself.
+    sample_rate : int
+        Hz; audio at any other rate is resampled to this first.
+    n_fft, win_length, hop_length : int
+        Samples; the defaults give a 25 ms Hann window and a 10 ms hop at 16 kHz.
+    n_mels : int
+        Mel bands (Slaney scale and area normalisation, librosa's default).
+    n_mfcc : int
+        Coefficients kept when ``kind == "mfcc"``.
+    fmin, fmax : float
+        Hz range of the mel filterbank; ``fmax`` of 0 means ``sample_rate / 2``.
+    top_db : float
+        Log-power floor below the utterance's peak (librosa's ``power_to_db``).
+    trim_db : float
+        Frames quieter than the peak by more than this are trimmed from both
+        ends before features are computed; 0 disables trimming.
+    max_frames : int
+        Fixed number of frames the model takes (cut or zero-padded).
+    """
+
+    kind: str = "mfcc"
+    sample_rate: int = 16000
+    n_fft: int = 400
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    n_mfcc: int = 40
+    fmin: float = 0.0
+    fmax: float = 0.0
+    top_db: float = 80.0
+    trim_db: float = 30.0
+    max_frames: int = 300
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mfcc", "logmel"):
+            raise ParameterError(f"FeatureConfig.kind must be 'mfcc' or 'logmel', got {self.kind!r}")
+        if self.win_length > self.n_fft:
+            raise ParameterError(
+                f"win_length={self.win_length} must not exceed n_fft={self.n_fft}"
+            )
+        if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
+            raise ParameterError(f"n_mfcc={self.n_mfcc} must be in 1..n_mels={self.n_mels}")
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "max_frames"):
+            if getattr(self, name) <= 0:
+                raise ParameterError(f"FeatureConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_features(self) -> int:
+        """Width of one feature frame."""
+        return self.n_mfcc if self.kind == "mfcc" else self.n_mels
+
+    @property
+    def effective_fmax(self) -> float:
+        return self.fmax if self.fmax > 0 else self.sample_rate / 2.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ParameterError(f"unknown feature config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-feature mean and standard deviation of the training split."""
+
+    mean: tuple[float, ...] = field(default_factory=tuple)
+    std: tuple[float, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ParameterError(
+                f"normalisation mean has {len(self.mean)} values but std has {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ParameterError("normalisation std values must be positive")
+
+    @classmethod
+    def fit(cls, frames: np.ndarray) -> Normalization:
+        """Statistics over frames ``[N, n_features]`` (all frames of the training split)."""
+        frames = np.asarray(frames, dtype=np.float64)
+        if frames.ndim != 2 or frames.shape[0] < 2:
+            raise ParameterError(f"need frames of shape [N>=2, F], got {frames.shape}")
+        std = np.maximum(frames.std(axis=0), 1e-6)
+        return cls(tuple(float(v) for v in frames.mean(axis=0)), tuple(float(v) for v in std))
+
+    def apply(self, feats: np.ndarray) -> np.ndarray:
+        if not self.mean:
+            return feats.astype(np.float32, copy=False)
+        if feats.shape[-1] != len(self.mean):
+            raise ParameterError(
+                f"features have {feats.shape[-1]} columns, normalisation has {len(self.mean)}"
+            )
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return ((feats - mean) / std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Normalization:
+        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
+
+def _hz_to_mel(freq: np.ndarray) -> np.ndarray:
+    # Slaney's auditory toolbox scale: linear below 1 kHz, logarithmic above.
+    freq = np.asanyarray(freq, dtype=np.float64)
+    f_sp = 200.0 / 3
+    mels = freq / f_sp
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    log_t = freq >= min_log_hz
+    mels = np.where(log_t, min_log_mel + np.log(np.maximum(freq, 1e-10) / min_log_hz) / logstep, mels)
+    return mels
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    mels = np.asanyarray(mels, dtype=np.float64)
+    f_sp = 200.0 / 3
+    freqs = f_sp * mels
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    log_t = mels >= min_log_mel
+    return np.where(log_t, min_log_hz * np.exp(logstep * (mels - min_log_mel)), freqs)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """Slaney-normalised mel filterbank ``[n_mels, 1 + n_fft // 2]`` (librosa's default)."""
+    fftfreqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fftfreqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    enorm = 2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels])
+    weights *= enorm[:, None]
+    weights.setflags(write=False)
+    return weights
+
+
+@functools.lru_cache(maxsize=8)
+def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix ``[n_mfcc, n_mels]`` (scipy's ``dct(type=2, norm='ortho')``)."""
+    n = np.arange(n_mels)
+    k = np.arange(n_mfcc)[:, None]
+    basis = np.cos(np.pi * k * (2 * n + 1) / (2.0 * n_mels)) * np.sqrt(2.0 / n_mels)
+    basis[0] *= 1.0 / np.sqrt(2.0)
+    basis.setflags(write=False)
+    return basis
+
+
+@functools.lru_cache(maxsize=8)
+def _window(n_fft: int, win_length: int) -> np.ndarray:
+    # Periodic Hann (scipy's get_window('hann', N, fftbins=True)), centred in n_fft.
+    win = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(win_length) / win_length)
+    left = (n_fft - win_length) // 2
+    full = np.zeros(n_fft)
+    full[left : left + win_length] = win
+    full.setflags(write=False)
+    return full
+
+
+def _power_spectrogram(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """|STFT|^2 with centred frames and zero padding: ``[T, 1 + n_fft // 2]``."""
+    pad = cfg.n_fft // 2
+    padded = np.pad(y.astype(np.float64, copy=False), (pad, pad), mode="constant")
+    n_frames = 1 + (len(padded) - cfg.n_fft) // cfg.hop_length
+    frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length][:n_frames]
+    spec = np.fft.rfft(frames * _window(cfg.n_fft, cfg.win_length), axis=-1)
+    return spec.real**2 + spec.imag**2
+
+
+def log_mel(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Log-mel power spectrogram in dB, ``[T, n_mels]`` (librosa ``power_to_db(melspectrogram)``)."""
+    fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, float(cfg.fmin), float(cfg.effective_fmax))
+    mel = _power_spectrogram(y, cfg) @ fb.T
+    db = 10.0 * np.log10(np.maximum(mel, 1e-10))
+    if cfg.top_db > 0:
+        db = np.maximum(db, db.max() - cfg.top_db)
+    return db
+
+
+def mfcc(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """MFCC ``[T, n_mfcc]`` (librosa ``feature.mfcc`` with the config's parameters)."""
+    return log_mel(y, cfg) @ dct_matrix(cfg.n_mfcc, cfg.n_mels).T
+
+
+def raw_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The spectral features of ``cfg.kind``, before normalisation: ``[T, n_features]`` float32."""
+    y = _check_audio(y)
+    feats = mfcc(y, cfg) if cfg.kind == "mfcc" else log_mel(y, cfg)
+    return feats.astype(np.float32)
+
+
+def trim_silence(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Cut leading and trailing frames quieter than the peak frame by ``cfg.trim_db``.
+
+    Frame energy is the mean square over ``n_fft``-sample frames at ``hop_length``
+    (as ``librosa.effects.trim``); at least one frame is always kept.
+    """
+    y = _check_audio(y)
+    if cfg.trim_db <= 0 or len(y) < cfg.n_fft:
+        return y
+    frames = np.lib.stride_tricks.sliding_window_view(y.astype(np.float64), cfg.n_fft)[:: cfg.hop_length]
+    energy = np.mean(frames**2, axis=-1)
+    peak = energy.max()
+    if peak <= 0:
+        return y
+    db = 10.0 * np.log10(np.maximum(energy, 1e-20) / peak)
+    loud = np.flatnonzero(db > -cfg.trim_db)
+    start = int(loud[0]) * cfg.hop_length
+    stop = min(len(y), int(loud[-1]) * cfg.hop_length + cfg.n_fft)
+    return y[start:stop]
+
+
+def fit_frames(feats: np.ndarray, max_frames: int) -> np.ndarray:
+    """Cut ``[T, F]`` to ``max_frames`` or pad it with zero rows (the training mean)."""
+    if feats.ndim != 2:
+        raise ParameterError(f"features must be [T, F], got shape {feats.shape}")
+    if feats.shape[0] >= max_frames:
+        return np.ascontiguousarray(feats[:max_frames], dtype=np.float32)
+    out = np.zeros((max_frames, feats.shape[1]), dtype=np.float32)
+    out[: feats.shape[0]] = feats
+    return out
+
+
+def extract(y: np.ndarray, cfg: FeatureConfig, norm: Normalization | None = None) -> np.ndarray:
+    """The model's input for one utterance: ``[max_frames, n_features]`` float32."""
+    feats = raw_features(trim_silence(y, cfg), cfg)
+    if norm is not None:
+        feats = norm.apply(feats)
+    return fit_frames(feats, cfg.max_frames)
+
+
+def _check_audio(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ParameterError(f"audio must be mono, 1-D; got shape {y.shape}")
+    if y.size == 0:
+        raise ParameterError("audio is empty")
+    if not np.issubdtype(y.dtype, np.floating):
+        raise ParameterError(f"audio must be floating point in [-1, 1], got dtype {y.dtype}")
+    if not np.all(np.isfinite(y)):
+        raise ParameterError("audio contains NaN or Inf samples")
+    return y

@@ -1,0 +1,293 @@
+"""A TFLite model with trainable-head signatures, run on a stock runtime.
+
+The ``.tflite`` file carries four signatures (DESIGN.md): ``infer``, ``train``,
+``get_weights``, ``set_weights``, plus ``head`` (embeddings to probabilities, a
+static batch) used to score held-back feedback. Its :class:`ModelMetadata`
+(labels, feature config, normalisation, head layout) travels beside it, in the
+signed manifest or in a ``model.json`` sidecar.
+
+The interpreter comes from ai-edge-litert, else tflite-runtime; TensorFlow is
+never imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.errors import ModelError, ParameterError, RuntimeUnavailableError
+from edge_sdk.features import FeatureConfig, Normalization
+from edge_sdk.wire import HeadLayout
+
+log = logging.getLogger("edge_sdk")
+
+__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES"]
+
+REQUIRED_SIGNATURES = ("infer", "train", "get_weights", "set_weights", "head")
+METADATA_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a device must know about a model besides its bytes."""
+
+    labels: tuple[str, ...]
+    features: FeatureConfig
+    normalization: Normalization
+    head_layout: HeadLayout
+    embedding_dim: int
+    train_batch_size: int
+    architecture: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": METADATA_FORMAT_VERSION,
+            "labels": list(self.labels),
+            "features": self.features.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "head_layout": self.head_layout.to_json(),
+            "embedding_dim": self.embedding_dim,
+            "train_batch_size": self.train_batch_size,
+            "architecture": self.architecture,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModelMetadata:
+        version = data.get("format_version")
+        if version != METADATA_FORMAT_VERSION:
+            raise ModelError(f"model metadata format_version {version!r} is not supported")
+        try:
+            return cls(
+                labels=tuple(str(v) for v in data["labels"]),
+                features=FeatureConfig.from_dict(dict(data["features"])),
+                normalization=Normalization.from_dict(data["normalization"]),
+                head_layout=HeadLayout.from_json(data["head_layout"]),
+                embedding_dim=int(data["embedding_dim"]),
+                train_batch_size=int(data["train_batch_size"]),
+                architecture=str(data.get("architecture", "")),
+                extra=dict(data.get("extra", {})),
+            )
+        except KeyError as exc:
+            raise ModelError(f"model metadata lacks the field {exc.args[0]!r}") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        from edge_sdk.storage import atomic_write
+
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelMetadata:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read model metadata {path}: {exc}") from exc
+
+
+def load_interpreter_class(preferred: str = "auto"):
+    """The ``Interpreter`` class of ai-edge-litert, else tflite-runtime.
+
+    Parameters
+    ----------
+    preferred : {"auto", "ai_edge_litert", "tflite_runtime"}
+    """
+    candidates = {
+        "ai_edge_litert": "ai_edge_litert.interpreter",
+        "tflite_runtime": "tflite_runtime.interpreter",
+    }
+    if preferred != "auto" and preferred not in candidates:
+        raise ParameterError(f"unknown TFLite runtime {preferred!r}; use auto, ai_edge_litert or tflite_runtime")
+    order = list(candidates) if preferred == "auto" else [preferred]
+    errors = []
+    for name in order:
+        try:
+            module = __import__(candidates[name], fromlist=["Interpreter"])
+            return module.Interpreter
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise RuntimeUnavailableError(
+        "no TFLite runtime could be imported ("
+        + "; ".join(errors)
+        + "). Install one: pip install 'fedser[edge]' (ai-edge-litert) or pip install tflite-runtime"
+    )
+
+
+class TFLiteModel:
+    """One interpreter over a trainable ``.tflite`` model.
+
+    Signature calls are serialised by a lock: a TFLite interpreter is not
+    thread-safe, and the head variables are shared by all signatures.
+
+    Parameters
+    ----------
+    model_path : path
+        The ``.tflite`` file.
+    metadata : ModelMetadata
+    num_threads : int
+        Interpreter threads (1 keeps a Pi's other cores free for audio).
+    runtime : str
+        See :func:`load_interpreter_class`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        metadata: ModelMetadata,
+        *,
+        num_threads: int = 1,
+        runtime: str = "auto",
+    ) -> None:
+        self.path = Path(model_path)
+        self.metadata = metadata
+        interpreter_class = load_interpreter_class(runtime)
+        self.runtime = interpreter_class.__module__.split(".")[0]
+        try:
+            self._interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.path}: the TFLite runtime cannot load it: {exc}") from exc
+        available = self._interpreter.get_signature_list()
+        missing = [s for s in REQUIRED_SIGNATURES if s not in available]
+        if missing:
+            raise ModelError(f"{self.path} lacks the signatures {missing} (has {sorted(available)})")
+        self._runners = {name: self._interpreter.get_signature_runner(name) for name in REQUIRED_SIGNATURES}
+        self._lock = threading.Lock()
+        weights = self.get_weights()
+        for spec in metadata.head_layout:
+            if spec.name not in weights or tuple(weights[spec.name].shape) != spec.shape:
+                raise ModelError(
+                    f"{self.path}: head variable {spec.name!r} does not match the metadata layout {spec.shape}"
+                )
+        self.input_shape = (1, metadata.features.max_frames, metadata.features.n_features)
+
+    # -- signatures -----------------------------------------------------------------------
+    def infer(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Classify one utterance.
+
+        Parameters
+        ----------
+        features : np.ndarray [shape=(max_frames, n_features)]
+            Normalised features (``edge_sdk.features.extract``).
+
+        Returns
+        -------
+        probs : np.ndarray [shape=(C,)]
+        embedding : np.ndarray [shape=(E,)]
+        """
+        x = np.asarray(features, dtype=np.float32)
+        if x.shape == self.input_shape[1:]:
+            x = x[None]
+        if x.shape != self.input_shape:
+            raise ParameterError(f"features must have shape {self.input_shape[1:]}, got {features.shape}")
+        with self._lock:
+            out = self._runners["infer"](features=x)
+        return out["probs"][0].copy(), out["embedding"][0].copy()
+
+    def head_probs(self, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities ``[N, C]`` of the current head for embeddings ``[N, E]``."""
+        emb = self._check_embeddings(embeddings)
+        batch = self.metadata.train_batch_size
+        out = []
+        with self._lock:
+            for start in range(0, len(emb), batch):
+                chunk = emb[start : start + batch]
+                padded = np.zeros((batch, emb.shape[1]), np.float32)
+                padded[: len(chunk)] = chunk
+                out.append(self._runners["head"](embeddings=padded)["probs"][: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.metadata.num_classes), np.float32)
+
+    def train_step(
+        self,
+        embeddings: np.ndarray,
+        targets: np.ndarray,
+        feedback_sign: np.ndarray,
+        sample_weight: np.ndarray | None = None,
+        *,
+        learning_rate: float,
+    ) -> float:
+        """One SGD step of the head on at most ``train_batch_size`` examples.
+
+        Parameters
+        ----------
+        embeddings : np.ndarray [shape=(n, E)]
+        targets : np.ndarray [shape=(n, C)]
+            One-hot: the right label for positive feedback, the wrong one for a
+            bare thumbs-down.
+        feedback_sign : np.ndarray [shape=(n,)]
+            +1 trains with cross-entropy toward the target, -1 with the
+            complementary loss ``-log(1 - p[target])``.
+        sample_weight : np.ndarray [shape=(n,)], optional
+        learning_rate : float
+
+        Returns
+        -------
+        float
+            The weighted mean loss before the step.
+        """
+        emb = self._check_embeddings(embeddings)
+        n, batch, classes = len(emb), self.metadata.train_batch_size, self.metadata.num_classes
+        if n == 0 or n > batch:
+            raise ParameterError(f"train_step takes 1..{batch} examples, got {n}")
+        targets = np.asarray(targets, np.float32)
+        if targets.shape != (n, classes):
+            raise ParameterError(f"targets must have shape {(n, classes)}, got {targets.shape}")
+        sign = np.asarray(feedback_sign, np.float32).reshape(-1)
+        if sign.shape != (n,) or not np.all(np.isin(sign, (-1.0, 1.0))):
+            raise ParameterError(f"feedback_sign must be {n} values of +1 or -1")
+        weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        # Static batch: pad with weight-0 rows (the stock runtimes cannot broadcast a dynamic batch's gradient).
+        pe = np.zeros((batch, emb.shape[1]), np.float32)
+        pt = np.zeros((batch, classes), np.float32)
+        pw = np.zeros(batch, np.float32)
+        ps = np.ones(batch, np.float32)
+        pe[:n], pt[:n], pw[:n], ps[:n] = emb, targets, weight, sign
+        with self._lock:
+            out = self._runners["train"](
+                embeddings=pe,
+                targets=pt,
+                sample_weight=pw,
+                feedback_sign=ps,
+                learning_rate=np.asarray(learning_rate, np.float32),
+            )
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise ModelError(f"training produced a non-finite loss ({loss}); lower the learning rate")
+        return loss
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            out = self._runners["get_weights"]()
+        return {k: np.array(v, copy=True) for k, v in out.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        layout = self.metadata.head_layout
+        missing = set(layout.names) - set(weights)
+        if missing:
+            raise ParameterError(f"set_weights lacks head arrays {sorted(missing)}")
+        args = {}
+        for spec in layout:
+            arr = np.asarray(weights[spec.name], np.float32)
+            if arr.shape != spec.shape:
+                raise ParameterError(f"head array {spec.name!r} has shape {arr.shape}, expected {spec.shape}")
+            args[spec.name] = arr
+        with self._lock:
+            self._runners["set_weights"](**args)
+
+    def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.metadata.embedding_dim:
+            raise ParameterError(
+                f"embeddings must have shape [n, {self.metadata.embedding_dim}], got {np.shape(embeddings)}"
+            )
+        return emb

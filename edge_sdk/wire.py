@@ -1,0 +1,349 @@
+"""Bytes that cross the wire or the disk between a device and the aggregator.
+
+This module is the one place those bytes are defined; the aggregator imports
+it, so the two sides cannot disagree.
+
+Arrays
+    A *head layout* is an ordered list of ``(name, shape, dtype)``. A set of
+    arrays in that layout travels as the concatenation of each array's raw
+    little-endian bytes in layout order (C order). Nothing else: no pickle,
+    no object arrays, ever. The layout itself travels as canonical JSON and is
+    pinned by its sha256.
+
+Update envelope (format version 1)
+    ::
+
+        b"FSU1"                      4 bytes, magic
+        header_len                   uint32 little-endian
+        header                       canonical JSON, UTF-8 (see UpdateHeader)
+        signature                    64 bytes, Ed25519 over UPDATE_DOMAIN + header
+        body                         head deltas in the header's layout
+
+    The header carries the body's length and sha256, so the signature over the
+    header covers the body as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from edge_sdk.errors import SignatureError, WireFormatError
+
+__all__ = [
+    "ArraySpec",
+    "HeadLayout",
+    "canonical_json",
+    "pack_arrays",
+    "unpack_arrays",
+    "UpdateHeader",
+    "UpdateEnvelope",
+    "UPDATE_FORMAT_VERSION",
+    "UPDATE_MAGIC",
+    "UPDATE_DOMAIN",
+    "utc_now",
+]
+
+UPDATE_FORMAT_VERSION = 1
+UPDATE_MAGIC = b"FSU1"
+UPDATE_DOMAIN = b"fedser/update/v1\x00"
+SIGNATURE_LEN = 64
+MAX_HEADER_LEN = 64 * 1024
+_ALLOWED_DTYPES = ("float32", "float16", "float64")
+
+
+def canonical_json(obj: object) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8, finite numbers only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def utc_now() -> str:
+    """Current time as an ISO 8601 UTC string with a ``Z`` suffix, to the second."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a head layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _ALLOWED_DTYPES:
+            raise WireFormatError(f"array {self.name!r}: dtype {self.dtype!r} is not one of {_ALLOWED_DTYPES}")
+        if any((not isinstance(d, int)) or d < 0 for d in self.shape):
+            raise WireFormatError(f"array {self.name!r}: bad shape {self.shape!r}")
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+class HeadLayout(tuple):
+    """Ordered ``ArraySpec`` s of a model's trainable head."""
+
+    def __new__(cls, specs: Iterable[ArraySpec]) -> HeadLayout:
+        specs = tuple(specs)
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise WireFormatError(f"head layout repeats a name: {names}")
+        if not specs:
+            raise WireFormatError("head layout is empty")
+        return super().__new__(cls, specs)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.size for s in self)
+
+    def to_json(self) -> list[list]:
+        return [[s.name, list(s.shape), s.dtype] for s in self]
+
+    @classmethod
+    def from_json(cls, data: Sequence) -> HeadLayout:
+        try:
+            return cls(ArraySpec(str(n), tuple(int(d) for d in shape), str(dt)) for n, shape, dt in data)
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"malformed head layout {data!r}: {exc}") from exc
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
+
+
+def pack_arrays(layout: HeadLayout, arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Raw little-endian bytes of ``arrays`` in ``layout`` order.
+
+    Raises
+    ------
+    WireFormatError
+        When a name is missing or extra, a shape differs, or a value is not finite.
+    """
+    extra = set(arrays) - set(layout.names)
+    if extra:
+        raise WireFormatError(f"arrays not in the head layout: {sorted(extra)}")
+    parts = []
+    for spec in layout:
+        if spec.name not in arrays:
+            raise WireFormatError(f"array {spec.name!r} of the head layout is missing")
+        arr = np.asarray(arrays[spec.name])
+        if tuple(arr.shape) != spec.shape:
+            raise WireFormatError(f"array {spec.name!r} has shape {arr.shape}, layout says {spec.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise WireFormatError(f"array {spec.name!r} contains NaN or Inf")
+        parts.append(np.ascontiguousarray(arr, dtype=np.dtype(spec.dtype).newbyteorder("<")).tobytes())
+    return b"".join(parts)
+
+
+def unpack_arrays(layout: HeadLayout, data: bytes, *, check_finite: bool = True) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays`; returns native-endian, writable arrays."""
+    if len(data) != layout.nbytes:
+        raise WireFormatError(f"array bytes are {len(data)} long, the head layout needs {layout.nbytes}")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in layout:
+        chunk = data[offset : offset + spec.nbytes]
+        offset += spec.nbytes
+        arr = np.frombuffer(chunk, dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
+        arr = arr.astype(np.dtype(spec.dtype).newbyteorder("="), copy=True)
+        if check_finite and not np.all(np.isfinite(arr)):
+            raise WireFormatError(f"array {spec.name!r} contains NaN or Inf")
+        out[spec.name] = arr
+    return out
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """What a device says about one update; signed together with the body's digest.
+
+    Attributes
+    ----------
+    device_id : str
+        The id the aggregator gave the device at enrollment.
+    base_version : int
+        Model version whose head the delta was computed against.
+    layout : list
+        Head layout (``HeadLayout.to_json()``) of the body.
+    layout_sha256 : str
+        sha256 of the layout's canonical JSON.
+    num_examples : int
+        Feedback examples the local training used (the FedAvg weight).
+    sequence : int
+        Strictly increasing per device; the server refuses replays.
+    created_at : str
+        ISO 8601 UTC.
+    body_len, body_sha256 : int, str
+        Length and digest of the body.
+    privacy : dict
+        Clipping norm and noise multiplier applied before signing (empty when none).
+    format_version : int
+        :data:`UPDATE_FORMAT_VERSION`.
+    """
+
+    device_id: str
+    base_version: int
+    layout: list
+    layout_sha256: str
+    num_examples: int
+    sequence: int
+    created_at: str
+    body_len: int
+    body_sha256: str
+    privacy: dict
+    format_version: int = UPDATE_FORMAT_VERSION
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UpdateHeader:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireFormatError(f"update header is not UTF-8 JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise WireFormatError("update header is not a JSON object")
+        version = obj.get("format_version")
+        if version != UPDATE_FORMAT_VERSION:
+            raise WireFormatError(
+                f"update format_version {version!r} is not supported (this side speaks {UPDATE_FORMAT_VERSION})"
+            )
+        expected = set(cls.__dataclass_fields__)
+        missing, extra = expected - set(obj), set(obj) - expected
+        if missing or extra:
+            raise WireFormatError(f"update header fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        types = {
+            "device_id": str, "base_version": int, "layout": list, "layout_sha256": str,
+            "num_examples": int, "sequence": int, "created_at": str, "body_len": int,
+            "body_sha256": str, "privacy": dict,
+        }
+        for name, typ in types.items():
+            if not isinstance(obj[name], typ) or isinstance(obj[name], bool):
+                raise WireFormatError(f"update header field {name!r} must be {typ.__name__}, got {obj[name]!r}")
+        if obj["num_examples"] <= 0:
+            raise WireFormatError(f"num_examples must be positive, got {obj['num_examples']}")
+        if obj["sequence"] < 0:
+            raise WireFormatError(f"sequence must not be negative, got {obj['sequence']}")
+        return cls(**obj)
+
+    def head_layout(self) -> HeadLayout:
+        layout = HeadLayout.from_json(self.layout)
+        if layout.sha256 != self.layout_sha256:
+            raise WireFormatError("layout_sha256 does not match the layout in the header")
+        return layout
+
+
+@dataclass(frozen=True)
+class UpdateEnvelope:
+    """A signed update: header, Ed25519 signature, body of head deltas."""
+
+    header: UpdateHeader
+    signature: bytes
+    body: bytes
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        device_id: str,
+        base_version: int,
+        layout: HeadLayout,
+        deltas: Mapping[str, np.ndarray],
+        num_examples: int,
+        sequence: int,
+        sign: callable,
+        privacy: dict | None = None,
+        created_at: str | None = None,
+    ) -> UpdateEnvelope:
+        """Pack ``deltas`` and sign the header with ``sign(message) -> 64 bytes``."""
+        body = pack_arrays(layout, deltas)
+        header = UpdateHeader(
+            device_id=device_id,
+            base_version=int(base_version),
+            layout=layout.to_json(),
+            layout_sha256=layout.sha256,
+            num_examples=int(num_examples),
+            sequence=int(sequence),
+            created_at=created_at or utc_now(),
+            body_len=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            privacy=dict(privacy or {}),
+        )
+        header_bytes = header.to_bytes()
+        signature = sign(UPDATE_DOMAIN + header_bytes)
+        if len(signature) != SIGNATURE_LEN:
+            raise WireFormatError(f"signature must be {SIGNATURE_LEN} bytes, got {len(signature)}")
+        return cls(header, signature, body)
+
+    def to_bytes(self) -> bytes:
+        header_bytes = self.header.to_bytes()
+        return UPDATE_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + self.signature + self.body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> tuple[UpdateEnvelope, bytes]:
+        """Parse envelope bytes; returns the envelope and the exact header bytes that were signed.
+
+        Checks framing, the header's fields and the body's length and sha256.
+        Does not check the signature (the caller knows which key to use):
+        see :meth:`verify`.
+        """
+        if len(data) < 8 or data[:4] != UPDATE_MAGIC:
+            raise WireFormatError("not an update envelope: bad magic (expected b'FSU1')")
+        (header_len,) = struct.unpack("<I", data[4:8])
+        if header_len > MAX_HEADER_LEN:
+            raise WireFormatError(f"update header is {header_len} bytes, the limit is {MAX_HEADER_LEN}")
+        end_header = 8 + header_len
+        if len(data) < end_header + SIGNATURE_LEN:
+            raise WireFormatError("update envelope is truncated before the signature")
+        header_bytes = bytes(data[8:end_header])
+        header = UpdateHeader.from_bytes(header_bytes)
+        if header.to_bytes() != header_bytes:
+            # One byte sequence per header, so the update id and the signed bytes agree.
+            raise WireFormatError("update header is not canonical JSON (sorted keys, no whitespace)")
+        signature = bytes(data[end_header : end_header + SIGNATURE_LEN])
+        body = bytes(data[end_header + SIGNATURE_LEN :])
+        if len(body) != header.body_len:
+            raise WireFormatError(f"update body is {len(body)} bytes, header says {header.body_len}")
+        if hashlib.sha256(body).hexdigest() != header.body_sha256:
+            raise WireFormatError("update body sha256 does not match the header (body altered in transit?)")
+        return cls(header, signature, body), header_bytes
+
+    def verify(self, verify_fn: callable, header_bytes: bytes | None = None) -> None:
+        """Check the signature with ``verify_fn(signature, message)`` (raises on mismatch)."""
+        message = UPDATE_DOMAIN + (header_bytes if header_bytes is not None else self.header.to_bytes())
+        try:
+            verify_fn(self.signature, message)
+        except SignatureError:
+            raise
+        except Exception as exc:  # cryptography raises InvalidSignature without a message
+            raise SignatureError("update signature does not verify with the device's registered key") from exc
+
+    def deltas(self) -> dict[str, np.ndarray]:
+        return unpack_arrays(self.header.head_layout(), self.body)
+
+    @property
+    def update_id(self) -> str:
+        """Stable id of this update: sha256 of the signed header bytes."""
+        return hashlib.sha256(self.header.to_bytes()).hexdigest()

@@ -1,0 +1,167 @@
+"""Baseline training: encoder + head on a speaker-independent split, then export.
+
+Uses a GPU when TensorFlow sees one, the CPU otherwise; seeded; keeps the
+epoch with the best validation UAR (validation speakers are held out of
+training as well).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.features import FeatureConfig
+from edge_sdk.model import ModelMetadata
+from models.architectures import ArchitectureConfig, build_encoder, build_head
+from models.datasets import FOUR_CLASSES, Clip
+from models.export import ExportResult, export_tflite, head_layout
+from models.features import compute_features
+from models.metrics import classification_report
+
+log = logging.getLogger("models")
+
+__all__ = ["TrainConfig", "TrainResult", "train_baseline"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 0
+    patience: int = 8
+    train_batch_size: int = 16  # the static batch of the exported `train` signature
+
+
+@dataclass
+class TrainResult:
+    encoder: object
+    head: object
+    metadata: ModelMetadata
+    report: dict
+    export: ExportResult | None = None
+    history: list = field(default_factory=list)
+
+
+def _hardware() -> dict:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {"device": "GPU" if gpus else "CPU", "gpus": [g.name for g in gpus],
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "tensorflow": tf.__version__}
+
+
+def train_baseline(
+    train_clips: Sequence[Clip],
+    val_clips: Sequence[Clip],
+    test_clips: Sequence[Clip] = (),
+    *,
+    features: FeatureConfig = FeatureConfig(),
+    architecture: ArchitectureConfig = ArchitectureConfig(),
+    config: TrainConfig = TrainConfig(),
+    labels: Sequence[str] = FOUR_CLASSES,
+    cache_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    dataset_name: str = "",
+    verbose: int = 0,
+) -> TrainResult:
+    """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
+
+    ``val_clips`` pick the best epoch; their speakers must not be in ``train_clips``.
+    """
+    import keras
+
+    for name, part in (("validation", val_clips), ("test", test_clips)):
+        shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
+        if shared:
+            raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
+    keras.utils.set_random_seed(config.seed)
+    started = time.perf_counter()
+    train_fs = compute_features(train_clips, features, cache_dir=cache_dir)
+    val_fs = compute_features(val_clips, features, cache_dir=cache_dir)
+    test_fs = compute_features(test_clips, features, cache_dir=cache_dir) if test_clips else None
+    feature_seconds = time.perf_counter() - started
+    norm = train_fs.normalization()
+    x_train, y_train = train_fs.model_inputs(features, norm), train_fs.labels(labels)
+    x_val, y_val = val_fs.model_inputs(features, norm), val_fs.labels(labels)
+
+    encoder = build_encoder(architecture, features.max_frames, features.n_features)
+    head = build_head(architecture, len(labels))
+    inp = keras.Input((features.max_frames, features.n_features))
+    model = keras.Model(inp, head(encoder(inp)))
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    counts = np.bincount(y_train, minlength=len(labels)).astype(float)
+    class_weight = {i: float(counts.sum() / (len(labels) * c)) for i, c in enumerate(counts) if c > 0}
+
+    best_uar, best_weights, history, waited = -1.0, None, [], 0
+    train_started = time.perf_counter()
+    for epoch in range(config.epochs):
+        epoch_started = time.perf_counter()
+        fit = model.fit(x_train, y_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                        class_weight=class_weight, shuffle=True)
+        pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
+        uar = classification_report(y_val, pred, labels)["uar"]
+        history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
+                        "seconds": time.perf_counter() - epoch_started})
+        log.info("epoch %d/%d loss %.4f val UAR %.3f", epoch + 1, config.epochs, history[-1]["loss"], uar)
+        if uar > best_uar:
+            best_uar, best_weights, waited = uar, model.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= config.patience:
+                break
+    model.set_weights(best_weights)
+    train_seconds = time.perf_counter() - train_started
+
+    hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
+    head_weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(),
+                    "w1": logits.kernel.numpy(), "b1": logits.bias.numpy()}
+    report = {
+        "dataset": dataset_name,
+        "labels": list(labels),
+        "architecture": architecture.to_dict(),
+        "features": features.to_dict(),
+        "train_config": config.__dict__,
+        "split": {
+            "train_speakers": sorted({c.speaker for c in train_fs.clips}),
+            "val_speakers": sorted({c.speaker for c in val_fs.clips}),
+            "test_speakers": sorted({c.speaker for c in test_fs.clips}) if test_fs else [],
+            "train_clips": len(train_fs.clips), "val_clips": len(val_fs.clips),
+            "test_clips": len(test_fs.clips) if test_fs else 0,
+        },
+        "skipped": {"train": train_fs.skipped, "val": val_fs.skipped, "test": test_fs.skipped if test_fs else {}},
+        "hardware": _hardware(),
+        "feature_seconds": feature_seconds,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(1, len(history)),
+        "epochs_run": len(history),
+        "best_val_uar": best_uar,
+        "history": history,
+    }
+    if test_fs is not None and test_fs.clips:
+        pred = np.argmax(model.predict(test_fs.model_inputs(features, norm), batch_size=256, verbose=0), axis=1)
+        report["test"] = classification_report(test_fs.labels(labels), pred, labels)
+    metadata = ModelMetadata(
+        labels=tuple(labels),
+        features=features,
+        normalization=norm,
+        head_layout=head_layout(architecture.embedding_dim, architecture.head_units, len(labels)),
+        embedding_dim=architecture.embedding_dim,
+        train_batch_size=config.train_batch_size,
+        architecture=architecture.name,
+        extra={"architecture": architecture.to_dict(), "dataset": dataset_name,
+               "test": {k: report["test"][k] for k in ("accuracy", "uar", "macro_f1")} if "test" in report else {}},
+    )
+    result = TrainResult(encoder, head, metadata, report, history=history)
+    if out_dir is not None:
+        result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir))
+    return result
