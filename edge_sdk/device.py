@@ -126,8 +126,10 @@ class Device:
         Interpreter threads.
     client : ServerClient, optional
         Overrides the client built from the enrolled server URL.
-    sleep, clock : callables
-        Injected in tests so retries never really wait.
+    clock : callable
+        Seconds since the epoch; injected in tests so backoff never really waits.
+    train_policy : TrainPolicy
+        Used by :meth:`personalize` when no policy is given, and after a new model arrives.
     """
 
     def __init__(
@@ -138,12 +140,14 @@ class Device:
         num_threads: int = 1,
         client: ServerClient | None = None,
         clock: Callable[[], float] = time.time,
+        train_policy: TrainPolicy | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime
         self.num_threads = num_threads
         self.clock = clock
+        self.train_policy = train_policy or TrainPolicy()
         self.store = FeedbackStore(self.state_dir / "fedser.db")
         self.key = SigningKey.load_or_create(self.state_dir / "device.key")
         self._client = client
@@ -318,12 +322,13 @@ class Device:
         p = np.clip((self._require_model().head_probs(emb) * targets).sum(axis=1), 1e-7, 1 - 1e-7)
         return float(np.mean(np.where(sign > 0, -np.log(p), -np.log(1.0 - p))))
 
-    def personalize(self, policy: TrainPolicy = TrainPolicy()) -> TrainReport:
+    def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
         """Fine-tune the head from the global head on all stored feedback, guarded by a held-back slice.
 
         The new weights are kept only if the held-back feedback's loss is not worse
         than with the weights in use now; otherwise they are discarded.
         """
+        policy = policy or self.train_policy
         model = self._require_model()
         started = time.perf_counter()
         examples = self._examples()

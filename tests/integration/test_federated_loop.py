@@ -1,0 +1,196 @@
+"""The whole loop over real HTTP on 127.0.0.1: enroll, feedback, fine-tune, sign, post, FedAvg, pull, verify.
+
+The aggregator runs as its own process (gunicorn, 2 workers), on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from edge_sdk.device import Device, TrainPolicy
+from edge_sdk.errors import ServerError, SignatureError
+from edge_sdk.manifest import SignedManifest
+from edge_sdk.signing import SigningKey
+from edge_sdk.wire import UpdateEnvelope, unpack_arrays
+
+
+def _give_feedback(device: Device, clips, answers: list[str]) -> None:
+    for clip, ans in zip(clips, answers):
+        pred = device.classify_file(clip.path)
+        device.feedback(pred.id, ans if ans in ("up", "down") else clip.label)
+
+
+def _personalised_update(device: Device, clips, answers) -> UpdateEnvelope:
+    _give_feedback(device, clips, answers)
+    report = device.personalize(TrainPolicy(min_examples=4, holdout_every=0, epochs=5))
+    assert report.status == "kept", report
+    seq = device.make_update()
+    assert seq is not None
+    item = next(i for i in device.store.outbox_items() if i.seq == seq)
+    envelope, _ = UpdateEnvelope.from_bytes(item.envelope)
+    return envelope
+
+
+def _current_manifest(agg) -> tuple[dict, bytes]:
+    r = requests.get(f"{agg.base_url}/api/v1/manifest", timeout=10)
+    r.raise_for_status()
+    return json.loads(r.content)["manifest"], r.content
+
+
+def test_two_devices_round_closes_and_both_pull_the_weighted_mean(live_aggregator, trained_model, synthetic_clips,
+                                                                    tmp_path):
+    agg = live_aggregator
+    assert agg.publish(trained_model) == 1
+    no_guard = TrainPolicy(min_examples=4, holdout_every=0, epochs=5)
+    a = agg.enroll(tmp_path / "a", "alice", train_policy=no_guard)
+    b = agg.enroll(tmp_path / "b", "bob", train_policy=no_guard)
+    assert a.model_version == b.model_version == 1
+    global_head = {k: v.copy() for k, v in a.global_head.items()}
+
+    env_a = _personalised_update(a, synthetic_clips[:6], ["up", "down", "label", "up", "label", "down"])
+    env_b = _personalised_update(b, synthetic_clips[20:30], ["label"] * 10)
+    assert env_a.header.num_examples == 6 and env_b.header.num_examples == 10
+
+    rep_a = a.flush_outbox()
+    assert [r["status"] for r in rep_a.accepted] == ["accepted"] and not rep_a.accepted[0].get("round_closed")
+    rep_b = b.flush_outbox()
+    assert rep_b.accepted[0]["round_closed"] is True
+    assert rep_b.accepted[0]["published_version"] == 2
+
+    assert a.pull_model() and b.pull_model()
+    assert a.model_version == b.model_version == 2
+    # The published head equals the example-weighted mean, computed here independently.
+    da, db = env_a.deltas(), env_b.deltas()
+    for name, base in global_head.items():
+        expected = base + (6 * da[name].astype(np.float64) + 10 * db[name]) / 16
+        np.testing.assert_allclose(a.global_head[name], expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(a.global_head[name], b.global_head[name])
+    # What the devices installed is exactly what the server signed and serves.
+    manifest, raw = _current_manifest(agg)
+    assert manifest["version"] == 2 and manifest["parent_version"] == 1 and manifest["round_id"] == 1
+    head_bytes = requests.get(agg.base_url + manifest["head"]["url"], timeout=10).content
+    assert hashlib.sha256(head_bytes).hexdigest() == manifest["head"]["sha256"]
+    SignedManifest.from_bytes(raw, a.server_key.verify)
+    # After the pull, both re-personalised from the new head on their stored feedback.
+    assert a.personalized and b.personalized
+    # A restarted device loads the same verified state from disk.
+    b2 = Device(tmp_path / "b")
+    assert b2.model_version == 2 and b2.personalized
+    np.testing.assert_array_equal(b2.model.get_weights()["w1"], b.model.get_weights()["w1"])
+    status = agg.status()
+    assert status["current_version"] == 2 and status["rounds_closed"] == 1 and status["refusals"] == {}
+
+
+def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_aggregator, trained_model,
+                                                                        synthetic_clips, tmp_path):
+    agg = live_aggregator
+    agg.publish(trained_model)
+    dev = agg.enroll(tmp_path / "dev")
+    envelope = _personalised_update(dev, synthetic_clips[:6], ["label"] * 6)
+    good = envelope.to_bytes()
+    manifest_before, _ = _current_manifest(agg)
+
+    tampered = bytearray(good)
+    tampered[-5] ^= 0x01  # one flipped byte in the body
+    r = requests.post(f"{agg.base_url}/api/v1/updates", data=bytes(tampered), timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "malformed"
+    assert "sha256" in r.json()["detail"]
+
+    # The same header and body, signed by a key the server never enrolled.
+    stranger = SigningKey.generate()
+    forged = UpdateEnvelope.create(device_id=dev.device_id, base_version=1, layout=dev.metadata.head_layout,
+                                   deltas=envelope.deltas(), num_examples=6, sequence=99, sign=stranger.sign)
+    r = requests.post(f"{agg.base_url}/api/v1/updates", data=forged.to_bytes(), timeout=10)
+    assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+
+    # A device id nobody enrolled.
+    unknown = UpdateEnvelope.create(device_id="dev-nobody", base_version=1, layout=dev.metadata.head_layout,
+                                    deltas=envelope.deltas(), num_examples=6, sequence=1, sign=stranger.sign)
+    r = requests.post(f"{agg.base_url}/api/v1/updates", data=unknown.to_bytes(), timeout=10)
+    assert r.status_code == 401 and r.json()["error"] == "unknown_device"
+
+    # Neither changed anything: same manifest, nothing in the round, three refusals audited.
+    r = agg.post_admin("/rounds/close", json={"min_updates": 1})
+    assert r.status_code == 409
+    manifest_after, _ = _current_manifest(agg)
+    assert manifest_after == manifest_before
+    assert agg.status()["refusals"] == {"malformed": 1, "bad_signature": 1, "unknown_device": 1}
+
+    # The genuine update still goes through, and a retried post of it counts once.
+    first = requests.post(f"{agg.base_url}/api/v1/updates", data=good, timeout=10)
+    again = requests.post(f"{agg.base_url}/api/v1/updates", data=good, timeout=10)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["update_id"] == first.json()["update_id"] and again.json()["duplicate"] is True
+    assert agg.status()["open_round"]["updates"] == 1
+
+
+def test_offline_device_keeps_its_update_and_posts_it_later(trained_model, synthetic_clips, tmp_path):
+    from tests.conftest import start_live_aggregator
+
+    agg = start_live_aggregator(tmp_path / "srv", min_updates=1, workers=0)
+    try:
+        agg.publish(trained_model)
+        dev = agg.enroll(tmp_path / "dev")
+        _personalised_update(dev, synthetic_clips[:6], ["label"] * 6)
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+    now = [1000.0]
+    dev.clock = lambda: now[0]
+    report = dev.flush_outbox()
+    assert report.accepted == [] and report.still_pending == 1 and "cannot reach" in report.error
+    # Back online (same instance, new process, new port): after the backoff, the same update goes through.
+    agg = start_live_aggregator(tmp_path / "srv", min_updates=1, workers=0)
+    try:
+        dev = Device(tmp_path / "dev", clock=lambda: now[0])  # a reboot in between
+        dev.identity["server_url"] = agg.base_url
+        assert dev.flush_outbox().still_pending == 1  # not due yet: backoff holds it
+        now[0] += 10_000
+        report = dev.flush_outbox()
+        assert report.still_pending == 0 and report.accepted[0]["round_closed"] is True
+        assert dev.pull_model() and dev.model_version == 2
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+
+
+def test_device_refuses_a_manifest_the_pinned_key_did_not_sign(live_aggregator, trained_model, tmp_path):
+    agg = live_aggregator
+    agg.publish(trained_model)
+    dev = agg.enroll(tmp_path / "dev")
+    _, raw = _current_manifest(agg)
+    doc = json.loads(raw)
+    doc["manifest"]["metrics"] = {"uar": 0.99}  # altered after signing
+    with pytest.raises(SignatureError):
+        dev._install_manifest(json.dumps(doc).encode())
+    impostor = SigningKey.generate()
+    with pytest.raises(SignatureError):
+        SignedManifest.from_bytes(raw, impostor.verify_key.verify)
+    assert dev.model_version == 1
+
+
+def test_enrollment_tokens_are_one_time(live_aggregator, tmp_path):
+    agg = live_aggregator
+    token = agg.post_admin("/enrollment-tokens", json={}).json()["token"]
+    Device(tmp_path / "one").enroll(agg.base_url, token)
+    with pytest.raises(ServerError) as exc:
+        Device(tmp_path / "two").enroll(agg.base_url, token)
+    assert exc.value.status == 403 and exc.value.reason == "token_used"
+    r = requests.post(f"{agg.base_url}/api/v1/admin/enrollment-tokens", timeout=10)
+    assert r.status_code == 401
+
+
+def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggregator, trained_model, tmp_path):
+    agg = live_aggregator
+    agg.publish(trained_model)
+    manifest, _ = _current_manifest(agg)
+    raw = requests.get(agg.base_url + manifest["head"]["url"], timeout=10).content
+    dev = agg.enroll(tmp_path / "dev")
+    arrays = unpack_arrays(dev.metadata.head_layout, raw)
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(arr, dev.global_head[name])
