@@ -46,6 +46,7 @@ class TrainResult:
     head: object
     metadata: ModelMetadata
     report: dict
+    head_weights: dict = field(default_factory=dict)
     export: ExportResult | None = None
     history: list = field(default_factory=list)
 
@@ -161,7 +162,7 @@ def train_baseline(
         extra={"architecture": architecture.to_dict(), "dataset": dataset_name,
                "test": {k: report["test"][k] for k in ("accuracy", "uar", "macro_f1")} if "test" in report else {}},
     )
-    result = TrainResult(encoder, head, metadata, report, history=history)
+    result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
     if out_dir is not None:
         result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir))
     return result

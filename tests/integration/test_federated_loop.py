@@ -20,7 +20,7 @@ from edge_sdk.wire import UpdateEnvelope, unpack_arrays
 
 
 def _give_feedback(device: Device, clips, answers: list[str]) -> None:
-    for clip, ans in zip(clips, answers):
+    for clip, ans in zip(clips, answers, strict=False):
         pred = device.classify_file(clip.path)
         device.feedback(pred.id, ans if ans in ("up", "down") else clip.label)
 

@@ -1,0 +1,134 @@
+"""The exported .tflite against TensorFlow, on both stock runtimes, and the builtin-ops gate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import textwrap
+
+import numpy as np
+import pytest
+
+from edge_sdk.errors import ModelError
+from edge_sdk.model import TFLiteModel
+from tests.conftest import REPO
+
+TFLITE_RUNTIME_PY = REPO / ".venv-tflite-runtime" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def tf_module(trained_model):
+    from models.export import build_trainable_module
+
+    r = trained_model.result
+    return build_trainable_module(r.encoder, r.head_weights, r.metadata)
+
+
+def test_signatures_use_builtin_ops_only(trained_model):
+    from models.export import check_builtin_ops
+
+    ops = check_builtin_ops(trained_model.tflite_path.read_bytes())
+    assert "CONV_2D" in ops or "CONV_1D" in ops or "DEPTHWISE_CONV_2D" in ops
+    assert "ASSIGN_VARIABLE" in ops and "READ_VARIABLE" in ops
+
+
+def test_infer_matches_tensorflow(trained_model, tf_module, rng):
+    model = TFLiteModel(trained_model.tflite_path, trained_model.metadata)
+    f = trained_model.metadata.features
+    for _ in range(3):
+        x = rng.normal(size=(f.max_frames, f.n_features)).astype(np.float32)
+        probs, emb = model.infer(x)
+        ref = tf_module.infer(x[None])
+        np.testing.assert_allclose(emb, ref["embedding"].numpy()[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(probs, ref["probs"].numpy()[0], rtol=0, atol=1e-5)
+
+
+def test_train_steps_match_tensorflow(trained_model, rng):
+    from models.export import build_trainable_module
+
+    r = trained_model.result
+    tf_mod = build_trainable_module(r.encoder, r.head_weights, r.metadata)  # fresh variables
+    model = TFLiteModel(trained_model.tflite_path, trained_model.metadata)
+    b, e, c = r.metadata.train_batch_size, r.metadata.embedding_dim, r.metadata.num_classes
+    emb = rng.normal(size=(b, e)).astype(np.float32)
+    targets = np.eye(c, dtype=np.float32)[rng.integers(0, c, b)]
+    sign = np.where(rng.random(b) < 0.5, 1.0, -1.0).astype(np.float32)
+    weight = np.ones(b, np.float32)
+    weight[-2:] = 0.0  # padding rows
+    for _ in range(4):
+        lite_loss = model.train_step(emb, targets, sign, weight, learning_rate=0.1)
+        tf_loss = float(tf_mod.train(emb, targets, weight, sign, np.float32(0.1))["loss"])
+        assert lite_loss == pytest.approx(tf_loss, abs=1e-5)
+    lite_w = model.get_weights()
+    for name in ("w0", "b0", "w1", "b1"):
+        np.testing.assert_allclose(lite_w[name], getattr(tf_mod, name).numpy(), rtol=0, atol=1e-5)
+
+
+def test_thumbs_down_lowers_the_wrong_class(trained_model, rng):
+    model = TFLiteModel(trained_model.tflite_path, trained_model.metadata)
+    emb = np.abs(rng.normal(size=(4, trained_model.metadata.embedding_dim))).astype(np.float32)
+    wrong = np.eye(trained_model.metadata.num_classes, dtype=np.float32)[[0, 0, 0, 0]]
+    before = model.head_probs(emb)[:, 0]
+    for _ in range(20):
+        model.train_step(emb, wrong, -np.ones(4), learning_rate=0.1)
+    assert np.all(model.head_probs(emb)[:, 0] < before)
+
+
+def test_set_and_get_weights_round_trip(trained_model, rng):
+    model = TFLiteModel(trained_model.tflite_path, trained_model.metadata)
+    new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in model.get_weights().items()}
+    model.set_weights(new)
+    for k, v in model.get_weights().items():
+        np.testing.assert_array_equal(v, new[k])
+
+
+def test_gate_rejects_a_model_that_needs_flex_ops():
+    import tensorflow as tf
+
+    from models.export import check_builtin_ops
+
+    class PlainRelu(tf.Module):  # tf.nn.relu's gradient is the Flex op ReluGrad
+        def __init__(self):
+            self.w = tf.Variable(np.ones((4, 3), np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([2, 4], tf.float32)])
+        def train(self, x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.nn.relu(tf.matmul(x, self.w)))
+            self.w.assign_sub(0.1 * tape.gradient(loss, [self.w])[0])
+            return {"loss": loss}
+
+    module = PlainRelu()
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.saved_model.save(module, tmp, signatures={"train": module.train.get_concrete_function()})
+        conv = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["train"])
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+        conv.experimental_enable_resource_variables = True
+        flatbuffer = conv.convert()
+    with pytest.raises(ModelError, match="FlexReluGrad"):
+        check_builtin_ops(flatbuffer)
+
+
+@pytest.mark.skipif(not TFLITE_RUNTIME_PY.exists(),
+                    reason="no .venv-tflite-runtime (scripts/test.sh makes it where tflite-runtime installs)")
+def test_runs_under_tflite_runtime(trained_model, rng):
+    f = trained_model.metadata.features
+    x = rng.normal(size=(f.max_frames, f.n_features)).astype(np.float32)
+    np.save(trained_model.tflite_path.parent / "x.npy", x, allow_pickle=False)
+    script = textwrap.dedent(f"""
+        import json, numpy as np
+        from edge_sdk.model import ModelMetadata, TFLiteModel
+        meta = ModelMetadata.load({str(trained_model.metadata_path)!r})
+        m = TFLiteModel({str(trained_model.tflite_path)!r}, meta, runtime="tflite_runtime")
+        probs, emb = m.infer(np.load({str(trained_model.tflite_path.parent / "x.npy")!r}))
+        loss = m.train_step(emb[None], np.eye(meta.num_classes, dtype=np.float32)[:1], [1.0], learning_rate=0.1)
+        print(json.dumps({{"runtime": m.runtime, "probs": probs.tolist(), "loss": loss}}))
+    """)
+    out = subprocess.run([str(TFLITE_RUNTIME_PY), "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["runtime"] == "tflite_runtime" and got["loss"] > 0
+    probs, _ = TFLiteModel(trained_model.tflite_path, trained_model.metadata).infer(x)
+    np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=1e-5)
