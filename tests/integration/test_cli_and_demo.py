@@ -1,0 +1,58 @@
+"""The console scripts and the demo, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, start_live_aggregator
+
+
+def _run(*args, cwd=REPO, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_edge_and_aggregator_clis(trained_model, synthetic_clips, tmp_path):
+    agg = start_live_aggregator(tmp_path / "srv", min_updates=1, workers=0)
+    try:
+        inst = str(agg.instance)
+        out = _run("aggregator.cli", "--instance", inst, "publish-base", str(trained_model.tflite_path),
+                   str(trained_model.metadata_path))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["version"] == 1
+        token = _run("aggregator.cli", "--instance", inst, "create-token").stdout.strip()
+        state = str(tmp_path / "dev")
+        edge = ("edge_sdk.cli", "--state", state)
+        out = _run(*edge, "enroll", "--server", agg.base_url, "--token", token)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["model_version"] == 1
+        out = _run(*edge, "classify", *[c.path for c in synthetic_clips[:8]])
+        preds = [json.loads(line) for line in out.stdout.splitlines()]
+        assert len(preds) == 8 and all(p["label"] in ("angry", "happy", "neutral", "sad") for p in preds)
+        for p, clip in zip(preds, synthetic_clips[:8], strict=True):
+            assert _run(*edge, "feedback", p["id"], clip.label).returncode == 0
+        bad = _run(*edge, "feedback", preds[0]["id"], "furious")
+        assert bad.returncode == 2 and "furious" in bad.stderr
+        report = json.loads(_run(*edge, "train", "--min-examples", "4").stdout)
+        assert report["status"] in ("kept", "discarded") and report["examples"] + report["held_back"] == 8
+        status = json.loads(_run(*edge, "status").stdout)
+        assert status["feedback"] == 8 and status["predictions"] == 8
+        if report["status"] == "kept":
+            sync = json.loads(_run(*edge, "sync").stdout)
+            assert sync["accepted"][0]["round_closed"] is True and sync["model_version"] == 2
+        server_status = json.loads(_run("aggregator.cli", "--instance", inst, "status").stdout)
+        assert len(server_status["devices"]) == 1
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+
+
+def test_the_demo_runs_end_to_end_on_the_synthetic_fallback(tmp_path):
+    out = _run("tools.demo", "--synthetic", "--devices", "2", "--epochs", "3", "--out", str(tmp_path / "demo"),
+               timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "SYNTHETIC" in out.stdout
+    assert "round 1 closed" in out.stdout and "pulled version 2" in out.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["round"]["published_version"] == 2 and len(summary["devices"]) == 2
