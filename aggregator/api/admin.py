@@ -99,6 +99,11 @@ def summary(session) -> dict:
         "open_round": {"id": rnd.id, "updates": session.scalar(
             select(func.count()).select_from(Update).where(Update.round_id == rnd.id))} if rnd else None,
         "rounds_closed": session.scalar(select(func.count()).select_from(Round).where(Round.status == "closed")),
+        "rounds": [
+            {"id": r.id, "base_version": r.base_version, "status": r.status, "num_updates": r.num_updates,
+             "num_examples": r.num_examples, "published_version": r.published_version}
+            for r in session.scalars(select(Round).order_by(Round.id.desc()).limit(50))
+        ],
         "devices": [
             {"id": d.id, "name": d.name, "revoked": d.revoked, "last_seen": d.last_seen,
              "updates_accepted": d.updates_accepted, "updates_refused": d.updates_refused}
