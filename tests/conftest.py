@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -71,12 +70,6 @@ def trained_model(tmp_path_factory, synthetic_clips) -> TrainedModel:
     return TrainedModel(result.export.tflite_path, result.export.metadata_path, result)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def postgres_database() -> str:
     """URL of a new, empty PostgreSQL database; skips with the reason when none is reachable."""
     try:
@@ -130,7 +123,7 @@ class LiveAggregator:
 
 def start_live_aggregator(tmp: Path, *, min_updates: int, database_url: str | None = None,
                           workers: int = 2) -> LiveAggregator:
-    from tools.demo import admin_token, start_aggregator
+    from tools.demo import admin_token, free_port, start_aggregator
 
     instance = tmp / "instance"
     instance.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ import requests
 log = logging.getLogger("tools")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
           "builtin ops only)")
 
     instance = args.out / "aggregator"
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     server = start_aggregator(instance, port, min_updates=n_dev)
     try:

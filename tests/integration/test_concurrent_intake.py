@@ -28,7 +28,7 @@ def test_no_accepted_update_is_lost_or_counted_twice(busy_aggregator, trained_mo
 
     layout = ModelMetadata.load(trained_model.metadata_path).head_layout
     devices = []
-    for i in range(12):  # enrolled over HTTP with raw keys: the intake is what is under test here
+    for _ in range(12):  # enrolled over HTTP with raw keys: the intake is what is under test here
         key = SigningKey.generate()
         token = agg.post_admin("/enrollment-tokens", json={}).json()["token"]
         reply = requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=10,
