@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aggregator.db import Device, Round, Update
+from aggregator.db import Device, Update
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
 from aggregator.rounds import open_round
@@ -90,13 +90,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     norm = l2_norm(deltas)
     if not math.isfinite(norm) or norm > max_l2_norm:
         raise refuse(422, "norm_too_large", f"delta L2 norm {norm:.4g} exceeds the limit {max_l2_norm:.4g}")
-    rnd = open_round(session)
-    if rnd is not None:
-        # Hold a shared lock on the round row until commit: a concurrent close_round (which updates the
-        # row) waits for this insert, or this sees the round closed. Without it, PostgreSQL's READ
-        # COMMITTED could let an update land in a round that was aggregated a moment before.
-        rnd = session.scalars(select(Round).where(Round.id == rnd.id, Round.status == "open")
-                              .with_for_update(read=True)).first()
+    rnd = open_round(session, lock=True)
     if rnd is None:
         raise refuse(409, "stale_base", f"the round of version {current.version} closed while this update "
                                         "arrived: pull the new model and retrain")

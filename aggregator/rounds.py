@@ -37,12 +37,19 @@ class CloseResult:
     published_version: int | None = None
 
 
-def open_round(session: Session) -> Round | None:
-    """The open round of the current version, if any."""
-    return session.scalars(
-        select(Round).join(ModelVersion, ModelVersion.version == Round.base_version)
-        .where(ModelVersion.is_current.is_(True), Round.status == "open")
-    ).first()
+def open_round(session: Session, *, lock: bool = False) -> Round | None:
+    """The open round of the current version, if any.
+
+    With ``lock``, the round row stays share-locked until the transaction ends: a concurrent
+    :func:`close_round` (which updates the row) waits for the caller's insert, or the caller sees
+    the round closed. Without it, PostgreSQL's READ COMMITTED could let an update land in a round
+    that was aggregated a moment before.
+    """
+    query = (select(Round).join(ModelVersion, ModelVersion.version == Round.base_version)
+             .where(ModelVersion.is_current.is_(True), Round.status == "open"))
+    if lock:
+        query = query.with_for_update(read=True, of=Round)
+    return session.scalars(query).first()
 
 
 def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: int, *,

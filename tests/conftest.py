@@ -100,6 +100,9 @@ class LiveAggregator:
     def post_admin(self, path: str, **kwargs) -> requests.Response:
         return requests.post(f"{self.base_url}/api/v1/admin{path}", headers=self.auth, timeout=60, **kwargs)
 
+    def post_update(self, data: bytes) -> requests.Response:
+        return requests.post(f"{self.base_url}/api/v1/updates", data=data, timeout=30)
+
     def status(self) -> dict:
         r = requests.get(f"{self.base_url}/api/v1/admin/status", headers=self.auth, timeout=10)
         r.raise_for_status()
@@ -145,3 +148,14 @@ def live_aggregator(tmp_path, database_url):
     yield agg
     agg.process.terminate()
     agg.process.wait(timeout=30)
+
+
+def signed_update(device_id: str, key, layout, *, sequence: int, base_version: int = 1, scale: float = 0.01,
+                  num_examples: int = 5, rng: np.random.Generator | None = None):
+    """An UpdateEnvelope of random deltas (``scale`` standard deviation) signed with ``key``."""
+    from edge_sdk.wire import UpdateEnvelope
+
+    rng = rng or np.random.default_rng(sequence)
+    deltas = {s.name: (scale * rng.standard_normal(s.shape)).astype(np.float32) for s in layout}
+    return UpdateEnvelope.create(device_id=device_id, base_version=base_version, layout=layout, deltas=deltas,
+                                 num_examples=num_examples, sequence=sequence, sign=key.sign)

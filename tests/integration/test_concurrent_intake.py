@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import requests
 
 from edge_sdk.signing import SigningKey
-from edge_sdk.wire import UpdateEnvelope
-from tests.conftest import start_live_aggregator
+from tests.conftest import signed_update, start_live_aggregator
 
 
 @pytest.fixture
@@ -34,14 +32,9 @@ def test_no_accepted_update_is_lost_or_counted_twice(busy_aggregator, trained_mo
         reply = requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=10,
                               json={"token": token, "public_key": key.verify_key.to_b64()}).json()
         devices.append((reply["device_id"], key))
-    rng = np.random.default_rng(0)
-
     def post(dev):
         device_id, key = dev
-        deltas = {s.name: (0.01 * rng.standard_normal(s.shape)).astype(np.float32) for s in layout}
-        env = UpdateEnvelope.create(device_id=device_id, base_version=1, layout=layout, deltas=deltas,
-                                    num_examples=4, sequence=1, sign=key.sign)
-        return requests.post(f"{agg.base_url}/api/v1/updates", data=env.to_bytes(), timeout=30)
+        return agg.post_update(signed_update(device_id, key, layout, sequence=1, num_examples=4).to_bytes())
 
     with ThreadPoolExecutor(12) as pool:
         replies = list(pool.map(post, devices))

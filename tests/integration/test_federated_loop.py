@@ -97,7 +97,7 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
 
     tampered = bytearray(good)
     tampered[-5] ^= 0x01  # one flipped byte in the body
-    r = requests.post(f"{agg.base_url}/api/v1/updates", data=bytes(tampered), timeout=10)
+    r = agg.post_update(bytes(tampered))
     assert r.status_code == 400 and r.json()["error"] == "malformed"
     assert "sha256" in r.json()["detail"]
 
@@ -105,13 +105,13 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
     stranger = SigningKey.generate()
     forged = UpdateEnvelope.create(device_id=dev.device_id, base_version=1, layout=dev.metadata.head_layout,
                                    deltas=envelope.deltas(), num_examples=6, sequence=99, sign=stranger.sign)
-    r = requests.post(f"{agg.base_url}/api/v1/updates", data=forged.to_bytes(), timeout=10)
+    r = agg.post_update(forged.to_bytes())
     assert r.status_code == 401 and r.json()["error"] == "bad_signature"
 
     # A device id nobody enrolled.
     unknown = UpdateEnvelope.create(device_id="dev-nobody", base_version=1, layout=dev.metadata.head_layout,
                                     deltas=envelope.deltas(), num_examples=6, sequence=1, sign=stranger.sign)
-    r = requests.post(f"{agg.base_url}/api/v1/updates", data=unknown.to_bytes(), timeout=10)
+    r = agg.post_update(unknown.to_bytes())
     assert r.status_code == 401 and r.json()["error"] == "unknown_device"
 
     # Neither changed anything: same manifest, nothing in the round, three refusals audited.
@@ -122,8 +122,8 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
     assert agg.status()["refusals"] == {"malformed": 1, "bad_signature": 1, "unknown_device": 1}
 
     # The genuine update still goes through, and a retried post of it counts once.
-    first = requests.post(f"{agg.base_url}/api/v1/updates", data=good, timeout=10)
-    again = requests.post(f"{agg.base_url}/api/v1/updates", data=good, timeout=10)
+    first = agg.post_update(good)
+    again = agg.post_update(good)
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["update_id"] == first.json()["update_id"] and again.json()["duplicate"] is True
     assert agg.status()["open_round"]["updates"] == 1

@@ -6,21 +6,13 @@ import hashlib
 import struct
 
 import numpy as np
-import requests
 
 from edge_sdk.wire import UPDATE_DOMAIN, UpdateEnvelope, UpdateHeader
+from tests.conftest import signed_update
 
 
-def _post(agg, data: bytes) -> requests.Response:
-    return requests.post(f"{agg.base_url}/api/v1/updates", data=data, timeout=10)
-
-
-def _signed(dev, *, sequence: int, base_version: int = 1, scale: float = 0.01, rng=None):
-    rng = rng or np.random.default_rng(sequence)
-    layout = dev.metadata.head_layout
-    deltas = {s.name: (scale * rng.standard_normal(s.shape)).astype(np.float32) for s in layout}
-    return UpdateEnvelope.create(device_id=dev.device_id, base_version=base_version, layout=layout, deltas=deltas,
-                                 num_examples=5, sequence=sequence, sign=dev.key.sign)
+def _signed(dev, *, sequence: int, **kwargs):
+    return signed_update(dev.device_id, dev.key, dev.metadata.head_layout, sequence=sequence, **kwargs)
 
 
 def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_model, tmp_path):
@@ -29,14 +21,14 @@ def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_mod
     dev = agg.enroll(tmp_path / "dev")
     other = agg.enroll(tmp_path / "other")
 
-    assert _post(agg, _signed(dev, sequence=5).to_bytes()).status_code == 202
-    r = _post(agg, _signed(dev, sequence=5, rng=np.random.default_rng(9)).to_bytes())
+    assert agg.post_update(_signed(dev, sequence=5).to_bytes()).status_code == 202
+    r = agg.post_update(_signed(dev, sequence=5, rng=np.random.default_rng(9)).to_bytes())
     assert (r.status_code, r.json()["error"]) == (409, "replayed_sequence")
-    r = _post(agg, _signed(dev, sequence=6).to_bytes())
+    r = agg.post_update(_signed(dev, sequence=6).to_bytes())
     assert (r.status_code, r.json()["error"]) == (409, "already_contributed")
-    r = _post(agg, _signed(other, sequence=1, base_version=7).to_bytes())
+    r = agg.post_update(_signed(other, sequence=1, base_version=7).to_bytes())
     assert (r.status_code, r.json()["error"]) == (409, "stale_base")
-    r = _post(agg, _signed(other, sequence=2, scale=1e4).to_bytes())
+    r = agg.post_update(_signed(other, sequence=2, scale=1e4).to_bytes())
     assert (r.status_code, r.json()["error"]) == (422, "norm_too_large")
 
     # NaN in a correctly framed and signed body.
@@ -46,7 +38,7 @@ def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_mod
     header = UpdateHeader(**{**good.header.__dict__, "body_sha256": hashlib.sha256(bytes(body)).hexdigest()})
     hb = header.to_bytes()
     data = b"FSU1" + struct.pack("<I", len(hb)) + hb + other.key.sign(UPDATE_DOMAIN + hb) + bytes(body)
-    r = _post(agg, data)
+    r = agg.post_update(data)
     assert (r.status_code, r.json()["error"]) == (422, "bad_values") and "NaN" in r.json()["detail"]
 
     # A different head layout than the model's.
@@ -56,14 +48,14 @@ def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_mod
     env = UpdateEnvelope.create(device_id=other.device_id, base_version=1, layout=wrong,
                                 deltas={"w0": np.zeros((2, 2), np.float32)}, num_examples=1, sequence=4,
                                 sign=other.key.sign)
-    r = _post(agg, env.to_bytes())
+    r = agg.post_update(env.to_bytes())
     assert (r.status_code, r.json()["error"]) == (422, "layout_mismatch")
 
-    r = _post(agg, b"x" * (9 * 1024 * 1024))
+    r = agg.post_update(b"x" * (9 * 1024 * 1024))
     assert (r.status_code, r.json()["error"]) == (413, "too_large")
 
     assert agg.post_admin(f"/devices/{other.device_id}/revoke").status_code == 200
-    r = _post(agg, _signed(other, sequence=10).to_bytes())
+    r = agg.post_update(_signed(other, sequence=10).to_bytes())
     assert (r.status_code, r.json()["error"]) == (403, "revoked_device")
 
     status = agg.status()
