@@ -119,6 +119,8 @@ class Normalization:
     std: tuple[float, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != len(self.std):
             raise ParameterError(
                 f"normalisation mean has {len(self.mean)} values but std has {len(self.std)}"

@@ -174,7 +174,7 @@ def freeze_encoder(encoder, frames: int, n_features: int):
     fn = tf.function(lambda x: encoder(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, frames, n_features], tf.float32)
     )
-    frozen = convert_variables_to_constants_v2(fn)
+    frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False)  # keep functional While (LSTM)
     return frozen.graph.as_graph_def(), frozen.inputs[0].name, frozen.outputs[0].name
 
 

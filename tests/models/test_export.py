@@ -132,3 +132,44 @@ def test_runs_under_tflite_runtime(trained_model, rng):
     assert got["runtime"] == "tflite_runtime" and got["loss"] > 0
     probs, _ = TFLiteModel(trained_model.tflite_path, trained_model.metadata).infer(x)
     np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dnn", "cnn", "lstm", "afcn"])
+def test_every_architecture_exports_and_matches_tensorflow(name, tmp_path, rng):
+    """For each of the four encoders: builtin ops only, infer and train steps equal TensorFlow's within 1e-5."""
+    from edge_sdk.features import FeatureConfig, Normalization
+    from edge_sdk.model import ModelMetadata
+    from models.architectures import build_encoder, build_head, preset
+    from models.export import build_trainable_module, export_tflite, head_layout
+
+    small = {"dnn": {"channels": (32, 32)}, "cnn": {"channels": (16, 32)}, "lstm": {"channels": (16,), "lstm_units": (24,)},
+             "afcn": {"channels": (8, 12, 16, 20)}}[name]
+    cfg = preset(name, embedding_dim=24, head_units=12, **small)
+    feats = FeatureConfig(max_frames=90)
+    encoder, head = build_encoder(cfg, feats.max_frames, feats.n_features), build_head(cfg, 4)
+    hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
+    weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(), "w1": logits.kernel.numpy(),
+               "b1": logits.bias.numpy()}
+    meta = ModelMetadata(labels=("angry", "happy", "neutral", "sad"), features=feats,
+                         normalization=Normalization(np.zeros(40, np.float32), np.ones(40, np.float32)),
+                         head_layout=head_layout(24, 12, 4), embedding_dim=24, train_batch_size=4, architecture=name)
+    exported = export_tflite(encoder, weights, meta, tmp_path)
+    tf_mod = build_trainable_module(encoder, weights, meta)
+    model = TFLiteModel(exported.tflite_path, meta)
+    for _ in range(2):
+        x = rng.normal(size=(feats.max_frames, feats.n_features)).astype(np.float32)
+        probs, emb = model.infer(x)
+        ref = tf_mod.infer(x[None])
+        np.testing.assert_allclose(emb, ref["embedding"].numpy()[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(probs, ref["probs"].numpy()[0], rtol=0, atol=1e-5)
+        # the Keras encoder itself (what training evaluated) agrees too
+        np.testing.assert_allclose(emb, encoder(x[None], training=False).numpy()[0], rtol=0, atol=1e-4)
+    emb = rng.normal(size=(4, 24)).astype(np.float32)
+    targets = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]
+    sign = np.array([1, -1, 1, -1], np.float32)
+    for _ in range(3):
+        lite = model.train_step(emb, targets, sign, np.ones(4, np.float32), learning_rate=0.05)
+        ref_loss = float(tf_mod.train(emb, targets, np.ones(4, np.float32), sign, np.float32(0.05))["loss"])
+        assert lite == pytest.approx(ref_loss, abs=1e-5)
+    for k, v in model.get_weights().items():
+        np.testing.assert_allclose(v, getattr(tf_mod, k).numpy(), rtol=0, atol=1e-5)
