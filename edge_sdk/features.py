@@ -32,9 +32,14 @@ __all__ = [
     "mfcc",
     "raw_features",
     "trim_silence",
+    "utterance_normalize",
+    "UTTERANCE_NORMS",
     "fit_frames",
     "extract",
 ]
+
+
+UTTERANCE_NORMS = ("none", "mean", "meanvar")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,11 @@ class FeatureConfig:
         ends before features are computed; 0 disables trimming.
     max_frames : int
         Fixed number of frames the model takes (cut or zero-padded).
+    utterance_norm : {"none", "mean", "meanvar"}
+        Per-utterance normalisation before the training-set statistics:
+        subtract each coefficient's mean over the utterance ("mean", cepstral
+        mean normalisation) and also divide by its standard deviation
+        ("meanvar"). It removes much of the speaker and channel from MFCCs.
     """
 
     kind: str = "mfcc"
@@ -76,10 +86,14 @@ class FeatureConfig:
     top_db: float = 80.0
     trim_db: float = 30.0
     max_frames: int = 300
+    utterance_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in ("mfcc", "logmel"):
             raise ParameterError(f"FeatureConfig.kind must be 'mfcc' or 'logmel', got {self.kind!r}")
+        if self.utterance_norm not in UTTERANCE_NORMS:
+            raise ParameterError(
+                f"FeatureConfig.utterance_norm must be one of {UTTERANCE_NORMS}, got {self.utterance_norm!r}")
         if self.win_length > self.n_fft:
             raise ParameterError(
                 f"win_length={self.win_length} must not exceed n_fft={self.n_fft}"
@@ -243,11 +257,22 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return log_mel(y, cfg) @ dct_matrix(cfg.n_mfcc, cfg.n_mels).T
 
 
+def utterance_normalize(feats: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """``cfg.utterance_norm`` applied to ``[T, F]`` features (training and device share this)."""
+    if cfg.utterance_norm == "none":
+        return feats.astype(np.float32, copy=False)
+    f64 = feats.astype(np.float64)
+    out = f64 - f64.mean(axis=0, keepdims=True)
+    if cfg.utterance_norm == "meanvar":
+        out /= np.maximum(f64.std(axis=0, keepdims=True), 1e-5)
+    return out.astype(np.float32)
+
+
 def raw_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """The spectral features of ``cfg.kind``, before normalisation: ``[T, n_features]`` float32."""
+    """The features of ``cfg``, before the training-set normalisation: ``[T, n_features]`` float32."""
     y = _check_audio(y)
     feats = mfcc(y, cfg) if cfg.kind == "mfcc" else log_mel(y, cfg)
-    return feats.astype(np.float32)
+    return utterance_normalize(feats, cfg)
 
 
 def trim_silence(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:

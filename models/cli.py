@@ -1,33 +1,42 @@
-"""``fedser-train``: train a baseline on a speaker-independent split and export it.
+"""``fedser-train``: baseline training, evaluation and architecture comparison.
 
-    fedser-train --out runs/cnn [--data ../shared/data/ravdess | --synthetic]
-                 [--test-speakers 21,22,23,24] [--val-speakers 19,20] [--epochs 30]
+    fedser-train train    --out runs/cnn [--corpus ravdess --data DIR | --synthetic]
+                          [--architecture cnn] [--test-speakers 21,22,23,24 --val-speakers 19,20 | --folds 5 --fold 0]
+    fedser-train evaluate --model runs/cnn/model.tflite --corpus manifest --data clips.csv --out runs/eval
+    fedser-train compare  --out runs/compare [--architectures dnn,cnn,lstm,afcn] [--folds 5]
 
-Writes ``model.tflite``, ``model.json`` (metadata), ``report.json`` and ``report.md``.
+``train`` writes ``model.tflite``, ``model.json`` (metadata), ``report.json``,
+``report.md`` and ``report-confusion.png``. ``fedser-train --out DIR`` (no
+subcommand) means ``train``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main", "report_markdown", "resolve_corpus"]
+__all__ = ["main", "resolve_corpus", "corpus_clips"]
+
+DEFAULT_TEST_SPEAKERS = "21,22,23,24"
+DEFAULT_VAL_SPEAKERS = "19,20"
 
 
-def resolve_corpus(data: str | None, synthetic: bool, work_dir: Path):
-    """(clips, name): the RAVDESS folder given or found, else the labelled synthetic corpus."""
-    from models.datasets import default_ravdess_root, ravdess_clips, synthetic_corpus
+def resolve_corpus(data: str | None, synthetic: bool, work_dir: Path, *, corpus: str = "ravdess", label_map=None):
+    """(clips, name): the corpus given or found (RAVDESS by default), else the labelled synthetic corpus."""
+    from models.datasets import LabelMap, default_ravdess_root, load_corpus, synthetic_corpus
 
+    label_map = label_map or LabelMap()
     if not synthetic:
-        root = Path(data) if data else default_ravdess_root()
+        root = Path(data) if data else (default_ravdess_root() if corpus == "ravdess" else None)
         if root is not None:
-            return ravdess_clips(root), f"RAVDESS ({root})"
-        if data:
-            raise SystemExit(f"data folder not found: {data}")
-    clips = synthetic_corpus(work_dir / "synthetic-audio")
+            if not root.exists():
+                raise SystemExit(f"data not found: {root}")
+            return load_corpus(corpus, root, label_map), f"{corpus.upper()} ({root})"
+        if data or corpus != "ravdess":
+            raise SystemExit(f"--data is required for the {corpus} corpus")
+    clips = synthetic_corpus(work_dir / "synthetic-audio", labels=label_map.classes)
     return clips, "SYNTHETIC tones (no real corpus found; figures say nothing about emotion recognition)"
 
 
@@ -35,69 +44,196 @@ def _speakers(text: str, clips) -> list[str]:
     names = sorted({c.speaker for c in clips})
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        match = [n for n in names if n == item or n.endswith(f"-{int(item):02d}" if item.isdigit() else item)]
+        match = [n for n in names if n == item or n.endswith(f"-{int(item):02d}" if item.isdigit() else f"-{item}")]
         if not match:
             raise SystemExit(f"speaker {item!r} is not in the corpus (speakers: {', '.join(names[:8])}...)")
         out.extend(match)
     return out
 
 
-def report_markdown(report: dict) -> str:
-    lines = [f"# Baseline report: {report['architecture']['name']} on {report['dataset']}", ""]
-    split = report["split"]
-    lines += [f"- train speakers: {len(split['train_speakers'])} ({split['train_clips']} clips); "
-              f"validation: {', '.join(split['val_speakers'])}; test: {', '.join(split['test_speakers'])} "
-              f"({split['test_clips']} clips)",
-              f"- hardware: {report['hardware']['device']} ({report['hardware']['cpu']}), "
-              f"TensorFlow {report['hardware']['tensorflow']}",
-              f"- epochs run: {report['epochs_run']}, {report['seconds_per_epoch']:.2f} s/epoch, "
-              f"training {report['train_seconds']:.1f} s, features {report['feature_seconds']:.1f} s",
-              f"- skipped files: {report['skipped']}", ""]
-    test = report.get("test")
-    if test:
-        lines += [f"**Test (held-out speakers): accuracy {test['accuracy']:.3f}, UAR {test['uar']:.3f}, "
-                  f"macro-F1 {test['macro_f1']:.3f}**", "",
-                  "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
-        for lab, m in test["per_class"].items():
-            lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
-        lines += ["", "Confusion matrix (rows true, columns predicted: " + ", ".join(test["labels"]) + ")", ""]
-        lines += ["    " + " ".join(f"{v:4d}" for v in row) for row in test["confusion_matrix"]]
-    return "\n".join(lines) + "\n"
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    from models.datasets import CORPORA
+
+    g = p.add_argument_group("corpus")
+    g.add_argument("--corpus", default="ravdess", choices=sorted(CORPORA),
+                   help="on-disk layout of --data (manifest: a CSV path,speaker,label[,split])")
+    g.add_argument("--data", default=None, help="corpus folder or manifest CSV (default: ../shared/data/ravdess)")
+    g.add_argument("--synthetic", action="store_true", help="use the labelled synthetic corpus (pipeline tests only)")
+    g.add_argument("--classes", default="angry,happy,neutral,sad")
+    g.add_argument("--calm-as-neutral", action="store_true", help="RAVDESS calm joins neutral (default: left out)")
+    g.add_argument("--no-excited-as-happy", action="store_true", help="IEMOCAP excitement stays out of happy")
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speaker-independent split")
+    g.add_argument("--test-speakers", default=None, help=f"held-out speakers (RAVDESS default {DEFAULT_TEST_SPEAKERS})")
+    g.add_argument("--val-speakers", default=None,
+                   help=f"speakers that pick the epoch (RAVDESS default {DEFAULT_VAL_SPEAKERS})")
+    g.add_argument("--folds", type=int, default=0, help="k folds by speaker instead of named test speakers")
+    g.add_argument("--fold", type=int, default=0, help="which fold to train (with --folds)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--patience", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--augment", type=int, default=0, metavar="COPIES",
+                   help="augmented copies per training clip (speed, gain, noise); 0 = off")
+    g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
+    g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
+    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="mean")
+    g.add_argument("--max-frames", type=int, default=300)
+    g.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache folder")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def corpus_clips(args, work_dir: Path):
+    from models.datasets import LabelMap
+
+    label_map = LabelMap(tuple(filter(None, (c.strip() for c in args.classes.split(",")))),
+                         calm_as_neutral=args.calm_as_neutral, excited_as_happy=not args.no_excited_as_happy)
+    clips, name = resolve_corpus(args.data, args.synthetic, work_dir, corpus=args.corpus, label_map=label_map)
+    return clips, name, label_map
+
+
+def _split(args, clips):
+    """(train, val, test) holding out whole speakers."""
+    from models.compare import validation_speakers
+    from models.datasets import manifest_split, speaker_folds, split_by_speaker
+
+    synthetic = all(c.speaker.startswith("synthetic-") for c in clips)
+    if args.folds:
+        if not 0 <= args.fold < args.folds:
+            raise SystemExit(f"--fold must be in 0..{args.folds - 1}")
+        train, test = speaker_folds(clips, args.folds, seed=args.seed)[args.fold]
+        val_spk = _speakers(args.val_speakers, train) if args.val_speakers else validation_speakers(train)
+    elif args.corpus == "manifest" and args.test_speakers is None and all(c.split for c in clips):
+        return manifest_split(clips)
+    elif synthetic and args.test_speakers is None:
+        speakers = sorted({c.speaker for c in clips})
+        train, test = split_by_speaker(clips, speakers[-2:])
+        val_spk = speakers[-3:-2]
+    else:
+        if args.test_speakers is None and args.corpus != "ravdess":
+            raise SystemExit("name --test-speakers (or --folds K) for this corpus")
+        test_spk = _speakers(args.test_speakers or DEFAULT_TEST_SPEAKERS, clips)
+        train, test = split_by_speaker(clips, test_spk)
+        val_spk = _speakers(args.val_speakers, train) if args.val_speakers else (
+            _speakers(DEFAULT_VAL_SPEAKERS, train) if args.corpus == "ravdess" else validation_speakers(train))
+    train, val = split_by_speaker(train, val_spk)
+    return train, val, test
+
+
+def _configs(args):
+    from edge_sdk.features import FeatureConfig
+    from models.features import Augmentation
+    from models.train import TrainConfig
+
+    features = FeatureConfig(kind=args.features, utterance_norm=args.utterance_norm, max_frames=args.max_frames)
+    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
+                         augmentation=Augmentation(copies=args.augment, seed=args.seed))
+    return features, config
+
+
+def cmd_train(args) -> int:
+    from models.architectures import preset
+    from models.report import report_markdown
+    from models.train import train_baseline
+
+    clips, name, label_map = corpus_clips(args, args.out)
+    train, val, test = _split(args, clips)
+    features, config = _configs(args)
+    result = train_baseline(train, val, test, features=features, architecture=preset(args.architecture),
+                            config=config, labels=label_map.classes, cache_dir=args.cache, out_dir=args.out,
+                            dataset_name=name, label_map=label_map.to_dict(),
+                            progress=False if args.no_progress else None)
+    print(report_markdown(result.report))
+    print(f"wrote {args.out}/model.tflite, model.json, report.json, report.md, report-confusion.png")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from models.evaluate import evaluate_tflite
+    from models.report import report_markdown, write_report
+
+    clips, name, _ = corpus_clips(args, args.out)
+    if args.speakers:
+        keep = set(_speakers(args.speakers, clips))
+        clips = [c for c in clips if c.speaker in keep]
+    elif args.corpus == "manifest" and any(c.split for c in clips):
+        clips = [c for c in clips if c.split == "test"]
+    report = evaluate_tflite(args.model, clips, dataset_name=name, num_threads=args.threads)
+    write_report(report, args.out, stem="evaluation")
+    print(report_markdown(report))
+    print(f"wrote {args.out}/evaluation.json, evaluation.md, evaluation-confusion.png")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from models.compare import compare_architectures, compare_markdown, write_comparison
+    from models.datasets import speaker_folds
+
+    clips, name, label_map = corpus_clips(args, args.out)
+    features, config = _configs(args)
+    folds = speaker_folds(clips, args.folds or 5, seed=args.seed)
+    archs = [a.strip() for a in args.architectures.split(",") if a.strip()]
+    report = compare_architectures(folds, archs, features=features, config=config, labels=label_map.classes,
+                                   cache_dir=args.cache, dataset_name=name,
+                                   progress=False if args.no_progress else None)
+    report["label_map"] = label_map.to_dict()
+    write_comparison(report, args.out)
+    print(compare_markdown(report))
+    print(f"wrote {args.out}/compare.json, compare.md, confusion-*.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.architectures import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(prog="fedser-train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one architecture on a speaker-independent split and export it")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--architecture", default="cnn", choices=ARCHITECTURES)
+    _add_corpus_args(p)
+    _add_split_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="evaluate an exported .tflite (as a device runs it) on a corpus or manifest")
+    p.add_argument("--model", type=Path, required=True, help="model.tflite (model.json beside it)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--speakers", default=None, help="only these speakers (default: all, or a manifest's test split)")
+    p.add_argument("--threads", type=int, default=1)
+    _add_corpus_args(p)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("compare", help="all architectures side by side on k folds by speaker (the benchmark)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--architectures", default=",".join(ARCHITECTURES))
+    _add_corpus_args(p)
+    _add_split_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_compare)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedser-train", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", default=None, help="RAVDESS folder (default: ../shared/data/ravdess)")
-    parser.add_argument("--synthetic", action="store_true", help="use the labelled synthetic corpus")
-    parser.add_argument("--test-speakers", default="21,22,23,24")
-    parser.add_argument("--val-speakers", default="19,20")
-    parser.add_argument("--architecture", default="cnn", choices=("cnn", "dnn"))
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=Path(".cache/features"))
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "train")  # `fedser-train --out DIR` as before
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge_sdk.errors import FedserError
 
-    from models.architectures import ArchitectureConfig
-    from models.datasets import split_by_speaker
-    from models.train import TrainConfig, train_baseline
-
-    clips, name = resolve_corpus(args.data, args.synthetic, args.out)
-    if args.synthetic or name.startswith("SYNTHETIC"):
-        speakers = sorted({c.speaker for c in clips})
-        test_spk, val_spk = speakers[-2:], speakers[-3:-2]
-    else:
-        test_spk, val_spk = _speakers(args.test_speakers, clips), _speakers(args.val_speakers, clips)
-    train, test = split_by_speaker(clips, test_spk)
-    train, val = split_by_speaker(train, val_spk)
-    result = train_baseline(train, val, test, architecture=ArchitectureConfig(name=args.architecture),
-                            config=TrainConfig(epochs=args.epochs, seed=args.seed), cache_dir=args.cache,
-                            out_dir=args.out, dataset_name=name)
-    (args.out / "report.json").write_text(json.dumps(result.report, indent=2))
-    (args.out / "report.md").write_text(report_markdown(result.report))
-    print(report_markdown(result.report))
-    return 0
+    try:
+        return args.func(args)
+    except FedserError as exc:
+        print(f"fedser-train: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

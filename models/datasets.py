@@ -6,9 +6,12 @@ never appears in training.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
 import wave
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +26,19 @@ __all__ = [
     "Clip",
     "FOUR_CLASSES",
     "RAVDESS_EMOTIONS",
+    "LabelMap",
+    "CORPORA",
+    "load_corpus",
     "ravdess_clips",
+    "crema_d_clips",
+    "iemocap_clips",
+    "emodb_clips",
+    "tess_clips",
+    "manifest_clips",
     "synthetic_corpus",
     "split_by_speaker",
+    "speaker_folds",
+    "manifest_split",
     "default_ravdess_root",
 ]
 
@@ -35,6 +48,17 @@ RAVDESS_EMOTIONS = {
     "01": "neutral", "02": "calm", "03": "happy", "04": "sad",
     "05": "angry", "06": "fearful", "07": "disgust", "08": "surprised",
 }
+CREMA_D_EMOTIONS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral",
+                    "SAD": "sad"}
+IEMOCAP_EMOTIONS = {"ang": "angry", "hap": "happy", "exc": "excited", "neu": "neutral", "sad": "sad",
+                    "fru": "frustrated", "fea": "fearful", "sur": "surprised", "dis": "disgust", "oth": "other",
+                    "xxx": "no_agreement"}
+EMODB_EMOTIONS = {"W": "angry", "L": "boredom", "E": "disgust", "A": "fearful", "F": "happy", "T": "sad",
+                  "N": "neutral"}
+TESS_EMOTIONS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy",
+                 "neutral": "neutral", "ps": "surprised", "pleasant_surprise": "surprised",
+                 "pleasant_surprised": "surprised", "sad": "sad"}
+AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,59 @@ class Clip:
     path: str
     speaker: str
     label: str
+    split: str = ""  # only from a manifest's optional split column
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Corpus emotion names -> the classes a model learns.
+
+    Every loader first names a clip's emotion in plain English (angry, happy,
+    neutral, sad, calm, excited, fearful, disgust, surprised, boredom,
+    frustrated, other); this map then keeps, renames or drops it.
+
+    Attributes
+    ----------
+    classes : tuple of str
+        The model's classes (default: the four of the literature).
+    calm_as_neutral : bool
+        RAVDESS "calm" joins "neutral". Off by default: the four-class
+        RAVDESS subset of the studies uses neutral alone.
+    excited_as_happy : bool
+        IEMOCAP "excited" joins "happy". On by default, as in most IEMOCAP
+        four-class work (study 1 kept excitement as its own class instead).
+    extra : tuple of (str, str)
+        More renames, ``(corpus name, class)``.
+    """
+
+    classes: tuple[str, ...] = FOUR_CLASSES
+    calm_as_neutral: bool = False
+    excited_as_happy: bool = True
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "extra", tuple(tuple(p) for p in self.extra))
+        if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise ParameterError(f"classes must be at least two distinct names, got {self.classes}")
+        for raw, target in self.extra:
+            if target not in self.classes:
+                raise ParameterError(f"label map sends {raw!r} to {target!r}, which is not a class {self.classes}")
+
+    def __call__(self, emotion: str) -> str | None:
+        """The class of a corpus emotion name, or None when the clip is left out."""
+        emotion = emotion.strip().lower()
+        renames = dict(self.extra)
+        if self.calm_as_neutral:
+            renames.setdefault("calm", "neutral")
+        if self.excited_as_happy:
+            renames.setdefault("excited", "happy")
+        emotion = renames.get(emotion, emotion)
+        return emotion if emotion in self.classes else None
+
+    def to_dict(self) -> dict:
+        return {"classes": list(self.classes), "calm_as_neutral": self.calm_as_neutral,
+                "excited_as_happy": self.excited_as_happy, "extra": [list(p) for p in self.extra]}
 
 
 def default_ravdess_root() -> Path | None:
@@ -55,26 +132,43 @@ def default_ravdess_root() -> Path | None:
     return None
 
 
+def _root(root: str | os.PathLike, corpus: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise ParameterError(f"{corpus} folder not found: {root}")
+    return root
+
+
+def _audio_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def _finish(clips: list[Clip], corpus: str, root: Path, label_map: LabelMap, dropped: Counter) -> list[Clip]:
+    if dropped:
+        log.info("%s: left out %s (not in classes %s)", corpus, dict(dropped), list(label_map.classes))
+    if not clips:
+        raise ParameterError(f"no {corpus} clips with classes {list(label_map.classes)} under {root}")
+    return clips
+
+
 def ravdess_clips(
     root: str | os.PathLike,
     *,
     labels: Sequence[str] = FOUR_CLASSES,
     calm_as_neutral: bool = False,
+    label_map: LabelMap | None = None,
 ) -> list[Clip]:
-    """Clips of RAVDESS (``Actor_NN/MM-VV-EE-II-SS-RR-AA.{wav,flac}``) whose emotion is in ``labels``.
+    """RAVDESS speech clips: ``Actor_NN/MM-VV-EE-II-SS-RR-AA.{wav,flac}``.
 
-    Parameters
-    ----------
-    calm_as_neutral : bool
-        Fold "calm" (02) into "neutral". Off by default: the literature's
-        four-class subset uses neutral alone (96 clips).
+    Fields: modality (01 full AV, 02 video, 03 audio), vocal channel (01
+    speech, 02 song), emotion (01..08), intensity, statement, repetition,
+    actor (odd male, even female). Song and video-only files are left out.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise ParameterError(f"RAVDESS folder not found: {root}")
-    clips = []
+    root = _root(root, "RAVDESS")
+    label_map = label_map or LabelMap(tuple(labels), calm_as_neutral=calm_as_neutral)
+    clips, dropped = [], Counter()
     for path in sorted(root.glob("Actor_*/*")):
-        if path.suffix.lower() not in (".wav", ".flac"):
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
             continue
         fields = path.stem.split("-")
         if len(fields) != 7:
@@ -83,14 +177,168 @@ def ravdess_clips(
         modality, channel, emotion, _, _, _, actor = fields
         if modality not in ("01", "03") or channel != "01":
             continue  # speech audio only
-        label = RAVDESS_EMOTIONS.get(emotion)
-        if label == "calm" and calm_as_neutral:
-            label = "neutral"
-        if label in labels:
-            clips.append(Clip(str(path), f"ravdess-{actor}", label))
-    if not clips:
-        raise ParameterError(f"no RAVDESS speech clips with labels {list(labels)} under {root}")
-    return clips
+        raw = RAVDESS_EMOTIONS.get(emotion, "unknown")
+        label = label_map(raw)
+        if label is None:
+            dropped[raw] += 1
+            continue
+        clips.append(Clip(str(path), f"ravdess-{actor}", label))
+    return _finish(clips, "RAVDESS", root, label_map, dropped)
+
+
+def crema_d_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """CREMA-D: ``AudioWAV/AAAA_SSS_EEE_LL.wav`` (actor 1001-1091, sentence, emotion, level)."""
+    root = _root(root, "CREMA-D")
+    clips, dropped = [], Counter()
+    for path in _audio_files(root):
+        fields = path.stem.split("_")
+        if len(fields) != 4 or not fields[0].isdigit() or fields[2] not in CREMA_D_EMOTIONS:
+            log.warning("skipping %s: not a CREMA-D file name (ACTOR_SENTENCE_EMOTION_LEVEL)", path)
+            continue
+        raw = CREMA_D_EMOTIONS[fields[2]]
+        label = label_map(raw)
+        if label is None:
+            dropped[raw] += 1
+            continue
+        clips.append(Clip(str(path), f"crema-{fields[0]}", label))
+    return _finish(clips, "CREMA-D", root, label_map, dropped)
+
+
+_IEMOCAP_LINE = re.compile(r"^\[(\d+(?:\.\d+)?) - (\d+(?:\.\d+)?)\]\t(\S+)\t(\S+)\t\[")
+
+
+def iemocap_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """IEMOCAP: ``SessionN/dialog/EmoEvaluation/*.txt`` label lines, ``SessionN/sentences/wav/DIALOG/TURN.wav``.
+
+    A label line reads ``[start - end]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[v, a, d]``.
+    The speaker is the session and the gender of the turn (``Ses01F``, ``Ses01M``:
+    ten speakers). Turns without agreement (``xxx``) are left out.
+    """
+    root = _root(root, "IEMOCAP")
+    clips, dropped, seen = [], Counter(), set()
+    for session in sorted(root.glob("Session*")):
+        for label_file in sorted((session / "dialog" / "EmoEvaluation").glob("*.txt")):
+            for line in label_file.read_text(errors="replace").splitlines():
+                m = _IEMOCAP_LINE.match(line)
+                if not m:
+                    continue
+                turn, code = m.group(3), m.group(4)
+                parts = turn.split("_")
+                if len(parts) < 3 or not parts[0].startswith("Ses") or parts[-1][:1] not in ("F", "M"):
+                    log.warning("skipping %s in %s: not an IEMOCAP turn name", turn, label_file)
+                    continue
+                if turn in seen:
+                    continue
+                seen.add(turn)
+                raw = IEMOCAP_EMOTIONS.get(code, code)
+                label = label_map(raw)
+                if label is None:
+                    dropped[raw] += 1
+                    continue
+                dialog = "_".join(parts[:-1])
+                wav = session / "sentences" / "wav" / dialog / f"{turn}.wav"
+                clips.append(Clip(str(wav), f"iemocap-{parts[0][:5]}{parts[-1][0]}", label))
+    return _finish(clips, "IEMOCAP", root, label_map, dropped)
+
+
+def emodb_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """EmoDB (Berlin): ``wav/SSTTTEV.wav``: speaker (2 digits), text code, emotion letter, version.
+
+    Emotion letters are German: W Wut/anger, L Langeweile/boredom, E Ekel/disgust,
+    A Angst/fear, F Freude/happiness, T Trauer/sadness, N neutral.
+    """
+    root = _root(root, "EmoDB")
+    clips, dropped = [], Counter()
+    for path in _audio_files(root):
+        stem = path.stem
+        if len(stem) != 7 or not stem[:2].isdigit() or stem[5] not in EMODB_EMOTIONS:
+            log.warning("skipping %s: not an EmoDB file name (e.g. 03a01Fa)", path)
+            continue
+        raw = EMODB_EMOTIONS[stem[5]]
+        label = label_map(raw)
+        if label is None:
+            dropped[raw] += 1
+            continue
+        clips.append(Clip(str(path), f"emodb-{stem[:2]}", label))
+    return _finish(clips, "EmoDB", root, label_map, dropped)
+
+
+def tess_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """TESS (Toronto): ``OAF_angry/OAF_back_angry.wav``: speaker (OAF, YAF), word, emotion.
+
+    Two speakers only: a speaker-independent split trains on one and tests on the other.
+    """
+    root = _root(root, "TESS")
+    clips, dropped = [], Counter()
+    for path in _audio_files(root):
+        parts = path.stem.split("_")
+        emotion = "_".join(parts[2:]).lower() if len(parts) >= 3 else ""
+        if len(parts) < 3 or parts[0].upper() not in ("OAF", "YAF") or emotion not in TESS_EMOTIONS:
+            log.warning("skipping %s: not a TESS file name (OAF|YAF_WORD_EMOTION)", path)
+            continue
+        raw = TESS_EMOTIONS[emotion]
+        label = label_map(raw)
+        if label is None:
+            dropped[raw] += 1
+            continue
+        clips.append(Clip(str(path), f"tess-{parts[0].upper()}", label))
+    return _finish(clips, "TESS", root, label_map, dropped)
+
+
+MANIFEST_SPLITS = ("train", "val", "test")
+
+
+def manifest_clips(csv_path: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """A CSV with a header ``path,speaker,label`` and optionally ``split`` (train, val or test).
+
+    Relative paths are relative to the CSV's folder. Labels go through the
+    label map like any corpus's emotion names; a row whose label is not a
+    class is left out and counted. A malformed row raises, naming its line.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ParameterError(f"manifest CSV not found: {csv_path}")
+    clips, dropped = [], Counter()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = {"path", "speaker", "label"} - set(header)
+        if missing:
+            raise ParameterError(f"{csv_path}: header lacks {sorted(missing)} (need path,speaker,label[,split])")
+        reader.fieldnames = header
+        for row in reader:
+            line = reader.line_num
+            path, speaker = (row.get("path") or "").strip(), (row.get("speaker") or "").strip()
+            raw, split = (row.get("label") or "").strip(), (row.get("split") or "").strip().lower()
+            if not path or not speaker or not raw:
+                raise ParameterError(f"{csv_path}:{line}: empty path, speaker or label")
+            if split and split not in MANIFEST_SPLITS:
+                raise ParameterError(f"{csv_path}:{line}: split {split!r} is not one of {MANIFEST_SPLITS}")
+            label = label_map(raw)
+            if label is None:
+                dropped[raw.lower()] += 1
+                continue
+            full = Path(path) if Path(path).is_absolute() else csv_path.parent / path
+            clips.append(Clip(str(full), speaker, label, split))
+    return _finish(clips, "manifest", csv_path, label_map, dropped)
+
+
+CORPORA = {
+    "ravdess": lambda root, label_map: ravdess_clips(root, label_map=label_map),
+    "crema-d": crema_d_clips,
+    "iemocap": iemocap_clips,
+    "emodb": emodb_clips,
+    "tess": tess_clips,
+    "manifest": manifest_clips,
+}
+
+
+def load_corpus(kind: str, root: str | os.PathLike, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """Clips of corpus ``kind`` (one of :data:`CORPORA`) at ``root`` (a folder, or the manifest CSV)."""
+    if kind not in CORPORA:
+        raise ParameterError(f"unknown corpus {kind!r}; choose one of {sorted(CORPORA)}")
+    loader = CORPORA[kind]
+    return loader(root, label_map=label_map) if kind != "ravdess" else loader(root, label_map)
 
 
 def split_by_speaker(clips: Iterable[Clip], test_speakers: Iterable[str]) -> tuple[list[Clip], list[Clip]]:
@@ -104,6 +352,35 @@ def split_by_speaker(clips: Iterable[Clip], test_speakers: Iterable[str]) -> tup
     train = [c for c in clips if c.speaker not in test_speakers]
     test = [c for c in clips if c.speaker in test_speakers]
     return train, test
+
+
+def speaker_folds(clips: Iterable[Clip], k: int = 5, *, seed: int = 0) -> list[tuple[list[Clip], list[Clip]]]:
+    """k (train, test) folds that hold out whole speakers; each speaker is in exactly one test fold.
+
+    Speakers are shuffled with ``seed`` and dealt round-robin, so folds differ
+    in size by at most one speaker.
+    """
+    clips = list(clips)
+    speakers = sorted({c.speaker for c in clips})
+    if not 2 <= k <= len(speakers):
+        raise ParameterError(f"k must be between 2 and the number of speakers ({len(speakers)}), got {k}")
+    order = [speakers[i] for i in np.random.default_rng(seed).permutation(len(speakers))]
+    groups = [sorted(order[i::k]) for i in range(k)]
+    return [split_by_speaker(clips, g) for g in groups]
+
+
+def manifest_split(clips: Iterable[Clip]) -> tuple[list[Clip], list[Clip], list[Clip]]:
+    """(train, val, test) from a manifest's split column; refuses a speaker in two parts."""
+    clips = list(clips)
+    if any(not c.split for c in clips):
+        raise ParameterError("the manifest has rows without a split; give --test-speakers or --folds instead")
+    parts = {name: [c for c in clips if c.split == name] for name in MANIFEST_SPLITS}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = {c.speaker for c in parts[a]} & {c.speaker for c in parts[b]}
+        if shared:
+            raise ParameterError(f"speakers {sorted(shared)[:5]} are in both {a} and {b}: splits must hold out "
+                                 "whole speakers")
+    return parts["train"], parts["val"], parts["test"]
 
 
 def synthetic_corpus(

@@ -20,12 +20,58 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.features import FeatureConfig, Normalization, fit_frames, trim_silence
+from edge_sdk.features import FeatureConfig, Normalization, fit_frames, trim_silence, utterance_normalize
 from models.datasets import Clip
 
 log = logging.getLogger("models")
 
-__all__ = ["librosa_features", "load_clip_audio", "FeatureSet", "compute_features"]
+__all__ = ["librosa_features", "load_clip_audio", "FeatureSet", "compute_features", "Augmentation", "augment_audio"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time audio augmentation; each training clip gets ``copies`` altered copies besides itself.
+
+    Off by default (``copies=0``). Every copy draws, from a generator seeded by
+    ``seed`` and the clip's position, a gain in ``gain_db``, a speed factor in
+    ``speed`` (resampling: tempo and pitch change together, like Kaldi's speed
+    perturbation) and white noise at an SNR in ``snr_db``. Only the training
+    split is ever augmented.
+    """
+
+    copies: int = 0
+    gain_db: tuple[float, float] = (-6.0, 6.0)
+    speed: tuple[float, float] = (0.9, 1.1)
+    snr_db: tuple[float, float] = (15.0, 40.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.copies < 0:
+            raise ValueError(f"augmentation copies must be >= 0, got {self.copies}")
+        for name in ("gain_db", "speed", "snr_db"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"augmentation {name} range is reversed: ({lo}, {hi})")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+        if self.speed[0] <= 0:
+            raise ValueError("augmentation speed factors must be positive")
+
+    def to_dict(self) -> dict:
+        return {"copies": self.copies, "gain_db": list(self.gain_db), "speed": list(self.speed),
+                "snr_db": list(self.snr_db), "seed": self.seed}
+
+
+def augment_audio(y: np.ndarray, sample_rate: int, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """One altered copy of ``y``: speed, then gain, then white noise at a random SNR."""
+    import librosa
+
+    speed = rng.uniform(*aug.speed)
+    if abs(speed - 1.0) > 1e-3:
+        y = librosa.resample(y, orig_sr=int(round(sample_rate * speed)), target_sr=sample_rate)
+    y = y * 10 ** (rng.uniform(*aug.gain_db) / 20)
+    power = float(np.mean(y**2)) + 1e-12
+    noise = rng.standard_normal(len(y)) * np.sqrt(power / 10 ** (rng.uniform(*aug.snr_db) / 10))
+    return np.clip(y + noise, -1.0, 1.0).astype(np.float32)
 
 
 def load_clip_audio(path: str, sample_rate: int) -> np.ndarray:
@@ -51,8 +97,8 @@ def librosa_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     )
     db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=cfg.top_db if cfg.top_db > 0 else None)
     if cfg.kind == "logmel":
-        return db.T.astype(np.float32)
-    return librosa.feature.mfcc(S=db, n_mfcc=cfg.n_mfcc, dct_type=2, norm="ortho").T.astype(np.float32)
+        return utterance_normalize(db.T, cfg)
+    return utterance_normalize(librosa.feature.mfcc(S=db, n_mfcc=cfg.n_mfcc, dct_type=2, norm="ortho").T, cfg)
 
 
 @dataclass
@@ -75,68 +121,82 @@ class FeatureSet:
         return np.array([list(label_names).index(c.label) for c in self.clips], dtype=np.int64)
 
 
-def _cache_key(clips: Sequence[Clip], cfg: FeatureConfig) -> str:
+def _config_key(cfg: FeatureConfig, aug: Augmentation | None) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for c in clips:
-        st = os.stat(c.path) if os.path.exists(c.path) else None
-        h.update(f"{c.path}|{st.st_size if st else -1}|{int(st.st_mtime) if st else -1}\n".encode())
-    return h.hexdigest()[:24]
+    if aug is not None and aug.copies:
+        h.update(json.dumps(aug.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _clip_key(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
+def _clip_features(clip: Clip, cfg: FeatureConfig, aug: Augmentation | None) -> tuple[list[np.ndarray], str | None]:
+    """(features of the clip and its augmented copies, None) or ([], skip reason)."""
+    try:
+        y = load_clip_audio(clip.path, cfg.sample_rate)
+    except Exception as exc:  # soundfile raises several types for corrupt files
+        log.warning("skipping %s: cannot decode (%s)", clip.path, exc)
+        return [], "corrupt"
+    if len(y) < cfg.n_fft:
+        reason = "too_short"
+    elif not np.all(np.isfinite(y)):
+        reason = "non_finite"
+    else:
+        out = [librosa_features(trim_silence(y, cfg), cfg)]
+        if aug is not None and aug.copies:
+            seed = int(hashlib.sha256(os.path.basename(clip.path).encode()).hexdigest()[:8], 16)
+            rng = np.random.default_rng([aug.seed, seed])
+            out += [librosa_features(trim_silence(augment_audio(y, cfg.sample_rate, aug, rng), cfg), cfg)
+                    for _ in range(aug.copies)]
+        return out, None
+    log.warning("skipping %s: %s", clip.path, reason)
+    return [], reason
 
 
 def compute_features(
-    clips: Sequence[Clip], cfg: FeatureConfig, *, cache_dir: str | os.PathLike | None = None
+    clips: Sequence[Clip], cfg: FeatureConfig, *, cache_dir: str | os.PathLike | None = None,
+    augmentation: Augmentation | None = None,
 ) -> FeatureSet:
     """Raw (un-normalised, trimmed) features of every readable clip.
 
     A clip that is missing, empty, undecodable or too short is skipped and
-    counted by reason; the run goes on.
+    counted by reason; the run goes on. With ``augmentation``, each kept clip
+    is followed by its altered copies (same clip, same label). With
+    ``cache_dir``, each clip's result (features or skip reason) is kept in
+    ``<cache_dir>/<config key>/<clip key>.npz`` (no pickle), keyed by the
+    feature config, the augmentation and the file's path, size and mtime, so
+    any split of a corpus reuses it.
     """
-    clips = list(clips)
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"features-{_cache_key(clips, cfg)}.npz"
-        if cache_path.exists():
-            with np.load(cache_path, allow_pickle=False) as data:  # never allow pickle
-                keep = data["keep"]
-                offsets = data["offsets"]
-                frames = data["frames"]
-                skipped = json.loads(str(data["skipped"]))
-            kept = [c for c, k in zip(clips, keep, strict=False) if k]
-            raw = [frames[offsets[i]: offsets[i + 1]] for i in range(len(kept))]
-            log.info("features from cache %s (%d clips)", cache_path, len(kept))
-            return FeatureSet(kept, raw, skipped)
-    kept, raw, skipped, keep = [], [], Counter(), []
-    min_samples = cfg.n_fft
+    folder = Path(cache_dir) / f"features-{_config_key(cfg, augmentation)}" if cache_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    kept, raw, skipped, hits = [], [], Counter(), 0
     for clip in clips:
-        reason = None
-        try:
-            if not os.path.exists(clip.path):
-                reason = "missing"
-            elif os.path.getsize(clip.path) == 0:
-                reason = "empty"
-            else:
-                y = load_clip_audio(clip.path, cfg.sample_rate)
-                if len(y) < min_samples:
-                    reason = "too_short"
-                elif not np.all(np.isfinite(y)):
-                    reason = "non_finite"
-        except Exception as exc:  # soundfile raises several types for corrupt files
-            log.warning("skipping %s: cannot decode (%s)", clip.path, exc)
-            reason = "corrupt"
-        if reason is not None:
-            if reason != "corrupt":
-                log.warning("skipping %s: %s", clip.path, reason)
+        if not os.path.exists(clip.path) or os.path.getsize(clip.path) == 0:
+            reason = "missing" if not os.path.exists(clip.path) else "empty"
+            log.warning("skipping %s: %s", clip.path, reason)
             skipped[reason] += 1
-            keep.append(False)
             continue
-        kept.append(clip)
-        raw.append(librosa_features(trim_silence(y, cfg), cfg))
-        keep.append(True)
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        offsets = np.cumsum([0] + [len(r) for r in raw])
-        frames = np.concatenate(raw) if raw else np.zeros((0, cfg.n_features), np.float32)
-        tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, keep=np.array(keep), offsets=offsets, frames=frames, skipped=json.dumps(dict(skipped)))
-        os.replace(tmp, cache_path)
+        entry = folder / f"{_clip_key(clip.path)}.npz" if folder is not None else None
+        if entry is not None and entry.exists():
+            with np.load(entry, allow_pickle=False) as data:  # never allow pickle
+                reason = str(data["reason"]) or None
+                feats = [data[f"f{i}"] for i in range(int(data["count"]))]
+            hits += 1
+        else:
+            feats, reason = _clip_features(clip, cfg, augmentation)
+            if entry is not None:
+                tmp = entry.with_suffix(".tmp.npz")
+                np.savez(tmp, reason=reason or "", count=len(feats), **{f"f{i}": f for i, f in enumerate(feats)})
+                os.replace(tmp, entry)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        kept.extend([clip] * len(feats))
+        raw.extend(feats)
+    if hits:
+        log.info("features: %d of %d clips from the cache %s", hits, len(clips), folder)
     return FeatureSet(kept, raw, dict(skipped))

@@ -1,8 +1,9 @@
 """Baseline training: encoder + head on a speaker-independent split, then export.
 
-Uses a GPU when TensorFlow sees one, the CPU otherwise; seeded; keeps the
-epoch with the best validation UAR (validation speakers are held out of
-training as well).
+Uses a GPU when TensorFlow sees one (with mixed precision there), the CPU
+otherwise; seeded; keeps the epoch with the best validation UAR (validation
+speakers are held out of training as well); shows a progress bar on a
+terminal.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip
 from models.export import ExportResult, export_tflite, head_layout
-from models.features import compute_features
+from models.features import Augmentation, compute_features
 from models.metrics import classification_report
 
 log = logging.getLogger("models")
@@ -38,6 +39,12 @@ class TrainConfig:
     seed: int = 0
     patience: int = 8
     train_batch_size: int = 16  # the static batch of the exported `train` signature
+    mixed_precision: str = "auto"  # "auto": on a GPU only; "on"; "off"
+    augmentation: Augmentation = Augmentation()
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
+                "augmentation": self.augmentation.to_dict()}
 
 
 @dataclass
@@ -51,12 +58,29 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _hardware() -> dict:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    return {"device": "GPU" if gpus else "CPU", "gpus": [g.name for g in gpus],
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    names = []
+    for g in gpus:
+        try:
+            names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
+        except Exception:  # details are best effort
+            names.append(g.name)
+    return {"device": "GPU" if gpus else "CPU", "gpus": names, "cpu": _cpu_name(),
+            "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "tensorflow": tf.__version__}
 
 
@@ -72,13 +96,20 @@ def train_baseline(
     cache_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     dataset_name: str = "",
+    label_map: dict | None = None,
     verbose: int = 0,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
     ``val_clips`` pick the best epoch; their speakers must not be in ``train_clips``.
+    ``progress`` shows a bar on stderr (default: when stderr is a terminal).
     """
+    import sys
+
     import keras
+    import tensorflow as tf
+    from tqdm.auto import tqdm
 
     for name, part in (("validation", val_clips), ("test", test_clips)):
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
@@ -86,7 +117,7 @@ def train_baseline(
             raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
     keras.utils.set_random_seed(config.seed)
     started = time.perf_counter()
-    train_fs = compute_features(train_clips, features, cache_dir=cache_dir)
+    train_fs = compute_features(train_clips, features, cache_dir=cache_dir, augmentation=config.augmentation)
     val_fs = compute_features(val_clips, features, cache_dir=cache_dir)
     test_fs = compute_features(test_clips, features, cache_dir=cache_dir) if test_clips else None
     feature_seconds = time.perf_counter() - started
@@ -94,10 +125,20 @@ def train_baseline(
     x_train, y_train = train_fs.model_inputs(features, norm), train_fs.labels(labels)
     x_val, y_val = val_fs.model_inputs(features, norm), val_fs.labels(labels)
 
-    encoder = build_encoder(architecture, features.max_frames, features.n_features)
-    head = build_head(architecture, len(labels))
-    inp = keras.Input((features.max_frames, features.n_features))
-    model = keras.Model(inp, head(encoder(inp)))
+    gpus = tf.config.list_physical_devices("GPU")
+    mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and bool(gpus))
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        encoder = build_encoder(architecture, features.max_frames, features.n_features)
+        head = build_head(architecture, len(labels))
+        inp = keras.Input((features.max_frames, features.n_features))
+        logits = head(encoder(inp))
+        if mixed:
+            logits = keras.layers.Activation("linear", dtype="float32")(logits)
+        model = keras.Model(inp, logits)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     counts = np.bincount(y_train, minlength=len(labels)).astype(float)
@@ -105,6 +146,9 @@ def train_baseline(
 
     best_uar, best_weights, history, waited = -1.0, None, [], 0
     train_started = time.perf_counter()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=config.epochs, desc=f"{architecture.name} epochs", unit="epoch", disable=not show,
+               file=sys.stderr, leave=False)
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
         fit = model.fit(x_train, y_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
@@ -114,14 +158,25 @@ def train_baseline(
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
                         "seconds": time.perf_counter() - epoch_started})
         log.info("epoch %d/%d loss %.4f val UAR %.3f", epoch + 1, config.epochs, history[-1]["loss"], uar)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_uar=f"{uar:.3f}", best=f"{max(uar, best_uar):.3f}")
         if uar > best_uar:
             best_uar, best_weights, waited = uar, model.get_weights(), 0
         else:
             waited += 1
             if waited >= config.patience:
                 break
+    bar.close()
     model.set_weights(best_weights)
     train_seconds = time.perf_counter() - train_started
+    if mixed:  # export and evaluate in float32: rebuild and copy the trained weights
+        f32_encoder = build_encoder(architecture, features.max_frames, features.n_features)
+        f32_head = build_head(architecture, len(labels))
+        f32_encoder.set_weights(encoder.get_weights())
+        f32_head.set_weights(head.get_weights())
+        encoder, head = f32_encoder, f32_head
+        inp = keras.Input((features.max_frames, features.n_features))
+        model = keras.Model(inp, head(encoder(inp)))
 
     hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
     head_weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(),
@@ -131,12 +186,18 @@ def train_baseline(
         "labels": list(labels),
         "architecture": architecture.to_dict(),
         "features": features.to_dict(),
-        "train_config": config.__dict__,
+        "train_config": config.to_dict(),
+        "label_map": label_map or {"classes": list(labels)},
+        "augmentation": config.augmentation.to_dict() if config.augmentation.copies else None,
+        "mixed_precision": mixed,
+        "encoder_params": int(encoder.count_params()),
+        "head_params": int(head.count_params()),
         "split": {
             "train_speakers": sorted({c.speaker for c in train_fs.clips}),
             "val_speakers": sorted({c.speaker for c in val_fs.clips}),
             "test_speakers": sorted({c.speaker for c in test_fs.clips}) if test_fs else [],
-            "train_clips": len(train_fs.clips), "val_clips": len(val_fs.clips),
+            "train_clips": len(train_clips) - sum(train_fs.skipped.values()), "val_clips": len(val_fs.clips),
+            "train_examples": len(train_fs.clips),
             "test_clips": len(test_fs.clips) if test_fs else 0,
         },
         "skipped": {"train": train_fs.skipped, "val": val_fs.skipped, "test": test_fs.skipped if test_fs else {}},
@@ -164,5 +225,10 @@ def train_baseline(
     )
     result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
     if out_dir is not None:
+        from models.report import write_report
+
         result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir))
+        report["tflite_bytes"] = result.export.size
+        report["tflite_sha256"] = result.export.sha256
+        write_report(report, out_dir)
     return result

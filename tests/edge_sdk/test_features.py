@@ -14,11 +14,12 @@ from edge_sdk.features import FeatureConfig, Normalization, extract, fit_frames,
 ATOL = 2e-3
 
 
-@pytest.mark.parametrize("kind", ["mfcc", "logmel"])
-def test_parity_with_librosa_on_real_ravdess_clips(ravdess_root, kind):
+@pytest.mark.parametrize("kind, utterance_norm", [("mfcc", "none"), ("logmel", "none"), ("mfcc", "meanvar"),
+                                                   ("logmel", "mean")])
+def test_parity_with_librosa_on_real_ravdess_clips(ravdess_root, kind, utterance_norm):
     from models.features import librosa_features, load_clip_audio
 
-    cfg = FeatureConfig(kind=kind)
+    cfg = FeatureConfig(kind=kind, utterance_norm=utterance_norm)
     paths = sorted(ravdess_root.glob("Actor_*/*.flac"))[::180]  # 8 clips across actors and emotions
     assert len(paths) >= 8
     for path in paths:
@@ -59,7 +60,7 @@ def test_normalization_fit_and_apply(rng):
 
 @pytest.mark.parametrize("bad, match", [
     ({"kind": "mel"}, "kind"), ({"win_length": 800}, "win_length"), ({"n_mfcc": 80}, "n_mfcc"),
-    ({"hop_length": 0}, "hop_length"),
+    ({"hop_length": 0}, "hop_length"), ({"utterance_norm": "cmvn"}, "utterance_norm"),
 ])
 def test_bad_config_names_the_field(bad, match):
     with pytest.raises(ParameterError, match=match):

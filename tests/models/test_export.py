@@ -142,8 +142,8 @@ def test_every_architecture_exports_and_matches_tensorflow(name, tmp_path, rng):
     from models.architectures import build_encoder, build_head, preset
     from models.export import build_trainable_module, export_tflite, head_layout
 
-    small = {"dnn": {"channels": (32, 32)}, "cnn": {"channels": (16, 32)}, "lstm": {"channels": (16,), "lstm_units": (24,)},
-             "afcn": {"channels": (8, 12, 16, 20)}}[name]
+    small = {"dnn": {"channels": (32, 32)}, "cnn": {"channels": (16, 32)},
+             "lstm": {"channels": (16,), "lstm_units": (24,)}, "afcn": {"channels": (8, 12, 16, 20)}}[name]
     cfg = preset(name, embedding_dim=24, head_units=12, **small)
     feats = FeatureConfig(max_frames=90)
     encoder, head = build_encoder(cfg, feats.max_frames, feats.n_features), build_head(cfg, 4)

@@ -1,0 +1,78 @@
+"""fedser-train as a user runs it: train, evaluate (the exported .tflite, as a device runs it), compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _train_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _manifest(tmp_path, clips, split=None) -> str:
+    csv = tmp_path / "clips.csv"
+    rows = ["path,speaker,label" + (",split" if split else "")]
+    rows += [f"{c.path},{c.speaker},{c.label}" + (f",{split(c)}" if split else "") for c in clips]
+    csv.write_text("\n".join(rows) + "\n")
+    return str(csv)
+
+
+def test_train_writes_model_and_report_then_evaluate_scores_the_tflite(synthetic_clips, tmp_path):
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    parts = {speakers[-1]: "test", speakers[-2]: "val"}
+    csv = _manifest(tmp_path, synthetic_clips, split=lambda c: parts.get(c.speaker, "train"))
+    out = tmp_path / "run"
+    r = _train_cli("train", "--out", str(out), "--corpus", "manifest", "--data", csv, "--architecture", "afcn",
+                   "--epochs", "2", "--max-frames", "120", "--augment", "1", "--cache", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("model.tflite", "model.json", "report.json", "report.md", "report-confusion.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "report-confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["test_speakers"] == [speakers[-1]] and report["split"]["val_speakers"] == [speakers[-2]]
+    assert report["split"]["train_examples"] == 2 * report["split"]["train_clips"]  # one augmented copy each
+    assert report["architecture"]["name"] == "afcn" and report["hardware"]["device"] in ("CPU", "GPU")
+    assert "UAR" in (out / "report.md").read_text()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["features"]["utterance_norm"] == "mean" and meta["extra"]["test"]["uar"] == report["test"]["uar"]
+
+    # evaluate: the manifest's test rows, through edge_sdk's numpy features and the TFLite runtime
+    (tmp_path / "gone.wav").write_bytes(b"")
+    with open(csv, "a") as f:
+        f.write(f"{tmp_path / 'gone.wav'},{speakers[-1]},angry,test\n")
+    ev = tmp_path / "eval"
+    r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "manifest", "--data", csv,
+                   "--out", str(ev))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((ev / "evaluation.json").read_text())
+    assert got["speakers"] == [speakers[-1]] and got["skipped"] == {"empty": 1}
+    assert got["test"]["num_examples"] == report["test"]["num_examples"]
+    # the device path agrees with the training-side evaluation (librosa features, Keras) on the same clips
+    assert abs(got["test"]["accuracy"] - report["test"]["accuracy"]) <= 1.0 / got["test"]["num_examples"] + 1e-9
+
+
+def test_bad_arguments_are_named(tmp_path):
+    r = _train_cli("train", "--out", str(tmp_path), "--corpus", "crema-d", "--data", str(tmp_path / "nope"))
+    assert r.returncode != 0 and "nope" in r.stderr
+    r = _train_cli("evaluate", "--model", str(tmp_path / "m.tflite"), "--out", str(tmp_path), "--synthetic")
+    assert r.returncode == 2 and "no metadata m.json" in r.stderr
+
+
+def test_compare_puts_architectures_side_by_side(tmp_path):
+    out = tmp_path / "cmp"
+    r = _train_cli("compare", "--out", str(out), "--synthetic", "--architectures", "dnn,lstm", "--folds", "2",
+                   "--epochs", "1", "--max-frames", "100", "--cache", str(tmp_path / "cache"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["results"]) == {"dnn", "lstm"} and report["best"] in ("dnn", "lstm")
+    for res in report["results"].values():
+        assert len(res["folds"]) == 2 and res["seconds_per_epoch"] > 0
+        assert res["pooled"]["num_examples"] == 6 * 4 * 6  # every clip of the synthetic corpus tested once
+    md = (out / "compare.md").read_text()
+    assert "| dnn" in md and "| lstm" in md and "Gans" in md and "target" in md
+    assert (out / "confusion-lstm.png").stat().st_size > 1000
