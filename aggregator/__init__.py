@@ -23,11 +23,33 @@ log = logging.getLogger("aggregator")
 DEFAULTS = {
     "DATABASE_URL": None,  # default: sqlite:///<instance>/aggregator.db
     "ADMIN_TOKEN": None,  # default: generated once into <instance>/admin_token (mode 0600)
-    "ROUND_MIN_UPDATES": 2,  # a round closes as soon as it holds this many updates
+    # rounds
+    "ROUND_MIN_UPDATES": 2,  # a round closes as soon as it holds this many updates (K)
+    "ROUND_DEADLINE_SECONDS": 0.0,  # > 0: a round also closes when this passes and it holds ...
+    "ROUND_MIN_UPDATES_AT_DEADLINE": 1,  # ... at least this many updates
+    "BACKGROUND_INTERVAL": 2.0,  # seconds between deadline checks in each worker
+    # aggregation (aggregator.rounds.RoundPolicy)
+    "AGGREGATION": "fedavg",  # fedavg | median | trimmed_mean
+    "TRIM_FRACTION": 0.1,
+    "CLIP_NORM": 0.0,  # > 0: scale each delta down to this L2 norm before aggregating
+    "SERVER_OPTIMIZER": "sgd",  # sgd (FedAvg) | fedavgm | fedadam | fedyogi
     "SERVER_LR": 1.0,
+    "SERVER_MOMENTUM": 0.9,
+    "SERVER_BETA1": 0.9,
+    "SERVER_BETA2": 0.99,
+    "SERVER_TAU": 1e-3,
+    "STALENESS_LIMIT": 0,  # accept updates up to this many versions behind the current one
+    "STALENESS_EXPONENT": 0.5,  # ... weighted n / (1 + staleness) ** exponent
+    # intake
     "MAX_UPDATE_L2_NORM": 100.0,
     "MAX_CONTENT_LENGTH": 8 * 1024 * 1024,  # bytes of a request body; larger gets 413
+    "RATE_LIMIT_PER_HOUR": 120,  # posts (accepted or refused) per device per hour; 0: no limit
+    "REQUEST_MAX_SKEW": 300.0,  # seconds a signed device request's timestamp may be off
     "ENROLLMENT_TOKEN_TTL": 24 * 3600,
+    # validation gate (aggregator.validation): a manifest CSV path,speaker,label on the server
+    "VALIDATION_MANIFEST": None,
+    "VALIDATION_MARGIN": 0.02,  # refuse a candidate whose UAR drops more than this below the current one
+    "LOG_JSON": True,  # structured (JSON) request logs with request ids
 }
 
 
@@ -37,7 +59,12 @@ def _env_overrides() -> dict:
         value = os.environ.get(f"FEDSER_{key}")
         if value is None:
             continue
-        out[key] = type(default)(value) if isinstance(default, (int, float)) and default is not None else value
+        if isinstance(default, bool):
+            out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
     return out
 
 
@@ -65,19 +92,32 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     app.extensions["fedser_server_key"] = SigningKey.load_or_create(inst / "server_ed25519.pem")
     app.extensions["fedser_blobs"] = BlobStore(inst / "blobs")
     db.init_app(app)
+    if app.config["VALIDATION_MANIFEST"]:
+        from aggregator.validation import Validator
 
+        app.extensions["fedser_validator"] = Validator(
+            app.config["VALIDATION_MANIFEST"], inst / "validation", app.extensions["fedser_blobs"],
+            app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]))
+
+    from aggregator import dashboard
     from aggregator.api import admin, devices, models, updates
 
-    for bp in (devices.bp, updates.bp, models.bp, admin.bp):
+    for bp in (devices.bp, updates.bp, models.bp, admin.bp, dashboard.bp):
         app.register_blueprint(bp)
 
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
+    from aggregator import observability, openapi
+
+    observability.install(app)
+    openapi.install(app)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         reason = {413: "too_large"}.get(exc.code, exc.name.lower().replace(" ", "_"))
+        if exc.code == 413:  # refused before any handler ran: audit it like every other refusal
+            from aggregator.api.updates import audit_refusal
+            from aggregator.db import get_session
+
+            audit_refusal(get_session(), 413, reason, f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
         return jsonify(error=reason, detail=exc.description), exc.code
 
     return app

@@ -4,7 +4,11 @@
     fedser-aggregator --instance DIR create-token [--ttl 86400]
     fedser-aggregator --instance DIR publish-base MODEL.tflite MODEL.json
     fedser-aggregator --instance DIR close-round [--min-updates 1]
-    fedser-aggregator --instance DIR status
+    fedser-aggregator --instance DIR train-baseline [--architecture cnn] [--epochs 40] [--wait]
+    fedser-aggregator --instance DIR jobs | rollback VERSION | revoke DEVICE | status | admin-token
+
+Configuration: ``<instance>/config.json`` and ``FEDSER_*`` environment variables
+(see ``aggregator.DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from flask import Flask, current_app
@@ -44,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("metadata", type=Path)
     close = sub.add_parser("close-round", help="close the open round now")
     close.add_argument("--min-updates", type=int, default=1)
+    job = sub.add_parser("train-baseline", help="start a baseline training job (a separate process)")
+    job.add_argument("--architecture", default="cnn")
+    job.add_argument("--epochs", type=int, default=40)
+    job.add_argument("--corpus", default=None)
+    job.add_argument("--data", default=None)
+    job.add_argument("--synthetic", action="store_true")
+    job.add_argument("--no-publish", action="store_true", help="train and report, but do not publish")
+    job.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
+    sub.add_parser("jobs", help="list baseline jobs")
+    rb = sub.add_parser("rollback", help="republish an earlier version as the current one")
+    rb.add_argument("version", type=int)
+    rv = sub.add_parser("revoke", help="revoke a device")
+    rv.add_argument("device_id")
     sub.add_parser("status", help="print the aggregator's state as JSON")
     sub.add_parser("admin-token", help="print the admin token")
     args = parser.parse_args(argv)
@@ -54,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(app, args)
     with app.app_context():
-        from aggregator.api.admin import create_enrollment_token, summary
-        from aggregator.db import get_session
-        from aggregator.registry import publish_base
-        from aggregator.rounds import close_round, open_round
+        from aggregator import service
+        from aggregator.api.admin import create_enrollment_token, job_dict, publish_checked, summary
+        from aggregator.db import Device, Job, ModelVersion, get_session
+        from aggregator.jobs import JobError, reap, start_job
+        from aggregator.registry import rollback_to
+        from aggregator.rounds import open_round
         from edge_sdk.errors import FedserError
         from edge_sdk.model import ModelMetadata
 
@@ -67,35 +87,76 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "create-token":
                 print(create_enrollment_token(session, args.ttl)[0])
             elif args.command == "publish-base":
-                manifest = publish_base(session, ext["fedser_blobs"], ext["fedser_server_key"],
-                                        args.tflite.read_bytes(), ModelMetadata.load(args.metadata))
-                session.commit()
-                print(json.dumps({"version": manifest.version, "base_sha256": manifest.base.sha256}))
+                body, code = publish_checked(session, args.tflite.read_bytes(), ModelMetadata.load(args.metadata),
+                                             note="published from the CLI")
+                print(json.dumps(body))
+                return 0 if code == 201 else 1
             elif args.command == "close-round":
                 rnd = open_round(session)
                 if rnd is None:
                     print("no open round", file=sys.stderr)
                     return 1
-                result = close_round(session, ext["fedser_blobs"], ext["fedser_server_key"], rnd.id,
-                                     min_updates=args.min_updates)
-                print(json.dumps(result.__dict__))
+                result = service.close(session, rnd.id, min_updates=args.min_updates)
+                print(json.dumps(result.to_dict()))
                 return 0 if result.closed else 1
+            elif args.command == "train-baseline":
+                params = {"architecture": args.architecture, "epochs": args.epochs, "publish": not args.no_publish}
+                params.update({k: v for k, v in (("corpus", args.corpus), ("data", args.data)) if v})
+                if args.synthetic:
+                    params["synthetic"] = True
+                job = start_job(app, session, params)
+                print(json.dumps(job_dict(job)), flush=True)
+                while args.wait:
+                    time.sleep(2)
+                    session.expire_all()
+                    job = session.get(Job, job.id)
+                    reap(session, job)
+                    if job.status in ("succeeded", "failed"):
+                        print(json.dumps(job_dict(job)))
+                        return 0 if job.status == "succeeded" else 1
+            elif args.command == "jobs":
+                print(json.dumps([job_dict(j) for j in session.query(Job).order_by(Job.id.desc()).limit(50)], indent=2))
+            elif args.command == "rollback":
+                row = session.get(ModelVersion, args.version)
+                if row is None:
+                    print(f"no version {args.version}", file=sys.stderr)
+                    return 1
+                manifest = rollback_to(session, ext["fedser_blobs"], ext["fedser_server_key"], row,
+                                       deadline_seconds=service.deadline_seconds())
+                session.commit()
+                print(json.dumps({"version": manifest.version, "rollback_of": args.version}))
+            elif args.command == "revoke":
+                device = session.get(Device, args.device_id)
+                if device is None:
+                    print(f"no device {args.device_id}", file=sys.stderr)
+                    return 1
+                device.revoked = True
+                session.commit()
+                print(json.dumps({"device_id": args.device_id, "revoked": True}))
             elif args.command == "status":
                 print(json.dumps(summary(session), indent=2))
             elif args.command == "admin-token":
                 print(app.config["ADMIN_TOKEN"])
-        except (FedserError, OSError) as exc:
+        except (FedserError, OSError, JobError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0
 
 
 def _serve(app: Flask, args) -> int:
+    from aggregator.service import start_deadline_thread
+
     if args.workers <= 0:
         from werkzeug.serving import run_simple
 
+        start_deadline_thread(app)
         run_simple(args.host, args.port, app, threaded=True)
         return 0
+
+    def post_fork(_server, _worker):
+        app.extensions["fedser_engine"].dispose(close=False)  # each worker opens its own connections
+        app.extensions.pop("fedser_deadline_thread", None)
+        start_deadline_thread(app)
     from gunicorn.app.base import BaseApplication
 
     class _Gunicorn(BaseApplication):
@@ -104,8 +165,7 @@ def _serve(app: Flask, args) -> int:
             self.cfg.set("workers", args.workers)
             self.cfg.set("accesslog", "-" if args.verbose else None)
             self.cfg.set("graceful_timeout", 10)
-            # The engine was made before the fork: each worker must open its own connections.
-            self.cfg.set("post_fork", lambda _server, _worker: app.extensions["fedser_engine"].dispose(close=False))
+            self.cfg.set("post_fork", post_fork)
 
         def load(self):
             return app

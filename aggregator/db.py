@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "init_app",
+__all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "Job", "init_app",
            "get_session", "make_engine"]
 
 
@@ -63,14 +63,18 @@ class ModelVersion(Base):
     signed_manifest: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
     is_current: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    optimizer_state_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # server side only
+    note: Mapped[str] = mapped_column(Text, default="")
 
 
 class Round(Base):
     __tablename__ = "rounds"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     base_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | closed
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open|closing|closed|rejected
     opened_at: Mapped[float] = mapped_column(Float)
+    deadline_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    note: Mapped[str] = mapped_column(Text, default="")
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_updates: Mapped[int] = mapped_column(Integer, default=0)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
@@ -91,18 +95,36 @@ class Update(Base):
     num_examples: Mapped[int] = mapped_column(Integer)
     l2_norm: Mapped[float] = mapped_column(Float)
     body: Mapped[bytes] = mapped_column(LargeBinary)
-    received_at: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    staleness: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Refusal(Base):
     __tablename__ = "refusals"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float, index=True)
-    device_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    device_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     authenticated: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[int] = mapped_column(Integer)
+
+
+class Job(Base):
+    """A baseline training job; it runs in its own process (``python -m aggregator.jobs``)."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), default="baseline")
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|succeeded|failed
+    params: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    report: Mapped[str] = mapped_column(Text, default="")  # JSON
+    published_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 def make_engine(url: str):

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aggregator.db import Device, Update
+from aggregator.db import Device, ModelVersion, Refusal, Update
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
 from aggregator.rounds import open_round
@@ -45,7 +45,9 @@ class Accepted:
                 "duplicate": self.duplicate}
 
 
-def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_l2_norm: float) -> Accepted:
+def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_l2_norm: float,
+                  staleness_limit: int = 0, rate_limit_per_hour: int = 0) -> Accepted:
+    """Check and store one posted update envelope (see the module docstring)."""
     try:
         envelope, header_bytes = UpdateEnvelope.from_bytes(data)
     except WireFormatError as exc:
@@ -69,15 +71,29 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     existing = session.get(Update, envelope.update_id)
     if existing is not None:  # a retried post of an accepted update: same answer, counted once
         return Accepted(existing.update_id, existing.round_id, True, 0)
+    if rate_limit_per_hour > 0:
+        since = time.time() - 3600
+        recent = session.scalar(select(func.count()).select_from(Update).where(
+            Update.device_id == device.id, Update.received_at > since)) + session.scalar(
+            select(func.count()).select_from(Refusal).where(Refusal.device_id == device.id, Refusal.at > since))
+        if recent >= rate_limit_per_hour:
+            raise Refused(429, "rate_limited", f"device {device.id} posted {recent} times in the last hour; the "
+                                               f"limit is {rate_limit_per_hour}", device_id=device.id,
+                          authenticated=True)
     if header.sequence <= device.last_sequence:
         raise refuse(409, "replayed_sequence",
                      f"sequence {header.sequence} is not above the last accepted {device.last_sequence}")
     current = current_version(session)
     if current is None:
         raise refuse(409, "no_model", "no model version is published yet")
-    if header.base_version != current.version:
-        raise refuse(409, "stale_base", f"update is against version {header.base_version}; current is "
-                                        f"{current.version}: pull the new model and retrain")
+    staleness = current.version - header.base_version
+    if staleness < 0 or session.get(ModelVersion, header.base_version) is None:
+        raise refuse(409, "unknown_base", f"update is against version {header.base_version}, which this server "
+                                          f"does not know (current is {current.version})")
+    if staleness > staleness_limit:
+        raise refuse(409, "stale_base", f"update is against version {header.base_version}, {staleness} behind the "
+                                        f"current {current.version} (limit {staleness_limit}): pull the new model "
+                                        "and retrain")
     manifest = load_manifest(current, server_key)
     layout = manifest.metadata.head_layout
     if header.layout_sha256 != layout.sha256:
@@ -100,7 +116,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     now = time.time()
     session.add(Update(update_id=envelope.update_id, device_id=device.id, round_id=rnd.id,
                        base_version=header.base_version, sequence=header.sequence,
-                       num_examples=header.num_examples, l2_norm=norm, body=envelope.body, received_at=now))
+                       num_examples=header.num_examples, l2_norm=norm, body=envelope.body, received_at=now,
+                       staleness=staleness))
     device.last_sequence, device.last_seen = header.sequence, now
     device.updates_accepted += 1
     try:

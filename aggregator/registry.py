@@ -22,7 +22,8 @@ from edge_sdk.wire import pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["BlobStore", "current_version", "publish_version", "publish_base", "head_arrays", "blob_url"]
+__all__ = ["BlobStore", "current_version", "publish_version", "publish_base", "head_arrays", "blob_url",
+           "rollback_to", "initial_head", "load_manifest"]
 
 
 def blob_url(sha256: str) -> str:
@@ -71,6 +72,9 @@ def publish_version(
     parent_version: int | None,
     round_id: int | None = None,
     metrics: dict | None = None,
+    optimizer_state_sha256: str | None = None,
+    deadline_seconds: float | None = None,
+    note: str = "",
 ) -> Manifest:
     """Sign and record a new version, make it current, open its first round.
 
@@ -86,16 +90,18 @@ def publish_version(
     session.execute(update(ModelVersion).where(ModelVersion.is_current.is_(True)).values(is_current=False))
     session.add(ModelVersion(version=version, parent_version=parent_version, round_id=round_id,
                              base_sha256=base.sha256, head_sha256=head_ref.sha256,
-                             signed_manifest=signed.to_bytes(), created_at=time.time(), is_current=True))
+                             signed_manifest=signed.to_bytes(), created_at=time.time(), is_current=True,
+                             optimizer_state_sha256=optimizer_state_sha256, note=note))
     session.flush()
-    session.add(Round(base_version=version, status="open", opened_at=time.time()))
+    now = time.time()
+    session.add(Round(base_version=version, status="open", opened_at=now,
+                      deadline_at=now + deadline_seconds if deadline_seconds else None))
     log.info("published model version %d (parent %s, round %s)", version, parent_version, round_id)
     return manifest
 
 
-def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
-                 metadata: ModelMetadata, *, metrics: dict | None = None) -> Manifest:
-    """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+def initial_head(tflite: bytes, metadata: ModelMetadata) -> dict[str, np.ndarray]:
+    """The head weights stored in a ``.tflite`` (its ``get_weights`` signature); ModelError if it won't load."""
     import tempfile
 
     from edge_sdk.model import TFLiteModel
@@ -104,16 +110,36 @@ def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: by
         tmp.write(tflite)
         tmp.flush()
         try:
-            head = TFLiteModel(tmp.name, metadata).get_weights()
+            return TFLiteModel(tmp.name, metadata).get_weights()
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"the uploaded model does not load in the TFLite runtime: {exc}") from exc
+
+
+def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
+                 metadata: ModelMetadata, *, metrics: dict | None = None, deadline_seconds: float | None = None,
+                 validation: dict | None = None, note: str = "") -> Manifest:
+    """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+    head = initial_head(tflite, metadata)
     base = blobs.put(tflite)
     parent = current_version(session)
+    metrics = dict(metrics or metadata.extra.get("test", {}))
+    if validation:
+        metrics["validation"] = validation
     return publish_version(session, blobs, key, base=base, head=head, metadata=metadata,
-                           parent_version=parent.version if parent else None,
-                           metrics=metrics or metadata.extra.get("test", {}))
+                           parent_version=parent.version if parent else None, metrics=metrics,
+                           deadline_seconds=deadline_seconds, note=note)
+
+
+def rollback_to(session: Session, blobs: BlobStore, key: SigningKey, row: ModelVersion, *,
+                deadline_seconds: float | None = None) -> Manifest:
+    """Republish version ``row`` (its base and head) as a new, current version."""
+    old = load_manifest(row, key)
+    return publish_version(session, blobs, key, base=old.base, head=head_arrays(blobs, old), metadata=old.metadata,
+                           parent_version=row.version, metrics={**old.metrics, "rollback_of": row.version},
+                           optimizer_state_sha256=row.optimizer_state_sha256, deadline_seconds=deadline_seconds,
+                           note=f"rollback to version {row.version}")
 
 
 def load_manifest(row: ModelVersion, key: SigningKey) -> Manifest:

@@ -1,30 +1,47 @@
-"""Closing a round: FedAvg of its accepted deltas, published as the next version.
+"""Closing a round: aggregate its accepted deltas, gate the result, publish it as the next version.
 
-A close is one database transaction: claim the open round, average its
+A close is one database transaction: claim the open round, aggregate its
 updates, publish the new version, open the next round. A crash anywhere
 before the commit leaves the round open with every update in it; after the
 commit it is closed exactly once. A second worker racing to close the same
 round finds it no longer open and does nothing.
+
+How the deltas are combined is a :class:`RoundPolicy` (from the app config):
+example-weighted FedAvg (streamed: memory does not grow with the number of
+updates), or a coordinate-wise median / trimmed mean (in coordinate blocks of
+bounded memory); optional per-update norm clipping; staleness down-weighting;
+and a server optimizer (SGD = FedAvg, FedAvgM, FedAdam, FedYogi) whose state
+is kept per version, server side.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from aggregator.db import ModelVersion, Round, Update
-from aggregator.fedavg import WeightedMean, apply_delta
+from aggregator.fedavg import (
+    ServerOptimizer,
+    WeightedMean,
+    clip_by_norm,
+    robust_aggregate,
+    staleness_weight,
+)
 from aggregator.registry import BlobStore, head_arrays, load_manifest, publish_version
 from edge_sdk.signing import SigningKey
-from edge_sdk.wire import unpack_arrays
+from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["CloseResult", "close_round", "open_round"]
+__all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "due_round", "AGGREGATION_METHODS"]
+
+AGGREGATION_METHODS = ("fedavg", "median", "trimmed_mean")
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,60 @@ class CloseResult:
     num_updates: int = 0
     num_examples: int = 0
     published_version: int | None = None
+    rejected: bool = False
+    validation: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How a round is aggregated.
+
+    Attributes
+    ----------
+    min_updates : int
+        A close with fewer accepted updates does nothing.
+    method : {"fedavg", "median", "trimmed_mean"}
+    trim_fraction : float
+        Share cut from each end, per coordinate, by ``trimmed_mean``.
+    clip_norm : float
+        Each delta is scaled down to this L2 norm before aggregation (0: off).
+    optimizer : ServerOptimizer
+    staleness_exponent : float
+        An update ``s`` versions behind weighs ``n / (1 + s) ** exponent``.
+    memory_bytes : int
+        Bound of the coordinate blocks of the robust methods.
+    """
+
+    min_updates: int = 1
+    method: str = "fedavg"
+    trim_fraction: float = 0.1
+    clip_norm: float = 0.0
+    optimizer: ServerOptimizer = ServerOptimizer()
+    staleness_exponent: float = 0.5
+    memory_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.method not in AGGREGATION_METHODS:
+            raise ValueError(f"unknown aggregation method {self.method!r}; choose one of {AGGREGATION_METHODS}")
+        if self.min_updates < 1:
+            raise ValueError("min_updates must be at least 1")
+
+    @classmethod
+    def from_config(cls, cfg, *, min_updates: int | None = None) -> RoundPolicy:
+        return cls(
+            min_updates=int(min_updates if min_updates is not None else cfg["ROUND_MIN_UPDATES"]),
+            method=str(cfg["AGGREGATION"]), trim_fraction=float(cfg["TRIM_FRACTION"]),
+            clip_norm=float(cfg["CLIP_NORM"]), staleness_exponent=float(cfg["STALENESS_EXPONENT"]),
+            optimizer=ServerOptimizer(kind=str(cfg["SERVER_OPTIMIZER"]), lr=float(cfg["SERVER_LR"]),
+                                      momentum=float(cfg["SERVER_MOMENTUM"]), beta1=float(cfg["SERVER_BETA1"]),
+                                      beta2=float(cfg["SERVER_BETA2"]), tau=float(cfg["SERVER_TAU"])))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "trim_fraction": self.trim_fraction, "clip_norm": self.clip_norm,
+                "optimizer": self.optimizer.kind, "server_lr": self.optimizer.lr}
 
 
 def open_round(session: Session, *, lock: bool = False) -> Round | None:
@@ -52,9 +123,34 @@ def open_round(session: Session, *, lock: bool = False) -> Round | None:
     return session.scalars(query).first()
 
 
+def due_round(session: Session, now: float, min_updates: int) -> Round | None:
+    """The open round whose deadline has passed and that holds at least ``min_updates``, if any."""
+    rnd = open_round(session)
+    if rnd is None or rnd.deadline_at is None or rnd.deadline_at > now:
+        return None
+    count = session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id))
+    return rnd if count >= min_updates else None
+
+
+def _optimizer_layout(layout: HeadLayout, kind: str) -> HeadLayout | None:
+    prefixes = {"sgd": (), "fedavgm": ("m",), "fedadam": ("m", "v"), "fedyogi": ("m", "v")}[kind]
+    if not prefixes:
+        return None
+    return HeadLayout([ArraySpec(f"{p}.{s.name}", s.shape) for p in prefixes for s in layout])
+
+
+# Fault injection for the crash-safety test: seconds to sleep after aggregating, before the commit.
+_CRASH_PAUSE_ENV = "FEDSER_TEST_PAUSE_BEFORE_CLOSE_COMMIT"
+
+
 def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: int, *,
-                min_updates: int = 1, server_lr: float = 1.0) -> CloseResult:
-    """Aggregate round ``round_id`` and publish the result; commits on success."""
+                policy: RoundPolicy = RoundPolicy(), gate: Callable | None = None) -> CloseResult:
+    """Aggregate round ``round_id`` and publish the result; commits on success.
+
+    ``gate(manifest, new_head)`` may refuse the candidate: it returns
+    ``(ok, detail dict)``. A refused round is marked ``rejected`` (its updates
+    stay on record, counted once) and a new round opens on the same version.
+    """
     claimed = session.execute(
         update(Round).where(Round.id == round_id, Round.status == "open").values(status="closing")
     ).rowcount
@@ -65,26 +161,67 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
     base_row = session.get(ModelVersion, rnd.base_version)
     manifest = load_manifest(base_row, key)
     layout = manifest.metadata.head_layout
-    mean = WeightedMean()
-    # Stream the bodies: one update in memory at a time.
-    for body, n in session.execute(
-        select(Update.body, Update.num_examples).where(Update.round_id == round_id).order_by(Update.update_id)
-        .execution_options(yield_per=64)
-    ):
-        mean.add(unpack_arrays(layout, body), n)
-    if mean.count < min_updates:
+    shapes = {s.name: tuple(s.shape) for s in layout}
+
+    def stream():
+        rows = session.execute(
+            select(Update.body, Update.num_examples, Update.base_version).where(Update.round_id == round_id)
+            .order_by(Update.update_id).execution_options(yield_per=256))
+        for body, n, base_version in rows:
+            delta = unpack_arrays(layout, body)
+            if policy.clip_norm > 0:
+                delta, _ = clip_by_norm(delta, policy.clip_norm)
+            yield delta, n, rnd.base_version - base_version
+
+    mean, examples = WeightedMean(), 0
+    for delta, n, staleness in stream():  # one update in memory at a time
+        mean.add(delta, staleness_weight(n, staleness, policy.staleness_exponent))
+        examples += n
+    if mean.count < policy.min_updates:
         session.rollback()
-        return CloseResult(round_id, False, f"{mean.count} updates, at least {min_updates} needed",
+        return CloseResult(round_id, False, f"{mean.count} updates, at least {policy.min_updates} needed",
                            num_updates=mean.count)
-    new_head = apply_delta(head_arrays(blobs, manifest), mean.result(), server_lr=server_lr)
+    if policy.method == "fedavg":
+        aggregate = mean.result()
+    else:
+        aggregate = robust_aggregate(lambda: (d for d, _, _ in stream()), shapes, method=policy.method,
+                                     trim_fraction=policy.trim_fraction, memory_bytes=policy.memory_bytes)
+    state = {}
+    opt_layout = _optimizer_layout(layout, policy.optimizer.kind)
+    if base_row.optimizer_state_sha256 and opt_layout is not None:
+        try:
+            state = unpack_arrays(opt_layout, blobs.get(base_row.optimizer_state_sha256))
+        except Exception as exc:  # another optimizer's state (the config changed): start afresh
+            log.warning("optimizer state of version %d unusable (%s); starting from zero", base_row.version, exc)
+    new_head, new_state = policy.optimizer.step(head_arrays(blobs, manifest), aggregate, state)
+    validation = {}
+    if gate is not None:
+        ok, validation = gate(manifest, new_head)
+        if not ok:
+            now = time.time()
+            rnd.status, rnd.closed_at, rnd.num_updates, rnd.num_examples = "rejected", now, mean.count, examples
+            rnd.note = validation.get("reason", "refused by the validation gate")[:500]
+            session.add(Round(base_version=rnd.base_version, status="open", opened_at=now,
+                              deadline_at=(now + (rnd.deadline_at - rnd.opened_at)) if rnd.deadline_at else None))
+            session.commit()
+            log.warning("round %d rejected by the validation gate: %s", round_id, rnd.note)
+            return CloseResult(round_id, True, rnd.note, mean.count, examples, None, True, validation)
+    state_sha = blobs.put(pack_arrays(opt_layout, new_state)).sha256 if opt_layout is not None else None
+    metrics = {"round_updates": mean.count, "round_examples": examples, "aggregation": policy.describe()}
+    if validation:
+        metrics["validation"] = validation
     new = publish_version(
         session, blobs, key, base=manifest.base, head=new_head, metadata=manifest.metadata,
-        parent_version=manifest.version, round_id=round_id,
-        metrics={"round_updates": mean.count, "round_examples": mean.total_weight},
+        parent_version=manifest.version, round_id=round_id, metrics=metrics,
+        optimizer_state_sha256=state_sha,
+        deadline_seconds=(rnd.deadline_at - rnd.opened_at) if rnd.deadline_at else None,
     )
+    pause = float(os.environ.get(_CRASH_PAUSE_ENV, "0") or 0)
+    if pause > 0:
+        log.warning("pausing %.1f s before committing the close of round %d (%s)", pause, round_id, _CRASH_PAUSE_ENV)
+        time.sleep(pause)
     rnd.status, rnd.closed_at = "closed", time.time()
-    rnd.num_updates, rnd.num_examples, rnd.published_version = mean.count, mean.total_weight, new.version
+    rnd.num_updates, rnd.num_examples, rnd.published_version = mean.count, examples, new.version
     session.commit()
-    log.info("closed round %d: %d updates, %d examples -> version %d", round_id, mean.count,
-             mean.total_weight, new.version)
-    return CloseResult(round_id, True, "", mean.count, mean.total_weight, new.version)
+    log.info("closed round %d: %d updates, %d examples -> version %d", round_id, mean.count, examples, new.version)
+    return CloseResult(round_id, True, "", mean.count, examples, new.version, False, validation)

@@ -7,11 +7,16 @@ machine-readable reason, so callers decide between retrying and giving up.
 
 from __future__ import annotations
 
+import base64
 import logging
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import requests
 
 from edge_sdk.errors import ServerError
+from edge_sdk.wire import REQUEST_HEADERS, request_signing_message
 
 log = logging.getLogger("edge_sdk")
 
@@ -29,12 +34,27 @@ class ServerClient:
         ``http://host:port`` of the aggregator.
     timeout : float
         Seconds per request.
+    device_id, sign : str, callable
+        Once enrolled: requests without a signed body (manifest, model files)
+        carry the device id, a timestamp and an Ed25519 signature over
+        :func:`edge_sdk.wire.request_signing_message`.
     """
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0, session: requests.Session | None = None) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 30.0, session: requests.Session | None = None,
+                 device_id: str | None = None, sign: Callable[[bytes], bytes] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = session or requests.Session()
+        self.device_id, self.sign = device_id, sign
+
+    def _auth_headers(self, method: str, url: str) -> dict:
+        if not (self.device_id and self.sign):
+            return {}
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        ts = f"{time.time():.3f}"
+        sig = self.sign(request_signing_message(method, path, ts))
+        return dict(zip(REQUEST_HEADERS, (self.device_id, ts, base64.b64encode(sig).decode()), strict=True))
 
     def url(self, path: str) -> str:
         if path.startswith("http://") or path.startswith("https://"):
@@ -45,6 +65,8 @@ class ServerClient:
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = self.url(path)
+        if method == "GET":
+            kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth_headers(method, url)}
         try:
             resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:

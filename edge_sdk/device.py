@@ -175,7 +175,8 @@ class Device:
         if self._client is None:
             if not self.identity.get("server_url"):
                 raise FedserError("this device is not enrolled: run `fedser-edge enroll --server URL --token T`")
-            self._client = ServerClient(self.identity["server_url"])
+            self._client = ServerClient(self.identity["server_url"], device_id=self.identity["device_id"],
+                                        sign=self.key.sign)
         return self._client
 
     @property
@@ -198,6 +199,7 @@ class Device:
         }
         atomic_write(self.state_dir / "identity.json", json.dumps(identity, indent=2).encode(), mode=0o600)
         self.identity = identity
+        client.device_id, client.sign = identity["device_id"], self.key.sign  # GETs are signed from now on
         self._client = client
         log.info("enrolled as %s with %s", identity["device_id"], server_url)
         if reply.get("manifest"):

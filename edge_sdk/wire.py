@@ -48,12 +48,26 @@ __all__ = [
     "UPDATE_FORMAT_VERSION",
     "UPDATE_MAGIC",
     "UPDATE_DOMAIN",
+    "REQUEST_DOMAIN",
+    "REQUEST_HEADERS",
+    "request_signing_message",
     "utc_now",
 ]
 
 UPDATE_FORMAT_VERSION = 1
 UPDATE_MAGIC = b"FSU1"
 UPDATE_DOMAIN = b"fedser/update/v1\x00"
+REQUEST_DOMAIN = b"fedser/request/v1\x00"
+REQUEST_HEADERS = ("X-Fedser-Device", "X-Fedser-Timestamp", "X-Fedser-Signature")
+
+
+def request_signing_message(method: str, path: str, timestamp: str) -> bytes:
+    """What a device signs to authenticate a request without a body (GET of the manifest or a blob).
+
+    ``REQUEST_DOMAIN + METHOD + "\\n" + path (with query) + "\\n" + timestamp``; the
+    server refuses timestamps further than a few minutes from its clock.
+    """
+    return REQUEST_DOMAIN + f"{method.upper()}\n{path}\n{timestamp}".encode()
 SIGNATURE_LEN = 64
 MAX_HEADER_LEN = 64 * 1024
 _ALLOWED_DTYPES = ("float32", "float16", "float64")

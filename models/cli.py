@@ -84,7 +84,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="augmented copies per training clip (speed, gain, noise); 0 = off")
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
-    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="mean")
+    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="none")
     g.add_argument("--max-frames", type=int, default=300)
     g.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache folder")
     g.add_argument("--no-progress", action="store_true")

@@ -13,8 +13,9 @@ if ! "$PY" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (3, 1
   exit 1
 fi
 
-# Debian packages: venv support and PortAudio (the microphone backend of sounddevice).
-DEB_PACKAGES=(python3-venv libportaudio2)
+# Debian packages: venv support, PortAudio (the microphone backend of sounddevice) and Chromium
+# (headless, for the tests of the web pages).
+DEB_PACKAGES=(python3-venv libportaudio2 chromium)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -23,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
-    || echo "warning: could not install ${missing[*]} (the microphone path needs libportaudio2)" >&2
+    || echo "warning: could not install ${missing[*]} (the microphone path needs libportaudio2, the page tests chromium)" >&2
 fi
 
 stamp_of() { cat pyproject.toml constraints.txt | sha256sum | cut -c1-16; }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request, send_file
 
-from aggregator.api import API_PREFIX, blobs, error
+from aggregator.api import API_PREFIX, blobs, device_required, error
 from aggregator.db import ModelVersion, get_session
 from aggregator.registry import current_version
 
@@ -23,6 +23,7 @@ def _manifest_response(row: ModelVersion) -> Response:
 
 
 @bp.get("/manifest")
+@device_required
 def manifest():
     row = current_version(get_session())
     if row is None:
@@ -31,6 +32,7 @@ def manifest():
 
 
 @bp.get("/manifest/<int:version>")
+@device_required
 def manifest_version(version: int):
     row = get_session().get(ModelVersion, version)
     if row is None:
@@ -39,6 +41,7 @@ def manifest_version(version: int):
 
 
 @bp.get("/blobs/<sha256>")
+@device_required
 def blob(sha256: str):
     try:
         path = blobs().path(sha256)

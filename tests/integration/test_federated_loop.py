@@ -36,10 +36,9 @@ def _personalised_update(device: Device, clips, answers) -> UpdateEnvelope:
     return envelope
 
 
-def _current_manifest(agg) -> tuple[dict, bytes]:
-    r = requests.get(f"{agg.base_url}/api/v1/manifest", timeout=10)
-    r.raise_for_status()
-    return json.loads(r.content)["manifest"], r.content
+def _current_manifest(device: Device) -> tuple[dict, bytes]:
+    raw, _ = device.client.get_manifest()  # a signed device request
+    return json.loads(raw)["manifest"], raw
 
 
 def test_two_devices_round_closes_and_both_pull_the_weighted_mean(live_aggregator, trained_model, synthetic_clips,
@@ -71,9 +70,9 @@ def test_two_devices_round_closes_and_both_pull_the_weighted_mean(live_aggregato
         np.testing.assert_allclose(a.global_head[name], expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(a.global_head[name], b.global_head[name])
     # What the devices installed is exactly what the server signed and serves.
-    manifest, raw = _current_manifest(agg)
+    manifest, raw = _current_manifest(a)
     assert manifest["version"] == 2 and manifest["parent_version"] == 1 and manifest["round_id"] == 1
-    head_bytes = requests.get(agg.base_url + manifest["head"]["url"], timeout=10).content
+    head_bytes = a.client.get_blob(manifest["head"]["url"])
     assert hashlib.sha256(head_bytes).hexdigest() == manifest["head"]["sha256"]
     SignedManifest.from_bytes(raw, a.server_key.verify)
     # After the pull, both re-personalised from the new head on their stored feedback.
@@ -93,7 +92,7 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
     dev = agg.enroll(tmp_path / "dev")
     envelope = _personalised_update(dev, synthetic_clips[:6], ["label"] * 6)
     good = envelope.to_bytes()
-    manifest_before, _ = _current_manifest(agg)
+    manifest_before, _ = _current_manifest(dev)
 
     tampered = bytearray(good)
     tampered[-5] ^= 0x01  # one flipped byte in the body
@@ -117,7 +116,7 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
     # Neither changed anything: same manifest, nothing in the round, three refusals audited.
     r = agg.post_admin("/rounds/close", json={"min_updates": 1})
     assert r.status_code == 409
-    manifest_after, _ = _current_manifest(agg)
+    manifest_after, _ = _current_manifest(dev)
     assert manifest_after == manifest_before
     assert agg.status()["refusals"] == {"malformed": 1, "bad_signature": 1, "unknown_device": 1}
 
@@ -163,7 +162,7 @@ def test_device_refuses_a_manifest_the_pinned_key_did_not_sign(live_aggregator, 
     agg = live_aggregator
     agg.publish(trained_model)
     dev = agg.enroll(tmp_path / "dev")
-    _, raw = _current_manifest(agg)
+    _, raw = _current_manifest(dev)
     doc = json.loads(raw)
     doc["manifest"]["metrics"] = {"uar": 0.99}  # altered after signing
     with pytest.raises(SignatureError):
@@ -188,9 +187,9 @@ def test_enrollment_tokens_are_one_time(live_aggregator, tmp_path):
 def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggregator, trained_model, tmp_path):
     agg = live_aggregator
     agg.publish(trained_model)
-    manifest, _ = _current_manifest(agg)
-    raw = requests.get(agg.base_url + manifest["head"]["url"], timeout=10).content
     dev = agg.enroll(tmp_path / "dev")
+    manifest, _ = _current_manifest(dev)
+    raw = dev.client.get_blob(manifest["head"]["url"])
     arrays = unpack_arrays(dev.metadata.head_layout, raw)
     for name, arr in arrays.items():
         np.testing.assert_array_equal(arr, dev.global_head[name])

@@ -27,7 +27,7 @@ def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_mod
     r = agg.post_update(_signed(dev, sequence=6).to_bytes())
     assert (r.status_code, r.json()["error"]) == (409, "already_contributed")
     r = agg.post_update(_signed(other, sequence=1, base_version=7).to_bytes())
-    assert (r.status_code, r.json()["error"]) == (409, "stale_base")
+    assert (r.status_code, r.json()["error"]) == (409, "unknown_base")
     r = agg.post_update(_signed(other, sequence=2, scale=1e4).to_bytes())
     assert (r.status_code, r.json()["error"]) == (422, "norm_too_large")
 
@@ -60,8 +60,8 @@ def test_refusals_are_reasoned_audited_and_harmless(live_aggregator, trained_mod
 
     status = agg.status()
     assert status["current_version"] == 1 and status["open_round"]["updates"] == 1
-    assert status["refusals"] == {"replayed_sequence": 1, "already_contributed": 1, "stale_base": 1,
+    assert status["refusals"] == {"replayed_sequence": 1, "already_contributed": 1, "unknown_base": 1,
                                   "norm_too_large": 1, "bad_values": 1, "layout_mismatch": 1,
-                                  "revoked_device": 1}
+                                  "revoked_device": 1, "too_large": 1}
     counts = {d["id"]: (d["updates_accepted"], d["updates_refused"]) for d in status["devices"]}
     assert counts[dev.device_id] == (1, 2) and counts[other.device_id] == (0, 5)

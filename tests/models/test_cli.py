@@ -39,7 +39,7 @@ def test_train_writes_model_and_report_then_evaluate_scores_the_tflite(synthetic
     assert report["architecture"]["name"] == "afcn" and report["hardware"]["device"] in ("CPU", "GPU")
     assert "UAR" in (out / "report.md").read_text()
     meta = json.loads((out / "model.json").read_text())
-    assert meta["features"]["utterance_norm"] == "mean" and meta["extra"]["test"]["uar"] == report["test"]["uar"]
+    assert meta["features"]["utterance_norm"] == "none" and meta["extra"]["test"]["uar"] == report["test"]["uar"]
 
     # evaluate: the manifest's test rows, through edge_sdk's numpy features and the TFLite runtime
     (tmp_path / "gone.wav").write_bytes(b"")

@@ -1,0 +1,25 @@
+"""The admin console: one page at ``/admin`` that reads ``/api/v1/admin/status`` with the admin token.
+
+The page itself holds no data and needs no login on the server: the admin
+pastes the token (kept in the tab's sessionStorage; ``/admin#token=...`` also
+works, the fragment never reaches the server), and the page's script sends it
+as a bearer token. No external scripts or fonts: it works on an offline LAN.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from flask import Blueprint, Response
+
+bp = Blueprint("dashboard", __name__)
+
+
+@bp.get("/admin")
+def page():
+    html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    resp = Response(html, mimetype="text/html")
+    resp.headers["Content-Security-Policy"] = ("default-src 'none'; script-src 'unsafe-inline'; "
+                                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp

@@ -1,0 +1,207 @@
+"""Baseline training jobs: ``models`` training in a separate worker process, never in a request thread.
+
+``start_job`` records a job and starts ``python -m aggregator.jobs run JOB``
+in its own session (it survives a restart of the web workers). That process
+runs ``fedser-train train`` (on a GPU when TensorFlow sees one), writes its log
+to ``<instance>/jobs/<id>/log.txt``, and on success publishes the model as a
+new base through the validation gate. Job state lives in the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flask import Flask
+
+from aggregator.db import Job
+
+log = logging.getLogger("aggregator")
+
+__all__ = ["JobError", "start_job", "log_tail", "job_dir", "reap"]
+
+ALLOWED = {
+    "architecture": str, "corpus": str, "data": str, "synthetic": bool, "epochs": int, "patience": int,
+    "seed": int, "test_speakers": str, "val_speakers": str, "folds": int, "fold": int, "augment": int,
+    "calm_as_neutral": bool, "features": str, "max_frames": int, "publish": bool,
+}
+
+
+class JobError(ValueError):
+    pass
+
+
+def job_dir(instance_path: str | os.PathLike, job_id: int) -> Path:
+    return Path(instance_path) / "jobs" / str(job_id)
+
+
+def log_tail(instance_path: str | os.PathLike, job_id: int, max_bytes: int = 4000) -> str:
+    path = job_dir(instance_path, job_id) / "log.txt"
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - max_bytes))
+        return f.read().decode(errors="replace")
+
+
+def _check(params: dict) -> dict:
+    from models.architectures import ARCHITECTURES
+    from models.datasets import CORPORA
+
+    if not isinstance(params, dict):
+        raise JobError("job parameters must be a JSON object")
+    unknown = set(params) - set(ALLOWED)
+    if unknown:
+        raise JobError(f"unknown job parameters {sorted(unknown)}; allowed: {sorted(ALLOWED)}")
+    out = {}
+    for key, value in params.items():
+        kind = ALLOWED[key]
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise JobError(f"{key} must be a non-negative integer, got {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise JobError(f"{key} must be true or false, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise JobError(f"{key} must be a string, got {value!r}")
+        out[key] = value
+    if out.get("architecture", "cnn") not in ARCHITECTURES:
+        raise JobError(f"architecture must be one of {ARCHITECTURES}, got {out['architecture']!r}")
+    if out.get("corpus", "ravdess") not in CORPORA:
+        raise JobError(f"corpus must be one of {sorted(CORPORA)}, got {out['corpus']!r}")
+    if not 1 <= out.get("epochs", 40) <= 1000:
+        raise JobError("epochs must be in 1..1000")
+    if "data" in out and not Path(out["data"]).exists():
+        raise JobError(f"data not found on the server: {out['data']}")
+    return out
+
+
+def _child_env(app: Flask) -> dict:
+    from aggregator import DEFAULTS
+
+    env = dict(os.environ)
+    for key in DEFAULTS:
+        value = app.config.get(key)
+        if value is not None:
+            env[f"FEDSER_{key}"] = str(value)
+    env["FEDSER_INSTANCE_PATH"] = app.instance_path
+    return env
+
+
+def start_job(app: Flask, session, params: dict) -> Job:
+    params = _check(params)
+    job = Job(kind="baseline", status="queued", params=json.dumps(params), created_at=time.time())
+    session.add(job)
+    session.commit()
+    folder = job_dir(app.instance_path, job.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator.jobs", "run", str(job.id)], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(app),
+                                start_new_session=True, cwd=os.getcwd())
+    job.pid = proc.pid
+    session.commit()
+    log.info("baseline job %d started (pid %d): %s", job.id, proc.pid, params)
+    return job
+
+
+def reap(session, job: Job) -> None:
+    """Mark a running job whose process has gone (killed, machine restarted) as failed."""
+    if job.status not in ("queued", "running") or not job.pid:
+        return
+    try:
+        os.kill(job.pid, 0)
+        return
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return
+    if time.time() - job.created_at < 5:
+        return
+    job.status, job.finished_at = "failed", time.time()
+    job.detail = job.detail or "the job's process exited without reporting (killed?)"
+    session.commit()
+
+
+def _train_argv(params: dict, out: Path) -> list[str]:
+    argv = ["train", "--out", str(out), "--no-progress"]
+    for key, value in params.items():
+        if key == "publish":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_job(job_id: int) -> int:
+    from aggregator import create_app
+
+    app = create_app()
+    maker = app.extensions["fedser_sessionmaker"]
+    with maker() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            print(f"no job {job_id}", file=sys.stderr)
+            return 2
+        job.status, job.started_at, job.pid = "running", time.time(), os.getpid()
+        session.commit()
+        params = json.loads(job.params)
+    out = job_dir(app.instance_path, job_id) / "model"
+    argv = _train_argv(params, out)
+    print(f"job {job_id}: fedser-train {' '.join(argv)}", flush=True)
+    status, detail, report, version = "failed", "", "", None
+    try:
+        from models.cli import main as train_main
+
+        code = train_main(argv)
+        if code != 0:
+            raise RuntimeError(f"fedser-train exited with {code}")
+        report = (out / "report.json").read_text()
+        if params.get("publish", True):
+            from edge_sdk.model import ModelMetadata
+
+            with app.app_context():
+                from aggregator.api.admin import publish_checked
+                from aggregator.db import get_session
+
+                body, code = publish_checked(get_session(), (out / "model.tflite").read_bytes(),
+                                             ModelMetadata.load(out / "model.json"), note=f"baseline job {job_id}")
+            if code != 201:
+                raise RuntimeError(f"not published: {body['detail']}")
+            version = body["version"]
+            detail = f"published as version {version}"
+        else:
+            detail = "trained; not published (publish: false)"
+        status = "succeeded"
+    except BaseException as exc:  # the job must always record how it ended
+        detail = f"{type(exc).__name__}: {exc}"
+        log.exception("job %d failed", job_id)
+    with maker() as session:
+        job = session.get(Job, job_id)
+        job.status, job.finished_at, job.detail, job.report = status, time.time(), detail[:4000], report
+        job.published_version = version
+        session.commit()
+    print(f"job {job_id}: {status}: {detail}", flush=True)
+    return 0 if status == "succeeded" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aggregator.jobs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one queued job (the aggregator starts this)")
+    run.add_argument("job_id", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_job(args.job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

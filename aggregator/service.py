@@ -1,0 +1,83 @@
+"""What the blueprints, the CLI and the background closer share: policy, gate and closing from the app config."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from flask import Flask, current_app
+
+from aggregator.registry import BlobStore
+from aggregator.rounds import CloseResult, RoundPolicy, close_round, due_round
+
+log = logging.getLogger("aggregator")
+
+__all__ = ["round_policy", "validation_gate", "close", "deadline_seconds", "close_due_round", "start_deadline_thread"]
+
+
+def round_policy(app: Flask | None = None, *, min_updates: int | None = None) -> RoundPolicy:
+    return RoundPolicy.from_config((app or current_app).config, min_updates=min_updates)
+
+
+def deadline_seconds(app: Flask | None = None) -> float | None:
+    value = float((app or current_app).config["ROUND_DEADLINE_SECONDS"])
+    return value if value > 0 else None
+
+
+def validation_gate(app: Flask | None = None):
+    """The gate callable of :func:`aggregator.rounds.close_round`, or None when no validation set is configured."""
+    app = app or current_app
+    validator = app.extensions.get("fedser_validator")
+    if validator is None:
+        return None
+    return validator.gate
+
+
+def close(session, round_id: int, *, min_updates: int | None = None, app: Flask | None = None) -> CloseResult:
+    app = app or current_app
+    ext = app.extensions
+    return close_round(session, ext["fedser_blobs"], ext["fedser_server_key"], round_id,
+                       policy=round_policy(app, min_updates=min_updates), gate=validation_gate(app))
+
+
+def close_due_round(app: Flask, session) -> CloseResult | None:
+    """Close the open round if its deadline has passed and it holds enough updates."""
+    rnd = due_round(session, time.time(), int(app.config["ROUND_MIN_UPDATES_AT_DEADLINE"]))
+    if rnd is None:
+        session.rollback()
+        return None
+    result = close(session, rnd.id, min_updates=int(app.config["ROUND_MIN_UPDATES_AT_DEADLINE"]), app=app)
+    if result.closed:
+        log.info("round %d closed at its deadline with %d updates", rnd.id, result.num_updates)
+    return result
+
+
+def start_deadline_thread(app: Flask) -> threading.Thread | None:
+    """A daemon thread per worker process that closes rounds whose deadline passed.
+
+    Every worker may run one: the close claims the round with a conditional
+    UPDATE, so only one of them aggregates it.
+    """
+    if deadline_seconds(app) is None or app.extensions.get("fedser_deadline_thread"):
+        return None
+    interval = float(app.config["BACKGROUND_INTERVAL"])
+
+    def loop():
+        sessionmaker = app.extensions["fedser_sessionmaker"]
+        while True:
+            time.sleep(interval)
+            try:
+                with sessionmaker() as session:
+                    close_due_round(app, session)
+            except Exception:  # keep the closer alive; the next tick retries
+                log.exception("deadline check failed")
+
+    thread = threading.Thread(target=loop, name="fedser-deadline", daemon=True)
+    thread.start()
+    app.extensions["fedser_deadline_thread"] = thread
+    return thread
+
+
+def blobs(app: Flask | None = None) -> BlobStore:
+    return (app or current_app).extensions["fedser_blobs"]
