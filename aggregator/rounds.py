@@ -207,7 +207,9 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
             log.warning("round %d rejected by the validation gate: %s", round_id, rnd.note)
             return CloseResult(round_id, True, rnd.note, mean.count, examples, None, True, validation)
     state_sha = blobs.put(pack_arrays(opt_layout, new_state)).sha256 if opt_layout is not None else None
-    metrics = {"round_updates": mean.count, "round_examples": examples, "aggregation": policy.describe()}
+    metrics = {"round_updates": mean.count, "round_examples": examples, "aggregation": policy.describe(),
+               "base_test": manifest.metrics.get("base_test") or {
+                   k: manifest.metrics[k] for k in ("accuracy", "uar", "macro_f1") if k in manifest.metrics}}
     if validation:
         metrics["validation"] = validation
     new = publish_version(

@@ -125,13 +125,14 @@ class LiveAggregator:
 
 
 def start_live_aggregator(tmp: Path, *, min_updates: int, database_url: str | None = None,
-                          workers: int = 2) -> LiveAggregator:
+                          workers: int = 2, env: dict | None = None, port: int | None = None) -> LiveAggregator:
     from tools.demo import admin_token, free_port, start_aggregator
 
     instance = tmp / "instance"
     instance.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = start_aggregator(instance, port, min_updates=min_updates, workers=workers, database_url=database_url)
+    port = port or free_port()
+    proc = start_aggregator(instance, port, min_updates=min_updates, workers=workers, database_url=database_url,
+                            env=env)
     return LiveAggregator(f"http://127.0.0.1:{port}", instance, admin_token(instance), proc)
 
 

@@ -40,15 +40,18 @@ def free_port() -> int:
 
 
 def start_aggregator(instance: Path, port: int, *, min_updates: int, workers: int = 2,
-                     database_url: str | None = None) -> subprocess.Popen:
-    """The aggregator as a real HTTP server in its own process; returns once /healthz answers."""
-    env = dict(os.environ, FEDSER_ROUND_MIN_UPDATES=str(min_updates))
+                     database_url: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """The aggregator as a real HTTP server in its own process group; returns once /healthz answers.
+
+    ``env`` adds ``FEDSER_*`` settings (see ``aggregator.DEFAULTS``).
+    """
+    env = dict(os.environ, FEDSER_ROUND_MIN_UPDATES=str(min_updates), **(env or {}))
     cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance)]
     if database_url:
         cmd += ["--database-url", database_url]
     cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     log_file = open(instance.parent / "aggregator.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:

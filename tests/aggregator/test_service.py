@@ -1,0 +1,271 @@
+"""The aggregator app in-process (Flask's test client over the real app, SQLite): policies, gate, API surface."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from aggregator import create_app
+from aggregator.fedavg import ServerOptimizer
+from edge_sdk.signing import SigningKey
+from edge_sdk.wire import REQUEST_HEADERS, request_signing_message, unpack_arrays
+from tests.conftest import signed_update
+
+
+class Server:
+    def __init__(self, tmp_path, trained_model, **config):
+        self.app = create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "LOG_JSON": True, **config})
+        self.client = self.app.test_client()
+        self.auth = {"Authorization": f"Bearer {self.app.config['ADMIN_TOKEN']}"}
+        self.layout = trained_model.metadata.head_layout
+        self.model = trained_model
+
+    def publish(self):
+        with open(self.model.tflite_path, "rb") as t, open(self.model.metadata_path, "rb") as m:
+            r = self.client.post("/api/v1/admin/models", headers=self.auth,
+                                 data={"tflite": (t, "model.tflite"), "metadata": (m, "model.json")})
+        return r
+
+    def enroll(self) -> tuple[str, SigningKey]:
+        token = self.client.post("/api/v1/admin/enrollment-tokens", headers=self.auth, json={}).json["token"]
+        key = SigningKey.generate()
+        r = self.client.post("/api/v1/devices/enroll", json={"token": token, "public_key": key.verify_key.to_b64()})
+        assert r.status_code == 201, r.json
+        return r.json["device_id"], key
+
+    def post(self, envelope):
+        return self.client.post("/api/v1/updates", data=envelope.to_bytes())
+
+    def status(self):
+        return self.client.get("/api/v1/admin/status", headers=self.auth).json
+
+    def head(self, version: int) -> dict:
+        dev, key = getattr(self, "_reader", None) or self.enroll()
+        self._reader = (dev, key)
+        path = f"/api/v1/manifest/{version}"
+        manifest = self.get_signed(path, dev, key).json["manifest"]
+        raw = self.get_signed(manifest["head"]["url"], dev, key).data
+        return unpack_arrays(self.layout, raw)
+
+    def get_signed(self, path, dev, key, *, ts=None, sign=None):
+        ts = ts or f"{time.time():.3f}"
+        sig = (sign or key.sign)(request_signing_message("GET", path, ts))
+        return self.client.get(path, headers=dict(zip(REQUEST_HEADERS, (dev, ts, base64.b64encode(sig).decode()),
+                                                      strict=True)))
+
+
+def test_openapi_document_is_valid_and_covers_every_route(tmp_path, trained_model):
+    from openapi_spec_validator import validate
+
+    srv = Server(tmp_path, trained_model)
+    doc = srv.client.get("/api/v1/openapi.json").json
+    validate(doc)
+    for rule in srv.app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = str(rule).replace("<int:", "<").replace("<", "{").replace(">", "}")
+        assert path in doc["paths"], f"{path} is served but not documented"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in doc["paths"][path], f"{method} {path} is not documented"
+
+
+def test_request_ids_and_json_logs(tmp_path, trained_model):
+    from aggregator.observability import JsonFormatter
+
+    srv = Server(tmp_path, trained_model)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("aggregator.http").addHandler(handler)
+    try:
+        r = srv.client.get("/api/v1/manifest", headers={"X-Request-Id": "abc-123"})
+        assert r.headers["X-Request-Id"] == "abc-123"
+        r2 = srv.client.get("/api/v1/manifest", headers={"X-Request-Id": "bad id with spaces"})
+        assert len(r2.headers["X-Request-Id"]) == 32
+    finally:
+        logging.getLogger("aggregator.http").removeHandler(handler)
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert lines[0]["request_id"] == "abc-123" and lines[0]["status"] == 401 and lines[0]["path"] == "/api/v1/manifest"
+    assert "ms" in lines[0] and lines[1]["request_id"] == r2.headers["X-Request-Id"]
+
+
+def test_device_reads_need_a_valid_signature_and_each_refusal_is_audited(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model)
+    assert srv.publish().status_code == 201
+    dev, key = srv.enroll()
+    assert srv.get_signed("/api/v1/manifest", dev, key).status_code == 200
+    cases = [
+        (srv.client.get("/api/v1/manifest"), 401, "missing_device_auth"),
+        (srv.get_signed("/api/v1/manifest", dev, key, sign=SigningKey.generate().sign), 401, "bad_signature"),
+        (srv.get_signed("/api/v1/manifest", "dev-nobody", key), 401, "unknown_device"),
+        (srv.get_signed("/api/v1/manifest", dev, key, ts=f"{time.time() - 3600:.3f}"), 401, "clock_skew"),
+    ]
+    # a signature for one path does not open another
+    ts = f"{time.time():.3f}"
+    sig = base64.b64encode(key.sign(request_signing_message("GET", "/api/v1/manifest", ts))).decode()
+    other = srv.client.get("/api/v1/manifest/1", headers=dict(zip(REQUEST_HEADERS, (dev, ts, sig), strict=True)))
+    cases.append((other, 401, "bad_signature"))
+    for resp, status, reason in cases:
+        assert (resp.status_code, resp.json["error"]) == (status, reason)
+    srv.client.post(f"/api/v1/admin/devices/{dev}/revoke", headers=srv.auth)
+    r = srv.get_signed("/api/v1/manifest", dev, key)
+    assert (r.status_code, r.json["error"]) == (403, "revoked_device")
+    assert srv.status()["refusals"] == {"missing_device_auth": 1, "bad_signature": 2, "unknown_device": 1,
+                                        "clock_skew": 1, "revoked_device": 1}
+    metrics = srv.client.get("/metrics", headers=srv.auth).data.decode()
+    assert 'fedser_refusals_total{reason="bad_signature"} 2' in metrics
+    assert "fedser_model_version 1" in metrics
+    assert srv.client.get("/metrics").status_code == 401
+    assert srv.client.get("/healthz").json == {"status": "ok"}
+
+
+def test_stale_updates_are_accepted_within_the_limit_and_down_weighted(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=2, STALENESS_LIMIT=1, STALENESS_EXPONENT=0.5)
+    srv.publish()
+    (a, ka), (b, kb), (c, kc) = srv.enroll(), srv.enroll(), srv.enroll()
+    assert srv.post(signed_update(a, ka, srv.layout, sequence=1, num_examples=4)).status_code == 202
+    r = srv.post(signed_update(b, kb, srv.layout, sequence=1, num_examples=4))
+    assert r.json["published_version"] == 2
+    head2 = srv.head(2)
+    stale = signed_update(c, kc, srv.layout, sequence=1, base_version=1, num_examples=8)  # one version behind
+    fresh = signed_update(a, ka, srv.layout, sequence=2, base_version=2, num_examples=2)
+    assert srv.post(stale).status_code == 202
+    r = srv.post(fresh)
+    assert r.json["published_version"] == 3
+    w_stale, w_fresh = 8 / np.sqrt(2), 2.0
+    ds, df = stale.deltas(), fresh.deltas()
+    head3 = srv.head(3)
+    for name in head2:
+        expected = head2[name] + (w_stale * ds[name].astype(np.float64) + w_fresh * df[name]) / (w_stale + w_fresh)
+        np.testing.assert_allclose(head3[name], expected, atol=1e-6)
+    too_old = signed_update(b, kb, srv.layout, sequence=2, base_version=1)  # two behind now
+    r = srv.post(too_old)
+    assert (r.status_code, r.json["error"]) == (409, "stale_base")
+
+
+def test_rate_limit_per_device(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, RATE_LIMIT_PER_HOUR=3, ROUND_MIN_UPDATES=50)
+    srv.publish()
+    dev, key = srv.enroll()
+    codes = [srv.post(signed_update(dev, key, srv.layout, sequence=s)).status_code for s in (1, 2, 3, 4)]
+    assert codes[:3] == [202, 409, 409]  # one per round; the others are refusals, which count too
+    r = srv.post(signed_update(dev, key, srv.layout, sequence=5))
+    assert (r.status_code, r.json["error"]) == (429, "rate_limited")
+    other, okey = srv.enroll()
+    assert srv.post(signed_update(other, okey, srv.layout, sequence=1)).status_code == 202  # per device
+
+
+def test_median_resists_a_scaled_attacker_that_fedavg_follows(tmp_path, trained_model):
+    heads = {}
+    for method in ("fedavg", "median"):
+        srv = Server(tmp_path / method, trained_model, ROUND_MIN_UPDATES=5, AGGREGATION=method,
+                     MAX_UPDATE_L2_NORM=1e9)
+        srv.publish()
+        rng = np.random.default_rng(7)
+        envs = []
+        for i in range(5):
+            dev, key = srv.enroll()
+            scale = 1000.0 if i == 0 else 0.01
+            envs.append(signed_update(dev, key, srv.layout, sequence=1, scale=scale, rng=rng))
+            r = srv.post(envs[-1])
+        assert r.json["published_version"] == 2
+        heads[method] = (srv.head(1), srv.head(2), envs)
+    base, fed, _ = heads["fedavg"]
+    _, med, envs = heads["median"]
+    honest = np.stack([e.deltas()["w0"] for e in envs[1:]] + [envs[0].deltas()["w0"]])
+    np.testing.assert_allclose(med["w0"] - base["w0"], np.median(honest, axis=0), atol=1e-6)
+    assert np.abs(med["w0"] - base["w0"]).max() < 0.1 < np.abs(fed["w0"] - base["w0"]).max()
+
+
+def test_fedadam_state_carries_across_rounds(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1, SERVER_OPTIMIZER="fedadam", SERVER_LR=0.01)
+    srv.publish()
+    dev, key = srv.enroll()
+    opt = ServerOptimizer("fedadam", lr=0.01)
+    weights, state = srv.head(1), None
+    for version in (1, 2, 3):
+        env = signed_update(dev, key, srv.layout, sequence=version, base_version=version)
+        assert srv.post(env).json["published_version"] == version + 1
+        weights, state = opt.step(weights, env.deltas(), state)
+        got = srv.head(version + 1)
+        for name in weights:
+            np.testing.assert_allclose(got[name], weights[name], rtol=1e-5, atol=1e-7)
+
+
+def test_rollback_republishes_an_earlier_version(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1)
+    srv.publish()
+    dev, key = srv.enroll()
+    srv.post(signed_update(dev, key, srv.layout, sequence=1))
+    assert srv.status()["current_version"] == 2
+    r = srv.client.post("/api/v1/admin/models/1/rollback", headers=srv.auth)
+    assert r.status_code == 201 and r.json == {"version": 3, "rollback_of": 1}
+    for name, arr in srv.head(1).items():
+        np.testing.assert_array_equal(srv.head(3)[name], arr)
+    versions = srv.client.get("/api/v1/admin/models", headers=srv.auth).json["versions"]
+    assert versions[0]["version"] == 3 and versions[0]["current"] and "rollback" in versions[0]["note"]
+    assert srv.client.post("/api/v1/admin/models/99/rollback", headers=srv.auth).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def validation_csv(tmp_path_factory, synthetic_clips):
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    path = tmp_path_factory.mktemp("val") / "validation.csv"
+    path.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in synthetic_clips
+                                                      if c.speaker == speakers[-1]))
+    return path
+
+
+def test_validation_gate_rejects_a_harmful_round_and_publishes_a_harmless_one(tmp_path, trained_model,
+                                                                              validation_csv):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1, VALIDATION_MANIFEST=str(validation_csv),
+                 VALIDATION_MARGIN=0.0, MAX_UPDATE_L2_NORM=1e9)
+    r = srv.publish()
+    assert r.status_code == 201 and r.json["validation"]["candidate"]["num_examples"] == 16
+    base = srv.head(1)
+    dev, key = srv.enroll()
+    # a delta that sends every embedding to one class: the gate must refuse it
+    from edge_sdk.wire import UpdateEnvelope
+
+    harm = {k: np.zeros_like(v) for k, v in base.items()}
+    harm["b1"] = np.array([50.0, -50, -50, -50], np.float32)
+    env = UpdateEnvelope.create(device_id=dev, base_version=1, layout=srv.layout, deltas=harm, num_examples=5,
+                                sequence=1, sign=key.sign)
+    r = srv.post(env)
+    assert r.status_code == 202 and "validation UAR would drop" in r.json["round_rejected"]
+    status = srv.status()
+    assert status["current_version"] == 1 and status["rounds"][1]["status"] == "rejected"
+    assert status["open_round"]["id"] == 2 and status["open_round"]["base_version"] == 1
+    ok = signed_update(dev, key, srv.layout, sequence=2, scale=1e-6)
+    r = srv.post(ok)
+    assert r.json.get("published_version") == 2 and "round_rejected" not in r.json
+    metrics = srv.status()["current_metrics"]["validation"]
+    assert metrics["candidate"]["uar"] >= metrics["current"]["uar"]
+
+
+def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model)
+    r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth, json={"architecture": "dnn", "epochs": 30000})
+    assert (r.status_code, r.json["error"]) == (400, "bad_job")
+    r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth, json={"shell": "rm -rf /"})
+    assert r.status_code == 400 and "unknown job parameters" in r.json["detail"]
+    r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth,
+                        json={"architecture": "dnn", "epochs": 2, "synthetic": True, "max_frames": 100})
+    assert r.status_code == 202
+    job_id = r.json["id"]
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        job = srv.client.get(f"/api/v1/admin/jobs/{job_id}", headers=srv.auth).json
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(1)
+    assert job["status"] == "succeeded", job["detail"] + job["log_tail"][-2000:]
+    assert job["published_version"] == 1 and job["report"]["architecture"]["name"] == "dnn"
+    assert "fedser-train train" in job["log_tail"]
+    assert srv.status()["current_version"] == 1

@@ -1,0 +1,119 @@
+"""The aggregator as run: a kill in the middle of closing a round, deadline closes, the dashboard in Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.conftest import signed_update, start_live_aggregator
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _stop(agg) -> None:
+    agg.process.terminate()
+    agg.process.wait(timeout=30)
+
+
+def test_kill_during_round_close_loses_nothing_and_counts_nothing_twice(tmp_path, trained_model, database_url):
+    pause = {"FEDSER_TEST_PAUSE_BEFORE_CLOSE_COMMIT": "30"}
+    agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, env=pause)
+    port = int(agg.base_url.rsplit(":", 1)[1])
+    try:
+        agg.publish(trained_model)
+        a = agg.enroll(tmp_path / "a")
+        b = agg.enroll(tmp_path / "b")
+        layout = a.metadata.head_layout
+        env_a = signed_update(a.device_id, a.key, layout, sequence=1, num_examples=3)
+        env_b = signed_update(b.device_id, b.key, layout, sequence=1, num_examples=5)
+        assert agg.post_update(env_a.to_bytes()).status_code == 202
+        # The second update fills the round; its close aggregates, publishes, then pauses before the commit.
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{agg.base_url}/api/v1/updates", data=env_b.to_bytes(), timeout=4)
+        _kill_group(agg.process)  # SIGKILL to master and workers mid-close
+    except BaseException:
+        _kill_group(agg.process)
+        raise
+    agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, port=port)
+    try:
+        status = agg.status()
+        # Not completed: still version 1, the round open with both accepted updates, nothing published.
+        assert status["current_version"] == 1 and status["versions"] == 1
+        assert status["open_round"]["updates"] == 2 and status["rounds_closed"] == 0
+        # A device retrying its post (it never saw an answer) is told it was accepted; counted once.
+        again = agg.post_update(env_b.to_bytes())
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        r = agg.post_admin("/rounds/close", json={"min_updates": 2})
+        assert r.status_code == 200 and r.json()["published_version"] == 2 and r.json()["num_updates"] == 2
+        assert r.json()["num_examples"] == 8
+        assert agg.post_admin("/rounds/close", json={"min_updates": 1}).status_code == 409  # nothing to close twice
+        status = agg.status()
+        closed = [r for r in status["rounds"] if r["status"] == "closed"]
+        assert len(closed) == 1 and closed[0]["num_updates"] == 2 and status["current_version"] == 2
+        assert {d["updates_accepted"] for d in status["devices"]} == {1}
+    finally:
+        _stop(agg)
+
+
+def test_a_round_closes_at_its_deadline_with_fewer_than_k(tmp_path, trained_model):
+    env = {"FEDSER_ROUND_DEADLINE_SECONDS": "2", "FEDSER_ROUND_MIN_UPDATES_AT_DEADLINE": "1",
+           "FEDSER_BACKGROUND_INTERVAL": "0.3"}
+    agg = start_live_aggregator(tmp_path, min_updates=10, env=env)
+    try:
+        agg.publish(trained_model)
+        dev = agg.enroll(tmp_path / "d")
+        status = agg.status()
+        assert status["open_round"]["deadline_at"] > time.time()
+        r = agg.post_update(signed_update(dev.device_id, dev.key, dev.metadata.head_layout, sequence=1).to_bytes())
+        assert r.status_code == 202 and not r.json().get("round_closed")
+        deadline = time.time() + 15
+        while time.time() < deadline and agg.status()["current_version"] != 2:
+            time.sleep(0.3)
+        status = agg.status()
+        assert status["current_version"] == 2 and status["rounds"][1]["num_updates"] == 1
+        # the next round has its own deadline and, being empty, stays open past it
+        time.sleep(2.5)
+        assert agg.status()["current_version"] == 2 and agg.status()["open_round"]["updates"] == 0
+    finally:
+        _stop(agg)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_dashboard_in_headless_chromium(tmp_path, trained_model):
+    agg = start_live_aggregator(tmp_path, min_updates=1)
+    try:
+        agg.publish(trained_model)
+        dev = agg.enroll(tmp_path / "d", name="kitchen-pi")
+        agg.post_update(signed_update(dev.device_id, dev.key, dev.metadata.head_layout, sequence=1).to_bytes())
+        requests.get(f"{agg.base_url}/api/v1/manifest", timeout=5)  # an unsigned read: one refusal
+        url = f"{agg.base_url}/admin#token={agg.admin_token}"
+        flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--virtual-time-budget=5000", "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'chrome'}"]
+        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        assert "kitchen-pi" in dom and dev.device_id in dom
+        assert "missing_device_auth" in dom  # refusals by reason
+        assert 'aria-label="rounds chart"' in dom and "round 1: 1 devices" in dom
+        assert '<p id="error"></p>' in dom
+        shot = tmp_path / "dashboard.png"
+        subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+        artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+        if artifacts:
+            os.makedirs(artifacts, exist_ok=True)
+            shutil.copy(shot, os.path.join(artifacts, "dashboard.png"))
+        wrong = subprocess.run([*flags, "--dump-dom", f"{agg.base_url}/admin#token=wrong"], capture_output=True,
+                               text=True, timeout=120).stdout
+        assert '<p id="error">That token was refused.</p>' in wrong and "kitchen-pi" not in wrong
+    finally:
+        _stop(agg)
