@@ -87,7 +87,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     if current is None:
         raise refuse(409, "no_model", "no model version is published yet")
     staleness = current.version - header.base_version
-    if staleness < 0 or session.get(ModelVersion, header.base_version) is None:
+    if staleness < 0 or (staleness > 0 and session.get(ModelVersion, header.base_version) is None):
         raise refuse(409, "unknown_base", f"update is against version {header.base_version}, which this server "
                                           f"does not know (current is {current.version})")
     if staleness > staleness_limit:
@@ -110,9 +110,6 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     if rnd is None:
         raise refuse(409, "stale_base", f"the round of version {current.version} closed while this update "
                                         "arrived: pull the new model and retrain")
-    if session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id,
-                                                                     Update.device_id == device.id)):
-        raise refuse(409, "already_contributed", f"device {device.id} already has an update in round {rnd.id}")
     now = time.time()
     session.add(Update(update_id=envelope.update_id, device_id=device.id, round_id=rnd.id,
                        base_version=header.base_version, sequence=header.sequence,
@@ -122,12 +119,15 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     device.updates_accepted += 1
     try:
         session.commit()
-    except IntegrityError as exc:  # a concurrent post of the same update or sequence won the race
+    except IntegrityError as exc:  # a unique constraint: which one says why
         session.rollback()
         again = session.get(Update, envelope.update_id)
-        if again is not None:
+        if again is not None:  # a concurrent post of the same update won the race
             return Accepted(again.update_id, again.round_id, True, 0)
-        raise Refused(409, "replayed_sequence", f"concurrent update with sequence {header.sequence}",
-                      device_id=device.id, authenticated=True) from exc
+        if session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id,
+                                                                         Update.device_id == device.id)):
+            raise refuse(409, "already_contributed",
+                         f"device {device.id} already has an update in round {rnd.id}") from exc
+        raise refuse(409, "replayed_sequence", f"concurrent update with sequence {header.sequence}") from exc
     count = session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id))
     return Accepted(envelope.update_id, rnd.id, False, count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -143,4 +144,12 @@ def rollback_to(session: Session, blobs: BlobStore, key: SigningKey, row: ModelV
 
 
 def load_manifest(row: ModelVersion, key: SigningKey) -> Manifest:
-    return SignedManifest.from_bytes(row.signed_manifest, key.verify_key.verify).manifest
+    """The verified manifest of a version (versions are immutable: verified once per process)."""
+    return _verified_manifest(bytes(row.signed_manifest), key.verify_key.to_b64())
+
+
+@functools.lru_cache(maxsize=64)
+def _verified_manifest(signed: bytes, verify_key_b64: str) -> Manifest:
+    from edge_sdk.signing import VerifyKey
+
+    return SignedManifest.from_bytes(signed, VerifyKey.from_b64(verify_key_b64).verify).manifest

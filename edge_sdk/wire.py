@@ -30,7 +30,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -229,7 +229,7 @@ class UpdateHeader:
     format_version: int = UPDATE_FORMAT_VERSION
 
     def to_bytes(self) -> bytes:
-        return canonical_json(asdict(self))
+        return canonical_json({f: getattr(self, f) for f in self.__dataclass_fields__})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UpdateHeader:

@@ -1,0 +1,235 @@
+"""Aggregator benchmarks: signed-update intake under load, and closing a large round.
+
+    python -m tools.bench_aggregator [--updates 3000] [--concurrency 16] [--workers 2] [--db sqlite,postgresql]
+                                     [--close-updates 1000,10000] [--out bench-aggregator.json]
+
+Intake: a gunicorn aggregator on loopback; a *separate process* posts
+pre-signed updates (a head of about 20 k parameters, one update per device,
+K larger than the run so no round closes) from ``--concurrency`` connections,
+and reports accepted updates per second and latency percentiles.
+
+Close: a round holding N accepted updates (rows written straight to the
+database) is closed in-process; prints seconds and the peak Python memory of
+the close, for each N, so that "memory flat in N" can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDING, HIDDEN, CLASSES = 128, 150, 4  # head: 128*150 + 150 + 150*4 + 4 = 19,954 parameters
+
+
+def make_model(out: Path) -> tuple[Path, Path]:
+    """A small encoder with a ~20 k-parameter head, exported as a real trainable .tflite."""
+    from edge_sdk.features import FeatureConfig, Normalization
+    from edge_sdk.model import ModelMetadata
+    from models.architectures import build_encoder, build_head, preset
+    from models.export import export_tflite, head_layout
+
+    cfg = preset("dnn", channels=(16,), embedding_dim=EMBEDDING, head_units=HIDDEN)
+    feats = FeatureConfig(max_frames=50)
+    enc, head = build_encoder(cfg, feats.max_frames, feats.n_features), build_head(cfg, CLASSES)
+    hw = {"w0": head.get_layer("head_hidden").kernel.numpy(), "b0": head.get_layer("head_hidden").bias.numpy(),
+          "w1": head.get_layer("head_logits").kernel.numpy(), "b1": head.get_layer("head_logits").bias.numpy()}
+    meta = ModelMetadata(labels=("angry", "happy", "neutral", "sad"), features=feats,
+                         normalization=Normalization(np.zeros(40), np.ones(40)),
+                         head_layout=head_layout(EMBEDDING, HIDDEN, CLASSES), embedding_dim=EMBEDDING,
+                         train_batch_size=8, architecture="dnn")
+    res = export_tflite(enc, hw, meta, out)
+    return res.tflite_path, res.metadata_path
+
+
+def _app(instance: Path, database_url: str | None, **config):
+    from aggregator import create_app
+
+    cfg = {"INSTANCE_PATH": str(instance), "LOG_JSON": False, **config}
+    if database_url:
+        cfg["DATABASE_URL"] = database_url
+    return create_app(cfg)
+
+
+def prepare(instance: Path, database_url: str | None, tflite: Path, meta: Path, n_devices: int) -> list[bytes]:
+    """Publish the model, register devices straight in the database, and sign one update per device."""
+    from aggregator.db import Device
+    from aggregator.registry import publish_base
+    from edge_sdk.model import ModelMetadata
+    from edge_sdk.signing import SigningKey
+    from edge_sdk.wire import UpdateEnvelope
+
+    app = _app(instance, database_url)
+    metadata = ModelMetadata.load(meta)
+    ext = app.extensions
+    with ext["fedser_sessionmaker"]() as session:
+        publish_base(session, ext["fedser_blobs"], ext["fedser_server_key"], tflite.read_bytes(), metadata)
+        session.commit()
+        rng = np.random.default_rng(0)
+        envelopes, now = [], time.time()
+        for _ in range(n_devices):
+            key = SigningKey.generate()
+            dev_id = f"dev-{uuid.uuid4().hex[:16]}"
+            session.add(Device(id=dev_id, name="bench", public_key=key.verify_key.to_b64(), enrolled_at=now,
+                               last_seen=now))
+            deltas = {s.name: (0.01 * rng.standard_normal(s.shape)).astype(np.float32) for s in metadata.head_layout}
+            envelopes.append(UpdateEnvelope.create(device_id=dev_id, base_version=1, layout=metadata.head_layout,
+                                                   deltas=deltas, num_examples=10, sequence=1,
+                                                   sign=key.sign).to_bytes())
+        session.commit()
+    app.extensions["fedser_engine"].dispose()
+    return envelopes
+
+
+def _load(url: str, envelopes: list[bytes], concurrency: int, queue: mp.Queue) -> None:
+    """The load generator (its own process): post every envelope, time each request."""
+    import requests
+
+    local = __import__("threading").local()
+
+    def post(body: bytes) -> tuple[int, float]:
+        if not hasattr(local, "s"):
+            local.s = requests.Session()
+        t0 = time.perf_counter()
+        r = local.s.post(url, data=body, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        return r.status_code, time.perf_counter() - t0
+
+    warm = envelopes[: concurrency * 2]
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(post, warm))
+        t0 = time.perf_counter()
+        results = list(pool.map(post, envelopes[len(warm):]))
+        wall = time.perf_counter() - t0
+    queue.put({"results": results, "wall": wall})
+
+
+def bench_intake(db: str, args, tflite: Path, meta: Path) -> dict:
+    from tools.demo import free_port, start_aggregator
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"fedser-bench-{db}-"))
+    database_url = None
+    if db == "postgresql":
+        import psycopg
+
+        name = f"fedser_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(args.postgres, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        database_url = args.postgres.rsplit("/", 1)[0] + f"/{name}"
+    instance = tmp / "instance"
+    envelopes = prepare(instance, database_url, tflite, meta, args.updates)
+    port = free_port()
+    proc = start_aggregator(instance, port, min_updates=10**9, workers=args.workers, database_url=database_url,
+                            env={"FEDSER_LOG_JSON": "0"})
+    try:
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        loader = mp.get_context("spawn").Process(
+            target=_load, args=(f"http://127.0.0.1:{port}/api/v1/updates", envelopes, args.concurrency, queue))
+        loader.start()
+        out = queue.get(timeout=1800)
+        loader.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    codes = [c for c, _ in out["results"]]
+    lat = sorted(t for _, t in out["results"])
+    accepted = sum(1 for c in codes if c == 202)
+    return {"db": db, "workers": args.workers, "concurrency": args.concurrency, "posted": len(codes),
+            "accepted": accepted, "other_status": sorted({c for c in codes if c != 202}),
+            "updates_per_s": accepted / out["wall"], "p50_ms": 1000 * lat[len(lat) // 2],
+            "p99_ms": 1000 * lat[int(len(lat) * 0.99) - 1], "max_ms": 1000 * lat[-1],
+            "mean_ms": 1000 * statistics.fmean(lat), "body_bytes": len(envelopes[0])}
+
+
+def bench_close(n: int, tflite: Path, meta: Path) -> dict:
+    """Close a round of ``n`` updates (rows inserted directly); seconds and peak traced memory."""
+    from sqlalchemy import insert
+
+    from aggregator.db import Device, Round, Update
+    from aggregator.rounds import RoundPolicy, close_round, open_round
+    from edge_sdk.model import ModelMetadata
+    from edge_sdk.wire import pack_arrays
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedser-bench-close-"))
+    try:
+        instance = tmp / "instance"
+        prepare(instance, None, tflite, meta, 0)
+        app = _app(instance, None)
+        layout = ModelMetadata.load(meta).head_layout
+        ext = app.extensions
+        rng = np.random.default_rng(1)
+        with ext["fedser_sessionmaker"]() as session:
+            rnd = open_round(session)
+            now = time.time()
+            session.execute(insert(Device), [{"id": f"d{i}", "name": "", "public_key": f"k{i}", "enrolled_at": now,
+                                              "last_sequence": 1, "revoked": False, "updates_accepted": 1,
+                                              "updates_refused": 0} for i in range(n)])
+            bodies = [pack_arrays(layout, {s.name: (0.01 * rng.standard_normal(s.shape)).astype(np.float32)
+                                           for s in layout}) for _ in range(min(n, 64))]
+            session.execute(insert(Update), [{"update_id": f"{i:064x}", "device_id": f"d{i}", "round_id": rnd.id,
+                                              "base_version": 1, "sequence": 1, "num_examples": 10, "l2_norm": 1.0,
+                                              "body": bodies[i % len(bodies)], "received_at": now, "staleness": 0}
+                                             for i in range(n)])
+            session.commit()
+            rid = rnd.id
+        with ext["fedser_sessionmaker"]() as session:
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            result = close_round(session, ext["fedser_blobs"], ext["fedser_server_key"], rid, policy=RoundPolicy())
+            seconds = time.perf_counter() - t0
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert result.closed and result.num_updates == n, result
+            assert session.get(Round, rid).status == "closed"
+        return {"updates": n, "seconds": seconds, "peak_traced_mb": peak / 2**20,
+                "body_kb": len(bodies[0]) / 1024}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_aggregator", description=__doc__.split("\n")[0])
+    parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--db", default="sqlite,postgresql")
+    parser.add_argument("--postgres", default=os.environ.get("FEDSER_TEST_POSTGRES",
+                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--close-updates", default="1000,10000")
+    parser.add_argument("--out", type=Path, default=Path("bench-aggregator.json"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tempfile.TemporaryDirectory() as tmp:
+        tflite, meta = make_model(Path(tmp))
+        report = {"cpu_count": len(os.sched_getaffinity(0)), "intake": [], "close": []}
+        for db in filter(None, args.db.split(",")):
+            r = bench_intake(db, args, tflite, meta)
+            report["intake"].append(r)
+            print(f"intake {db:10s}: {r['updates_per_s']:7.1f} accepted/s  p50 {r['p50_ms']:6.1f} ms  "
+                  f"p99 {r['p99_ms']:6.1f} ms  ({r['accepted']}/{r['posted']} accepted, {r['workers']} workers, "
+                  f"{r['concurrency']} connections, {r['body_bytes']} B bodies)  target >= 300/s, p99 < 250 ms",
+                  flush=True)
+        for n in (int(x) for x in args.close_updates.split(",") if x):
+            r = bench_close(n, tflite, meta)
+            report["close"].append(r)
+            print(f"close {n:6d} updates: {r['seconds']:.2f} s, peak traced memory {r['peak_traced_mb']:.1f} MB "
+                  f"(bodies {r['body_kb']:.0f} KB)  target <= 2 s for 10,000, memory flat in N", flush=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
