@@ -33,7 +33,7 @@ from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
 from edge_sdk.features import extract
 from edge_sdk.manifest import SignedManifest
-from edge_sdk.model import ModelMetadata, TFLiteModel
+from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
 from edge_sdk.store import FeedbackExample, FeedbackStore
@@ -141,6 +141,7 @@ class Device:
         client: ServerClient | None = None,
         clock: Callable[[], float] = time.time,
         train_policy: TrainPolicy | None = None,
+        use_bundled_model: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +159,11 @@ class Device:
         self.model: TFLiteModel | None = None
         self.global_head: dict[str, np.ndarray] | None = None
         self.personalized = False
+        self.model_source = None
         if (self.state_dir / "manifest.json").exists():
             self._load_current()
+        elif use_bundled_model:
+            self._load_bundled()
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -210,6 +214,24 @@ class Device:
     def _model_path(self, sha256: str, suffix: str) -> Path:
         return self.state_dir / "models" / f"{sha256}{suffix}"
 
+    def _load_bundled(self) -> None:
+        """The model shipped in the package, until the aggregator provides one (version 0, not federated)."""
+        paths = bundled_model_paths()
+        if paths is None:
+            return
+        model = TFLiteModel(paths[0], ModelMetadata.load(paths[1]), num_threads=self.num_threads, runtime=self.runtime)
+        self.model, self.global_head, self.model_source = model, model.get_weights(), "bundled"
+        self._load_personal(model)
+
+    def _load_personal(self, model: TFLiteModel) -> None:
+        personal = self.state_dir / "personal.head"
+        if personal.exists() and self.store.get("personal_base_version") == str(self.model_version):
+            try:
+                model.set_weights(unpack_arrays(model.metadata.head_layout, personal.read_bytes()))
+                self.personalized = True
+            except WireFormatError as exc:
+                log.warning("ignoring unreadable personalised head %s: %s", personal, exc)
+
     def _load_current(self) -> None:
         signed = SignedManifest.from_bytes((self.state_dir / "manifest.json").read_bytes(), self.server_key.verify)
         manifest = signed.manifest
@@ -222,14 +244,9 @@ class Device:
         global_head = unpack_arrays(manifest.metadata.head_layout, head.read_bytes())
         model.set_weights(global_head)
         self.manifest, self.model, self.global_head = manifest, model, global_head
+        self.model_source = "server"
         self.personalized = False
-        personal = self.state_dir / "personal.head"
-        if personal.exists() and self.store.get("personal_base_version") == str(manifest.version):
-            try:
-                model.set_weights(unpack_arrays(manifest.metadata.head_layout, personal.read_bytes()))
-                self.personalized = True
-            except WireFormatError as exc:
-                log.warning("ignoring unreadable personalised head %s: %s", personal, exc)
+        self._load_personal(model)
 
     def _install_manifest(self, signed_bytes: bytes) -> bool:
         """Verify, fetch what is missing, check every sha256, swap. Returns True on a new version."""
@@ -380,7 +397,7 @@ class Device:
         model = self._require_model()
         if not self.enrolled:
             raise FedserError("cannot make an update before enrolling")
-        if not self.personalized:
+        if not self.personalized or self.manifest is None:  # the bundled model is not federated
             return None
         if self.store.get("last_update_base_version") == str(self.model_version):
             return None
@@ -461,6 +478,7 @@ class Device:
             "device_id": self.device_id or None,
             "server_url": self.identity.get("server_url"),
             "model_version": self.model_version if self.model else None,
+            "model_source": self.model_source,
             "labels": list(self.metadata.labels) if self.model else [],
             "runtime": self.model.runtime if self.model else None,
             "personalized": self.personalized,

@@ -291,3 +291,20 @@ class TFLiteModel:
                 f"embeddings must have shape [n, {self.metadata.embedding_dim}], got {np.shape(embeddings)}"
             )
         return emb
+
+
+def bundled_model_paths() -> tuple[Path, Path] | None:
+    """``(default_model.tflite, default_model.json)`` shipped inside the package, or None if absent.
+
+    The bundled model (RAVDESS, four classes, trained by ``fedser-train``; its
+    report is ``edge_sdk/data/default_model.md``) lets the SDK classify out of
+    the box, before any enrollment.
+    """
+    from importlib import resources
+
+    data = resources.files("edge_sdk").joinpath("data")
+    tflite, meta = data.joinpath("default_model.tflite"), data.joinpath("default_model.json")
+    if not (tflite.is_file() and meta.is_file()):
+        return None
+    return Path(str(tflite)), Path(str(meta))
+

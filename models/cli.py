@@ -82,6 +82,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--augment", type=int, default=0, metavar="COPIES",
                    help="augmented copies per training clip (speed, gain, noise); 0 = off")
+    g.add_argument("--spec-augment", type=int, default=0, metavar="MASKS",
+                   help="SpecAugment: time and frequency masks per training example; 0 = off")
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training pairs; 0 = off")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
     g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="none")
@@ -135,6 +139,7 @@ def _configs(args):
     features = FeatureConfig(kind=args.features, utterance_norm=args.utterance_norm, max_frames=args.max_frames)
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
+                         spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,
                          augmentation=Augmentation(copies=args.augment, seed=args.seed))
     return features, config
 

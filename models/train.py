@@ -41,6 +41,9 @@ class TrainConfig:
     train_batch_size: int = 16  # the static batch of the exported `train` signature
     mixed_precision: str = "auto"  # "auto": on a GPU only; "on"; "off"
     augmentation: Augmentation = Augmentation()
+    spec_augment: int = 0  # time masks and frequency masks per training example (SpecAugment); 0: off
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of training pairs; 0: off
+    label_smoothing: float = 0.0
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -82,6 +85,47 @@ def _hardware() -> dict:
     return {"device": "GPU" if gpus else "CPU", "gpus": names, "cpu": _cpu_name(),
             "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "tensorflow": tf.__version__}
+
+
+def _batches(x: np.ndarray, y: np.ndarray, class_w: np.ndarray, num_classes: int, config: TrainConfig):
+    """A shuffled tf.data pipeline of (features, one-hot targets, class-balancing weights), with optional
+    SpecAugment masks (masked values become 0, the training mean) and mixup."""
+    import tensorflow as tf
+
+    onehot = np.eye(num_classes, dtype=np.float32)[y]
+    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), onehot, class_w[y]))
+    ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    frames, feats = x.shape[1], x.shape[2]
+
+    def spec_augment(xb, yb, wb):
+        for _ in range(config.spec_augment):
+            t = tf.random.uniform([], 0, max(1, frames // 10), tf.int32)
+            t0 = tf.random.uniform([], 0, frames - t + 1, tf.int32)
+            f = tf.random.uniform([], 0, max(1, feats // 8), tf.int32)
+            f0 = tf.random.uniform([], 0, feats - f + 1, tf.int32)
+            tmask = tf.logical_or(tf.range(frames) < t0, tf.range(frames) >= t0 + t)
+            fmask = tf.logical_or(tf.range(feats) < f0, tf.range(feats) >= f0 + f)
+            xb = xb * tf.cast(tmask, xb.dtype)[:, None] * tf.cast(fmask, xb.dtype)[None, :]
+        return xb, yb, wb
+
+    if config.spec_augment:
+        ds = ds.map(spec_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(config.batch_size)
+    if config.mixup > 0:
+        alpha = float(config.mixup)
+
+        def mixup(xb, yb, wb):
+            n = tf.shape(xb)[0]
+            g1 = tf.random.gamma([n], alpha)
+            g2 = tf.random.gamma([n], alpha)
+            lam = g1 / (g1 + g2)
+            perm = tf.random.shuffle(tf.range(n))
+            xl, yl = lam[:, None, None], lam[:, None]
+            return (xl * xb + (1 - xl) * tf.gather(xb, perm), yl * yb + (1 - yl) * tf.gather(yb, perm),
+                    lam * wb + (1 - lam) * tf.gather(wb, perm))
+
+        ds = ds.map(mixup, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(2)
 
 
 def train_baseline(
@@ -140,9 +184,10 @@ def train_baseline(
     finally:
         keras.mixed_precision.set_global_policy("float32")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing))
     counts = np.bincount(y_train, minlength=len(labels)).astype(float)
-    class_weight = {i: float(counts.sum() / (len(labels) * c)) for i, c in enumerate(counts) if c > 0}
+    class_w = np.array([counts.sum() / (len(labels) * c) if c > 0 else 0.0 for c in counts], np.float32)
+    batches = _batches(x_train, y_train, class_w, len(labels), config)
 
     best_uar, best_weights, history, waited = -1.0, None, [], 0
     train_started = time.perf_counter()
@@ -151,8 +196,7 @@ def train_baseline(
                file=sys.stderr, leave=False)
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
-        fit = model.fit(x_train, y_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
-                        class_weight=class_weight, shuffle=True)
+        fit = model.fit(batches, epochs=1, verbose=verbose)
         pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
         uar = classification_report(y_val, pred, labels)["uar"]
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
