@@ -68,7 +68,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     def refuse(status: int, reason: str, detail: str) -> Refused:
         return Refused(status, reason, detail, device_id=device.id, authenticated=True)
 
-    existing = session.get(Update, envelope.update_id)
+    update_id = envelope.update_id
+    existing = session.get(Update, update_id)
     if existing is not None:  # a retried post of an accepted update: same answer, counted once
         return Accepted(existing.update_id, existing.round_id, True, 0)
     if rate_limit_per_hour > 0:
@@ -111,7 +112,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
         raise refuse(409, "stale_base", f"the round of version {current.version} closed while this update "
                                         "arrived: pull the new model and retrain")
     now = time.time()
-    session.add(Update(update_id=envelope.update_id, device_id=device.id, round_id=rnd.id,
+    session.add(Update(update_id=update_id, device_id=device.id, round_id=rnd.id,
                        base_version=header.base_version, sequence=header.sequence,
                        num_examples=header.num_examples, l2_norm=norm, body=envelope.body, received_at=now,
                        staleness=staleness))
@@ -121,7 +122,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
         session.commit()
     except IntegrityError as exc:  # a unique constraint: which one says why
         session.rollback()
-        again = session.get(Update, envelope.update_id)
+        again = session.get(Update, update_id)
         if again is not None:  # a concurrent post of the same update won the race
             return Accepted(again.update_id, again.round_id, True, 0)
         if session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id,
@@ -129,5 +130,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
             raise refuse(409, "already_contributed",
                          f"device {device.id} already has an update in round {rnd.id}") from exc
         raise refuse(409, "replayed_sequence", f"concurrent update with sequence {header.sequence}") from exc
+    # Counted after the commit: under concurrency every post sees at least its own and earlier commits, so
+    # the post that completes the K-th update always sees K and closes the round.
     count = session.scalar(select(func.count()).select_from(Update).where(Update.round_id == rnd.id))
-    return Accepted(envelope.update_id, rnd.id, False, count)
+    return Accepted(update_id, rnd.id, False, count)

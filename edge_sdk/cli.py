@@ -1,14 +1,17 @@
 """``fedser-edge``: the device's command line.
 
-    fedser-edge [--state DIR] enroll --server URL --token TOKEN [--name NAME]
+    fedser-edge [--state DIR] [--config FILE] enroll --server URL --token TOKEN [--name NAME]
+    fedser-edge [--state DIR] listen [--feedback terminal|web|none] [--input-device NAME|INDEX] [--file F]
     fedser-edge [--state DIR] classify FILE [FILE ...]
     fedser-edge [--state DIR] feedback PREDICTION_ID up|down|LABEL
-    fedser-edge [--state DIR] train
-    fedser-edge [--state DIR] sync
-    fedser-edge [--state DIR] status
+    fedser-edge [--state DIR] train | sync | status | devices
+    fedser-edge [--state DIR] export-data [--out FILE] | wipe-data --yes
 
-The state folder defaults to ``$FEDSER_STATE_DIR`` or ``~/.local/share/fedser``.
-Output is JSON, one object per line, so scripts can read it.
+The state folder defaults to ``$FEDSER_STATE_DIR`` or ``~/.local/share/fedser``;
+the configuration is ``--config``, ``$FEDSER_EDGE_CONFIG`` or ``<state>/config.toml``
+with ``FEDSER_EDGE_*`` overrides (``edge_sdk.config``). Output is JSON, one
+object per line, so scripts can read it (``listen`` with terminal feedback
+talks to the person instead).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from edge_sdk.errors import FedserError
@@ -29,60 +33,196 @@ def _default_state() -> str:
     return os.environ.get("FEDSER_STATE_DIR") or str(Path.home() / ".local" / "share" / "fedser")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedser-edge", description="fedser device: classify, learn, federate")
     parser.add_argument("--state", default=_default_state(), help="state folder (default: %(default)s)")
-    parser.add_argument("--runtime", default="auto", choices=("auto", "ai_edge_litert", "tflite_runtime"))
-    parser.add_argument("--threads", type=int, default=1, help="interpreter threads")
+    parser.add_argument("--config", default=None, help="TOML config (default: <state>/config.toml if present)")
+    parser.add_argument("--runtime", default=None, choices=("auto", "ai_edge_litert", "tflite_runtime"))
+    parser.add_argument("--threads", type=int, default=None, help="interpreter threads")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("enroll", help="register with an aggregator using a one-time token")
     p.add_argument("--server", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--name", default="")
+    p = sub.add_parser("listen", help="classify speech from the microphone and take feedback")
+    p.add_argument("--feedback", choices=("terminal", "web", "none"), default=None)
+    p.add_argument("--input-device", default=None, help="input device name (substring) or index")
+    p.add_argument("--port", type=int, default=None, help="port of the feedback page (web)")
+    p.add_argument("--file", type=Path, default=None, help="stream this audio file instead of the microphone")
+    p.add_argument("--realtime", action="store_true", help="with --file: at the pace of real audio")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C or q)")
     p = sub.add_parser("classify", help="classify audio files (WAV/FLAC, any rate)")
     p.add_argument("files", nargs="+", type=Path)
     p = sub.add_parser("feedback", help="answer a prediction: up, down, or the right label")
     p.add_argument("prediction_id")
     p.add_argument("answer")
     p = sub.add_parser("train", help="fine-tune the head on the stored feedback now")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--min-examples", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--min-examples", type=int, default=None)
     p = sub.add_parser("sync", help="post pending updates and pull the current model")
-    p.add_argument("--clip-norm", type=float, default=0.0, help="clip the delta's L2 norm (0: off)")
-    p.add_argument("--noise-multiplier", type=float, default=0.0, help="Gaussian noise std / clip norm")
+    p.add_argument("--clip-norm", type=float, default=None, help="clip the delta's L2 norm (0: off)")
+    p.add_argument("--noise-multiplier", type=float, default=None, help="Gaussian noise std / clip norm")
     sub.add_parser("status", help="what this device holds")
-    args = parser.parse_args(argv)
+    sub.add_parser("devices", help="list audio input devices")
+    p = sub.add_parser("export-data", help="write everything stored about you as JSON")
+    p.add_argument("--out", type=Path, default=None, help="file (default: standard output)")
+    p = sub.add_parser("wipe-data", help="delete your predictions, answers and pending updates")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
+    from edge_sdk.config import load_config
     from edge_sdk.device import Device, PrivacyPolicy, TrainPolicy
 
     try:
-        device = Device(args.state, runtime=args.runtime, num_threads=args.threads)
+        cfg = load_config(args.config, state_dir=args.state)
+        if args.runtime:
+            cfg.runtime = args.runtime
+        if args.threads:
+            cfg.threads = args.threads
+        if args.command == "devices":
+            from edge_sdk.listen import list_input_devices
+
+            for d in list_input_devices():
+                _out(d)
+            return 0
+        train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
+                                   learning_rate=cfg.training.learning_rate)
+        device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_policy=train_policy)
+        privacy = PrivacyPolicy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier)
         if args.command == "enroll":
             device_id = device.enroll(args.server, args.token, name=args.name)
             _out({"device_id": device_id, "model_version": device.model_version})
+        elif args.command == "listen":
+            return _listen(device, cfg, args, train_policy, privacy)
         elif args.command == "classify":
             for path in args.files:
                 _out({"file": str(path), **device.classify_file(path).to_dict()})
+            _retention(device, cfg)
         elif args.command == "feedback":
             device.feedback(args.prediction_id, args.answer)
             _out({"prediction_id": args.prediction_id, "answer": args.answer, "stored": True})
         elif args.command == "train":
-            _out(device.personalize(TrainPolicy(epochs=args.epochs, min_examples=args.min_examples)).to_dict())
+            policy = TrainPolicy(epochs=args.epochs or train_policy.epochs,
+                                 min_examples=args.min_examples or train_policy.min_examples,
+                                 learning_rate=train_policy.learning_rate)
+            _out(device.personalize(policy).to_dict())
         elif args.command == "sync":
-            _out(device.sync(privacy=PrivacyPolicy(args.clip_norm, args.noise_multiplier)).to_dict())
+            if args.clip_norm is not None or args.noise_multiplier is not None:
+                privacy = PrivacyPolicy(args.clip_norm if args.clip_norm is not None else privacy.clip_norm,
+                                        args.noise_multiplier if args.noise_multiplier is not None
+                                        else privacy.noise_multiplier)
+            _out(device.sync(privacy=privacy).to_dict())
         elif args.command == "status":
-            _out(device.status())
+            _out({**device.status(), "personal_accuracy": device.store.personal_accuracy()})
+        elif args.command == "export-data":
+            data = json.dumps(device.store.export(), indent=1)
+            if args.out:
+                args.out.write_text(data)
+                _out({"exported": str(args.out), "bytes": len(data)})
+            else:
+                print(data)
+        elif args.command == "wipe-data":
+            if not args.yes:
+                print("fedser-edge: wipe-data deletes every prediction, answer and pending update of this device; "
+                      "run it again with --yes", file=sys.stderr)
+                return 2
+            removed = device.store.wipe()
+            (Path(args.state) / "personal.head").unlink(missing_ok=True)
+            _out({"wiped": removed})
     except FedserError as exc:
         print(f"fedser-edge: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
+def _retention(device, cfg) -> None:
+    device.store.enforce_retention(max_predictions=cfg.privacy.max_predictions,
+                                   max_age_days=cfg.privacy.max_age_days)
+
+
+def _listen(device, cfg, args, train_policy, privacy) -> int:
+    from edge_sdk.listen import Listener
+
+    if args.input_device is not None:
+        cfg.audio.device = args.input_device
+    mode = args.feedback or cfg.feedback.mode
+    if device.model is None:
+        raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
+    terminal = web = None
+    if mode == "terminal":
+        from edge_sdk.terminal import TerminalFeedback
+
+        terminal = TerminalFeedback(device)
+
+    def on_prediction(pred, audio):
+        _retention(device, cfg)
+        if terminal is not None:
+            terminal.prompt(pred)
+        else:
+            _out(pred.to_dict())
+
+    listener = Listener(device, cfg, on_prediction)
+    if mode == "web":
+        from edge_sdk.web import FeedbackServer
+
+        web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats).start()
+        print(json.dumps({"feedback_page": web.url}), flush=True)
+    listener.start(microphone=args.file is None)
+    if terminal is not None:
+        terminal.start()
+    started = time.monotonic()
+    last_sync = 0.0
+    trained_at = int(device.store.get("trained_feedback", "0"))
+    try:
+        if args.file is not None:
+            from edge_sdk.audio import load_audio
+
+            audio = load_audio(args.file, sample_rate=cfg.audio.sample_rate)
+            for i in range(0, len(audio), listener.blocksize):
+                listener.push(audio[i:i + listener.blocksize])
+                if args.realtime:
+                    time.sleep(cfg.audio.block_seconds)
+            tail = int(cfg.segmenter.hangover_seconds * cfg.audio.sample_rate) + listener.blocksize
+            listener.push(__import__("numpy").zeros(tail, "float32"))  # let the last utterance end
+        while True:
+            if args.seconds and time.monotonic() - started >= args.seconds:
+                break
+            if terminal is not None and terminal.quit_requested:
+                break
+            if args.file is not None and not args.seconds and listener.queue.empty() and terminal is None:
+                break
+            time.sleep(0.2)
+            answered = device.store.counts()["feedback"]
+            idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
+            if answered - trained_at >= cfg.training.min_new_feedback and idle:
+                report = device.personalize(train_policy)
+                trained_at = answered
+                device.store.set("trained_feedback", str(answered))
+                print(json.dumps({"trained": report.to_dict()}), flush=True)
+            if device.enrolled and time.monotonic() - last_sync >= cfg.sync.interval_seconds:
+                last_sync = time.monotonic()
+                try:
+                    print(json.dumps({"sync": device.sync(privacy=privacy).to_dict()}, default=str), flush=True)
+                except FedserError as exc:  # offline: the outbox keeps everything
+                    logging.getLogger("edge_sdk").warning("sync failed, will retry: %s", exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stats = listener.stop()
+        if web is not None:
+            web.stop()
+        print(json.dumps({"listen_stats": stats}), flush=True)
+    return 0
+
+
 def _out(obj: dict) -> None:
-    print(json.dumps(obj, default=str))
+    print(json.dumps(obj, default=str), flush=True)
 
 
 if __name__ == "__main__":

@@ -286,8 +286,11 @@ class Device:
         return self.manifest.version if self.manifest else 0
 
     # -- classify and feedback ------------------------------------------------------------
-    def classify(self, audio: np.ndarray, *, source: str = "") -> Prediction:
-        """Classify one utterance (float mono at the model's sample rate) and remember it."""
+    def classify(self, audio: np.ndarray, *, source: str = "", keep_audio: bool = False) -> Prediction:
+        """Classify one utterance (float mono at the model's sample rate) and remember it.
+
+        The store keeps features and embedding; the audio itself only with ``keep_audio`` (opt-in).
+        """
         model = self._require_model()
         started = time.perf_counter()
         feats = extract(np.asarray(audio, np.float32), model.metadata.features, model.metadata.normalization)
@@ -305,6 +308,8 @@ class Device:
         self.store.add_prediction(
             prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
             embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
+            audio=np.asarray(audio, np.float32) if keep_audio else None,
+            sample_rate=model.metadata.features.sample_rate if keep_audio else None,
         )
         return pred
 

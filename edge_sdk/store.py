@@ -34,8 +34,11 @@ CREATE TABLE IF NOT EXISTS predictions (
     embedding BLOB NOT NULL,
     features BLOB,
     latency_ms REAL NOT NULL,
-    source TEXT NOT NULL DEFAULT ''
+    source TEXT NOT NULL DEFAULT '',
+    audio BLOB,
+    sample_rate INTEGER
 );
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
 CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT PRIMARY KEY REFERENCES predictions(id) ON DELETE CASCADE,
     kind TEXT NOT NULL CHECK (kind IN ('up', 'down', 'label')),
@@ -95,6 +98,10 @@ class FeedbackStore:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(predictions)")}
+            for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER")):  # files from before these columns
+                if name not in columns:
+                    self._conn.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -126,17 +133,21 @@ class FeedbackStore:
         features: np.ndarray | None,
         latency_ms: float,
         source: str = "",
+        audio: np.ndarray | None = None,
+        sample_rate: int | None = None,
     ) -> None:
+        """Store a prediction; ``audio`` (kept as 16-bit PCM) only when the user opted in."""
+        pcm = None if audio is None else (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
         with self._tx() as c:
             c.execute(
                 "INSERT INTO predictions(id, created_at, model_version, label, probs, embedding, features,"
-                " latency_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " latency_ms, source, audio, sample_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     prediction_id, time.time(), int(model_version), label,
                     json.dumps([round(float(p), 6) for p in probs]),
                     np.asarray(embedding, "<f4").tobytes(),
                     None if features is None else np.asarray(features, "<f4").tobytes(),
-                    float(latency_ms), source,
+                    float(latency_ms), source, pcm, sample_rate if pcm is not None else None,
                 ),
             )
 
@@ -204,6 +215,82 @@ class FeedbackStore:
             **{f"feedback_{k}": by_kind.get(k, 0) for k in FEEDBACK_KINDS},
             **{f"outbox_{k}": outbox.get(k, 0) for k in ("pending", "accepted", "rejected")},
         }
+
+    def recent(self, limit: int = 20) -> list[dict]:
+        """The latest predictions with their feedback, newest first (what the local page shows)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source, f.kind,"
+                " f.label FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id"
+                " ORDER BY p.created_at DESC, p.id LIMIT ?", (int(limit),)).fetchall()
+        keys = ("id", "created_at", "model_version", "label", "probs", "latency_ms", "source", "feedback",
+                "corrected_label")
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        for item in out:
+            item["probs"] = json.loads(item["probs"])
+        return out
+
+    def personal_accuracy(self) -> dict:
+        """How often the model was right for this user: thumbs-up over all answered predictions."""
+        with self._lock:
+            by_kind = dict(self._conn.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind").fetchall())
+        answered = sum(by_kind.values())
+        return {"answered": answered, "right": by_kind.get("up", 0),
+                "accuracy": by_kind.get("up", 0) / answered if answered else None}
+
+    # -- the user's own data: retention, export, wipe ---------------------------------------
+    def enforce_retention(self, *, max_predictions: int = 0, max_age_days: float = 0.0,
+                          now: float | None = None) -> int:
+        """Delete the oldest predictions (and their feedback) beyond the limits; returns how many went."""
+        now = time.time() if now is None else now
+        removed = 0
+        with self._tx() as c:
+            if max_age_days > 0:
+                removed += c.execute("DELETE FROM predictions WHERE created_at < ?",
+                                     (now - max_age_days * 86400,)).rowcount
+            if max_predictions > 0:
+                removed += c.execute(
+                    "DELETE FROM predictions WHERE id IN (SELECT id FROM predictions ORDER BY created_at DESC, id"
+                    " LIMIT -1 OFFSET ?)", (int(max_predictions),)).rowcount
+        return removed
+
+    def export(self) -> dict:
+        """Everything stored about the user, as JSON-ready data (arrays as base64 little-endian)."""
+        import base64
+
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source, p.embedding,"
+                " p.features, p.audio, p.sample_rate, f.kind, f.label, f.created_at FROM predictions p"
+                " LEFT JOIN feedback f ON f.prediction_id = p.id ORDER BY p.created_at, p.id").fetchall()
+            outbox = self._conn.execute("SELECT seq, base_version, created_at, attempts, state FROM outbox"
+                                        " ORDER BY seq").fetchall()
+        def b64(b):
+            return (base64.b64encode(b).decode() if b is not None else None)
+        return {
+            "format": "fedser-edge-export/1",
+            "exported_at": time.time(),
+            "arrays": "base64 of little-endian float32 (embedding, features) or int16 PCM (audio)",
+            "predictions": [
+                {"id": r[0], "created_at": r[1], "model_version": r[2], "label": r[3], "probs": json.loads(r[4]),
+                 "latency_ms": r[5], "source": r[6], "embedding": b64(r[7]), "features": b64(r[8]),
+                 "audio": b64(r[9]), "sample_rate": r[10],
+                 "feedback": None if r[11] is None else {"kind": r[11], "label": r[12], "created_at": r[13]}}
+                for r in rows],
+            "outbox": [{"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3], "state": r[4]}
+                       for r in outbox],
+        }
+
+    def wipe(self) -> dict:
+        """Delete every prediction, answer and pending update, and rewrite the file so nothing lingers."""
+        with self._tx() as c:
+            preds = c.execute("DELETE FROM predictions").rowcount
+            pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
+            c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')")
+        with self._lock:
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"predictions": preds, "pending_updates": pending}
 
     # -- outbox ---------------------------------------------------------------------------
     def next_sequence(self) -> int:

@@ -196,7 +196,7 @@ def train_baseline(
                file=sys.stderr, leave=False)
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
-        fit = model.fit(batches, epochs=1, verbose=verbose)
+        fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles
         pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
         uar = classification_report(y_val, pred, labels)["uar"]
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,

@@ -1,0 +1,204 @@
+"""The device's configuration: a TOML file with environment-variable overrides.
+
+Order (later wins): defaults, the TOML file (``--config``, ``$FEDSER_EDGE_CONFIG``
+or ``<state>/config.toml``), then ``FEDSER_EDGE_<SECTION>_<KEY>`` variables, e.g.
+``FEDSER_EDGE_AUDIO_DEVICE="USB Audio"`` or ``FEDSER_EDGE_WEB_PORT=8090``.
+An unknown section or key, or a value of the wrong type, is an error that names it.
+
+Example ``config.toml``::
+
+    [audio]
+    device = "USB"          # name substring or index; "" = the system default input
+    block_seconds = 0.05
+
+    [segmenter]
+    threshold_db = 12.0     # speech = this far above the running noise floor
+    min_seconds = 0.6
+    max_seconds = 6.0
+    hangover_seconds = 0.35
+
+    [feedback]
+    mode = "web"            # "terminal", "web" or "none"
+
+    [web]
+    host = "127.0.0.1"
+    port = 8090
+
+    [privacy]
+    store_audio = false     # keep raw audio of predictions (opt-in)
+    max_predictions = 5000  # retention: oldest removed beyond this (0: no limit)
+    max_age_days = 90
+    clip_norm = 0.0         # differential privacy of posted deltas
+    noise_multiplier = 0.0
+
+    [training]
+    min_new_feedback = 8
+    epochs = 10
+    learning_rate = 0.05
+    idle_seconds = 30       # train only after this long without speech
+
+    [sync]
+    interval_seconds = 3600
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from edge_sdk.errors import ParameterError
+
+__all__ = ["EdgeConfig", "load_config"]
+
+
+@dataclass
+class AudioConfig:
+    device: str = ""
+    sample_rate: int = 16000
+    block_seconds: float = 0.05
+    queue_blocks: int = 400  # about 20 s of audio may wait for the worker before blocks are dropped
+
+
+@dataclass
+class SegmenterConfig:
+    threshold_db: float = 12.0
+    min_seconds: float = 0.6
+    max_seconds: float = 6.0
+    hangover_seconds: float = 0.35
+    pre_roll_seconds: float = 0.2
+    floor_db: float = -70.0  # energies below this are silence whatever the noise floor
+
+
+@dataclass
+class FeedbackConfig:
+    mode: str = "terminal"
+
+
+@dataclass
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8090
+
+
+@dataclass
+class PrivacyConfig:
+    store_audio: bool = False
+    max_predictions: int = 5000
+    max_age_days: float = 90.0
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    min_new_feedback: int = 8
+    epochs: int = 10
+    learning_rate: float = 0.05
+    idle_seconds: float = 30.0
+
+
+@dataclass
+class SyncConfig:
+    interval_seconds: float = 3600.0
+
+
+@dataclass
+class EdgeConfig:
+    runtime: str = "auto"
+    threads: int = 1
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> EdgeConfig:
+        if self.feedback.mode not in ("terminal", "web", "none"):
+            raise ParameterError(f"feedback.mode must be terminal, web or none, got {self.feedback.mode!r}")
+        if self.runtime not in ("auto", "ai_edge_litert", "tflite_runtime"):
+            raise ParameterError(f"runtime must be auto, ai_edge_litert or tflite_runtime, got {self.runtime!r}")
+        s = self.segmenter
+        if not 0 < s.min_seconds < s.max_seconds:
+            raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
+        if self.audio.block_seconds <= 0 or self.audio.queue_blocks < 1:
+            raise ParameterError("audio.block_seconds must be positive and audio.queue_blocks at least 1")
+        return self
+
+
+def _coerce(value, target_type, where: str):
+    if target_type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+    elif target_type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif target_type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target_type is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+    raise ParameterError(f"{where} must be {target_type.__name__}, got {value!r}")
+
+
+def _apply(cfg: EdgeConfig, data: dict, origin: str) -> None:
+    sections = {f.name: f for f in fields(cfg)}
+    for key, value in data.items():
+        if key not in sections:
+            raise ParameterError(f"{origin}: unknown setting {key!r} (known: {sorted(sections)})")
+        current = getattr(cfg, key)
+        if hasattr(current, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ParameterError(f"{origin}: [{key}] must be a table")
+            known = {f.name: f for f in fields(current)}
+            for sub, v in value.items():
+                if sub not in known:
+                    raise ParameterError(f"{origin}: unknown setting {key}.{sub} (known: {sorted(known)})")
+                setattr(current, sub, _coerce(v, type(getattr(current, sub)), f"{origin}: {key}.{sub}"))
+        else:
+            setattr(cfg, key, _coerce(value, type(current), f"{origin}: {key}"))
+
+
+def load_config(path: str | os.PathLike | None = None, *, state_dir: str | os.PathLike | None = None,
+                environ: dict | None = None) -> EdgeConfig:
+    """Defaults, then the TOML file (if any), then ``FEDSER_EDGE_*`` environment variables."""
+    environ = os.environ if environ is None else environ
+    cfg = EdgeConfig()
+    candidate = path or environ.get("FEDSER_EDGE_CONFIG") or (Path(state_dir) / "config.toml" if state_dir else None)
+    if candidate is not None:
+        candidate = Path(candidate)
+        if candidate.exists():
+            try:
+                data = tomllib.loads(candidate.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise ParameterError(f"{candidate}: not valid TOML: {exc}") from exc
+            _apply(cfg, data, str(candidate))
+        elif path is not None or environ.get("FEDSER_EDGE_CONFIG"):
+            raise ParameterError(f"config file not found: {candidate}")
+    prefix = "FEDSER_EDGE_"
+    for name, value in environ.items():
+        if not name.startswith(prefix) or name == "FEDSER_EDGE_CONFIG":
+            continue
+        parts = name[len(prefix):].lower().split("_", 1)
+        section = parts[0]
+        if hasattr(getattr(cfg, section, None), "__dataclass_fields__") and len(parts) == 2:
+            _apply(cfg, {section: {parts[1]: value}}, f"${name}")
+        else:
+            _apply(cfg, {name[len(prefix):].lower(): value}, f"${name}")
+    return cfg.validate()

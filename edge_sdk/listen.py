@@ -1,0 +1,234 @@
+"""Listening: microphone (sounddevice/PortAudio) -> queue -> utterance segmentation -> classification.
+
+The audio callback only copies each block into a bounded queue; segmentation
+and inference run in a worker thread, so the model never holds up the audio
+stream. A block that finds the queue full is dropped and counted; an input
+overflow reported by PortAudio is counted; :meth:`Listener.stats` reports both,
+never silently.
+
+Segmentation is energy based: 20 ms frames whose level is ``threshold_db``
+above a running noise floor (and above ``floor_db``) are speech; an utterance
+ends after ``hangover_seconds`` of non-speech, is cut at ``max_seconds``, is
+dropped (and counted) when shorter than ``min_seconds``, and starts with
+``pre_roll_seconds`` of the audio before the onset.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from edge_sdk.config import EdgeConfig, SegmenterConfig
+from edge_sdk.errors import AudioError, RuntimeUnavailableError
+
+log = logging.getLogger("edge_sdk")
+
+__all__ = ["Segmenter", "Listener", "list_input_devices", "resolve_input_device", "import_sounddevice"]
+
+FRAME_SECONDS = 0.02
+
+
+class Segmenter:
+    """Cuts a stream of audio blocks into utterances (see the module docstring)."""
+
+    def __init__(self, cfg: SegmenterConfig, sample_rate: int) -> None:
+        self.cfg, self.sr = cfg, sample_rate
+        self.frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
+        self._pending = np.zeros(0, np.float32)
+        self._pre = collections.deque(maxlen=max(1, int(round(cfg.pre_roll_seconds / FRAME_SECONDS))))
+        self._utt: list[np.ndarray] = []
+        self._silent_frames = 0
+        self._noise_db: float | None = None
+        self.too_short = 0
+        self.utterances = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return bool(self._utt)
+
+    def _level_db(self, frame: np.ndarray) -> float:
+        return float(10 * np.log10(np.mean(frame.astype(np.float64) ** 2) + 1e-12))
+
+    def feed(self, block: np.ndarray) -> list[np.ndarray]:
+        """Add samples; returns the utterances completed by them."""
+        out = []
+        data = np.concatenate([self._pending, np.asarray(block, np.float32).reshape(-1)])
+        n = len(data) // self.frame
+        self._pending = data[n * self.frame:]
+        hang = max(1, int(round(self.cfg.hangover_seconds / FRAME_SECONDS)))
+        max_frames = int(round(self.cfg.max_seconds / FRAME_SECONDS))
+        for i in range(n):
+            frame = data[i * self.frame:(i + 1) * self.frame]
+            level = self._level_db(frame)
+            if self._noise_db is None:
+                self._noise_db = level
+            speech = level > max(self._noise_db + self.cfg.threshold_db, self.cfg.floor_db)
+            if not speech and not self._utt:  # the floor follows the background, quickly down, slowly up
+                rate = 0.2 if level < self._noise_db else 0.02
+                self._noise_db += rate * (level - self._noise_db)
+            if self._utt:
+                self._utt.append(frame)
+                self._silent_frames = 0 if speech else self._silent_frames + 1
+                if self._silent_frames >= hang or len(self._utt) >= max_frames:
+                    out.extend(self._finish())
+            elif speech:
+                self._utt = [*self._pre, frame]
+                self._pre.clear()
+                self._silent_frames = 0
+            else:
+                self._pre.append(frame)
+        return out
+
+    def _finish(self) -> list[np.ndarray]:
+        frames = self._utt[: len(self._utt) - self._silent_frames + min(self._silent_frames, 5)]
+        self._utt, self._silent_frames = [], 0
+        audio = np.concatenate(frames) if frames else np.zeros(0, np.float32)
+        if len(audio) < self.cfg.min_seconds * self.sr:
+            self.too_short += 1
+            return []
+        self.utterances += 1
+        return [audio]
+
+    def flush(self) -> list[np.ndarray]:
+        """End of stream: the utterance in progress, if long enough."""
+        return self._finish() if self._utt else []
+
+
+def import_sounddevice():
+    """``sounddevice``, or a RuntimeUnavailableError that says how to get it."""
+    try:
+        import sounddevice
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            "the microphone needs sounddevice: pip install 'fedser[audio]'") from exc
+    except OSError as exc:  # sounddevice imports, but cannot load libportaudio
+        raise RuntimeUnavailableError(
+            f"PortAudio is missing ({exc}): on Raspberry Pi OS / Debian run `sudo apt install libportaudio2`") from exc
+    return sounddevice
+
+
+def list_input_devices() -> list[dict]:
+    sd = import_sounddevice()
+    return [{"index": i, "name": d["name"], "channels": d["max_input_channels"],
+             "default_samplerate": d["default_samplerate"]}
+            for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0]
+
+
+def resolve_input_device(spec: str) -> int | None:
+    """The input device index for ``spec``: an index, a name substring, or "" for the system default."""
+    inputs = list_input_devices()
+    if not inputs:
+        raise AudioError("no audio input device found: plug in a USB microphone and check `arecord -l`")
+    if spec == "":
+        return None
+    if spec.strip().isdigit():
+        idx = int(spec)
+        if any(d["index"] == idx for d in inputs):
+            return idx
+    else:
+        matches = [d for d in inputs if spec.lower() in d["name"].lower()]
+        if len(matches) == 1:
+            return matches[0]["index"]
+        if len(matches) > 1:
+            raise AudioError(f"input device {spec!r} is ambiguous: {[d['name'] for d in matches]}")
+    names = ", ".join(f"{d['index']}: {d['name']}" for d in inputs)
+    raise AudioError(f"no input device {spec!r}; inputs here: {names}")
+
+
+class Listener:
+    """Microphone (or any block source) -> segmenter -> ``device.classify`` in a worker thread.
+
+    ``on_prediction(prediction, audio)`` is called from the worker for each utterance.
+    """
+
+    def __init__(self, device, cfg: EdgeConfig, on_prediction: Callable | None = None) -> None:
+        self.device, self.cfg = device, cfg
+        self.on_prediction = on_prediction
+        self.sample_rate = cfg.audio.sample_rate
+        self.blocksize = max(1, int(round(cfg.audio.block_seconds * self.sample_rate)))
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
+        self.segmenter = Segmenter(cfg.segmenter, self.sample_rate)
+        self.blocks = self.dropped_blocks = self.overflows = self.predictions = self.errors = 0
+        self.last_speech = time.monotonic()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._stream = None
+
+    # -- the audio side: copy and enqueue only ------------------------------------------------
+    def _callback(self, indata, frames, time_info, status) -> None:
+        if status and getattr(status, "input_overflow", False):
+            self.overflows += 1
+        self.push(indata[:, 0] if indata.ndim == 2 else indata)
+
+    def push(self, block: np.ndarray) -> None:
+        """Enqueue one block (the callback does this; tests and file sources may too). Never blocks."""
+        self.blocks += 1
+        try:
+            self.queue.put_nowait(np.array(block, dtype=np.float32, copy=True))
+        except queue.Full:
+            self.dropped_blocks += 1
+
+    # -- the worker: segment and classify ------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                block = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            for utt in self.segmenter.feed(block):
+                self._classify(utt)
+            if self.segmenter.in_speech:
+                self.last_speech = time.monotonic()
+        for utt in self.segmenter.flush():
+            self._classify(utt)
+
+    def _classify(self, audio: np.ndarray) -> None:
+        self.last_speech = time.monotonic()
+        try:
+            pred = self.device.classify(audio, source="microphone",
+                                        keep_audio=self.cfg.privacy.store_audio)
+        except Exception:  # one bad utterance must not stop listening
+            self.errors += 1
+            log.exception("classification failed")
+            return
+        self.predictions += 1
+        if self.on_prediction is not None:
+            self.on_prediction(pred, audio)
+
+    def start(self, *, microphone: bool = True) -> Listener:
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._run, name="fedser-listen", daemon=True)
+        self._worker.start()
+        if microphone:
+            sd = import_sounddevice()
+            device = resolve_input_device(self.cfg.audio.device)
+            try:
+                self._stream = sd.InputStream(samplerate=self.sample_rate, channels=1, dtype="float32",
+                                              blocksize=self.blocksize, device=device, callback=self._callback)
+                self._stream.start()
+            except Exception as exc:
+                self.stop()
+                raise AudioError(f"cannot open the input device {self.cfg.audio.device or '(default)'} at "
+                                 f"{self.sample_rate} Hz: {exc}") from exc
+        return self
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
+            self._stream = None
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+        return self.stats()
+
+    def stats(self) -> dict:
+        return {"blocks": self.blocks, "dropped_blocks": self.dropped_blocks, "input_overflows": self.overflows,
+                "utterances": self.segmenter.utterances, "too_short": self.segmenter.too_short,
+                "predictions": self.predictions, "errors": self.errors, "queued": self.queue.qsize()}

@@ -1,0 +1,100 @@
+"""Single-keypress feedback in a terminal: after each prediction, one key answers it.
+
+    angry (83 %)   [u] right  [d] wrong  [1] angry [2] happy [3] neutral [4] sad  [space] skip
+
+In a real terminal the key is read without Enter (raw mode, restored on
+exit); on a pipe, one line per answer works the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+
+from edge_sdk.errors import FedserError
+
+__all__ = ["TerminalFeedback", "key_map"]
+
+
+def key_map(labels) -> dict[str, str]:
+    """Key -> answer: ``u`` up, ``d`` down, ``1``..``9`` the labels in order."""
+    keys = {"u": "up", "d": "down"}
+    keys.update({str(i + 1): lab for i, lab in enumerate(labels[:9])})
+    return keys
+
+
+class TerminalFeedback:
+    def __init__(self, device, *, stdin=None, stdout=None) -> None:
+        self.device = device
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self._latest: str | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.answers = 0
+
+    def prompt(self, prediction, _audio=None) -> None:
+        labels = list(self.device.metadata.labels)
+        keys = "  ".join(f"[{k}] {v}" for k, v in key_map(labels).items() if k not in "ud")
+        conf = round(100 * max(prediction.probs.values()))
+        with self._lock:
+            self._latest = prediction.id
+        self.stdout.write(f"\r\n{prediction.label} ({conf} %)   [u] right  [d] wrong  {keys}  [space] skip\r\n")
+        self.stdout.flush()
+
+    def handle_key(self, key: str) -> str | None:
+        """Apply one key to the latest prediction; returns the stored answer, or None."""
+        labels = list(self.device.metadata.labels)
+        answer = key_map(labels).get(key.lower())
+        with self._lock:
+            pid, self._latest = self._latest, (None if answer else self._latest)
+        if answer is None or pid is None:
+            return None
+        try:
+            self.device.feedback(pid, answer)
+        except FedserError as exc:
+            self.stdout.write(f"\r\nnot stored: {exc}\r\n")
+            return None
+        self.answers += 1
+        acc = self.device.store.personal_accuracy()
+        self.stdout.write(f"\r\nstored {answer}: right {acc['right']} of {acc['answered']}\r\n")
+        self.stdout.flush()
+        return answer
+
+    def _read_loop(self) -> None:
+        fd = self.stdin.fileno() if hasattr(self.stdin, "fileno") else None
+        raw = fd is not None and os.isatty(fd)
+        with _raw_mode(fd) if raw else contextlib.nullcontext():
+            while not self._stop.is_set():
+                ch = os.read(fd, 1).decode(errors="ignore") if raw else self.stdin.readline()[:1]
+                if ch == "":
+                    return  # end of input
+                if ch in ("\x03", "\x04", "q"):  # Ctrl-C, Ctrl-D, q
+                    self._stop.set()
+                    return
+                self.handle_key(ch)
+
+    def start(self) -> TerminalFeedback:
+        self._thread = threading.Thread(target=self._read_loop, name="fedser-keys", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def quit_requested(self) -> bool:
+        return self._stop.is_set()
+
+
+@contextlib.contextmanager
+def _raw_mode(fd: int):
+    import termios
+    import tty
+
+    old = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)

@@ -1,0 +1,92 @@
+"""Device configuration (TOML + environment) and the listening pipeline (segmentation, queue, counters)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_sdk.config import load_config
+from edge_sdk.errors import ParameterError
+from edge_sdk.listen import Segmenter
+
+SR = 16000
+
+
+def test_toml_then_environment_overrides(tmp_path):
+    (tmp_path / "config.toml").write_text('threads = 2\n[audio]\ndevice = "USB"\n[web]\nport = 9001\n'
+                                          '[privacy]\nstore_audio = true\nmax_predictions = 10\n')
+    cfg = load_config(state_dir=tmp_path, environ={"FEDSER_EDGE_WEB_PORT": "9100",
+                                                   "FEDSER_EDGE_PRIVACY_STORE_AUDIO": "false"})
+    assert cfg.threads == 2 and cfg.audio.device == "USB" and cfg.privacy.max_predictions == 10
+    assert cfg.web.port == 9100 and cfg.privacy.store_audio is False  # the environment wins
+    assert load_config(environ={}).feedback.mode == "terminal"  # defaults without any file
+
+
+@pytest.mark.parametrize("text, env, message", [
+    ("[audio]\ndevise = 'x'\n", {}, "unknown setting audio.devise"),
+    ("[web]\nport = 'eighty'\n", {}, "web.port must be int"),
+    ("[feedback]\nmode = 'email'\n", {}, "feedback.mode"),
+    ("[segmenter]\nmin_seconds = 9.0\n", {}, "min_seconds < max_seconds"),
+    ("not toml [", {}, "not valid TOML"),
+    ("", {"FEDSER_EDGE_TRAINING_EPOCHS": "many"}, "FEDSER_EDGE_TRAINING_EPOCHS: training.epochs must be int"),
+])
+def test_bad_config_names_what_is_wrong(tmp_path, text, env, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ParameterError, match=message):
+        load_config(path, environ=env)
+    with pytest.raises(ParameterError, match="config file not found"):
+        load_config(tmp_path / "missing.toml", environ={})
+
+
+def _speech(seconds: float, rng, level: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (level * np.sin(2 * np.pi * 180 * t) * (1 + 0.3 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+def _silence(seconds: float, rng) -> np.ndarray:
+    return (0.002 * rng.standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def test_segmenter_finds_utterances_drops_blips_and_cuts_long_speech(rng):
+    cfg = load_config(environ={}).segmenter
+    stream = np.concatenate([_silence(1.0, rng), _speech(1.5, rng), _silence(0.8, rng), _speech(0.2, rng),
+                             _silence(0.8, rng), _speech(2.0, rng), _silence(0.1, rng), _speech(0.5, rng),
+                             _silence(1.0, rng), _speech(13.0, rng), _silence(1.0, rng)])
+    seg = Segmenter(cfg, SR)
+    utts = []
+    for i in range(0, len(stream), 800):  # 50 ms blocks, as the microphone delivers them
+        utts += seg.feed(stream[i:i + 800])
+    utts += seg.flush()
+    durations = [round(len(u) / SR, 1) for u in utts]
+    # 1.5 s; the 0.2 s blip is too short; 2.0 + 0.1 gap + 0.5 joins (gap < hangover); 13 s cut at 6 + 6 + rest
+    assert len(durations) == 5 and seg.too_short == 1, durations
+    assert 1.5 <= durations[0] <= 2.0 and 2.6 <= durations[1] <= 3.2
+    assert durations[2] == durations[3] == 6.0 and 0.6 <= durations[4] <= 1.6
+
+
+def test_listener_counts_blocks_it_had_to_drop(tmp_path, rng):
+    from edge_sdk.device import Device
+    from edge_sdk.listen import Listener
+
+    device = Device(tmp_path / "dev")
+    if device.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    cfg = load_config(environ={"FEDSER_EDGE_AUDIO_QUEUE_BLOCKS": "3"})
+    got = []
+    listener = Listener(device, cfg, lambda pred, audio: got.append((pred, len(audio)))).start(microphone=False)
+    stream = np.concatenate([_silence(0.5, rng), _speech(1.2, rng), _silence(1.0, rng)] * 3)
+    for i in range(0, len(stream), 800):
+        listener.push(stream[i:i + 800])  # far faster than real time: the queue of 3 must overflow
+    stats = listener.stop()
+    assert stats["blocks"] == int(np.ceil(len(stream) / 800))
+    assert stats["dropped_blocks"] > 0 and stats["queued"] == 0  # counted, never silent
+    slow = Listener(device, load_config(environ={}), lambda pred, audio: got.append((pred, len(audio))))
+    slow.start(microphone=False)
+    got.clear()
+    for i in range(0, len(stream), 800):
+        slow.push(stream[i:i + 800])
+    stats = slow.stop()
+    assert stats["dropped_blocks"] == 0 and stats["utterances"] == 3 == len(got)
+    assert all(p.model_version == 0 and p.label in device.metadata.labels for p, _ in got)
+    assert device.store.counts()["predictions"] >= 3

@@ -1,0 +1,208 @@
+"""Feedback the ways a user gives it (the local page in Chromium, a keypress in a terminal), and the user's data:
+export, wipe, retention, and the personalised head surviving a kill at any moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_sdk.device import Device
+from tests.conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def device(tmp_path):
+    dev = Device(tmp_path / "dev")
+    if dev.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    return dev
+
+
+@pytest.fixture(scope="module")
+def clips(ravdess_root):
+    return sorted(ravdess_root.glob("Actor_21/*.flac"))[:6]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_local_page_in_headless_chromium_click_thumbs_and_pick_a_label(device, clips, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    preds = [device.classify_file(p) for p in clips[:3]]
+    server = FeedbackServer(device, port=free_port()).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(server.url)
+            page.wait_for_selector(f'.pred[data-id="{preds[0].id}"]')
+            assert page.locator(".pred").count() == 3
+            page.click(f'button.up[data-id="{preds[0].id}"]')
+            page.click(f'button.down[data-id="{preds[1].id}"]')
+            other = next(lab for lab in device.metadata.labels if lab != preds[2].label)
+            page.select_option(f'select.fix[data-id="{preds[2].id}"]', other)
+            page.locator(".answered").nth(2).wait_for()
+            assert page.inner_text("#accuracy").startswith("right 1 of 3")
+            page.screenshot(path=str(tmp_path / "feedback-page.png"), full_page=True)
+            browser.close()
+    finally:
+        server.stop()
+    answers = {e.prediction_id: (e.kind, e.target) for e in device.store.examples()}
+    assert answers == {preds[0].id: ("up", preds[0].label), preds[1].id: ("down", preds[1].label),
+                       preds[2].id: ("label", other)}
+    assert (tmp_path / "feedback-page.png").stat().st_size > 10_000
+    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copy(tmp_path / "feedback-page.png", artifacts)
+
+
+def test_the_page_refuses_cross_site_posts(device, clips):
+    import requests
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    pred = device.classify_file(clips[0])
+    server = FeedbackServer(device, port=free_port()).start()
+    try:
+        url = server.url + "api/feedback"
+        r = requests.post(url, json={"id": pred.id, "answer": "up"}, headers={"Origin": "http://evil.example"})
+        assert (r.status_code, r.json()["error"]) == (403, "cross_origin")
+        r = requests.post(url, data=f"id={pred.id}&answer=up", headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415
+        r = requests.post(url, json={"id": pred.id, "answer": "furious"})
+        assert r.status_code == 400 and "furious" in r.json()["detail"]
+        assert device.store.counts()["feedback"] == 0
+    finally:
+        server.stop()
+
+
+def test_single_keypress_in_a_terminal(tmp_path, clips):
+    """``fedser-edge listen --file ... --feedback terminal`` in a pseudo-terminal; one key answers, no Enter."""
+    state = tmp_path / "dev"
+    if Device(state).model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen",
+                                  "--file", str(clips[0]), "--feedback", "terminal", "--seconds", "60"])
+    out = b""
+    try:
+        deadline = time.time() + 60
+        while b"[space] skip" not in out and time.time() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                out += os.read(fd, 4096)
+        assert b"[u] right" in out, out.decode(errors="replace")
+        os.write(fd, b"u")  # one key, no Enter
+        while b"stored up" not in out and time.time() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                out += os.read(fd, 4096)
+        assert b"stored up: right 1 of 1" in out, out.decode(errors="replace")
+        os.write(fd, b"q")
+        while time.time() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    assert b"listen_stats" in out
+    dev = Device(state)
+    assert [e.kind for e in dev.store.examples()] == ["up"]
+
+
+def test_export_wipe_and_retention(device, clips, tmp_path):
+    preds = [device.classify(np.zeros(16000, np.float32) + 0.01 * np.sin(np.arange(16000) / 5.0), keep_audio=i == 0)
+             for i in range(4)]
+    device.feedback(preds[0].id, "up")
+    data = device.store.export()
+    assert data["format"] == "fedser-edge-export/1" and len(data["predictions"]) == 4
+    first = next(p for p in data["predictions"] if p["id"] == preds[0].id)
+    assert first["feedback"]["kind"] == "up" and first["audio"] is not None and first["sample_rate"] == 16000
+    assert all(p["audio"] is None for p in data["predictions"] if p["id"] != preds[0].id)  # audio only opted in
+    assert device.store.enforce_retention(max_predictions=2) == 2 and device.store.counts()["predictions"] == 2
+    old = time.time() + 10 * 86400
+    assert device.store.enforce_retention(max_age_days=5, now=old) == 2
+    device.classify_file(clips[0])
+    emb = device.store.export()["predictions"][0]["embedding"]
+    removed = device.store.wipe()
+    assert removed["predictions"] == 1 and device.store.counts()["predictions"] == 0
+    raw = b"".join(p.read_bytes() for p in device.state_dir.glob("fedser.db*"))
+    import base64
+
+    assert base64.b64decode(emb)[:64] not in raw  # the bytes are gone from the file, not just unlinked
+
+
+def test_cli_export_and_wipe(tmp_path, clips):
+    state = tmp_path / "dev"
+    if Device(state).model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    pred = json.loads(cli("classify", str(clips[0])).stdout)
+    assert cli("feedback", pred["id"], "down").returncode == 0
+    out = cli("export-data", "--out", str(tmp_path / "mine.json"))
+    assert out.returncode == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["predictions"][0]["id"] == pred["id"]
+    refused = cli("wipe-data")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert json.loads(cli("wipe-data", "--yes").stdout)["wiped"]["predictions"] == 1
+    assert json.loads(cli("status").stdout)["predictions"] == 0
+
+
+_WRITER = """
+import sys, numpy as np
+from edge_sdk.storage import atomic_write
+from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays
+layout = HeadLayout([ArraySpec("w0", (256, 256)), ArraySpec("b0", (256,))])
+i = 0
+while True:
+    i += 1
+    atomic_write(sys.argv[1], pack_arrays(layout, {"w0": np.full((256, 256), i, np.float32),
+                                                   "b0": np.full(256, i, np.float32)}))
+    print(i, flush=True)
+"""
+
+
+def test_personal_head_survives_a_kill_at_any_moment(tmp_path):
+    from edge_sdk.wire import ArraySpec, HeadLayout, unpack_arrays
+
+    layout = HeadLayout([ArraySpec("w0", (256, 256)), ArraySpec("b0", (256,))])
+    target = tmp_path / "personal.head"
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE)
+        proc.stdout.readline()  # at least one complete write
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        arrays = unpack_arrays(layout, target.read_bytes())  # complete and parseable: old or new, never torn
+        value = arrays["w0"].flat[0]
+        assert np.all(arrays["w0"] == value) and np.all(arrays["b0"] == value), f"torn write in trial {trial}"
