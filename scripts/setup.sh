@@ -13,9 +13,10 @@ if ! "$PY" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (3, 1
   exit 1
 fi
 
-# Debian packages: venv support, PortAudio (the microphone backend of sounddevice) and Chromium
-# (headless, for the tests of the web pages).
-DEB_PACKAGES=(python3-venv libportaudio2 chromium)
+# Debian packages: venv support and PortAudio (the microphone backend of sounddevice); for the tests,
+# Chromium (headless, the web pages) and PulseAudio with ALSA's pulse plugin (a null sink stands in for a
+# microphone, so the capture path runs through the real PortAudio stack).
+DEB_PACKAGES=(python3-venv libportaudio2 chromium pulseaudio pulseaudio-utils libasound2-plugins)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
