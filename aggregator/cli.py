@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2, help="gunicorn workers (0: single-threaded werkzeug)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="threads per worker (gthread: keep-alive, one request's I/O wait overlaps another's); "
+                            "default 4 on PostgreSQL, 1 on SQLite (whose single writer makes threads wait)")
     tok = sub.add_parser("create-token", help="print a one-time enrollment token")
     tok.add_argument("--ttl", type=float, default=24 * 3600)
     pub = sub.add_parser("publish-base", help="publish a new base model")
@@ -163,6 +166,11 @@ def _serve(app: Flask, args) -> int:
         def load_config(self):
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", args.workers)
+            threads = args.threads or (1 if app.config["DATABASE_URL"].startswith("sqlite") else 4)
+            if threads > 1:
+                self.cfg.set("worker_class", "gthread")
+                self.cfg.set("threads", threads)
+                self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", "-" if args.verbose else None)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("post_fork", post_fork)

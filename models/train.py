@@ -44,6 +44,7 @@ class TrainConfig:
     spec_augment: int = 0  # time masks and frequency masks per training example (SpecAugment); 0: off
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of training pairs; 0: off
     label_smoothing: float = 0.0
+    swa_epochs: int = 0  # > 0: train all epochs and keep the average weights of the last N (no early stopping)
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -187,16 +188,23 @@ def train_baseline(
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing))
     counts = np.bincount(y_train, minlength=len(labels)).astype(float)
     class_w = np.array([counts.sum() / (len(labels) * c) if c > 0 else 0.0 for c in counts], np.float32)
-    batches = _batches(x_train, y_train, class_w, len(labels), config)
+    plain = not (config.spec_augment or config.mixup)
+    batches = None if plain else _batches(x_train, y_train, class_w, len(labels), config)
+    onehot_train = np.eye(len(labels), dtype=np.float32)[y_train]
 
     best_uar, best_weights, history, waited = -1.0, None, [], 0
+    swa_sum, swa_count = None, 0
     train_started = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=config.epochs, desc=f"{architecture.name} epochs", unit="epoch", disable=not show,
                file=sys.stderr, leave=False)
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
-        fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles
+        if plain:
+            fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                            class_weight={i: float(w) for i, w in enumerate(class_w) if w > 0}, shuffle=True)
+        else:
+            fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles
         pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
         uar = classification_report(y_val, pred, labels)["uar"]
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
@@ -204,6 +212,13 @@ def train_baseline(
         log.info("epoch %d/%d loss %.4f val UAR %.3f", epoch + 1, config.epochs, history[-1]["loss"], uar)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_uar=f"{uar:.3f}", best=f"{max(uar, best_uar):.3f}")
+        if config.swa_epochs:  # stochastic weight averaging over the last epochs; validation only reports
+            if epoch >= config.epochs - config.swa_epochs:
+                w = model.get_weights()
+                swa_sum = w if swa_sum is None else [a + b for a, b in zip(swa_sum, w, strict=True)]
+                swa_count += 1
+            best_uar = max(best_uar, uar)
+            continue
         if uar > best_uar:
             best_uar, best_weights, waited = uar, model.get_weights(), 0
         else:
@@ -211,7 +226,7 @@ def train_baseline(
             if waited >= config.patience:
                 break
     bar.close()
-    model.set_weights(best_weights)
+    model.set_weights([w / swa_count for w in swa_sum] if swa_count else best_weights)
     train_seconds = time.perf_counter() - train_started
     if mixed:  # export and evaluate in float32: rebuild and copy the trained weights
         f32_encoder = build_encoder(architecture, features.max_frames, features.n_features)

@@ -94,17 +94,27 @@ def prepare(instance: Path, database_url: str | None, tflite: Path, meta: Path, 
 
 
 def _load(url: str, envelopes: list[bytes], concurrency: int, queue: mp.Queue) -> None:
-    """The load generator (its own process): post every envelope, time each request."""
-    import requests
+    """The load generator (its own process): post every envelope over keep-alive connections, time each."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
 
-    local = __import__("threading").local()
+    parts = urlsplit(url)
+    local = threading.local()
 
     def post(body: bytes) -> tuple[int, float]:
-        if not hasattr(local, "s"):
-            local.s = requests.Session()
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         t0 = time.perf_counter()
-        r = local.s.post(url, data=body, headers={"Content-Type": "application/octet-stream"}, timeout=60)
-        return r.status_code, time.perf_counter() - t0
+        try:
+            local.conn.request("POST", parts.path, body=body, headers={"Content-Type": "application/octet-stream"})
+            resp = local.conn.getresponse()
+            resp.read()
+        except (http.client.HTTPException, OSError):
+            local.conn.close()
+            local.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            return 0, time.perf_counter() - t0
+        return resp.status, time.perf_counter() - t0
 
     warm = envelopes[: concurrency * 2]
     with ThreadPoolExecutor(concurrency) as pool:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
 
     from edge_sdk.device import Device, TrainPolicy
-    from edge_sdk.features import extract
+    from edge_sdk.features import FeatureConfig, extract
     from models.architectures import ArchitectureConfig
     from models.cli import resolve_corpus
     from models.datasets import split_by_speaker
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train, held = split_by_speaker(clips, device_spk)
     train, val = split_by_speaker(train, val_spk)
-    result = train_baseline(train, val, held, architecture=ArchitectureConfig(), config=TrainConfig(
-        epochs=args.epochs, seed=args.seed), cache_dir=Path(".cache/features"), out_dir=args.out / "model",
-        dataset_name=corpus)
+    result = train_baseline(train, val, held, architecture=ArchitectureConfig(), features=FeatureConfig(kind="logmel"),
+                            config=TrainConfig(epochs=args.epochs, seed=args.seed), cache_dir=Path(".cache/features"),
+                            out_dir=args.out / "model", dataset_name=corpus)
     test = result.report["test"]
     print(f"[2/6] baseline CNN trained in {result.report['train_seconds']:.1f} s "
           f"({result.report['epochs_run']} epochs); held-out speakers: accuracy {test['accuracy']:.3f}, "
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         r.raise_for_status()
         print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published base as version "
               f"{r.json()['version']}")
+        print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (open it while the demo runs; "
+              "--keep-server leaves it up)")
 
         devices = {}
         for spk in device_spk:
