@@ -70,6 +70,7 @@ class TrainPolicy:
     holdout_every: int = 5  # every 5th example is held back to guard the update
     tolerance: float = 1e-4  # held-back loss may rise by this much and still count as "not worse"
     seed: int = 0
+    balance_classes: bool = True  # weigh answers so each class counts equally (a user's answers are skewed)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,14 @@ class Device:
         if reply.get("manifest"):
             self._install_manifest(json.dumps(reply["manifest"]).encode())
         return identity["device_id"]
+
+    def set_server_url(self, server_url: str) -> None:
+        """Point an enrolled device at the aggregator's new address (same server key, same identity)."""
+        if not self.enrolled:
+            raise FedserError("not enrolled: enroll instead")
+        self.identity = {**self.identity, "server_url": server_url.rstrip("/")}
+        atomic_write(self.state_dir / "identity.json", json.dumps(self.identity, indent=2).encode(), mode=0o600)
+        self._client = None
 
     # -- model ----------------------------------------------------------------------------
     def _model_path(self, sha256: str, suffix: str) -> Path:
@@ -367,13 +376,19 @@ class Device:
         loss_before = self._loss(held) if held else None
         model.set_weights(self.global_head)
         emb, targets, sign = self._arrays(train)
+        weight = np.ones(len(train), np.float32)
+        if policy.balance_classes:
+            counts = targets.sum(axis=0)
+            per_class = np.divide(len(train) / max(1, int((counts > 0).sum())), counts,
+                                  out=np.zeros_like(counts), where=counts > 0)
+            weight = (targets @ per_class).astype(np.float32)
         rng = np.random.default_rng(policy.seed)
         batch = model.metadata.train_batch_size
         for _ in range(policy.epochs):
             order = rng.permutation(len(train))
             for start in range(0, len(order), batch):
                 idx = order[start : start + batch]
-                model.train_step(emb[idx], targets[idx], sign[idx], learning_rate=policy.learning_rate)
+                model.train_step(emb[idx], targets[idx], sign[idx], weight[idx], learning_rate=policy.learning_rate)
         loss_after = self._loss(held) if held else None
         report = TrainReport("kept", examples=len(train), held_back=len(held), loss_before=loss_before,
                              loss_after=loss_after)

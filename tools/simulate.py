@@ -164,8 +164,9 @@ class Simulation:
             self.history = state["history"]
             self.timing = Timing(**state["timing"])
             saved = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
-            if saved.to_dict() != cfg.to_dict():
-                raise SystemExit("--resume with different parameters than the run in " + str(out))
+            if {**saved.to_dict(), "rounds": 0} != {**cfg.to_dict(), "rounds": 0}:
+                raise SystemExit("--resume with different parameters than the run in " + str(out) +
+                                 " (only --rounds may change)")
         elif out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,8 @@ class Simulation:
                     token = requests.post(f"{base_url}/api/v1/admin/enrollment-tokens", headers=auth, json={},
                                           timeout=30).json()["token"]
                     s.device.enroll(base_url, token, name=s.name)
-                else:
+                else:  # resumed: the aggregator came back on another port
+                    s.device.set_server_url(base_url)
                     s.device.pull_model()
                 s.answered = s.device.store.counts()["feedback"]
                 s.queue = s.queue[s.answered:]
