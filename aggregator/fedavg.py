@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["WeightedMean", "weighted_average", "apply_delta", "l2_norm", "clip_by_norm", "coordinate_median",
-           "trimmed_mean", "robust_aggregate", "ServerOptimizer", "SERVER_OPTIMIZERS", "flatten", "unflatten",
-           "staleness_weight"]
+__all__ = ["WeightedMean", "FlatWeightedMean", "weighted_average", "apply_delta", "l2_norm", "clip_by_norm",
+           "coordinate_median", "trimmed_mean", "robust_aggregate", "robust_aggregate_flat", "ServerOptimizer",
+           "SERVER_OPTIMIZERS", "flatten", "unflatten", "staleness_weight"]
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -119,10 +119,18 @@ def robust_aggregate(source: Callable[[], Iterable[Arrays]], shapes: Mapping[str
     fit in ``memory_bytes``; ``source`` is called once per block (each call
     streams every delta again), so memory does not grow with ``N x P``.
     """
-    if method not in ("median", "trimmed_mean"):
-        raise ValueError(f"unknown robust method {method!r}")
     names = list(shapes)
     total = sum(int(np.prod(s)) if s else 1 for s in shapes.values())
+    out = robust_aggregate_flat(lambda: (flatten(d, names) for d in source()), total, method=method,
+                                trim_fraction=trim_fraction, memory_bytes=memory_bytes)
+    return unflatten(out, shapes)
+
+
+def robust_aggregate_flat(source: Callable[[], Iterable[np.ndarray]], total: int, *, method: str,
+                          trim_fraction: float = 0.1, memory_bytes: int = 64 << 20) -> np.ndarray:
+    """:func:`robust_aggregate` over flat float32 vectors of length ``total``."""
+    if method not in ("median", "trimmed_mean"):
+        raise ValueError(f"unknown robust method {method!r}")
     count = sum(1 for _ in source())
     if not count:
         raise ValueError("no deltas to aggregate")
@@ -130,9 +138,34 @@ def robust_aggregate(source: Callable[[], Iterable[Arrays]], shapes: Mapping[str
     out = np.empty(total, np.float32)
     for lo in range(0, total, block):
         hi = min(total, lo + block)
-        rows = np.stack([flatten(d, names)[lo:hi] for d in source()])
+        rows = np.stack([np.asarray(v, np.float32)[lo:hi] for v in source()])
         out[lo:hi] = coordinate_median(rows) if method == "median" else trimmed_mean(rows, trim_fraction)
-    return unflatten(out, shapes)
+    return out
+
+
+class FlatWeightedMean:
+    """Streaming weighted mean of flat vectors, accumulated in float64; memory is one vector."""
+
+    def __init__(self, size: int) -> None:
+        self._sum = np.zeros(size, np.float64)
+        self._tmp = np.empty(size, np.float64)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, vector: np.ndarray, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if vector.shape != self._sum.shape:
+            raise ValueError(f"vector has shape {vector.shape}, expected {self._sum.shape}")
+        np.multiply(vector, weight, out=self._tmp)
+        self._sum += self._tmp
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> np.ndarray:
+        if not self.count:
+            raise ValueError("no vectors to average")
+        return (self._sum / self.total_weight).astype(np.float32)
 
 
 SERVER_OPTIMIZERS = ("sgd", "fedavgm", "fedadam", "fedyogi")

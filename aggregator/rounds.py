@@ -22,16 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from aggregator.db import ModelVersion, Round, Update
 from aggregator.fedavg import (
+    FlatWeightedMean,
     ServerOptimizer,
-    WeightedMean,
-    clip_by_norm,
-    robust_aggregate,
+    robust_aggregate_flat,
     staleness_weight,
+    unflatten,
 )
 from aggregator.registry import BlobStore, head_arrays, load_manifest, publish_version
 from edge_sdk.signing import SigningKey
@@ -163,29 +164,36 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
     layout = manifest.metadata.head_layout
     shapes = {s.name: tuple(s.shape) for s in layout}
 
+    total = sum(int(np.prod(s.shape)) if s.shape else 1 for s in layout)
+
     def stream():
+        """Each update as one flat float32 vector (the body is the layout's arrays, little-endian, in order)."""
         rows = session.execute(
             select(Update.body, Update.num_examples, Update.base_version).where(Update.round_id == round_id)
             .order_by(Update.update_id).execution_options(yield_per=256))
         for body, n, base_version in rows:
-            delta = unpack_arrays(layout, body)
+            vec = np.frombuffer(body, "<f4", count=total)
             if policy.clip_norm > 0:
-                delta, _ = clip_by_norm(delta, policy.clip_norm)
-            yield delta, n, rnd.base_version - base_version
+                v64 = vec.astype(np.float64)
+                norm = float(np.sqrt(np.dot(v64, v64)))
+                if norm > policy.clip_norm:
+                    vec = vec * np.float32(policy.clip_norm / norm)
+            yield vec, n, rnd.base_version - base_version
 
-    mean, examples = WeightedMean(), 0
-    for delta, n, staleness in stream():  # one update in memory at a time
-        mean.add(delta, staleness_weight(n, staleness, policy.staleness_exponent))
+    mean, examples = FlatWeightedMean(total), 0
+    for vec, n, staleness in stream():  # one update in memory at a time
+        mean.add(vec, staleness_weight(n, staleness, policy.staleness_exponent))
         examples += n
     if mean.count < policy.min_updates:
         session.rollback()
         return CloseResult(round_id, False, f"{mean.count} updates, at least {policy.min_updates} needed",
                            num_updates=mean.count)
     if policy.method == "fedavg":
-        aggregate = mean.result()
+        aggregate = unflatten(mean.result(), shapes)
     else:
-        aggregate = robust_aggregate(lambda: (d for d, _, _ in stream()), shapes, method=policy.method,
-                                     trim_fraction=policy.trim_fraction, memory_bytes=policy.memory_bytes)
+        aggregate = unflatten(robust_aggregate_flat(lambda: (v for v, _, _ in stream()), total, method=policy.method,
+                                                    trim_fraction=policy.trim_fraction,
+                                                    memory_bytes=policy.memory_bytes), shapes)
     state = {}
     opt_layout = _optimizer_layout(layout, policy.optimizer.kind)
     if base_row.optimizer_state_sha256 and opt_layout is not None:

@@ -269,3 +269,21 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     assert job["published_version"] == 1 and job["report"]["architecture"]["name"] == "dnn"
     assert "fedser-train train" in job["log_tail"]
     assert srv.status()["current_version"] == 1
+
+
+def test_clip_norm_bounds_each_update_before_averaging(tmp_path, trained_model):
+    from aggregator.fedavg import l2_norm
+
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=2, CLIP_NORM=0.5, MAX_UPDATE_L2_NORM=1e9)
+    srv.publish()
+    (a, ka), (b, kb) = srv.enroll(), srv.enroll()
+    big = signed_update(a, ka, srv.layout, sequence=1, scale=5.0, num_examples=1)
+    small = signed_update(b, kb, srv.layout, sequence=1, scale=1e-4, num_examples=1)
+    srv.post(big)
+    assert srv.post(small).json["published_version"] == 2
+    base, new = srv.head(1), srv.head(2)
+    delta = {k: new[k] - base[k] for k in base}
+    # the big update was scaled to norm 0.5, then averaged with a tiny one: the step is about 0.25
+    assert 0.24 < l2_norm(delta) < 0.26
+    np.testing.assert_allclose(delta["w0"], (big.deltas()["w0"] * 0.5 / l2_norm(big.deltas())
+                                             + small.deltas()["w0"]) / 2, atol=1e-5)
