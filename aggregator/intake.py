@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from aggregator.db import Device, ModelVersion, Refusal, Update
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
-from aggregator.rounds import open_round
+from aggregator.rounds import open_round_and_version
 from edge_sdk.errors import SignatureError, WireFormatError
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.wire import UpdateEnvelope
@@ -69,24 +69,32 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
         return Refused(status, reason, detail, device_id=device.id, authenticated=True)
 
     update_id = envelope.update_id
-    existing = session.get(Update, update_id)
-    if existing is not None:  # a retried post of an accepted update: same answer, counted once
-        return Accepted(existing.update_id, existing.round_id, True, 0)
-    if rate_limit_per_hour > 0:
+    if header.sequence <= device.last_sequence:
+        existing = session.get(Update, update_id)
+        if existing is not None:  # a retried post of an accepted update: same answer, counted once
+            return Accepted(existing.update_id, existing.round_id, True, 0)
+        raise refuse(409, "replayed_sequence",
+                     f"sequence {header.sequence} is not above the last accepted {device.last_sequence}")
+    # Lifetime totals bound the last hour's: only a device that posted that often in all costs two queries.
+    if rate_limit_per_hour > 0 and device.updates_accepted + device.updates_refused >= rate_limit_per_hour:
         since = time.time() - 3600
         recent = session.scalar(select(func.count()).select_from(Update).where(
             Update.device_id == device.id, Update.received_at > since)) + session.scalar(
-            select(func.count()).select_from(Refusal).where(Refusal.device_id == device.id, Refusal.at > since))
+            select(func.count()).select_from(Refusal).where(Refusal.device_id == device.id, Refusal.at > since,
+                                                            Refusal.authenticated.is_(True)))
         if recent >= rate_limit_per_hour:
             raise Refused(429, "rate_limited", f"device {device.id} posted {recent} times in the last hour; the "
                                                f"limit is {rate_limit_per_hour}", device_id=device.id,
                           authenticated=True)
-    if header.sequence <= device.last_sequence:
-        raise refuse(409, "replayed_sequence",
-                     f"sequence {header.sequence} is not above the last accepted {device.last_sequence}")
-    current = current_version(session)
+    # The open round and its (current) version in one query, the round row share-locked until the commit:
+    # a concurrent close either waits for this insert or has already moved both on.
+    rnd, current = open_round_and_version(session)
     if current is None:
-        raise refuse(409, "no_model", "no model version is published yet")
+        current = current_version(session)
+        if current is None:
+            raise refuse(409, "no_model", "no model version is published yet")
+        raise refuse(409, "stale_base", f"the round of version {current.version} is closing: pull the new model "
+                                        "and retrain")
     staleness = current.version - header.base_version
     if staleness < 0 or (staleness > 0 and session.get(ModelVersion, header.base_version) is None):
         raise refuse(409, "unknown_base", f"update is against version {header.base_version}, which this server "
@@ -107,10 +115,6 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     norm = l2_norm(deltas)
     if not math.isfinite(norm) or norm > max_l2_norm:
         raise refuse(422, "norm_too_large", f"delta L2 norm {norm:.4g} exceeds the limit {max_l2_norm:.4g}")
-    rnd = open_round(session, lock=True)
-    if rnd is None:
-        raise refuse(409, "stale_base", f"the round of version {current.version} closed while this update "
-                                        "arrived: pull the new model and retrain")
     now = time.time()
     session.add(Update(update_id=update_id, device_id=device.id, round_id=rnd.id,
                        base_version=header.base_version, sequence=header.sequence,

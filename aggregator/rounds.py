@@ -40,7 +40,8 @@ from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "due_round", "AGGREGATION_METHODS"]
+__all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "open_round_and_version", "due_round",
+           "AGGREGATION_METHODS"]
 
 AGGREGATION_METHODS = ("fedavg", "median", "trimmed_mean")
 
@@ -124,6 +125,15 @@ def open_round(session: Session, *, lock: bool = False) -> Round | None:
     return session.scalars(query).first()
 
 
+def open_round_and_version(session: Session) -> tuple[Round | None, ModelVersion | None]:
+    """(open round, current version) in one query, the round row share-locked (see :func:`open_round`)."""
+    row = session.execute(
+        select(Round, ModelVersion).join(ModelVersion, ModelVersion.version == Round.base_version)
+        .where(ModelVersion.is_current.is_(True), Round.status == "open").with_for_update(read=True, of=Round)
+    ).first()
+    return (row[0], row[1]) if row else (None, None)
+
+
 def due_round(session: Session, now: float, min_updates: int) -> Round | None:
     """The open round whose deadline has passed and that holds at least ``min_updates``, if any."""
     rnd = open_round(session)
@@ -170,7 +180,7 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
         """Each update as one flat float32 vector (the body is the layout's arrays, little-endian, in order)."""
         rows = session.execute(
             select(Update.body, Update.num_examples, Update.base_version).where(Update.round_id == round_id)
-            .order_by(Update.update_id).execution_options(yield_per=256))
+            .execution_options(yield_per=256))  # storage order: the float64 sum makes order immaterial
         for body, n, base_version in rows:
             vec = np.frombuffer(body, "<f4", count=total)
             if policy.clip_norm > 0:
