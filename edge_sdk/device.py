@@ -71,6 +71,7 @@ class TrainPolicy:
     tolerance: float = 1e-4  # held-back loss may rise by this much and still count as "not worse"
     seed: int = 0
     balance_classes: bool = True  # weigh answers so each class counts equally (a user's answers are skewed)
+    refit_on_all: bool = False  # once the guard accepts, train again on every answer (held-back ones too)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,24 @@ class Device:
         p = np.clip((self._require_model().head_probs(emb) * targets).sum(axis=1), 1e-7, 1 - 1e-7)
         return float(np.mean(np.where(sign > 0, -np.log(p), -np.log(1.0 - p))))
 
+    def _fit(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy) -> None:
+        """From the global head: ``policy.epochs`` passes of the ``train`` signature over ``examples``."""
+        model.set_weights(self.global_head)
+        emb, targets, sign = self._arrays(examples)
+        weight = np.ones(len(examples), np.float32)
+        if policy.balance_classes:
+            counts = targets.sum(axis=0)
+            per_class = np.divide(len(examples) / max(1, int((counts > 0).sum())), counts,
+                                  out=np.zeros_like(counts), where=counts > 0)
+            weight = (targets @ per_class).astype(np.float32)
+        rng = np.random.default_rng(policy.seed)
+        batch = model.metadata.train_batch_size
+        for _ in range(policy.epochs):
+            order = rng.permutation(len(examples))
+            for start in range(0, len(order), batch):
+                idx = order[start : start + batch]
+                model.train_step(emb[idx], targets[idx], sign[idx], weight[idx], learning_rate=policy.learning_rate)
+
     def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
         """Fine-tune the head from the global head on all stored feedback, guarded by a held-back slice.
 
@@ -374,21 +393,7 @@ class Device:
         train = [e for i, e in enumerate(examples) if i not in held_idx]
         in_use = model.get_weights()
         loss_before = self._loss(held) if held else None
-        model.set_weights(self.global_head)
-        emb, targets, sign = self._arrays(train)
-        weight = np.ones(len(train), np.float32)
-        if policy.balance_classes:
-            counts = targets.sum(axis=0)
-            per_class = np.divide(len(train) / max(1, int((counts > 0).sum())), counts,
-                                  out=np.zeros_like(counts), where=counts > 0)
-            weight = (targets @ per_class).astype(np.float32)
-        rng = np.random.default_rng(policy.seed)
-        batch = model.metadata.train_batch_size
-        for _ in range(policy.epochs):
-            order = rng.permutation(len(train))
-            for start in range(0, len(order), batch):
-                idx = order[start : start + batch]
-                model.train_step(emb[idx], targets[idx], sign[idx], weight[idx], learning_rate=policy.learning_rate)
+        self._fit(model, train, policy)
         loss_after = self._loss(held) if held else None
         report = TrainReport("kept", examples=len(train), held_back=len(held), loss_before=loss_before,
                              loss_after=loss_after)
@@ -396,10 +401,14 @@ class Device:
             model.set_weights(in_use)
             report.status, report.reason = "discarded", "held-back feedback got worse"
         else:
+            used = len(train)
+            if held and policy.refit_on_all:
+                self._fit(model, examples, policy)
+                used = len(examples)
             weights = model.get_weights()
             atomic_write(self.state_dir / "personal.head", pack_arrays(model.metadata.head_layout, weights))
             self.store.set("personal_base_version", str(self.model_version))
-            self.store.set("personal_examples", str(len(train)))
+            self.store.set("personal_examples", str(used))
             self.personalized = True
         report.seconds = time.perf_counter() - started
         log.info("personalisation %s: %s", report.status, report.to_dict())
