@@ -186,22 +186,33 @@ def ravdess_clips(
     return _finish(clips, "RAVDESS", root, label_map, dropped)
 
 
-def crema_d_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
-    """CREMA-D: ``AudioWAV/AAAA_SSS_EEE_LL.wav`` (actor 1001-1091, sentence, emotion, level)."""
-    root = _root(root, "CREMA-D")
+def _collect(root: Path, corpus: str, label_map: LabelMap, parse) -> list[Clip]:
+    """Clips of every audio file under ``root`` that ``parse(path)`` names as ``(speaker, emotion)``."""
     clips, dropped = [], Counter()
     for path in _audio_files(root):
-        fields = path.stem.split("_")
-        if len(fields) != 4 or not fields[0].isdigit() or fields[2] not in CREMA_D_EMOTIONS:
-            log.warning("skipping %s: not a CREMA-D file name (ACTOR_SENTENCE_EMOTION_LEVEL)", path)
+        parsed = parse(path)
+        if parsed is None:
+            log.warning("skipping %s: not a %s file name", path, corpus)
             continue
-        raw = CREMA_D_EMOTIONS[fields[2]]
+        speaker, raw = parsed
         label = label_map(raw)
         if label is None:
             dropped[raw] += 1
             continue
-        clips.append(Clip(str(path), f"crema-{fields[0]}", label))
-    return _finish(clips, "CREMA-D", root, label_map, dropped)
+        clips.append(Clip(str(path), speaker, label))
+    return _finish(clips, corpus, root, label_map, dropped)
+
+
+def crema_d_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """CREMA-D: ``AudioWAV/AAAA_SSS_EEE_LL.wav`` (actor 1001-1091, sentence, emotion, level)."""
+
+    def parse(path: Path):
+        fields = path.stem.split("_")
+        if len(fields) != 4 or not fields[0].isdigit() or fields[2] not in CREMA_D_EMOTIONS:
+            return None
+        return f"crema-{fields[0]}", CREMA_D_EMOTIONS[fields[2]]
+
+    return _collect(_root(root, "CREMA-D"), "CREMA-D", label_map, parse)
 
 
 _IEMOCAP_LINE = re.compile(r"^\[(\d+(?:\.\d+)?) - (\d+(?:\.\d+)?)\]\t(\S+)\t(\S+)\t\[")
@@ -247,20 +258,14 @@ def emodb_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) ->
     Emotion letters are German: W Wut/anger, L Langeweile/boredom, E Ekel/disgust,
     A Angst/fear, F Freude/happiness, T Trauer/sadness, N neutral.
     """
-    root = _root(root, "EmoDB")
-    clips, dropped = [], Counter()
-    for path in _audio_files(root):
+
+    def parse(path: Path):
         stem = path.stem
         if len(stem) != 7 or not stem[:2].isdigit() or stem[5] not in EMODB_EMOTIONS:
-            log.warning("skipping %s: not an EmoDB file name (e.g. 03a01Fa)", path)
-            continue
-        raw = EMODB_EMOTIONS[stem[5]]
-        label = label_map(raw)
-        if label is None:
-            dropped[raw] += 1
-            continue
-        clips.append(Clip(str(path), f"emodb-{stem[:2]}", label))
-    return _finish(clips, "EmoDB", root, label_map, dropped)
+            return None
+        return f"emodb-{stem[:2]}", EMODB_EMOTIONS[stem[5]]
+
+    return _collect(_root(root, "EmoDB"), "EmoDB", label_map, parse)
 
 
 def tess_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
@@ -268,21 +273,15 @@ def tess_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> 
 
     Two speakers only: a speaker-independent split trains on one and tests on the other.
     """
-    root = _root(root, "TESS")
-    clips, dropped = [], Counter()
-    for path in _audio_files(root):
+
+    def parse(path: Path):
         parts = path.stem.split("_")
         emotion = "_".join(parts[2:]).lower() if len(parts) >= 3 else ""
         if len(parts) < 3 or parts[0].upper() not in ("OAF", "YAF") or emotion not in TESS_EMOTIONS:
-            log.warning("skipping %s: not a TESS file name (OAF|YAF_WORD_EMOTION)", path)
-            continue
-        raw = TESS_EMOTIONS[emotion]
-        label = label_map(raw)
-        if label is None:
-            dropped[raw] += 1
-            continue
-        clips.append(Clip(str(path), f"tess-{parts[0].upper()}", label))
-    return _finish(clips, "TESS", root, label_map, dropped)
+            return None
+        return f"tess-{parts[0].upper()}", TESS_EMOTIONS[emotion]
+
+    return _collect(_root(root, "TESS"), "TESS", label_map, parse)
 
 
 MANIFEST_SPLITS = ("train", "val", "test")
