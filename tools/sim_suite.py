@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--architecture", default="cnn")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-actors", default="1,2,3,4", help="actors that train the shared encoder")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    base_cfg = SimConfig(rounds=args.rounds, architecture=args.architecture, seed=args.seed)
+    base_cfg = SimConfig(rounds=args.rounds, architecture=args.architecture, seed=args.seed,
+                         server_actors=tuple(int(a) for a in args.server_actors.split(",") if a))
     started = time.perf_counter()
     # the shared encoder, trained once on the server-side actors
     from models.datasets import default_ravdess_root, ravdess_clips
@@ -67,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:36s} final UAR {report['final']['uar']:.3f}  best {best:.3f}"
               f"  centralised head {report['centralised_head'].get('uar', float('nan')):.3f}  "
               f"({report['seconds']:.0f} s)", flush=True)
-    write_suite(results, args.out, time.perf_counter() - started)
+    write_suite(results, args.out, time.perf_counter() - started, base_cfg.server_actors)
     print((args.out / "report.md").read_text())
     return 0
 
 
-def write_suite(results: dict, out: Path, seconds: float) -> None:
+def write_suite(results: dict, out: Path, seconds: float, server_actors=(1, 2, 3, 4)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +113,8 @@ def write_suite(results: dict, out: Path, seconds: float) -> None:
                            "accuracy": f["accuracy"]}, out / f"confusion-{name.replace(' ', '-')}.png",
                           title=f"{name}: UAR {f['uar']:.3f}")
     lines = ["# Federated experiments on RAVDESS, 4 classes (real devices and aggregator over HTTP)", "",
-             "Encoder trained centrally on server-side actors 1-4 and shared; heads federated. Test actors 21-24 "
+             f"Encoder trained centrally on server-side actors {','.join(map(str, server_actors))} and shared; heads "
+             "federated. Test actors 21-24 "
              "never train. 'centralised head' = the same encoder, a head trained centrally on the same clips.", "",
              "| setup | devices | final UAR | best UAR | centralised head UAR | final / centralised | accuracy | "
              "macro-F1 | F1 angry | F1 happy | F1 neutral | F1 sad | time (s) |",
