@@ -207,3 +207,24 @@ def test_personal_head_survives_a_kill_at_any_moment(tmp_path):
         arrays = unpack_arrays(layout, target.read_bytes())  # complete and parseable: old or new, never torn
         value = arrays["w0"].flat[0]
         assert np.all(arrays["w0"] == value) and np.all(arrays["b0"] == value), f"torn write in trial {trial}"
+
+
+def test_listen_fine_tunes_when_enough_new_answers_and_the_room_is_quiet(tmp_path, clips):
+    state = tmp_path / "dev"
+    dev = Device(state)
+    if dev.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    for path in clips[:5]:
+        pred = dev.classify_file(path)
+        dev.feedback(pred.id, "up")
+    dev.store.close()
+    (state / "config.toml").write_text("[training]\nmin_new_feedback = 4\nidle_seconds = 0.5\n"
+                                      "[feedback]\nmode = 'none'\n")
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--file",
+                          str(clips[0]), "--seconds", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    trained = [x["trained"] for x in lines if "trained" in x]
+    assert len(trained) == 1 and trained[0]["status"] in ("kept", "discarded")  # once: no new answers after
+    assert any("label" in x for x in lines) and "listen_stats" in lines[-1]
+    assert Device(state).store.get("trained_feedback") == "5"
