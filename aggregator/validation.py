@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.registry import BlobStore, current_version, head_arrays, load_manifest
-from edge_sdk.audio import load_audio
-from edge_sdk.errors import AudioError, ParameterError
-from edge_sdk.features import extract
+from edge_sdk.errors import ParameterError
 from edge_sdk.manifest import Manifest
 from edge_sdk.model import ModelMetadata, TFLiteModel
 from edge_sdk.signing import SigningKey
 from edge_sdk.storage import atomic_write
 from models.datasets import LabelMap, manifest_clips
+from models.evaluate import device_inputs
 from models.metrics import classification_report
 
 log = logging.getLogger("aggregator")
@@ -62,17 +61,10 @@ class Validator:
                 return model, data["emb"], data["labels"]
         labels = list(metadata.labels)
         clips = manifest_clips(self.csv, label_map=LabelMap(tuple(labels)))
-        emb, ys, skipped = [], [], 0
-        for clip in clips:
-            try:
-                x = extract(load_audio(clip.path, sample_rate=metadata.features.sample_rate), metadata.features,
-                            metadata.normalization)
-            except (AudioError, ParameterError) as exc:
-                log.warning("validation clip skipped: %s", exc)
-                skipped += 1
-                continue
-            emb.append(model.infer(x)[1])
-            ys.append(labels.index(clip.label))
+        kept, inputs, skipped_by = device_inputs(clips, metadata)
+        skipped = sum(skipped_by.values())
+        emb = [model.infer(x)[1] for x in inputs]
+        ys = [labels.index(c.label) for c in kept]
         if not emb:
             raise ParameterError(f"no clip of the validation set {self.csv} could be read ({skipped} skipped)")
         emb_arr, ys_arr = np.stack(emb).astype(np.float32), np.asarray(ys, np.int64)

@@ -31,7 +31,7 @@ import numpy as np
 from edge_sdk.audio import load_audio
 from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
-from edge_sdk.features import extract
+from edge_sdk.features import SpeakerStats, extract, fit_frames, raw_features, trim_silence
 from edge_sdk.manifest import SignedManifest
 from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
 from edge_sdk.signing import SigningKey, VerifyKey
@@ -303,7 +303,7 @@ class Device:
         """
         model = self._require_model()
         started = time.perf_counter()
-        feats = extract(np.asarray(audio, np.float32), model.metadata.features, model.metadata.normalization)
+        feats = self._model_input(np.asarray(audio, np.float32), model.metadata)
         probs, embedding = model.infer(feats)
         latency_ms = (time.perf_counter() - started) * 1000.0
         labels = model.metadata.labels
@@ -322,6 +322,20 @@ class Device:
             sample_rate=model.metadata.features.sample_rate if keep_audio else None,
         )
         return pred
+
+    def _model_input(self, audio: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+        """The model's input: the training statistics' normalisation, or (``speaker_norm``) running statistics of
+        this device's user, updated with this utterance and kept in the store."""
+        cfg = meta.features
+        if not cfg.speaker_norm:
+            return extract(audio, cfg, meta.normalization)
+        raw = raw_features(trim_silence(audio, cfg), cfg)
+        key = "speaker_stats:" + hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        text = self.store.get(key)
+        stats = SpeakerStats.from_dict(json.loads(text)) if text else SpeakerStats(cfg.n_features)
+        stats.add(raw)
+        self.store.set(key, json.dumps(stats.to_dict()))
+        return fit_frames(stats.normalization(meta.normalization).apply(raw), cfg.max_frames)
 
     def classify_file(self, path: str | os.PathLike) -> Prediction:
         audio = load_audio(path, sample_rate=self.metadata.features.sample_rate)

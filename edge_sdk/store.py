@@ -265,6 +265,7 @@ class FeedbackStore:
                 " LEFT JOIN feedback f ON f.prediction_id = p.id ORDER BY p.created_at, p.id").fetchall()
             outbox = self._conn.execute("SELECT seq, base_version, created_at, attempts, state FROM outbox"
                                         " ORDER BY seq").fetchall()
+            stats = self._conn.execute("SELECT key, value FROM kv WHERE key LIKE 'speaker_stats:%'").fetchall()
         def b64(b):
             return (base64.b64encode(b).decode() if b is not None else None)
         return {
@@ -279,6 +280,7 @@ class FeedbackStore:
                 for r in rows],
             "outbox": [{"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3], "state": r[4]}
                        for r in outbox],
+            "speaker_statistics": {k.split(":", 1)[1]: json.loads(v) for k, v in stats},
         }
 
     def wipe(self) -> dict:
@@ -286,7 +288,8 @@ class FeedbackStore:
         with self._tx() as c:
             preds = c.execute("DELETE FROM predictions").rowcount
             pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
-            c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')")
+            c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
+                      " OR key LIKE 'speaker_stats:%'")
         with self._lock:
             self._conn.execute("VACUUM")
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

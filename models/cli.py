@@ -89,6 +89,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
     g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="none")
+    g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
     g.add_argument("--max-frames", type=int, default=300)
     g.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache folder")
     g.add_argument("--no-progress", action="store_true")
@@ -136,7 +138,8 @@ def _configs(args):
     from models.features import Augmentation
     from models.train import TrainConfig
 
-    features = FeatureConfig(kind=args.features, utterance_norm=args.utterance_norm, max_frames=args.max_frames)
+    features = FeatureConfig(kind=args.features, utterance_norm=args.utterance_norm, max_frames=args.max_frames,
+                             speaker_norm=args.speaker_norm)
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,

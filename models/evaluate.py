@@ -18,14 +18,14 @@ import numpy as np
 
 from edge_sdk.audio import load_audio
 from edge_sdk.errors import AudioError, ParameterError
-from edge_sdk.features import extract
+from edge_sdk.features import raw_features, speaker_inputs, trim_silence
 from edge_sdk.model import ModelMetadata, TFLiteModel
 from models.datasets import Clip
 from models.metrics import classification_report
 
 log = logging.getLogger("models")
 
-__all__ = ["evaluate_tflite", "metadata_path_for"]
+__all__ = ["evaluate_tflite", "metadata_path_for", "device_inputs"]
 
 
 def metadata_path_for(model_path: str | os.PathLike) -> Path:
@@ -37,24 +37,21 @@ def metadata_path_for(model_path: str | os.PathLike) -> Path:
     return meta
 
 
-def evaluate_tflite(model_path: str | os.PathLike, clips: Sequence[Clip], *, dataset_name: str = "",
-                    num_threads: int = 1) -> dict:
-    """An evaluation report of the model on ``clips``; unreadable clips are skipped and counted."""
-    model_path = Path(model_path)
-    meta = ModelMetadata.load(metadata_path_for(model_path))
-    model = TFLiteModel(model_path, meta, num_threads=num_threads)
-    labels = list(meta.labels)
-    y_true, y_pred, skipped, speakers = [], [], Counter(), set()
-    started = time.perf_counter()
+def device_inputs(clips: Sequence[Clip], meta: ModelMetadata) -> tuple[list[Clip], list[np.ndarray], Counter]:
+    """(clips kept, their model inputs, skip reasons) computed as a device computes them.
+
+    edge_sdk's reader and numpy features; with ``speaker_norm`` each speaker's clips are normalised by that
+    speaker's statistics, as a device that has heard them all would.
+    """
+    cfg = meta.features
+    raws: dict[str, list[tuple[Clip, np.ndarray]]] = {}
+    skipped: Counter = Counter()
     for clip in clips:
-        if clip.label not in labels:
-            skipped["label_not_in_model"] += 1
-            continue
         try:
-            y = load_audio(clip.path, sample_rate=meta.features.sample_rate)
-            if len(y) < meta.features.n_fft:
+            y = load_audio(clip.path, sample_rate=cfg.sample_rate)
+            if len(y) < cfg.n_fft:
                 raise AudioError("too short")
-            x = extract(y, meta.features, meta.normalization)
+            raw = raw_features(trim_silence(y, cfg), cfg)
         except (AudioError, ParameterError) as exc:
             reason = str(exc)
             key = ("missing" if "not found" in reason else "empty" if "empty" in reason or "no samples" in reason
@@ -62,6 +59,27 @@ def evaluate_tflite(model_path: str | os.PathLike, clips: Sequence[Clip], *, dat
             log.warning("skipping %s: %s", clip.path, reason)
             skipped[key] += 1
             continue
+        raws.setdefault(clip.speaker if cfg.speaker_norm else "", []).append((clip, raw))
+    kept, inputs = [], []
+    for group in raws.values():
+        kept += [c for c, _ in group]
+        inputs += speaker_inputs([r for _, r in group], cfg, meta.normalization)
+    return kept, inputs, skipped
+
+
+def evaluate_tflite(model_path: str | os.PathLike, clips: Sequence[Clip], *, dataset_name: str = "",
+                    num_threads: int = 1) -> dict:
+    """An evaluation report of the model on ``clips``; unreadable clips are skipped and counted."""
+    model_path = Path(model_path)
+    meta = ModelMetadata.load(metadata_path_for(model_path))
+    model = TFLiteModel(model_path, meta, num_threads=num_threads)
+    labels = list(meta.labels)
+    y_true, y_pred, speakers = [], [], set()
+    started = time.perf_counter()
+    kept, inputs, skipped = device_inputs([c for c in clips if c.label in labels], meta)
+    skipped["label_not_in_model"] = sum(1 for c in clips if c.label not in labels)
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    for clip, x in zip(kept, inputs, strict=True):
         probs, _ = model.infer(x)
         y_true.append(labels.index(clip.label))
         y_pred.append(int(np.argmax(probs)))

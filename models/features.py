@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.features import FeatureConfig, Normalization, fit_frames, trim_silence, utterance_normalize
+from edge_sdk.features import FeatureConfig, Normalization, speaker_inputs, trim_silence, utterance_normalize
 from models.datasets import Clip
 
 log = logging.getLogger("models")
@@ -113,9 +113,21 @@ class FeatureSet:
         return Normalization.fit(np.concatenate(self.raw, axis=0))
 
     def model_inputs(self, cfg: FeatureConfig, norm: Normalization) -> np.ndarray:
-        """``[N, max_frames, n_features]`` float32, normalised and cut/padded as on the device."""
-        return np.stack([fit_frames(norm.apply(r), cfg.max_frames) for r in self.raw]) if self.raw else \
-            np.zeros((0, cfg.max_frames, cfg.n_features), np.float32)
+        """``[N, max_frames, n_features]`` float32, normalised and cut/padded as on the device.
+
+        With ``cfg.speaker_norm`` each speaker's clips are normalised by that speaker's statistics
+        (:func:`edge_sdk.features.speaker_inputs`); the order of the clips is kept.
+        """
+        if not self.raw:
+            return np.zeros((0, cfg.max_frames, cfg.n_features), np.float32)
+        out: list = [None] * len(self.raw)
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(self.clips):
+            groups.setdefault(c.speaker if cfg.speaker_norm else "", []).append(i)
+        for idx in groups.values():
+            for i, x in zip(idx, speaker_inputs([self.raw[i] for i in idx], cfg, norm), strict=True):
+                out[i] = x
+        return np.stack(out)
 
     def labels(self, label_names: Sequence[str]) -> np.ndarray:
         return np.array([list(label_names).index(c.label) for c in self.clips], dtype=np.int64)

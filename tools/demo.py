@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     train, held = split_by_speaker(clips, device_spk)
     train, val = split_by_speaker(train, val_spk)
-    result = train_baseline(train, val, held, architecture=ArchitectureConfig(), features=FeatureConfig(kind="logmel"),
+    result = train_baseline(train, val, held, architecture=ArchitectureConfig(),
+                            features=FeatureConfig(kind="logmel", speaker_norm=True),
                             config=TrainConfig(epochs=args.epochs, seed=args.seed), cache_dir=Path(".cache/features"),
                             out_dir=args.out / "model", dataset_name=corpus)
     test = result.report["test"]
@@ -220,21 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _accuracy(dev, clips, extract, *, personal: bool) -> float:
-    """Accuracy of the device's model on clips, with the personalised or the global head (no storing)."""
-    from edge_sdk.audio import load_audio
+def _accuracy(dev, clips, extract=None, *, personal: bool) -> float:
+    """Accuracy of the device's model on clips, with the personalised or the global head (no storing).
+
+    Inputs are computed as the device computes them (per-speaker statistics when the model uses them).
+    """
+    from models.evaluate import device_inputs
 
     model = dev.model
     saved = model.get_weights()
     if not personal:
         model.set_weights(dev.global_head)
     meta = model.metadata
-    correct = 0
-    for clip in clips:
-        feats = extract(load_audio(clip.path, sample_rate=meta.features.sample_rate), meta.features,
-                        meta.normalization)
-        probs, _ = model.infer(feats)
-        correct += meta.labels[int(np.argmax(probs))] == clip.label
+    kept, inputs, _ = device_inputs(clips, meta)
+    correct = sum(meta.labels[int(np.argmax(model.infer(x)[0]))] == c.label for c, x in zip(kept, inputs, strict=True))
     model.set_weights(saved)
     return correct / max(1, len(clips))
 

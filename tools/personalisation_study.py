@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speakers", default="19,20,21,22,23,24", help="speakers the bundled model never trained on")
     parser.add_argument("--down-rates", default="0.3,1.0")
     args = parser.parse_args(argv)
-    from edge_sdk.audio import load_audio
     from edge_sdk.device import Device, TrainPolicy
-    from edge_sdk.features import extract
     from models.datasets import default_ravdess_root, ravdess_clips
+    from models.evaluate import device_inputs
 
     root = default_ravdess_root()
     if root is None:
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if base.model is None:
             raise SystemExit("no bundled model in edge_sdk/data")
         meta, labels = base.metadata, list(base.metadata.labels)
-        emb = {c.path: base.model.infer(extract(load_audio(c.path), meta.features, meta.normalization))[1]
-               for c in clips}
+        kept, inputs, _ = device_inputs(clips, meta)  # a device that has heard all of its user's clips
+        emb = {c.path: base.model.infer(x)[1] for c, x in zip(kept, inputs, strict=True)}
         print("| policy | down-rate | mean gain (points) | standard error | trials |\n| --- | --- | --- | --- | --- |")
         for down_rate in (float(x) for x in args.down_rates.split(",")):
             for name, over in POLICIES.items():

@@ -135,12 +135,10 @@ def _answer(true: str, predicted: str, cfg: SimConfig, rng: np.random.Generator)
 
 
 def _embeddings(model, meta, clips) -> tuple[np.ndarray, np.ndarray]:
-    from edge_sdk.audio import load_audio
-    from edge_sdk.features import extract
+    from models.evaluate import device_inputs
 
-    emb = [model.infer(extract(load_audio(c.path, sample_rate=meta.features.sample_rate), meta.features,
-                               meta.normalization))[1] for c in clips]
-    return np.stack(emb), np.array([LABELS.index(c.label) for c in clips])
+    kept, inputs, _ = device_inputs(clips, meta)
+    return np.stack([model.infer(x)[1] for x in inputs]), np.array([LABELS.index(c.label) for c in kept])
 
 
 def _uar(model, head, emb, y) -> dict:

@@ -79,3 +79,31 @@ def test_bad_audio_is_refused_with_the_reason(audio, match):
 def test_fit_frames_cuts_long_input():
     x = np.arange(20, dtype=np.float32).reshape(10, 2)
     np.testing.assert_array_equal(fit_frames(x, 4), x[:4])
+
+
+def test_speaker_statistics_shrink_toward_the_training_ones_and_match_training_when_complete(rng):
+    from edge_sdk.features import SpeakerStats, speaker_inputs
+
+    prior = Normalization(tuple([0.0] * 3), tuple([1.0] * 3))
+    frames = rng.normal(5.0, 2.0, size=(4000, 3))
+    stats = SpeakerStats(3)
+    assert stats.normalization(prior, prior_frames=500) == prior  # nothing heard yet: the training statistics
+    stats.add(frames[:10])
+    early = stats.normalization(prior, prior_frames=500)
+    assert 0 < early.mean[0] < 1.0  # 10 frames against 500 pseudo-frames: still near the prior
+    stats.add(frames[10:])
+    late = stats.normalization(prior, prior_frames=0)
+    np.testing.assert_allclose(late.mean, frames.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(late.std, frames.std(axis=0), rtol=1e-9)
+    again = SpeakerStats.from_dict(stats.to_dict())
+    assert again.normalization(prior) == stats.normalization(prior)
+    cfg = FeatureConfig(speaker_norm=True, n_mfcc=3, n_mels=3, max_frames=50)
+    raws = [rng.normal(5.0, 2.0, size=(40, 3)).astype(np.float32) for _ in range(3)]
+    xs = speaker_inputs(raws, cfg, prior)
+    whole = SpeakerStats(3)
+    for r in raws:
+        whole.add(r)
+    norm = whole.normalization(prior)  # every utterance of the speaker, as a device that heard them all
+    assert xs[0].shape == (50, 3) and np.all(xs[0][40:] == 0)
+    np.testing.assert_allclose(xs[1][:40], norm.apply(raws[1]), rtol=1e-6)
+    assert norm.mean[0] > 0.5  # 120 frames against 500 pseudo-frames: pulled from the training mean (0) toward 5
