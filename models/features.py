@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,8 +202,10 @@ def compute_features(
         else:
             feats, reason = _clip_features(clip, cfg, augmentation)
             if entry is not None:
-                tmp = entry.with_suffix(".tmp.npz")
-                np.savez(tmp, reason=reason or "", count=len(feats), **{f"f{i}": f for i, f in enumerate(feats)})
+                # a unique temporary name: two runs sharing the cache may compute the same clip at once
+                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npz")
+                with os.fdopen(fd, "wb") as fh:
+                    np.savez(fh, reason=reason or "", count=len(feats), **{f"f{i}": f for i, f in enumerate(feats)})
                 os.replace(tmp, entry)
         if reason is not None:
             skipped[reason] += 1
