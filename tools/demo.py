@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     instance = args.out / "aggregator"
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = start_aggregator(instance, port, min_updates=n_dev)
+    # The validation gate: the validation speaker's clips, scored on the server before any round is published.
+    val_csv = args.out / "validation.csv"
+    val_csv.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in val))
+    server = start_aggregator(instance, port, min_updates=n_dev, env={"FEDSER_VALIDATION_MANIFEST": str(val_csv)})
     try:
         auth = {"Authorization": f"Bearer {admin_token(instance)}"}
         with open(result.export.tflite_path, "rb") as t, open(result.export.metadata_path, "rb") as m:
@@ -191,8 +194,20 @@ def main(argv: list[str] | None = None) -> int:
             how = f"closed by the admin ({posted} of {n_dev} devices sent one)"
         else:
             how = f"closed on its {posted}th update"
+        reason = closed.get("round_rejected") or (closed.get("reason") if closed.get("rejected") else None)
+        if reason:
+            print(f"[5/6] {posted} signed deltas posted; round {closed['round_id']} {how}; FedAvg weighted by "
+                  f"examples, but the validation gate refused the result ({reason}); the fleet stays on version 1")
+            for spk, dev, *_ in rows:
+                assert not dev.pull_model() and dev.model_version == 1, spk
+            print("[6/6] every device asked for the manifest (conditional GET): unchanged, still version 1")
+            summary = {"corpus": corpus, "base": test, "round": closed, "rejected": reason,
+                       "seconds": time.perf_counter() - started}
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print(f"done in {time.perf_counter() - started:.0f} s; details in {args.out / 'summary.json'}")
+            return 0
         print(f"[5/6] {posted} signed deltas posted; round {closed['round_id']} {how}; FedAvg weighted by "
-              f"examples -> version {closed['published_version']}")
+              f"examples; the validation gate passed it -> version {closed['published_version']}")
 
         for spk, dev, *_ in rows:
             updated = dev.pull_model()

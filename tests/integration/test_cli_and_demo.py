@@ -52,7 +52,10 @@ def test_the_demo_runs_end_to_end_on_the_synthetic_fallback(tmp_path):
     out = _run("tools.demo", "--synthetic", "--devices", "2", "--epochs", "3", "--out", str(tmp_path / "demo"),
                timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "SYNTHETIC" in out.stdout
-    assert "round 1 closed" in out.stdout and "pulled version 2" in out.stdout
+    assert "SYNTHETIC" in out.stdout and "round 1 closed" in out.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["round"]["published_version"] == 2 and len(summary["devices"]) == 2
+    if "validation gate refused" in out.stdout:  # the gate may refuse a round that lowers validation UAR
+        assert summary["rejected"] and "still version 1" in out.stdout
+    else:
+        assert "pulled version 2" in out.stdout and "gate passed" in out.stdout
+        assert summary["round"]["published_version"] == 2 and len(summary["devices"]) == 2
