@@ -374,12 +374,7 @@ class Device:
         """From the global head: ``policy.epochs`` passes of the ``train`` signature over ``examples``."""
         model.set_weights(self.global_head)
         emb, targets, sign = self._arrays(examples)
-        weight = np.ones(len(examples), np.float32)
-        if policy.balance_classes:
-            counts = targets.sum(axis=0)
-            per_class = np.divide(len(examples) / max(1, int((counts > 0).sum())), counts,
-                                  out=np.zeros_like(counts), where=counts > 0)
-            weight = (targets @ per_class).astype(np.float32)
+        weight = class_balance_weights(targets) if policy.balance_classes else np.ones(len(examples), np.float32)
         rng = np.random.default_rng(policy.seed)
         batch = model.metadata.train_batch_size
         for _ in range(policy.epochs):
@@ -527,6 +522,14 @@ class Device:
             "personalized": self.personalized,
             **self.store.counts(),
         }
+
+
+def class_balance_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-example weights ``n / (classes present * count of the example's class)`` from one-hot ``targets``."""
+    counts = targets.sum(axis=0)
+    per_class = np.divide(len(targets) / max(1, int((counts > 0).sum())), counts, out=np.zeros_like(counts),
+                          where=counts > 0)
+    return (targets @ per_class).astype(np.float32)
 
 
 def _sha256_file(path: Path) -> str:

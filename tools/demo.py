@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
 
     from edge_sdk.device import Device, TrainPolicy
-    from edge_sdk.features import FeatureConfig, extract
+    from edge_sdk.features import FeatureConfig
     from models.architectures import ArchitectureConfig
     from models.cli import resolve_corpus
     from models.datasets import split_by_speaker
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 a = answer(clip.label, pred.label, rng, down_rate=args.down_rate)
                 dev.feedback(pred.id, a)
                 answers["label" if a not in ("up", "down") else a] += 1
-            global_acc = _accuracy(dev, eval_clips, extract, personal=False)
+            global_acc = _accuracy(dev, eval_clips, personal=False)
             report = dev.personalize(TrainPolicy())
-            personal_acc = _accuracy(dev, eval_clips, extract, personal=True)
+            personal_acc = _accuracy(dev, eval_clips, personal=True)
             seq = dev.make_update()
             rows.append((spk, dev, len(fb_clips), answers, global_acc, personal_acc, report, seq))
         print(f"[4/6] feedback and on-device fine-tuning (accuracy on each speaker's other "
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             updated = dev.pull_model()
             assert updated and dev.model_version == closed["published_version"], spk
         status = requests.get(f"{base_url}/api/v1/admin/status", headers=auth, timeout=10).json()
-        after = [_accuracy(dev, [c for c in held if c.speaker == spk], extract, personal=False)
+        after = [_accuracy(dev, [c for c in held if c.speaker == spk], personal=False)
                  for spk, dev, *_ in rows]
         print(f"[6/6] every device pulled version {closed['published_version']}, verified the server's "
               f"Ed25519 signature and both sha256s, swapped atomically and re-personalised")
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _accuracy(dev, clips, extract=None, *, personal: bool) -> float:
+def _accuracy(dev, clips, *, personal: bool) -> float:
     """Accuracy of the device's model on clips, with the personalised or the global head (no storing).
 
     Inputs are computed as the device computes them (per-speaker statistics when the model uses them).

@@ -353,6 +353,8 @@ class Simulation:
         log.info("round %d: %d updates, global UAR %.3f", rnd, posted, glob["uar"])
 
     def _centralised_head(self, evaluator, clips, base_head, test_emb, test_y) -> dict:
+        from edge_sdk.device import class_balance_weights
+
         """The reference: the same frozen encoder, its head trained centrally on every sending device's clips
         (true labels, class-balanced, the model's own ``train`` signature), best epoch by test-free rule: last."""
         if not clips:
@@ -360,10 +362,7 @@ class Simulation:
         started = time.perf_counter()
         emb, y = _embeddings(evaluator, evaluator.metadata, clips)
         targets = np.eye(len(LABELS), dtype=np.float32)[y]
-        counts = targets.sum(axis=0)
-        per_class = np.divide(len(y) / max(1, int((counts > 0).sum())), counts, out=np.zeros_like(counts),
-                              where=counts > 0)
-        weight = (targets @ per_class).astype(np.float32)
+        weight = class_balance_weights(targets)
         evaluator.set_weights(base_head)
         rng = np.random.default_rng(self.cfg.seed)
         batch = evaluator.metadata.train_batch_size
