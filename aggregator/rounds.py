@@ -110,23 +110,19 @@ class RoundPolicy:
                 "optimizer": self.optimizer.kind, "server_lr": self.optimizer.lr}
 
 
-def open_round(session: Session, *, lock: bool = False) -> Round | None:
-    """The open round of the current version, if any.
-
-    With ``lock``, the round row stays share-locked until the transaction ends: a concurrent
-    :func:`close_round` (which updates the row) waits for the caller's insert, or the caller sees
-    the round closed. Without it, PostgreSQL's READ COMMITTED could let an update land in a round
-    that was aggregated a moment before.
-    """
-    query = (select(Round).join(ModelVersion, ModelVersion.version == Round.base_version)
-             .where(ModelVersion.is_current.is_(True), Round.status == "open"))
-    if lock:
-        query = query.with_for_update(read=True, of=Round)
-    return session.scalars(query).first()
+def open_round(session: Session) -> Round | None:
+    """The open round of the current version, if any (the intake uses :func:`open_round_and_version`)."""
+    return session.scalars(select(Round).join(ModelVersion, ModelVersion.version == Round.base_version)
+                           .where(ModelVersion.is_current.is_(True), Round.status == "open")).first()
 
 
 def open_round_and_version(session: Session) -> tuple[Round | None, ModelVersion | None]:
-    """(open round, current version) in one query, the round row share-locked (see :func:`open_round`)."""
+    """(open round, current version) in one query, the round row share-locked until the transaction ends.
+
+    A concurrent :func:`close_round` (which updates the row) waits for the caller's insert, or the caller
+    sees the round closed. Without the lock, PostgreSQL's READ COMMITTED could let an update land in a
+    round that was aggregated a moment before.
+    """
     row = session.execute(
         select(Round, ModelVersion).join(ModelVersion, ModelVersion.version == Round.base_version)
         .where(ModelVersion.is_current.is_(True), Round.status == "open").with_for_update(read=True, of=Round)

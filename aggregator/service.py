@@ -8,7 +8,6 @@ import time
 
 from flask import Flask, current_app
 
-from aggregator.registry import BlobStore
 from aggregator.rounds import CloseResult, RoundPolicy, close_round, due_round
 
 log = logging.getLogger("aggregator")
@@ -77,7 +76,3 @@ def start_deadline_thread(app: Flask) -> threading.Thread | None:
     thread.start()
     app.extensions["fedser_deadline_thread"] = thread
     return thread
-
-
-def blobs(app: Flask | None = None) -> BlobStore:
-    return (app or current_app).extensions["fedser_blobs"]

@@ -303,7 +303,7 @@ class Device:
         """
         model = self._require_model()
         started = time.perf_counter()
-        feats = self._model_input(np.asarray(audio, np.float32), model.metadata)
+        feats, state = self._model_input(np.asarray(audio, np.float32), model.metadata)
         probs, embedding = model.infer(feats)
         latency_ms = (time.perf_counter() - started) * 1000.0
         labels = model.metadata.labels
@@ -319,23 +319,26 @@ class Device:
             prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
             embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
             audio=np.asarray(audio, np.float32) if keep_audio else None,
-            sample_rate=model.metadata.features.sample_rate if keep_audio else None,
+            sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state,
         )
         return pred
 
-    def _model_input(self, audio: np.ndarray, meta: ModelMetadata) -> np.ndarray:
-        """The model's input: the training statistics' normalisation, or (``speaker_norm``) running statistics of
-        this device's user, updated with this utterance and kept in the store."""
+    def _model_input(self, audio: np.ndarray, meta: ModelMetadata) -> tuple[np.ndarray, dict[str, str]]:
+        """(the model's input, store state to write with the prediction).
+
+        The training statistics' normalisation, or (``speaker_norm``) running statistics of this device's
+        user updated with this utterance; the updated statistics are returned for the prediction's commit.
+        """
         cfg = meta.features
         if not cfg.speaker_norm:
-            return extract(audio, cfg, meta.normalization)
+            return extract(audio, cfg, meta.normalization), {}
         raw = raw_features(trim_silence(audio, cfg), cfg)
         key = "speaker_stats:" + hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         text = self.store.get(key)
         stats = SpeakerStats.from_dict(json.loads(text)) if text else SpeakerStats(cfg.n_features)
         stats.add(raw)
-        self.store.set(key, json.dumps(stats.to_dict()))
-        return fit_frames(stats.normalization(meta.normalization).apply(raw), cfg.max_frames)
+        feats = fit_frames(stats.normalization(meta.normalization).apply(raw), cfg.max_frames)
+        return feats, {key: json.dumps(stats.to_dict())}
 
     def classify_file(self, path: str | os.PathLike) -> Prediction:
         audio = load_audio(path, sample_rate=self.metadata.features.sample_rate)

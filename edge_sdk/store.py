@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
+_UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+
+
 @dataclass(frozen=True, eq=False)
 class FeedbackExample:
     """One training example derived from a prediction and its feedback."""
@@ -118,8 +121,7 @@ class FeedbackStore:
 
     def set(self, key: str, value: str) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                      (key, value))
+            c.execute(_UPSERT_KV, (key, value))
 
     # -- predictions and feedback ---------------------------------------------------------
     def add_prediction(
@@ -135,8 +137,12 @@ class FeedbackStore:
         source: str = "",
         audio: np.ndarray | None = None,
         sample_rate: int | None = None,
+        state: dict[str, str] | None = None,
     ) -> None:
-        """Store a prediction; ``audio`` (kept as 16-bit PCM) only when the user opted in."""
+        """Store a prediction; ``audio`` (kept as 16-bit PCM) only when the user opted in.
+
+        ``state`` (key/value pairs) is written in the same transaction: one commit per prediction.
+        """
         pcm = None if audio is None else (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
         with self._tx() as c:
             c.execute(
@@ -150,6 +156,8 @@ class FeedbackStore:
                     float(latency_ms), source, pcm, sample_rate if pcm is not None else None,
                 ),
             )
+            for key, value in (state or {}).items():
+                c.execute(_UPSERT_KV, (key, value))
 
     def prediction(self, prediction_id: str) -> dict | None:
         with self._lock:
@@ -301,8 +309,7 @@ class FeedbackStore:
         with self._tx() as c:
             row = c.execute("SELECT value FROM kv WHERE key = 'sequence'").fetchone()
             seq = int(row[0]) + 1 if row else 1
-            c.execute("INSERT INTO kv(key, value) VALUES ('sequence', ?) ON CONFLICT(key) DO UPDATE"
-                      " SET value = excluded.value", (str(seq),))
+            c.execute(_UPSERT_KV, ("sequence", str(seq)))
         return seq
 
     def enqueue(self, seq: int, base_version: int, envelope: bytes) -> None:
