@@ -22,7 +22,8 @@ bp = Blueprint("admin", __name__, url_prefix=f"{API_PREFIX}/admin")
 
 
 def create_enrollment_token(session, ttl: float) -> tuple[str, float]:
-    token = secrets.token_urlsafe(24)
+    # A fixed prefix: a bare url-safe token can start with "-", which a shell command line reads as an option.
+    token = "fset_" + secrets.token_urlsafe(24)
     now = time.time()
     session.add(EnrollmentToken(token_sha256=hashlib.sha256(token.encode()).hexdigest(), created_at=now,
                                 expires_at=now + ttl))

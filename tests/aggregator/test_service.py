@@ -287,3 +287,10 @@ def test_clip_norm_bounds_each_update_before_averaging(tmp_path, trained_model):
     assert 0.24 < l2_norm(delta) < 0.26
     np.testing.assert_allclose(delta["w0"], (big.deltas()["w0"] * 0.5 / l2_norm(big.deltas())
                                              + small.deltas()["w0"]) / 2, atol=1e-5)
+
+
+def test_enrollment_tokens_never_look_like_command_line_options(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model)
+    tokens = [srv.client.post("/api/v1/admin/enrollment-tokens", headers=srv.auth, json={}).json["token"]
+              for _ in range(100)]
+    assert len(set(tokens)) == 100 and not any(t.startswith("-") for t in tokens)  # `--token -x...` broke argparse
