@@ -52,6 +52,7 @@ class Prediction:
     model_version: int
     latency_ms: float
     personalized: bool
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # what the head saw
 
     def to_dict(self) -> dict:
         return {
@@ -314,6 +315,7 @@ class Device:
             model_version=self.model_version,
             latency_ms=latency_ms,
             personalized=self.personalized,
+            embedding=embedding,
         )
         self.store.add_prediction(
             prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
@@ -428,23 +430,36 @@ class Device:
 
     # -- federation -----------------------------------------------------------------------
     def make_update(
-        self, privacy: PrivacyPolicy = PrivacyPolicy(), *, rng: np.random.Generator | None = None
+        self, privacy: PrivacyPolicy = PrivacyPolicy(), *, rng: np.random.Generator | None = None,
+        policy: TrainPolicy | None = None,
     ) -> int | None:
-        """Sign ``personal - global`` and put it in the outbox. Returns its sequence, or None.
+        """Sign a FedAvg client update and put it in the outbox. Returns its sequence, or None.
 
-        Nothing is made when the head is not personalised for the current
-        version, or an update for this version is already in the outbox.
+        The update is ``fit - global``: the head trained from the global head on *all* of the user's feedback
+        (``policy.epochs`` passes), whatever the personal guard decided. The guard protects what this user sees;
+        the federation wants every device's gradient signal, and the server's robust options and validation
+        gate guard the global model. Nothing is made from the bundled model (it is not federated), below
+        ``policy.min_examples`` answers, or when an update for this version is already in the outbox.
         """
         model = self._require_model()
+        policy = policy or self.train_policy
         if not self.enrolled:
             raise FedserError("cannot make an update before enrolling")
-        if not self.personalized or self.manifest is None:  # the bundled model is not federated
+        if self.manifest is None:  # the bundled model is not federated
             return None
         if self.store.get("last_update_base_version") == str(self.model_version):
             return None
+        examples = self._examples()
+        if len(examples) < policy.min_examples:
+            return None
         layout = model.metadata.head_layout
-        personal = model.get_weights()
-        deltas = {n: personal[n] - self.global_head[n] for n in layout.names}
+        in_use = model.get_weights()
+        try:
+            self._fit(model, examples, policy)
+            fitted = model.get_weights()
+        finally:
+            model.set_weights(in_use)
+        deltas = {n: fitted[n] - self.global_head[n] for n in layout.names}
         if privacy.clip_norm > 0:
             norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
             scale = min(1.0, privacy.clip_norm / max(norm, 1e-12))
@@ -455,7 +470,7 @@ class Device:
         seq = self.store.next_sequence()
         envelope = UpdateEnvelope.create(
             device_id=self.device_id, base_version=self.model_version, layout=layout, deltas=deltas,
-            num_examples=int(self.store.get("personal_examples", "0")), sequence=seq, sign=self.key.sign,
+            num_examples=len(examples), sequence=seq, sign=self.key.sign,
             privacy=privacy.describe(),
         )
         self.store.enqueue(seq, self.model_version, envelope.to_bytes())

@@ -1,14 +1,16 @@
 """Federated simulation with the real SDK and aggregator: N devices, each a real ``edge_sdk.Device`` (its own
 key, feedback store, TFLite interpreter and outbox), talking HTTP on loopback to a real gunicorn aggregator.
 
-    python -m tools.simulate --partition speaker --rounds 10 --out runs/sim-speaker
+    python -m tools.simulate --partition speaker --out runs/sim-speaker   # 24 devices, 20 rounds
     python -m tools.simulate --partition emotion --server-optimizer fedadam --server-lr 0.05 --out runs/sim-emo
     python -m tools.simulate --partition speaker --attack-fraction 0.1 --attack scale --aggregation median ...
 
-What is federated: the encoder is trained centrally on *server-side* speakers (``--server-actors``, never a
-device) and frozen into the model; the devices personalise and federate the head from their users' answers.
-Test actors (``--test-actors``) never train: their devices only personalise for themselves (their updates are
-not sent), and the global model's UAR is measured on their clips after every round.
+What is federated: the encoder is trained centrally on *server-side* speakers (``--server-actors``: a consented
+seed set; by default those actors also use the app and have a device, ``--no-server-actors-have-devices`` keeps
+them off the devices) and frozen into the model; the devices personalise and federate the head from their users'
+answers. Test actors (``--test-actors``) never train: their devices only personalise for themselves (their
+updates are not sent), and the global model's UAR is measured on their clips after every round. The reference
+is the same architecture trained centrally, encoder and head, on every training actor's clips.
 
 Partitions of the training actors' clips: ``speaker`` (one device per actor), ``random`` (equal random shares),
 ``emotion`` (one emotion per device), ``dirichlet`` (class proportions ~ Dir(alpha) per device).
@@ -45,21 +47,22 @@ class SimConfig:
     partition: str = "speaker"
     devices: int = 5  # for random and dirichlet partitions
     alpha: float = 0.5
-    rounds: int = 10
+    rounds: int = 20
     answers_per_round: int = 4
     later_fraction: float = 0.3  # of each device's clips, kept to measure personalisation
     wrong_rate: float = 0.0
     down_rate: float = 0.3
     test_actors: tuple[int, ...] = (21, 22, 23, 24)
-    server_actors: tuple[int, ...] = (1, 2, 3, 4)
+    server_actors: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     architecture: str = "cnn"
     features: str = "logmel"
+    speaker_norm: bool = True  # per-speaker feature statistics (training) and the user's running ones (device)
     epochs: int = 40
     aggregation: str = "fedavg"
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
     clip_norm: float = 0.0
-    local_epochs: int = 10
+    local_epochs: int = 40
     local_lr: float = 0.05
     holdout_every: int = 5
     attack_fraction: float = 0.0
@@ -69,6 +72,8 @@ class SimConfig:
     workers: int = 2
     database_url: str | None = None
     base_model: str | None = None  # a folder with model.tflite/json/report.json to reuse instead of training
+    centralised_model: str | None = None  # the same, for the centralised reference (a suite trains it once)
+    server_actors_have_devices: bool = True  # the server-side actors are users too (a device each, sending)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -175,28 +180,43 @@ class Simulation:
     # -- set-up -----------------------------------------------------------------------------------
     def baseline(self, clips):
         """The encoder (and a starting head) from the server-side actors; exported once, reused on resume."""
+        server = [c for c in clips if _actor(c) in self.cfg.server_actors]
+        return self._train("base-model", self.cfg.base_model, server, [], "baseline")
+
+    def centralised_model(self, clips):
+        """The reference: the same architecture trained centrally, encoder and head, on every training actor's
+        clips (server-side actors and all device actors, their later clips too), with the same validation actor;
+        scored on the test actors. Returns its folder (``report.json`` holds the test metrics)."""
+        train = [c for c in clips if _actor(c) not in self.cfg.test_actors]
+        test = [c for c in clips if _actor(c) in self.cfg.test_actors]
+        return self._train("centralised-model", self.cfg.centralised_model, train, test, "centralised")
+
+    def _train(self, name: str, reuse: str | None, clips, test, timing_key: str) -> Path:
         from edge_sdk.features import FeatureConfig
         from models.architectures import preset
         from models.datasets import split_by_speaker
         from models.train import TrainConfig, train_baseline
 
-        model_dir = self.out / "base-model"
+        model_dir = self.out / name
         if (model_dir / "model.tflite").exists():
             return model_dir
-        if self.cfg.base_model:
-            shutil.copytree(self.cfg.base_model, model_dir)
+        if reuse:
+            shutil.copytree(reuse, model_dir)
             return model_dir
-        server = [c for c in clips if _actor(c) in self.cfg.server_actors]
-        spk = sorted({c.speaker for c in server})
-        fit, val = split_by_speaker(server, spk[-1:])
+        spk = sorted({c.speaker for c in clips})
+        val_speaker = f"ravdess-{max(self.cfg.server_actors):02d}"  # the server's validation actor, in both
+        fit, val = split_by_speaker(clips, [val_speaker])
         started = time.perf_counter()
-        train_baseline(fit, val, [], features=FeatureConfig(kind=self.cfg.features),
+        train_baseline(fit, val, test,
+                       features=FeatureConfig(kind=self.cfg.features, speaker_norm=self.cfg.speaker_norm),
                        architecture=preset(self.cfg.architecture),
                        config=TrainConfig(epochs=self.cfg.epochs, seed=self.cfg.seed),
-                       cache_dir=Path(".cache/features"),
-                       out_dir=model_dir, dataset_name="RAVDESS server-side actors " + ",".join(map(str, spk)),
+                       cache_dir=Path(".cache/features"), out_dir=model_dir,
+                       dataset_name=f"RAVDESS {timing_key} actors " + ",".join(s.rsplit("-", 1)[1] for s in spk),
                        progress=False)
-        self.timing.baseline = time.perf_counter() - started
+        self.timing.extra[timing_key] = time.perf_counter() - started
+        if timing_key == "baseline":
+            self.timing.baseline = self.timing.extra.pop(timing_key)
         return model_dir
 
     def run(self) -> dict:
@@ -221,7 +241,8 @@ class Simulation:
         test_emb, test_y = _embeddings(evaluator, meta, test_clips)
         self.timing.evaluation += time.perf_counter() - started
 
-        train_clips = [c for c in clips if _actor(c) not in cfg.test_actors + cfg.server_actors]
+        excluded = cfg.test_actors + (() if cfg.server_actors_have_devices else cfg.server_actors)
+        train_clips = [c for c in clips if _actor(c) not in excluded]
         part_rng = np.random.default_rng(cfg.seed)
         parts = partition(train_clips, cfg, part_rng)
         for c in test_clips:  # the test actors' devices: personalise, never send
@@ -285,8 +306,14 @@ class Simulation:
             server.wait(timeout=30)
         central = self._centralised_head(evaluator, [c for s in senders for c in s.queue_all],
                                          base_head, test_emb, test_y)
+        central_dir = self.centralised_model(clips)
+        central_report = json.loads((central_dir / "report.json").read_text())["test"]
+        centralised = {"uar": central_report["uar"], "accuracy": central_report["accuracy"],
+                       "macro_f1": central_report["macro_f1"],
+                       "f1": {lab: central_report["per_class"][lab]["f1"] for lab in LABELS},
+                       "dataset": json.loads((central_dir / "report.json").read_text())["dataset"]}
         report = {"config": cfg.to_dict(), "history": self.history, "final": self.history[-1]["global"],
-                  "centralised_head": central,
+                  "centralised_head": central, "centralised": centralised,
                   "best_round": max(self.history, key=lambda h: h["global"]["uar"])["round"],
                   "personalisation": personal, "timing": asdict(self.timing),
                   "devices": {"senders": len(senders), "test": len(sims) - len(senders),
@@ -310,29 +337,30 @@ class Simulation:
                 s.answered += 1
             t1 = time.perf_counter()
             self.timing.features_infer += t1 - t0
-            report = dev.personalize()
+            dev.personalize()
             t2 = time.perf_counter()
             self.timing.device_training += t2 - t1
-            if s.speaker_group != "train" or report.status != "kept":
+            if s.speaker_group != "train":
                 continue
-            if s.attacker:
-                personal = dev.model.get_weights()
+            seq = dev.make_update()
+            if seq is not None and s.attacker:  # replace the honest update by a scaled or sign-flipped one
+                item = next(i for i in dev.store.outbox_items() if i.seq == seq)
+                honest, _ = UpdateEnvelope.from_bytes(item.envelope)
                 factor = -1.0 if cfg.attack == "signflip" else cfg.attack_scale
-                deltas = {n: (factor * (personal[n] - dev.global_head[n])).astype(np.float32)
-                          for n in dev.metadata.head_layout.names}
-                env = UpdateEnvelope.create(device_id=dev.device_id, base_version=dev.model_version,
-                                            layout=dev.metadata.head_layout, deltas=deltas,
-                                            num_examples=int(dev.store.get("personal_examples", "1")),
-                                            sequence=dev.store.next_sequence(), sign=dev.key.sign)
+                env = UpdateEnvelope.create(device_id=dev.device_id, base_version=honest.header.base_version,
+                                            layout=dev.metadata.head_layout,
+                                            deltas={n: (factor * d).astype(np.float32)
+                                                    for n, d in honest.deltas().items()},
+                                            num_examples=honest.header.num_examples, sequence=seq, sign=dev.key.sign)
                 try:
-                    dev.client.post_update(env.to_bytes())
+                    reply = dev.client.post_update(env.to_bytes())
+                    dev.store.mark_done(seq, "accepted", reply)
                     posted += 1
                 except Exception as exc:  # a refused attack is the defence working
+                    dev.store.mark_done(seq, "rejected", {"detail": str(exc)})
                     log.info("attack from %s refused: %s", s.name, exc)
-            else:
-                dev.make_update()
-                sync = dev.flush_outbox()
-                posted += len(sync.accepted)
+            elif seq is not None:
+                posted += len(dev.flush_outbox().accepted)
             self.timing.http += time.perf_counter() - t2
         t3 = time.perf_counter()
         status = requests.get(f"{base_url}/api/v1/admin/status", headers=auth, timeout=30).json()
@@ -356,7 +384,7 @@ class Simulation:
         from edge_sdk.device import class_balance_weights
 
         """The reference: the same frozen encoder, its head trained centrally on every sending device's clips
-        (true labels, class-balanced, the model's own ``train`` signature), best epoch by test-free rule: last."""
+        (true labels, class-balanced, the model's own ``train`` signature, 30 epochs at the devices' rate)."""
         if not clips:
             return {}
         started = time.perf_counter()
@@ -366,7 +394,7 @@ class Simulation:
         evaluator.set_weights(base_head)
         rng = np.random.default_rng(self.cfg.seed)
         batch = evaluator.metadata.train_batch_size
-        for _ in range(max(10, self.cfg.local_epochs * 3)):
+        for _ in range(30):
             order = rng.permutation(len(y))
             for i in range(0, len(order), batch):
                 idx = order[i:i + batch]
@@ -379,14 +407,18 @@ class Simulation:
         return out
 
     def _personalisation(self, sims) -> dict:
-        """Each device's accuracy on its later clips: personalised head vs the global head it started from."""
+        """Each device's accuracy on its later clips, heard the way a user goes on talking: the device classifies
+        them (its running speaker statistics go on updating), and the embedding the head saw is scored with the
+        personalised head and with the global head it started from."""
         gains = []
         per_device = []
         for s in sims:
             if not s.later:
                 continue
             dev = s.device
-            emb, y = _embeddings(dev.model, dev.metadata, s.later)
+            labels = list(dev.metadata.labels)
+            emb = np.stack([dev.classify_file(c.path).embedding for c in s.later])
+            y = np.array([labels.index(c.label) for c in s.later])
             personal = float(np.mean(np.argmax(dev.model.head_probs(emb), axis=1) == y))
             saved = dev.model.get_weights()
             dev.model.set_weights(dev.global_head)
@@ -434,7 +466,8 @@ def write_report(report: dict, out: Path) -> None:
              f"**Final global model on held-out actors: UAR {fin['uar']:.3f}, accuracy {fin['accuracy']:.3f}, "
              f"macro-F1 {fin['macro_f1']:.3f}** (round 0, the base: UAR {report['history'][0]['global']['uar']:.3f}; "
              f"centralised head on the same encoder and clips: UAR "
-             f"{report['centralised_head'].get('uar', float('nan')):.3f})",
+             f"{report['centralised_head'].get('uar', float('nan')):.3f}; centralised training of the whole model "
+             f"on every training actor: UAR {report['centralised']['uar']:.3f})",
              "", "| round | version | updates | UAR | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {x['round']} | {x['version']} | {x['updates']} | {x['global']['uar']:.3f} | "
               f"{x['global']['accuracy']:.3f} | {x['global']['macro_f1']:.3f} |" for x in h]
@@ -455,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, list):
             parser.add_argument(flag, default=",".join(map(str, value)))
         elif isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"))

@@ -27,9 +27,10 @@ def _give_feedback(device: Device, clips, answers: list[str]) -> None:
 
 def _personalised_update(device: Device, clips, answers) -> UpdateEnvelope:
     _give_feedback(device, clips, answers)
-    report = device.personalize(TrainPolicy(min_examples=4, holdout_every=0, epochs=5))
+    policy = TrainPolicy(min_examples=4, holdout_every=0, epochs=5)
+    report = device.personalize(policy)
     assert report.status == "kept", report
-    seq = device.make_update()
+    seq = device.make_update(policy=policy)
     assert seq is not None
     item = next(i for i in device.store.outbox_items() if i.seq == seq)
     envelope, _ = UpdateEnvelope.from_bytes(item.envelope)
@@ -193,3 +194,31 @@ def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggr
     arrays = unpack_arrays(dev.metadata.head_layout, raw)
     for name, arr in arrays.items():
         np.testing.assert_array_equal(arr, dev.global_head[name])
+
+
+def test_update_is_the_fit_on_all_feedback_even_when_the_personal_guard_discards_it(live_aggregator, trained_model,
+                                                                                    synthetic_clips, tmp_path):
+    """The guard decides what this user sees; the federation still gets the device's client update."""
+    agg = live_aggregator
+    agg.publish(trained_model)
+    refuse_all = TrainPolicy(min_examples=4, holdout_every=2, epochs=5, tolerance=-1e9)  # every fit "got worse"
+    dev = agg.enroll(tmp_path / "dev", train_policy=refuse_all)
+    _give_feedback(dev, synthetic_clips[:8], ["label"] * 8)
+    assert dev.personalize().status == "discarded" and not dev.personalized
+    in_use = dev.model.get_weights()
+    seq = dev.make_update()
+    assert seq is not None
+    envelope, _ = UpdateEnvelope.from_bytes(next(i for i in dev.store.outbox_items() if i.seq == seq).envelope)
+    assert envelope.header.num_examples == 8  # all answers, the held-back ones too
+    for name, value in dev.model.get_weights().items():  # what the user sees is untouched
+        np.testing.assert_array_equal(value, in_use[name])
+        np.testing.assert_array_equal(value, dev.global_head[name])
+    # the delta is exactly a fit from the global head on all eight answers
+    dev.model.set_weights(dev.global_head)
+    dev._fit(dev.model, dev._examples(), refuse_all)
+    fitted = dev.model.get_weights()
+    for name, delta in envelope.deltas().items():
+        assert np.abs(delta).max() > 0
+        np.testing.assert_allclose(dev.global_head[name] + delta, fitted[name], atol=1e-6)
+    assert dev.make_update() is None  # one update per version
+    assert dev.flush_outbox().accepted
