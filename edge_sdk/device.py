@@ -132,7 +132,11 @@ class Device:
     clock : callable
         Seconds since the epoch; injected in tests so backoff never really waits.
     train_policy : TrainPolicy
-        Used by :meth:`personalize` when no policy is given, and after a new model arrives.
+        Used by :meth:`personalize` and :meth:`make_update` when no policy is given, and after a new model arrives.
+    use_bundled_model : bool
+        Classify with the model shipped in the package until the aggregator provides one.
+    model_files : (tflite, json), optional
+        A model of your own to use instead of the bundled one until the aggregator provides one (not federated).
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class Device:
         clock: Callable[[], float] = time.time,
         train_policy: TrainPolicy | None = None,
         use_bundled_model: bool = True,
+        model_files: tuple[str | os.PathLike, str | os.PathLike] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +170,12 @@ class Device:
         self.model_source = None
         if (self.state_dir / "manifest.json").exists():
             self._load_current()
+        elif model_files is not None:  # a model file of the developer's, until the aggregator provides one
+            self._load_local(Path(model_files[0]), Path(model_files[1]), "file")
         elif use_bundled_model:
-            self._load_bundled()
+            paths = bundled_model_paths()
+            if paths is not None:
+                self._load_local(paths[0], paths[1], "bundled")
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -225,13 +234,11 @@ class Device:
     def _model_path(self, sha256: str, suffix: str) -> Path:
         return self.state_dir / "models" / f"{sha256}{suffix}"
 
-    def _load_bundled(self) -> None:
-        """The model shipped in the package, until the aggregator provides one (version 0, not federated)."""
-        paths = bundled_model_paths()
-        if paths is None:
-            return
-        model = TFLiteModel(paths[0], ModelMetadata.load(paths[1]), num_threads=self.num_threads, runtime=self.runtime)
-        self.model, self.global_head, self.model_source = model, model.get_weights(), "bundled"
+    def _load_local(self, tflite: Path, metadata: Path, source: str) -> None:
+        """The model shipped in the package or a given file, until the aggregator provides one (version 0, not
+        federated)."""
+        model = TFLiteModel(tflite, ModelMetadata.load(metadata), num_threads=self.num_threads, runtime=self.runtime)
+        self.model, self.global_head, self.model_source = model, model.get_weights(), source
         self._load_personal(model)
 
     def _load_personal(self, model: TFLiteModel) -> None:

@@ -10,7 +10,8 @@
    fine-tuned on the device, and a signed delta is posted;
 5. the round closes on the last update (FedAvg weighted by examples) and a new version is
    published under a signed manifest; every device pulls it, verifies it and re-personalises;
-6. prints per-device accuracy on the second half of its clips: global model vs personalised.
+6. prints per-device accuracy on the second half of its clips: global model vs personalised;
+7. (RAVDESS) runs the short version of the federated suite (``tools.sim_suite --short``) and prints its tables.
 """
 
 from __future__ import annotations
@@ -86,7 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-server", action="store_true", help="leave the aggregator running at the end")
+    parser.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=True,
+                        help="then run the short federated suite (RAVDESS only; python -m tools.sim_suite --short)")
     args = parser.parse_args(argv)
+    code = _loop(args)
+    if code or not args.experiments:
+        return code
+    from models.datasets import default_ravdess_root
+
+    if args.data:
+        os.environ["FEDSER_RAVDESS"] = str(args.data)
+    if args.synthetic or default_ravdess_root() is None:
+        print("the federated experiments need RAVDESS; skipped")
+        return code
+    print("\n[experiments] the federated suite, short version (CNN; by speaker with 24 devices, random split, one "
+          "emotion per device, an attack with FedAvg and with the median; 5 rounds each; the full one is "
+          "python -m tools.sim_suite). Each run prints its aggregator's dashboard URL: open it while it runs.",
+          flush=True)
+    from tools import sim_suite
+
+    return sim_suite.main(["--out", str(args.out / "experiments"), "--architectures", "cnn", "--rounds", "5",
+                           "--epochs", "15", "--short"])
+
+
+def _loop(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()

@@ -1,11 +1,14 @@
 """The federated experiments of the studies, with the real SDK and aggregator: one command, one report.
 
-    python -m tools.sim_suite --out runs/suite [--rounds 10] [--architecture cnn]
+    python -m tools.sim_suite --out runs/suite [--architectures cnn,dnn,lstm,afcn] [--rounds 20]
+    python -m tools.sim_suite --out runs/short --architectures cnn --rounds 3 --short   # what the demo runs
 
-Trains the shared encoder once (server-side actors), then runs ``tools.simulate`` for: federated by speaker,
-random equal splits, one emotion per device (FedAvg, and FedAdam), an attack run (a tenth of the devices send
-scaled deltas) with plain FedAvg and with the robust options, a sweep of the number of devices (random splits),
-and users who only ever answer thumbs-down. Writes ``report.md``, ``report.json`` and plots.
+For each architecture: the encoder is trained once on the server-side actors and the reference once centrally
+(encoder and head, every training actor), then ``tools.simulate`` runs federated by speaker, random equal splits
+and one emotion per device. For the first architecture also: one emotion per device with plain FedAvg and with
+server optimizers; an attack run (a tenth of the devices send scaled or sign-flipped deltas) with plain FedAvg and
+the robust options; users who only answer thumbs-up/down; and a sweep of the number of devices. Writes
+``report.md``, ``report.json`` and plots; the set-up of every run is in ``<out>/<run>/report.json``.
 """
 
 from __future__ import annotations
@@ -19,62 +22,98 @@ from pathlib import Path
 
 import numpy as np
 
+LABELS = ["angry", "happy", "neutral", "sad"]
 
-def _setups(base: dict) -> list[tuple[str, dict]]:
-    return [
-        ("by speaker", {"partition": "speaker"}),
-        ("random split (5)", {"partition": "random", "devices": 5}),
-        ("one emotion per device", {"partition": "emotion"}),
-        ("one emotion per device, FedAdam", {"partition": "emotion", "server_optimizer": "fedadam",
-                                             "server_lr": 0.05}),
-        ("by speaker, attack, FedAvg", {"partition": "speaker", "attack_fraction": 0.125, "attack": "scale"}),
-        ("by speaker, attack, median", {"partition": "speaker", "attack_fraction": 0.125, "attack": "scale",
-                                        "aggregation": "median"}),
-        ("by speaker, attack, clip 1.0", {"partition": "speaker", "attack_fraction": 0.125, "attack": "scale",
-                                          "clip_norm": 1.0}),
-        ("by speaker, thumbs-down only", {"partition": "speaker", "down_rate": 1.0}),
-    ] + [(f"random split ({n})", {"partition": "random", "devices": n}) for n in (2, 10, 16)]
+# One emotion per device: a "device" is then not one speaker but every actor's clips of one emotion, so running
+# per-user statistics would normalise the emotion itself away (an angry-only device's statistics are angry
+# speech's); these runs use the training set's statistics, with models trained the same way.
+ONE_EMOTION = {"partition": "emotion", "speaker_norm": False}
+
+
+def per_architecture_setups() -> list[tuple[str, dict]]:
+    return [("federated by speaker", {"partition": "speaker"}),
+            ("federated, random split (5)", {"partition": "random", "devices": 5}),
+            ("federated, one emotion per device", {**ONE_EMOTION})]
+
+
+def extra_setups(short: bool) -> list[tuple[str, dict]]:
+    if short:
+        return [("attack (scale x20), FedAvg", {"partition": "speaker", "attack_fraction": 0.1}),
+                ("attack (scale x20), median", {"partition": "speaker", "attack_fraction": 0.1,
+                                                "aggregation": "median"})]
+    attacks = [(f"attack ({kind}), {label}", {"partition": "speaker", "attack_fraction": 0.1, "attack": attack, **over})
+               for kind, attack in (("scale x20", "scale"), ("sign flip", "signflip"))
+               for label, over in (("FedAvg", {}), ("median", {"aggregation": "median"}),
+                                   ("trimmed mean", {"aggregation": "trimmed_mean"}),
+                                   ("clip 1.0", {"clip_norm": 1.0}))]
+    return [("one emotion per device, FedAvg with per-user statistics", {"partition": "emotion"}),
+            ("one emotion per device, FedAdam 0.01", {**ONE_EMOTION, "server_optimizer": "fedadam",
+                                                      "server_lr": 0.01}),
+            ("one emotion per device, FedAvgM 0.5", {**ONE_EMOTION, "server_optimizer": "fedavgm",
+                                                     "server_lr": 0.5}),
+            *attacks,
+            ("by speaker, thumbs-up/down only", {"partition": "speaker", "down_rate": 1.0}),
+            *[(f"random split ({n})", {"partition": "random", "devices": n}) for n in (2, 10, 20)]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.datasets import default_ravdess_root, ravdess_clips
     from tools.simulate import SimConfig, Simulation
 
     parser = argparse.ArgumentParser(prog="python -m tools.sim_suite", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/suite"))
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--architecture", default="cnn")
+    parser.add_argument("--architectures", default="cnn,dnn,lstm,afcn")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of the centrally trained models")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-actors", default="1,2,3,4", help="actors that train the shared encoder")
+    parser.add_argument("--server-actors", default="1,2,3,4,5,6,7,8,9,10", help="actors that train the encoder")
+    parser.add_argument("--short", action="store_true", help="the demo's version: two attack runs, no sweeps")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    base_cfg = SimConfig(rounds=args.rounds, architecture=args.architecture, seed=args.seed,
-                         server_actors=tuple(int(a) for a in args.server_actors.split(",") if a))
-    started = time.perf_counter()
-    # the shared encoder, trained once on the server-side actors
-    from models.datasets import default_ravdess_root, ravdess_clips
-
     root = default_ravdess_root()
     if root is None:
         raise SystemExit("the suite needs RAVDESS ($FEDSER_RAVDESS or ../shared/data/ravdess)")
-    base_dir = Simulation(replace(base_cfg, rounds=0), args.out / "base").baseline(ravdess_clips(root))
-    results = {}
-    for name, over in _setups({}):
-        cfg = replace(base_cfg, base_model=str(base_dir), **over)
-        out = args.out / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
-        t0 = time.perf_counter()
-        report = Simulation(cfg, out).run()
-        report["seconds"] = time.perf_counter() - t0
-        results[name] = report
-        best = max(h["global"]["uar"] for h in report["history"])
-        print(f"{name:36s} final UAR {report['final']['uar']:.3f}  best {best:.3f}"
-              f"  centralised head {report['centralised_head'].get('uar', float('nan')):.3f}  "
-              f"({report['seconds']:.0f} s)", flush=True)
-    write_suite(results, args.out, time.perf_counter() - started, base_cfg.server_actors)
+    clips = ravdess_clips(root)
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    architectures = [a for a in args.architectures.split(",") if a]
+    for i, arch in enumerate(architectures):
+        base_cfg = SimConfig(rounds=args.rounds, architecture=arch, seed=args.seed, epochs=args.epochs,
+                             server_actors=tuple(int(a) for a in args.server_actors.split(",") if a))
+        models: dict[bool, tuple[str, str, float]] = {}  # speaker_norm -> (encoder dir, centralised dir, seconds)
+        setups = per_architecture_setups() + (extra_setups(args.short) if i == 0 else [])
+        for name, over in setups:
+            cfg = replace(base_cfg, **over)
+            if cfg.speaker_norm not in models:  # the encoder and the centralised reference, trained once
+                t0 = time.perf_counter()
+                sim = Simulation(replace(cfg, rounds=0), args.out / arch / ("models" if cfg.speaker_norm
+                                                                            else "models-global-norm"))
+                base, central = sim.baseline(clips), sim.centralised_model(clips)
+                models[cfg.speaker_norm] = (str(base), str(central), time.perf_counter() - t0)
+            base, central, _ = models[cfg.speaker_norm]
+            cfg = replace(cfg, base_model=base, centralised_model=central)
+            out = args.out / arch / name.replace(" ", "-").translate(str.maketrans("", "", ",()/."))
+            t0 = time.perf_counter()
+            report = Simulation(cfg, out).run()
+            report["seconds"] = time.perf_counter() - t0
+            report["architecture"] = arch
+            report["centralised_seconds"] = json.loads((Path(central) / "report.json").read_text()).get(
+                "train_seconds")
+            results[f"{arch}: {name}"] = report
+            print(f"{arch:5s} {name:58s} final UAR {report['final']['uar']:.3f}  centralised "
+                  f"{report['centralised']['uar']:.3f}  ({report['seconds']:.0f} s)", flush=True)
+    write_suite(results, args.out, time.perf_counter() - started, architectures)
     print((args.out / "report.md").read_text())
     return 0
 
 
-def write_suite(results: dict, out: Path, seconds: float, server_actors=(1, 2, 3, 4)) -> None:
+def _row(name: str, m: dict, seconds) -> str:
+    return (f"| {name} | {m['accuracy']:.3f} | {m['uar']:.3f} | {m['macro_f1']:.3f} | "
+            + " | ".join(f"{m['f1'][lab]:.2f}" for lab in LABELS)
+            + (f" | {seconds:.0f} |" if isinstance(seconds, int | float) else " | - |"))
+
+
+def write_suite(results: dict, out: Path, seconds: float, architectures: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,65 +121,113 @@ def write_suite(results: dict, out: Path, seconds: float, server_actors=(1, 2, 3
 
     from models.report import confusion_png
 
+    header = ["| setup | accuracy | UAR | macro-F1 | " + " | ".join(f"F1 {lab}" for lab in LABELS) + " | time (s) |",
+              "| --- " * 9 + "|"]
+    any_run = next(iter(results.values()))
+    cfg = any_run["config"]
+    lines = ["# Federated experiments on RAVDESS, 4 classes (real devices and aggregator over HTTP on loopback)", "",
+             f"- test actors {', '.join(map(str, cfg['test_actors']))} never train; every figure is on their clips;",
+             f"- the encoder is trained centrally on the server-side actors {','.join(map(str, cfg['server_actors']))} "
+             f"(validation: actor {max(cfg['server_actors'])}) and frozen; the devices federate the head from their "
+             "users' answers;",
+             "- **centralised** = the same architecture trained centrally, encoder and head, on every training "
+             "actor's clips (1-20, the same validation actor);",
+             f"- {cfg['rounds']} rounds, {cfg['answers_per_round']} answers per device per round, "
+             f"{cfg['local_epochs']} local epochs, users correct a wrong prediction or (rate {cfg['down_rate']}) "
+             "answer a bare thumbs-down;",
+             "- by speaker: one device per actor (actors 1-20 send updates; the test actors' 4 devices only "
+             "personalise), 24 devices.", ""]
+    for arch in architectures:
+        rows = {n.split(": ", 1)[1]: r for n, r in results.items() if r["architecture"] == arch}
+        if not rows:
+            continue
+        first = next(iter(rows.values()))
+        lines += [f"## {arch}", "", *header, _row("centralised", first["centralised"], first["centralised_seconds"])]
+        for name, r in rows.items():
+            if name.startswith("federated"):
+                lines.append(_row(name, r["final"], r["seconds"]))
+        spk = rows.get("federated by speaker")
+        emo = rows.get("federated, one emotion per device")
+        if spk:
+            gap = 100 * (spk["final"]["uar"] - spk["centralised"]["uar"])
+            lines += ["", f"By speaker: {gap:+.1f} UAR points against centralised (target: within 3)."]
+        if emo:
+            lines.append(f"One emotion per device: {100 * emo['final']['uar'] / emo['centralised']['uar']:.0f} % of "
+                         "centralised UAR (target: at least 85 %; centralised here is trained with the training "
+                         "set's statistics, like the run).")
+        lines.append("")
+    first_arch = architectures[0]
+    extras = {n.split(": ", 1)[1]: r for n, r in results.items()
+              if r["architecture"] == first_arch and not n.split(": ", 1)[1].startswith("federated")}
+    if extras:
+        lines += [f"## More runs ({first_arch})", "", *header]
+        lines += [_row(n, r["final"], r["seconds"]) for n, r in extras.items()]
+        clean = results.get(f"{first_arch}: federated by speaker")
+        if clean:
+            lines += ["", f"Clean by-speaker run: UAR {clean['final']['uar']:.3f}. Under attack (target: a robust "
+                          "option within 3 points of clean):", ""]
+            for n, r in extras.items():
+                if n.startswith("attack"):
+                    lines.append(f"- {n}: {100 * (r['final']['uar'] - clean['final']['uar']):+.1f} points "
+                                 f"(attackers: {', '.join(r['devices']['attackers'])})")
+        lines.append("")
+    # personalisation of the test actors' devices
+    lines += ["## Personalisation of the test actors' devices", "",
+              "Each test actor's device answers its first clips, fine-tunes its head (guarded), then is scored on "
+              "its later clips with the personalised head and with the global head.", "",
+              "| run | answers per device | global accuracy | personal accuracy | gain (points) |", "| --- " * 5 + "|"]
+    for name, r in results.items():
+        p = r["personalisation"]
+        if p["test_speakers_global"] is None or r["config"]["attack_fraction"]:
+            continue
+        answers = [d["answers"] for d in p["per_device"] if d["group"] == "test"]
+        lines.append(f"| {name} | {int(np.mean(answers))} | {p['test_speakers_global']:.3f} | "
+                     f"{p['test_speakers_personal']:.3f} | {100 * p['test_speakers_mean_gain']:+.1f} |")
+    spk = results.get(f"{first_arch}: federated by speaker")
+    if spk:
+        t = spk["timing"]
+        lines += ["", f"**Full by-speaker run ({first_arch}, 24 devices, {spk['config']['rounds']} rounds): "
+                      f"{spk['seconds']:.0f} s** on this machine: features + inference {t['features_infer']:.1f} s, "
+                      f"training on devices {t['device_training']:.1f} s, HTTP {t['http']:.1f} s, aggregation "
+                      f"{t['aggregation']:.1f} s, evaluation {t['evaluation']:.1f} s (the encoder and the centralised "
+                      "reference are trained once per architecture, before the runs)."]
+    lines += ["", f"Suite time: {seconds:.0f} s. Plots: uar-per-round.png, uar-vs-devices.png, confusion-*.png."]
+
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for name, r in results.items():
-        if name.startswith("random split (") and name != "random split (5)":
-            continue
-        ax.plot([h["round"] for h in r["history"]], [h["global"]["uar"] for h in r["history"]], marker=".",
-                label=name)
+        if r["architecture"] == first_arch and not name.split(": ", 1)[1].startswith("random split"):
+            ax.plot([h["round"] for h in r["history"]], [h["global"]["uar"] for h in r["history"]], marker=".",
+                    label=name.split(": ", 1)[1], lw=1)
+    if spk:
+        ax.axhline(spk["centralised"]["uar"], color="black", ls="--", lw=1, label="centralised")
     ax.set_xlabel("round")
     ax.set_ylabel("global UAR, held-out actors")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "uar-per-round.png")
     plt.close(fig)
     sweep = sorted((r["devices"]["senders"], r["final"]["uar"]) for n, r in results.items()
-                   if n.startswith("random split"))
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
-    ax.plot([n for n, _ in sweep], [u for _, u in sweep], marker="o")
-    ax.set_xlabel("devices (random equal splits)")
-    ax.set_ylabel("final global UAR")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "uar-vs-devices.png")
-    plt.close(fig)
-    labels = ["angry", "happy", "neutral", "sad"]
-    for name in ("by speaker", "one emotion per device"):
-        if name in results:
-            f = results[name]["final"]
-            confusion_png({"confusion_matrix": f["confusion_matrix"], "labels": labels, "uar": f["uar"],
-                           "accuracy": f["accuracy"]}, out / f"confusion-{name.replace(' ', '-')}.png",
-                          title=f"{name}: UAR {f['uar']:.3f}")
-    lines = ["# Federated experiments on RAVDESS, 4 classes (real devices and aggregator over HTTP)", "",
-             f"Encoder trained centrally on server-side actors {','.join(map(str, server_actors))} and shared; heads "
-             "federated. Test actors 21-24 "
-             "never train. 'centralised head' = the same encoder, a head trained centrally on the same clips.", "",
-             "| setup | devices | final UAR | best UAR | centralised head UAR | final / centralised | accuracy | "
-             "macro-F1 | F1 angry | F1 happy | F1 neutral | F1 sad | time (s) |",
-             "| --- " * 13 + "|"]
+                   if r["architecture"] == first_arch and "random split" in n)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+        ax.plot([n for n, _ in sweep], [u for _, u in sweep], marker="o", label="random equal splits")
+        if spk:
+            ax.plot([spk["devices"]["senders"]], [spk["final"]["uar"]], marker="s", ls="", label="by speaker")
+        ax.set_xlabel("devices sending updates")
+        ax.set_ylabel("final global UAR")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "uar-vs-devices.png")
+        plt.close(fig)
     for name, r in results.items():
-        f, c = r["final"], r["centralised_head"]
-        best = max(h["global"]["uar"] for h in r["history"])
-        lines.append(f"| {name} | {r['devices']['senders']} | {f['uar']:.3f} | {best:.3f} | {c.get('uar', 0):.3f} | "
-                     f"{f['uar'] / c['uar'] if c.get('uar') else float('nan'):.2f} | {f['accuracy']:.3f} | "
-                     f"{f['macro_f1']:.3f} | " + " | ".join(f"{f['f1'][lab]:.2f}" for lab in labels)
-                     + f" | {r['seconds']:.0f} |")
-    lines += ["", "Personalisation (test actors' devices, their own later clips; global head vs personalised):", "",
-              "| setup | answers per device | global acc | personal acc | gain (points) |", "| --- " * 5 + "|"]
-    for name in ("by speaker", "by speaker, thumbs-down only"):
-        if name in results:
-            p = results[name]["personalisation"]
-            answers = [d["answers"] for d in p["per_device"] if d["group"] == "test"]
-            lines.append(f"| {name} | {int(np.mean(answers)) if answers else 0} | {p['test_speakers_global']:.3f} | "
-                         f"{p['test_speakers_personal']:.3f} | {100 * p['test_speakers_mean_gain']:+.1f} |")
-    r = results.get("by speaker")
-    if r:
-        t = r["timing"]
-        lines += ["", f"By-speaker run: {r['seconds']:.0f} s in all; features+inference {t['features_infer']:.1f} s, "
-                      f"device training {t['device_training']:.1f} s, HTTP {t['http']:.1f} s, aggregation "
-                      f"{t['aggregation']:.1f} s, evaluation {t['evaluation']:.1f} s."]
-    lines += ["", f"Suite time: {seconds:.0f} s. Plots: uar-per-round.png, uar-vs-devices.png, confusion-*.png."]
+        if r["architecture"] == first_arch and name.split(": ", 1)[1].startswith("federated"):
+            f = r["final"]
+            confusion_png({"confusion_matrix": f["confusion_matrix"], "labels": LABELS, "uar": f["uar"],
+                           "accuracy": f["accuracy"]},
+                          out / f"confusion-{name.split(': ', 1)[1].replace(' ', '-').replace(',', '')}.png",
+                          title=f"{name}: UAR {f['uar']:.3f}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(results, indent=2, default=str))
 
