@@ -222,3 +222,19 @@ def test_update_is_the_fit_on_all_feedback_even_when_the_personal_guard_discards
         np.testing.assert_allclose(dev.global_head[name] + delta, fitted[name], atol=1e-6)
     assert dev.make_update() is None  # one update per version
     assert dev.flush_outbox().accepted
+
+
+def test_device_uses_a_given_model_file_until_the_aggregator_provides_one(live_aggregator, trained_model,
+                                                                          synthetic_clips, tmp_path):
+    files = (trained_model.tflite_path, trained_model.metadata_path)
+    dev = Device(tmp_path / "dev", model_files=files)
+    assert dev.model_source == "file" and dev.model_version == 0
+    pred = dev.classify_file(synthetic_clips[0].path)
+    assert pred.embedding is not None and pred.embedding.shape == (dev.metadata.embedding_dim,)
+    np.testing.assert_allclose(dev.model.head_probs(pred.embedding[None])[0],
+                               [pred.probs[lab] for lab in dev.metadata.labels], atol=1e-6)
+    agg = live_aggregator
+    agg.publish(trained_model)
+    enrolled = agg.enroll(tmp_path / "enrolled")
+    again = Device(enrolled.state_dir, model_files=files)  # the server's model wins once there is one
+    assert again.model_source == "server" and again.model_version == 1

@@ -37,3 +37,23 @@ def test_simulation_by_speaker_with_attackers_and_resume(ravdess_root, tmp_path)
     assert set(answered.values()) <= {10}  # 5 answers in each of the two rounds, none repeated
     r = _sim("--rounds", "3", "--resume", *common[:-2], "--seed", "5", "--out", str(out))
     assert r.returncode != 0 and "different parameters" in r.stderr
+
+
+def test_short_suite_writes_the_studies_tables(ravdess_root, tmp_path):
+    out = tmp_path / "suite"
+    r = subprocess.run([sys.executable, "-m", "tools.sim_suite", "--out", str(out), "--architectures", "cnn",
+                        "--rounds", "1", "--epochs", "2", "--short"], cwd=REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    for row in ("| centralised |", "| federated by speaker |", "| federated, random split (5) |",
+                "| federated, one emotion per device |", "| attack (scale x20), FedAvg |",
+                "| attack (scale x20), median |", "Full by-speaker run (cnn, 24 devices"):
+        assert row in md, row
+    report = json.loads((out / "report.json").read_text())
+    spk = report["cnn: federated by speaker"]
+    assert spk["devices"]["senders"] == 20 and spk["devices"]["test"] == 4 and spk["config"]["speaker_norm"]
+    assert not report["cnn: federated, one emotion per device"]["config"]["speaker_norm"]
+    assert len(report["cnn: attack (scale x20), median"]["devices"]["attackers"]) == 2
+    for png in ("uar-per-round.png", "confusion-federated-by-speaker.png"):
+        assert (out / png).stat().st_size > 5000
