@@ -224,9 +224,10 @@ def write_suite(results: dict, out: Path, seconds: float, architectures: list[st
     for name, r in results.items():
         if r["architecture"] == first_arch and name.split(": ", 1)[1].startswith("federated"):
             f = r["final"]
+            slug = name.split(": ", 1)[1].replace(" ", "-").translate(str.maketrans("", "", ",()"))
             confusion_png({"confusion_matrix": f["confusion_matrix"], "labels": LABELS, "uar": f["uar"],
                            "accuracy": f["accuracy"]},
-                          out / f"confusion-{name.split(': ', 1)[1].replace(' ', '-').replace(',', '')}.png",
+                          out / f"confusion-{slug}.png",
                           title=f"{name}: UAR {f['uar']:.3f}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(results, indent=2, default=str))
