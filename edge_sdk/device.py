@@ -73,6 +73,7 @@ class TrainPolicy:
     seed: int = 0
     balance_classes: bool = True  # weigh answers so each class counts equally (a user's answers are skewed)
     refit_on_all: bool = False  # once the guard accepts, train again on every answer (held-back ones too)
+    replay_weight: float = 0.25  # the model's replay set's share of each batch's loss, relative to the answers'
 
 
 @dataclass(frozen=True)
@@ -383,17 +384,35 @@ class Device:
         return float(np.mean(np.where(sign > 0, -np.log(p), -np.log(1.0 - p))))
 
     def _fit(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy) -> None:
-        """From the global head: ``policy.epochs`` passes of the ``train`` signature over ``examples``."""
+        """From the global head: ``policy.epochs`` passes of the ``train`` signature over ``examples``.
+
+        With a replay set in the model and ``policy.replay_weight > 0``, a quarter of each batch's rows are
+        replay examples drawn at random, weighted so that they carry ``replay_weight / (1 + replay_weight)`` of
+        the batch's loss.
+        """
         model.set_weights(self.global_head)
         emb, targets, sign = self._arrays(examples)
         weight = class_balance_weights(targets) if policy.balance_classes else np.ones(len(examples), np.float32)
         rng = np.random.default_rng(policy.seed)
         batch = model.metadata.train_batch_size
+        replay = model.metadata.replay_set() if policy.replay_weight > 0 else None
+        slots = max(1, batch // 4) if replay is not None and batch > 1 else 0
+        if slots:
+            replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
+        per_batch = batch - slots
         for _ in range(policy.epochs):
             order = rng.permutation(len(examples))
-            for start in range(0, len(order), batch):
-                idx = order[start : start + batch]
-                model.train_step(emb[idx], targets[idx], sign[idx], weight[idx], learning_rate=policy.learning_rate)
+            for start in range(0, len(order), per_batch):
+                idx = order[start : start + per_batch]
+                x, t, s, w = emb[idx], targets[idx], sign[idx], weight[idx]
+                if slots:
+                    pick = rng.choice(len(replay_emb), size=min(slots, len(replay_emb)), replace=False)
+                    share = policy.replay_weight * float(w.sum()) / len(pick)
+                    x = np.concatenate([x, replay_emb[pick]])
+                    t = np.concatenate([t, replay_targets[pick]])
+                    s = np.concatenate([s, np.ones(len(pick), np.float32)])
+                    w = np.concatenate([w, np.full(len(pick), share, np.float32)])
+                model.train_step(x, t, s, w, learning_rate=policy.learning_rate)
 
     def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
         """Fine-tune the head from the global head on all stored feedback, guarded by a held-back slice.

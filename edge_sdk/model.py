@@ -12,6 +12,7 @@ never imported here.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -63,6 +64,35 @@ class ModelMetadata:
             "architecture": self.architecture,
             "extra": self.extra,
         }
+
+    def replay_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(embeddings [N, E] float32, class indices [N])`` of the replay set, or None when the model has none.
+
+        A replay set is a few embeddings per class from the *server's own* training data (never a device's),
+        shipped in ``extra["replay"]``; the device mixes them into its fine-tuning so that a user whose answers
+        cover one or two classes does not drag the head away from the others.
+        """
+        raw = self.extra.get("replay")
+        if not raw:
+            return None
+        try:
+            emb = np.frombuffer(base64.b64decode(raw["embeddings"], validate=True), "<f4")
+            labels = np.asarray(raw["labels"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model metadata extra.replay is malformed: {exc}") from exc
+        if labels.ndim != 1 or emb.size != labels.size * self.embedding_dim:
+            raise ModelError(f"model metadata extra.replay holds {emb.size} floats for {labels.size} labels; "
+                             f"expected {labels.size} x embedding_dim {self.embedding_dim}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ModelError(f"model metadata extra.replay has a class index outside 0..{self.num_classes - 1}")
+        return emb.reshape(labels.size, self.embedding_dim).astype(np.float32), labels
+
+    @staticmethod
+    def replay_extra(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+        """The ``extra["replay"]`` entry for ``embeddings [N, E]`` and class indices ``labels [N]``."""
+        emb = np.ascontiguousarray(embeddings, dtype="<f4")
+        return {"embeddings": base64.b64encode(emb.tobytes()).decode("ascii"),
+                "labels": [int(x) for x in labels]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ModelMetadata:

@@ -45,6 +45,7 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of training pairs; 0: off
     label_smoothing: float = 0.0
     swa_epochs: int = 0  # > 0: train all epochs and keep the average weights of the last N (no early stopping)
+    replay_per_class: int = 32  # training embeddings per class shipped in the model for the device's replay; 0: none
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -240,6 +241,14 @@ def train_baseline(
     hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
     head_weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(),
                     "w1": logits.kernel.numpy(), "b1": logits.bias.numpy()}
+    replay = {}
+    if config.replay_per_class > 0:  # a few training embeddings per class, the device's replay set
+        pick_rng = np.random.default_rng(config.seed)
+        picked = np.concatenate([pick_rng.choice(np.flatnonzero(y_train == k),
+                                                 size=min(config.replay_per_class, int(np.sum(y_train == k))),
+                                                 replace=False) for k in range(len(labels)) if np.any(y_train == k)])
+        replay_emb = encoder.predict(x_train[picked], batch_size=256, verbose=0)
+        replay = {"replay": ModelMetadata.replay_extra(replay_emb, y_train[picked])}
     report = {
         "dataset": dataset_name,
         "labels": list(labels),
@@ -280,7 +289,8 @@ def train_baseline(
         train_batch_size=config.train_batch_size,
         architecture=architecture.name,
         extra={"architecture": architecture.to_dict(), "dataset": dataset_name,
-               "test": {k: report["test"][k] for k in ("accuracy", "uar", "macro_f1")} if "test" in report else {}},
+               "test": {k: report["test"][k] for k in ("accuracy", "uar", "macro_f1")} if "test" in report else {},
+               **replay},
     )
     result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
     if out_dir is not None:

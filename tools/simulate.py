@@ -57,6 +57,7 @@ class SimConfig:
     architecture: str = "cnn"
     features: str = "logmel"
     speaker_norm: bool = True  # per-speaker feature statistics (training) and the user's running ones (device)
+    utterance_norm: str = "none"  # none | mean | meanvar: each utterance's own statistics first
     epochs: int = 40
     aggregation: str = "fedavg"
     server_optimizer: str = "sgd"
@@ -74,6 +75,7 @@ class SimConfig:
     base_model: str | None = None  # a folder with model.tflite/json/report.json to reuse instead of training
     centralised_model: str | None = None  # the same, for the centralised reference (a suite trains it once)
     server_actors_have_devices: bool = True  # the server-side actors are users too (a device each, sending)
+    validation_gate: bool = False  # the aggregator refuses a round that lowers UAR on the server's validation actor
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -208,7 +210,8 @@ class Simulation:
         fit, val = split_by_speaker(clips, [val_speaker])
         started = time.perf_counter()
         train_baseline(fit, val, test,
-                       features=FeatureConfig(kind=self.cfg.features, speaker_norm=self.cfg.speaker_norm),
+                       features=FeatureConfig(kind=self.cfg.features, speaker_norm=self.cfg.speaker_norm,
+                                              utterance_norm=self.cfg.utterance_norm),
                        architecture=preset(self.cfg.architecture),
                        config=TrainConfig(epochs=self.cfg.epochs, seed=self.cfg.seed),
                        cache_dir=Path(".cache/features"), out_dir=model_dir,
@@ -265,6 +268,12 @@ class Simulation:
         env = {"FEDSER_AGGREGATION": cfg.aggregation, "FEDSER_SERVER_OPTIMIZER": cfg.server_optimizer,
                "FEDSER_SERVER_LR": str(cfg.server_lr), "FEDSER_CLIP_NORM": str(cfg.clip_norm),
                "FEDSER_MAX_UPDATE_L2_NORM": "1e6", "FEDSER_RATE_LIMIT_PER_HOUR": "0", "FEDSER_LOG_JSON": "0"}
+        if cfg.validation_gate:  # the server's own validation actor's clips (never a test actor)
+            val_actor = max(cfg.server_actors)
+            val_csv = self.out / "validation.csv"
+            val_csv.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in clips
+                                                                if _actor(c) == val_actor))
+            env["FEDSER_VALIDATION_MANIFEST"] = str(val_csv)
         port = free_port()
         server = start_aggregator(instance, port, min_updates=max(1, len(senders)), workers=cfg.workers,
                                   database_url=cfg.database_url, env=env)
@@ -376,8 +385,10 @@ class Simulation:
         head = sims[0].device.global_head
         glob = _uar(evaluator, head, test_emb, test_y)
         self.timing.evaluation += time.perf_counter() - t5
-        self.history.append({"round": rnd, "version": sims[0].device.model_version, "global": glob,
-                             "updates": posted})
+        version = sims[0].device.model_version
+        refused = bool(posted) and version == self.history[-1]["version"]  # the validation gate said no
+        self.history.append({"round": rnd, "version": version, "global": glob, "updates": posted,
+                             "refused": refused})
         log.info("round %d: %d updates, global UAR %.3f", rnd, posted, glob["uar"])
 
     def _centralised_head(self, evaluator, clips, base_head, test_emb, test_y) -> dict:

@@ -238,3 +238,23 @@ def test_device_uses_a_given_model_file_until_the_aggregator_provides_one(live_a
     enrolled = agg.enroll(tmp_path / "enrolled")
     again = Device(enrolled.state_dir, model_files=files)  # the server's model wins once there is one
     assert again.model_source == "server" and again.model_version == 1
+
+
+def test_replay_keeps_a_one_class_user_from_erasing_the_other_classes(trained_model, synthetic_clips, tmp_path):
+    """A user who only ever answers one class: without replay the head learns "always that class"; the model's
+    replay set keeps the other classes (measured on the replay set itself, all four classes)."""
+    files = (trained_model.tflite_path, trained_model.metadata_path)
+    scores = {}
+    for weight in (0.0, 1.0):
+        policy = TrainPolicy(min_examples=4, holdout_every=0, epochs=30, learning_rate=0.2, replay_weight=weight)
+        dev = Device(tmp_path / f"dev-{weight}", model_files=files, train_policy=policy)
+        only = dev.metadata.labels[0]
+        for clip in synthetic_clips[:12]:
+            dev.feedback(dev.classify_file(clip.path).id, only)
+        assert dev.personalize().status == "kept"
+        emb, labels = dev.metadata.replay_set()
+        pred = np.argmax(dev.model.head_probs(emb), axis=1)
+        scores[weight] = (float(np.mean(pred == labels)), float(np.mean(pred == 0)))
+    (acc_without, share0_without), (acc_with, share0_with) = scores[0.0], scores[1.0]
+    assert share0_without > 0.9  # collapsed onto the one class the user answered
+    assert acc_with > acc_without + 0.2 and share0_with < 0.75

@@ -173,3 +173,46 @@ def test_every_architecture_exports_and_matches_tensorflow(name, tmp_path, rng):
         assert lite == pytest.approx(ref_loss, abs=1e-5)
     for k, v in model.get_weights().items():
         np.testing.assert_allclose(v, getattr(tf_mod, k).numpy(), rtol=0, atol=1e-5)
+
+
+def test_replay_set_is_the_exported_encoders_embeddings_of_training_clips(trained_model, synthetic_clips, tmp_path):
+    """The model ships a few training embeddings per class; they are what its own encoder makes of them."""
+    from edge_sdk.model import ModelMetadata
+    from models.features import compute_features
+
+    meta = trained_model.result.metadata
+    emb, labels = meta.replay_set()
+    assert emb.shape == (len(labels), meta.embedding_dim) and emb.dtype == np.float32
+    assert set(labels.tolist()) == set(range(meta.num_classes))
+    on_disk = ModelMetadata.load(trained_model.metadata_path).replay_set()  # the file carries the same set
+    np.testing.assert_array_equal(on_disk[0], emb)
+    np.testing.assert_array_equal(on_disk[1], labels)
+    # each replay embedding is a training clip's embedding under the exported (frozen) encoder, with its label
+    train_speakers = set(trained_model.result.report["split"]["train_speakers"])
+    clips = [c for c in synthetic_clips if c.speaker in train_speakers]
+    fs = compute_features(clips, meta.features, cache_dir=tmp_path)
+    model = TFLiteModel(trained_model.tflite_path, meta)
+    train_emb = np.stack([model.infer(x)[1] for x in fs.model_inputs(meta.features, meta.normalization)])
+    train_y = fs.labels(meta.labels)
+    for e, y in zip(emb, labels, strict=True):
+        nearest = int(np.argmin(np.abs(train_emb - e).max(axis=1)))
+        assert np.abs(train_emb[nearest] - e).max() < 1e-3 and train_y[nearest] == y
+
+
+def test_malformed_replay_set_is_refused_with_the_reason(trained_model):
+    from edge_sdk.model import ModelMetadata
+
+    meta = trained_model.result.metadata
+    data = meta.to_dict()
+    replay = data["extra"]["replay"]
+    data["extra"] = {**data["extra"], "replay": {**replay, "labels": replay["labels"][:-1]}}
+    with pytest.raises(ModelError, match="expected .* x embedding_dim"):
+        ModelMetadata.from_dict(data).replay_set()
+    data["extra"]["replay"] = {"embeddings": "not base64!", "labels": [0]}
+    with pytest.raises(ModelError, match="extra.replay is malformed"):
+        ModelMetadata.from_dict(data).replay_set()
+    data["extra"]["replay"] = ModelMetadata.replay_extra(np.zeros((1, meta.embedding_dim)), np.array([99]))
+    with pytest.raises(ModelError, match="class index outside"):
+        ModelMetadata.from_dict(data).replay_set()
+    data["extra"].pop("replay")
+    assert ModelMetadata.from_dict(data).replay_set() is None
