@@ -199,6 +199,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from models.evaluate import add_replay_set
+
+    clips, name, _ = corpus_clips(args, args.model.parent)
+    keep = set(_speakers(args.speakers, clips))
+    counts = add_replay_set(args.model, [c for c in clips if c.speaker in keep], per_class=args.per_class,
+                            seed=args.seed)
+    print(f"replay set of {sum(counts.values())} embeddings ({counts}) from {name}, speakers {sorted(keep)}, "
+          f"written into the metadata of {args.model}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.architectures import ARCHITECTURES
 
@@ -226,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("replay", help="add a replay set (training embeddings per class) to an exported model")
+    p.add_argument("--model", type=Path, required=True, help="model.tflite (model.json beside it is rewritten)")
+    p.add_argument("--speakers", required=True, help="the model's training speakers, e.g. 1,2,...,18")
+    p.add_argument("--per-class", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    _add_corpus_args(p)
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -98,3 +98,26 @@ def evaluate_tflite(model_path: str | os.PathLike, clips: Sequence[Clip], *, dat
         "seconds": time.perf_counter() - started,
         "test": classification_report(y_true, y_pred, labels),
     }
+
+
+def add_replay_set(model_path: str | os.PathLike, clips: Sequence[Clip], *, per_class: int = 32,
+                   seed: int = 0) -> dict[str, int]:
+    """Write a replay set into the metadata beside ``model_path``: ``per_class`` embeddings per class of
+    ``clips`` (the model's *training* clips: server data, never a device's), made by the model's own encoder
+    through the device path. For a model exported before ``TrainConfig.replay_per_class`` existed. Returns
+    the count per class."""
+    model_path = Path(model_path)
+    meta_path = metadata_path_for(model_path)
+    meta = ModelMetadata.load(meta_path)
+    model = TFLiteModel(model_path, meta)
+    kept, inputs, _ = device_inputs([c for c in clips if c.label in meta.labels], meta)
+    if not kept:
+        raise ValueError("no readable clip with one of the model's labels")
+    emb = np.stack([model.infer(x)[1] for x in inputs])
+    y = np.array([meta.labels.index(c.label) for c in kept])
+    rng = np.random.default_rng(seed)
+    picked = np.concatenate([rng.choice(np.flatnonzero(y == k), size=min(per_class, int(np.sum(y == k))),
+                                        replace=False) for k in range(meta.num_classes) if np.any(y == k)])
+    meta.extra["replay"] = ModelMetadata.replay_extra(emb[picked], y[picked])
+    meta.save(meta_path)
+    return {meta.labels[k]: int(np.sum(y[picked] == k)) for k in range(meta.num_classes)}

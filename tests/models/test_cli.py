@@ -76,3 +76,35 @@ def test_compare_puts_architectures_side_by_side(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| dnn" in md and "| lstm" in md and "Gans" in md and "target" in md
     assert (out / "confusion-lstm.png").stat().st_size > 1000
+
+
+def test_replay_adds_the_models_own_embeddings_of_the_named_speakers(trained_model, synthetic_clips, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+    from models.evaluate import device_inputs
+
+    model = tmp_path / "m.tflite"
+    shutil.copy(trained_model.tflite_path, model)
+    data = json.loads(trained_model.metadata_path.read_text())
+    data["extra"].pop("replay")  # a model exported before replay sets existed
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    speakers = sorted({c.speaker for c in synthetic_clips})[:3]
+    csv = _manifest(tmp_path, synthetic_clips)
+    r = _train_cli("replay", "--model", str(model), "--speakers", ",".join(speakers), "--per-class", "3",
+                   "--corpus", "manifest", "--data", csv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ModelMetadata.load(tmp_path / "m.json")
+    emb, labels = meta.replay_set()
+    assert np.bincount(labels, minlength=meta.num_classes).tolist() == [3] * meta.num_classes
+    mine = [c for c in synthetic_clips if c.speaker in speakers]
+    kept, inputs, _ = device_inputs(mine, meta)
+    tfl = TFLiteModel(model, meta)
+    theirs = np.stack([tfl.infer(x)[1] for x in inputs])
+    for e, y in zip(emb, labels, strict=True):  # each is one of those speakers' clips, with its label
+        hit = np.flatnonzero(np.abs(theirs - e).max(axis=1) < 1e-5)
+        assert hit.size and meta.labels.index(kept[hit[0]].label) == y
+    r = _train_cli("replay", "--model", str(model), "--speakers", "nobody", "--corpus", "manifest", "--data", csv)
+    assert r.returncode != 0 and "not in the corpus" in r.stderr
