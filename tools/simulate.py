@@ -65,6 +65,7 @@ class SimConfig:
     clip_norm: float = 0.0
     local_epochs: int = 40
     local_lr: float = 0.05
+    replay_weight: float = 0.25  # the model's replay set's share of each local batch's loss (0: no replay)
     holdout_every: int = 5
     attack_fraction: float = 0.0
     attack: str = "scale"  # scale | signflip
@@ -288,7 +289,7 @@ class Simulation:
                 self.history.append({"round": 0, "version": 1, "global": _uar(evaluator, base_head, test_emb, test_y),
                                      "updates": 0})
             policy = TrainPolicy(min_examples=4, epochs=cfg.local_epochs, learning_rate=cfg.local_lr,
-                                 holdout_every=cfg.holdout_every, seed=cfg.seed)
+                                 holdout_every=cfg.holdout_every, seed=cfg.seed, replay_weight=cfg.replay_weight)
             for s in sims:
                 state = self.out / "devices" / s.name
                 s.device = Device(state, train_policy=policy, use_bundled_model=False)

@@ -53,7 +53,8 @@ def test_short_suite_writes_the_studies_tables(ravdess_root, tmp_path):
     report = json.loads((out / "report.json").read_text())
     spk = report["cnn: federated by speaker"]
     assert spk["devices"]["senders"] == 20 and spk["devices"]["test"] == 4 and spk["config"]["speaker_norm"]
-    assert not report["cnn: federated, one emotion per device"]["config"]["speaker_norm"]
+    emo = report["cnn: federated, one emotion per device"]
+    assert emo["devices"]["senders"] == 4 and emo["config"]["replay_weight"] == 0.25
     assert len(report["cnn: attack (scale x20), median"]["devices"]["attackers"]) == 2
     for png in ("uar-per-round.png", "confusion-federated-by-speaker.png"):
         assert (out / png).stat().st_size > 5000
