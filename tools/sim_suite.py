@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-actors", default="1,2,3,4,5,6,7,8,9,10", help="actors that train the encoder")
     parser.add_argument("--short", action="store_true", help="the demo's version: two attack runs, no sweeps")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="instead: rotate the 24 actors through N folds (4 test actors each, the next 10 train "
+                             "the encoder) and run by speaker and one emotion per device in each (error bars)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     root = default_ravdess_root()
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     architectures = [a for a in args.architectures.split(",") if a]
+    if args.folds:
+        return run_folds(args, clips, architectures)
     for i, arch in enumerate(architectures):
         base_cfg = SimConfig(rounds=args.rounds, architecture=arch, seed=args.seed, epochs=args.epochs,
                              server_actors=tuple(int(a) for a in args.server_actors.split(",") if a))
@@ -109,6 +114,61 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report['centralised']['uar']:.3f}  ({report['seconds']:.0f} s)", flush=True)
     write_suite(results, args.out, time.perf_counter() - started, architectures)
     print((args.out / "report.md").read_text())
+    return 0
+
+
+def run_folds(args, clips, architectures: list[str]) -> int:
+    """By speaker and one emotion per device on rotated test actors: each fold's 4 test actors never train, the
+    next 10 actors (cyclically) train the encoder, and all 20 non-test actors have a sending device."""
+    from tools.simulate import SimConfig, Simulation
+
+    actors = sorted({int(c.speaker.rsplit("-", 1)[1]) for c in clips})
+    if args.folds < 2 or 4 * args.folds > len(actors):
+        raise SystemExit(f"--folds must be 2..{len(actors) // 4} (4 test actors per fold)")
+    rows = []
+    started = time.perf_counter()
+    for arch in architectures:
+        for k in range(args.folds):
+            test = tuple(actors[4 * k: 4 * k + 4])
+            rest = actors[4 * k + 4:] + actors[: 4 * k]
+            server = tuple(sorted(rest[:10]))
+            cfg = SimConfig(rounds=args.rounds, architecture=arch, seed=args.seed, epochs=args.epochs,
+                            test_actors=test, server_actors=server)
+            sim = Simulation(replace(cfg, rounds=0), args.out / arch / f"fold-{k}" / "models")
+            base, central = str(sim.baseline(clips)), str(sim.centralised_model(clips))
+            row = {"architecture": arch, "fold": k, "test_actors": list(test), "server_actors": list(server)}
+            for name, partition in (("by_speaker", "speaker"), ("one_emotion", "emotion")):
+                report = Simulation(replace(cfg, partition=partition, base_model=base, centralised_model=central),
+                                    args.out / arch / f"fold-{k}" / name).run()
+                row[name] = report["final"]["uar"]
+                row["centralised"] = report["centralised"]["uar"]
+            rows.append(row)
+            print(f"{arch:5s} fold {k} test actors {test}: centralised {row['centralised']:.3f}, by speaker "
+                  f"{row['by_speaker']:.3f}, one emotion {row['one_emotion']:.3f}", flush=True)
+    lines = ["# By speaker and one emotion per device on rotated test actors (RAVDESS, 4 classes)", "",
+             f"{args.folds} folds: each fold's 4 test actors never train; the next 10 actors (cyclically) train the "
+             f"encoder (the highest of them validates); all 20 non-test actors have a sending device; {args.rounds} "
+             "rounds; centralised = the same architecture trained centrally on the 20 non-test actors.", "",
+             "| architecture | fold | test actors | centralised UAR | by speaker | gap (points) | one emotion | "
+             "one emotion / centralised |", "| --- " * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['architecture']} | {r['fold']} | {','.join(map(str, r['test_actors']))} | "
+                     f"{r['centralised']:.3f} | {r['by_speaker']:.3f} | "
+                     f"{100 * (r['by_speaker'] - r['centralised']):+.1f} | {r['one_emotion']:.3f} | "
+                     f"{100 * r['one_emotion'] / r['centralised']:.0f} % |")
+    lines += ["", "| architecture | centralised UAR | by speaker | gap (points) | one emotion / centralised |",
+              "| --- " * 5 + "|"]
+    for arch in architectures:
+        mine = [r for r in rows if r["architecture"] == arch]
+        c, b, e = (np.array([r[k] for r in mine]) for k in ("centralised", "by_speaker", "one_emotion"))
+        gap, ratio = 100 * (b - c), 100 * e / c
+        lines.append(f"| {arch} | {c.mean():.3f} ± {c.std():.3f} | {b.mean():.3f} ± {b.std():.3f} | "
+                     f"{gap.mean():+.1f} ± {gap.std() / np.sqrt(len(gap)):.1f} (standard error) | "
+                     f"{ratio.mean():.0f} % ± {ratio.std() / np.sqrt(len(ratio)):.0f} |")
+    lines += ["", f"Time: {time.perf_counter() - started:.0f} s."]
+    (args.out / "folds.md").write_text("\n".join(lines) + "\n")
+    (args.out / "folds.json").write_text(json.dumps(rows, indent=2))
+    print((args.out / "folds.md").read_text())
     return 0
 
 

@@ -58,3 +58,22 @@ def test_short_suite_writes_the_studies_tables(ravdess_root, tmp_path):
     assert len(report["cnn: attack (scale x20), median"]["devices"]["attackers"]) == 2
     for png in ("uar-per-round.png", "confusion-federated-by-speaker.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def test_folds_rotate_the_test_actors_and_report_error_bars(ravdess_root, tmp_path):
+    out = tmp_path / "folds"
+    r = subprocess.run([sys.executable, "-m", "tools.sim_suite", "--out", str(out), "--architectures", "cnn",
+                        "--rounds", "1", "--epochs", "2", "--folds", "2"], cwd=REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "folds.json").read_text())
+    assert [row["test_actors"] for row in rows] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    for row in rows:
+        assert not set(row["test_actors"]) & set(row["server_actors"]) and len(row["server_actors"]) == 10
+        assert 0 < row["centralised"] <= 1 and 0 < row["by_speaker"] <= 1 and 0 < row["one_emotion"] <= 1
+        run = json.loads((out / "cnn" / f"fold-{row['fold']}" / "by_speaker" / "report.json").read_text())
+        assert run["config"]["test_actors"] == row["test_actors"] and run["devices"]["senders"] == 20
+    assert "(standard error)" in (out / "folds.md").read_text()
+    r = subprocess.run([sys.executable, "-m", "tools.sim_suite", "--out", str(out), "--folds", "7"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--folds must be 2..6" in r.stderr
