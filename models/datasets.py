@@ -37,6 +37,7 @@ __all__ = [
     "manifest_clips",
     "synthetic_corpus",
     "split_by_speaker",
+    "per_class_sample",
     "speaker_folds",
     "manifest_split",
     "default_ravdess_root",
@@ -429,3 +430,12 @@ def synthetic_corpus(
                     wf.writeframes(pcm.tobytes())
                 clips.append(Clip(str(path), f"synthetic-{s:02d}", label))
     return clips
+
+
+def per_class_sample(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to ``per_class`` items of each class present in ``labels`` (class indices), drawn without
+    replacement with ``seed``; classes in ascending order."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    return np.concatenate([rng.choice(np.flatnonzero(labels == k), size=min(per_class, int(np.sum(labels == k))),
+                                      replace=False) for k in np.unique(labels)]).astype(np.int64)

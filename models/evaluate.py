@@ -20,7 +20,7 @@ from edge_sdk.audio import load_audio
 from edge_sdk.errors import AudioError, ParameterError
 from edge_sdk.features import raw_features, speaker_inputs, trim_silence
 from edge_sdk.model import ModelMetadata, TFLiteModel
-from models.datasets import Clip
+from models.datasets import Clip, per_class_sample
 from models.metrics import classification_report
 
 log = logging.getLogger("models")
@@ -115,9 +115,7 @@ def add_replay_set(model_path: str | os.PathLike, clips: Sequence[Clip], *, per_
         raise ValueError("no readable clip with one of the model's labels")
     emb = np.stack([model.infer(x)[1] for x in inputs])
     y = np.array([meta.labels.index(c.label) for c in kept])
-    rng = np.random.default_rng(seed)
-    picked = np.concatenate([rng.choice(np.flatnonzero(y == k), size=min(per_class, int(np.sum(y == k))),
-                                        replace=False) for k in range(meta.num_classes) if np.any(y == k)])
+    picked = per_class_sample(y, per_class, seed)
     meta.extra["replay"] = ModelMetadata.replay_extra(emb[picked], y[picked])
     meta.save(meta_path)
     return {meta.labels[k]: int(np.sum(y[picked] == k)) for k in range(meta.num_classes)}

@@ -21,7 +21,7 @@ import numpy as np
 from edge_sdk.features import FeatureConfig
 from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
-from models.datasets import FOUR_CLASSES, Clip
+from models.datasets import FOUR_CLASSES, Clip, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout
 from models.features import Augmentation, compute_features
 from models.metrics import classification_report
@@ -243,10 +243,7 @@ def train_baseline(
                     "w1": logits.kernel.numpy(), "b1": logits.bias.numpy()}
     replay = {}
     if config.replay_per_class > 0:  # a few training embeddings per class, the device's replay set
-        pick_rng = np.random.default_rng(config.seed)
-        picked = np.concatenate([pick_rng.choice(np.flatnonzero(y_train == k),
-                                                 size=min(config.replay_per_class, int(np.sum(y_train == k))),
-                                                 replace=False) for k in range(len(labels)) if np.any(y_train == k)])
+        picked = per_class_sample(y_train, config.replay_per_class, config.seed)
         replay_emb = encoder.predict(x_train[picked], batch_size=256, verbose=0)
         replay = {"replay": ModelMetadata.replay_extra(replay_emb, y_train[picked])}
     report = {

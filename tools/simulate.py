@@ -393,10 +393,10 @@ class Simulation:
         log.info("round %d: %d updates, global UAR %.3f", rnd, posted, glob["uar"])
 
     def _centralised_head(self, evaluator, clips, base_head, test_emb, test_y) -> dict:
-        from edge_sdk.device import class_balance_weights
-
         """The reference: the same frozen encoder, its head trained centrally on every sending device's clips
         (true labels, class-balanced, the model's own ``train`` signature, 30 epochs at the devices' rate)."""
+        from edge_sdk.device import class_balance_weights
+
         if not clips:
             return {}
         started = time.perf_counter()
