@@ -441,14 +441,11 @@ class Device:
             model.set_weights(in_use)
             report.status, report.reason = "discarded", "held-back feedback got worse"
         else:
-            used = len(train)
             if held and policy.refit_on_all:
                 self._fit(model, examples, policy)
-                used = len(examples)
             weights = model.get_weights()
             atomic_write(self.state_dir / "personal.head", pack_arrays(model.metadata.head_layout, weights))
             self.store.set("personal_base_version", str(self.model_version))
-            self.store.set("personal_examples", str(used))
             self.personalized = True
         report.seconds = time.perf_counter() - started
         log.info("personalisation %s: %s", report.status, report.to_dict())

@@ -296,6 +296,7 @@ class FeedbackStore:
         with self._tx() as c:
             preds = c.execute("DELETE FROM predictions").rowcount
             pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
+            # 'personal_examples' was written by SDKs before the update counted all answers; wiped if present
             c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
                       " OR key LIKE 'speaker_stats:%'")
         with self._lock:
