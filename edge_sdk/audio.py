@@ -1,10 +1,20 @@
 """Reading audio on the device: WAV with the standard library, FLAC/OGG with soundfile.
 
 Everything comes back as float32 mono in [-1, 1] at the requested rate.
+
+Bounds (audio is untrusted input): a file's rate and the requested rate must be within
+:data:`MIN_SAMPLE_RATE`..:data:`MAX_SAMPLE_RATE` Hz and it may have at most :data:`MAX_CHANNELS`
+channels, or :class:`AudioError` says which; only the first ``max_seconds`` (default
+:data:`~edge_sdk.features.MAX_CLIP_SECONDS`, 30 s) are read, block by block, never the whole
+file. The peak memory of :func:`load_audio` is therefore bounded by the clip length and rates, not
+the file: about 24 bytes per input sample kept plus 12 per output sample (about 120 MB for 30 s at
+192 kHz, 12 MB for 30 s at 16 kHz).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import wave
 from pathlib import Path
@@ -12,8 +22,25 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import AudioError, ParameterError
+from edge_sdk.features import MAX_CLIP_SECONDS
 
-__all__ = ["load_audio", "resample", "to_mono"]
+log = logging.getLogger("edge_sdk")
+
+__all__ = ["load_audio", "resample", "to_mono", "check_sample_rate", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE",
+           "MAX_CHANNELS", "MAX_CLIP_SECONDS"]
+
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
+MAX_CHANNELS = 32
+_BLOCK_FRAMES = 1 << 16  # frames decoded at a time
+
+
+def check_sample_rate(rate, what: str = "sample rate") -> int:
+    """``rate`` as an int if it is within MIN_SAMPLE_RATE..MAX_SAMPLE_RATE Hz, else a ParameterError naming it."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or \
+            not MIN_SAMPLE_RATE <= int(rate) <= MAX_SAMPLE_RATE:
+        raise ParameterError(f"{what} must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, got {rate!r}")
+    return int(rate)
 
 
 def to_mono(y: np.ndarray) -> np.ndarray:
@@ -27,9 +54,13 @@ def to_mono(y: np.ndarray) -> np.ndarray:
 
 
 def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited resampling by FFT (exact for a periodic signal; fine for utterances)."""
-    if orig_sr <= 0 or target_sr <= 0:
-        raise ParameterError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+    """Band-limited resampling by FFT (exact for a periodic signal; fine for utterances).
+
+    Both rates must be within MIN_SAMPLE_RATE..MAX_SAMPLE_RATE (so the output is at most 24 times
+    the input); memory is about 16 bytes per input sample and 12 per output sample.
+    """
+    orig_sr = check_sample_rate(orig_sr, "the input sample rate")
+    target_sr = check_sample_rate(target_sr, "the target sample rate")
     if orig_sr == target_sr or len(y) == 0:
         return np.asarray(y, np.float32)
     n_out = int(round(len(y) * target_sr / orig_sr))
@@ -43,37 +74,99 @@ def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _read_wav(path: Path) -> tuple[np.ndarray, int]:
-    with wave.open(str(path), "rb") as wf:
-        sr, channels, width, n = wf.getframerate(), wf.getnchannels(), wf.getsampwidth(), wf.getnframes()
-        raw = wf.readframes(n)
+def _pcm_to_float(raw: bytes, width: int, path: Path) -> np.ndarray:
     if width == 1:
-        y = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        y = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
+        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    if width == 2:
+        return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    if width == 3:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         v = np.where(v >= 1 << 23, v - (1 << 24), v)
-        y = v.astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        y = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-    else:
-        raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
-    return y.reshape(-1, channels), sr
+        return v.astype(np.float32) / float(1 << 23)
+    if width == 4:
+        return np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
 
 
-def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000) -> np.ndarray:
-    """Read an audio file as float32 mono at ``sample_rate``.
+def _check_header(path: Path, sr: int, channels: int) -> None:
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {sr} Hz is outside the supported "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{path}: {channels} channels; 1 to {MAX_CHANNELS} are supported")
+
+
+def _max_frames(sr: int, max_seconds: float | None) -> int | None:
+    return None if max_seconds is None else max(1, int(math.ceil(max_seconds * sr)))
+
+
+def _read_wav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """(mono float32, rate, frames the header declares); at most ``max_seconds`` are decoded."""
+    with wave.open(str(path), "rb") as wf:
+        sr, channels, width, declared = wf.getframerate(), wf.getnchannels(), wf.getsampwidth(), wf.getnframes()
+        _check_header(path, sr, channels)
+        if width not in (1, 2, 3, 4):
+            raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+        limit = _max_frames(sr, max_seconds)
+        want = declared if limit is None else min(declared, limit)
+        blocks, got = [], 0
+        while got < want:
+            raw = wf.readframes(min(_BLOCK_FRAMES, want - got))
+            n = len(raw) // (width * channels)
+            if n == 0:
+                break
+            blocks.append(to_mono(_pcm_to_float(raw[: n * width * channels], width, path).reshape(n, channels))
+                          .astype(np.float32, copy=False))
+            got += n
+    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), sr, declared
+
+
+def _read_soundfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    try:
+        import soundfile
+    except (ImportError, OSError) as exc:
+        raise AudioError(
+            f"reading {path.suffix or 'this'} files needs the soundfile package (pip install soundfile): {exc}"
+        ) from exc
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            sr, channels, declared = int(f.samplerate), int(f.channels), int(f.frames)
+            _check_header(path, sr, channels)
+            limit = _max_frames(sr, max_seconds)
+            blocks, got = [], 0
+            while limit is None or got < limit:
+                n = _BLOCK_FRAMES if limit is None else min(_BLOCK_FRAMES, limit - got)
+                block = f.read(n, dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    break
+                blocks.append(to_mono(block).astype(np.float32, copy=False))
+                got += len(block)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise AudioError(f"cannot decode {path}: {exc}") from exc
+    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), sr, declared
+
+
+def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
+               max_seconds: float | None = MAX_CLIP_SECONDS) -> np.ndarray:
+    """Read an audio file as float32 mono at ``sample_rate``: its first ``max_seconds`` at most.
 
     WAV (PCM 8/16/24/32-bit) needs nothing beyond the standard library; FLAC,
-    OGG and float WAV need ``soundfile`` (part of ``fedser[edge]``).
+    OGG and float WAV need ``soundfile`` (part of ``fedser[edge]``). A longer
+    file is cut (and a warning logged) without decoding the rest; ``max_seconds=None``
+    reads it all (for trusted files only: memory grows with the file).
 
     Raises
     ------
     AudioError
-        The file is missing, empty, unreadable or has no samples.
+        The file is missing, empty, unreadable, has no samples, or its sample rate or
+        channel count is outside the supported range.
+    ParameterError
+        ``sample_rate`` is outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE or ``max_seconds`` is not positive.
     """
+    sample_rate = check_sample_rate(sample_rate, "the requested sample rate")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and 0 < max_seconds < math.inf):
+        raise ParameterError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}")
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
@@ -82,30 +175,18 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000) -> np.ndarr
     try:
         if path.suffix.lower() == ".wav":
             try:
-                y, sr = _read_wav(path)
+                y, sr, declared = _read_wav(path, max_seconds)
             except wave.Error:
-                y, sr = _read_soundfile(path)  # float WAV and WAVE_FORMAT_EXTENSIBLE
+                y, sr, declared = _read_soundfile(path, max_seconds)  # float WAV and WAVE_FORMAT_EXTENSIBLE
         else:
-            y, sr = _read_soundfile(path)
+            y, sr, declared = _read_soundfile(path, max_seconds)
     except AudioError:
         raise
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, MemoryError) as exc:
         raise AudioError(f"cannot decode {path}: {exc}") from exc
-    y = to_mono(y)
     if y.size == 0:
         raise AudioError(f"audio file has no samples: {path}")
+    if max_seconds is not None and declared > len(y) and declared > max_seconds * sr:
+        log.warning("%s: %.1f s long; kept the first %.1f s (the maximum clip length)", path, declared / sr,
+                    len(y) / sr)
     return resample(y, sr, sample_rate)
-
-
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    try:
-        import soundfile
-    except (ImportError, OSError) as exc:
-        raise AudioError(
-            f"reading {path.suffix or 'this'} files needs the soundfile package (pip install soundfile): {exc}"
-        ) from exc
-    try:
-        y, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise AudioError(f"cannot decode {path}: {exc}") from exc
-    return y, sr

@@ -9,7 +9,7 @@ normalisation, the fixed frame count) is this module's on both sides.
 
 Pipeline for one utterance ``y`` (float32 mono at ``sample_rate``)::
 
-    y -> trim_silence -> mfcc (or log-mel)  [T, n_features]
+    y -> trim_silence (first MAX_CLIP_SECONDS, then quiet ends) -> mfcc (or log-mel)  [T, n_features]
       -> normalise with the training split's mean/std
       -> fit_frames to [max_frames, n_features] (cut, or pad with zeros = the mean)
 """
@@ -38,10 +38,17 @@ __all__ = [
     "speaker_inputs",
     "fit_frames",
     "extract",
+    "MAX_CLIP_SECONDS",
 ]
 
+#: The longest utterance anything here looks at, in seconds: :func:`trim_silence` (and so training, the
+#: device's features and the user's running statistics) keeps only the first ``MAX_CLIP_SECONDS`` of a
+#: clip, and :func:`edge_sdk.audio.load_audio` reads no more than that from a file. The model sees
+#: ``max_frames`` (3 s by default); the live segmenter cuts utterances at 6 s.
+MAX_CLIP_SECONDS = 30.0
 
-UTTERANCE_NORMS = ("none", "mean", "meanvar")
+
+UTTERANCE_NORMS = ("none", "mean", "meanvar", "level")
 
 
 @dataclass(frozen=True)
@@ -75,11 +82,17 @@ class FeatureConfig:
         statistics of everything its user said (:class:`SpeakerStats`), shrunk
         toward the training statistics while they are few. It removes much of
         the speaker from the features (a large gain on unseen speakers).
-    utterance_norm : {"none", "mean", "meanvar"}
+    utterance_norm : {"none", "mean", "meanvar", "level"}
         Per-utterance normalisation before the training-set statistics:
         subtract each coefficient's mean over the utterance ("mean", cepstral
         mean normalisation) and also divide by its standard deviation
         ("meanvar"). It removes much of the speaker and channel from MFCCs.
+        "level" removes only the utterance's loudness: one number, the mean
+        log-mel level in dB over all its frames and bands, is subtracted
+        (for MFCC that is the mean of c0 over the utterance), so the spectral
+        shape and its changes over time stay. A recording's gain (microphone,
+        distance, a corpus normalised per clip) then no longer moves the
+        features.
     """
 
     kind: str = "mfcc"
@@ -329,6 +342,11 @@ def utterance_normalize(feats: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     if cfg.utterance_norm == "none":
         return feats.astype(np.float32, copy=False)
     f64 = feats.astype(np.float64)
+    if cfg.utterance_norm == "level":  # one gain for the utterance: the mean dB (MFCC: c0 carries it)
+        if cfg.kind == "mfcc":
+            f64[:, 0] -= f64[:, 0].mean()
+            return f64.astype(np.float32)
+        return (f64 - f64.mean()).astype(np.float32)
     out = f64 - f64.mean(axis=0, keepdims=True)
     if cfg.utterance_norm == "meanvar":
         out /= np.maximum(f64.std(axis=0, keepdims=True), 1e-5)
@@ -343,12 +361,15 @@ def raw_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
 
 def trim_silence(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """Cut leading and trailing frames quieter than the peak frame by ``cfg.trim_db``.
+    """The first :data:`MAX_CLIP_SECONDS` of ``y``, less leading and trailing frames quieter than the peak
+    frame by ``cfg.trim_db``.
 
-    Frame energy is the mean square over ``n_fft``-sample frames at ``hop_length``
-    (as ``librosa.effects.trim``); at least one frame is always kept.
+    The cut comes first, so nothing after it (features, the user's running statistics) ever sees the
+    rest of an over-long clip. Frame energy is the mean square over ``n_fft``-sample frames at
+    ``hop_length`` (as ``librosa.effects.trim``); at least one frame is always kept.
     """
-    y = _check_audio(y)
+    y = np.asarray(y)
+    y = _check_audio(y[: int(MAX_CLIP_SECONDS * cfg.sample_rate)] if y.ndim == 1 else y)
     if cfg.trim_db <= 0 or len(y) < cfg.n_fft:
         return y
     frames = np.lib.stride_tricks.sliding_window_view(y.astype(np.float64), cfg.n_fft)[:: cfg.hop_length]
