@@ -38,7 +38,9 @@ __all__ = ["Validator"]
 class Validator:
     def __init__(self, manifest_csv: str | os.PathLike, cache_dir: str | os.PathLike, blobs: BlobStore,
                  key: SigningKey, *, margin: float = 0.02) -> None:
-        self.csv = Path(manifest_csv)
+        # Absolute now, so that the clips' relative paths (relative to the manifest's folder, the one rule of
+        # models.datasets.manifest_clips) do not depend on the directory a worker runs in later.
+        self.csv = Path(manifest_csv).resolve()
         if not self.csv.is_file():
             raise ParameterError(f"VALIDATION_MANIFEST not found: {self.csv}")
         self.csv_sha = hashlib.sha256(self.csv.read_bytes()).hexdigest()[:16]

@@ -25,17 +25,19 @@ DEFAULT_VAL_SPEAKERS = "19,20"
 
 def resolve_corpus(data: str | None, synthetic: bool, work_dir: Path, *, corpus: str = "ravdess", label_map=None):
     """(clips, name): the corpus given or found (RAVDESS by default), else the labelled synthetic corpus."""
-    from models.datasets import LabelMap, default_ravdess_root, load_corpus, synthetic_corpus
+    from models.datasets import LabelMap, corpus_guidance, default_ravdess_root, load_corpus, synthetic_corpus
 
     label_map = label_map or LabelMap()
     if not synthetic:
         root = Path(data) if data else (default_ravdess_root() if corpus == "ravdess" else None)
         if root is not None:
             if not root.exists():
-                raise SystemExit(f"data not found: {root}")
+                raise SystemExit(f"data not found: {root}\n{corpus_guidance([corpus])}")
             return load_corpus(corpus, root, label_map), f"{corpus.upper()} ({root})"
         if data or corpus != "ravdess":
-            raise SystemExit(f"--data is required for the {corpus} corpus")
+            raise SystemExit(f"--data is required for the {corpus} corpus\n{corpus_guidance([corpus])}")
+        print(corpus_guidance() + "\nWithout one, this run uses a labelled SYNTHETIC tone corpus (a pipeline check: "
+              "its figures say nothing about emotion recognition).", file=sys.stderr, flush=True)
     clips = synthetic_corpus(work_dir / "synthetic-audio", labels=label_map.classes)
     return clips, "SYNTHETIC tones (no real corpus found; figures say nothing about emotion recognition)"
 

@@ -35,6 +35,10 @@ __all__ = [
     "emodb_clips",
     "tess_clips",
     "manifest_clips",
+    "write_manifest",
+    "manifest_path",
+    "CORPUS_SOURCES",
+    "corpus_guidance",
     "synthetic_corpus",
     "split_by_speaker",
     "per_class_sample",
@@ -131,6 +135,51 @@ def default_ravdess_root() -> Path | None:
         if cand.is_dir():
             return cand
     return None
+
+
+# Where each supported corpus comes from, how to lay it out, and how to point fedser at it. Printed when no corpus
+# is found (corpus_guidance); a test checks that every loader in CORPORA has an entry.
+CORPUS_SOURCES = {
+    "ravdess": (
+        "RAVDESS (English, 24 actors; CC BY-NC-SA 4.0): https://zenodo.org/records/1188976 , file "
+        "Audio_Speech_Actors_01-24.zip. Unzip it so that DIR holds Actor_01 ... Actor_24 "
+        "(DIR/Actor_01/03-01-05-01-01-01-01.wav). Point at it with --data DIR, or FEDSER_RAVDESS=DIR, "
+        "or put it at ../shared/data/ravdess beside the checkout (found without any flag)."),
+    "crema-d": (
+        "CREMA-D (English, 91 actors; ODbL): https://github.com/CheyneyComputerScience/CREMA-D "
+        "(git lfs clone, or the AudioWAV folder alone). DIR holds AudioWAV/1001_DFA_ANG_XX.wav. "
+        "Point at it with --corpus crema-d --data DIR."),
+    "iemocap": (
+        "IEMOCAP (English, 10 actors, dyadic sessions): by request from USC SAIL, "
+        "https://sail.usc.edu/iemocap/iemocap_release.htm (a licence form; the link comes by e-mail). "
+        "DIR is IEMOCAP_full_release, holding Session1 ... Session5, each with dialog/EmoEvaluation/*.txt and "
+        "sentences/wav/<dialog>/<utterance>.wav. Point at it with --corpus iemocap --data DIR."),
+    "emodb": (
+        "EmoDB (German, 10 actors): http://emodb.bilderbar.info/download/ (download.zip). DIR holds "
+        "wav/03a01Fa.wav. Point at it with --corpus emodb --data DIR."),
+    "tess": (
+        "TESS (English, 2 speakers; CC BY-NC-ND 4.0): https://tspace.library.utoronto.ca/handle/1807/24487 . "
+        "DIR holds one folder per speaker and emotion, OAF_angry/OAF_back_angry.wav, YAF_sad/YAF_bath_sad.wav. "
+        "Point at it with --corpus tess --data DIR."),
+    "nemo": (
+        "nEMO (Polish, 9 actors; CC BY-NC-SA 4.0): https://huggingface.co/datasets/amu-cai/nEMO "
+        "(git clone with git lfs, or huggingface-cli download amu-cai/nEMO --repo-type dataset --local-dir DIR). "
+        "DIR holds data.tsv and the clips {speaker}_{emotion}_{sentence}.wav or .flac anywhere below it "
+        "(e.g. DIR/samples/IC0_anger_1.wav, or one folder per speaker). Point at it with --corpus nemo --data DIR, "
+        "or FEDSER_NEMO=DIR, or put it at ../shared/data/nemo beside the checkout."),
+    "manifest": (
+        "any other corpus: a CSV with the header path,speaker,label[,split] (split: train, val or test); a "
+        "relative path is relative to the CSV's own folder. Point at it with --corpus manifest --data FILE.csv."),
+}
+
+
+def corpus_guidance(corpora: Iterable[str] | None = None) -> str:
+    """What to download and how to point fedser at it, one paragraph per supported corpus (those in CORPORA)."""
+    names = [n for n in (corpora or CORPORA) if n in CORPUS_SOURCES]
+    lines = ["No speech-emotion corpus was found. fedser reads these (each from its own published layout):"]
+    lines += [f"  - {name}: {CORPUS_SOURCES[name]}" for name in names]
+    lines.append("  Labels outside angry, happy, neutral and sad are left out unless --classes names them.")
+    return "\n".join(lines)
 
 
 def _root(root: str | os.PathLike, corpus: str) -> Path:
@@ -291,7 +340,10 @@ MANIFEST_SPLITS = ("train", "val", "test")
 def manifest_clips(csv_path: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
     """A CSV with a header ``path,speaker,label`` and optionally ``split`` (train, val or test).
 
-    Relative paths are relative to the CSV's folder. Labels go through the
+    The one rule for paths in every manifest fedser reads or writes: an absolute
+    path is used as it is; a relative one is relative to **the manifest's own
+    folder** (never to the current directory), so a manifest and its clips can be
+    moved together (:func:`write_manifest` writes them that way). Labels go through the
     label map like any corpus's emotion names; a row whose label is not a
     class is left out and counted. A malformed row raises, naming its line.
     """
@@ -318,9 +370,39 @@ def manifest_clips(csv_path: str | os.PathLike, *, label_map: LabelMap = LabelMa
             if label is None:
                 dropped[raw.lower()] += 1
                 continue
-            full = Path(path) if Path(path).is_absolute() else csv_path.parent / path
-            clips.append(Clip(str(full), speaker, label, split))
+            clips.append(Clip(str(manifest_path(csv_path, path)), speaker, label, split))
     return _finish(clips, "manifest", csv_path, label_map, dropped)
+
+
+def manifest_path(csv_path: str | os.PathLike, path: str) -> Path:
+    """The file a manifest's ``path`` cell names: absolute as it is, relative against the manifest's folder."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(csv_path).parent / p
+
+
+def write_manifest(csv_path: str | os.PathLike, clips: Iterable[Clip]) -> Path:
+    """Write ``clips`` as a manifest CSV (``path,speaker,label`` and ``split`` when any clip has one).
+
+    Each path is written relative to the manifest's own folder (the rule :func:`manifest_clips` reads by),
+    whatever the current directory is; a clip's relative path is taken against the current directory, as
+    everywhere else. Cells are quoted as CSV needs (a comma in a file name survives).
+    """
+    csv_path = Path(csv_path)
+    clips = list(clips)
+    folder = os.path.abspath(csv_path.parent)
+    with_split = any(c.split for c in clips)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "speaker", "label"] + (["split"] if with_split else []))
+        for c in clips:
+            full = os.path.abspath(c.path)
+            try:
+                rel = Path(os.path.relpath(full, folder)).as_posix()
+            except ValueError:  # another drive (Windows): only an absolute path can name it
+                rel = full
+            writer.writerow([rel, c.speaker, c.label] + ([c.split] if with_split else []))
+    return csv_path
 
 
 CORPORA = {

@@ -120,7 +120,7 @@ def _loop(args: argparse.Namespace) -> int:
     from edge_sdk.features import FeatureConfig
     from models.architectures import ArchitectureConfig
     from models.cli import resolve_corpus
-    from models.datasets import split_by_speaker
+    from models.datasets import split_by_speaker, write_manifest
     from models.train import TrainConfig, train_baseline
 
     if args.out.exists():
@@ -149,8 +149,8 @@ def _loop(args: argparse.Namespace) -> int:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     # The validation gate: the validation speaker's clips, scored on the server before any round is published.
-    val_csv = args.out / "validation.csv"
-    val_csv.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in val))
+    # Written with paths relative to the CSV's own folder, the rule every manifest is read by.
+    val_csv = write_manifest(args.out / "validation.csv", val).resolve()
     server = start_aggregator(instance, port, min_updates=n_dev, env={"FEDSER_VALIDATION_MANIFEST": str(val_csv)})
     try:
         auth = {"Authorization": f"Bearer {admin_token(instance)}"}

@@ -70,6 +70,10 @@ class SimConfig:
     attack_fraction: float = 0.0
     attack: str = "scale"  # scale | signflip
     attack_scale: float = 20.0
+    attack_examples: int = 0  # > 0: the attackers also claim this many examples (the FedAvg weight) per update
+    max_update_norm: float = 1e6  # the aggregator's MAX_UPDATE_L2_NORM (its default is 100)
+    max_examples_weight: float = -1.0  # the aggregator's MAX_EXAMPLES_WEIGHT (-1: its default; 0: no cap)
+    max_examples_weight_over_median: float = -1.0  # ... and MAX_EXAMPLES_WEIGHT_OVER_MEDIAN (-1: its default)
     seed: int = 0
     workers: int = 2
     database_url: str | None = None
@@ -228,13 +232,14 @@ class Simulation:
 
         from edge_sdk.device import Device, TrainPolicy
         from edge_sdk.model import ModelMetadata, TFLiteModel
-        from models.datasets import default_ravdess_root, ravdess_clips
+        from models.datasets import corpus_guidance, default_ravdess_root, ravdess_clips, write_manifest
         from tools.demo import admin_token, free_port, start_aggregator
 
         cfg = self.cfg
         root = default_ravdess_root()
         if root is None:
-            raise SystemExit("the simulation needs RAVDESS (--data, $FEDSER_RAVDESS or ../shared/data/ravdess)")
+            raise SystemExit("the simulation needs RAVDESS (--data, $FEDSER_RAVDESS or ../shared/data/ravdess)\n"
+                             + corpus_guidance(["ravdess"]))
         clips = ravdess_clips(root)
         model_dir = self.baseline(clips)
         meta = ModelMetadata.load(model_dir / "model.json")
@@ -268,13 +273,16 @@ class Simulation:
         instance.mkdir(parents=True, exist_ok=True)
         env = {"FEDSER_AGGREGATION": cfg.aggregation, "FEDSER_SERVER_OPTIMIZER": cfg.server_optimizer,
                "FEDSER_SERVER_LR": str(cfg.server_lr), "FEDSER_CLIP_NORM": str(cfg.clip_norm),
-               "FEDSER_MAX_UPDATE_L2_NORM": "1e6", "FEDSER_RATE_LIMIT_PER_HOUR": "0", "FEDSER_LOG_JSON": "0"}
+               "FEDSER_MAX_UPDATE_L2_NORM": str(cfg.max_update_norm), "FEDSER_RATE_LIMIT_PER_HOUR": "0",
+               "FEDSER_LOG_JSON": "0"}
+        for key, value in (("MAX_EXAMPLES_WEIGHT", cfg.max_examples_weight),
+                           ("MAX_EXAMPLES_WEIGHT_OVER_MEDIAN", cfg.max_examples_weight_over_median)):
+            if value >= 0:
+                env[f"FEDSER_{key}"] = str(value)
         if cfg.validation_gate:  # the server's own validation actor's clips (never a test actor)
             val_actor = max(cfg.server_actors)
-            val_csv = self.out / "validation.csv"
-            val_csv.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in clips
-                                                                if _actor(c) == val_actor))
-            env["FEDSER_VALIDATION_MANIFEST"] = str(val_csv)
+            val_csv = write_manifest(self.out / "validation.csv", [c for c in clips if _actor(c) == val_actor])
+            env["FEDSER_VALIDATION_MANIFEST"] = str(val_csv.resolve())
         port = free_port()
         server = start_aggregator(instance, port, min_updates=max(1, len(senders)), workers=cfg.workers,
                                   database_url=cfg.database_url, env=env)
@@ -361,7 +369,8 @@ class Simulation:
                                             layout=dev.metadata.head_layout,
                                             deltas={n: (factor * d).astype(np.float32)
                                                     for n, d in honest.deltas().items()},
-                                            num_examples=honest.header.num_examples, sequence=seq, sign=dev.key.sign)
+                                            num_examples=cfg.attack_examples or honest.header.num_examples,
+                                            sequence=seq, sign=dev.key.sign)
                 try:
                     reply = dev.client.post_update(env.to_bytes())
                     dev.store.mark_done(seq, "accepted", reply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO, start_live_aggregator
 
@@ -59,3 +60,30 @@ def test_the_demo_runs_end_to_end_on_the_synthetic_fallback(tmp_path):
     else:
         assert "pulled version 2" in out.stdout and "gate passed" in out.stdout
         assert summary["round"]["published_version"] == 2 and len(summary["devices"]) == 2
+
+
+def test_manifests_are_written_and_read_relative_to_their_own_folder(tmp_path, monkeypatch):
+    """One rule for every manifest: a relative path is relative to the manifest's folder, never to the cwd.
+
+    The demo once wrote its validation manifest with cwd-relative paths (demo-output/synthetic-audio/...), which
+    the aggregator read as demo-output/demo-output/... and refused the base model (422 bad_model).
+    """
+    import os
+
+    from models.datasets import Clip, manifest_clips, write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "audio").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    files = [Path("out/audio/a.wav"), tmp_path / "elsewhere" / "b, with comma.wav"]
+    for f in files:
+        f.write_bytes(b"RIFF")
+    clips = [Clip(str(files[0]), "s1", "angry"), Clip(str(files[1]), "s2", "sad", "val")]
+    csv_path = write_manifest(Path("out/validation.csv"), clips)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "path,speaker,label,split"
+    assert rows[1].startswith("audio/a.wav,") and rows[2].startswith('"../elsewhere/b, with comma.wav",')
+    monkeypatch.chdir(tmp_path / "elsewhere")  # read from another directory: same files
+    read = manifest_clips(tmp_path / "out" / "validation.csv")
+    assert [os.path.realpath(c.path) for c in read] == [os.path.realpath(tmp_path / f) for f in files]
+    assert [(c.speaker, c.label, c.split) for c in read] == [("s1", "angry", ""), ("s2", "sad", "val")]
