@@ -34,6 +34,7 @@ from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError
 from edge_sdk.features import SpeakerStats, extract, fit_frames, raw_features, trim_silence
 from edge_sdk.manifest import SignedManifest
 from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
+from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
 from edge_sdk.store import FeedbackExample, FeedbackStore
@@ -68,12 +69,22 @@ class TrainPolicy:
     min_examples: int = 8
     epochs: int = 10
     learning_rate: float = 0.05
-    holdout_every: int = 5  # every 5th example is held back to guard the update
-    tolerance: float = 1e-4  # held-back loss may rise by this much and still count as "not worse"
+    holdout_every: int = 5  # every 5th example is held back to guard the update (0: no guard)
+    tolerance: float = 1e-4  # the guard's measure may get this much worse and still count as "not worse"
     seed: int = 0
     balance_classes: bool = True  # weigh answers so each class counts equally (a user's answers are skewed)
     refit_on_all: bool = False  # once the guard accepts, train again on every answer (held-back ones too)
     replay_weight: float = 0.25  # the model's replay set's share of each batch's loss, relative to the answers'
+    min_steps: int = 0  # at least this many SGD steps per fit (more epochs when there are few answers)
+    # What the guard judges: "accuracy", what the user sees on held-back answers (the confirmed or corrected
+    # label chosen; for a bare thumbs-down, the rejected label no longer chosen), or "loss" (their training loss,
+    # which can fall while accuracy falls).
+    guard: str = "accuracy"
+    guard_folds: int = 0  # > 1: judge by cross-validation over all answers in this many folds, then fit on all
+
+    def __post_init__(self) -> None:
+        if self.guard not in ("accuracy", "loss"):
+            raise ParameterError(f"TrainPolicy.guard must be 'accuracy' or 'loss', got {self.guard!r}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,9 @@ class TrainReport:
     loss_before: float | None = None
     loss_after: float | None = None
     seconds: float = 0.0
+    score_before: float | None = None  # share of the judged answers the head in use shows right (guard)
+    score_after: float | None = None  # the same for the new head (cross-validated with guard_folds)
+    guard: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -400,7 +414,8 @@ class Device:
         if slots:
             replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
         per_batch = batch - slots
-        for _ in range(policy.epochs):
+        epochs = max(policy.epochs, -(-policy.min_steps // -(-len(examples) // per_batch)))
+        for _ in range(epochs):
             order = rng.permutation(len(examples))
             for start in range(0, len(order), per_batch):
                 idx = order[start : start + per_batch]
@@ -414,11 +429,29 @@ class Device:
                     w = np.concatenate([w, np.full(len(pick), share, np.float32)])
                 model.train_step(x, t, s, w, learning_rate=policy.learning_rate)
 
-    def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
-        """Fine-tune the head from the global head on all stored feedback, guarded by a held-back slice.
+    def _shown_right(self, examples: list[FeedbackExample]) -> np.ndarray:
+        """Per answer, 1.0 where the head in the model now shows what the user said was right: the confirmed or
+        corrected label for a thumbs-up or a correction; anything but the rejected label for a bare thumbs-down."""
+        emb, targets, sign = self._arrays(examples)
+        chosen = np.argmax(self._require_model().head_probs(emb), axis=1)
+        hit = targets[np.arange(len(examples)), chosen] > 0
+        return np.where(sign > 0, hit, ~hit).astype(np.float64)
 
-        The new weights are kept only if the held-back feedback's loss is not worse
-        than with the weights in use now; otherwise they are discarded.
+    def _measure(self, examples: list[FeedbackExample], policy: TrainPolicy) -> float:
+        """The guard's measure of the head in the model on ``examples``; higher is better."""
+        if policy.guard == "loss":
+            return -self._loss(examples)
+        return float(np.mean(self._shown_right(examples)))
+
+    def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
+        """Fine-tune the head from the global head on all stored feedback, guarded by what the user would see.
+
+        The guard holds back every ``holdout_every``-th answer and keeps the new weights only if those answers
+        are not shown worse than by the weights in use now (``guard="accuracy"``: the confirmed or corrected
+        label chosen, the label of a bare thumbs-down not chosen; ``guard="loss"``: their loss); otherwise the
+        new weights are discarded. With ``guard_folds > 1`` every answer is judged instead, by cross-validation
+        (a fit from the global head on the other folds against the global head), and the kept head is then
+        fitted on all answers.
         """
         policy = policy or self.train_policy
         model = self._require_model()
@@ -427,28 +460,60 @@ class Device:
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
                                examples=len(examples))
-        every = policy.holdout_every
-        held_idx = {i for i in range(len(examples)) if every and i % every == every - 1}
-        held = [e for i, e in enumerate(examples) if i in held_idx]
-        train = [e for i, e in enumerate(examples) if i not in held_idx]
         in_use = model.get_weights()
-        loss_before = self._loss(held) if held else None
-        self._fit(model, train, policy)
-        loss_after = self._loss(held) if held else None
-        report = TrainReport("kept", examples=len(train), held_back=len(held), loss_before=loss_before,
-                             loss_after=loss_after)
-        if held and loss_after > loss_before + policy.tolerance:
-            model.set_weights(in_use)
-            report.status, report.reason = "discarded", "held-back feedback got worse"
+        if policy.guard_folds > 1 and policy.holdout_every:
+            report = self._cross_validated(model, examples, policy)
         else:
-            if held and policy.refit_on_all:
+            every = policy.holdout_every
+            held = [e for i, e in enumerate(examples) if every and i % every == every - 1]
+            train = [e for i, e in enumerate(examples) if not (every and i % every == every - 1)]
+            before = self._measure(held, policy) if held else None
+            loss_before = self._loss(held) if held else None
+            self._fit(model, train, policy)
+            after = self._measure(held, policy) if held else None
+            report = TrainReport("kept", examples=len(train), held_back=len(held), loss_before=loss_before,
+                                 loss_after=self._loss(held) if held else None, guard=policy.guard if held else "")
+            if policy.guard == "accuracy" and held:
+                report.score_before, report.score_after = before, after
+            if held and after < before - policy.tolerance:
+                report.status, report.reason = "discarded", f"held-back answers got worse ({policy.guard})"
+            elif held and policy.refit_on_all:
                 self._fit(model, examples, policy)
+        if report.status == "discarded":
+            model.set_weights(in_use)
+        else:
             weights = model.get_weights()
             atomic_write(self.state_dir / "personal.head", pack_arrays(model.metadata.head_layout, weights))
             self.store.set("personal_base_version", str(self.model_version))
             self.personalized = True
         report.seconds = time.perf_counter() - started
         log.info("personalisation %s: %s", report.status, report.to_dict())
+        return report
+
+    def _cross_validated(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy):
+        """Judge a fit on all answers by ``guard_folds``-fold cross-validation against the global head (which
+        never trained on any of them); leaves the fit on all answers in the model when it is not worse."""
+        folds = min(policy.guard_folds, len(examples))
+        fold_of = np.arange(len(examples)) % folds
+        model.set_weights(self.global_head)
+        loss_before = self._loss(examples)
+        before = self._measure(examples, policy)
+        right, loss = np.zeros(len(examples)), np.zeros(len(examples))
+        for f in range(folds):
+            held = [e for e, k in zip(examples, fold_of, strict=True) if k == f]
+            self._fit(model, [e for e, k in zip(examples, fold_of, strict=True) if k != f], policy)
+            mask = fold_of == f
+            right[mask] = self._shown_right(held)
+            loss[mask] = self._loss(held)
+        after = -float(np.mean(loss)) if policy.guard == "loss" else float(np.mean(right))
+        report = TrainReport("kept", examples=len(examples), held_back=0, loss_before=loss_before,
+                             loss_after=float(np.mean(loss)), guard=f"{policy.guard}, {folds}-fold")
+        if policy.guard == "accuracy":
+            report.score_before, report.score_after = before, after
+        if after < before - policy.tolerance:
+            report.status, report.reason = "discarded", f"cross-validated answers got worse ({policy.guard})"
+        else:
+            self._fit(model, examples, policy)
         return report
 
     # -- federation -----------------------------------------------------------------------
@@ -476,6 +541,8 @@ class Device:
         if len(examples) < policy.min_examples:
             return None
         layout = model.metadata.head_layout
+        report = answer_report(model, self.global_head, examples, holdout_every=policy.holdout_every,
+                               refit_on_all=policy.refit_on_all)  # personal vs global on held-back answers
         in_use = model.get_weights()
         try:
             self._fit(model, examples, policy)
@@ -494,7 +561,7 @@ class Device:
         envelope = UpdateEnvelope.create(
             device_id=self.device_id, base_version=self.model_version, layout=layout, deltas=deltas,
             num_examples=len(examples), sequence=seq, sign=self.key.sign,
-            privacy=privacy.describe(),
+            privacy=privacy.describe(), report=report,
         )
         self.store.enqueue(seq, self.model_version, envelope.to_bytes())
         self.store.set("last_update_base_version", str(self.model_version))
