@@ -11,6 +11,10 @@ above a running noise floor (and above ``floor_db``) are speech; an utterance
 ends after ``hangover_seconds`` of non-speech, is cut at ``max_seconds``, is
 dropped (and counted) when shorter than ``min_seconds``, and starts with
 ``pre_roll_seconds`` of the audio before the onset.
+
+The stream runs at ``audio.sample_rate`` (what the microphone offers, 8 to 192 kHz); each
+utterance is resampled to the model's rate before it is classified, so a 48 kHz USB
+microphone and a 16 kHz model agree.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edge_sdk.audio import check_sample_rate, resample
 from edge_sdk.config import EdgeConfig, SegmenterConfig
-from edge_sdk.errors import AudioError, RuntimeUnavailableError
+from edge_sdk.errors import AudioError, ParameterError, RuntimeUnavailableError
 
 log = logging.getLogger("edge_sdk")
 
@@ -150,7 +155,10 @@ class Listener:
     def __init__(self, device, cfg: EdgeConfig, on_prediction: Callable | None = None) -> None:
         self.device, self.cfg = device, cfg
         self.on_prediction = on_prediction
-        self.sample_rate = cfg.audio.sample_rate
+        try:
+            self.sample_rate = check_sample_rate(cfg.audio.sample_rate, "audio.sample_rate")
+        except ParameterError as exc:
+            raise AudioError(str(exc)) from exc
         self.blocksize = max(1, int(round(cfg.audio.block_seconds * self.sample_rate)))
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.audio.queue_blocks)
         self.segmenter = Segmenter(cfg.segmenter, self.sample_rate)
@@ -188,9 +196,14 @@ class Listener:
         for utt in self.segmenter.flush():
             self._classify(utt)
 
+    def model_rate(self) -> int:
+        """The sample rate the device's model takes (read each time: a new model may bring another)."""
+        return int(self.device.metadata.features.sample_rate)
+
     def _classify(self, audio: np.ndarray) -> None:
         self.last_speech = time.monotonic()
         try:
+            audio = resample(audio, self.sample_rate, self.model_rate())  # utterances are at most max_seconds
             pred = self.device.classify(audio, source="microphone",
                                         keep_audio=self.cfg.privacy.store_audio)
         except Exception:  # one bad utterance must not stop listening
@@ -215,7 +228,9 @@ class Listener:
             except Exception as exc:
                 self.stop()
                 raise AudioError(f"cannot open the input device {self.cfg.audio.device or '(default)'} at "
-                                 f"{self.sample_rate} Hz: {exc}") from exc
+                                 f"{self.sample_rate} Hz: {exc} (set audio.sample_rate to a rate it offers; "
+                                 f"`fedser-edge devices` lists them)") from exc
+            log.info("listening on %s at %d Hz", self.cfg.audio.device or "the default input", self.sample_rate)
         return self
 
     def stop(self, timeout: float = 30.0) -> dict:

@@ -90,3 +90,63 @@ def test_listener_counts_blocks_it_had_to_drop(tmp_path, rng):
     assert stats["dropped_blocks"] == 0 and stats["utterances"] == 3 == len(got)
     assert all(p.model_version == 0 and p.label in device.metadata.labels for p, _ in got)
     assert device.store.counts()["predictions"] >= 3
+
+
+def _stream_at(sr: int) -> np.ndarray:
+    """1 s of quiet, a 1.5 s voiced utterance, 1 s of quiet, generated at ``sr`` (the same sound at any rate)."""
+    def t(seconds):
+        return np.arange(int(seconds * sr)) / sr
+    quiet = 0.002 * np.sin(2 * np.pi * 50 * t(1.0))
+    tt = t(1.5)
+    voiced = sum(0.25 / k * np.sin(2 * np.pi * k * 160 * tt * (1 + 0.03 * np.sin(2 * np.pi * 3 * tt)))
+                 for k in range(1, 10)) * np.sin(np.pi * tt / 1.5)
+    return np.concatenate([quiet, voiced, quiet]).astype(np.float32)
+
+
+def _listen(device, sample_rate: int) -> tuple[list, dict]:
+    from edge_sdk.listen import Listener
+
+    cfg = load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": str(sample_rate)})
+    got = []
+    listener = Listener(device, cfg, lambda pred, audio: got.append((pred, audio))).start(microphone=False)
+    stream = _stream_at(sample_rate)
+    for i in range(0, len(stream), listener.blocksize):
+        listener.push(stream[i:i + listener.blocksize])
+    return got, listener.stop()
+
+
+def test_a_48_khz_microphone_gives_the_features_of_16_khz(tmp_path):
+    """The stream runs at the microphone's rate; each utterance reaches the model at the model's rate."""
+    import base64
+
+    from edge_sdk.device import Device
+
+    at16, at48 = Device(tmp_path / "a"), Device(tmp_path / "b")
+    if at16.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    assert at16.metadata.features.sample_rate == 16000
+    got16, stats16 = _listen(at16, 16000)
+    got48, stats48 = _listen(at48, 48000)
+    assert len(got16) == len(got48) == 1 and stats48["errors"] == 0, (stats16, stats48)
+    (p16, a16), (p48, a48) = got16[0], got48[0]
+    assert abs(len(a48) - len(a16)) <= 2  # the utterance handed on is at 16 kHz, not three times longer
+
+    def features(device):
+        blob = device.store.export()["predictions"][0]["features"]
+        return np.frombuffer(base64.b64decode(blob), "<f4")
+
+    f16, f48 = features(at16), features(at48)
+    assert f16.shape == f48.shape
+    # normalised features (unit variance): the same sound within resampling error, not a 3x stretched one
+    assert np.mean(np.abs(f16 - f48)) < 0.01, np.mean(np.abs(f16 - f48))  # measured: 5e-9
+    assert p16.label == p48.label and max(abs(p16.probs[k] - p48.probs[k]) for k in p16.probs) < 0.01
+
+
+def test_a_stream_rate_out_of_range_is_refused_with_a_message(tmp_path):
+    from edge_sdk.device import Device
+    from edge_sdk.errors import AudioError
+    from edge_sdk.listen import Listener
+
+    cfg = load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": "4000"})
+    with pytest.raises(AudioError, match="audio.sample_rate must be an integer from 8000 to 192000 Hz"):
+        Listener(Device(tmp_path / "dev"), cfg)

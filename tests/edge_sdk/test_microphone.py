@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from tests.conftest import REPO
 
-PULSEAUDIO, PAPLAY = shutil.which("pulseaudio"), shutil.which("paplay")
+PULSEAUDIO, PAPLAY, PACTL = shutil.which("pulseaudio"), shutil.which("paplay"), shutil.which("pactl")
 
 
 @pytest.fixture
 def null_sink(tmp_path):
-    if not (PULSEAUDIO and PAPLAY):
+    if not (PULSEAUDIO and PAPLAY and PACTL):
         pytest.skip("pulseaudio / paplay not installed (scripts/setup.sh installs pulseaudio, pulseaudio-utils, "
                     "libasound2-plugins)")
     runtime = tmp_path / "pulse-runtime"
@@ -35,29 +38,69 @@ def null_sink(tmp_path):
     subprocess.run([PULSEAUDIO, "--kill"], env=env, capture_output=True, timeout=30)
 
 
-def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, tmp_path):
+def _recording(env) -> bool:
+    """Whether a client records from the null sink's monitor and its stream is running."""
+    out = subprocess.run([PACTL, "list", "source-outputs"], env=env, capture_output=True, text=True,
+                         timeout=10).stdout
+    return "Corked: no" in out
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])  # 48 kHz: a USB microphone's rate, resampled for the model
+def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, tmp_path, rate):
     from edge_sdk.device import Device
     from models.datasets import default_ravdess_root
 
     if Device(tmp_path / "probe").model is None:
         pytest.skip("no bundled model in edge_sdk/data")
-    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor"}
+    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor", "FEDSER_EDGE_AUDIO_SAMPLE_RATE": str(rate)}
+    err_file = open(tmp_path / "listen.stderr", "w")  # noqa: SIM115 - closed below
     listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
-                               "--input-device", "pulse", "--feedback", "none", "--seconds", "14"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # interpreter start and the stream opening
-    root = default_ravdess_root()
-    clips = ([root / "Actor_01" / "03-01-05-01-01-01-01.flac", root / "Actor_02" / "03-01-04-01-01-01-02.flac"]
-             if root else [synthetic_clips[0].path, synthetic_clips[-1].path])
-    for clip in clips:
-        subprocess.run([PAPLAY, "--device=fedser_null", str(clip)], env=null_sink, check=True, timeout=30)
-        time.sleep(1.5)  # silence between utterances
-    out, err = listen.communicate(timeout=60)
+                               "--input-device", "pulse", "--feedback", "none", "--seconds", "300"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout], daemon=True)
+    reader.start()
+    try:
+        # ready when PulseAudio has the listener's recording stream on the monitor, running (not corked)
+        deadline = time.monotonic() + 90
+        while not _recording(null_sink):
+            assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the listener never opened its input stream"
+            time.sleep(0.1)
+        root = default_ravdess_root()
+        clips = ([root / "Actor_01" / "03-01-05-01-01-01-01.flac", root / "Actor_02" / "03-01-04-01-01-01-02.flac"]
+                 if root else [synthetic_clips[0].path, synthetic_clips[-1].path])
+        for clip in clips:
+            subprocess.run([PAPLAY, "--device=fedser_null", str(clip)], env=null_sink, check=True, timeout=30)
+            time.sleep(1.5)  # silence between utterances (part of the signal: the segmenter's hangover ends each)
+        out, deadline = [], time.monotonic() + 60
+        while sum("label" in x for x in out) < 2 and time.monotonic() < deadline:  # both predictions printed
+            try:
+                out.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
+        listen.send_signal(signal.SIGINT)
+        listen.wait(timeout=60)
+        reader.join(timeout=30)  # the pipe is at its end once the process exited
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+        err_file.close()
+    err = (tmp_path / "listen.stderr").read_text()
+    while not lines.empty():
+        out.append(lines.get())
     assert listen.returncode == 0, err[-2000:]
-    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in out if x.startswith("{")]
     preds = [x for x in lines if "label" in x]
     stats = next(x["listen_stats"] for x in lines if "listen_stats" in x)
     assert len(preds) == 2, (lines, err[-1000:])  # one utterance per clip, found by the segmenter
     assert stats["dropped_blocks"] == 0 and stats["input_overflows"] == 0 and stats["blocks"] > 150
     assert all(p["model_version"] == 0 and 0 < p["latency_ms"] < 500 for p in preds)
     assert Device(tmp_path / "dev").store.counts()["predictions"] == 2
+    # the same clips from their files on a fresh device: the microphone at either rate hears what the file holds
+    ref = Device(tmp_path / "ref")
+    files = [ref.classify_file(c) for c in clips]
+    for heard, read in zip(preds, files, strict=True):  # printed in the order heard
+        assert heard["label"] == read.label, (rate, heard["probs"], read.probs)  # measured: within 0.01 (RAVDESS)
+        assert max(abs(heard["probs"][k] - read.probs[k]) for k in read.probs) < 0.1, (heard["probs"], read.probs)
