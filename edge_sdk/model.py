@@ -154,6 +154,60 @@ def load_interpreter_class(preferred: str = "auto"):
     )
 
 
+class _Signature:
+    """One signature of the interpreter, called without resizing any input whose shape already fits.
+
+    The runtimes' ``SignatureRunner.__call__`` resizes every input before each call, 0-d ones included, and the
+    aarch64 builds of ai-edge-litert crash in ``ResizeInputTensor`` on a 0-d shape (it writes element 0 of the
+    shape and clears ``4 * n - 4`` bytes, which wraps for n = 0). Every signature fedser exports has static
+    shapes, so this calls the same wrapper functions in the same order (allocate, set, invoke, get) and only
+    resizes an input whose shape really differs, never to a 0-d shape. Values whose size fits an input are
+    reshaped to it: a scalar learning rate fits both a model exported with a 0-d ``learning_rate`` (older
+    models, the bundled one among them) and one exported with shape ``[1]``.
+    """
+
+    def __init__(self, interpreter, name: str) -> None:
+        self.name = name
+        self.runner = interpreter.get_signature_runner(name)
+        details = self.runner.get_input_details()
+        self.inputs = {k: (int(d["index"]), tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"]))
+                       for k, d in details.items()}
+        # The wrapper functions the runner itself calls; a runtime without them falls back to the runner.
+        self._direct = all(hasattr(self.runner, a) for a in ("_interpreter_wrapper", "_subgraph_index",
+                                                              "_outputs"))
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        return self.inputs[name][1]
+
+    def __call__(self, **kwargs) -> dict[str, np.ndarray]:
+        if set(kwargs) != set(self.inputs):
+            raise ParameterError(f"signature {self.name!r} takes {sorted(self.inputs)}, got {sorted(kwargs)}")
+        values = {}
+        for key, value in kwargs.items():
+            _, shape, dtype = self.inputs[key]
+            arr = np.asarray(value, dtype=dtype)
+            if arr.shape != shape and arr.size == int(np.prod(shape, dtype=np.int64)):
+                arr = arr.reshape(shape)
+            values[key] = arr if arr.flags.c_contiguous else arr.copy(order="C")  # keeps 0-d arrays 0-d
+        if not self._direct:
+            return self.runner(**values)
+        runner = self.runner
+        wrapper, subgraph = runner._interpreter_wrapper, runner._subgraph_index
+        for key, arr in values.items():
+            index, shape, _ = self.inputs[key]
+            if arr.shape != shape:
+                if arr.ndim == 0:
+                    raise ParameterError(f"input {key!r} of signature {self.name!r} has shape {list(shape)}; "
+                                         "a scalar does not fit it")
+                wrapper.ResizeInputTensor(index, np.array(arr.shape, dtype=np.int32), False, subgraph)
+                self.inputs[key] = (index, arr.shape, self.inputs[key][2])
+        wrapper.AllocateTensors(subgraph)
+        for key, arr in values.items():
+            wrapper.SetTensor(self.inputs[key][0], arr, subgraph)
+        wrapper.Invoke(subgraph)
+        return {name: wrapper.GetTensor(index, subgraph) for name, index in runner._outputs}
+
+
 class TFLiteModel:
     """One interpreter over a trainable ``.tflite`` model.
 
@@ -191,7 +245,7 @@ class TFLiteModel:
         missing = [s for s in REQUIRED_SIGNATURES if s not in available]
         if missing:
             raise ModelError(f"{self.path} lacks the signatures {missing} (has {sorted(available)})")
-        self._runners = {name: self._interpreter.get_signature_runner(name) for name in REQUIRED_SIGNATURES}
+        self._runners = {name: _Signature(self._interpreter, name) for name in REQUIRED_SIGNATURES}
         self._lock = threading.Lock()
         weights = self.get_weights()
         for spec in metadata.head_layout:
@@ -288,7 +342,7 @@ class TFLiteModel:
                 targets=pt,
                 sample_weight=pw,
                 feedback_sign=ps,
-                learning_rate=np.asarray(learning_rate, np.float32),
+                learning_rate=np.float32(learning_rate),
             )
         loss = float(out["loss"])
         if not np.isfinite(loss):

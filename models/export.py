@@ -128,7 +128,8 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
             tf.TensorSpec([batch, num_classes], tf.float32, name="targets"),
             tf.TensorSpec([batch], tf.float32, name="sample_weight"),
             tf.TensorSpec([batch], tf.float32, name="feedback_sign"),
-            tf.TensorSpec([], tf.float32, name="learning_rate"),
+            # [1], not a scalar: the aarch64 ai-edge-litert builds crash resizing a 0-d input (issue 13)
+            tf.TensorSpec([1], tf.float32, name="learning_rate"),
         ])
         def train(self, embeddings, targets, sample_weight, feedback_sign, learning_rate):
             variables = [self.w0, self.b0, self.w1, self.b1]
@@ -141,8 +142,9 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
                 per_sample = positive * cross_entropy + (1.0 - positive) * complementary
                 loss = tf.reduce_sum(per_sample * sample_weight) / (tf.reduce_sum(sample_weight) + 1e-8)
             grads = tape.gradient(loss, variables)
+            step = tf.reshape(learning_rate, [])
             for var, grad in zip(variables, grads, strict=False):
-                var.assign_sub(learning_rate * grad)
+                var.assign_sub(step * grad)
             return {"loss": loss}
 
         @tf.function(input_signature=[])

@@ -58,7 +58,7 @@ def test_train_steps_match_tensorflow(trained_model, rng):
     weight[-2:] = 0.0  # padding rows
     for _ in range(4):
         lite_loss = model.train_step(emb, targets, sign, weight, learning_rate=0.1)
-        tf_loss = float(tf_mod.train(emb, targets, weight, sign, np.float32(0.1))["loss"])
+        tf_loss = float(tf_mod.train(emb, targets, weight, sign, np.float32([0.1]))["loss"])
         assert lite_loss == pytest.approx(tf_loss, abs=1e-5)
     lite_w = model.get_weights()
     for name in ("w0", "b0", "w1", "b1"):
@@ -169,7 +169,7 @@ def test_every_architecture_exports_and_matches_tensorflow(name, tmp_path, rng):
     sign = np.array([1, -1, 1, -1], np.float32)
     for _ in range(3):
         lite = model.train_step(emb, targets, sign, np.ones(4, np.float32), learning_rate=0.05)
-        ref_loss = float(tf_mod.train(emb, targets, np.ones(4, np.float32), sign, np.float32(0.05))["loss"])
+        ref_loss = float(tf_mod.train(emb, targets, np.ones(4, np.float32), sign, np.float32([0.05]))["loss"])
         assert lite == pytest.approx(ref_loss, abs=1e-5)
     for k, v in model.get_weights().items():
         np.testing.assert_allclose(v, getattr(tf_mod, k).numpy(), rtol=0, atol=1e-5)
