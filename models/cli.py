@@ -21,21 +21,67 @@ __all__ = ["main", "resolve_corpus", "corpus_clips"]
 
 DEFAULT_TEST_SPEAKERS = "21,22,23,24"
 DEFAULT_VAL_SPEAKERS = "19,20"
+# named test speakers of each corpus: never trained on, never validating, whatever the command
+CORPUS_TEST_SPEAKERS = {"ravdess": ("21", "22", "23", "24"), "nemo": ("IC0", "MK0", "TP0")}
+CORPUS_VAL_SPEAKERS = {"ravdess": ("19", "20")}
+
+
+def corpus_list(corpus: str) -> list[str]:
+    """``ravdess,nemo`` -> ``["ravdess", "nemo"]``, each a known corpus, no repeats."""
+    from models.datasets import CORPORA
+
+    names = [c.strip().lower() for c in corpus.split(",") if c.strip()]
+    if not names:
+        raise SystemExit("--corpus names no corpus")
+    for name in names:
+        if name not in CORPORA:
+            raise SystemExit(f"unknown corpus {name!r}; choose from {', '.join(sorted(CORPORA))} (comma-separated)")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--corpus names a corpus twice: {corpus}")
+    if len(names) > 1 and "manifest" in names:
+        raise SystemExit("a manifest cannot be combined with other corpora (list them in the manifest instead)")
+    return names
+
+
+def data_roots(data: str | None, corpora: list[str]) -> dict[str, Path | None]:
+    """The folder of each corpus: ``--data DIR`` (one corpus), ``--data DIR1,DIR2`` (in --corpus order) or
+    ``--data ravdess=DIR1,nemo=DIR2``; a corpus not given is found where ``default_corpus_root`` looks."""
+    from models.datasets import default_corpus_root
+
+    given: dict[str, str] = {}
+    items = [d.strip() for d in (data or "").split(",") if d.strip()] if len(corpora) > 1 else (
+        [data] if data else [])
+    if items and all("=" in d and d.split("=", 1)[0].strip().lower() in corpora for d in items):
+        given = {d.split("=", 1)[0].strip().lower(): d.split("=", 1)[1].strip() for d in items}
+    elif items:
+        if len(items) != len(corpora):
+            raise SystemExit(f"--data names {len(items)} folders for {len(corpora)} corpora ({', '.join(corpora)}); "
+                             "give one per corpus in order, or name=DIR pairs")
+        given = dict(zip(corpora, items, strict=True))
+    return {c: Path(given[c]) if c in given else default_corpus_root(c) for c in corpora}
 
 
 def resolve_corpus(data: str | None, synthetic: bool, work_dir: Path, *, corpus: str = "ravdess", label_map=None):
-    """(clips, name): the corpus given or found (RAVDESS by default), else the labelled synthetic corpus."""
-    from models.datasets import LabelMap, corpus_guidance, default_ravdess_root, load_corpus, synthetic_corpus
+    """(clips, name): the corpora given or found (RAVDESS by default; ``ravdess,nemo`` for several, speaker ids
+    prefixed by corpus), else the labelled synthetic corpus."""
+    from models.datasets import LabelMap, corpus_guidance, load_corpus, synthetic_corpus
 
     label_map = label_map or LabelMap()
+    corpora = corpus_list(corpus)
     if not synthetic:
-        root = Path(data) if data else (default_ravdess_root() if corpus == "ravdess" else None)
-        if root is not None:
-            if not root.exists():
-                raise SystemExit(f"data not found: {root}\n{corpus_guidance([corpus])}")
-            return load_corpus(corpus, root, label_map), f"{corpus.upper()} ({root})"
-        if data or corpus != "ravdess":
-            raise SystemExit(f"--data is required for the {corpus} corpus\n{corpus_guidance([corpus])}")
+        roots = data_roots(data, corpora)
+        if all(root is not None for root in roots.values()):
+            clips, names = [], []
+            for kind, root in roots.items():
+                if not root.exists():
+                    raise SystemExit(f"data not found: {root}\n{corpus_guidance([kind])}")
+                clips += load_corpus(kind, root, label_map)
+                names.append(f"{kind.upper() if kind != 'nemo' else 'nEMO'} ({root})")
+            return clips, " + ".join(names)
+        missing = [c for c, r in roots.items() if r is None]
+        if data or corpora != ["ravdess"]:
+            raise SystemExit(f"no folder for {', '.join(missing)}: give --data (corpus {corpus})\n"
+                             + corpus_guidance(missing))
         print(corpus_guidance() + "\nWithout one, this run uses a labelled SYNTHETIC tone corpus (a pipeline check: "
               "its figures say nothing about emotion recognition).", file=sys.stderr, flush=True)
     clips = synthetic_corpus(work_dir / "synthetic-audio", labels=label_map.classes)
@@ -57,9 +103,12 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     from models.datasets import CORPORA
 
     g = p.add_argument_group("corpus")
-    g.add_argument("--corpus", default="ravdess", choices=sorted(CORPORA),
-                   help="on-disk layout of --data (manifest: a CSV path,speaker,label[,split])")
-    g.add_argument("--data", default=None, help="corpus folder or manifest CSV (default: ../shared/data/ravdess)")
+    g.add_argument("--corpus", default="ravdess",
+                   help=f"on-disk layout of --data, one of {', '.join(sorted(CORPORA))} (manifest: a CSV "
+                        "path,speaker,label[,split]); several comma-separated, e.g. ravdess,nemo")
+    g.add_argument("--data", default=None,
+                   help="corpus folder or manifest CSV; for several corpora DIR1,DIR2 or ravdess=DIR1,nemo=DIR2 "
+                        "(default: ../shared/data/ravdess, ../shared/data/nemo, or $FEDSER_RAVDESS, $FEDSER_NEMO)")
     g.add_argument("--synthetic", action="store_true", help="use the labelled synthetic corpus (pipeline tests only)")
     g.add_argument("--classes", default="angry,happy,neutral,sad")
     g.add_argument("--calm-as-neutral", action="store_true", help="RAVDESS calm joins neutral (default: left out)")
@@ -68,11 +117,15 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speaker-independent split")
-    g.add_argument("--test-speakers", default=None, help=f"held-out speakers (RAVDESS default {DEFAULT_TEST_SPEAKERS})")
+    g.add_argument("--test-speakers", default=None,
+                   help=f"held-out speakers (default RAVDESS {DEFAULT_TEST_SPEAKERS}, nEMO IC0,MK0,TP0; these "
+                        "named test speakers are held out whatever is given)")
     g.add_argument("--val-speakers", default=None,
                    help=f"speakers that pick the epoch (RAVDESS default {DEFAULT_VAL_SPEAKERS})")
     g.add_argument("--folds", type=int, default=0, help="k folds by speaker instead of named test speakers")
     g.add_argument("--fold", type=int, default=0, help="which fold to train (with --folds)")
+    g.add_argument("--test-corpora", default=None,
+                   help="every speaker of these corpora is a test speaker (leave-one-corpus-out), e.g. nemo")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -107,16 +160,46 @@ def corpus_clips(args, work_dir: Path):
     return clips, name, label_map
 
 
-def _split(args, clips):
-    """(train, val, test) holding out whole speakers."""
-    from models.compare import validation_speakers
-    from models.datasets import manifest_split, speaker_folds, split_by_speaker
+def named_test_speakers(clips) -> list[str]:
+    """The speaker ids among ``clips`` that are a corpus's named test speakers (RAVDESS 21-24, nEMO IC0, MK0,
+    TP0): they never train or validate, in any command."""
+    names = {f"{corpus}-{spk}" for corpus, spks in CORPUS_TEST_SPEAKERS.items() for spk in spks}
+    return sorted({c.speaker for c in clips} & names)
 
+
+def _default_val(train, corpora: list[str], seed: int) -> list[str]:
+    """Validation speakers from each corpus's training speakers: RAVDESS 19 and 20, else one (up to 8 training
+    speakers) or two drawn with the seed."""
+    from models.compare import validation_speakers
+    from models.datasets import corpus_of
+
+    out = []
+    for corpus in sorted({corpus_of(c.speaker) for c in train}):
+        part = [c for c in train if corpus_of(c.speaker) == corpus]
+        fixed = [f"{corpus}-{s}" for s in CORPUS_VAL_SPEAKERS.get(corpus, ())]
+        if fixed and all(any(c.speaker == f for c in part) for f in fixed):
+            out += fixed
+        else:
+            count = 1 if len({c.speaker for c in part}) <= 8 else 2
+            out += validation_speakers(part, count=count, seed=seed)
+    return out if len(corpora) > 1 else out or validation_speakers(train)
+
+
+def _split(args, clips):
+    """(train, val, test) holding out whole speakers; every corpus's named test speakers are always in test
+    (or, with --folds, left out of every fold)."""
+    from models.compare import validation_speakers
+    from models.datasets import corpus_of, manifest_split, speaker_folds, split_by_speaker
+
+    corpora = corpus_list(args.corpus)
     synthetic = all(c.speaker.startswith("synthetic-") for c in clips)
+    named = named_test_speakers(clips)
+    test_corpora = corpus_list(args.test_corpora) if getattr(args, "test_corpora", None) else []
     if args.folds:
         if not 0 <= args.fold < args.folds:
             raise SystemExit(f"--fold must be in 0..{args.folds - 1}")
-        train, test = speaker_folds(clips, args.folds, seed=args.seed)[args.fold]
+        pool = [c for c in clips if c.speaker not in named]
+        train, test = speaker_folds(pool, args.folds, seed=args.seed)[args.fold]
         val_spk = _speakers(args.val_speakers, train) if args.val_speakers else validation_speakers(train)
     elif args.corpus == "manifest" and args.test_speakers is None and all(c.split for c in clips):
         return manifest_split(clips)
@@ -125,12 +208,14 @@ def _split(args, clips):
         train, test = split_by_speaker(clips, speakers[-2:])
         val_spk = speakers[-3:-2]
     else:
-        if args.test_speakers is None and args.corpus != "ravdess":
+        if args.test_speakers is None and not named and not test_corpora:
             raise SystemExit("name --test-speakers (or --folds K) for this corpus")
-        test_spk = _speakers(args.test_speakers or DEFAULT_TEST_SPEAKERS, clips)
+        test_spk = set(_speakers(args.test_speakers, clips) if args.test_speakers else named) | set(named)
+        test_spk |= {c.speaker for c in clips if corpus_of(c.speaker) in test_corpora}
         train, test = split_by_speaker(clips, test_spk)
-        val_spk = _speakers(args.val_speakers, train) if args.val_speakers else (
-            _speakers(DEFAULT_VAL_SPEAKERS, train) if args.corpus == "ravdess" else validation_speakers(train))
+        if not train:
+            raise SystemExit("every speaker is a test speaker: nothing left to train on")
+        val_spk = _speakers(args.val_speakers, train) if args.val_speakers else _default_val(train, corpora, args.seed)
     train, val = split_by_speaker(train, val_spk)
     return train, val, test
 
@@ -189,7 +274,8 @@ def cmd_compare(args) -> int:
 
     clips, name, label_map = corpus_clips(args, args.out)
     features, config = _configs(args)
-    folds = speaker_folds(clips, args.folds or 5, seed=args.seed)
+    named = set(named_test_speakers(clips))  # RAVDESS 21-24, nEMO IC0/MK0/TP0: in no fold
+    folds = speaker_folds([c for c in clips if c.speaker not in named], args.folds or 5, seed=args.seed)
     archs = [a.strip() for a in args.architectures.split(",") if a.strip()]
     report = compare_architectures(folds, archs, features=features, config=config, labels=label_map.classes,
                                    cache_dir=args.cache, dataset_name=name,

@@ -23,7 +23,8 @@ from models.metrics import classification_report
 
 log = logging.getLogger("models")
 
-__all__ = ["PRIOR_WORK", "compare_architectures", "compare_markdown", "validation_speakers", "write_comparison"]
+__all__ = ["PRIOR_WORK", "compare_architectures", "compare_markdown", "corpus_markdown", "validation_speakers",
+           "write_comparison"]
 
 # shared/notes/prior-work.md: the bar to clear (none of it is speaker-independent RAVDESS 4-class except study 3)
 PRIOR_WORK = [
@@ -69,7 +70,7 @@ def compare_architectures(
     results = {}
     for name in architectures:
         arch = preset(name)
-        folds_out, true_all, pred_all = [], [], []
+        folds_out, true_all, pred_all, corpus_cm = [], [], [], {}
         started = time.perf_counter()
         for i, (train, test) in enumerate(folds):
             val_spk = validation_speakers(train, seed=config.seed + i)
@@ -82,6 +83,8 @@ def compare_architectures(
                 for b in range(len(labels)):
                     true_all += [a] * int(cm[a, b])
                     pred_all += [b] * int(cm[a, b])
+            for corpus, ct in r.report.get("test_by_corpus", {}).items():
+                corpus_cm[corpus] = corpus_cm.get(corpus, 0) + np.asarray(ct["confusion_matrix"])
             folds_out.append({"fold": i, "test_speakers": r.report["split"]["test_speakers"], "val_speakers": val_spk,
                               "accuracy": t["accuracy"], "uar": t["uar"], "macro_f1": t["macro_f1"],
                               "epochs_run": r.report["epochs_run"], "seconds_per_epoch": r.report["seconds_per_epoch"],
@@ -95,6 +98,7 @@ def compare_architectures(
             "mean": {k: float(np.mean([f[k] for f in folds_out])) for k in ("accuracy", "uar", "macro_f1")},
             "std": {k: float(np.std([f[k] for f in folds_out])) for k in ("accuracy", "uar", "macro_f1")},
             "pooled": pooled,
+            "pooled_by_corpus": {corpus: _report_of_confusion(cm, labels) for corpus, cm in sorted(corpus_cm.items())},
             "seconds_per_epoch": float(np.mean([f["seconds_per_epoch"] for f in folds_out])),
             "seconds": time.perf_counter() - started,
         }
@@ -102,6 +106,23 @@ def compare_architectures(
     return {"kind": "comparison", "dataset": dataset_name, "labels": list(labels), "features": features.to_dict(),
             "train_config": config.to_dict(), "hardware": r.report["hardware"], "folds": len(folds),
             "results": results, "best": best, "prior_work": PRIOR_WORK}
+
+
+def _report_of_confusion(cm, labels) -> dict:
+    cm = np.asarray(cm)
+    true = [a for a in range(len(labels)) for b in range(len(labels)) for _ in range(int(cm[a, b]))]
+    pred = [b for a in range(len(labels)) for b in range(len(labels)) for _ in range(int(cm[a, b]))]
+    return classification_report(true, pred, labels)
+
+
+def corpus_markdown(by_corpus: dict, labels, title: str = "corpus") -> list[str]:
+    """A table of UAR, accuracy and per-class recall per corpus (reports' ``test_by_corpus``)."""
+    lines = [f"| {title} | clips | UAR % | accuracy % | " + " | ".join(f"recall {lab} %" for lab in labels) + " |",
+             "| --- " * (4 + len(labels)) + "|"]
+    for corpus, t in by_corpus.items():
+        lines.append(f"| {corpus or '-'} | {t['num_examples']} | {_pct(t['uar'])} | {_pct(t['accuracy'])} | "
+                     + " | ".join(_pct(t["per_class"][lab]["recall"]) for lab in labels) + " |")
+    return lines
 
 
 def _pct(v):
@@ -133,6 +154,10 @@ def compare_markdown(report: dict, *, target_uar: float = 0.70) -> str:
               "| --- " * (report["folds"] + 1) + "|"]
     for name, r in report["results"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(f["uar"]) for f in r["folds"]) + " |")
+    if any(len(r.get("pooled_by_corpus", {})) > 1 for r in report["results"].values()):
+        lines += ["", "Per corpus, pooled over folds:", ""]
+        for name, r in report["results"].items():
+            lines += corpus_markdown(r["pooled_by_corpus"], labels, title=f"{name}: corpus") + [""]
     lines += ["", "Reference figures of the studies (shared/notes/prior-work.md; other data and splits, "
               "not directly comparable):", "", "| study | data | model | setup | accuracy % | UAR % | macro-F1 % |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

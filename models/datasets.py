@@ -34,6 +34,7 @@ __all__ = [
     "iemocap_clips",
     "emodb_clips",
     "tess_clips",
+    "nemo_clips",
     "manifest_clips",
     "write_manifest",
     "manifest_path",
@@ -45,6 +46,9 @@ __all__ = [
     "speaker_folds",
     "manifest_split",
     "default_ravdess_root",
+    "default_nemo_root",
+    "default_corpus_root",
+    "corpus_of",
 ]
 
 FOUR_CLASSES = ("angry", "happy", "neutral", "sad")
@@ -63,6 +67,8 @@ EMODB_EMOTIONS = {"W": "angry", "L": "boredom", "E": "disgust", "A": "fearful", 
 TESS_EMOTIONS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy",
                  "neutral": "neutral", "ps": "surprised", "pleasant_surprise": "surprised",
                  "pleasant_surprised": "surprised", "sad": "sad"}
+NEMO_EMOTIONS = {"anger": "angry", "happiness": "happy", "neutral": "neutral", "sadness": "sad",
+                 "fear": "fearful", "surprised": "surprised", "surprise": "surprised"}
 AUDIO_SUFFIXES = (".wav", ".flac")
 
 
@@ -135,6 +141,27 @@ def default_ravdess_root() -> Path | None:
         if cand.is_dir():
             return cand
     return None
+
+
+def default_nemo_root() -> Path | None:
+    """``$FEDSER_NEMO``, else ``../shared/data/nemo`` beside the checkout, if it exists."""
+    env = os.environ.get("FEDSER_NEMO")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo")
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def default_corpus_root(kind: str) -> Path | None:
+    """The folder a corpus is found in without ``--data`` (RAVDESS and nEMO only), or None."""
+    return {"ravdess": default_ravdess_root, "nemo": default_nemo_root}.get(kind, lambda: None)()
+
+
+def corpus_of(speaker: str) -> str:
+    """The corpus part of a speaker id (``ravdess-21`` -> ``ravdess``, ``nemo-IC0`` -> ``nemo``)."""
+    return speaker.split("-", 1)[0] if "-" in speaker else ""
 
 
 # Where each supported corpus comes from, how to lay it out, and how to point fedser at it. Printed when no corpus
@@ -334,6 +361,39 @@ def tess_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> 
     return _collect(_root(root, "TESS"), "TESS", label_map, parse)
 
 
+def nemo_clips(root: str | os.PathLike, *, label_map: LabelMap = LabelMap()) -> list[Clip]:
+    """nEMO (Polish): ``SPK/{speaker}_{emotion}_{sentence}.flac`` and ``data.tsv`` beside the speaker folders.
+
+    Speakers EB0, IC0, KD0, MK0 (female), KS0, MP0, SM0, TP0, WR0 (male); emotions anger, happiness,
+    neutral, sadness (and, in the full corpus, fear and surprised). When ``data.tsv`` is there
+    (``file_id`` with the original ``.wav`` name, ``emotion``, ``speaker_id``, ...), a file it lists with
+    another emotion or speaker than its name says is skipped with a warning; files it does not list are kept
+    by their name.
+    """
+    root = _root(root, "nEMO")
+    listed: dict[str, tuple[str, str]] = {}
+    tsv = root / "data.tsv"
+    if tsv.is_file():
+        with open(tsv, newline="", encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                fid = (row.get("file_id") or "").strip()
+                if fid:
+                    listed[Path(fid).stem] = ((row.get("speaker_id") or "").strip(),
+                                              (row.get("emotion") or "").strip().lower())
+
+    def parse(path: Path):
+        parts = path.stem.split("_")
+        if len(parts) != 3 or parts[1].lower() not in NEMO_EMOTIONS or not parts[0]:
+            return None
+        speaker, emotion = parts[0], parts[1].lower()
+        if path.stem in listed and listed[path.stem] != (speaker, emotion):
+            log.warning("skipping %s: data.tsv says speaker %s, emotion %s", path, *listed[path.stem])
+            return None
+        return f"nemo-{speaker}", NEMO_EMOTIONS[emotion]
+
+    return _collect(root, "nEMO", label_map, parse)
+
+
 MANIFEST_SPLITS = ("train", "val", "test")
 
 
@@ -411,6 +471,7 @@ CORPORA = {
     "iemocap": iemocap_clips,
     "emodb": emodb_clips,
     "tess": tess_clips,
+    "nemo": nemo_clips,
     "manifest": manifest_clips,
 }
 

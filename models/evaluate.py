@@ -21,7 +21,7 @@ from edge_sdk.errors import AudioError, ParameterError
 from edge_sdk.features import raw_features, speaker_inputs, trim_silence
 from edge_sdk.model import ModelMetadata, TFLiteModel
 from models.datasets import Clip, per_class_sample
-from models.metrics import classification_report
+from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
 
@@ -97,6 +97,7 @@ def evaluate_tflite(model_path: str | os.PathLike, clips: Sequence[Clip], *, dat
         "runtime": model.runtime,
         "seconds": time.perf_counter() - started,
         "test": classification_report(y_true, y_pred, labels),
+        "test_by_corpus": by_corpus(kept, y_true, y_pred, labels),
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "classification_report"]
+__all__ = ["confusion_matrix", "classification_report", "by_corpus"]
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
@@ -49,3 +49,12 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: 
         "confusion_matrix": cm.tolist(),
         "labels": list(labels),
     }
+
+
+def by_corpus(clips: Sequence, y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
+    """:func:`classification_report` of each corpus among ``clips`` (the part of the speaker id before its first
+    ``-``: ``ravdess-21`` -> ``ravdess``, ``nemo-IC0`` -> ``nemo``; ``""`` for ids without one), by name."""
+    corpora = np.array([c.speaker.split("-", 1)[0] if "-" in c.speaker else "" for c in clips])
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    return {name: classification_report(y_true[corpora == name], y_pred[corpora == name], labels)
+            for name in sorted(set(corpora.tolist()))}

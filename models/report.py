@@ -48,7 +48,8 @@ def report_markdown(report: dict) -> str:
                  f"- speakers: {len(report['speakers'])}; clips evaluated {report['test']['num_examples']}",
                  f"- skipped files: {_skipped_line({'eval': report['skipped']})}",
                  f"- runtime: {report['runtime']}, {report['seconds']:.1f} s", ""]
-        return "\n".join(lines + metrics_markdown(report["test"], "Evaluation")) + "\n"
+        lines += metrics_markdown(report["test"], "Evaluation")
+        return "\n".join(lines + _by_corpus_lines(report)) + "\n"
     arch = report["architecture"]
     lines = [f"# Baseline report: {arch['name']} on {report['dataset']}", ""]
     split = report["split"]
@@ -66,8 +67,24 @@ def report_markdown(report: dict) -> str:
               f"- parameters: encoder {report.get('encoder_params', '?')}, head {report.get('head_params', '?')}",
               f"- skipped files: {_skipped_line(report['skipped'])}", ""]
     if report.get("test"):
-        lines += metrics_markdown(report["test"])
+        lines += metrics_markdown(report["test"]) + _by_corpus_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _by_corpus_lines(report: dict) -> list[str]:
+    """Per-corpus UAR, accuracy and recalls (``test_by_corpus``), with each corpus's confusion matrix."""
+    from models.compare import corpus_markdown
+
+    by = report.get("test_by_corpus") or {}
+    if not by:
+        return []
+    labels = report["test"]["labels"]
+    lines = ["", "Per corpus (speaker ids prefixed by corpus):", ""] + corpus_markdown(by, labels)
+    if len(by) > 1:
+        for corpus, t in by.items():
+            lines += ["", f"{corpus}: rows true, columns predicted ({', '.join(labels)}): "
+                      + "; ".join(f"{lab} {row}" for lab, row in zip(labels, t["confusion_matrix"], strict=True))]
+    return lines
 
 
 def confusion_png(test: dict, path: str | os.PathLike, title: str = "") -> Path:

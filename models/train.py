@@ -24,7 +24,7 @@ from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout
 from models.features import Augmentation, compute_features
-from models.metrics import classification_report
+from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
 
@@ -276,7 +276,9 @@ def train_baseline(
     }
     if test_fs is not None and test_fs.clips:
         pred = np.argmax(model.predict(test_fs.model_inputs(features, norm), batch_size=256, verbose=0), axis=1)
-        report["test"] = classification_report(test_fs.labels(labels), pred, labels)
+        y_test = test_fs.labels(labels)
+        report["test"] = classification_report(y_test, pred, labels)
+        report["test_by_corpus"] = by_corpus(test_fs.clips, y_test, pred, labels)
     metadata = ModelMetadata(
         labels=tuple(labels),
         features=features,

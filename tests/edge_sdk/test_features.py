@@ -15,7 +15,7 @@ ATOL = 2e-3
 
 
 @pytest.mark.parametrize("kind, utterance_norm", [("mfcc", "none"), ("logmel", "none"), ("mfcc", "meanvar"),
-                                                   ("logmel", "mean")])
+                                                   ("logmel", "mean"), ("logmel", "level"), ("mfcc", "level")])
 def test_parity_with_librosa_on_real_ravdess_clips(ravdess_root, kind, utterance_norm):
     from models.features import librosa_features, load_clip_audio
 
@@ -36,6 +36,25 @@ def test_parity_with_librosa_on_synthetic_audio(rng):
     y = (0.3 * np.sin(2 * np.pi * 220 * np.arange(24000) / 16000) + 0.01 * rng.standard_normal(24000))
     y = y.astype(np.float32)
     np.testing.assert_allclose(raw_features(y, cfg), librosa_features(y, cfg), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_level_normalisation_removes_the_recordings_gain_and_keeps_the_spectral_shape(kind, rng):
+    # a clip 20 dB quieter gives the same features with "level", and features 20 dB lower without it
+    t = np.arange(24000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(24000))
+    y = y.astype(np.float32)
+    plain, level = FeatureConfig(kind=kind, top_db=0), FeatureConfig(kind=kind, top_db=0, utterance_norm="level")
+    np.testing.assert_allclose(raw_features(0.1 * y, level), raw_features(y, level), atol=1e-3)
+    shift = raw_features(y, plain) - raw_features(0.1 * y, plain)
+    assert np.allclose(shift[:, 0], 20.0 * (1 if kind == "logmel" else np.sqrt(40)), atol=1e-2)
+    # the shape over bands and time is untouched: one number per utterance is subtracted
+    diff = raw_features(y, plain) - raw_features(y, level)
+    if kind == "logmel":
+        np.testing.assert_allclose(diff, diff[0, 0], atol=1e-3)
+    else:
+        np.testing.assert_allclose(diff[:, 1:], 0.0, atol=1e-3)
+        np.testing.assert_allclose(diff[:, 0], diff[0, 0], atol=1e-3)
 
 
 def test_extract_has_the_model_input_shape(rng):

@@ -108,3 +108,74 @@ def test_replay_adds_the_models_own_embeddings_of_the_named_speakers(trained_mod
         assert hit.size and meta.labels.index(kept[hit[0]].label) == y
     r = _train_cli("replay", "--model", str(model), "--speakers", "nobody", "--corpus", "manifest", "--data", csv)
     assert r.returncode != 0 and "not in the corpus" in r.stderr
+
+
+def _two_corpora(tmp_path):
+    """A RAVDESS tree (actors 1, 2, 19, 20, 21) and an nEMO tree (EB0, KD0, KS0, IC0), tones of the labels."""
+    import numpy as np
+    import soundfile
+
+    from tests.models.test_datasets import nemo_tree
+
+    pitch = {"01": 150, "03": 260, "04": 120, "05": 220, "anger": 220, "happiness": 260, "neutral": 150,
+             "sadness": 120}
+
+    def tone(path, seconds=1.2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = path.stem.split("-")[2] if "-" in path.stem else path.stem.split("_")[1]
+        t = np.arange(int(16000 * seconds)) / 16000
+        soundfile.write(path, 0.3 * np.sin(2 * np.pi * pitch.get(key, 200) * t * (1 + 0.05 * np.sin(5 * t))), 16000)
+
+    rav = tmp_path / "ravdess"
+    for actor in (1, 2, 19, 20, 21):
+        for emo in ("01", "03", "04", "05"):
+            for rep in ("01", "02"):
+                tone(rav / f"Actor_{actor:02d}" / f"03-01-{emo}-01-01-{rep}-{actor:02d}.wav")
+    nemo = nemo_tree(tmp_path / "nemo", speakers=("EB0", "KD0", "KS0", "IC0"),
+                     emotions=("anger", "happiness", "neutral", "sadness"), tone=tone)
+    return rav, nemo
+
+
+def test_two_corpora_at_once_with_figures_per_corpus(tmp_path):
+    rav, nemo = _two_corpora(tmp_path)
+    out = tmp_path / "run"
+    r = _train_cli("train", "--out", str(out), "--corpus", "ravdess,nemo", "--data", f"nemo={nemo},ravdess={rav}",
+                   "--epochs", "2", "--max-frames", "100", "--cache", str(tmp_path / "cache"), "--no-progress",
+                   "--test-speakers", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    split = report["split"]
+    # the named test speakers (RAVDESS 21, nEMO IC0) are held out even though --test-speakers named another
+    assert split["test_speakers"] == ["nemo-IC0", "ravdess-01", "ravdess-21"]
+    assert "ravdess-19" in split["val_speakers"] and "ravdess-20" in split["val_speakers"]
+    assert len([s for s in split["val_speakers"] if s.startswith("nemo-")]) == 1  # one nEMO speaker validates
+    assert {s.split("-")[0] for s in split["train_speakers"]} == {"ravdess", "nemo"}
+    assert not {"nemo-IC0", "ravdess-21"} & set(split["train_speakers"] + split["val_speakers"])
+    by = report["test_by_corpus"]
+    assert set(by) == {"nemo", "ravdess"} and by["nemo"]["num_examples"] == 8 and by["ravdess"]["num_examples"] == 16
+    assert set(by["nemo"]["per_class"]) == {"angry", "happy", "neutral", "sad"}
+    md = (out / "report.md").read_text()
+    assert "Per corpus" in md and "| nemo | 8 |" in md and "| ravdess | 16 |" in md
+
+    # leave-one-corpus-out: every nEMO speaker tests; evaluate splits its figures by corpus too
+    r = _train_cli("train", "--out", str(tmp_path / "loco"), "--corpus", "ravdess,nemo", "--data",
+                   f"{rav},{nemo}", "--test-corpora", "nemo", "--epochs", "1", "--max-frames", "100", "--cache",
+                   str(tmp_path / "cache"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    loco = json.loads((tmp_path / "loco" / "report.json").read_text())["split"]
+    assert {s for s in loco["test_speakers"] if s.startswith("nemo-")} == {f"nemo-{s}" for s in ("EB0", "KD0", "KS0",
+                                                                                                  "IC0")}
+    assert all(s.startswith("ravdess-") for s in loco["train_speakers"] + loco["val_speakers"])
+    ev = tmp_path / "eval"
+    r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "nemo,ravdess", "--data",
+                   f"{nemo},{rav}", "--speakers", "IC0,21", "--out", str(ev))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((ev / "evaluation.json").read_text())
+    assert got["test_by_corpus"]["nemo"]["num_examples"] == 8 and got["test_by_corpus"]["ravdess"]["num_examples"] == 8
+
+
+def test_corpus_list_and_data_roots_are_checked(tmp_path):
+    r = _train_cli("train", "--out", str(tmp_path), "--corpus", "ravdess,savee")
+    assert r.returncode != 0 and "unknown corpus 'savee'" in r.stderr
+    r = _train_cli("train", "--out", str(tmp_path), "--corpus", "ravdess,nemo", "--data", str(tmp_path))
+    assert r.returncode != 0 and "1 folders for 2 corpora" in r.stderr

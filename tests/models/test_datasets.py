@@ -15,6 +15,7 @@ from models.datasets import (
     load_corpus,
     manifest_clips,
     manifest_split,
+    nemo_clips,
     ravdess_clips,
     speaker_folds,
     split_by_speaker,
@@ -39,6 +40,44 @@ def test_ravdess_tree_with_calm_choice(tmp_path):
     assert sorted(c.label for c in clips if c.speaker == "ravdess-01") == ["angry", "happy", "neutral", "sad"]
     calm = ravdess_clips(tmp_path, label_map=LabelMap(calm_as_neutral=True))
     assert sum(c.label == "neutral" for c in calm) == 4
+
+
+def nemo_tree(root, speakers=("EB0", "IC0"), emotions=("anger", "happiness", "neutral", "sadness", "fear"),
+              sentences=(1, 2), tone=None):
+    """A tree laid out like ../shared/data/nemo: SPK/{speaker}_{emotion}_{sentence}.flac and data.tsv."""
+    rows = ["file_id\temotion\traw_text\tnormalized_text\tspeaker_id\tgender\tage"]
+    for spk in speakers:
+        for emo in emotions:
+            for n in sentences:
+                (tone or _tone)(root / spk / f"{spk}_{emo}_{n}.flac")
+                rows.append(f"{spk}_{emo}_{n}.wav\t{emo}\tZdanie {n}.\tzdanie {n}\t{spk}\tfemale\t25")
+    (root / "data.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+def test_nemo_tree_with_its_data_tsv(tmp_path, caplog):
+    root = nemo_tree(tmp_path)
+    _tone(tmp_path / "IC0" / "IC0_anger.flac")  # not {speaker}_{emotion}_{sentence}: skipped with a warning
+    clips = nemo_clips(root)
+    assert {c.speaker for c in clips} == {"nemo-EB0", "nemo-IC0"}
+    assert sorted(c.label for c in clips if c.speaker == "nemo-EB0") == ["angry"] * 2 + ["happy"] * 2 + [
+        "neutral"] * 2 + ["sad"] * 2  # fear is not one of the four classes
+    assert load_corpus("nemo", root) == clips
+    assert "IC0_anger.flac" in caplog.text
+    # data.tsv disagreeing with a file name: the file is skipped, named
+    tsv = (root / "data.tsv").read_text().replace("EB0_neutral_1.wav\tneutral", "EB0_neutral_1.wav\tsadness")
+    (root / "data.tsv").write_text(tsv)
+    assert len(nemo_clips(root)) == len(clips) - 1 and "EB0_neutral_1.flac" in caplog.text
+    with pytest.raises(ParameterError, match="nEMO folder not found"):
+        nemo_clips(tmp_path / "nope")
+
+
+def test_default_nemo_root_from_the_environment(tmp_path, monkeypatch):
+    from models.datasets import default_corpus_root, default_nemo_root
+
+    monkeypatch.setenv("FEDSER_NEMO", str(tmp_path))
+    assert default_nemo_root() == tmp_path and default_corpus_root("nemo") == tmp_path
+    assert default_corpus_root("crema-d") is None
 
 
 def test_crema_d_tree(tmp_path):

@@ -1,0 +1,207 @@
+"""Cross-corpus experiments: why a model trained on one corpus fails on another, and leave-one-corpus-out.
+
+    python -m models.cross_corpus ablation --out docs/results/cross-corpus --seeds 0,1,2
+    python -m models.cross_corpus loco     --out docs/results/cross-corpus --seeds 0,1,2
+
+``ablation`` trains the CNN on RAVDESS (actors 1-18 train, 19-20 pick the epoch) once per variant and seed,
+changing one thing at a time from the bundled model's recipe, and scores each model on RAVDESS actors 21-24 and
+on all of nEMO (9 speakers, never trained on). ``loco`` trains on one corpus and tests on the other, both ways:
+RAVDESS-only (1-18 train, 19-20 validate) and nEMO-only (the six speakers other than IC0, MK0, TP0; one of them
+validates), each scored on the held-out speakers of its own corpus and on the whole other corpus. Named test
+speakers (RAVDESS 21-24, nEMO IC0, MK0, TP0) never train or validate. Every figure is a mean over seeds with its
+standard error (sd / sqrt(n)); ``results.jsonl`` keeps every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VARIANTS", "main"]
+
+BASE_FEATURES = {"kind": "logmel", "speaker_norm": True}  # the bundled model's features (fedser-train defaults)
+BASE_TRAIN = {"epochs": 40, "patience": 10}
+
+# name -> (what changes, FeatureConfig changes, TrainConfig changes)
+VARIANTS = {
+    "base": ("bundled recipe: log-mel, speaker norm, trim 30 dB, 300 frames", {}, {}),
+    "level": ("+ per-utterance level (gain) normalisation", {"utterance_norm": "level"}, {}),
+    "mean": ("+ per-utterance mean per band (CMN)", {"utterance_norm": "mean"}, {}),
+    "meanvar": ("+ per-utterance mean and variance per band", {"utterance_norm": "meanvar"}, {}),
+    "global-norm": ("training-set statistics instead of speaker norm", {"speaker_norm": False}, {}),
+    "frames-500": ("500 frames (5 s) instead of 300: no clip cut", {"max_frames": 500}, {}),
+    "no-trim": ("no silence trimming", {"trim_db": 0.0}, {}),
+    "mfcc": ("MFCC instead of log-mel", {"kind": "mfcc"}, {}),
+    "gain-aug": ("+ 2 copies per clip with random gain +-12 dB (no speed, no noise)", {},
+                 {"augmentation": {"copies": 2, "gain_db": (-12.0, 12.0), "speed": (1.0, 1.0),
+                                   "snr_db": (90.0, 90.0)}}),
+    "level+specaug": ("level normalisation + SpecAugment 2 masks", {"utterance_norm": "level"},
+                      {"spec_augment": 2}),
+}
+
+
+def _clips():
+    from models.datasets import default_nemo_root, default_ravdess_root, load_corpus
+
+    r, n = default_ravdess_root(), default_nemo_root()
+    if r is None or n is None:
+        raise SystemExit("needs ../shared/data/ravdess and ../shared/data/nemo (or $FEDSER_RAVDESS, $FEDSER_NEMO)")
+    return load_corpus("ravdess", r), load_corpus("nemo", n)
+
+
+def _configs(feat_changes: dict, train_changes: dict, seed: int):
+    from edge_sdk.features import FeatureConfig
+    from models.features import Augmentation
+    from models.train import TrainConfig
+
+    features = FeatureConfig(**{**BASE_FEATURES, **feat_changes})
+    train_changes = dict(train_changes)
+    aug = train_changes.pop("augmentation", None)
+    config = TrainConfig(**{**BASE_TRAIN, **train_changes}, seed=seed)
+    if aug:
+        config = replace(config, augmentation=Augmentation(**aug, seed=seed))
+    return features, config
+
+
+def _row(name: str, seed: int, report: dict) -> dict:
+    out = {"variant": name, "seed": seed, "epochs_run": report["epochs_run"], "best_val_uar": report["best_val_uar"]}
+    for corpus, t in report["test_by_corpus"].items():
+        out[corpus] = {"uar": t["uar"], "accuracy": t["accuracy"],
+                       "recall": {k: v["recall"] for k, v in t["per_class"].items()},
+                       "confusion_matrix": t["confusion_matrix"], "num_examples": t["num_examples"]}
+    return out
+
+
+def _mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def _fmt(values) -> str:
+    m, se = _mean_se(values)
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def _train(train, val, test, features, config, cache, out_dir=None, name=""):
+    from models.train import train_baseline
+
+    return train_baseline(train, val, test, features=features, config=config, cache_dir=cache, out_dir=out_dir,
+                          dataset_name=name, progress=False).report
+
+
+def ablation(args) -> list[dict]:
+    from models.datasets import split_by_speaker
+
+    ravdess, nemo = _clips()
+    rest, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
+    train, val = split_by_speaker(rest, ["ravdess-19", "ravdess-20"])
+    rows = []
+    for name in args.variants.split(","):
+        _, fch, tch = VARIANTS[name]
+        for seed in args.seeds:
+            features, config = _configs(fch, tch, seed)
+            report = _train(train, val, r_test + nemo, features, config, args.cache,
+                            name="RAVDESS 1-18 -> RAVDESS 21-24 + nEMO")
+            row = _row(name, seed, report)
+            rows.append(row)
+            logging.info("%s seed %d: RAVDESS 21-24 UAR %.3f, nEMO UAR %.3f recall %s", name, seed,
+                         row["ravdess"]["uar"], row["nemo"]["uar"], row["nemo"]["recall"])
+            with open(args.out / "results.jsonl", "a") as f:
+                f.write(json.dumps({"experiment": "ablation", **row}) + "\n")
+    return rows
+
+
+def ablation_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad")) -> str:
+    lines = ["| variant | what changes from the bundled recipe | seeds | RAVDESS 21-24 UAR | nEMO (all 9) UAR | "
+             + " | ".join(f"nEMO {lab} recall" for lab in labels) + " |", "| --- " * (5 + len(labels)) + "|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name]
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {','.join(str(r['seed']) for r in rs)} "
+                     f"| {_fmt([r['ravdess']['uar'] for r in rs])} | {_fmt([r['nemo']['uar'] for r in rs])} | "
+                     + " | ".join(_fmt([r["nemo"]["recall"][lab] for r in rs]) for lab in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def loco(args) -> list[dict]:
+    from models.compare import validation_speakers
+    from models.datasets import split_by_speaker
+
+    ravdess, nemo = _clips()
+    _, fch, tch = VARIANTS[args.variant]
+    rows = []
+    r_rest, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
+    n_rest, n_test = split_by_speaker(nemo, ["nemo-IC0", "nemo-MK0", "nemo-TP0"])
+    for seed in args.seeds:
+        features, config = _configs(fch, tch, seed)
+        # RAVDESS only: 1-18 train, 19-20 validate; tested on 21-24 and all of nEMO
+        train, val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
+        out_dir = args.export / f"seed{seed}" if args.export and seed == args.seeds[0] else None
+        rep = _train(train, val, r_test + nemo, features, config, args.cache, out_dir=out_dir,
+                     name="RAVDESS actors 1-18 (19-20 validate)")
+        rows.append({"experiment": "loco", "direction": "ravdess->nemo", "variant": args.variant,
+                     **_row(args.variant, seed, rep)})
+        # nEMO only: the six speakers other than IC0, MK0, TP0 (one validates); tested on IC0/MK0/TP0 and RAVDESS
+        val_spk = validation_speakers(n_rest, count=1, seed=seed)
+        train, val = split_by_speaker(n_rest, val_spk)
+        rep = _train(train, val, n_test + ravdess, features, config, args.cache, name="nEMO (6 speakers)")
+        rows.append({"experiment": "loco", "direction": "nemo->ravdess", "variant": args.variant, "val": val_spk,
+                     **_row(args.variant, seed, rep)})
+        with open(args.out / "results.jsonl", "a") as f:
+            for r in rows[-2:]:
+                f.write(json.dumps(r) + "\n")
+        logging.info("loco seed %d: %s", seed, [(r["direction"], r["ravdess"]["uar"], r["nemo"]["uar"])
+                                                 for r in rows[-2:]])
+    return rows
+
+
+def loco_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad")) -> str:
+    lines = ["| trained on | variant | seeds | tested on | UAR (mean ± SE) | accuracy | "
+             + " | ".join(f"{lab} recall" for lab in labels) + " |", "| --- " * (6 + len(labels)) + "|"]
+    for direction in ("ravdess->nemo", "nemo->ravdess"):
+        rs = [r for r in rows if r["direction"] == direction]
+        if not rs:
+            continue
+        src = "RAVDESS 1-18" if direction.startswith("ravdess") else "nEMO EB0, KD0, KS0, MP0, SM0, WR0"
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        tests = (("ravdess", "RAVDESS 21-24 (in-corpus)"), ("nemo", "**all of nEMO (unseen corpus)**")) \
+            if direction.startswith("ravdess") else \
+            (("nemo", "nEMO IC0, MK0, TP0 (in-corpus)"), ("ravdess", "**all of RAVDESS (unseen corpus)**"))
+        for corpus, title in tests:
+            lines.append(f"| {src} | {rs[0]['variant']} | {seeds} | {title} | {_fmt([r[corpus]['uar'] for r in rs])} "
+                         f"| {_fmt([r[corpus]['accuracy'] for r in rs])} | "
+                         + " | ".join(_fmt([r[corpus]["recall"][lab] for r in rs]) for lab in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.cross_corpus", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", choices=("ablation", "loco"))
+    p.add_argument("--out", type=Path, default=Path("docs/results/cross-corpus"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="ablation: which variants")
+    p.add_argument("--variant", default="level", help="loco: the recipe")
+    p.add_argument("--export", type=Path, default=None, help="loco: export the first seed's RAVDESS-only model here")
+    p.add_argument("--cache", type=Path, default=Path(".cache/features"))
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.experiment == "ablation":
+        rows = ablation(args)
+        (args.out / f"ablation-{'-'.join(map(str, args.seeds))}.md").write_text(ablation_markdown(rows))
+        print(ablation_markdown(rows))
+    else:
+        rows = loco(args)
+        (args.out / f"loco-{args.variant}.md").write_text(loco_markdown(rows))
+        print(loco_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
