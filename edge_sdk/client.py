@@ -8,6 +8,7 @@ machine-readable reason, so callers decide between retrying and giving up.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from edge_sdk.errors import ServerError
+from edge_sdk.errors import ParameterError, ServerError
 from edge_sdk.wire import REQUEST_HEADERS, request_signing_message
 
 log = logging.getLogger("edge_sdk")
@@ -23,6 +24,8 @@ log = logging.getLogger("edge_sdk")
 __all__ = ["ServerClient", "API_PREFIX"]
 
 API_PREFIX = "/api/v1"
+DEFAULT_DEADLINE = 300.0  # seconds for one whole request, body included (the per-read timeout is `timeout`)
+MAX_RESPONSE_BYTES = 16 << 20  # any reply but a model file (those are bounded by the manifest's size)
 
 
 class ServerClient:
@@ -33,7 +36,11 @@ class ServerClient:
     base_url : str
         ``http://host:port`` of the aggregator.
     timeout : float
-        Seconds per request.
+        Seconds one socket read may wait.
+    deadline : float
+        Seconds one whole request may take, body included (a server that drips bytes is cut off).
+    max_response_bytes : int
+        Longest reply read, except model files, which :meth:`get_blob` bounds by the manifest's size.
     device_id, sign : str, callable
         Once enrolled: requests without a signed body (manifest, model files)
         carry the device id, a timestamp and an Ed25519 signature over
@@ -41,9 +48,14 @@ class ServerClient:
     """
 
     def __init__(self, base_url: str, *, timeout: float = 30.0, session: requests.Session | None = None,
-                 device_id: str | None = None, sign: Callable[[bytes], bytes] | None = None) -> None:
+                 device_id: str | None = None, sign: Callable[[bytes], bytes] | None = None,
+                 deadline: float = DEFAULT_DEADLINE, max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        if not (timeout > 0 and deadline > 0 and max_response_bytes > 0):
+            raise ParameterError("timeout, deadline and max_response_bytes must be positive")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.deadline = deadline
+        self.max_response_bytes = max_response_bytes
         self.session = session or requests.Session()
         self.device_id, self.sign = device_id, sign
 
@@ -63,28 +75,51 @@ class ServerClient:
             path = API_PREFIX + path
         return self.base_url + path
 
-    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+    def _request(self, method: str, path: str, *, max_bytes: int | None = None,
+                 **kwargs) -> tuple[requests.Response, bytes]:
+        """``(response, body)``; the body is read in full but never past ``max_bytes`` (default
+        ``max_response_bytes``) nor past ``deadline`` seconds from the start of the request."""
         url = self.url(path)
+        limit = self.max_response_bytes if max_bytes is None else max_bytes
+        started = time.monotonic()
         if method == "GET":
             kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth_headers(method, url)}
         try:
-            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            # Each socket read waits at most the time left, so a server that stalls cannot outlast the deadline
+            # by more than one read; one that drips bytes is stopped between reads below.
+            per_read = min(self.timeout, self.deadline)
+            resp = self.session.request(method, url, timeout=(per_read, per_read), stream=True, **kwargs)
         except requests.RequestException as exc:
             raise ServerError(f"cannot reach the aggregator at {url}: {exc}", status=None,
                               reason="unreachable") from exc
+        try:
+            body = _read_body(resp, url, limit, started + self.deadline, self.deadline)
+        finally:
+            resp.close()
         if resp.status_code >= 400:
-            reason, detail = "http_error", resp.text[:300]
+            reason, detail = "http_error", body[:300].decode("utf-8", "replace")
             try:
-                body = resp.json()
-                reason, detail = body.get("error", reason), body.get("detail", detail)
-            except ValueError:
+                doc = json.loads(body)
+                reason, detail = doc.get("error", reason), doc.get("detail", detail)
+            except (ValueError, AttributeError):
                 pass
             raise ServerError(
                 f"{method} {url} was refused with HTTP {resp.status_code} ({reason}): {detail}",
                 status=resp.status_code,
                 reason=reason,
             )
-        return resp
+        return resp, body
+
+    @staticmethod
+    def _json(url: str, body: bytes) -> dict:
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ServerError(f"{url} answered with a body that is not JSON: {exc}", status=None,
+                              reason="bad_reply") from exc
+        if not isinstance(doc, dict):
+            raise ServerError(f"{url} answered with JSON that is not an object", status=None, reason="bad_reply")
+        return doc
 
     def enroll(self, *, token: str, public_key: str, name: str = "") -> dict:
         """Register this device's public key with a one-time token.
@@ -92,22 +127,49 @@ class ServerClient:
         Returns the server's JSON: ``device_id``, ``server_public_key`` (base64)
         and ``manifest`` (the signed current manifest document, or null).
         """
-        return self._request("POST", "/devices/enroll", json={"token": token, "public_key": public_key,
-                                                               "name": name}).json()
+        _, body = self._request("POST", "/devices/enroll", json={"token": token, "public_key": public_key,
+                                                                  "name": name})
+        return self._json(self.url("/devices/enroll"), body)
 
     def post_update(self, envelope: bytes) -> dict:
-        resp = self._request(
+        _, body = self._request(
             "POST", "/updates", data=envelope, headers={"Content-Type": "application/octet-stream"}
         )
-        return resp.json()
+        return self._json(self.url("/updates"), body)
 
     def get_manifest(self, etag: str | None = None) -> tuple[bytes | None, str | None]:
         """Current signed manifest bytes and ETag; ``(None, etag)`` when unchanged (HTTP 304)."""
         headers = {"If-None-Match": etag} if etag else {}
-        resp = self._request("GET", "/manifest", headers=headers)
+        resp, body = self._request("GET", "/manifest", headers=headers)
         if resp.status_code == 304:
             return None, etag
-        return resp.content, resp.headers.get("ETag")
+        return body, resp.headers.get("ETag")
 
-    def get_blob(self, url: str) -> bytes:
-        return self._request("GET", url).content
+    def get_blob(self, url: str, *, size: int | None = None) -> bytes:
+        """The file at ``url``; with ``size`` (the manifest's), refused as soon as it would be longer."""
+        return self._request("GET", url, max_bytes=size)[1]
+
+
+def _read_body(resp: requests.Response, url: str, limit: int, deadline_at: float, deadline: float) -> bytes:
+    """Read ``resp``'s body, stopping past ``limit`` bytes or at ``deadline_at`` (time.monotonic)."""
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise ServerError(f"{url} announces {int(declared)} bytes; at most {limit} are expected", status=None,
+                          reason="too_large")
+    read1 = getattr(resp.raw, "read1", None)  # urllib3 2: returns what has arrived, so the clock is checked often
+    chunks, total = [], 0
+    while True:
+        if time.monotonic() > deadline_at:
+            raise ServerError(f"{url} did not finish within {deadline:g} s ({total} bytes came)", status=None,
+                              reason="deadline")
+        try:
+            chunk = read1(65536, decode_content=True) if read1 else resp.raw.read(8192, decode_content=True)
+        except Exception as exc:  # socket, urllib3 (protocol, read timeout) and requests errors alike
+            raise ServerError(f"reading {url} failed after {total} bytes: {exc}", status=None,
+                              reason="unreachable") from exc
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise ServerError(f"{url} sent more than the {limit} bytes expected", status=None, reason="too_large")
+        chunks.append(chunk)
