@@ -5,6 +5,7 @@
     fedser-edge [--state DIR] classify FILE [FILE ...]
     fedser-edge [--state DIR] feedback PREDICTION_ID up|down|LABEL
     fedser-edge [--state DIR] train | sync | status | devices
+    fedser-edge [--state DIR] doctor [--json] [--no-audio]   checks the install, says how to fix each problem
     fedser-edge [--state DIR] export-data [--out FILE] | wipe-data --yes
 
 The state folder defaults to ``$FEDSER_STATE_DIR`` or ``~/.local/share/fedser``;
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplier", type=float, default=None, help="Gaussian noise std / clip norm")
     sub.add_parser("status", help="what this device holds")
     sub.add_parser("devices", help="list audio input devices")
+    from edge_sdk.doctor import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub)
     p = sub.add_parser("export-data", help="write everything stored about you as JSON")
     p.add_argument("--out", type=Path, default=None, help="file (default: standard output)")
     p = sub.add_parser("wipe-data", help="delete your predictions, answers and pending updates")
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "doctor":  # before the config is loaded: a broken config is one of its findings
+        from edge_sdk import doctor
+
+        return doctor.main(args)
     from edge_sdk.config import load_config
     from edge_sdk.device import Device, PrivacyPolicy, TrainPolicy
 

@@ -16,8 +16,9 @@ fi
 # Debian packages: venv support and PortAudio (the microphone backend of sounddevice); for the tests,
 # Chromium (headless, the web pages) and PulseAudio with ALSA's pulse plugin (a null sink stands in for a
 # microphone, so the capture path runs through the real PortAudio stack); systemd for systemd-analyze, which
-# checks the units in deploy/ (it does not need systemd running).
-DEB_PACKAGES=(python3-venv libportaudio2 chromium pulseaudio pulseaudio-utils libasound2-plugins systemd)
+# checks the units in deploy/ (it does not need systemd running); faketime sets a wrong clock for one process
+# (fedser-edge doctor's clock check).
+DEB_PACKAGES=(python3-venv libportaudio2 chromium pulseaudio pulseaudio-utils libasound2-plugins systemd faketime)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
