@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "ConfigError", "DEFAULTS"]
 
 log = logging.getLogger("aggregator")
 
@@ -30,21 +31,31 @@ DEFAULTS = {
     "BACKGROUND_INTERVAL": 2.0,  # seconds between deadline checks in each worker
     # aggregation (aggregator.rounds.RoundPolicy)
     "AGGREGATION": "fedavg",  # fedavg | median | trimmed_mean
-    "TRIM_FRACTION": 0.1,
+    "TRIM_FRACTION": 0.1,  # trimmed_mean cuts floor(f * N) per end, at least 1 when N >= 3 (fedavg.trim_count)
     "CLIP_NORM": 0.0,  # > 0: scale each delta down to this L2 norm before aggregating
     "SERVER_OPTIMIZER": "sgd",  # sgd (FedAvg) | fedavgm | fedadam | fedyogi
-    "SERVER_LR": 1.0,
+    "SERVER_LR": None,  # None: 1.0 for sgd and fedavgm, 0.01 for fedadam and fedyogi (fedavg.DEFAULT_SERVER_LR)
     "SERVER_MOMENTUM": 0.9,
     "SERVER_BETA1": 0.9,
     "SERVER_BETA2": 0.99,
     "SERVER_TAU": 1e-3,
-    "STALENESS_LIMIT": 0,  # accept updates up to this many versions behind the current one
+    "STALENESS_LIMIT": 1,  # accept updates up to this many versions behind the current one (a device that
+    # trained while a round closed still counts) ...
     "STALENESS_EXPONENT": 0.5,  # ... weighted n / (1 + staleness) ** exponent
+    # FedAvg weight of an update: its self-reported example count, capped (0: no cap) at this many examples ...
+    "MAX_EXAMPLES_WEIGHT": 1000.0,
+    # ... and at this multiple of the round's (lower) median count, so that no device buys the round with a count
+    "MAX_EXAMPLES_WEIGHT_OVER_MEDIAN": 2.0,
     # intake
     "MAX_UPDATE_L2_NORM": 100.0,
     "MAX_CONTENT_LENGTH": 8 * 1024 * 1024,  # bytes of a request body; larger gets 413
     "RATE_LIMIT_PER_HOUR": 120,  # posts (accepted or refused) per device per hour; 0: no limit
     "REQUEST_MAX_SKEW": 300.0,  # seconds a signed device request's timestamp may be off
+    # refusals and retention (aggregator.retention; `fedser-aggregator prune` applies them)
+    "REFUSAL_AUDIT_UNAUTH_PER_MINUTE": 60,  # audit rows of unauthenticated refusals kept a minute (-1: all)
+    "RETENTION_REFUSAL_DAYS": 30.0,  # audit rows older than this are pruned (0: kept forever); counts stay
+    "RETENTION_UPDATE_BODY_DAYS": 7.0,  # bodies of accepted updates, this long after their round closed
+    "RETENTION_BLOB_DAYS": 7.0,  # model files no version references, this long after they were written
     "ENROLLMENT_TOKEN_TTL": 24 * 3600,
     # validation gate (aggregator.validation): a manifest CSV path,speaker,label on the server
     "VALIDATION_MANIFEST": None,
@@ -53,19 +64,39 @@ DEFAULTS = {
 }
 
 
-def _env_overrides() -> dict:
-    out = {}
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and what it should be."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _from_env(config) -> None:
+    """``FEDSER_*`` variables through Flask's ``config.from_prefixed_env("FEDSER")``, typed by :data:`DEFAULTS`.
+
+    Flask reads every ``FEDSER_<KEY>`` (and ``FEDSER_<KEY>__<SUB>`` into a dict setting); each value is kept as
+    the string it is, then converted to the type of the key's default: so ``FEDSER_ADMIN_TOKEN=0123`` stays
+    ``"0123"`` (Flask's default JSON reading would make it 123), and ``FEDSER_ROUND_MIN_UPDATES=two`` is a
+    :class:`ConfigError` naming the variable instead of a traceback. Keys without a typed default stay strings.
+    """
+    config.from_prefixed_env("FEDSER", loads=str)
     for key, default in DEFAULTS.items():
-        value = os.environ.get(f"FEDSER_{key}")
-        if value is None:
+        raw = os.environ.get(f"FEDSER_{key}")
+        if raw is None or default is None or isinstance(default, str):
             continue
+        value = raw.strip().lower()
         if isinstance(default, bool):
-            out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            if value not in _TRUE + _FALSE:
+                raise ConfigError(f"FEDSER_{key}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+            config[key] = value in _TRUE
         elif isinstance(default, (int, float)):
-            out[key] = type(default)(value)
-        else:
-            out[key] = value
-    return out
+            try:
+                config[key] = type(default)(value)
+                if not math.isfinite(config[key]):
+                    raise ValueError(value)
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise ConfigError(f"FEDSER_{key}={raw!r}: expected {kind} (default {default!r})") from None
 
 
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
@@ -75,7 +106,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
                 instance_relative_config=True)
     app.config.from_mapping(DEFAULTS)
     app.config.from_file("config.json", load=json.load, silent=True)
-    app.config.update(_env_overrides())
+    _from_env(app.config)
     if test_config:
         app.config.update(test_config)
     inst = Path(app.instance_path)
@@ -108,6 +139,9 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     from aggregator import observability, openapi
 
     observability.install(app)
+    from aggregator.cli import register_flask_commands
+
+    register_flask_commands(app)  # `flask --app aggregator status` and the rest of fedser-aggregator's commands
     openapi.install(app)
 
     @app.errorhandler(HTTPException)

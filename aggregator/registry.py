@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from aggregator.db import ModelVersion, Round
+from aggregator.db import ModelVersion, Round, Update
 from edge_sdk.errors import ModelError
 from edge_sdk.manifest import BlobRef, Manifest, SignedManifest
 from edge_sdk.model import ModelMetadata
@@ -79,9 +79,24 @@ def publish_version(
 ) -> Manifest:
     """Sign and record a new version, make it current, open its first round.
 
+    A round still open on the version this one replaces (an upload or a rollback published while devices
+    were posting) is closed as ``superseded``: its updates are deltas of a head that is no longer served,
+    so they are kept on record, counted in the round row, and never aggregated; their devices pull the new
+    version and send a new update for it. At most one round is open at any time.
+
     Runs inside the caller's transaction: nothing is visible until it commits,
     and a crash before the commit leaves at most an unreferenced blob.
     """
+    now = time.time()
+    # First, so that a concurrent close holding the open round's row makes this wait for its commit (and its
+    # version number) instead of racing it to the same number.
+    for rnd in session.scalars(select(Round).where(Round.status == "open").with_for_update()):
+        count, examples = session.execute(select(func.count(), func.coalesce(func.sum(Update.num_examples), 0))
+                                          .where(Update.round_id == rnd.id)).one()
+        rnd.status, rnd.closed_at, rnd.num_updates, rnd.num_examples = "superseded", now, count, int(examples)
+        rnd.note = (f"superseded: a new version was published ({note or 'round close'}) while this round was "
+                    f"open; its {count} updates were not aggregated")[:500]
+        log.warning("round %d superseded with %d updates by a new version (%s)", rnd.id, count, note)
     head_ref = blobs.put(pack_arrays(metadata.head_layout, head))
     latest = session.scalars(select(ModelVersion.version).order_by(ModelVersion.version.desc())).first()
     version = (latest or 0) + 1
@@ -94,7 +109,6 @@ def publish_version(
                              signed_manifest=signed.to_bytes(), created_at=time.time(), is_current=True,
                              optimizer_state_sha256=optimizer_state_sha256, note=note))
     session.flush()
-    now = time.time()
     session.add(Round(base_version=version, status="open", opened_at=now,
                       deadline_at=now + deadline_seconds if deadline_seconds else None))
     log.info("published model version %d (parent %s, round %s)", version, parent_version, round_id)

@@ -6,18 +6,20 @@ before the commit leaves the round open with every update in it; after the
 commit it is closed exactly once. A second worker racing to close the same
 round finds it no longer open and does nothing.
 
-How the deltas are combined is a :class:`RoundPolicy` (from the app config):
-example-weighted FedAvg (streamed: memory does not grow with the number of
-updates), or a coordinate-wise median / trimmed mean (in coordinate blocks of
-bounded memory); optional per-update norm clipping; staleness down-weighting;
-and a server optimizer (SGD = FedAvg, FedAvgM, FedAdam, FedYogi) whose state
-is kept per version, server side.
+How the deltas are combined is a :class:`RoundPolicy` (from the app config),
+applied by the pure functions of :mod:`aggregator.fedavg` (the one aggregation
+path): example-weighted FedAvg with each self-reported count capped
+(``MAX_EXAMPLES_WEIGHT``, ``MAX_EXAMPLES_WEIGHT_OVER_MEDIAN``) and staleness
+down-weighting, streamed (memory does not grow with the number of updates), or
+a coordinate-wise median / trimmed mean (in coordinate blocks of bounded
+memory); optional per-update norm clipping; and a server optimizer (SGD =
+FedAvg, FedAvgM, FedAdam, FedYogi) whose state is kept per version, server side.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from aggregator.db import ModelVersion, Round, Update
-from aggregator.fedavg import (
-    FlatWeightedMean,
-    ServerOptimizer,
-    robust_aggregate_flat,
-    staleness_weight,
-    unflatten,
-)
+from aggregator.fedavg import AGGREGATION_METHODS, ServerOptimizer, aggregate, aggregation_weights, unflatten
 from aggregator.registry import BlobStore, head_arrays, load_manifest, publish_version
 from edge_sdk.signing import SigningKey
 from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays, unpack_arrays
@@ -42,8 +38,6 @@ log = logging.getLogger("aggregator")
 
 __all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "open_round_and_version", "due_round",
            "AGGREGATION_METHODS"]
-
-AGGREGATION_METHODS = ("fedavg", "median", "trimmed_mean")
 
 
 @dataclass(frozen=True)
@@ -77,6 +71,10 @@ class RoundPolicy:
     optimizer : ServerOptimizer
     staleness_exponent : float
         An update ``s`` versions behind weighs ``n / (1 + s) ** exponent``.
+    max_examples_weight : float
+        An update's self-reported example count weighs at most this much (0: no absolute cap).
+    max_examples_weight_over_median : float
+        ... and at most this multiple of the round's (lower) median count (0: no relative cap).
     memory_bytes : int
         Bound of the coordinate blocks of the robust methods.
     """
@@ -87,6 +85,8 @@ class RoundPolicy:
     clip_norm: float = 0.0
     optimizer: ServerOptimizer = ServerOptimizer()
     staleness_exponent: float = 0.5
+    max_examples_weight: float = 1000.0
+    max_examples_weight_over_median: float = 2.0
     memory_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
@@ -94,6 +94,10 @@ class RoundPolicy:
             raise ValueError(f"unknown aggregation method {self.method!r}; choose one of {AGGREGATION_METHODS}")
         if self.min_updates < 1:
             raise ValueError("min_updates must be at least 1")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"TRIM_FRACTION must be in [0, 0.5), got {self.trim_fraction}")
+        if self.max_examples_weight < 0 or self.max_examples_weight_over_median < 0 or self.clip_norm < 0:
+            raise ValueError("MAX_EXAMPLES_WEIGHT, MAX_EXAMPLES_WEIGHT_OVER_MEDIAN and CLIP_NORM must be >= 0")
 
     @classmethod
     def from_config(cls, cfg, *, min_updates: int | None = None) -> RoundPolicy:
@@ -101,13 +105,18 @@ class RoundPolicy:
             min_updates=int(min_updates if min_updates is not None else cfg["ROUND_MIN_UPDATES"]),
             method=str(cfg["AGGREGATION"]), trim_fraction=float(cfg["TRIM_FRACTION"]),
             clip_norm=float(cfg["CLIP_NORM"]), staleness_exponent=float(cfg["STALENESS_EXPONENT"]),
-            optimizer=ServerOptimizer(kind=str(cfg["SERVER_OPTIMIZER"]), lr=float(cfg["SERVER_LR"]),
+            max_examples_weight=float(cfg["MAX_EXAMPLES_WEIGHT"]),
+            max_examples_weight_over_median=float(cfg["MAX_EXAMPLES_WEIGHT_OVER_MEDIAN"]),
+            optimizer=ServerOptimizer(kind=str(cfg["SERVER_OPTIMIZER"]),
+                                      lr=None if cfg.get("SERVER_LR") in (None, "") else float(cfg["SERVER_LR"]),
                                       momentum=float(cfg["SERVER_MOMENTUM"]), beta1=float(cfg["SERVER_BETA1"]),
                                       beta2=float(cfg["SERVER_BETA2"]), tau=float(cfg["SERVER_TAU"])))
 
     def describe(self) -> dict:
         return {"method": self.method, "trim_fraction": self.trim_fraction, "clip_norm": self.clip_norm,
-                "optimizer": self.optimizer.kind, "server_lr": self.optimizer.lr}
+                "optimizer": self.optimizer.kind, "server_lr": self.optimizer.lr,
+                "max_examples_weight": self.max_examples_weight,
+                "max_examples_weight_over_median": self.max_examples_weight_over_median}
 
 
 def open_round(session: Session) -> Round | None:
@@ -146,17 +155,16 @@ def _optimizer_layout(layout: HeadLayout, kind: str) -> HeadLayout | None:
     return HeadLayout([ArraySpec(f"{p}.{s.name}", s.shape) for p in prefixes for s in layout])
 
 
-# Fault injection for the crash-safety test: seconds to sleep after aggregating, before the commit.
-_CRASH_PAUSE_ENV = "FEDSER_TEST_PAUSE_BEFORE_CLOSE_COMMIT"
-
-
 def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: int, *,
-                policy: RoundPolicy = RoundPolicy(), gate: Callable | None = None) -> CloseResult:
+                policy: RoundPolicy = RoundPolicy(), gate: Callable | None = None,
+                before_commit: Callable[[int], None] | None = None) -> CloseResult:
     """Aggregate round ``round_id`` and publish the result; commits on success.
 
     ``gate(manifest, new_head)`` may refuse the candidate: it returns
     ``(ok, detail dict)``. A refused round is marked ``rejected`` (its updates
     stay on record, counted once) and a new round opens on the same version.
+    ``before_commit(round_id)`` runs after the new version is written and
+    before the commit (the crash tests' fault injection; None in production).
     """
     claimed = session.execute(
         update(Round).where(Round.id == round_id, Round.status == "open").values(status="closing")
@@ -171,35 +179,35 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
     shapes = {s.name: tuple(s.shape) for s in layout}
 
     total = sum(int(np.prod(s.shape)) if s.shape else 1 for s in layout)
-
-    def stream():
-        """Each update as one flat float32 vector (the body is the layout's arrays, little-endian, in order)."""
-        rows = session.execute(
-            select(Update.body, Update.num_examples, Update.base_version).where(Update.round_id == round_id)
-            .execution_options(yield_per=256))  # storage order: the float64 sum makes order immaterial
-        for body, n, base_version in rows:
-            vec = np.frombuffer(body, "<f4", count=total)
-            if policy.clip_norm > 0:
-                v64 = vec.astype(np.float64)
-                norm = float(np.sqrt(np.dot(v64, v64)))
-                if norm > policy.clip_norm:
-                    vec = vec * np.float32(policy.clip_norm / norm)
-            yield vec, n, rnd.base_version - base_version
-
-    mean, examples = FlatWeightedMean(total), 0
-    for vec, n, staleness in stream():  # one update in memory at a time
-        mean.add(vec, staleness_weight(n, staleness, policy.staleness_exponent))
-        examples += n
-    if mean.count < policy.min_updates:
+    # Every pass reads the updates in one order (their key), so that the k-th body gets the k-th weight.
+    counts = session.execute(select(Update.num_examples, Update.base_version).where(Update.round_id == round_id)
+                             .order_by(Update.update_id)).all()
+    if len(counts) < policy.min_updates:
         session.rollback()
-        return CloseResult(round_id, False, f"{mean.count} updates, at least {policy.min_updates} needed",
-                           num_updates=mean.count)
-    if policy.method == "fedavg":
-        aggregate = unflatten(mean.result(), shapes)
-    else:
-        aggregate = unflatten(robust_aggregate_flat(lambda: (v for v, _, _ in stream()), total, method=policy.method,
-                                                    trim_fraction=policy.trim_fraction,
-                                                    memory_bytes=policy.memory_bytes), shapes)
+        return CloseResult(round_id, False, f"{len(counts)} updates, at least {policy.min_updates} needed",
+                           num_updates=len(counts))
+    examples = sum(int(n) for n, _ in counts)
+    weights, capped = aggregation_weights([n for n, _ in counts], [rnd.base_version - b for _, b in counts],
+                                          max_examples=policy.max_examples_weight,
+                                          median_multiple=policy.max_examples_weight_over_median,
+                                          staleness_exponent=policy.staleness_exponent)
+
+    def bodies():
+        """Each update as one flat float32 vector (the body is the layout's arrays, little-endian, in order)."""
+        rows = session.execute(select(Update.body).where(Update.round_id == round_id).order_by(Update.update_id)
+                               .execution_options(yield_per=256))
+        for (body,) in rows:  # one update in memory at a time
+            yield np.frombuffer(body, "<f4", count=total)
+
+    agg = aggregate(bodies, weights, total, method=policy.method, clip_norm=policy.clip_norm,
+                    trim_fraction=policy.trim_fraction, memory_bytes=policy.memory_bytes)
+    num_updates = agg.num_updates
+    if capped:
+        agg.notes.append(f"{capped} of {num_updates} updates claimed more examples than the cap and were "
+                         "weighed at the cap")
+    for note in agg.notes:
+        log.warning("round %d: %s", round_id, note)
+    aggregate_arrays = unflatten(agg.delta, shapes)
     state = {}
     opt_layout = _optimizer_layout(layout, policy.optimizer.kind)
     if base_row.optimizer_state_sha256 and opt_layout is not None:
@@ -207,23 +215,29 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
             state = unpack_arrays(opt_layout, blobs.get(base_row.optimizer_state_sha256))
         except Exception as exc:  # another optimizer's state (the config changed): start afresh
             log.warning("optimizer state of version %d unusable (%s); starting from zero", base_row.version, exc)
-    new_head, new_state = policy.optimizer.step(head_arrays(blobs, manifest), aggregate, state)
+    new_head, new_state = policy.optimizer.step(head_arrays(blobs, manifest), aggregate_arrays, state)
     validation = {}
     if gate is not None:
         ok, validation = gate(manifest, new_head)
         if not ok:
             now = time.time()
-            rnd.status, rnd.closed_at, rnd.num_updates, rnd.num_examples = "rejected", now, mean.count, examples
+            rnd.status, rnd.closed_at, rnd.num_updates, rnd.num_examples = "rejected", now, num_updates, examples
             rnd.note = validation.get("reason", "refused by the validation gate")[:500]
+            rnd.gate_report = json.dumps(validation, default=str)[:20000]  # the figures, for the console
             session.add(Round(base_version=rnd.base_version, status="open", opened_at=now,
                               deadline_at=(now + (rnd.deadline_at - rnd.opened_at)) if rnd.deadline_at else None))
             session.commit()
             log.warning("round %d rejected by the validation gate: %s", round_id, rnd.note)
-            return CloseResult(round_id, True, rnd.note, mean.count, examples, None, True, validation)
+            return CloseResult(round_id, True, rnd.note, num_updates, examples, None, True, validation)
     state_sha = blobs.put(pack_arrays(opt_layout, new_state)).sha256 if opt_layout is not None else None
-    metrics = {"round_updates": mean.count, "round_examples": examples, "aggregation": policy.describe(),
+    metrics = {"round_updates": num_updates, "round_examples": examples, "aggregation": policy.describe(),
+               "capped_counts": capped, "clipped_updates": agg.clipped,
                "base_test": manifest.metrics.get("base_test") or {
                    k: manifest.metrics[k] for k in ("accuracy", "uar", "macro_f1") if k in manifest.metrics}}
+    if agg.trimmed_per_end is not None:
+        metrics["trimmed_per_end"] = agg.trimmed_per_end
+    if agg.notes:
+        metrics["notes"] = agg.notes
     if validation:
         metrics["validation"] = validation
     new = publish_version(
@@ -232,12 +246,11 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
         optimizer_state_sha256=state_sha,
         deadline_seconds=(rnd.deadline_at - rnd.opened_at) if rnd.deadline_at else None,
     )
-    pause = float(os.environ.get(_CRASH_PAUSE_ENV, "0") or 0)
-    if pause > 0:
-        log.warning("pausing %.1f s before committing the close of round %d (%s)", pause, round_id, _CRASH_PAUSE_ENV)
-        time.sleep(pause)
+    if before_commit is not None:
+        before_commit(round_id)
     rnd.status, rnd.closed_at = "closed", time.time()
-    rnd.num_updates, rnd.num_examples, rnd.published_version = mean.count, examples, new.version
+    rnd.num_updates, rnd.num_examples, rnd.published_version = num_updates, examples, new.version
+    rnd.note = "; ".join(agg.notes)[:500]
     session.commit()
-    log.info("closed round %d: %d updates, %d examples -> version %d", round_id, mean.count, examples, new.version)
-    return CloseResult(round_id, True, "", mean.count, examples, new.version, False, validation)
+    log.info("closed round %d: %d updates, %d examples -> version %d", round_id, num_updates, examples, new.version)
+    return CloseResult(round_id, True, "", num_updates, examples, new.version, False, validation)

@@ -37,7 +37,33 @@ def close(session, round_id: int, *, min_updates: int | None = None, app: Flask 
     app = app or current_app
     ext = app.extensions
     return close_round(session, ext["fedser_blobs"], ext["fedser_server_key"], round_id,
-                       policy=round_policy(app, min_updates=min_updates), gate=validation_gate(app))
+                       policy=round_policy(app, min_updates=min_updates), gate=validation_gate(app),
+                       before_commit=_test_pause(app))
+
+
+def _test_pause(app: Flask):
+    """The crash tests' fault injection, or None (always, in production).
+
+    Set only through the instance's ``config.json`` (or ``test_config``): ``TEST_PAUSE_BEFORE_CLOSE_COMMIT``
+    seconds to sleep after a close wrote its new version and before it commits, and ``TEST_PAUSE_MARKER``, a
+    file written when the pause begins so that a test waits on it instead of guessing with a sleep. Neither
+    is a ``DEFAULTS`` key (nothing documents or defaults them); the tests write them into ``config.json``.
+    """
+    seconds = float(app.config.get("TEST_PAUSE_BEFORE_CLOSE_COMMIT") or 0)
+    if seconds <= 0:
+        return None
+    marker = app.config.get("TEST_PAUSE_MARKER")
+
+    def pause(round_id: int) -> None:
+        log.warning("test fault injection: pausing %.1f s before committing the close of round %d", seconds,
+                    round_id)
+        if marker:
+            from edge_sdk.storage import atomic_write
+
+            atomic_write(marker, str(round_id).encode())
+        time.sleep(seconds)
+
+    return pause
 
 
 def close_due_round(app: Flask, session) -> CloseResult | None:

@@ -38,11 +38,20 @@ def per_architecture_setups() -> list[tuple[str, dict]]:
             ("federated, one emotion per device", {**ONE_EMOTION})]
 
 
+# The attackers send sign-flipped deltas and claim the most examples an update may (edge_sdk.wire's
+# MAX_NUM_EXAMPLES): with the example count as the FedAvg weight, uncapped, they would be the whole round. The
+# aggregator runs on its default settings (its update norm limit too); "caps off" turns the weight caps off.
+INFLATED = {"partition": "speaker", "attack_fraction": 0.1, "attack": "signflip", "attack_examples": 1_000_000,
+            "max_update_norm": 100.0}
+
+
 def extra_setups(short: bool) -> list[tuple[str, dict]]:
+    inflated = ("attack (sign flip, 10^6 examples claimed), FedAvg defaults", INFLATED)
     if short:
         return [("attack (scale x20), FedAvg", {"partition": "speaker", "attack_fraction": 0.1}),
                 ("attack (scale x20), median", {"partition": "speaker", "attack_fraction": 0.1,
-                                                "aggregation": "median"})]
+                                                "aggregation": "median"}),
+                inflated]
     attacks = [(f"attack ({kind}), {label}", {"partition": "speaker", "attack_fraction": 0.1, "attack": attack, **over})
                for kind, attack in (("scale x20", "scale"), ("sign flip", "signflip"))
                for label, over in (("FedAvg", {}), ("median", {"aggregation": "median"}),
@@ -57,6 +66,9 @@ def extra_setups(short: bool) -> list[tuple[str, dict]]:
             ("one emotion per device, utterance-normalised", {**ONE_EMOTION, **UTTERANCE_NORM}),
             ("by speaker, no replay set", {"partition": "speaker", "replay_weight": 0.0}),
             *attacks,
+            inflated,
+            ("attack (sign flip, 10^6 examples claimed), FedAvg, caps off",
+             {**INFLATED, "max_examples_weight": 0.0, "max_examples_weight_over_median": 0.0}),
             ("by speaker, thumbs-up/down only", {"partition": "speaker", "down_rate": 1.0}),
             *[(f"random split ({n})", {"partition": "random", "devices": n}) for n in (2, 10, 20)]]
 

@@ -1,104 +1,143 @@
-"""Aggregation on hand-computed arrays."""
+"""The one aggregation path (aggregator.fedavg, what aggregator.rounds runs) on hand-computed arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from aggregator import DEFAULTS
 from aggregator.fedavg import (
+    DEFAULT_SERVER_LR,
     ServerOptimizer,
-    WeightedMean,
-    apply_delta,
-    clip_by_norm,
-    coordinate_median,
-    flatten,
+    aggregate,
+    aggregation_weights,
+    clip_vector,
     l2_norm,
-    robust_aggregate,
-    staleness_weight,
-    trimmed_mean,
-    weighted_average,
+    trim_count,
+    unflatten,
 )
 
 
-def test_weighted_average_by_hand():
-    a = {"w": np.array([1.0, 2.0]), "b": np.array([0.0])}
-    b = {"w": np.array([3.0, -2.0]), "b": np.array([4.0])}
-    out = weighted_average([(a, 1), (b, 3)])
-    # w: (1*1 + 3*3)/4 = 2.5, (2*1 + -2*3)/4 = -1 ; b: (0 + 12)/4 = 3
-    np.testing.assert_array_equal(out["w"], [2.5, -1.0])
-    np.testing.assert_array_equal(out["b"], [3.0])
-    assert out["w"].dtype == np.float32
-
-
-def test_streaming_equals_batch(rng):
-    deltas = [({"w": rng.normal(size=(4, 3))}, int(n)) for n in rng.integers(1, 50, size=20)]
-    acc = WeightedMean()
-    for d, n in deltas:
-        acc.add(d, n)
-    expected = sum(d["w"] * n for d, n in deltas) / sum(n for _, n in deltas)
-    np.testing.assert_allclose(acc.result()["w"], expected, rtol=1e-6)
-    assert acc.count == 20
-
-
-def test_mismatched_or_empty_inputs_are_errors():
-    acc = WeightedMean()
-    with pytest.raises(ValueError, match="no deltas"):
-        acc.result()
-    acc.add({"w": np.zeros(2)}, 1)
-    with pytest.raises(ValueError, match="differ"):
-        acc.add({"v": np.zeros(2)}, 1)
-    with pytest.raises(ValueError, match="shape"):
-        acc.add({"w": np.zeros(3)}, 1)
-    with pytest.raises(ValueError, match="positive"):
-        acc.add({"w": np.zeros(2)}, 0)
-
-
-def test_apply_delta_and_norm():
-    out = apply_delta({"w": np.array([1.0, 1.0])}, {"w": np.array([2.0, -4.0])}, server_lr=0.5)
-    np.testing.assert_array_equal(out["w"], [2.0, -1.0])
-    assert l2_norm({"a": np.array([3.0]), "b": np.array([4.0])}) == 5.0
-
-
-def test_clip_by_norm_by_hand():
-    d = {"w": np.array([3.0, 4.0]), "b": np.array([0.0])}  # norm 5
-    clipped, scale = clip_by_norm(d, 1.0)
-    np.testing.assert_allclose(clipped["w"], [0.6, 0.8])
-    assert scale == pytest.approx(0.2)
-    same, scale = clip_by_norm(d, 10.0)
-    np.testing.assert_array_equal(same["w"], [3.0, 4.0])
-    assert scale == 1.0
-
-
-def test_median_and_trimmed_mean_by_hand():
-    rows = np.array([[1.0, 10.0], [2.0, -50.0], [3.0, 20.0], [100.0, 30.0], [4.0, 40.0]])
-    np.testing.assert_array_equal(coordinate_median(rows), [3.0, 20.0])
-    # trim 1 of 5 on each side: column 0 keeps 2, 3, 4 -> 3; column 1 keeps 10, 20, 30 -> 20
-    np.testing.assert_array_equal(trimmed_mean(rows, 0.2), [3.0, 20.0])
-    np.testing.assert_allclose(trimmed_mean(rows, 0.0), rows.mean(axis=0))
-    with pytest.raises(ValueError, match="trim_fraction"):
-        trimmed_mean(rows, 0.5)
-
-
-def test_robust_aggregate_in_blocks_equals_the_in_memory_result(rng):
-    shapes = {"w": (3, 4), "b": (4,)}
-    deltas = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(7)]
-    deltas[2] = {k: v * 1000 for k, v in deltas[2].items()}  # an attacker
+def _source(rows):
     calls = []
 
     def source():
         calls.append(1)
-        return iter(deltas)
+        return (np.asarray(r, np.float32) for r in rows)
 
-    stacked = np.stack([flatten(d, list(shapes)) for d in deltas])
-    for method, ref in (("median", coordinate_median(stacked)), ("trimmed_mean", trimmed_mean(stacked, 0.2))):
-        calls.clear()
-        out = robust_aggregate(source, shapes, method=method, trim_fraction=0.2, memory_bytes=4 * 7 * 5)
-        np.testing.assert_allclose(flatten(out, list(shapes)), ref, rtol=1e-6)
-        assert len(calls) == 1 + 4  # one count pass, then 16 coordinates in blocks of 5
-        assert np.abs(out["w"]).max() < 10  # the scaled delta does not drag the result
+    return source, calls
 
 
-def test_server_optimizers_by_hand():
+def test_fedavg_is_the_example_weighted_mean_by_hand():
+    source, _ = _source([[1.0, 2.0, 0.0], [3.0, -2.0, 4.0]])
+    out = aggregate(source, [1.0, 3.0], 3)
+    # (1*1 + 3*3)/4 = 2.5, (1*2 + 3*-2)/4 = -1, (0 + 3*4)/4 = 3
+    np.testing.assert_array_equal(out.delta, [2.5, -1.0, 3.0])
+    assert out.delta.dtype == np.float32 and out.num_updates == 2 and out.clipped == 0
+
+
+def test_weights_cap_self_reported_counts_by_hand():
+    # counts 4, 6, 10**6: lower median 6; cap = min(1000, 2 * 6) = 12 -> weights 4, 6, 12
+    w, capped = aggregation_weights([4, 6, 10**6], max_examples=1000, median_multiple=2.0)
+    np.testing.assert_array_equal(w, [4.0, 6.0, 12.0])
+    assert capped == 1
+    # two updates: the lower median is the smaller count, so the other cannot raise the cap by inflating
+    w, capped = aggregation_weights([5, 10**6], max_examples=1000, median_multiple=2.0)
+    np.testing.assert_array_equal(w, [5.0, 10.0])
+    # the absolute cap alone; 0 turns a cap off
+    w, capped = aggregation_weights([5, 3000, 7000], max_examples=1000, median_multiple=0.0)
+    np.testing.assert_array_equal(w, [5.0, 1000.0, 1000.0])
+    assert capped == 2
+    w, capped = aggregation_weights([5, 10**6], max_examples=0.0, median_multiple=0.0)
+    np.testing.assert_array_equal(w, [5.0, 1e6])
+    assert capped == 0
+    # staleness after the cap: 8 examples capped at 2 * 2 = 4, one version behind: 4 / sqrt(2)
+    w, _ = aggregation_weights([8, 2], [1, 0], max_examples=1000, median_multiple=2.0, staleness_exponent=0.5)
+    np.testing.assert_allclose(w, [4 / np.sqrt(2), 2.0])
+    with pytest.raises(ValueError, match="staleness"):
+        aggregation_weights([8], [-1])
+    with pytest.raises(ValueError, match="positive"):
+        aggregation_weights([0, 3])
+
+
+def test_an_inflated_count_does_not_decide_the_round():
+    honest = [[0.1, 0.1]] * 9
+    attacker = [[-90.0, 0.0]]
+    rows = honest + attacker
+    uncapped, _ = aggregation_weights([5] * 9 + [10**15], max_examples=0, median_multiple=0)
+    capped, _ = aggregation_weights([5] * 9 + [10**15], max_examples=DEFAULTS["MAX_EXAMPLES_WEIGHT"],
+                                    median_multiple=DEFAULTS["MAX_EXAMPLES_WEIGHT_OVER_MEDIAN"])  # server defaults
+    follows = aggregate(_source(rows)[0], uncapped, 2).delta
+    held = aggregate(_source(rows)[0], capped, 2).delta
+    np.testing.assert_allclose(follows, [-90.0, 0.0], atol=1e-4)  # the attacker is the round
+    # capped at 2 * 5 = 10: (9 * 5 * 0.1 - 10 * 90) / 55 and (9 * 5 * 0.1) / 55
+    np.testing.assert_allclose(held, [(4.5 - 900) / 55, 4.5 / 55], rtol=1e-6)
+
+
+def test_clipping_by_hand_and_inside_the_mean():
+    np.testing.assert_allclose(clip_vector(np.array([3.0, 4.0, 0.0], np.float32), 1.0), [0.6, 0.8, 0.0])
+    v = np.array([3.0, 4.0], np.float32)
+    assert clip_vector(v, 10.0) is v and clip_vector(v, 0.0) is v
+    source, _ = _source([[3.0, 4.0], [0.1, 0.0]])  # the first has norm 5: scaled to norm 1 -> [0.6, 0.8]
+    out = aggregate(source, [1.0, 1.0], 2, clip_norm=1.0)
+    np.testing.assert_allclose(out.delta, [(0.6 + 0.1) / 2, 0.4], rtol=1e-6)
+    assert out.clipped == 1
+    assert l2_norm({"a": np.array([3.0]), "b": np.array([4.0])}) == 5.0
+
+
+def test_median_and_trimmed_mean_by_hand():
+    rows = [[1.0, 10.0], [2.0, -50.0], [3.0, 20.0], [100.0, 30.0], [4.0, 40.0]]
+    med = aggregate(_source(rows)[0], [1.0] * 5, 2, method="median")
+    np.testing.assert_array_equal(med.delta, [3.0, 20.0])
+    # trim 1 of 5 on each side: column 0 keeps 2, 3, 4 -> 3; column 1 keeps 10, 20, 30 -> 20
+    tm = aggregate(_source(rows)[0], [1.0] * 5, 2, method="trimmed_mean", trim_fraction=0.2)
+    np.testing.assert_array_equal(tm.delta, [3.0, 20.0])
+    assert tm.trimmed_per_end == 1 and not tm.notes
+    # weights do not move the median
+    np.testing.assert_array_equal(aggregate(_source(rows)[0], [1, 1, 1, 1e9, 1], 2, method="median").delta,
+                                  [3.0, 20.0])
+
+
+def test_trimmed_mean_trims_at_least_one_per_end_and_says_when_it_cannot():
+    # TRIM_FRACTION 0.1 with 5 updates: floor(0.5) = 0 would be a plain mean; one is cut from each end instead
+    assert trim_count(5, 0.1) == 1 and trim_count(30, 0.1) == 3 and trim_count(5, 0.0) == 0
+    rows = [[1.0], [2.0], [3.0], [4.0], [1000.0]]
+    out = aggregate(_source(rows)[0], [1.0] * 5, 1, method="trimmed_mean", trim_fraction=0.1)
+    np.testing.assert_array_equal(out.delta, [3.0])  # (2 + 3 + 4) / 3
+    two = aggregate(_source([[1.0], [1000.0]])[0], [1.0, 1.0], 1, method="trimmed_mean", trim_fraction=0.1)
+    np.testing.assert_array_equal(two.delta, [500.5])
+    assert two.trimmed_per_end == 0 and "plain mean" in two.notes[0]
+    with pytest.raises(ValueError, match="trim_fraction"):
+        trim_count(5, 0.5)
+
+
+def test_robust_methods_in_blocks_equal_the_in_memory_result(rng):
+    rows = rng.normal(size=(7, 16)).astype(np.float32)
+    rows[2] *= 1000  # an attacker
+    for method, ref in (("median", np.median(rows.astype(np.float64), axis=0)),
+                        ("trimmed_mean", np.sort(rows.astype(np.float64), axis=0)[1:6].mean(axis=0))):
+        source, calls = _source(rows)
+        out = aggregate(source, [1.0] * 7, 16, method=method, trim_fraction=0.2, memory_bytes=4 * 7 * 5)
+        np.testing.assert_allclose(out.delta, ref, rtol=1e-6)
+        assert len(calls) == 4  # 16 coordinates in blocks of 5: the updates are streamed once per block
+        assert np.abs(out.delta).max() < 10  # the scaled delta does not drag the result
+
+
+def test_mismatched_or_empty_inputs_are_errors():
+    with pytest.raises(ValueError, match="no updates"):
+        aggregate(_source([])[0], [], 2)
+    with pytest.raises(ValueError, match="shape"):
+        aggregate(_source([[1.0, 2.0, 3.0]])[0], [1.0], 2)
+    with pytest.raises(ValueError, match="1 vectors for 2 weights"):
+        aggregate(_source([[1.0, 2.0]])[0], [1.0, 1.0], 2)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate(_source([[1.0, 2.0]])[0], [1.0], 2, method="krum")
+    with pytest.raises(ValueError, match="values"):
+        unflatten(np.zeros(5, np.float32), {"w": (2, 2)})
+    np.testing.assert_array_equal(unflatten(np.arange(6, dtype=np.float32), {"w": (2, 2), "b": (2,)})["b"], [4, 5])
+
+
+def test_sgd_and_fedavgm_by_hand():
     w = {"x": np.array([1.0, -1.0])}
     d = {"x": np.array([0.5, 0.0])}
     sgd, state = ServerOptimizer("sgd", lr=0.5).step(w, d)
@@ -109,23 +148,52 @@ def test_server_optimizers_by_hand():
     w2, s2 = mom.step(w1, d, s1)
     np.testing.assert_allclose(s2["m.x"], [0.5 * 0.9 + 0.5, 0.0])  # m = 0.9 m + delta
     np.testing.assert_allclose(w2["x"], [1.0 + 0.5 + 0.95, -1.0])
-    adam = ServerOptimizer("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    wa, sa = adam.step(w, d)
-    m = 0.1 * 0.5
-    v = 0.99 * 1e-6 + 0.01 * 0.25
-    np.testing.assert_allclose(sa["m.x"], [m, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(sa["v.x"], [v, 0.99 * 1e-6], rtol=1e-5)
-    np.testing.assert_allclose(wa["x"], [1.0 + 0.1 * m / (np.sqrt(v) + 1e-3), -1.0], rtol=1e-5)
-    yogi = ServerOptimizer("fedyogi", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    _, sy = yogi.step(w, d)
-    # v0 = tau^2 < delta^2 = 0.25, so sign(v - d^2) = -1: v = v0 + 0.01 * 0.25 (Yogi's additive update)
-    np.testing.assert_allclose(sy["v.x"], [1e-6 + 0.01 * 0.25, 1e-6], rtol=1e-5)
+
+
+# Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2, two rounds worked by hand with
+# x0 = [1, -1], delta1 = [0.5, 0], delta2 = [-0.5, 0.2], beta1 0.9, beta2 0.99, tau 1e-3, eta 0.1,
+# m_{-1} = 0, v_{-1} = tau^2 = 1e-6:
+#   m_t = beta1 m_{t-1} + (1 - beta1) delta_t
+#   FedAdam: v_t = beta2 v_{t-1} + (1 - beta2) delta_t^2
+#   FedYogi: v_t = v_{t-1} - (1 - beta2) delta_t^2 sign(v_{t-1} - delta_t^2)
+#   x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+# Round 1: m1 = [0.05, 0].  FedAdam v1 = 0.99e-6 + 0.01 * 0.25 = [0.00250099, 0.00000099];
+#   x1[0] = 1 + 0.1 * 0.05 / (0.0500099 + 0.001) = 1.09802019.  FedYogi v1 = 1e-6 + 0.0025 = [0.002501, 1e-6]
+#   (v0 < delta^2: sign -1, Yogi adds), x1[0] = 1 + 0.1 * 0.05 / (0.0500100 + 0.001) = 1.09801999.
+# Round 2: m2 = 0.9 * [0.05, 0] + 0.1 * [-0.5, 0.2] = [-0.005, 0.02].
+#   FedAdam v2 = 0.99 v1 + 0.01 * [0.25, 0.04] = [0.0049759801, 0.0004009801];
+#   x2 = x1 + 0.1 * m2 / (sqrt(v2) + tau) = [1.09103115, -0.90487283].
+#   FedYogi: v1 < delta2^2 in both coordinates, so v2 = v1 + 0.01 * [0.25, 0.04] = [0.005001, 0.000401];
+#   x2 = [1.09104822, -0.90487508].
+REDDI_BY_HAND = {
+    "fedadam": ([1.09802019, -1.0], [0.00250099, 9.9e-7], [1.09103115, -0.90487283], [0.0049759801, 0.0004009801]),
+    "fedyogi": ([1.09801999, -1.0], [0.002501, 1e-6], [1.09104822, -0.90487508], [0.005001, 0.000401]),
+}
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
+def test_adaptive_server_optimizers_follow_reddi_algorithm_2_by_hand(kind):
+    x1_hand, v1_hand, x2_hand, v2_hand = REDDI_BY_HAND[kind]
+    opt = ServerOptimizer(kind, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    x1, s1 = opt.step({"x": np.array([1.0, -1.0])}, {"x": np.array([0.5, 0.0])})
+    np.testing.assert_allclose(s1["m.x"], [0.05, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(s1["v.x"], v1_hand, rtol=1e-5)
+    np.testing.assert_allclose(x1["x"], x1_hand, rtol=1e-6)
+    x2, s2 = opt.step(x1, {"x": np.array([-0.5, 0.2])}, s1)
+    np.testing.assert_allclose(s2["m.x"], [-0.005, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(s2["v.x"], v2_hand, rtol=1e-5)
+    np.testing.assert_allclose(x2["x"], x2_hand, rtol=1e-6)
+
+
+def test_server_learning_rate_defaults():
+    # FedAdam/FedYogi normalise each coordinate's step to about lr: with lr 1 the first round would move every
+    # weight by about 1 (m1 / sqrt(v1) = 0.1 d / sqrt(0.01 d^2) = 1)
+    assert ServerOptimizer("fedadam").lr == ServerOptimizer("fedyogi").lr == 0.01
+    assert ServerOptimizer("sgd").lr == ServerOptimizer("fedavgm").lr == 1.0 == DEFAULT_SERVER_LR["sgd"]
+    x1, _ = ServerOptimizer("fedadam").step({"x": np.zeros(3)}, {"x": np.array([0.3, -2.0, 0.01])})
+    assert np.abs(x1["x"]).max() < 0.011
+    assert ServerOptimizer("fedadam", lr=0.5).lr == 0.5
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer("fedprox")
-
-
-def test_staleness_weight():
-    assert staleness_weight(8, 0) == 8
-    assert staleness_weight(8, 3) == pytest.approx(4.0)  # 8 / sqrt(4)
-    with pytest.raises(ValueError):
-        staleness_weight(8, -1)
+    with pytest.raises(ValueError, match="positive"):
+        ServerOptimizer("sgd", lr=0.0)

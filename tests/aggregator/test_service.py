@@ -138,7 +138,8 @@ def test_stale_updates_are_accepted_within_the_limit_and_down_weighted(tmp_path,
     assert srv.post(stale).status_code == 202
     r = srv.post(fresh)
     assert r.json["published_version"] == 3
-    w_stale, w_fresh = 8 / np.sqrt(2), 2.0
+    # the stale update's 8 examples are capped at twice the round's lower median count (2): 4, then / sqrt(1 + 1)
+    w_stale, w_fresh = 4 / np.sqrt(2), 2.0
     ds, df = stale.deltas(), fresh.deltas()
     head3 = srv.head(3)
     for name in head2:
@@ -294,3 +295,142 @@ def test_enrollment_tokens_never_look_like_command_line_options(tmp_path, traine
     tokens = [srv.client.post("/api/v1/admin/enrollment-tokens", headers=srv.auth, json={}).json["token"]
               for _ in range(100)]
     assert len(set(tokens)) == 100 and not any(t.startswith("-") for t in tokens)  # `--token -x...` broke argparse
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_config(request) -> dict:
+    if request.param == "sqlite":
+        return {}
+    from tests.conftest import postgres_database
+
+    return {"DATABASE_URL": postgres_database()}
+
+
+def test_an_inflated_example_count_is_weighed_at_the_cap(tmp_path, trained_model, db_config):
+    # defaults: MAX_EXAMPLES_WEIGHT 1000, MAX_EXAMPLES_WEIGHT_OVER_MEDIAN 2
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=3, **db_config)
+    srv.publish()
+    devs = [srv.enroll() for _ in range(3)]
+    envs = [signed_update(d, k, srv.layout, sequence=1, num_examples=n, scale=s)
+            for (d, k), n, s in zip(devs, (4, 6, 1_000_000), (0.01, 0.01, 1.0), strict=True)]
+    for env in envs:
+        r = srv.post(env)
+    assert r.json["published_version"] == 2
+    base, new = srv.head(1), srv.head(2)
+    weights = (4.0, 6.0, 12.0)  # the claimed million is weighed at 2 x the median count (6)
+    for name in base:
+        expected = base[name] + sum(w * e.deltas()[name].astype(np.float64) for w, e in zip(weights, envs,
+                                                                                           strict=True)) / 22
+        np.testing.assert_allclose(new[name], expected, rtol=1e-5, atol=1e-6)
+    status = srv.status()
+    closed = status["rounds"][1]
+    assert closed["num_examples"] == 1_000_010 and "1 of 3 updates claimed more examples than the cap" in closed["note"]
+    assert status["current_metrics"]["capped_counts"] == 1
+
+
+def _open_round_gauge(srv) -> int:
+    import re
+
+    metrics = srv.client.get("/metrics", headers=srv.auth).data.decode()
+    return int(float(re.search(r'^fedser_rounds\{status="open"\} (\S+)$', metrics, re.M).group(1)))
+
+
+@pytest.mark.parametrize("publish", ["upload", "rollback"])
+def test_publishing_supersedes_the_open_round_and_one_round_stays_open(tmp_path, trained_model, db_config, publish):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=3, **db_config)
+    srv.publish()
+    (a, ka), (b, kb) = srv.enroll(), srv.enroll()
+    assert srv.post(signed_update(a, ka, srv.layout, sequence=1, num_examples=3)).status_code == 202
+    assert srv.post(signed_update(b, kb, srv.layout, sequence=1, num_examples=5)).status_code == 202
+    assert _open_round_gauge(srv) == 1
+    if publish == "upload":
+        assert srv.publish().status_code == 201
+    else:
+        assert srv.client.post("/api/v1/admin/models/1/rollback", headers=srv.auth).status_code == 201
+    status = srv.status()
+    old = next(r for r in status["rounds"] if r["base_version"] == 1)
+    assert old["status"] == "superseded" and old["num_updates"] == 2 and old["num_examples"] == 8
+    assert "not aggregated" in old["note"]
+    assert status["current_version"] == 2 and status["open_round"]["base_version"] == 2
+    assert status["open_round"]["updates"] == 0
+    assert _open_round_gauge(srv) == 1
+    assert 'fedser_rounds{status="superseded"} 1' in srv.client.get("/metrics", headers=srv.auth).data.decode()
+    # the devices send for the new version; the round closes on updates of version 2 only
+    c, kc = srv.enroll()
+    for seq, (dev, key) in enumerate([(a, ka), (b, kb), (c, kc)], start=2):
+        r = srv.post(signed_update(dev, key, srv.layout, sequence=seq, base_version=2))
+    assert r.json["published_version"] == 3
+    assert next(r for r in srv.status()["rounds"] if r["published_version"] == 3)["num_updates"] == 3
+    assert _open_round_gauge(srv) == 1
+
+
+def test_adaptive_optimizers_default_to_a_small_server_learning_rate(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1, SERVER_OPTIMIZER="fedadam")
+    srv.publish()
+    dev, key = srv.enroll()
+    assert srv.post(signed_update(dev, key, srv.layout, sequence=1, scale=0.5)).json["published_version"] == 2
+    base, new = srv.head(1), srv.head(2)
+    # Adam's first step is lr * sign(delta) (m / sqrt(v) = 1): 0.01, not the 1.0 SERVER_LR used to default to
+    step = max(float(np.abs(new[k] - base[k]).max()) for k in base)
+    assert 0.009 < step <= 0.0101
+    assert srv.status()["current_metrics"]["aggregation"]["server_lr"] == 0.01
+
+
+def test_a_trimmed_mean_that_cannot_trim_says_so(tmp_path, trained_model):
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=2, AGGREGATION="trimmed_mean", TRIM_FRACTION=0.1)
+    srv.publish()
+    (a, ka), (b, kb) = srv.enroll(), srv.enroll()
+    srv.post(signed_update(a, ka, srv.layout, sequence=1))
+    assert srv.post(signed_update(b, kb, srv.layout, sequence=1)).json["published_version"] == 2
+    status = srv.status()
+    assert status["current_metrics"]["trimmed_per_end"] == 0
+    assert "plain mean" in status["current_metrics"]["notes"][0] and "plain mean" in status["rounds"][1]["note"]
+    # three updates with TRIM_FRACTION 0.1: one is cut from each end (floor(0.3) would have cut none)
+    srv3 = Server(tmp_path / "three", trained_model, ROUND_MIN_UPDATES=3, AGGREGATION="trimmed_mean",
+                  TRIM_FRACTION=0.1, MAX_UPDATE_L2_NORM=1e9)
+    srv3.publish()
+    envs = []
+    for i, scale in enumerate((0.01, 0.02, 1000.0)):
+        d, k = srv3.enroll()
+        envs.append(signed_update(d, k, srv3.layout, sequence=1, scale=scale, rng=np.random.default_rng(i)))
+        r = srv3.post(envs[-1])
+    assert r.json["published_version"] == 2 and srv3.status()["current_metrics"]["trimmed_per_end"] == 1
+    base, new = srv3.head(1), srv3.head(2)
+    stacked = np.stack([e.deltas()["w0"] for e in envs])
+    np.testing.assert_allclose(new["w0"] - base["w0"], np.median(stacked, axis=0), atol=1e-5)
+
+
+def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
+    import sqlite3
+    import threading
+
+    srv = Server(tmp_path, trained_model)
+    srv.publish()
+    dev, key = srv.enroll()
+    db = srv.app.config["DATABASE_URL"].removeprefix("sqlite:///")
+    with srv.app.app_context():  # the device was last seen long ago: the manifest GET would refresh it
+        from sqlalchemy import update
+
+        from aggregator.db import Device, get_session
+
+        get_session().execute(update(Device).values(last_seen=1.0))
+        get_session().commit()
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another worker closing a round holds the write lock
+    answers = {}
+
+    def reads():
+        answers["healthz"] = srv.client.get("/healthz").status_code
+        answers["metrics"] = srv.client.get("/metrics", headers=srv.auth).status_code
+        answers["manifest"] = srv.get_signed("/api/v1/manifest", dev, key).status_code
+        answers["manifest/1"] = srv.get_signed("/api/v1/manifest/1", dev, key).status_code
+
+    try:
+        thread = threading.Thread(target=reads, daemon=True)
+        thread.start()
+        thread.join(20)  # with BEGIN IMMEDIATE on every read they queue for SQLite's 30 s busy timeout
+        assert not thread.is_alive(), f"reads blocked behind the write lock; answered so far: {answers}"
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200}
