@@ -1,11 +1,13 @@
 """``fedser-aggregator``: run and administer the aggregator from a shell.
 
     fedser-aggregator --instance DIR serve [--host 127.0.0.1] [--port 8080] [--workers 2]
+                      [--certfile CERT.pem --keyfile KEY.pem] [--control-socket PATH]
     fedser-aggregator --instance DIR create-token [--ttl 86400]
     fedser-aggregator --instance DIR publish-base MODEL.tflite MODEL.json
     fedser-aggregator --instance DIR close-round [--min-updates 1]
     fedser-aggregator --instance DIR train-baseline [--architecture cnn] [--epochs 40] [--wait]
     fedser-aggregator --instance DIR jobs | rollback VERSION | revoke DEVICE | status | admin-token
+    fedser-aggregator --instance DIR prune [--dry-run] [--refusal-days N] [--update-body-days N] [--blob-days N]
 
 Configuration: ``<instance>/config.json`` and ``FEDSER_*`` environment variables
 (see ``aggregator.DEFAULTS``).
@@ -32,7 +34,7 @@ def _app(instance: str, database_url: str | None):
     return create_app(cfg, instance_path=instance)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedser-aggregator", description=__doc__.split("\n")[0])
     parser.add_argument("--instance", default="instance", help="folder of the database, keys and model files")
     parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in the instance)")
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2, help="gunicorn workers (0: single-threaded werkzeug)")
+    serve.add_argument("--certfile", default=None, help="TLS certificate chain (PEM): serve HTTPS (see deploy/tls/)")
+    serve.add_argument("--keyfile", default=None, help="TLS private key (PEM) of --certfile")
+    serve.add_argument("--control-socket", default=None, metavar="PATH",
+                       help="gunicorn's control socket (for gunicornc); default: none. Without this gunicorn would "
+                            "put every server on the host at one shared path, ~/.gunicorn/gunicorn.ctl")
     serve.add_argument("--threads", type=int, default=None,
                        help="threads per worker (gthread: keep-alive, one request's I/O wait overlaps another's); "
                             "default 4 on PostgreSQL, 1 on SQLite (whose single writer makes threads wait)")
@@ -67,11 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     rv.add_argument("device_id")
     sub.add_parser("status", help="print the aggregator's state as JSON")
     sub.add_parser("admin-token", help="print the admin token")
-    args = parser.parse_args(argv)
+    pr = sub.add_parser("prune", help="apply the retention settings: old refusal audit rows, update bodies of "
+                                      "closed rounds, unreferenced model files (prints what it removed as JSON)")
+    pr.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
+    pr.add_argument("--refusal-days", type=float, default=None,
+                    help="audit rows of refusals older than this (default RETENTION_REFUSAL_DAYS; 0: keep)")
+    pr.add_argument("--update-body-days", type=float, default=None,
+                    help="update bodies of rounds closed longer ago (default RETENTION_UPDATE_BODY_DAYS; 0: keep)")
+    pr.add_argument("--blob-days", type=float, default=None,
+                    help="unreferenced model files older than this (default RETENTION_BLOB_DAYS; 0: keep)")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
+    """Run one command; ``app``: an app already made (``flask --app aggregator ...``) instead of ``--instance``."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    app = _app(args.instance, args.database_url)
+    app = app or _app(args.instance, args.database_url)
     if args.command == "serve":
         return _serve(app, args)
     with app.app_context():
@@ -140,20 +161,67 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(summary(session), indent=2))
             elif args.command == "admin-token":
                 print(app.config["ADMIN_TOKEN"])
+            elif args.command == "prune":
+                from aggregator.retention import RetentionPolicy, prune
+
+                cfg = RetentionPolicy.from_config(app.config)
+                try:
+                    policy = RetentionPolicy(
+                        cfg.refusal_days if args.refusal_days is None else args.refusal_days,
+                        cfg.update_body_days if args.update_body_days is None else args.update_body_days,
+                        cfg.blob_days if args.blob_days is None else args.blob_days)
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+                print(json.dumps(prune(session, ext["fedser_blobs"], policy, dry_run=args.dry_run).to_dict()))
         except (FedserError, OSError, JobError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0
 
 
+def register_flask_commands(app: Flask) -> None:
+    """The same commands under Flask's CLI: ``flask --app aggregator status``, ``flask --app aggregator rollback 3``.
+
+    Each runs :func:`main` on the app Flask made (configured by ``FEDSER_*`` variables, e.g.
+    ``FEDSER_INSTANCE_PATH`` and ``FEDSER_DATABASE_URL``, and ``<instance>/config.json``); its options are
+    ``fedser-aggregator``'s (``flask --app aggregator rollback --help``).
+    """
+    import click
+    from flask.cli import with_appcontext
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in commands._choices_actions}
+    for name in commands.choices:
+        if name in app.cli.commands:
+            continue
+
+        def callback(args: tuple[str, ...], _name: str = name) -> None:
+            sys.exit(main([_name, *args], app=current_app._get_current_object()))
+
+        app.cli.add_command(click.Command(
+            name, callback=with_appcontext(callback),
+            params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)], help=helps.get(name),
+            add_help_option=False, context_settings={"ignore_unknown_options": True}))
+
+
 def _serve(app: Flask, args) -> int:
     from aggregator.service import start_deadline_thread
 
+    if bool(args.certfile) != bool(args.keyfile):
+        print("error: --certfile and --keyfile go together", file=sys.stderr)
+        return 2
+    for path in (args.certfile, args.keyfile):
+        if path and not Path(path).is_file():
+            print(f"error: TLS file not found: {path}", file=sys.stderr)
+            return 2
     if args.workers <= 0:
         from werkzeug.serving import run_simple
 
         start_deadline_thread(app)
-        run_simple(args.host, args.port, app, threaded=True)
+        run_simple(args.host, args.port, app, threaded=True,
+                   ssl_context=(args.certfile, args.keyfile) if args.certfile else None)
         return 0
 
     def post_fork(_server, _worker):
@@ -174,6 +242,13 @@ def _serve(app: Flask, args) -> int:
             self.cfg.set("accesslog", "-" if args.verbose else None)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("post_fork", post_fork)
+            if args.control_socket:  # each server its own, or none (gunicorn's default path is one per user)
+                self.cfg.set("control_socket", str(Path(args.control_socket).resolve()))
+            else:
+                self.cfg.set("control_socket_disable", True)
+            if args.certfile:
+                self.cfg.set("certfile", args.certfile)
+                self.cfg.set("keyfile", args.keyfile)
 
         def load(self):
             return app

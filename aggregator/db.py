@@ -10,6 +10,7 @@ import time
 import click
 from flask import Flask, current_app, g
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -20,11 +21,17 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "Job", "init_app",
-           "get_session", "make_engine"]
+__all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "RefusalCount", "Job",
+           "init_app", "get_session", "get_read_session", "write_if_free", "make_engine"]
+
+# Values a client chooses (sequence, example counts) and lifetime counters can pass 2**31-1, PostgreSQL's
+# INTEGER: these columns are 64-bit (SQLite's INTEGER always is). Autoincrement keys stay INTEGER on SQLite,
+# where only that type is the rowid.
+BigInt = BigInteger().with_variant(Integer, "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -38,10 +45,10 @@ class Device(Base):
     public_key: Mapped[str] = mapped_column(String(64), unique=True)
     enrolled_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
-    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    last_sequence: Mapped[int] = mapped_column(BigInt, default=0)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    updates_accepted: Mapped[int] = mapped_column(Integer, default=0)
-    updates_refused: Mapped[int] = mapped_column(Integer, default=0)
+    updates_accepted: Mapped[int] = mapped_column(BigInt, default=0)
+    updates_refused: Mapped[int] = mapped_column(BigInt, default=0)
 
 
 class EnrollmentToken(Base):
@@ -71,14 +78,16 @@ class Round(Base):
     __tablename__ = "rounds"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     base_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open|closing|closed|rejected
+    # open | closing | closed | rejected (by the validation gate) | superseded (a new version was published)
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
     opened_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     note: Mapped[str] = mapped_column(Text, default="")
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_updates: Mapped[int] = mapped_column(Integer, default=0)
-    num_examples: Mapped[int] = mapped_column(Integer, default=0)
+    num_examples: Mapped[int] = mapped_column(BigInt, default=0)
     published_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gate_report: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: the validation gate's figures
 
 
 class Update(Base):
@@ -91,23 +100,38 @@ class Update(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
     base_version: Mapped[int] = mapped_column(Integer)
-    sequence: Mapped[int] = mapped_column(Integer)
-    num_examples: Mapped[int] = mapped_column(Integer)
+    sequence: Mapped[int] = mapped_column(BigInt)
+    num_examples: Mapped[int] = mapped_column(BigInt)
     l2_norm: Mapped[float] = mapped_column(Float)
     body: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[float] = mapped_column(Float, index=True)
     staleness: Mapped[int] = mapped_column(Integer, default=0)
+    # The device's answer report (edge_sdk.report; NULL from SDKs that send none)
+    answers_scored: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    personal_correct: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    global_correct: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Refusal(Base):
     __tablename__ = "refusals"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float, index=True)
     device_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     authenticated: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[int] = mapped_column(Integer)
+
+
+class RefusalCount(Base):
+    """Refusals by reason and status since the database was made: the metric, exact while the audit rows of
+    unauthenticated refusals are sampled and old audit rows pruned (``aggregator.retention``)."""
+
+    __tablename__ = "refusal_counts"
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInt, default=0)
+    last_at: Mapped[float] = mapped_column(Float)
 
 
 class Job(Base):
@@ -140,37 +164,149 @@ def make_engine(url: str):
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
-        # pysqlite's own transaction handling defers BEGIN; take the write lock at BEGIN instead,
-        # so two workers cannot both read a round as open and then both write.
+        # pysqlite's own transaction handling defers BEGIN; a transaction that may write takes the write lock
+        # at BEGIN instead, so two workers cannot both read a round as open and then both write (a deferred
+        # transaction that read first cannot wait for the lock when it writes: SQLite refuses it at once).
+        # Read-only sessions (get_read_session: manifest GETs, /healthz, /metrics) begin DEFERRED and never
+        # queue behind a writer: in WAL mode they read the last committed state while a round closes.
         @event.listens_for(engine, "connect")
         def _no_pysqlite_begin(dbapi_conn, _record):
             dbapi_conn.isolation_level = None
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+def add_missing_columns(engine) -> list[str]:
+    """``ALTER TABLE ... ADD COLUMN`` for each nullable column the model has and an older database lacks.
+
+    ``create_all`` creates missing tables, not missing columns; new columns are nullable, so a database made
+    by an older release gains them in place. Returns ``table.column`` for each one added.
+    """
+    added = []
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have or not col.nullable:
+                continue
+            with engine.begin() as conn:
+                kind = col.type.compile(dialect=engine.dialect)
+                guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""  # two processes at once
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{col.name} {kind}")
+            added.append(f"{table.name}.{col.name}")
+    return added
+
+
+def widen_integer_columns(engine) -> list[str]:
+    """PostgreSQL: ``ALTER COLUMN ... TYPE BIGINT`` for each 64-bit column an older database holds as INTEGER."""
+    if engine.dialect.name != "postgresql":
+        return []
+    widened = []
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        have = {c["name"]: c["type"] for c in existing.get_columns(table.name)}
+        for col in table.columns:
+            if not isinstance(col.type.dialect_impl(engine.dialect), BigInteger) or col.name not in have:
+                continue
+            if isinstance(have[col.name], BigInteger):
+                continue
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN {col.name} TYPE BIGINT")
+            widened.append(f"{table.name}.{col.name}")
+    return widened
+
+
+def seed_refusal_counts(engine) -> None:
+    """A database from before ``refusal_counts``: start the counts from the audit rows it holds."""
+    from sqlalchemy import func, insert, select
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with engine.begin() as conn:
+            if conn.scalar(select(func.count()).select_from(RefusalCount)):
+                return
+            conn.execute(insert(RefusalCount).from_select(
+                ["reason", "status", "count", "last_at"],
+                select(Refusal.reason, Refusal.status, func.count(), func.max(Refusal.at))
+                .group_by(Refusal.reason, Refusal.status)))
+    except IntegrityError:  # another process seeded them first
+        pass
+
+
+READ_ONLY = "fedser_read_only"  # execution option of the read-only sessions' engine
+
+
 def get_session() -> Session:
+    """The request's session; on SQLite each of its transactions takes the write lock when it begins."""
     if "db_session" not in g:
         g.db_session = current_app.extensions["fedser_sessionmaker"]()
     return g.db_session
 
 
+def get_read_session() -> Session:
+    """The request's read-only session: on SQLite its transactions begin DEFERRED and take no lock.
+
+    For reads only (a write in it could fail at once with "database is locked" while another worker holds
+    the lock); it is a second connection, so it does not see the uncommitted writes of :func:`get_session`.
+    """
+    if "db_read_session" not in g:
+        g.db_read_session = current_app.extensions["fedser_read_sessionmaker"]()
+    return g.db_read_session
+
+
+def write_if_free(statement) -> bool:
+    """Run one write statement in its own transaction unless that would wait for another writer.
+
+    For bookkeeping that may be skipped (a device's ``last_seen`` on a read): on SQLite the statement gives up
+    after 50 ms instead of queueing behind a round close; returns whether it ran.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    engine = current_app.extensions["fedser_engine"]
+    with engine.connect() as conn:
+        # On the DBAPI connection: a statement through SQLAlchemy's would begin the transaction first.
+        raw = conn.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
+        if raw is not None:
+            raw.execute("PRAGMA busy_timeout=50")
+        try:
+            with conn.begin():
+                conn.execute(statement)
+            return True
+        except OperationalError:
+            if raw is None:
+                raise
+            return False
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA busy_timeout=30000")
+
+
 def _close_session(_exc=None) -> None:
-    session = g.pop("db_session", None)
-    if session is not None:
-        session.close()
+    for name in ("db_session", "db_read_session"):
+        session = g.pop(name, None)
+        if session is not None:
+            session.close()
 
 
 def init_app(app: Flask) -> None:
     engine = make_engine(app.config["DATABASE_URL"])
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
+    widen_integer_columns(engine)
+    seed_refusal_counts(engine)
     app.extensions["fedser_engine"] = engine
     app.extensions["fedser_sessionmaker"] = sessionmaker(engine, expire_on_commit=False)
+    app.extensions["fedser_read_sessionmaker"] = sessionmaker(engine.execution_options(**{READ_ONLY: True}),
+                                                              expire_on_commit=False)
     app.teardown_appcontext(_close_session)
     app.cli.add_command(init_db_command)
 

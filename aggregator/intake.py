@@ -20,7 +20,7 @@ from aggregator.registry import current_version, load_manifest
 from aggregator.rounds import open_round_and_version
 from edge_sdk.errors import SignatureError, WireFormatError
 from edge_sdk.signing import SigningKey, VerifyKey
-from edge_sdk.wire import UpdateEnvelope
+from edge_sdk.wire import FieldRangeError, UpdateEnvelope
 
 __all__ = ["Refused", "Accepted", "accept_update"]
 
@@ -50,6 +50,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     """Check and store one posted update envelope (see the module docstring)."""
     try:
         envelope, header_bytes = UpdateEnvelope.from_bytes(data)
+    except FieldRangeError as exc:  # a field outside its documented range (edge_sdk.wire)
+        raise Refused(400, "out_of_range", str(exc)) from exc
     except WireFormatError as exc:
         raise Refused(400, "malformed", str(exc)) from exc
     header = envelope.header
@@ -122,7 +124,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
         session.execute(insert(Update).values(
             update_id=update_id, device_id=device.id, round_id=rnd.id, base_version=header.base_version,
             sequence=header.sequence, num_examples=header.num_examples, l2_norm=norm, body=envelope.body,
-            received_at=now, staleness=staleness))
+            received_at=now, staleness=staleness, answers_scored=header.answers_scored,
+            personal_correct=header.personal_correct, global_correct=header.global_correct))
         session.execute(update(Device).where(Device.id == device.id).values(
             last_sequence=header.sequence, last_seen=now, updates_accepted=Device.updates_accepted + 1)
             .execution_options(synchronize_session=False))

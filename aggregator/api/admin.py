@@ -11,14 +11,29 @@ from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import func, select
 
 from aggregator import service
-from aggregator.api import API_PREFIX, admin_required, blobs, error, server_key
-from aggregator.db import Device, EnrollmentToken, Job, ModelVersion, Refusal, Round, Update, get_session
+from aggregator.api import (
+    API_PREFIX,
+    MAX_INT32,
+    admin_required,
+    blobs,
+    error,
+    int_field,
+    json_object_body,
+    path_int,
+    refuse,
+    server_key,
+)
+from aggregator.api.updates import refusal_counts
+from aggregator.db import Device, EnrollmentToken, Job, ModelVersion, Round, Update, get_session
 from aggregator.registry import current_version, load_manifest, publish_base, rollback_to
 from aggregator.rounds import open_round
 from edge_sdk.errors import FedserError
 from edge_sdk.model import ModelMetadata
 
 bp = Blueprint("admin", __name__, url_prefix=f"{API_PREFIX}/admin")
+MAX_TOKEN_TTL = 30 * 86400  # seconds
+MAX_MIN_UPDATES = 1_000_000
+MAX_JOB_STRING = 1024
 
 
 def create_enrollment_token(session, ttl: float) -> tuple[str, float]:
@@ -34,13 +49,14 @@ def create_enrollment_token(session, ttl: float) -> tuple[str, float]:
 @bp.post("/enrollment-tokens")
 @admin_required
 def new_token():
-    body = request.get_json(silent=True) or {}
-    try:
-        ttl = float(body.get("ttl_seconds", current_app.config["ENROLLMENT_TOKEN_TTL"]))
-    except (TypeError, ValueError):
-        return error(400, "bad_ttl", f"ttl_seconds must be a number, got {body.get('ttl_seconds')!r}")
-    if not 0 < ttl <= 30 * 86400:
-        return error(400, "bad_ttl", f"ttl_seconds must be in (0, 2592000], got {ttl}")
+    body, refused = json_object_body()
+    if refused is not None:
+        return refused
+    ttl = body.get("ttl_seconds", current_app.config["ENROLLMENT_TOKEN_TTL"])
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TOKEN_TTL:
+        return refuse(400, "bad_ttl", f"ttl_seconds must be a number in (0, {MAX_TOKEN_TTL}], got "
+                                      f"{str(ttl)[:40]!r}", authenticated=True)
+    ttl = float(ttl)
     token, expires = create_enrollment_token(get_session(), ttl)
     return jsonify(token=token, expires_at=expires), 201
 
@@ -64,12 +80,19 @@ def publish_checked(session, tflite: bytes, metadata: ModelMetadata, *, note: st
 def upload_base():
     """Publish a new base: multipart with ``tflite`` (the file) and ``metadata`` (model.json)."""
     if "tflite" not in request.files or "metadata" not in request.files:
-        return error(400, "malformed", "send multipart files 'tflite' and 'metadata'")
+        return refuse(400, "malformed", "send multipart files 'tflite' and 'metadata'", authenticated=True)
     session = get_session()
     try:
-        metadata = ModelMetadata.from_dict(json.loads(request.files["metadata"].read()))
+        meta = json.loads(request.files["metadata"].read(), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        return refuse(400, "bad_metadata", f"metadata is not JSON: {str(exc)[:200]}", authenticated=True)
+    if not isinstance(meta, dict):
+        return refuse(400, "bad_metadata", f"metadata must be a JSON object, got {type(meta).__name__}",
+                      authenticated=True)
+    try:
+        metadata = ModelMetadata.from_dict(meta)
         body, status = publish_checked(session, request.files["tflite"].read(), metadata, note="uploaded")
-    except (FedserError, ValueError, KeyError) as exc:
+    except (FedserError, ValueError, KeyError, TypeError, AttributeError) as exc:
         session.rollback()
         return error(422, "bad_model", str(exc))
     return jsonify(body), status
@@ -92,6 +115,8 @@ def list_versions():
 @admin_required
 def rollback(version: int):
     """Serve an earlier version again: republished as a new version number (devices only move forward)."""
+    if (refused := path_int("version", version)) is not None:
+        return refused
     session = get_session()
     row = session.get(ModelVersion, version)
     if row is None:
@@ -105,11 +130,16 @@ def rollback(version: int):
 @admin_required
 def close_current_round():
     session = get_session()
+    body, refused = json_object_body()
+    if refused is not None:
+        return refused
+    min_updates, refused = int_field(body, "min_updates", 1, 1, MAX_MIN_UPDATES)
+    if refused is not None:
+        return refused
     rnd = open_round(session)
     if rnd is None:
         return error(409, "no_open_round", "there is no open round")
-    body = request.get_json(silent=True) or {}
-    result = service.close(session, rnd.id, min_updates=int(body.get("min_updates", 1)))
+    result = service.close(session, rnd.id, min_updates=min_updates)
     if not result.closed:
         return error(409, "not_closed", f"round {rnd.id} not closed: {result.reason}")
     return jsonify(result.to_dict())
@@ -124,6 +154,11 @@ def list_devices():
 @bp.post("/devices/<device_id>/revoke")
 @admin_required
 def revoke(device_id: str):
+    from edge_sdk.wire import valid_device_id
+
+    if not valid_device_id(device_id):
+        return refuse(400, "out_of_range", "device_id must be 1-40 characters of A-Z a-z 0-9 . _ -",
+                      authenticated=True)
     session = get_session()
     device = session.get(Device, device_id)
     if device is None:
@@ -140,10 +175,19 @@ def start_job():
     from aggregator.jobs import JobError
     from aggregator.jobs import start_job as start
 
+    body, refused = json_object_body()
+    if refused is not None:
+        return refused
+    for key, value in body.items():  # aggregator.jobs checks names and types; the ranges here
+        if isinstance(value, str) and (len(value) > MAX_JOB_STRING or "\x00" in value):
+            return refuse(400, "bad_job", f"{str(key)[:40]} must be a string of at most {MAX_JOB_STRING} "
+                                          "characters without NUL", authenticated=True)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_INT32:
+            return refuse(400, "bad_job", f"{str(key)[:40]} must be in 0 .. {MAX_INT32}", authenticated=True)
     try:
-        job = start(current_app._get_current_object(), get_session(), request.get_json(silent=True) or {})
-    except JobError as exc:
-        return error(400, "bad_job", str(exc))
+        job = start(current_app._get_current_object(), get_session(), body)
+    except (JobError, ValueError, OSError) as exc:
+        return refuse(400, "bad_job", str(exc)[:500], authenticated=True)
     return jsonify(job_dict(job)), 202
 
 
@@ -164,6 +208,8 @@ def list_jobs():
 def get_job(job_id: int):
     from aggregator.jobs import log_tail, reap
 
+    if (refused := path_int("job_id", job_id)) is not None:
+        return refused
     session = get_session()
     job = session.get(Job, job_id)
     if job is None:
@@ -213,9 +259,13 @@ def summary(session) -> dict:
              "updates_accepted": d.updates_accepted, "updates_refused": d.updates_refused}
             for d in session.scalars(select(Device).order_by(Device.enrolled_at))
         ],
-        "refusals": dict(session.execute(select(Refusal.reason, func.count()).group_by(Refusal.reason)).all()),
+        "refusals": refusal_counts(session),
         "jobs": [job_dict(j) for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(20))],
     }
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _validation_uar(session, version: int | None) -> float | None:

@@ -8,43 +8,60 @@ import time
 import uuid
 
 from flask import Blueprint, jsonify, request
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
-from aggregator.api import API_PREFIX, error, server_key
+from aggregator.api import API_PREFIX, error, refuse, server_key
 from aggregator.db import Device, EnrollmentToken, get_session
 from aggregator.registry import current_version
 from edge_sdk.errors import ParameterError
 from edge_sdk.signing import VerifyKey
 
 bp = Blueprint("devices", __name__, url_prefix=f"{API_PREFIX}/devices")
+MAX_TOKEN_LEN = 256
+MAX_PUBLIC_KEY_LEN = 100  # base64 of 32 bytes is 44
+MAX_NAME_LEN = 200
 
 
 @bp.post("/enroll")
 def enroll():
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not body.get("token") or not body.get("public_key"):
-        return error(400, "malformed", "send JSON with 'token' and 'public_key' (base64 Ed25519)")
+        return refuse(400, "malformed", "send JSON with 'token' and 'public_key' (base64 Ed25519)")
+    for name, limit in (("token", MAX_TOKEN_LEN), ("public_key", MAX_PUBLIC_KEY_LEN), ("name", MAX_NAME_LEN)):
+        if name in body and (not isinstance(body[name], str) or len(body[name]) > limit):
+            return refuse(400, "out_of_range", f"{name} must be a string of at most {limit} characters")
     try:
         public_key = VerifyKey.from_b64(str(body["public_key"])).to_b64()
     except ParameterError as exc:
-        return error(400, "bad_public_key", str(exc))
+        return refuse(400, "bad_public_key", str(exc)[:500])
     session = get_session()
     token_hash = hashlib.sha256(str(body["token"]).encode()).hexdigest()
     token = session.get(EnrollmentToken, token_hash)
     now = time.time()
     if token is None:
-        return error(403, "bad_token", "enrollment token is unknown")
+        return refuse(403, "bad_token", "enrollment token is unknown")
     if token.used_at is not None:
-        return error(403, "token_used", "enrollment token was already used")
+        return refuse(403, "token_used", "enrollment token was already used")
     if token.expires_at < now:
-        return error(403, "token_expired", "enrollment token has expired; ask the admin for a new one")
+        return refuse(403, "token_expired", "enrollment token has expired; ask the admin for a new one")
     if session.scalars(select(Device).where(Device.public_key == public_key)).first():
         return error(409, "key_enrolled", "this public key is already enrolled")
-    device = Device(id=f"dev-{uuid.uuid4().hex[:16]}", name=str(body.get("name", ""))[:200],
+    device = Device(id=f"dev-{uuid.uuid4().hex[:16]}", name=body.get("name", ""),
                     public_key=public_key, enrolled_at=now, last_seen=now)
     session.add(device)
-    token.used_at, token.device_id = now, device.id
-    session.commit()
+    # One conditional UPDATE claims the token: of two concurrent enrollments with it, the second finds
+    # used_at set (PostgreSQL re-checks the WHERE after the first commits) and changes no row.
+    claimed = session.execute(
+        update(EnrollmentToken).where(EnrollmentToken.token_sha256 == token_hash, EnrollmentToken.used_at.is_(None),
+                                      EnrollmentToken.expires_at >= now)
+        .values(used_at=now, device_id=device.id).execution_options(synchronize_session=False)).rowcount
+    if claimed != 1:
+        return refuse(403, "token_used", "enrollment token was already used")
+    try:
+        session.commit()
+    except IntegrityError:  # the same public key enrolled concurrently with another token
+        return refuse(409, "key_enrolled", "this public key is already enrolled")
     current = current_version(session)
     return jsonify(
         device_id=device.id,

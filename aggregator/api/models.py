@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request, send_file
+import re
 
-from aggregator.api import API_PREFIX, blobs, device_required, error
-from aggregator.db import ModelVersion, get_session
+from flask import Blueprint, Response, g, request, send_file
+
+from aggregator.api import API_PREFIX, blobs, device_required, error, refuse
+from aggregator.db import ModelVersion, get_read_session
 from aggregator.registry import current_version
 
 bp = Blueprint("models", __name__, url_prefix=API_PREFIX)
+MAX_IF_NONE_MATCH = 1024
+_IF_NONE_MATCH = re.compile(r"[\x20-\x7e\t]*")  # visible ASCII, space, tab (RFC 9110 field values)
 
 
 def _manifest_response(row: ModelVersion) -> Response:
+    inm = request.headers.get("If-None-Match", "")
+    if len(inm) > MAX_IF_NONE_MATCH or _IF_NONE_MATCH.fullmatch(inm) is None:
+        return refuse(400, "bad_if_none_match", f"If-None-Match must be at most {MAX_IF_NONE_MATCH} characters of "
+                                                "visible ASCII", device_id=g.get("device_id"), authenticated=True)
     etag = f"v{row.version}-{row.head_sha256[:16]}"
     if request.if_none_match.contains(etag):
         resp = Response(status=304)
@@ -25,7 +33,7 @@ def _manifest_response(row: ModelVersion) -> Response:
 @bp.get("/manifest")
 @device_required
 def manifest():
-    row = current_version(get_session())
+    row = current_version(get_read_session())
     if row is None:
         return error(404, "no_model", "no model version is published yet")
     return _manifest_response(row)
@@ -34,7 +42,12 @@ def manifest():
 @bp.get("/manifest/<int:version>")
 @device_required
 def manifest_version(version: int):
-    row = get_session().get(ModelVersion, version)
+    from edge_sdk.wire import MAX_VERSION
+
+    if not 1 <= version <= MAX_VERSION:
+        return refuse(400, "out_of_range", f"version must be in 1 .. {MAX_VERSION}, got {str(version)[:40]}",
+                      device_id=g.get("device_id"), authenticated=True)
+    row = get_read_session().get(ModelVersion, version)
     if row is None:
         return error(404, "unknown_version", f"model version {version} doesn't exist")
     return _manifest_response(row)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy import func, select
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from aggregator import service
 from aggregator.api import API_PREFIX, error, server_key
-from aggregator.db import Device, Refusal, Round, get_session
+from aggregator.db import Device, Refusal, RefusalCount, Round, get_session
 from aggregator.intake import Refused, accept_update
 
 log = logging.getLogger("aggregator")
@@ -21,8 +24,13 @@ bp = Blueprint("updates", __name__, url_prefix=f"{API_PREFIX}/updates")
 def post_update():
     session = get_session()
     cfg = current_app.config
+    limit = int(cfg["MAX_CONTENT_LENGTH"])
+    data = _read_body(limit)
+    if data is None:  # a chunked body (no Content-Length) longer than the limit
+        audit_refusal(session, 413, "too_large", f"body larger than {limit} bytes")
+        return error(413, "too_large", f"body larger than {limit} bytes")
     try:
-        accepted = accept_update(session, request.get_data(cache=False), server_key(),
+        accepted = accept_update(session, data, server_key(),
                                  max_l2_norm=float(cfg["MAX_UPDATE_L2_NORM"]),
                                  staleness_limit=int(cfg["STALENESS_LIMIT"]),
                                  rate_limit_per_hour=int(cfg["RATE_LIMIT_PER_HOUR"]))
@@ -48,12 +56,79 @@ def post_update():
     return jsonify(body), 200 if accepted.duplicate else 202
 
 
+def _read_body(limit: int) -> bytes | None:
+    """The request body, or None when it is longer than ``limit`` bytes (also when sent chunked)."""
+    try:
+        if request.content_length is not None:  # werkzeug already refused one longer than the limit (413)
+            return request.get_data(cache=False)
+        stream, parts, size = request.stream, [], 0
+        while size <= limit:
+            chunk = stream.read(min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+    except RequestEntityTooLarge:
+        return None
+    return None if size > limit else b"".join(parts)
+
+
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+AUDIT_DEVICE_ID_LEN = 40  # the refusals.device_id column
+
+
+def audit_device_id(device_id: str | None) -> str | None:
+    """What the audit row keeps of a caller-given device id: 40 characters of ``A-Za-z0-9._-`` at most.
+
+    Other characters become ``?``; a longer value keeps 37 and ends in ``...``.
+    """
+    if not device_id:
+        return None
+    clean = _UNSAFE_ID_CHARS.sub("?", device_id[:AUDIT_DEVICE_ID_LEN + 1])
+    return clean if len(clean) <= AUDIT_DEVICE_ID_LEN else clean[:AUDIT_DEVICE_ID_LEN - 3] + "..."
+
+
+def count_refusal(session, status: int, reason: str, now: float) -> None:
+    """Add one to the exact count of refusals by reason and status (one upsert in the caller's transaction)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(RefusalCount).values(reason=reason, status=status, count=1, last_at=now)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["reason", "status"], set_={"count": RefusalCount.count + 1, "last_at": now}))
+
+
+def refusal_counts(session) -> dict[str, int]:
+    """Refusals by reason since the database was made (exact: sampled or pruned audit rows don't change it)."""
+    return {r: int(n) for r, n in session.execute(
+        select(RefusalCount.reason, func.sum(RefusalCount.count)).group_by(RefusalCount.reason)).all()}
+
+
 def audit_refusal(session, status: int, reason: str, detail: str, *, device_id: str | None = None,
                   authenticated: bool = False) -> None:
-    """A row in the refusals table (the audit trail and the metric by reason); logs it too."""
-    log.warning("refused %s %s from %s: %s (%s)", request.method, request.path, device_id, reason, detail)
-    session.add(Refusal(at=time.time(), device_id=device_id, authenticated=authenticated,
-                        reason=reason, detail=detail[:2000], status=status))
+    """Count a refusal (the metric by reason), keep an audit row of it, log it.
+
+    Every refusal is counted exactly. The audit row keeps a sanitised device id of at most 40 characters and
+    a detail of at most 2,000; the rows of *unauthenticated* refusals (anyone can send those) are kept for
+    at most ``REFUSAL_AUDIT_UNAUTH_PER_MINUTE`` a minute, fleet-wide, so a flood costs bounded storage.
+    """
+    now = time.time()
+    device_id = audit_device_id(device_id)
+    log.warning("refused %s %s from %s: %s (%s)", request.method, request.path[:200], device_id, reason,
+                detail[:500])
+    count_refusal(session, status, reason, now)
+    keep = True
+    if not authenticated:
+        per_minute = int(current_app.config.get("REFUSAL_AUDIT_UNAUTH_PER_MINUTE", 60))
+        if per_minute >= 0:
+            kept = session.scalar(select(func.count()).select_from(Refusal).where(
+                Refusal.at > now - 60, Refusal.authenticated.is_(False)))
+            keep = kept < per_minute
+    if keep:
+        session.add(Refusal(at=now, device_id=device_id, authenticated=authenticated,
+                            reason=reason, detail=detail[:2000], status=status))
     if authenticated and device_id:
         device = session.get(Device, device_id)
         if device is not None:
