@@ -7,7 +7,11 @@ State lives in one folder (``state_dir``)::
     fedser.db             FeedbackStore: predictions, feedback, outbox, counters
     models/<sha256>.tflite, models/<sha256>.head    content-addressed model files
     manifest.json         the signed manifest in use (the atomic swap point)
-    personal.head         personalised head weights (atomic write)
+    manifest.previous.json  the one installed before it (the fallback when a file of the current is damaged)
+    personal.head         personalised head weights (atomic write; sha256 kept in the store)
+
+A damaged file never stops the device: start-up falls back to the last model whose files verify (or the
+bundled one), lists what it found in :attr:`Device.problems` (``status`` shows them), and ``sync`` repairs it.
 
 Every write is atomic (temp file, fsync, rename), so a kill at any moment leaves
 the previous state or the next one.
@@ -20,10 +24,13 @@ import json
 import logging
 import os
 import random
+import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,14 @@ from edge_sdk.wire import UpdateEnvelope, pack_arrays, unpack_arrays
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy", "SyncReport"]
+__all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy", "SyncReport",
+           "ManifestDowngradeError"]
+
+_MODEL_FILES = ("manifest.json", "manifest.previous.json", "personal.head")
+
+
+class ManifestDowngradeError(FedserError):
+    """A validly signed manifest older than one this device already installed (a replay): not installed."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,9 @@ class TrainPolicy:
     # which can fall while accuracy falls).
     guard: str = "accuracy"
     guard_folds: int = 0  # > 1: judge by cross-validation over all answers in this many folds, then fit on all
+    # With guard_folds: also cross-validate the fit without the replay set and keep whichever shows the user's
+    # answers better (the replay set protects users like the training speakers and holds back users unlike them).
+    adaptive_replay: bool = False
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
@@ -126,6 +143,7 @@ class SyncReport:
     rejected: list = field(default_factory=list)
     still_pending: int = 0
     error: str = ""
+    problems: list = field(default_factory=list)  # damaged local files still to repair (Device.problems)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -172,25 +190,83 @@ class Device:
         self.num_threads = num_threads
         self.clock = clock
         self.train_policy = train_policy or TrainPolicy()
-        self.store = FeedbackStore(self.state_dir / "fedser.db")
-        self.key = SigningKey.load_or_create(self.state_dir / "device.key")
+        self.problems: list[dict] = []  # damaged local files found (and what was done about each)
+        # The serving interpreter's weights, and the model/manifest/personalized fields that label predictions,
+        # change only under this lock; training runs on a private interpreter (see _training).
+        self._serving_lock = threading.RLock()
+        self._training_lock = threading.Lock()
+        self._local = threading.local()
+        self._trainer: tuple[TFLiteModel, TFLiteModel] | None = None
+        self._manifest_bytes: bytes | None = None
+        self.store = self._open_store()
+        self._key: SigningKey | None = None
+        self._key_error = ""
+        try:
+            self._key = SigningKey.load_or_create(self.state_dir / "device.key")
+        except (FedserError, OSError) as exc:
+            self._key_error = str(exc)
+            self._problem("device.key", exc, "cannot sign updates or requests; fix its mode or re-enroll "
+                                              "(wipe the state folder)")
         self._client = client
         self.identity: dict = {}
         if (self.state_dir / "identity.json").exists():
-            self.identity = json.loads((self.state_dir / "identity.json").read_text())
+            try:
+                identity = json.loads((self.state_dir / "identity.json").read_text())
+                if not isinstance(identity, dict):
+                    raise ValueError("not a JSON object")
+                self.identity = identity
+            except (OSError, ValueError) as exc:
+                self._problem("identity.json", exc, "not enrolled until it is repaired or the device re-enrolls")
         self.manifest = None
         self.model: TFLiteModel | None = None
         self.global_head: dict[str, np.ndarray] | None = None
         self.personalized = False
         self.model_source = None
-        if (self.state_dir / "manifest.json").exists():
-            self._load_current()
-        elif model_files is not None:  # a model file of the developer's, until the aggregator provides one
-            self._load_local(Path(model_files[0]), Path(model_files[1]), "file")
-        elif use_bundled_model:
-            paths = bundled_model_paths()
-            if paths is not None:
-                self._load_local(paths[0], paths[1], "bundled")
+        if not self._load_installed():
+            if model_files is not None:  # a model file of the developer's, until the aggregator provides one
+                self._load_local(Path(model_files[0]), Path(model_files[1]), "file")
+            elif use_bundled_model:
+                paths = bundled_model_paths()
+                if paths is not None:
+                    self._load_local(paths[0], paths[1], "bundled")
+
+    def _problem(self, file: str, error: object, action: str) -> None:
+        self.problems.append({"file": file, "problem": str(error), "action": action})
+        log.warning("%s: %s (%s)", file, error, action)
+
+    def _open_store(self) -> FeedbackStore:
+        """The store; an unreadable one is moved aside (kept for inspection) and a fresh one started."""
+        path = self.state_dir / "fedser.db"
+        store = None
+        try:
+            store = FeedbackStore(path)
+            store.counts()  # reads every table's b-tree root: a damaged header or schema fails here
+            store.get("sequence")
+            return store
+        except sqlite3.DatabaseError as exc:
+            error = exc
+        if store is not None:
+            try:
+                store.close()
+            except sqlite3.Error:
+                pass
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = path.with_name(path.name + suffix)
+            if src.exists():
+                os.replace(src, aside.with_name(aside.name + suffix))
+        store = FeedbackStore(path)
+        # Update sequences must keep rising for the server: start above any count the old store can have reached.
+        store.set("sequence", str(int(time.time() * 1000)))
+        self._problem("fedser.db", error, f"moved aside to {aside.name}; a new, empty store is in use (the "
+                                          "predictions and answers in the old one are not used)")
+        return store
+
+    @property
+    def key(self) -> SigningKey:
+        if self._key is None:
+            raise FedserError(f"the device key cannot be used: {self._key_error}")
+        return self._key
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -260,38 +336,95 @@ class Device:
         personal = self.state_dir / "personal.head"
         if personal.exists() and self.store.get("personal_base_version") == str(self.model_version):
             try:
-                model.set_weights(unpack_arrays(model.metadata.head_layout, personal.read_bytes()))
+                data = personal.read_bytes()
+                expected = self.store.get("personal_head_sha256")
+                if expected and hashlib.sha256(data).hexdigest() != expected:
+                    raise WireFormatError("its sha256 is not the one written with it")
+                model.set_weights(unpack_arrays(model.metadata.head_layout, data))
                 self.personalized = True
-            except WireFormatError as exc:
-                log.warning("ignoring unreadable personalised head %s: %s", personal, exc)
+            except (OSError, WireFormatError) as exc:
+                os.replace(personal, personal.with_name(f"personal.head.corrupt-{int(time.time())}"))
+                self._problem("personal.head", exc, "moved aside; the global head is in use until the next "
+                                                    "personalisation (sync or train redoes it)")
 
-    def _load_current(self) -> None:
-        signed = SignedManifest.from_bytes((self.state_dir / "manifest.json").read_bytes(), self.server_key.verify)
-        manifest = signed.manifest
+    def _load_installed(self) -> bool:
+        """Load the newest installed model whose files all verify: ``manifest.json``, else the one before it.
+
+        Returns False (and lists what was wrong in :attr:`problems`) when neither can be used.
+        """
+        for name in ("manifest.json", "manifest.previous.json"):
+            path = self.state_dir / name
+            if not path.exists():
+                continue
+            try:
+                self._load_current(path)
+            except (FedserError, OSError, ValueError) as exc:
+                fallback = "the model installed before it" if name == "manifest.json" else "the bundled model"
+                self._problem(name, exc, f"not used; {fallback} is in use until `fedser-edge sync` repairs it")
+                continue
+            return True
+        return False
+
+    def _open_model(self, manifest) -> tuple[TFLiteModel, dict[str, np.ndarray]]:
+        """Load and check one version's files: both sha256s, the interpreter, the head, one finite inference.
+
+        Nothing is loaded from a file whose sha256 is not the manifest's (a damaged flatbuffer can crash a
+        runtime).
+        """
         base = self._model_path(manifest.base.sha256, ".tflite")
         head = self._model_path(manifest.head.sha256, ".head")
         for path, ref in ((base, manifest.base), (head, manifest.head)):
             if not path.exists() or _sha256_file(path) != ref.sha256:
-                raise ModelError(f"{path} is missing or does not match its manifest sha256; run `fedser-edge sync`")
+                raise ModelError(f"{path.name} is missing or does not match the sha256 of version "
+                                 f"{manifest.version}'s manifest")
         model = TFLiteModel(base, manifest.metadata, num_threads=self.num_threads, runtime=self.runtime)
         global_head = unpack_arrays(manifest.metadata.head_layout, head.read_bytes())
         model.set_weights(global_head)
-        self.manifest, self.model, self.global_head = manifest, model, global_head
-        self.model_source = "server"
-        self.personalized = False
-        self._load_personal(model)
+        probs, _ = model.infer(np.zeros(model.input_shape[1:], np.float32))
+        if probs.shape != (manifest.metadata.num_classes,) or not np.all(np.isfinite(probs)):
+            raise ModelError(f"version {manifest.version} gives no finite probabilities for silence")
+        return model, global_head
 
-    def _install_manifest(self, signed_bytes: bytes) -> bool:
-        """Verify, fetch what is missing, check every sha256, swap. Returns True on a new version."""
+    def _load_current(self, path: Path | None = None) -> None:
+        raw = (path or self.state_dir / "manifest.json").read_bytes()
+        manifest = SignedManifest.from_bytes(raw, self.server_key.verify).manifest
+        model, global_head = self._open_model(manifest)
+        with self._serving_lock:
+            self.manifest, self.model, self.global_head = manifest, model, global_head
+            self._manifest_bytes = raw
+            self.model_source = "server"
+            self.personalized = False
+            self._load_personal(model)
+
+    def _newest_seen(self) -> int:
+        """The highest manifest version this device ever installed (a replayed older one is refused)."""
+        try:
+            seen = int(self.store.get("newest_manifest_version", "0") or 0)
+        except ValueError:
+            seen = 0
+        return max(seen, self.manifest.version if self.manifest else 0)
+
+    def _install_manifest(self, signed_bytes: bytes, *, repair: bool = False) -> bool:
+        """Verify, fetch what is missing, load and check the new model, then swap. Returns True on a new version.
+
+        Only a version newer than any this device installed is taken (the same one again with ``repair``, or
+        when what is in use is not it): a genuinely signed older manifest, replayed by a proxy, is refused with
+        :class:`ManifestDowngradeError`.
+        """
         signed = SignedManifest.from_bytes(signed_bytes, self.server_key.verify)
         manifest = signed.manifest
-        if self.manifest is not None and manifest.version == self.manifest.version:
+        newest = self._newest_seen()
+        if manifest.version < newest:
+            raise ManifestDowngradeError(
+                f"manifest version {manifest.version} is older than version {newest}, which this device already "
+                "installed: refused (a replayed manifest?)")
+        if self.manifest is not None and manifest.version == self.manifest.version and not repair:
             return False
         for ref, suffix in ((manifest.base, ".tflite"), (manifest.head, ".head")):
             path = self._model_path(ref.sha256, suffix)
             if path.exists() and _sha256_file(path) == ref.sha256:
                 continue
-            data = self.client.get_blob(ref.url)
+            data = self.client.get_blob(ref.url, size=ref.size)  # stops past the manifest's size
             digest = hashlib.sha256(data).hexdigest()
             if digest != ref.sha256 or len(data) != ref.size:
                 raise WireFormatError(
@@ -299,16 +432,57 @@ class Device:
                     f"the manifest says {ref.sha256[:12]}.. and {ref.size} bytes"
                 )
             atomic_write(path, data)
-        # The manifest file is the commit point: written last, atomically.
-        atomic_write(self.state_dir / "manifest.json", signed.to_bytes())
-        self._load_current()
-        log.info("installed model version %d", manifest.version)
-        return True
+        # Loaded and checked before the commit point: a model that does not load is never committed.
+        model, global_head = self._open_model(manifest)
+        new_version = self.manifest is None or manifest.version != self.manifest.version
+        raw = signed.to_bytes()
+        with self._serving_lock:
+            if self._manifest_bytes is not None and new_version:
+                atomic_write(self.state_dir / "manifest.previous.json", self._manifest_bytes)
+            # The manifest file is the commit point: written last, atomically.
+            atomic_write(self.state_dir / "manifest.json", raw)
+            self.store.set("newest_manifest_version", str(max(newest, manifest.version)))
+            self.manifest, self.model, self.global_head = manifest, model, global_head
+            self._manifest_bytes = raw
+            self.model_source = "server"
+            self.personalized = False
+            self._load_personal(model)
+        self.problems = [p for p in self.problems if p["file"] not in _MODEL_FILES]
+        log.info("installed model version %d%s", manifest.version, "" if new_version else " (repaired)")
+        return new_version
 
     def _require_model(self) -> TFLiteModel:
-        if self.model is None:
+        model = getattr(self._local, "model", None)  # inside _training: this thread's private interpreter
+        if model is None:
+            model = self.model
+        if model is None:
             raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
-        return self.model
+        return model
+
+    @contextmanager
+    def _training(self) -> Iterator[tuple[TFLiteModel, TFLiteModel]]:
+        """``(serving, trainer)``: a second interpreter of the model in use, holding the weights in use.
+
+        Training runs on the trainer (and :meth:`_require_model` returns it in this thread), so predictions
+        made meanwhile by other threads come from the weights they are labelled with, never from half-trained
+        ones. Weights reach the serving interpreter only through :meth:`_serve` under the serving lock.
+        """
+        with self._training_lock:
+            with self._serving_lock:
+                serving = self.model
+                if serving is None:
+                    raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+                weights = serving.get_weights()
+            if self._trainer is None or self._trainer[0] is not serving:
+                self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.num_threads,
+                                                      runtime=self.runtime))
+            trainer = self._trainer[1]
+            trainer.set_weights(weights)
+            self._local.model = trainer
+            try:
+                yield serving, trainer
+            finally:
+                self._local.model = None
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -318,25 +492,30 @@ class Device:
     def model_version(self) -> int:
         return self.manifest.version if self.manifest else 0
 
+
     # -- classify and feedback ------------------------------------------------------------
     def classify(self, audio: np.ndarray, *, source: str = "", keep_audio: bool = False) -> Prediction:
         """Classify one utterance (float mono at the model's sample rate) and remember it.
 
         The store keeps features and embedding; the audio itself only with ``keep_audio`` (opt-in).
         """
-        model = self._require_model()
         started = time.perf_counter()
-        feats, state = self._model_input(np.asarray(audio, np.float32), model.metadata)
-        probs, embedding = model.infer(feats)
+        with self._serving_lock:  # the weights used and the labels they get are read together
+            model = self.model
+            if model is None:
+                raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+            feats, state = self._model_input(np.asarray(audio, np.float32), model.metadata)
+            probs, embedding = model.infer(feats)
+            version, personalized = self.model_version, self.personalized
         latency_ms = (time.perf_counter() - started) * 1000.0
         labels = model.metadata.labels
         pred = Prediction(
             id=uuid.uuid4().hex,
             label=labels[int(np.argmax(probs))],
             probs={lab: float(p) for lab, p in zip(labels, probs, strict=False)},
-            model_version=self.model_version,
+            model_version=version,
             latency_ms=latency_ms,
-            personalized=self.personalized,
+            personalized=personalized,
             embedding=embedding,
         )
         self.store.add_prediction(
@@ -446,6 +625,9 @@ class Device:
     def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
         """Fine-tune the head from the global head on all stored feedback, guarded by what the user would see.
 
+        Training runs on a second interpreter; predictions meanwhile use the weights in use, and kept weights
+        replace them in one step (see :meth:`_training`).
+
         The guard holds back every ``holdout_every``-th answer and keeps the new weights only if those answers
         are not shown worse than by the weights in use now (``guard="accuracy"``: the confirmed or corrected
         label chosen, the label of a bare thumbs-down not chosen; ``guard="loss"``: their loss); otherwise the
@@ -453,8 +635,11 @@ class Device:
         (a fit from the global head on the other folds against the global head), and the kept head is then
         fitted on all answers.
         """
-        policy = policy or self.train_policy
-        model = self._require_model()
+        with self._training() as (serving, _):
+            return self._personalize(serving, policy or self.train_policy)
+
+    def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
+        model = self._require_model()  # the trainer
         started = time.perf_counter()
         examples = self._examples()
         if len(examples) < policy.min_examples:
@@ -483,37 +668,53 @@ class Device:
             model.set_weights(in_use)
         else:
             weights = model.get_weights()
-            atomic_write(self.state_dir / "personal.head", pack_arrays(model.metadata.head_layout, weights))
-            self.store.set("personal_base_version", str(self.model_version))
-            self.personalized = True
+            with self._serving_lock:
+                if self.model is not serving:  # a new model was installed meanwhile: this fit is for the old one
+                    report.status, report.reason = "discarded", "the model changed during training"
+                else:
+                    data = pack_arrays(model.metadata.head_layout, weights)
+                    atomic_write(self.state_dir / "personal.head", data)
+                    self.store.set("personal_head_sha256", hashlib.sha256(data).hexdigest())
+                    self.store.set("personal_base_version", str(self.model_version))
+                    serving.set_weights(weights)
+                    self.personalized = True
         report.seconds = time.perf_counter() - started
         log.info("personalisation %s: %s", report.status, report.to_dict())
         return report
 
     def _cross_validated(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy):
         """Judge a fit on all answers by ``guard_folds``-fold cross-validation against the global head (which
-        never trained on any of them); leaves the fit on all answers in the model when it is not worse."""
+        never trained on any of them); leaves the fit on all answers in the model when it is not worse. With
+        ``adaptive_replay``, the fit without the replay set is judged too and the better one is kept."""
         folds = min(policy.guard_folds, len(examples))
         fold_of = np.arange(len(examples)) % folds
         model.set_weights(self.global_head)
         loss_before = self._loss(examples)
         before = self._measure(examples, policy)
-        right, loss = np.zeros(len(examples)), np.zeros(len(examples))
-        for f in range(folds):
-            held = [e for e, k in zip(examples, fold_of, strict=True) if k == f]
-            self._fit(model, [e for e, k in zip(examples, fold_of, strict=True) if k != f], policy)
-            mask = fold_of == f
-            right[mask] = self._shown_right(held)
-            loss[mask] = self._loss(held)
-        after = -float(np.mean(loss)) if policy.guard == "loss" else float(np.mean(right))
+        candidates = [policy]
+        if policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
+            candidates.append(replace(policy, replay_weight=0.0))
+        scores, losses = [], []
+        for cand in candidates:
+            right, loss = np.zeros(len(examples)), np.zeros(len(examples))
+            for f in range(folds):
+                held = [e for e, k in zip(examples, fold_of, strict=True) if k == f]
+                self._fit(model, [e for e, k in zip(examples, fold_of, strict=True) if k != f], cand)
+                right[fold_of == f] = self._shown_right(held)
+                loss[fold_of == f] = self._loss(held)
+            losses.append(float(np.mean(loss)))
+            scores.append(-losses[-1] if policy.guard == "loss" else float(np.mean(right)))
+        best = int(np.argmax(scores))  # the first (with the replay set) on a tie
+        after = scores[best]
         report = TrainReport("kept", examples=len(examples), held_back=0, loss_before=loss_before,
-                             loss_after=float(np.mean(loss)), guard=f"{policy.guard}, {folds}-fold")
+                             loss_after=losses[best], guard=f"{policy.guard}, {folds}-fold"
+                             + (", without the replay set" if best else ""))
         if policy.guard == "accuracy":
             report.score_before, report.score_after = before, after
         if after < before - policy.tolerance:
             report.status, report.reason = "discarded", f"cross-validated answers got worse ({policy.guard})"
         else:
-            self._fit(model, examples, policy)
+            self._fit(model, examples, candidates[best])
         return report
 
     # -- federation -----------------------------------------------------------------------
@@ -527,29 +728,33 @@ class Device:
         (``policy.epochs`` passes), whatever the personal guard decided. The guard protects what this user sees;
         the federation wants every device's gradient signal, and the server's robust options and validation
         gate guard the global model. Nothing is made from the bundled model (it is not federated), below
-        ``policy.min_examples`` answers, or when an update for this version is already in the outbox.
+        ``policy.min_examples`` answers, or when the last update was made on this version from these same
+        answers. So a device sends again on the same version once its user has answered more (after a round
+        the server's validation gate refused, the next round on that version still gets updates), and an
+        update refused as stale is remade on the new version (:meth:`flush_outbox` forgets it, :meth:`sync`
+        remakes it). A newer update supersedes a pending one on the same version (it holds every answer).
         """
-        model = self._require_model()
+        self._require_model()
         policy = policy or self.train_policy
         if not self.enrolled:
             raise FedserError("cannot make an update before enrolling")
         if self.manifest is None:  # the bundled model is not federated
             return None
-        if self.store.get("last_update_base_version") == str(self.model_version):
-            return None
         examples = self._examples()
         if len(examples) < policy.min_examples:
             return None
-        layout = model.metadata.head_layout
-        report = answer_report(model, self.global_head, examples, holdout_every=policy.holdout_every,
-                               refit_on_all=policy.refit_on_all)  # personal vs global on held-back answers
-        in_use = model.get_weights()
-        try:
+        answers = _answers_fingerprint(examples)
+        last = self._last_update()
+        if last and last.get("base_version") == self.model_version and last.get("answers") == answers:
+            return None
+        with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
+            version, global_head = self.model_version, self.global_head
+            layout = model.metadata.head_layout
+            report = answer_report(model, global_head, examples, holdout_every=policy.holdout_every,
+                                   refit_on_all=policy.refit_on_all)  # personal vs global on held-back answers
             self._fit(model, examples, policy)
             fitted = model.get_weights()
-        finally:
-            model.set_weights(in_use)
-        deltas = {n: fitted[n] - self.global_head[n] for n in layout.names}
+        deltas = {n: fitted[n] - global_head[n] for n in layout.names}
         if privacy.clip_norm > 0:
             norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
             scale = min(1.0, privacy.clip_norm / max(norm, 1e-12))
@@ -559,18 +764,32 @@ class Device:
                       for n, d in deltas.items()}
         seq = self.store.next_sequence()
         envelope = UpdateEnvelope.create(
-            device_id=self.device_id, base_version=self.model_version, layout=layout, deltas=deltas,
+            device_id=self.device_id, base_version=version, layout=layout, deltas=deltas,
             num_examples=len(examples), sequence=seq, sign=self.key.sign,
             privacy=privacy.describe(), report=report,
         )
-        self.store.enqueue(seq, self.model_version, envelope.to_bytes())
-        self.store.set("last_update_base_version", str(self.model_version))
-        log.info("update %d for base version %d is in the outbox", seq, self.model_version)
+        superseded = [i.seq for i in self.store.pending() if i.base_version == version]
+        self.store.enqueue(seq, version, envelope.to_bytes())
+        for old in superseded:  # not posted yet, and this one holds all of its answers and more
+            self.store.mark_done(old, "rejected", {"reason": "superseded", "by": seq})
+        self.store.set("last_update", json.dumps({"seq": seq, "base_version": version, "answers": answers}))
+        log.info("update %d for base version %d is in the outbox", seq, version)
         return seq
+
+    def _last_update(self) -> dict | None:
+        try:
+            last = json.loads(self.store.get("last_update") or "null")
+        except ValueError:
+            return None
+        return last if isinstance(last, dict) else None
 
     def flush_outbox(self, *, base_delay: float = 2.0, max_delay: float = 3600.0,
                      jitter: random.Random | None = None) -> SyncReport:
-        """Post due outbox items in order; keep what fails for a later try (exponential backoff + jitter)."""
+        """Post due outbox items in order; keep what fails for a later try (exponential backoff + jitter).
+
+        An update refused because its base is stale is not lost: the device forgets that it made it, so the next
+        :meth:`make_update` (``sync`` does it at once) remakes it from the same answers on the newest model.
+        """
         report = SyncReport()
         jitter = jitter or random.Random()
         for item in self.store.pending(now=self.clock()):
@@ -585,7 +804,12 @@ class Device:
                     break  # keep order: later updates wait behind this one
                 self.store.mark_done(item.seq, "rejected", {"status": exc.status, "reason": exc.reason,
                                                             "detail": str(exc)})
-                report.rejected.append({"seq": item.seq, "reason": exc.reason})
+                refused = {"seq": item.seq, "reason": exc.reason}
+                last = self._last_update()
+                if exc.reason == "stale_base" and last and last.get("seq") == item.seq:
+                    self.store.set("last_update", "null")  # remade on the newest model
+                    refused["remake"] = True
+                report.rejected.append(refused)
                 log.warning("update %d was refused: %s", item.seq, exc)
                 continue
             self.store.mark_done(item.seq, "accepted", reply)
@@ -594,28 +818,47 @@ class Device:
         return report
 
     def pull_model(self) -> bool:
-        """Fetch the current manifest; install it if it is new. Re-personalises on a new head."""
-        etag = self.store.get("manifest_etag")
-        data, new_etag = self.client.get_manifest(etag if self.manifest else None)
+        """Fetch the current manifest; install it if it is newer. Re-personalises on a new head.
+
+        A device with a damaged model file asks without its ETag and reinstalls what is missing or wrong.
+        Raises :class:`ManifestDowngradeError` for a signed manifest older than one already installed.
+        """
+        damaged = [p["file"] for p in self.problems if p["file"] in _MODEL_FILES]
+        repair = bool(damaged) or (self.manifest is None and self._newest_seen() > 0)
+        etag = self.store.get("manifest_etag") if self.manifest is not None and not repair else None
+        data, new_etag = self.client.get_manifest(etag)
         if data is None:
             return False
-        updated = self._install_manifest(data)
+        updated = self._install_manifest(data, repair=repair)
         if new_etag:
             self.store.set("manifest_etag", new_etag)
-        if updated and self._examples():
+        if (updated or "personal.head" in damaged) and self._examples():
             self.personalize()
         return updated
 
     def sync(self, *, privacy: PrivacyPolicy = PrivacyPolicy()) -> SyncReport:
-        """Make an update if there is one to make, post the outbox, pull the current model."""
-        seq = self.make_update(privacy) if self.model is not None else None
-        report = self.flush_outbox()
-        report.enqueued_seq = seq
-        try:
-            report.model_updated = self.pull_model()
-        except ServerError as exc:
-            report.error = report.error or str(exc)
+        """Pull the newest model (repairing damaged files), make an update if there is one to make, post the outbox.
+
+        Pulling first sends this device's answers to the round that is open now rather than to a version that
+        has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync.
+        """
+        report = SyncReport()
+        for _ in range(2):
+            try:
+                report.model_updated = self.pull_model() or report.model_updated
+            except FedserError as exc:  # offline, a replayed manifest, a bad download: the outbox keeps everything
+                report.error = str(exc)
+            seq = self.make_update(privacy) if self.model is not None else None
+            report.enqueued_seq = seq if seq is not None else report.enqueued_seq
+            flushed = self.flush_outbox()
+            report.accepted += flushed.accepted
+            report.rejected += flushed.rejected
+            report.still_pending = flushed.still_pending
+            report.error = flushed.error or report.error
+            if not any(r.get("remake") for r in flushed.rejected):
+                break
         report.model_version = self.model_version
+        report.problems = list(self.problems)
         return report
 
     def status(self) -> dict:
@@ -628,8 +871,17 @@ class Device:
             "labels": list(self.metadata.labels) if self.model else [],
             "runtime": self.model.runtime if self.model else None,
             "personalized": self.personalized,
+            "problems": list(self.problems),
             **self.store.counts(),
         }
+
+
+def _answers_fingerprint(examples: list[FeedbackExample]) -> str:
+    """What an update was made from: every answer's prediction, target and sign (a changed answer counts)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.prediction_id}\0{e.target}\0{e.sign:+.0f}\n".encode())
+    return h.hexdigest()
 
 
 def class_balance_weights(targets: np.ndarray) -> np.ndarray:
