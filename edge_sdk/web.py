@@ -1,38 +1,202 @@
-"""The device's local feedback page: live predictions, 👍 / 👎, a corrected-label picker, personal accuracy.
+"""The device's local feedback page: live predictions, right / wrong, a corrected-label picker, personal accuracy.
 
-Standard library only (``http.server``); it listens on 127.0.0.1 by default.
-A feedback POST must be JSON and, when the browser sends an Origin, come from
-this page's own origin: another web site open in the same browser cannot
-answer predictions.
+Standard library only (``http.server``); it listens on 127.0.0.1 by default. What it checks on every request:
+
+- **Host**: the request's ``Host`` must be one of the names this server answers to (``allowed_hosts``; by
+  default the loopback names, and when bound beyond loopback also the bound address, this machine's host
+  name, ``<hostname>.local`` and its addresses) with the bound port. A DNS-rebinding page (``evil.example``
+  resolving to 127.0.0.1) sends its own name as Host and is refused (403 ``host_not_allowed``).
+- **Origin**: a POST that carries an Origin must come from this page's own origin (403 ``cross_origin``).
+- **Token**: when the server has one (always when bound beyond loopback: generated once and kept in the
+  device's state folder as ``web-token``), ``/api/*`` needs it in ``X-Fedser-Token`` (401 ``token_required``);
+  the page takes it from its URL's fragment (``/#token=...``, never sent to the server) and keeps it in the tab.
+- **Body**: ``application/json`` (415), a ``Content-Length`` of 1 to :data:`MAX_BODY` bytes (411, 400, 413),
+  read within ``timeout`` seconds in all (408, then the connection is closed), a flat object
+  ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included).
+- **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
+  ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import secrets
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge_sdk.errors import FedserError
+from edge_sdk.errors import FedserError, ParameterError
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["FeedbackServer"]
+__all__ = ["FeedbackServer", "MAX_BODY", "default_allowed_hosts", "is_loopback"]
+
+MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
+MAX_FIELD = 200  # characters of id and answer
+MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unless it is being answered
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) is this machine's loopback only."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(host: str) -> set[str]:
+    """The Host names a server bound to ``host`` answers to by default (lowercase, IPv6 in brackets)."""
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    if is_loopback(host):
+        return names
+    wildcard = host in ("", "0.0.0.0", "::")
+    if not wildcard:
+        names.add(_host_name(host))
+    hostname = socket.gethostname().lower()
+    names |= {hostname, f"{hostname}.local", socket.getfqdn().lower()}
+    if wildcard:
+        try:
+            for info in socket.getaddrinfo(hostname, None):
+                names.add(_host_name(info[4][0]))
+        except OSError:
+            pass
+    return names
+
+
+def _host_name(addr: str) -> str:
+    addr = addr.lower()
+    try:
+        return f"[{addr.strip('[]')}]" if ipaddress.ip_address(addr.strip("[]")).version == 6 else addr
+    except ValueError:
+        return addr
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``Host`` header -> (lowercase name, port or None), or None when it is not a host[:port]."""
+    value = value.strip().lower()
+    if not value or any(c.isspace() or c in "/?#@\\" for c in value) or len(value) > 300:
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[: end + 1], value[end + 1:]
+    else:
+        name, _, port = value.partition(":")
+        rest = ":" + port if _ else ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit() and len(rest) <= 6):
+        return None
+    return name, int(rest[1:]) if rest else None
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most :data:`MAX_CONNECTIONS` connections at once; one more is closed at once (and counted)."""
+
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog: a burst of connections waits here, not in SYN retries
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.turned_away = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.turned_away += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, error: str, detail: str, close: bool = False) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.close = status, error, detail, close
 
 
 class FeedbackServer:
-    """Serves the page for one :class:`~edge_sdk.device.Device` in a background thread."""
+    """Serves the page for one :class:`~edge_sdk.device.Device` in a background thread.
 
-    def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None) -> None:
+    Parameters
+    ----------
+    host, port
+        Where to listen; 127.0.0.1 (this machine only) by default. Beyond loopback the page needs a token.
+    allowed_hosts
+        Host names (without port) the page answers to; default :func:`default_allowed_hosts`.
+    token
+        Required in ``X-Fedser-Token`` on ``/api/*``. None: none on loopback; beyond loopback the one kept in
+        ``<state>/web-token`` (made on first use). "" disables it (only for a network you fully trust).
+    timeout
+        Seconds a client has to send its request line, headers and body in all.
+    """
+
+    def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None,
+                 allowed_hosts: set[str] | list[str] | None = None, token: str | None = None,
+                 timeout: float = 10.0) -> None:
         self.device, self.stats = device, stats
+        if token is None and not is_loopback(host):
+            token = self._stored_token(Path(device.state_dir))
+        self.token = token or None
+        if self.token is not None and not (16 <= len(self.token) <= 200 and self.token.isascii()
+                                           and self.token.isprintable()):
+            raise ParameterError("the web token must be 16 to 200 printable ASCII characters")
         page = resources.files("edge_sdk").joinpath("static/feedback.html").read_bytes()
         server = self
+        self.refusals: dict[str, int] = {}
+        self._refusals_lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # quiet: the device's log is for the device
                 log.debug("web: " + fmt, *args)
+
+            def setup(self):
+                super().setup()
+                self.connection.settimeout(timeout)
+
+            def handle_one_request(self):
+                # each request (and the wait for it on a kept-alive connection) has `timeout` s in all to arrive
+                # (a body that is late is answered 408); a watchdog shuts the socket down 2 s after that, so no
+                # client holds a thread by dripping bytes
+                self.deadline = time.monotonic() + timeout
+                self._watchdog = threading.Timer(timeout + 2.0, self._expire)
+                self._watchdog.daemon = True
+                self._watchdog.start()
+                try:
+                    super().handle_one_request()
+                except (TimeoutError, ConnectionError, ValueError):
+                    self.close_connection = True
+                finally:
+                    self._watchdog.cancel()
+
+            def _expire(self):
+                with server._refusals_lock:
+                    server.refusals["timeout"] = server.refusals.get("timeout", 0) + 1
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
             def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
                 self.send_response(status)
@@ -40,50 +204,139 @@ class FeedbackServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.send_header("X-Content-Type-Options", "nosniff")
-                if ctype.startswith("text/html"):
-                    self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                                     "style-src 'unsafe-inline'; connect-src 'self'")
+                self.send_header("X-Frame-Options", "DENY")
+                self.send_header("Referrer-Policy", "no-referrer")
+                self.send_header("Content-Security-Policy", _CSP if ctype.startswith("text/html")
+                                 else "default-src 'none'; frame-ancestors 'none'")
                 self.end_headers()
                 self.wfile.write(body)
 
             def _json(self, status: int, obj) -> None:
                 self._send(status, json.dumps(obj).encode())
 
+            def _refuse(self, r: _Refusal) -> None:
+                with server._refusals_lock:
+                    server.refusals[r.error] = server.refusals.get(r.error, 0) + 1
+                if r.close:
+                    self.close_connection = True
+                self._json(r.status, {"error": r.error, "detail": r.detail})
+
+            def _check_host(self) -> None:
+                got = _split_host(self.headers.get("Host") or "")
+                bound_port = server.httpd.server_address[1]
+                if got is None or got[0] not in server.allowed_hosts or (got[1] or 80) != bound_port:
+                    raise _Refusal(403, "host_not_allowed", f"Host {self.headers.get('Host')!r} is not this page "
+                                   f"(allowed: {sorted(server.allowed_hosts)} on port {bound_port})")
+
+            def _check_token(self) -> None:
+                if server.token is None:
+                    return
+                given = (self.headers.get("X-Fedser-Token") or "").encode("utf-8", "surrogateescape")
+                if not hmac.compare_digest(given, server.token.encode()):
+                    raise _Refusal(401, "token_required", "open the page with the link that has #token=... "
+                                   "(the device prints it; it is in <state>/web-token)")
+
+            def _read_body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding"):
+                    raise _Refusal(411, "length_required", "send a Content-Length, not chunks", close=True)
+                text = self.headers.get("Content-Length")
+                if text is None:
+                    raise _Refusal(411, "length_required", "send a Content-Length", close=True)
+                if not text.strip().isdigit() or not text.isascii():
+                    raise _Refusal(400, "bad_length", f"Content-Length {text!r} is not a length", close=True)
+                length = int(text)
+                if length > MAX_BODY:
+                    raise _Refusal(413, "too_large", f"{length} bytes; at most {MAX_BODY}", close=True)
+                chunks, got = [], 0
+                while got < length:
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise _Refusal(408, "timeout", f"the body did not arrive within {timeout} s", close=True)
+                    self.connection.settimeout(remaining)
+                    try:
+                        chunk = self.rfile.read1(length - got)
+                    except TimeoutError:
+                        raise _Refusal(408, "timeout", f"the body did not arrive within {timeout} s",
+                                       close=True) from None
+                    if not chunk:
+                        raise _Refusal(400, "short_body", f"{got} of {length} bytes arrived", close=True)
+                    chunks.append(chunk)
+                    got += len(chunk)
+                return b"".join(chunks)
+
             def do_GET(self):  # noqa: N802 - http.server's naming
-                path = urlsplit(self.path).path
-                if path in ("/", "/index.html"):
-                    self._send(200, page, "text/html; charset=utf-8")
-                elif path == "/api/state":
-                    self._json(200, server.state())
-                else:
-                    self._json(404, {"error": "not_found", "detail": path})
+                self._watchdog.cancel()  # the request is in: answering it is up to us
+                try:
+                    self._check_host()
+                    path = urlsplit(self.path).path
+                    if path in ("/", "/index.html"):
+                        return self._send(200, page, "text/html; charset=utf-8")
+                    if path == "/api/state":
+                        self._check_token()
+                        return self._json(200, server.state())
+                    raise _Refusal(404, "not_found", path[:200])
+                except _Refusal as r:
+                    self._refuse(r)
 
             def do_POST(self):  # noqa: N802
-                if urlsplit(self.path).path != "/api/feedback":
-                    return self._json(404, {"error": "not_found", "detail": self.path})
-                origin = self.headers.get("Origin")
-                if origin and urlsplit(origin).netloc != self.headers.get("Host"):
-                    return self._json(403, {"error": "cross_origin", "detail": f"origin {origin} is not this page"})
-                if not (self.headers.get("Content-Type") or "").startswith("application/json"):
-                    return self._json(415, {"error": "not_json", "detail": "send application/json"})
                 try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                    body = json.loads(self.rfile.read(min(length, 10_000)) or b"{}")
-                    server.device.feedback(str(body["id"]), str(body["answer"]))
-                except (KeyError, ValueError, TypeError) as exc:
-                    return self._json(400, {"error": "malformed", "detail": f"send {{id, answer}}: {exc}"})
-                except FedserError as exc:
-                    return self._json(400, {"error": "refused", "detail": str(exc)})
-                self._json(200, {"stored": True, "accuracy": server.device.store.personal_accuracy()})
+                    self._check_host()
+                    if urlsplit(self.path).path != "/api/feedback":
+                        raise _Refusal(404, "not_found", self.path[:200], close=True)
+                    origin = self.headers.get("Origin")
+                    if origin is not None and urlsplit(origin).netloc.lower() != self.headers["Host"].lower():
+                        raise _Refusal(403, "cross_origin", f"origin {origin[:200]} is not this page", close=True)
+                    self._check_token()
+                    if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+                        raise _Refusal(415, "not_json", "send application/json", close=True)
+                    body = self._read_body()
+                    self._watchdog.cancel()
+                    try:
+                        data = json.loads(body)
+                    except (ValueError, RecursionError) as exc:
+                        raise _Refusal(400, "malformed", f"not JSON: {str(exc)[:200]}") from None
+                    if not (isinstance(data, dict) and set(data) == {"id", "answer"}
+                            and all(isinstance(v, str) and 0 < len(v) <= MAX_FIELD for v in data.values())):
+                        raise _Refusal(400, "malformed", f"send {{\"id\": str, \"answer\": str}} (strings of 1 to "
+                                       f"{MAX_FIELD} characters), nothing else")
+                    try:
+                        server.device.feedback(data["id"], data["answer"])
+                    except FedserError as exc:
+                        raise _Refusal(400, "refused", str(exc)[:500]) from None
+                    self._json(200, {"stored": True, "accuracy": server.device.store.personal_accuracy()})
+                except _Refusal as r:
+                    self._refuse(r)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), Handler)
+        self.allowed_hosts = ({_host_name(h) for h in allowed_hosts} if allowed_hosts is not None
+                              else default_allowed_hosts(host))
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _stored_token(state_dir: Path) -> str:
+        path = state_dir / "web-token"
+        try:
+            token = path.read_text(encoding="ascii").strip()
+            if len(token) >= 16:
+                return token
+        except (OSError, UnicodeDecodeError):
+            pass
+        token = secrets.token_urlsafe(24)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(token + "\n")
+        return token
 
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{_host_name(host)}:{port}/"
+
+    @property
+    def page_url(self) -> str:
+        """The link to open: :attr:`url`, with ``#token=...`` when the server has a token."""
+        return self.url + (f"#token={self.token}" if self.token else "")
 
     def state(self) -> dict:
         d = self.device
@@ -95,7 +348,11 @@ class FeedbackServer:
     def start(self) -> FeedbackServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fedser-web", daemon=True)
         self._thread.start()
-        log.info("feedback page on %s", self.url)
+        if self.token:
+            log.warning("feedback page open beyond this machine at %s (hosts %s); open %s on the phone",
+                        self.url, ", ".join(sorted(self.allowed_hosts)), self.page_url)
+        else:
+            log.info("feedback page on %s", self.url)
         return self
 
     def stop(self) -> None:

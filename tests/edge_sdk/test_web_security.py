@@ -1,0 +1,231 @@
+"""The local feedback page over real HTTP on loopback, as an attacker would try it (issue 11, item 12): DNS
+rebinding, deep JSON, lying Content-Length, stalled and dripping clients, framing and sniffing headers; and the
+token the page needs once it is open beyond loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from edge_sdk.device import Device
+from edge_sdk.errors import ParameterError
+from edge_sdk.web import MAX_BODY, FeedbackServer
+from tools.demo import free_port
+
+
+@pytest.fixture
+def device(tmp_path):
+    dev = Device(tmp_path / "dev")
+    if dev.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    return dev
+
+
+@pytest.fixture
+def pred(device):
+    t = np.arange(16000) / 16000
+    return device.classify((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32))
+
+
+@pytest.fixture
+def server(device):
+    srv = FeedbackServer(device, port=free_port(), timeout=1.0).start()
+    yield srv
+    srv.stop()
+
+
+def _raw(server, data: bytes, *, wait: float = 30.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it (or ``wait`` s pass)."""
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                return out
+            out += chunk
+        raise AssertionError(f"the server still held the connection after {wait} s; got {out[:300]!r}")
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def _post(server, body: bytes, *, length: str | None = None, host: str | None = None, extra: str = "") -> bytes:
+    port = server.httpd.server_address[1]
+    head = (f"POST /api/feedback HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n"
+            f"Content-Type: application/json\r\n{extra}")
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def test_dns_rebinding_is_refused_by_the_host_header(server, device, pred):
+    """evil.example resolving to 127.0.0.1: the browser sends Host and Origin of evil.example, which match."""
+    port = server.httpd.server_address[1]
+    evil = f"evil.example:{port}"
+    r = requests.post(server.url + "api/feedback", json={"id": pred.id, "answer": "up"},
+                      headers={"Host": evil, "Origin": f"http://{evil}"})
+    assert (r.status_code, r.json()["error"]) == (403, "host_not_allowed")
+    for path in ("api/state", ""):
+        r = requests.get(server.url + path, headers={"Host": evil})
+        assert (r.status_code, r.json()["error"]) == (403, "host_not_allowed"), path
+        assert pred.id not in r.text
+    for bad in (f"127.0.0.1:{port + 1}", "127.0.0.1", f"localhost.evil.example:{port}", "", "127.0.0.1:80x",
+                f"user@127.0.0.1:{port}"):
+        assert requests.get(server.url + "api/state", headers={"Host": bad}).status_code == 403, bad
+    assert device.store.counts()["feedback"] == 0 and server.refusals["host_not_allowed"] >= 9
+    for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+        r = requests.get(server.url + "api/state", headers={"Host": good})
+        assert r.status_code == 200 and r.json()["predictions"][0]["id"] == pred.id, good
+    r = requests.post(server.url + "api/feedback", json={"id": pred.id, "answer": "up"},
+                      headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert r.status_code == 200 and device.store.counts()["feedback"] == 1
+
+
+@pytest.mark.parametrize("depth, status", [(4000, 413), (1500, 400)])
+def test_deeply_nested_json_is_a_4xx_not_a_dropped_connection(server, device, depth, status):
+    body = b"[" * depth + b"]" * depth
+    r = requests.post(server.url + "api/feedback", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status and r.json()["error"] in ("too_large", "malformed")
+    assert (len(body) > MAX_BODY) == (status == 413)
+    assert device.store.counts()["feedback"] == 0
+
+
+@pytest.mark.parametrize("body", [
+    [], {"id": ["x"], "answer": "up"}, {"id": "x", "answer": 1}, {"id": "x"}, {"id": "x", "answer": "up", "more": 1},
+    {"id": "x" * 201, "answer": "up"}, "up", None,
+])
+def test_feedback_bodies_of_the_wrong_shape_are_400(server, device, body):
+    r = requests.post(server.url + "api/feedback", data=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (400, "malformed"), body
+
+
+@pytest.mark.parametrize("length, status", [("-1", 400), ("+5", 400), ("1e3", 400), ("99999999999999999999", 413),
+                                            (str(MAX_BODY + 1), 413), (None, 411)])
+def test_bad_content_lengths_are_refused_at_once(server, length, status):
+    reply = _raw(server, _post(server, b'{"id": "x", "answer": "up"}', length=length))
+    assert _status(reply) == status, reply[:300]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] in ("bad_length", "too_large", "length_required")
+
+
+def test_chunked_bodies_are_refused(server):
+    reply = _raw(server, _post(server, b"5\r\nhello\r\n0\r\n\r\n", extra="Transfer-Encoding: chunked\r\n"))
+    assert _status(reply) == 411
+
+
+def test_a_body_shorter_than_its_length_is_dropped_after_the_timeout(server, device, pred):
+    """Content-Length 100, 10 bytes sent, then nothing: 408 and the connection closed (before: held forever)."""
+    reply = _raw(server, _post(server, b'{"id": "x"', length="100"))
+    assert _status(reply) == 408, reply[:300]
+    assert server.refusals["timeout"] >= 1
+
+
+def test_dripping_headers_cannot_hold_a_connection(server):
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(b"GET /api/state HTTP/1.1\r\n")
+        closed = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # one header byte every 0.2 s: each recv is quick, the whole is not
+            try:
+                s.sendall(b"X")
+                time.sleep(0.2)
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        assert closed, "a client dripping header bytes held the connection for 30 s"
+
+
+def test_fifty_stalled_posts_all_end_and_the_page_still_answers(server, device, pred):
+    host, port = server.httpd.server_address[:2]
+    socks = []
+    for _ in range(50):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(_post(server, b'{"id": ', length="100"))
+        socks.append(s)
+    try:
+        for s in socks:  # every one is answered 408 and closed, or closed (turned away beyond the cap)
+            out = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            assert out == b"" or _status(out) == 408, out[:200]
+    finally:
+        for s in socks:
+            s.close()
+    r = requests.post(server.url + "api/feedback", json={"id": pred.id, "answer": "down"})
+    assert r.status_code == 200 and device.store.counts()["feedback_down"] == 1
+
+
+def test_every_response_forbids_framing_and_sniffing(server):
+    for path, host in (("", None), ("api/state", None), ("nowhere", None), ("api/state", "evil.example")):
+        r = requests.get(server.url + path, headers={"Host": host} if host else {})
+        assert r.headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], path
+        assert r.headers["X-Content-Type-Options"] == "nosniff", path
+    page = requests.get(server.url)
+    assert page.headers["Content-Type"].startswith("text/html") and "script-src 'unsafe-inline'" in \
+        page.headers["Content-Security-Policy"]
+
+
+def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device, pred):
+    port = free_port()
+    srv = FeedbackServer(device, host="0.0.0.0", port=port, timeout=1.0).start()
+    try:
+        token_file = device.state_dir / "web-token"
+        assert srv.token and token_file.read_text().strip() == srv.token
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert srv.page_url.endswith(f"#token={srv.token}")
+        base = f"http://127.0.0.1:{port}/"
+        assert requests.get(base).status_code == 200  # the page itself holds no data
+        r = requests.get(base + "api/state")
+        assert (r.status_code, r.json()["error"]) == (401, "token_required")
+        assert requests.get(base + "api/state", headers={"X-Fedser-Token": srv.token[:-1] + "?"}).status_code == 401
+        assert requests.post(base + "api/feedback", json={"id": pred.id, "answer": "up"}).status_code == 401
+        ok = {"X-Fedser-Token": srv.token}
+        assert requests.get(base + "api/state", headers=ok).status_code == 200
+        hostname = socket.gethostname().lower()
+        assert requests.get(base + "api/state", headers={**ok, "Host": f"{hostname}:{port}"}).status_code == 200
+        assert requests.get(base + "api/state", headers={**ok, "Host": f"evil.example:{port}"}).status_code == 403
+        r = requests.post(base + "api/feedback", json={"id": pred.id, "answer": "up"}, headers=ok)
+        assert r.status_code == 200 and device.store.counts()["feedback_up"] == 1
+    finally:
+        srv.stop()
+    again = FeedbackServer(device, host="0.0.0.0", port=free_port())  # the phone's bookmark keeps working
+    try:
+        assert again.token == srv.token
+    finally:
+        again.httpd.server_close()
+    local = FeedbackServer(device, port=free_port())  # loopback only: no token unless one is given
+    try:
+        assert local.token is None and local.page_url == local.url
+    finally:
+        local.httpd.server_close()
+    with pytest.raises(ParameterError, match="16 to 200"):
+        FeedbackServer(device, port=free_port(), token="short")
