@@ -144,6 +144,7 @@ class SyncReport:
     still_pending: int = 0
     error: str = ""
     problems: list = field(default_factory=list)  # damaged local files still to repair (Device.problems)
+    repaired: list = field(default_factory=list)  # those this sync repaired
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -843,9 +844,12 @@ class Device:
         has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync.
         """
         report = SyncReport()
+        found = list(self.problems)
         for _ in range(2):
             try:
                 report.model_updated = self.pull_model() or report.model_updated
+                # in touch with the server and the model verified: a store moved aside at start-up is reported
+                self.problems = [p for p in self.problems if p["file"] != "fedser.db"]
             except FedserError as exc:  # offline, a replayed manifest, a bad download: the outbox keeps everything
                 report.error = str(exc)
             seq = self.make_update(privacy) if self.model is not None else None
@@ -859,6 +863,7 @@ class Device:
                 break
         report.model_version = self.model_version
         report.problems = list(self.problems)
+        report.repaired = [p for p in found if p not in self.problems]
         return report
 
     def status(self) -> dict:

@@ -1,0 +1,163 @@
+"""A device with one damaged file still starts, classifies, says what it found; `sync` repairs it (issue 11, item 5).
+
+An enrolled device on version 2 (version 1 installed before it) against a real aggregator on loopback; one
+byte of one file flipped at a time: the base ``.tflite``, the head weights, ``manifest.json``, the personal
+head, the store. Then ``Device(...)``, ``classify``, ``status`` and ``sync`` (in process and through the
+``fedser-edge`` command line), and a restart that finds nothing wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edge_sdk.device import Device, TrainPolicy
+from edge_sdk.model import bundled_model_paths
+from tests.conftest import REPO, start_live_aggregator
+
+pytestmark = pytest.mark.skipif(bundled_model_paths() is None, reason="no bundled model in this checkout")
+
+POLICY = TrainPolicy(min_examples=4, holdout_every=0, epochs=3)
+
+
+@dataclass
+class _ModelFiles:  # what LiveAggregator.publish reads
+    tflite_path: Path
+    metadata_path: Path
+
+
+def _audio(seed: int, sample_rate: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(1.5 * sample_rate), dtype=np.float32) / sample_rate
+    return (0.2 * np.sin(2 * np.pi * (140 + 30 * seed) * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory):
+    """(aggregator, state folder of a personalised device on version 2 with version 1 installed before)."""
+    tmp = tmp_path_factory.mktemp("repair")
+    agg = start_live_aggregator(tmp / "srv", min_updates=50, workers=0)
+    try:
+        files = _ModelFiles(*bundled_model_paths())
+        assert agg.publish(files) == 1
+        dev = agg.enroll(tmp / "golden", train_policy=POLICY)
+        assert dev.model_version == 1
+        for i in range(6):
+            dev.feedback(dev.classify(_audio(i)).id, dev.metadata.labels[i % 4])
+        assert agg.publish(files) == 2
+        assert dev.pull_model() and dev.model_version == 2 and dev.personalized
+        assert (tmp / "golden" / "personal.head").exists()
+        dev.store.close()
+        yield agg, tmp / "golden"
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+
+
+def _flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _target(state: Path, which: str) -> tuple[Path, int | None]:
+    manifest = json.loads((state / "manifest.json").read_text())["manifest"]
+    return {
+        "base": (state / "models" / f"{manifest['base']['sha256']}.tflite", None),
+        "head": (state / "models" / f"{manifest['head']['sha256']}.head", None),
+        "manifest": (state / "manifest.json", None),
+        "personal": (state / "personal.head", None),
+        "store-header": (state / "fedser.db", 0),  # "SQLite format 3": not a database any more
+    }[which]
+
+
+# (damaged, the file status names, the version classifying before sync: the previous one or the bundled one)
+CASES = [("base", "manifest.json", 0), ("head", "manifest.json", 0), ("manifest", "manifest.json", 1),
+         ("personal", "personal.head", 2), ("store-header", "fedser.db", 2)]
+
+
+@pytest.mark.parametrize(("which", "named", "fallback_version"), CASES)
+def test_a_device_with_one_damaged_file_starts_classifies_and_sync_repairs_it(enrolled, tmp_path, which, named,
+                                                                              fallback_version):
+    _, golden = enrolled
+    state = tmp_path / "dev"
+    shutil.copytree(golden, state)
+    path, offset = _target(state, which)
+    _flip(path, offset)
+
+    dev = Device(state, train_policy=POLICY)  # must not raise
+    status = dev.status()
+    assert [p["file"] for p in status["problems"]] and named in [p["file"] for p in status["problems"]], status
+    assert dev.model_version == fallback_version
+    pred = dev.classify(_audio(1))
+    assert pred.model_version == fallback_version and abs(sum(pred.probs.values()) - 1) < 1e-4
+    if fallback_version != 2:  # the personal head belongs to version 2: not applied to another model
+        assert not dev.personalized
+
+    report = dev.sync()
+    assert report.error == "" and report.problems == [] and named in [p["file"] for p in report.repaired], report
+    assert dev.model_version == 2 and dev.model_source == "server" and dev.status()["problems"] == []
+    if which == "personal":
+        assert dev.personalized  # sync personalised again from the stored answers
+    dev.store.close()
+
+    again = Device(state, train_policy=POLICY)  # a restart finds every file good
+    assert again.problems == [] and again.model_version == 2
+    assert again.personalized == (which != "store-header")  # a store moved aside took its answers with it
+    assert again.classify(_audio(2)).model_version == 2
+
+
+def test_the_command_line_runs_status_classify_and_sync_on_a_damaged_device(enrolled, tmp_path):
+    _, golden = enrolled
+    state = tmp_path / "dev"
+    shutil.copytree(golden, state)
+    _flip(_target(state, "base")[0])
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, _audio(3), 16000)
+
+    def cli(*args) -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+    status = cli("status")[0]
+    assert status["model_version"] == 0 and status["model_source"] == "bundled"
+    assert "sha256" in status["problems"][0]["problem"] and "sync" in status["problems"][0]["action"]
+    assert cli("classify", str(wav))[0]["model_version"] == 0
+    synced = cli("sync")[0]
+    assert synced["model_version"] == 2 and synced["problems"] == [] and synced["repaired"]
+    assert cli("status")[0]["problems"] == [] and cli("classify", str(wav))[0]["model_version"] == 2
+
+
+def test_a_model_that_does_not_load_is_never_committed(enrolled, tmp_path):
+    """The new model is loaded and checked before manifest.json (the commit point) is written: a base whose
+    sha256 matches the manifest but that no runtime can load leaves the device on what it had."""
+    from edge_sdk.errors import ModelError
+    from edge_sdk.manifest import SignedManifest
+
+    agg, golden = enrolled
+    state = tmp_path / "dev"
+    shutil.copytree(golden, state)
+    dev = Device(state, train_policy=POLICY)
+    before = (state / "manifest.json").read_bytes()
+    raw, _ = dev.client.get_manifest()
+    signed = SignedManifest.from_bytes(raw, dev.server_key.verify)
+    base = state / "models" / f"{signed.manifest.base.sha256}.tflite"
+
+    def broken_open(manifest):  # what a runtime says about a file it cannot load
+        raise ModelError(f"{base.name}: the TFLite runtime cannot load it")
+
+    dev._open_model = broken_open
+    with pytest.raises(ModelError):
+        dev._install_manifest(raw, repair=True)
+    assert (state / "manifest.json").read_bytes() == before and dev.model_version == 2
