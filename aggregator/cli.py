@@ -206,6 +206,17 @@ def register_flask_commands(app: Flask) -> None:
             add_help_option=False, context_settings={"ignore_unknown_options": True}))
 
 
+def _clear_multiprocess_metrics() -> None:
+    """Empty ``PROMETHEUS_MULTIPROC_DIR`` of an earlier run's files (aggregator.observability), if it is set."""
+    import os
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for f in Path(folder).glob("*.db"):
+            f.unlink(missing_ok=True)
+
+
 def _serve(app: Flask, args) -> int:
     from aggregator.service import start_deadline_thread
 
@@ -216,6 +227,7 @@ def _serve(app: Flask, args) -> int:
         if path and not Path(path).is_file():
             print(f"error: TLS file not found: {path}", file=sys.stderr)
             return 2
+    _clear_multiprocess_metrics()
     if args.workers <= 0:
         from werkzeug.serving import run_simple
 

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from importlib import resources
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, jsonify
+
+from aggregator.api import API_PREFIX, admin_required, server_key
 
 bp = Blueprint("dashboard", __name__)
+
+
+@bp.get(f"{API_PREFIX}/admin/console")
+@admin_required
+def console():
+    """Personal against global accuracy per device and fleet-wide, versions with lineage, refused rounds."""
+    from aggregator import console as data
+    from aggregator.db import get_session
+
+    return jsonify(data.console(get_session(), server_key()))
 
 
 @bp.get("/admin")
