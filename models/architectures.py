@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 
 from edge_sdk.errors import ParameterError
 
-__all__ = ["ArchitectureConfig", "build_encoder", "build_head", "ARCHITECTURES", "preset", "AttentionPooling"]
+__all__ = ["ArchitectureConfig", "build_encoder", "build_head", "ARCHITECTURES", "preset", "AttentionPooling",
+           "MaskedPooling"]
 
 ARCHITECTURES = ("dnn", "cnn", "lstm", "afcn")
 
@@ -59,6 +60,12 @@ class ArchitectureConfig:
     head_units : int
         Hidden units of the head.
     dropout : float
+    masked_pooling : bool
+        cnn and dnn: pool over the utterance's own frames only. Inputs shorter
+        than the model's frame count are padded with zero rows (the mean);
+        plain global pooling averages those rows in, so the embedding also
+        says how long the utterance was. With this on, a frame whose features
+        are all exactly zero is padding, and average and max pooling skip it.
     """
 
     name: str = "cnn"
@@ -72,6 +79,7 @@ class ArchitectureConfig:
     embedding_dim: int = 128
     head_units: int = 64
     dropout: float = 0.3
+    masked_pooling: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ARCHITECTURES:
@@ -146,7 +154,45 @@ def _attention_pooling_class():
     return AttentionPooling
 
 
+def _masked_pooling_class():
+    import keras
+    from keras import layers, ops
+
+    class MaskedPooling(layers.Layer):
+        """Mean and max over time of ``x`` ``[B, T', C]`` (non-negative, after ReLU) at the frames that are not
+        padding; the padding mask comes from the model input ``[B, T, F]`` (a row of exact zeros), downsampled
+        by ``pool`` (the product of the encoder's max-pooling sizes)."""
+
+        def __init__(self, pool: int, **kwargs):
+            super().__init__(**kwargs)
+            self.pool = pool
+
+        def call(self, x, features):
+            mask = ops.cast(ops.sum(ops.abs(features), axis=-1) > 0.0, x.dtype)  # [B, T]
+            if self.pool > 1:
+                steps = ops.shape(x)[1]
+                mask = ops.max(ops.reshape(mask[:, : steps * self.pool], (-1, steps, self.pool)), axis=-1)
+            mask = ops.expand_dims(mask, -1)
+            mean = ops.sum(x * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+            return ops.concatenate([mean, ops.max(x * mask, axis=1)], axis=-1)
+
+        def get_config(self):
+            return {**super().get_config(), "pool": self.pool}
+
+    keras.saving.register_keras_serializable("fedser")(MaskedPooling)
+    return MaskedPooling
+
+
 _ATTENTION = None
+_MASKED = None
+
+
+def MaskedPooling(pool: int, **kwargs):  # noqa: N802 - a layer factory
+    """Mean and max pooling over the frames that are not padding (keras is imported on first use)."""
+    global _MASKED
+    if _MASKED is None:
+        _MASKED = _masked_pooling_class()
+    return _MASKED(pool, **kwargs)
 
 
 def AttentionPooling(units: int, scale: float, **kwargs):  # noqa: N802 - a layer factory
@@ -172,11 +218,19 @@ def build_encoder(cfg: ArchitectureConfig, frames: int, n_features: int):
             x = layers.Activation("relu")(x)
             if i < len(cfg.channels) - 1:
                 x = layers.MaxPooling1D(2, name=f"pool{i}")(x)
-        pooled = layers.Concatenate(name="pool")([layers.GlobalAveragePooling1D()(x), layers.GlobalMaxPooling1D()(x)])
+        if cfg.masked_pooling:
+            pooled = MaskedPooling(2 ** (len(cfg.channels) - 1), name="pool")(x, inp)
+        else:
+            pooled = layers.Concatenate(name="pool")([layers.GlobalAveragePooling1D()(x),
+                                                      layers.GlobalMaxPooling1D()(x)])
     elif cfg.name == "dnn":
         for i, units in enumerate(cfg.channels):
             x = layers.Dense(units, activation="relu", name=f"frame_dense{i}")(x)
-        pooled = layers.Concatenate(name="pool")([layers.GlobalAveragePooling1D()(x), layers.GlobalMaxPooling1D()(x)])
+        if cfg.masked_pooling:
+            pooled = MaskedPooling(1, name="pool")(x, inp)
+        else:
+            pooled = layers.Concatenate(name="pool")([layers.GlobalAveragePooling1D()(x),
+                                                      layers.GlobalMaxPooling1D()(x)])
     elif cfg.name == "lstm":
         for i, ch in enumerate(cfg.channels):
             x = layers.Conv1D(ch, cfg.kernel_size, padding="same", name=f"conv{i}")(x)

@@ -143,10 +143,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
-    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar"), default="none")
+    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar", "level"), default="none",
+                   help="per-utterance normalisation (level: remove the recording's gain only)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
     g.add_argument("--max-frames", type=int, default=300)
+    g.add_argument("--masked-pooling", action="store_true",
+                   help="cnn/dnn: pool over the utterance's frames only, not the zero padding")
     g.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache folder")
     g.add_argument("--no-progress", action="store_true")
 
@@ -242,7 +245,8 @@ def cmd_train(args) -> int:
     clips, name, label_map = corpus_clips(args, args.out)
     train, val, test = _split(args, clips)
     features, config = _configs(args)
-    result = train_baseline(train, val, test, features=features, architecture=preset(args.architecture),
+    arch = preset(args.architecture, **({"masked_pooling": True} if args.masked_pooling else {}))
+    result = train_baseline(train, val, test, features=features, architecture=arch,
                             config=config, labels=label_map.classes, cache_dir=args.cache, out_dir=args.out,
                             dataset_name=name, label_map=label_map.to_dict(),
                             progress=False if args.no_progress else None)
@@ -278,6 +282,7 @@ def cmd_compare(args) -> int:
     folds = speaker_folds([c for c in clips if c.speaker not in named], args.folds or 5, seed=args.seed)
     archs = [a.strip() for a in args.architectures.split(",") if a.strip()]
     report = compare_architectures(folds, archs, features=features, config=config, labels=label_map.classes,
+                                   masked_pooling=args.masked_pooling,
                                    cache_dir=args.cache, dataset_name=name,
                                    progress=False if args.no_progress else None)
     report["label_map"] = label_map.to_dict()

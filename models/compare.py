@@ -62,6 +62,7 @@ def compare_architectures(
     cache_dir: str | os.PathLike | None = None,
     dataset_name: str = "",
     progress: bool | None = None,
+    masked_pooling: bool = False,
 ) -> dict:
     """Train each architecture on each (train, test) fold; per-fold and pooled test metrics."""
     from models.train import TrainConfig, train_baseline
@@ -69,7 +70,7 @@ def compare_architectures(
     config = config or TrainConfig()
     results = {}
     for name in architectures:
-        arch = preset(name)
+        arch = preset(name, **({"masked_pooling": True} if masked_pooling and name in ("cnn", "dnn") else {}))
         folds_out, true_all, pred_all, corpus_cm = [], [], [], {}
         started = time.perf_counter()
         for i, (train, test) in enumerate(folds):

@@ -41,6 +41,10 @@ VARIANTS = {
     "gain-aug": ("+ 2 copies per clip with random gain +-12 dB (no speed, no noise)", {},
                  {"augmentation": {"copies": 2, "gain_db": (-12.0, 12.0), "speed": (1.0, 1.0),
                                    "snr_db": (90.0, 90.0)}}),
+    "masked": ("masked pooling: the CNN pools over the utterance's frames, not the zero padding", {},
+               {"architecture": {"masked_pooling": True}}),
+    "level+masked": ("level normalisation + masked pooling", {"utterance_norm": "level"},
+                     {"architecture": {"masked_pooling": True}}),
     "level+specaug": ("level normalisation + SpecAugment 2 masks", {"utterance_norm": "level"},
                       {"spec_augment": 2}),
 }
@@ -57,20 +61,23 @@ def _clips():
 
 def _configs(feat_changes: dict, train_changes: dict, seed: int):
     from edge_sdk.features import FeatureConfig
+    from models.architectures import preset
     from models.features import Augmentation
     from models.train import TrainConfig
 
     features = FeatureConfig(**{**BASE_FEATURES, **feat_changes})
     train_changes = dict(train_changes)
     aug = train_changes.pop("augmentation", None)
+    arch = preset("cnn", **train_changes.pop("architecture", {}))
     config = TrainConfig(**{**BASE_TRAIN, **train_changes}, seed=seed)
     if aug:
         config = replace(config, augmentation=Augmentation(**aug, seed=seed))
-    return features, config
+    return features, config, arch
 
 
 def _row(name: str, seed: int, report: dict) -> dict:
-    out = {"variant": name, "seed": seed, "epochs_run": report["epochs_run"], "best_val_uar": report["best_val_uar"]}
+    out = {"variant": name, "seed": seed, "epochs_run": report["epochs_run"], "best_val_uar": report["best_val_uar"],
+           "calibrated_uar": report.get("calibrated", {}), "mean_probs": report.get("mean_probs", {})}
     for corpus, t in report["test_by_corpus"].items():
         out[corpus] = {"uar": t["uar"], "accuracy": t["accuracy"],
                        "recall": {k: v["recall"] for k, v in t["per_class"].items()},
@@ -88,11 +95,38 @@ def _fmt(values) -> str:
     return f"{m:.3f} ± {se:.3f}"
 
 
-def _train(train, val, test, features, config, cache, out_dir=None, name=""):
+def _train(train, val, test, features, config, arch, cache, out_dir=None, name=""):
+    """The training report, with ``calibrated``: per corpus, the UAR after an unsupervised prior correction (the
+    class biases shifted until the corpus's mean predicted probabilities are equal; no label used)."""
+    from models.features import compute_features
+    from models.metrics import by_corpus
     from models.train import train_baseline
 
-    return train_baseline(train, val, test, features=features, config=config, cache_dir=cache, out_dir=out_dir,
-                          dataset_name=name, progress=False).report
+    result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
+                            out_dir=out_dir, dataset_name=name, progress=False)
+    report = result.report
+    train_fs = compute_features(train, features, cache_dir=cache)
+    test_fs = compute_features(test, features, cache_dir=cache)
+    x = test_fs.model_inputs(features, train_fs.normalization())
+    logits = result.head.predict(result.encoder.predict(x, batch_size=256, verbose=0), batch_size=256, verbose=0)
+    corpora = np.array([c.speaker.split("-", 1)[0] for c in test_fs.clips])
+    labels = report["labels"]
+    y = test_fs.labels(labels)
+    pred = np.zeros(len(y), int)
+    mean_probs = {}
+    for corpus in set(corpora.tolist()):
+        z = logits[corpora == corpus].astype(np.float64)
+        bias = np.zeros(z.shape[1])
+        for _ in range(50):
+            p = np.exp(z + bias - (z + bias).max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            bias -= np.log(p.mean(axis=0) * z.shape[1])
+        p0 = np.exp(z - z.max(axis=1, keepdims=True))
+        mean_probs[corpus] = (p0 / p0.sum(axis=1, keepdims=True)).mean(axis=0).tolist()
+        pred[corpora == corpus] = np.argmax(z + bias, axis=1)
+    report["calibrated"] = {k: v["uar"] for k, v in by_corpus(test_fs.clips, y, pred, labels).items()}
+    report["mean_probs"] = mean_probs
+    return report
 
 
 def ablation(args) -> list[dict]:
@@ -105,8 +139,8 @@ def ablation(args) -> list[dict]:
     for name in args.variants.split(","):
         _, fch, tch = VARIANTS[name]
         for seed in args.seeds:
-            features, config = _configs(fch, tch, seed)
-            report = _train(train, val, r_test + nemo, features, config, args.cache,
+            features, config, arch = _configs(fch, tch, seed)
+            report = _train(train, val, r_test + nemo, features, config, arch, args.cache,
                             name="RAVDESS 1-18 -> RAVDESS 21-24 + nEMO")
             row = _row(name, seed, report)
             rows.append(row)
@@ -119,12 +153,15 @@ def ablation(args) -> list[dict]:
 
 def ablation_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad")) -> str:
     lines = ["| variant | what changes from the bundled recipe | seeds | RAVDESS 21-24 UAR | nEMO (all 9) UAR | "
-             + " | ".join(f"nEMO {lab} recall" for lab in labels) + " |", "| --- " * (5 + len(labels)) + "|"]
+             + " | ".join(f"nEMO {lab} recall" for lab in labels) + " | nEMO UAR after prior correction |",
+             "| --- " * (6 + len(labels)) + "|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
         lines.append(f"| {name} | {VARIANTS[name][0]} | {','.join(str(r['seed']) for r in rs)} "
                      f"| {_fmt([r['ravdess']['uar'] for r in rs])} | {_fmt([r['nemo']['uar'] for r in rs])} | "
-                     + " | ".join(_fmt([r["nemo"]["recall"][lab] for r in rs]) for lab in labels) + " |")
+                     + " | ".join(_fmt([r["nemo"]["recall"][lab] for r in rs]) for lab in labels) + " | "
+                     + (_fmt([r["calibrated_uar"]["nemo"] for r in rs]) if all(r.get("calibrated_uar") for r in rs)
+                        else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,18 +175,18 @@ def loco(args) -> list[dict]:
     r_rest, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
     n_rest, n_test = split_by_speaker(nemo, ["nemo-IC0", "nemo-MK0", "nemo-TP0"])
     for seed in args.seeds:
-        features, config = _configs(fch, tch, seed)
+        features, config, arch = _configs(fch, tch, seed)
         # RAVDESS only: 1-18 train, 19-20 validate; tested on 21-24 and all of nEMO
         train, val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
         out_dir = args.export / f"seed{seed}" if args.export and seed == args.seeds[0] else None
-        rep = _train(train, val, r_test + nemo, features, config, args.cache, out_dir=out_dir,
+        rep = _train(train, val, r_test + nemo, features, config, arch, args.cache, out_dir=out_dir,
                      name="RAVDESS actors 1-18 (19-20 validate)")
         rows.append({"experiment": "loco", "direction": "ravdess->nemo", "variant": args.variant,
                      **_row(args.variant, seed, rep)})
         # nEMO only: the six speakers other than IC0, MK0, TP0 (one validates); tested on IC0/MK0/TP0 and RAVDESS
         val_spk = validation_speakers(n_rest, count=1, seed=seed)
         train, val = split_by_speaker(n_rest, val_spk)
-        rep = _train(train, val, n_test + ravdess, features, config, args.cache, name="nEMO (6 speakers)")
+        rep = _train(train, val, n_test + ravdess, features, config, arch, args.cache, name="nEMO (6 speakers)")
         rows.append({"experiment": "loco", "direction": "nemo->ravdess", "variant": args.variant, "val": val_spk,
                      **_row(args.variant, seed, rep)})
         with open(args.out / "results.jsonl", "a") as f:
@@ -181,7 +218,8 @@ def loco_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad"))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.cross_corpus", description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("ablation", "loco"))
+    p.add_argument("experiment", choices=("ablation", "loco", "tables"),
+                   help="tables: rewrite ablation.md and loco-*.md from every run in OUT/results.jsonl")
     p.add_argument("--out", type=Path, default=Path("docs/results/cross-corpus"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS), help="ablation: which variants")
@@ -192,6 +230,17 @@ def main(argv=None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.experiment == "tables":
+        rows = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
+        abl = [r for r in rows if r["experiment"] == "ablation"]
+        if abl:
+            (args.out / "ablation.md").write_text(ablation_markdown(abl))
+            print(ablation_markdown(abl))
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["experiment"] == "loco"):
+            text = loco_markdown([r for r in rows if r["experiment"] == "loco" and r["variant"] == variant])
+            (args.out / f"loco-{variant}.md").write_text(text)
+            print(text)
+        return 0
     if args.experiment == "ablation":
         rows = ablation(args)
         (args.out / f"ablation-{'-'.join(map(str, args.seeds))}.md").write_text(ablation_markdown(rows))

@@ -135,7 +135,9 @@ class FeatureSet:
 
 
 def _config_key(cfg: FeatureConfig, aug: Augmentation | None) -> str:
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    # the cache holds raw features: the frame count and the speaker normalisation are applied later, so they are
+    # pinned (to the fedser-train defaults, which keeps earlier caches valid) and configs differing only there share it
+    h = hashlib.sha256(json.dumps({**cfg.to_dict(), "max_frames": 300, "speaker_norm": True}, sort_keys=True).encode())
     if aug is not None and aug.copies:
         h.update(json.dumps(aug.to_dict(), sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -216,3 +216,46 @@ def test_malformed_replay_set_is_refused_with_the_reason(trained_model):
         ModelMetadata.from_dict(data).replay_set()
     data["extra"].pop("replay")
     assert ModelMetadata.from_dict(data).replay_set() is None
+
+
+@pytest.mark.parametrize("name", ["cnn", "dnn"])
+def test_masked_pooling_exports_and_ignores_padding(name, tmp_path, rng):
+    """masked_pooling: builtin ops only, TFLite equals TensorFlow, and the embedding of an utterance does not
+    change with the amount of zero padding after it (with plain pooling it does)."""
+    from edge_sdk.features import FeatureConfig, Normalization, fit_frames
+    from edge_sdk.model import ModelMetadata
+    from models.architectures import build_encoder, build_head, preset
+    from models.export import build_trainable_module, export_tflite, head_layout
+
+    feats = FeatureConfig(max_frames=120)
+    utt = rng.normal(size=(50, feats.n_features)).astype(np.float32)
+    short, long_ = fit_frames(utt, 120), fit_frames(np.concatenate([utt, utt]), 120)
+    for masked in (False, True):
+        cfg = preset(name, embedding_dim=24, head_units=12, channels=(16, 32), masked_pooling=masked, dropout=0.0)
+        encoder, head = build_encoder(cfg, feats.max_frames, feats.n_features), build_head(cfg, 4)
+        # the same utterance padded to 120 frames, and followed by silence-free content then cut: compare the
+        # embedding of `utt` padded with 70 zero rows to that of `utt` padded inside a 100-row window
+        padded_more = fit_frames(utt[:40], 120)
+        emb_a = encoder(short[None], training=False).numpy()[0]
+        if not masked:
+            assert not np.allclose(emb_a, encoder(padded_more[None], training=False).numpy()[0], atol=1e-4)
+            continue
+        # masked: the embedding depends on the frames, not on how much padding follows them
+        framed = fit_frames(utt, 100)
+        ref = build_encoder(cfg, 100, feats.n_features)
+        ref.set_weights(encoder.get_weights())
+        np.testing.assert_allclose(emb_a, ref(framed[None], training=False).numpy()[0], rtol=0, atol=1e-4)
+        hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
+        weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(), "w1": logits.kernel.numpy(),
+                   "b1": logits.bias.numpy()}
+        meta = ModelMetadata(labels=("angry", "happy", "neutral", "sad"), features=feats,
+                             normalization=Normalization(np.zeros(40, np.float32), np.ones(40, np.float32)),
+                             head_layout=head_layout(24, 12, 4), embedding_dim=24, train_batch_size=4,
+                             architecture=name)
+        exported = export_tflite(encoder, weights, meta, tmp_path)
+        tf_mod = build_trainable_module(encoder, weights, meta)
+        model = TFLiteModel(exported.tflite_path, meta)
+        for x in (short, long_):
+            probs, emb = model.infer(x)
+            np.testing.assert_allclose(emb, tf_mod.infer(x[None])["embedding"].numpy()[0], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(emb, encoder(x[None], training=False).numpy()[0], rtol=0, atol=1e-4)
