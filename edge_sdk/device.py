@@ -733,7 +733,7 @@ class Device:
         answers. So a device sends again on the same version once its user has answered more (after a round
         the server's validation gate refused, the next round on that version still gets updates), and an
         update refused as stale is remade on the new version (:meth:`flush_outbox` forgets it, :meth:`sync`
-        remakes it). A newer update supersedes a pending one on the same version (it holds every answer).
+        remakes it). A new update supersedes every pending one (it holds all of their answers, on the newest base).
         """
         self._require_model()
         policy = policy or self.train_policy
@@ -769,9 +769,9 @@ class Device:
             num_examples=len(examples), sequence=seq, sign=self.key.sign,
             privacy=privacy.describe(), report=report,
         )
-        superseded = [i.seq for i in self.store.pending() if i.base_version == version]
+        superseded = [i.seq for i in self.store.pending()]
         self.store.enqueue(seq, version, envelope.to_bytes())
-        for old in superseded:  # not posted yet, and this one holds all of its answers and more
+        for old in superseded:  # not accepted yet; this one holds all of its answers and more, on the newest base
             self.store.mark_done(old, "rejected", {"reason": "superseded", "by": seq})
         self.store.set("last_update", json.dumps({"seq": seq, "base_version": version, "answers": answers}))
         log.info("update %d for base version %d is in the outbox", seq, version)

@@ -1,0 +1,207 @@
+"""The device's side of federation that keeps going (issue 11, items 3 and 4), against a real aggregator.
+
+- A round the validation gate refuses is followed by a round that gets updates: a device sends again on the
+  same version once its user has answered more.
+- A device that syncs late pulls the new version first, so its answers go to the open round instead of being
+  refused as stale and dropped; an update it had already made on the old version is remade on the new one.
+- A genuinely signed older manifest, replayed by a proxy, is refused and the device stays on its version.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+from edge_sdk.device import Device, ManifestDowngradeError, TrainPolicy
+from edge_sdk.model import bundled_model_paths
+from edge_sdk.wire import UpdateEnvelope
+from tests.conftest import start_live_aggregator
+
+pytestmark = pytest.mark.skipif(bundled_model_paths() is None, reason="no bundled model in this checkout")
+
+POLICY = TrainPolicy(min_examples=4, holdout_every=0, epochs=3)
+LABELS = ("angry", "happy", "neutral", "sad")
+
+
+@dataclass
+class _ModelFiles:  # what LiveAggregator.publish reads
+    tflite_path: Path
+    metadata_path: Path
+
+
+def _audio(seed: int, sample_rate: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(1.5 * sample_rate), dtype=np.float32) / sample_rate
+    return (0.2 * np.sin(2 * np.pi * (110 + 23 * (seed % 17)) * t)
+            + 0.02 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def _answer(device: Device, n: int, seed: int) -> None:
+    for i in range(n):
+        pred = device.classify(_audio(seed + i))
+        device.feedback(pred.id, LABELS[(seed + i) % 4])
+
+
+def _base_version(device: Device, seq: int) -> int:
+    item = next(i for i in device.store.outbox_items() if i.seq == seq)
+    return UpdateEnvelope.from_bytes(item.envelope)[0].header.base_version
+
+
+def _num_examples(device: Device, seq: int) -> int:
+    item = next(i for i in device.store.outbox_items() if i.seq == seq)
+    return UpdateEnvelope.from_bytes(item.envelope)[0].header.num_examples
+
+
+@pytest.fixture
+def aggregator(tmp_path):
+    started = []
+
+    def start(**kwargs):
+        agg = start_live_aggregator(tmp_path / f"srv{len(started)}", workers=0, **kwargs)
+        started.append(agg)
+        assert agg.publish(_ModelFiles(*bundled_model_paths())) == 1
+        return agg
+
+    yield start
+    for agg in started:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("staleness_limit", ["0", "1"])
+def test_late_devices_answers_go_to_the_current_round_not_refused_as_stale(aggregator, tmp_path, staleness_limit):
+    agg = aggregator(min_updates=2, env={"FEDSER_STALENESS_LIMIT": staleness_limit})
+    a, b, c, d = (agg.enroll(tmp_path / n, n, train_policy=POLICY) for n in "abcd")
+    for i, dev in enumerate((a, b, c, d)):
+        _answer(dev, 5, seed=10 * i)
+    premade = c.make_update()  # c made its update on version 1, then was offline while the round closed
+    assert premade is not None and _base_version(c, premade) == 1
+
+    assert a.sync().accepted
+    closing = b.sync().accepted
+    assert closing and closing[0]["round_closed"] and closing[0]["published_version"] == 2
+
+    if staleness_limit == "0":  # posted before pulling (what sync used to do): refused, and marked to be remade
+        posted = c.flush_outbox()
+        assert posted.rejected == [{"seq": premade, "reason": "stale_base", "remake": True}], posted
+    late = c.sync()
+    assert c.model_version == 2
+    assert late.rejected == [] and len(late.accepted) == 1 and late.accepted[0]["round_id"] == 2, late
+    seq = late.accepted[0]["seq"]
+    assert _base_version(c, seq) == 2 and _num_examples(c, seq) == 5  # every answer, on the new base
+    if staleness_limit == "1":  # never posted: superseded by the update on the new base, which holds its answers
+        item = next(i for i in c.store.outbox_items() if i.seq == premade)
+        assert item.state == "rejected"
+
+    later = d.sync()  # never made one: it pulls version 2 first and sends on it
+    assert d.model_version == 2 and later.rejected == [] and len(later.accepted) == 1
+    assert _base_version(d, later.accepted[0]["seq"]) == 2 and later.accepted[0]["round_closed"]
+    assert agg.status()["current_version"] == 3
+
+
+def test_after_a_refused_round_devices_send_again_on_the_same_version(aggregator, tmp_path):
+    clips = tmp_path / "validation"
+    clips.mkdir()
+    rows = ["path,speaker,label"]
+    for i in range(8):
+        sf.write(clips / f"{i}.wav", _audio(100 + i), 16000)
+        rows.append(f"{i}.wav,val{i % 2},{LABELS[i % 4]}")
+    (clips / "validation.csv").write_text("\n".join(rows) + "\n")
+    # A margin of -10 refuses every candidate: each round is refused by the gate and a new one opens on version 1.
+    agg = aggregator(min_updates=2, env={"FEDSER_VALIDATION_MANIFEST": str(clips / "validation.csv"),
+                                         "FEDSER_VALIDATION_MARGIN": "-10"})
+    a, b = (agg.enroll(tmp_path / n, n, train_policy=POLICY) for n in "ab")
+    _answer(a, 5, seed=0)
+    _answer(b, 5, seed=20)
+    assert a.sync().accepted[0]["round_id"] == 1
+    refused = b.sync().accepted[0]
+    assert refused["round_closed"] and refused.get("round_rejected"), refused
+    assert a.model_version == b.model_version == 1
+
+    again = a.sync()  # nothing new to say: no second update from the same answers
+    assert again.enqueued_seq is None and again.accepted == []
+
+    _answer(a, 3, seed=40)
+    _answer(b, 3, seed=60)
+    first, second = a.sync(), b.sync()
+    assert [r["round_id"] for r in first.accepted] == [2], first  # the round opened after the refusal
+    assert [r["round_id"] for r in second.accepted] == [2] and second.accepted[0]["round_closed"], second
+    assert _num_examples(a, first.accepted[0]["seq"]) == 8  # all of its answers, the earlier ones too
+
+
+class _ReplayProxy:
+    """Forwards everything to the aggregator except the manifest, for which it replays ``manifest`` (bytes)."""
+
+    def __init__(self, upstream: str, manifest: bytes) -> None:
+        self.replayed = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method: str) -> None:
+                if method == "GET" and self.path.split("?")[0] == "/api/v1/manifest":
+                    outer.replayed += 1
+                    status, body, headers = 200, manifest, {"Content-Type": "application/json", "ETag": '"v1"'}
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    r = requests.request(method, upstream + self.path, data=self.rfile.read(length) or None,
+                                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+                                         timeout=30)
+                    status, body = r.status_code, r.content
+                    headers = {k: v for k, v in r.headers.items()
+                               if k.lower() in ("content-type", "etag", "cache-control")}
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802
+                self._forward("GET")
+
+            def do_POST(self):  # noqa: N802
+                self._forward("POST")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_replayed_older_signed_manifest_is_refused(aggregator, tmp_path):
+    agg = aggregator(min_updates=50)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    old_manifest, _ = dev.client.get_manifest()  # version 1, genuinely signed by the server
+    assert agg.publish(_ModelFiles(*bundled_model_paths())) == 2
+    assert dev.pull_model() and dev.model_version == 2
+
+    proxy = _ReplayProxy(agg.base_url, old_manifest)
+    try:
+        dev.set_server_url(proxy.url)
+        with pytest.raises(ManifestDowngradeError, match="older than version 2"):
+            dev.pull_model()
+        report = dev.sync()
+        assert proxy.replayed == 2 and "older than version 2" in report.error
+        assert dev.model_version == 2 and report.model_version == 2
+        dev.store.close()
+        restarted = Device(tmp_path / "dev", train_policy=POLICY)  # and it stays on 2 after a restart
+        assert restarted.model_version == 2 and restarted.problems == []
+        with pytest.raises(ManifestDowngradeError):
+            restarted.pull_model()
+        assert restarted.model_version == 2
+        assert Device(tmp_path / "dev").model_version == 2
+    finally:
+        proxy.close()
