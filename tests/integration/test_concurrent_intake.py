@@ -1,4 +1,5 @@
-"""Concurrent posts to several gunicorn workers: every accepted update is aggregated exactly once."""
+"""Concurrent posts to several gunicorn workers: every accepted update is aggregated exactly once, and every
+enrollment token enrolls exactly one device."""
 
 from __future__ import annotations
 
@@ -40,13 +41,37 @@ def test_no_accepted_update_is_lost_or_counted_twice(busy_aggregator, trained_mo
         replies = list(pool.map(post, devices))
     accepted = [r for r in replies if r.status_code == 202]
     refused = [r for r in replies if r.status_code != 202]
+    # All made on version 1: within STALENESS_LIMIT (1) they land in the round of version 1 or 2; later ones
+    # are refused as stale.
     assert all(r.status_code == 409 and r.json()["error"] == "stale_base" for r in refused), \
         [r.text for r in refused]
     status = agg.status()
     closed = [r for r in status["rounds"] if r["status"] == "closed"]
     open_updates = status["open_round"]["updates"] if status["open_round"] else 0
-    # Round 1 of version 1 closed with exactly K=3 updates or more, never fewer; every accepted
-    # update is in a closed round's count or waiting in the open round.
-    assert len(closed) == 1 and closed[0]["num_updates"] >= 3 and closed[0]["published_version"] == 2
+    # Each round closed with K=3 updates or more, never fewer; every accepted update is in exactly one closed
+    # round's count or waiting in the open round.
+    assert closed and all(r["num_updates"] >= 3 for r in closed)
+    assert sorted(r["published_version"] for r in closed) == list(range(2, 2 + len(closed)))
     assert sum(r["num_updates"] for r in closed) + open_updates == len(accepted)
-    assert status["current_version"] == 2
+    assert status["current_version"] == 1 + len(closed) and len(accepted) >= 3
+    assert [r["status"] for r in status["rounds"]].count("open") == 1
+
+
+def test_an_enrollment_token_enrolls_one_device_however_many_race_for_it(busy_aggregator):
+    """Before: enroll read used_at, then wrote it; concurrent requests on PostgreSQL all read it unset."""
+    agg = busy_aggregator
+    tokens = [agg.post_admin("/enrollment-tokens", json={}).json()["token"] for _ in range(8)]
+    attempts = [(t, SigningKey.generate()) for t in tokens for _ in range(6)]
+
+    def enroll(attempt):
+        token, key = attempt
+        return token, requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=60,
+                                    json={"token": token, "public_key": key.verify_key.to_b64()})
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(enroll, attempts))
+    for token in tokens:
+        codes = sorted(r.status_code for t, r in replies if t == token)
+        assert codes == [201] + [403] * 5, codes
+    assert all(r.json()["error"] == "token_used" for _, r in replies if r.status_code == 403)
+    assert len(agg.status()["devices"]) == len(tokens)

@@ -16,7 +16,7 @@ from edge_sdk.device import Device, TrainPolicy
 from edge_sdk.errors import ServerError, SignatureError
 from edge_sdk.manifest import SignedManifest
 from edge_sdk.signing import SigningKey
-from edge_sdk.wire import UpdateEnvelope, unpack_arrays
+from edge_sdk.wire import UpdateEnvelope
 
 
 def _give_feedback(device: Device, clips, answers: list[str]) -> None:
@@ -186,14 +186,42 @@ def test_enrollment_tokens_are_one_time(live_aggregator, tmp_path):
 
 
 def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggregator, trained_model, tmp_path):
+    """The served head blobs, read as raw little-endian float32 in the layout's order (not through unpack_arrays):
+    version 1 is the uploaded model's own head, version 2 is it plus the example-weighted mean of the round."""
+    from edge_sdk.model import TFLiteModel
+    from tests.conftest import signed_update
+
     agg = live_aggregator
     agg.publish(trained_model)
-    dev = agg.enroll(tmp_path / "dev")
-    manifest, _ = _current_manifest(dev)
-    raw = dev.client.get_blob(manifest["head"]["url"])
-    arrays = unpack_arrays(dev.metadata.head_layout, raw)
-    for name, arr in arrays.items():
-        np.testing.assert_array_equal(arr, dev.global_head[name])
+    a, b = agg.enroll(tmp_path / "a"), agg.enroll(tmp_path / "b")
+    layout = a.metadata.head_layout
+
+    def served_head(version: int) -> dict[str, np.ndarray]:
+        raw, _ = a.client.get_manifest()
+        manifest = json.loads(raw)["manifest"]
+        assert manifest["version"] == version
+        blob = a.client.get_blob(manifest["head"]["url"])
+        assert hashlib.sha256(blob).hexdigest() == manifest["head"]["sha256"]
+        flat = np.frombuffer(blob, dtype="<f4")  # little-endian, whatever this machine's order
+        sizes = [int(np.prod(s.shape)) for s in layout]
+        assert flat.size == sum(sizes)
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        return {s.name: p.reshape(s.shape) for s, p in zip(layout, parts, strict=True)}
+
+    v1 = served_head(1)
+    bundled = TFLiteModel(trained_model.tflite_path, trained_model.metadata).get_weights()
+    for name, arr in bundled.items():
+        np.testing.assert_array_equal(v1[name], arr)
+    env_a = signed_update(a.device_id, a.key, layout, sequence=1, num_examples=3)
+    env_b = signed_update(b.device_id, b.key, layout, sequence=1, num_examples=5)
+    assert agg.post_update(env_a.to_bytes()).status_code == 202
+    assert agg.post_update(env_b.to_bytes()).json()["published_version"] == 2
+    v2 = served_head(2)
+    da, db = env_a.deltas(), env_b.deltas()
+    for name in v1:
+        expected = v1[name].astype(np.float64) + (3 * da[name].astype(np.float64) + 5 * db[name]) / 8
+        np.testing.assert_allclose(v2[name], expected, rtol=1e-6, atol=1e-7)
+        assert not np.array_equal(v2[name], v1[name])
 
 
 def test_update_is_the_fit_on_all_feedback_even_when_the_personal_guard_discards_it(live_aggregator, trained_model,
@@ -258,3 +286,65 @@ def test_replay_keeps_a_one_class_user_from_erasing_the_other_classes(trained_mo
     (acc_without, share0_without), (acc_with, share0_with) = scores[0.0], scores[1.0]
     assert share0_without > 0.9  # collapsed onto the one class the user answered
     assert acc_with > acc_without + 0.2 and share0_with < 0.75
+
+
+def test_after_the_gate_refuses_a_round_the_next_round_publishes(trained_model, synthetic_clips, tmp_path,
+                                                                 database_url):
+    """A refused round used to stall the fleet: a new round opened on the same version and no device sent again.
+
+    Device A is the real SDK (feedback, sync); device B posts hand-made envelopes signed with its key: first one
+    that inverts the output layer (the gate must refuse the round), then a harmless one. A answers more and syncs
+    again on the same version, and that round closes and publishes. An update made on a version that has just
+    been replaced still counts (STALENESS_LIMIT's default is 1).
+    """
+    from tests.conftest import signed_update, start_live_aggregator
+
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    val_csv = tmp_path / "validation.csv"
+    val_csv.write_text("path,speaker,label\n" + "".join(f"{c.path},{c.speaker},{c.label}\n" for c in synthetic_clips
+                                                        if c.speaker == speakers[-1]))
+    env = {"FEDSER_VALIDATION_MANIFEST": str(val_csv), "FEDSER_VALIDATION_MARGIN": "0.05",
+           "FEDSER_MAX_UPDATE_L2_NORM": "1e9"}
+    agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, env=env)
+    try:
+        assert agg.publish(trained_model) == 1
+        policy = TrainPolicy(min_examples=4, holdout_every=0, epochs=5)
+        a = agg.enroll(tmp_path / "a", "alice", train_policy=policy)
+        b_key = SigningKey.generate()
+        token = agg.post_admin("/enrollment-tokens", json={}).json()["token"]
+        b = requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=30,
+                          json={"token": token, "public_key": b_key.verify_key.to_b64()}).json()["device_id"]
+        layout = a.metadata.head_layout
+        train_clips = [c for c in synthetic_clips if c.speaker not in speakers[-2:]]
+
+        _give_feedback(a, train_clips[:6], ["label"] * 6)
+        report = a.sync()
+        assert [r["status"] for r in report.accepted] == ["accepted"], report
+        last = layout.names[-2:]  # the output layer's kernel and bias: -4 x them turns every prediction around
+        harm = {n: (-4.0 * a.global_head[n] if n in last else np.zeros(s.shape)).astype(np.float32)
+                for n, s in zip(layout.names, layout, strict=True)}
+        bad = UpdateEnvelope.create(device_id=b, base_version=1, layout=layout, deltas=harm, num_examples=6,
+                                    sequence=1, sign=b_key.sign)
+        r = agg.post_update(bad.to_bytes())
+        assert r.status_code == 202 and "validation UAR would drop" in r.json()["round_rejected"], r.text
+        status = agg.status()
+        assert status["current_version"] == 1 and status["rounds"][1]["status"] == "rejected"
+        assert status["open_round"]["base_version"] == 1 and status["open_round"]["updates"] == 0
+
+        # the next round on the same version: A has more answers and sends again; B sends a harmless update
+        _give_feedback(a, train_clips[6:10], ["label"] * 4)
+        report = a.sync()
+        assert [r["status"] for r in report.accepted] == ["accepted"], report
+        assert agg.status()["open_round"]["updates"] == 1
+        r = agg.post_update(signed_update(b, b_key, layout, sequence=2, base_version=1, scale=1e-6).to_bytes())
+        assert r.status_code == 202 and r.json().get("published_version") == 2, r.text
+        assert "round_rejected" not in r.json()
+        assert a.sync().model_version == 2
+
+        # made on version 1 while version 2 was being published: one version behind, accepted and down-weighted
+        late = signed_update(b, b_key, layout, sequence=3, base_version=1, scale=1e-6)
+        r = agg.post_update(late.to_bytes())
+        assert r.status_code == 202, r.text
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -21,14 +23,27 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _post_ignoring_errors(base_url: str, data: bytes) -> None:
+    try:
+        requests.post(f"{base_url}/api/v1/updates", data=data, timeout=180)
+    except requests.RequestException:  # the server is killed while this post waits for its answer
+        pass
+
+
 def _stop(agg) -> None:
     agg.process.terminate()
     agg.process.wait(timeout=30)
 
 
 def test_kill_during_round_close_loses_nothing_and_counts_nothing_twice(tmp_path, trained_model, database_url):
-    pause = {"FEDSER_TEST_PAUSE_BEFORE_CLOSE_COMMIT": "30"}
-    agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, env=pause)
+    # Fault injection is test-only configuration (the instance's config.json, never an environment variable read
+    # on every close): the worker that closes the round writes the marker file, then pauses before its commit.
+    marker = tmp_path / "paused-before-commit"
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    (instance / "config.json").write_text(json.dumps({"TEST_PAUSE_BEFORE_CLOSE_COMMIT": 120,
+                                                      "TEST_PAUSE_MARKER": str(marker)}))
+    agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url)
     port = int(agg.base_url.rsplit(":", 1)[1])
     try:
         agg.publish(trained_model)
@@ -39,12 +54,19 @@ def test_kill_during_round_close_loses_nothing_and_counts_nothing_twice(tmp_path
         env_b = signed_update(b.device_id, b.key, layout, sequence=1, num_examples=5)
         assert agg.post_update(env_a.to_bytes()).status_code == 202
         # The second update fills the round; its close aggregates, publishes, then pauses before the commit.
-        with pytest.raises(requests.Timeout):
-            requests.post(f"{agg.base_url}/api/v1/updates", data=env_b.to_bytes(), timeout=4)
+        poster = threading.Thread(target=_post_ignoring_errors, args=(agg.base_url, env_b.to_bytes()), daemon=True)
+        poster.start()
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and poster.is_alive():
+            time.sleep(0.05)
+        assert marker.exists(), "the close never reached the pause before its commit"
+        assert marker.read_text() == "1"  # round 1's close, written and not committed
         _kill_group(agg.process)  # SIGKILL to master and workers mid-close
+        poster.join(30)
     except BaseException:
         _kill_group(agg.process)
         raise
+    (instance / "config.json").unlink()  # the restarted server closes without pausing
     agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, port=port)
     try:
         status = agg.status()
