@@ -1,0 +1,114 @@
+"""Retention: ``fedser-aggregator prune`` removes old refusal rows, the bodies of updates of long-closed rounds and
+unreferenced old model files, and nothing else (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+
+from aggregator import create_app
+from aggregator.db import Refusal, RefusalCount, Round, Update
+from edge_sdk.model import ModelMetadata
+from edge_sdk.signing import SigningKey
+from tests.conftest import signed_update
+
+REPO = Path(__file__).resolve().parents[2]
+DAY = 86400.0
+
+
+def _prune(instance: Path, url: str, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "--database-url", url, "prune", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, FEDSER_LOG_JSON="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_prune_applies_the_retention_settings(tmp_path, database_url):
+    instance = tmp_path / "inst"
+    app = create_app({"INSTANCE_PATH": str(instance), "DATABASE_URL": database_url, "ROUND_MIN_UPDATES": 2,
+                      "REFUSAL_AUDIT_UNAUTH_PER_MINUTE": -1})
+    url = app.config["DATABASE_URL"]
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {app.config['ADMIN_TOKEN']}"}
+    data = REPO / "edge_sdk" / "data"
+    with open(data / "default_model.tflite", "rb") as t, open(data / "default_model.json", "rb") as m:
+        assert client.post("/api/v1/admin/models", headers=auth, data={"tflite": (t, "m.tflite"),
+                                                                        "metadata": (m, "m.json")}).status_code == 201
+    layout = ModelMetadata.load(data / "default_model.json").head_layout
+    devices = []
+    for _ in range(3):
+        token = client.post("/api/v1/admin/enrollment-tokens", headers=auth, json={}).json["token"]
+        key = SigningKey.generate()
+        r = client.post("/api/v1/devices/enroll", json={"token": token, "public_key": key.verify_key.to_b64()})
+        devices.append((r.json["device_id"], key))
+    # Round 1 closes with two updates (-> version 2); the third device's update opens round 2's count.
+    for dev, key in devices[:2]:
+        r = client.post("/api/v1/updates", data=signed_update(dev, key, layout, sequence=1).to_bytes())
+        assert r.status_code == 202
+    assert r.json["published_version"] == 2
+    dev3, key3 = devices[2]
+    assert client.post("/api/v1/updates", data=signed_update(dev3, key3, layout, sequence=1,
+                                                             base_version=2).to_bytes()).status_code == 202
+    for _ in range(4):  # refusals: unauthenticated, all rows kept here (-1)
+        assert client.get("/api/v1/manifest", headers={"X-Fedser-Device": "nobody", "X-Fedser-Timestamp": "1",
+                                                       "X-Fedser-Signature": "AA=="}).status_code == 401
+    counts_before = client.get("/api/v1/admin/status", headers=auth).json["refusals"]
+    assert counts_before == {"unknown_device": 4}
+
+    blobs = instance / "blobs"
+    orphan_old, orphan_new = app.extensions["fedser_blobs"].put(b"old orphan"), app.extensions["fedser_blobs"].put(
+        b"new orphan")
+    now = time.time()
+    old = now - 30 * DAY
+    for path in blobs.glob("??/*"):  # every file old, the referenced ones included
+        os.utime(path, (old, old))
+    os.utime(blobs / orphan_new.sha256[:2] / orphan_new.sha256, (now, now))
+    session = app.extensions["fedser_sessionmaker"]()
+    session.execute(update(Refusal).where(Refusal.id.in_(select(Refusal.id).limit(3))).values(at=now - 40 * DAY))
+    session.execute(update(Round).where(Round.status == "closed").values(closed_at=now - 10 * DAY))
+    session.commit()
+    body_bytes = session.scalar(select(func.length(Update.body)).limit(1))
+    session.commit()  # SQLite: no transaction (and its write lock) open while the CLI runs
+    referenced = sorted(p.name for p in blobs.glob("??/*") if p.name not in (orphan_old.sha256, orphan_new.sha256))
+
+    dry = _prune(instance, url, "--dry-run")
+    assert dry == {"refusals_deleted": 3, "update_bodies_emptied": 2, "update_body_bytes_freed": 2 * body_bytes,
+                   "blobs_deleted": 1, "blob_bytes_freed": len(b"old orphan"), "dry_run": True}
+    assert session.scalar(select(func.count()).select_from(Refusal)) == 4  # a dry run removes nothing
+    session.commit()
+    report = _prune(instance, url)
+    assert report == {**dry, "dry_run": False}
+    assert _prune(instance, url) == {**{k: 0 for k in dry}, "dry_run": False}  # and again: nothing left to do
+
+    session.expire_all()
+    assert session.scalar(select(func.count()).select_from(Refusal)) == 1
+    assert session.scalar(select(func.sum(RefusalCount.count))) == 4  # the metric keeps every refusal
+    bodies = dict(session.execute(select(Update.device_id, func.length(Update.body))).all())
+    session.close()
+    assert client.get("/api/v1/admin/status", headers=auth).json["refusals"] == counts_before
+    assert bodies == {devices[0][0]: 0, devices[1][0]: 0, dev3: body_bytes}  # the open round's update kept
+    left = sorted(p.name for p in blobs.glob("??/*"))
+    assert orphan_old.sha256 not in left and orphan_new.sha256 in left
+    assert set(referenced) <= set(left)
+    # The service goes on: a replay of a pruned update is still refused by its sequence, the open round closes.
+    r = client.post("/api/v1/updates", data=signed_update(devices[0][0], devices[0][1], layout, sequence=1,
+                                                          base_version=2).to_bytes())
+    assert r.status_code == 409
+    r = client.post("/api/v1/updates", data=signed_update(devices[0][0], devices[0][1], layout, sequence=2,
+                                                          base_version=2).to_bytes())
+    assert r.status_code == 202 and r.json["published_version"] == 3
+    app.extensions["fedser_engine"].dispose()
+
+
+def test_prune_refuses_a_negative_setting(tmp_path):
+    instance = tmp_path / "inst"
+    cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "prune", "--refusal-days", "-1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "refusal_days" in proc.stderr
