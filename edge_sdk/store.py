@@ -105,6 +105,10 @@ class FeedbackStore:
             for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER")):  # files from before these columns
                 if name not in columns:
                     self._conn.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
+            # answers stored by SDKs before a correction to the predicted label itself counted as a thumbs-up
+            self._conn.execute(
+                "UPDATE feedback SET kind = 'up', label = NULL WHERE kind = 'label'"
+                " AND label = (SELECT p.label FROM predictions p WHERE p.id = feedback.prediction_id)")
 
     def close(self) -> None:
         with self._lock:
@@ -175,6 +179,9 @@ class FeedbackStore:
     def add_feedback(self, prediction_id: str, kind: str, label: str | None = None) -> None:
         """Record (or replace) the user's answer to one prediction.
 
+        A ``label`` answer naming the label the model predicted is a thumbs-up (``up``): it is stored, counted
+        and trained on as one.
+
         Raises
         ------
         ParameterError
@@ -185,8 +192,11 @@ class FeedbackStore:
         if kind == "label" and not label:
             raise ParameterError("a corrected-label answer needs the label")
         with self._tx() as c:
-            if c.execute("SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)).fetchone() is None:
+            row = c.execute("SELECT label FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+            if row is None:
                 raise ParameterError(f"no prediction with id {prediction_id!r}")
+            if kind == "label" and label == row[0]:
+                kind = "up"
             c.execute(
                 "INSERT INTO feedback(prediction_id, kind, label, created_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(prediction_id) DO UPDATE SET kind = excluded.kind, label = excluded.label,"

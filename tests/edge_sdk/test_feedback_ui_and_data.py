@@ -55,7 +55,7 @@ def test_local_page_in_headless_chromium_click_thumbs_and_pick_a_label(device, c
             page.click(f'button.up[data-id="{preds[0].id}"]')
             page.click(f'button.down[data-id="{preds[1].id}"]')
             other = next(lab for lab in device.metadata.labels if lab != preds[2].label)
-            page.select_option(f'select.fix[data-id="{preds[2].id}"]', other)
+            page.click(f'.fix button[data-id="{preds[2].id}"][data-label="{other}"]')
             page.locator(".answered").nth(2).wait_for()
             assert page.inner_text("#accuracy").startswith("right 1 of 3")
             page.screenshot(path=str(tmp_path / "feedback-page.png"), full_page=True)
@@ -228,3 +228,152 @@ def test_listen_fine_tunes_when_enough_new_answers_and_the_room_is_quiet(tmp_pat
     assert len(trained) == 1 and trained[0]["status"] in ("kept", "discarded")  # once: no new answers after
     assert any("label" in x for x in lines) and "listen_stats" in lines[-1]
     assert Device(state).store.get("trained_feedback") == "5"
+
+
+def _tofu_free(text: str) -> bool:
+    """Only characters every font has: printable ASCII (no emoji, no dingbats such as check marks)."""
+    return all(" " <= ch <= "~" or ch in "\n\t" for ch in text)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+@pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
+                         ids=["phone", "desktop"])
+def test_the_page_on_a_phone_and_a_desktop_svg_and_text_only_big_targets(device, clips, tmp_path, viewport):
+    """Screenshots go to FEDSER_TEST_ARTIFACTS (or the test's temporary folder); they were looked at."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    preds = [device.classify_file(p) for p in clips[:4]]
+    server = FeedbackServer(device, port=free_port()).start()
+    phone = viewport["width"] < 600
+    shots = {}
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            ctx = browser.new_context(viewport=viewport, is_mobile=phone, has_touch=phone,
+                                      device_scale_factor=2 if phone else 1)
+            page = ctx.new_page()
+            page.goto(server.url)
+            page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
+            assert page.evaluate("document.querySelector('meta[name=viewport]').content").startswith(
+                "width=device-width")
+            assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]  # no sideways scroll
+            buttons = page.locator("button")
+            assert buttons.count() == 4 * (2 + len(device.metadata.labels))
+            for i in range(buttons.count()):
+                b = buttons.nth(i)
+                box = b.bounding_box()
+                assert box["width"] >= 44 and box["height"] >= 44, (b.inner_text(), box)  # WCAG / Apple HIG
+                text = b.inner_text().strip()
+                assert text and _tofu_free(text), repr(text)
+            for verdict in ("up", "down"):  # an icon drawn as SVG, and a word
+                assert page.locator(f"button.{verdict}").first.locator("svg").count() == 1
+            assert _tofu_free(page.inner_text("body")), page.inner_text("body")
+            newest = page.locator(f'.pred[data-id="{preds[-1].id}"]')
+            if phone:  # under the thumb: docked at the bottom of the screen while unanswered
+                box = newest.bounding_box()
+                assert newest.evaluate("e => getComputedStyle(e).position") == "fixed"
+                assert abs(box["y"] + box["height"] - viewport["height"]) <= 1, box
+            shots["before"] = tmp_path / f"feedback-{'phone' if phone else 'desktop'}.png"
+            page.screenshot(path=str(shots["before"]), full_page=not phone)
+            # answering with the label the model predicted is a thumbs-up, on the page as in the store
+            tap = page.tap if phone else page.click
+            tap(f'.fix button[data-id="{preds[-1].id}"][data-label="{preds[-1].label}"]')
+            page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"] .answered[data-answer="up"]')
+            assert page.inner_text("#accuracy").startswith("right 1 of 1")
+            other = next(lab for lab in device.metadata.labels if lab != preds[0].label)
+            tap(f'.fix button[data-id="{preds[0].id}"][data-label="{other}"]')
+            page.wait_for_selector(f'.pred[data-id="{preds[0].id}"] .answered[data-answer="label"]')
+            assert page.inner_text("#accuracy").startswith("right 1 of 2")
+            shots["after"] = tmp_path / f"feedback-{'phone' if phone else 'desktop'}-answered.png"
+            page.screenshot(path=str(shots["after"]), full_page=not phone)
+            browser.close()
+    finally:
+        server.stop()
+    counts = device.store.counts()
+    assert (counts["feedback_up"], counts["feedback_label"]) == (1, 1)
+    for shot in shots.values():
+        assert shot.stat().st_size > 10_000
+        artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+        if artifacts:
+            os.makedirs(artifacts, exist_ok=True)
+            shutil.copy(shot, artifacts)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_opened_with_the_token_link_works_beyond_loopback(device, clips, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    pred = device.classify_file(clips[0])
+    port = free_port()
+    server = FeedbackServer(device, host="0.0.0.0", port=port).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(f"http://127.0.0.1:{port}/")  # without the token: the page says what to open
+            page.wait_for_function("document.getElementById('status').textContent.includes('#token=')")
+            assert page.locator(".pred").count() == 0
+            page.goto(f"http://127.0.0.1:{port}/#token={server.token}")
+            page.reload()
+            page.wait_for_selector(f'.pred[data-id="{pred.id}"]')
+            page.click(f'button.up[data-id="{pred.id}"]')
+            page.wait_for_selector('.answered[data-answer="up"]')
+            page.goto(f"http://127.0.0.1:{port}/")  # the tab remembers the token: a bookmark without it works
+            page.wait_for_selector(f'.pred[data-id="{pred.id}"]')
+            browser.close()
+    finally:
+        server.stop()
+    assert device.store.counts()["feedback_up"] == 1
+
+
+def test_a_correction_naming_the_predicted_label_is_a_thumbs_up(tmp_path, clips):
+    """Issue 13: 14 answers with the label, 9 of them the predicted one, said "right 0 of 14"."""
+    a, b = Device(tmp_path / "a"), Device(tmp_path / "b")
+    if a.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    rng = np.random.default_rng(4)
+    labels = a.metadata.labels
+    for i in range(14):
+        audio = (0.2 * np.sin(np.arange(24000) * (0.05 + 0.01 * i)) + 0.01 * rng.standard_normal(24000))
+        pa, pb = a.classify(audio.astype(np.float32)), b.classify(audio.astype(np.float32))
+        assert pa.label == pb.label
+        if i < 9:
+            a.feedback(pa.id, pa.label)  # the label it predicted, picked from the list
+            b.feedback(pb.id, "up")      # a thumbs-up
+        else:
+            wrong = next(lab for lab in labels if lab != pa.label)
+            a.feedback(pa.id, wrong)
+            b.feedback(pb.id, wrong)
+    for dev in (a, b):
+        counts = dev.store.counts()
+        assert (counts["feedback_up"], counts["feedback_label"]) == (9, 5)
+        assert dev.store.personal_accuracy() == {"answered": 14, "right": 9, "accuracy": 9 / 14}
+    # the training sees the same examples either way
+    ea, eb = a.store.examples(), b.store.examples()
+    assert [(e.kind, e.target, e.sign) for e in ea] == [(e.kind, e.target, e.sign) for e in eb]
+    assert sum(e.kind == "up" and e.sign == 1.0 for e in ea) == 9
+
+
+def test_answers_stored_by_older_sdks_are_read_as_thumbs_up(tmp_path):
+    import sqlite3
+
+    from edge_sdk.store import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "s.db")
+    for pid, label in (("a", "happy"), ("b", "happy")):
+        store.add_prediction(prediction_id=pid, model_version=1, label=label, probs=np.array([0.1, 0.9]),
+                             embedding=np.arange(4, dtype=np.float32), features=None, latency_ms=1.0)
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:  # what an SDK before the fix wrote
+        conn.executemany("INSERT INTO feedback(prediction_id, kind, label, created_at) VALUES (?, 'label', ?, 0)",
+                         [("a", "happy"), ("b", "sad")])
+    store = FeedbackStore(tmp_path / "s.db")
+    assert store.personal_accuracy()["right"] == 1
+    assert {e.prediction_id: (e.kind, e.target) for e in store.examples()} == {"a": ("up", "happy"),
+                                                                               "b": ("label", "sad")}
