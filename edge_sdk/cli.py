@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
                                    learning_rate=cfg.training.learning_rate)
         device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_policy=train_policy)
+        for problem in device.problems:  # damaged local files: the device runs on what still verifies
+            print(f"fedser-edge: warning: {problem['file']}: {problem['problem']} ({problem['action']})",
+                  file=sys.stderr)
         privacy = PrivacyPolicy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier)
         if args.command == "enroll":
             device_id = device.enroll(args.server, args.token, name=args.name)

@@ -21,10 +21,11 @@ from edge_sdk.errors import SignatureError, WireFormatError
 from edge_sdk.model import ModelMetadata
 from edge_sdk.wire import canonical_json, utc_now
 
-__all__ = ["BlobRef", "Manifest", "SignedManifest", "MANIFEST_FORMAT_VERSION", "MANIFEST_DOMAIN"]
+__all__ = ["BlobRef", "Manifest", "SignedManifest", "MANIFEST_FORMAT_VERSION", "MANIFEST_DOMAIN", "MAX_BLOB_BYTES"]
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_DOMAIN = b"fedser/manifest/v1\x00"
+MAX_BLOB_BYTES = 1 << 30  # a model file larger than 1 GiB is refused before anything is downloaded
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,10 @@ class BlobRef:
         sha = str(data["sha256"])
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise WireFormatError(f"blob sha256 {sha!r} is not 64 lowercase hex digits")
-        return cls(sha, int(data["size"]), str(data["url"]))
+        size = data["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_BLOB_BYTES:
+            raise WireFormatError(f"blob size {size!r} is not an integer in 1..{MAX_BLOB_BYTES}")
+        return cls(sha, size, str(data["url"]))
 
 
 @dataclass(frozen=True)

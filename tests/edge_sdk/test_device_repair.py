@@ -124,19 +124,26 @@ def test_the_command_line_runs_status_classify_and_sync_on_a_damaged_device(enro
     wav = tmp_path / "clip.wav"
     sf.write(wav, _audio(3), 16000)
 
+    warnings = []
+
     def cli(*args) -> list[dict]:
         out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), *args], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
+        warnings.append([line for line in out.stderr.splitlines() if line.startswith("fedser-edge: warning:")])
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
     status = cli("status")[0]
+    # one line per damaged model: the current one and the one installed before it share the base
+    assert [w.split(":")[2].strip() for w in warnings[-1]] == ["manifest.json", "manifest.previous.json"]
+    assert all("sha256" in w and "fedser-edge sync" in w for w in warnings[-1])
     assert status["model_version"] == 0 and status["model_source"] == "bundled"
     assert "sha256" in status["problems"][0]["problem"] and "sync" in status["problems"][0]["action"]
     assert cli("classify", str(wav))[0]["model_version"] == 0
     synced = cli("sync")[0]
     assert synced["model_version"] == 2 and synced["problems"] == [] and synced["repaired"]
     assert cli("status")[0]["problems"] == [] and cli("classify", str(wav))[0]["model_version"] == 2
+    assert warnings[-1] == []
 
 
 def test_a_model_that_does_not_load_is_never_committed(enrolled, tmp_path):

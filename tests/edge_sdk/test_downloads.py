@@ -148,3 +148,13 @@ def test_a_well_behaved_download_is_unchanged(serve):
     with pytest.raises(ServerError) as exc:  # one byte less than it sends is already too much
         ServerClient(server.url).get_blob(server.url + "/blob", size=len(body) - 1)
     assert exc.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 1.5, "700", (1 << 30) + 1])
+def test_a_manifest_size_outside_the_range_is_refused_before_any_download(size):
+    from edge_sdk.errors import WireFormatError
+    from edge_sdk.manifest import BlobRef
+
+    with pytest.raises(WireFormatError, match="blob size"):
+        BlobRef.from_dict({"sha256": "0" * 64, "size": size, "url": "/api/v1/blobs/x"})
+    assert BlobRef.from_dict({"sha256": "0" * 64, "size": 700_000, "url": "/x"}).size == 700_000
