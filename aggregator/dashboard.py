@@ -32,6 +32,10 @@ def page():
     html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
     resp = Response(html, mimetype="text/html")
     resp.headers["Content-Security-Policy"] = ("default-src 'none'; script-src 'unsafe-inline'; "
-                                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:")
+                                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    resp.headers["X-Frame-Options"] = "DENY"  # no other site may frame the console (clickjacking)
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"
     resp.headers["Cache-Control"] = "no-store"
     return resp

@@ -229,3 +229,24 @@ def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device
         local.httpd.server_close()
     with pytest.raises(ParameterError, match="16 to 200"):
         FeedbackServer(device, port=free_port(), token="short")
+
+
+def test_the_admin_console_forbids_framing_and_sniffing_too(tmp_path):
+    """The aggregator's /admin page over real HTTP (werkzeug's server on loopback)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from aggregator import create_app
+
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "LOG_JSON": False})
+    httpd = make_server("127.0.0.1", free_port(), app, threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = requests.get(f"http://127.0.0.1:{httpd.server_port}/admin")
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        httpd.shutdown()
