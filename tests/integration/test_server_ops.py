@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -139,3 +142,93 @@ def test_dashboard_in_headless_chromium(tmp_path, trained_model):
         assert '<p id="error">That token was refused.</p>' in wrong and "kitchen-pi" not in wrong
     finally:
         _stop(agg)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_https(url: str, ca: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, f"aggregator exited with {proc.returncode}"
+        try:
+            if requests.get(url, timeout=2, verify=str(ca)).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within 60 s")
+
+
+def test_tls_example_configuration(tmp_path, trained_model, monkeypatch):
+    """deploy/tls as written: a private CA, the aggregator's ExecStart (HTTPS, its own control socket), a device
+    that trusts the CA through REQUESTS_CA_BUNDLE (deploy/tls/fedser-edge-ca.conf)."""
+    from edge_sdk.device import Device
+    from edge_sdk.errors import ServerError
+    from tools.demo import free_port
+
+    tls = tmp_path / "tls"
+    subprocess.run([str(REPO / "deploy/tls/make-private-ca.sh"), str(tls), "127.0.0.1", "localhost"], check=True,
+                   capture_output=True, timeout=60)
+    assert oct((tls / "server.key").stat().st_mode & 0o777) == "0o600"
+    unit = (REPO / "deploy/tls/fedser-aggregator-tls.conf").read_text()
+    exec_start = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=/")][-1].removeprefix("ExecStart=")
+    port = free_port()
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    run_dir.mkdir()
+    home.mkdir()
+    for old, new in (("/var/lib/fedser-aggregator", str(tmp_path / "instance")),
+                     ("/etc/fedser-aggregator/tls", str(tls)), ("/run/fedser-aggregator", str(run_dir)),
+                     ("--host 0.0.0.0", "--host 127.0.0.1"), ("--port 8443", f"--port {port}")):
+        assert old in exec_start
+        exec_start = exec_start.replace(old, new)
+    argv = shlex.split(exec_start)
+    assert argv[0] == "/opt/fedser/bin/fedser-aggregator"
+    env = dict(os.environ, HOME=str(home), XDG_RUNTIME_DIR="", FEDSER_ROUND_MIN_UPDATES="1")
+    with open(tmp_path / "aggregator.log", "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", *argv[1:]], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"https://127.0.0.1:{port}"
+    ca = tls / "ca.crt"
+    try:
+        _wait_https(f"{base}/healthz", ca, proc)
+        with pytest.raises(requests.exceptions.SSLError):  # not trusted without the fleet's CA
+            requests.get(f"{base}/healthz", timeout=10)
+        with pytest.raises(requests.RequestException):  # and no plain HTTP on the port
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).raise_for_status()
+        # gunicorn's control socket where the unit puts it, none in the shared default place
+        assert (run_dir / "gunicorn.ctl").is_socket() and not (home / ".gunicorn").exists()
+        token = (tmp_path / "instance" / "admin_token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        with open(trained_model.tflite_path, "rb") as t, open(trained_model.metadata_path, "rb") as m:
+            r = requests.post(f"{base}/api/v1/admin/models", headers=auth, files={"tflite": t, "metadata": m},
+                              verify=str(ca), timeout=120)
+        assert r.status_code == 201, r.text
+        tokens = [requests.post(f"{base}/api/v1/admin/enrollment-tokens", headers=auth, json={}, verify=str(ca),
+                                timeout=30).json()["token"] for _ in range(2)]
+        with pytest.raises(ServerError) as exc:  # a device without the CA refuses the server's certificate
+            Device(tmp_path / "untrusting").enroll(base, tokens[0])
+        assert exc.value.reason == "unreachable" and "CERTIFICATE_VERIFY_FAILED" in str(exc.value)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))  # what deploy/tls/fedser-edge-ca.conf sets
+        dev = Device(tmp_path / "dev")
+        dev.enroll(base, tokens[1])
+        assert dev.model_version == 1
+        assert dev.client.get_manifest()[0] is not None  # a signed device GET over HTTPS
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_each_server_has_its_own_control_socket_or_none(tmp_path, trained_model):
+    """gunicorn's default control socket is one path per user (~/.gunicorn/gunicorn.ctl): two servers on a host
+    (demo, simulations, tests) took each other's. The aggregator makes none unless --control-socket asks."""
+    home = tmp_path / "home"
+    home.mkdir()
+    servers = [start_live_aggregator(tmp_path / name, min_updates=1, env={"HOME": str(home), "XDG_RUNTIME_DIR": ""})
+               for name in ("one", "two")]
+    try:
+        for agg in servers:
+            assert requests.get(f"{agg.base_url}/healthz", timeout=10).ok
+        assert not (home / ".gunicorn").exists()
+    finally:
+        for agg in servers:
+            _stop(agg)
