@@ -4,7 +4,8 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
 
 - **Host**: the request's ``Host`` must be one of the names this server answers to (``allowed_hosts``; by
   default the loopback names, and when bound beyond loopback also the bound address, this machine's host
-  name, ``<hostname>.local`` and its addresses) with the bound port. A DNS-rebinding page (``evil.example``
+  name, ``<hostname>.local`` and its addresses; and always the IP address the client connected to, which no
+  DNS answer can rebind) with the bound port. A DNS-rebinding page (``evil.example``
   resolving to 127.0.0.1) sends its own name as Host and is refused (403 ``host_not_allowed``).
 - **Origin**: a POST that carries an Origin must come from this page's own origin (403 ``cross_origin``).
 - **Token**: when the server has one (always when bound beyond loopback: generated once and kept in the
@@ -224,7 +225,10 @@ class FeedbackServer:
             def _check_host(self) -> None:
                 got = _split_host(self.headers.get("Host") or "")
                 bound_port = server.httpd.server_address[1]
-                if got is None or got[0] not in server.allowed_hosts or (got[1] or 80) != bound_port:
+                # the address the client reached, as an IP literal, is this machine's own (no DNS to rebind)
+                reached = _host_name(self.connection.getsockname()[0])
+                if got is None or (got[0] not in server.allowed_hosts and got[0] != reached) or \
+                        (got[1] or 80) != bound_port:
                     raise _Refusal(403, "host_not_allowed", f"Host {self.headers.get('Host')!r} is not this page "
                                    f"(allowed: {sorted(server.allowed_hosts)} on port {bound_port})")
 
@@ -335,8 +339,11 @@ class FeedbackServer:
 
     @property
     def page_url(self) -> str:
-        """The link to open: :attr:`url`, with ``#token=...`` when the server has a token."""
-        return self.url + (f"#token={self.token}" if self.token else "")
+        """The link to open: :attr:`url` (``<hostname>.local`` when bound to every interface), with ``#token=...``
+        when the server has a token."""
+        host, port = self.httpd.server_address[:2]
+        base = f"http://{socket.gethostname().lower()}.local:{port}/" if host in ("0.0.0.0", "::") else self.url
+        return base + (f"#token={self.token}" if self.token else "")
 
     def state(self) -> dict:
         d = self.device
@@ -349,8 +356,9 @@ class FeedbackServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fedser-web", daemon=True)
         self._thread.start()
         if self.token:
-            log.warning("feedback page open beyond this machine at %s (hosts %s); open %s on the phone",
-                        self.url, ", ".join(sorted(self.allowed_hosts)), self.page_url)
+            log.warning("feedback page open beyond this machine at %s (answers to %s, or this machine's address); "
+                        "open %s on the phone (or the same link with the device's address)", self.url,
+                        ", ".join(sorted(self.allowed_hosts)), self.page_url)
         else:
             log.info("feedback page on %s", self.url)
         return self

@@ -194,6 +194,17 @@ def test_every_response_forbids_framing_and_sniffing(server):
         page.headers["Content-Security-Policy"]
 
 
+def _lan_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without a network."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
 def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device, pred):
     port = free_port()
     srv = FeedbackServer(device, host="0.0.0.0", port=port, timeout=1.0).start()
@@ -201,7 +212,7 @@ def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device
         token_file = device.state_dir / "web-token"
         assert srv.token and token_file.read_text().strip() == srv.token
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        assert srv.page_url.endswith(f"#token={srv.token}")
+        assert srv.page_url == f"http://{socket.gethostname().lower()}.local:{port}/#token={srv.token}"
         base = f"http://127.0.0.1:{port}/"
         assert requests.get(base).status_code == 200  # the page itself holds no data
         r = requests.get(base + "api/state")
@@ -215,6 +226,10 @@ def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device
         assert requests.get(base + "api/state", headers={**ok, "Host": f"evil.example:{port}"}).status_code == 403
         r = requests.post(base + "api/feedback", json={"id": pred.id, "answer": "up"}, headers=ok)
         assert r.status_code == 200 and device.store.counts()["feedback_up"] == 1
+        lan = _lan_address()
+        if lan is not None:  # the phone types the device's address: an IP literal is never a rebinding
+            r = requests.get(f"http://{lan}:{port}/api/state", headers=ok)
+            assert r.status_code == 200, r.text
     finally:
         srv.stop()
     again = FeedbackServer(device, host="0.0.0.0", port=free_port())  # the phone's bookmark keeps working
