@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -84,16 +85,15 @@ class ServerClient:
         started = time.monotonic()
         if method == "GET":
             kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth_headers(method, url)}
+        deadline_at = started + self.deadline
         try:
-            # Each socket read waits at most the time left, so a server that stalls cannot outlast the deadline
-            # by more than one read; one that drips bytes is stopped between reads below.
             per_read = min(self.timeout, self.deadline)
-            resp = self.session.request(method, url, timeout=(per_read, per_read), stream=True, **kwargs)
+            resp = self._send(method, url, deadline_at, timeout=(per_read, per_read), stream=True, **kwargs)
         except requests.RequestException as exc:
             raise ServerError(f"cannot reach the aggregator at {url}: {exc}", status=None,
                               reason="unreachable") from exc
         try:
-            body = _read_body(resp, url, limit, started + self.deadline, self.deadline)
+            body = _read_body(resp, url, limit, deadline_at, self.deadline)
         finally:
             resp.close()
         if resp.status_code >= 400:
@@ -109,6 +109,37 @@ class ServerClient:
                 reason=reason,
             )
         return resp, body
+
+    def _send(self, method: str, url: str, deadline_at: float, **kwargs) -> requests.Response:
+        """The response (status and headers; the body is streamed), or ServerError once the deadline passes.
+
+        Connecting and reading the headers run on a helper thread: a server that drips its status line or
+        headers one byte at a time resets every per-read timeout, so only a wait with a deadline bounds them.
+        A thread left behind closes the response it eventually gets.
+        """
+        box: dict = {}
+        done, abandoned = threading.Event(), threading.Event()
+
+        def run() -> None:
+            try:
+                box["resp"] = self.session.request(method, url, **kwargs)
+            except BaseException as exc:  # handed to the caller below
+                box["exc"] = exc
+            finally:
+                done.set()
+                if abandoned.is_set() and "resp" in box:
+                    box["resp"].close()
+
+        threading.Thread(target=run, name="fedser-http", daemon=True).start()
+        if not done.wait(max(0.0, deadline_at - time.monotonic())):
+            abandoned.set()
+            if done.is_set() and "resp" in box:  # it arrived just now: not left open
+                box["resp"].close()
+            raise ServerError(f"{url} sent no complete status line and headers within {self.deadline:g} s",
+                              status=None, reason="deadline")
+        if "exc" in box:
+            raise box["exc"]
+        return box["resp"]
 
     @staticmethod
     def _json(url: str, body: bytes) -> dict:

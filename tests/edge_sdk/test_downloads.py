@@ -83,6 +83,18 @@ def _drips(handler, server):
         time.sleep(0.1)
 
 
+def _drips_headers(handler, server):
+    """A status line, then one header byte every 0.1 s for 60 s: every per-read timeout is reset each time."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    handler.wfile.flush()
+    for _ in range(600):
+        handler.wfile.write(b"X")
+        handler.wfile.flush()
+        server.sent += 1
+        time.sleep(0.1)
+    handler.wfile.write(b": y\r\nContent-Length: 0\r\n\r\n")
+
+
 @pytest.fixture
 def serve():
     servers = []
@@ -132,6 +144,15 @@ def test_a_server_that_drips_bytes_is_cut_off_at_the_overall_deadline(serve):
     assert exc.value.reason == "deadline" and exc.value.status is None
     assert "within 1 s" in str(exc.value)
     assert server.sent < 100  # it stopped long before the body was complete
+
+
+def test_a_server_that_drips_its_headers_is_cut_off_at_the_overall_deadline(serve):
+    server = serve(_drips_headers)
+    client = ServerClient(server.url, timeout=30, deadline=1.0)
+    with pytest.raises(ServerError) as exc:
+        client.get_manifest()
+    assert exc.value.reason == "deadline" and "headers within 1 s" in str(exc.value)
+    assert not server.finished.is_set()  # the call came back while the server was still dripping
 
 
 def test_a_well_behaved_download_is_unchanged(serve):
