@@ -45,7 +45,7 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def json_object_body() -> tuple[dict | None, object]:
+def json_object_body(*, authenticated: bool = True) -> tuple[dict | None, object]:
     """The request body as a JSON object (``{}`` when empty): ``(body, None)`` or ``(None, 400 refusal)``.
 
     NaN and Infinity are refused, as are arrays, strings, numbers and ``null``.
@@ -56,10 +56,10 @@ def json_object_body() -> tuple[dict | None, object]:
     try:
         body = json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        return None, refuse(400, "malformed", f"body is not JSON: {str(exc)[:200]}", authenticated=True)
+        return None, refuse(400, "malformed", f"body is not JSON: {str(exc)[:200]}", authenticated=authenticated)
     if not isinstance(body, dict):
         return None, refuse(400, "malformed", f"body must be a JSON object, got {type(body).__name__}",
-                            authenticated=True)
+                            authenticated=authenticated)
     return body, None
 
 

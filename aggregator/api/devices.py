@@ -7,11 +7,11 @@ import json
 import time
 import uuid
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from aggregator.api import API_PREFIX, error, refuse, server_key
+from aggregator.api import API_PREFIX, error, json_object_body, refuse, server_key
 from aggregator.db import Device, EnrollmentToken, get_session
 from aggregator.registry import current_version
 from edge_sdk.errors import ParameterError
@@ -25,8 +25,10 @@ MAX_NAME_LEN = 200
 
 @bp.post("/enroll")
 def enroll():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not body.get("token") or not body.get("public_key"):
+    body, refused = json_object_body(authenticated=False)  # get_json lets a RecursionError (deep nesting) out
+    if refused is not None:
+        return refused
+    if not body.get("token") or not body.get("public_key"):
         return refuse(400, "malformed", "send JSON with 'token' and 'public_key' (base64 Ed25519)")
     for name, limit in (("token", MAX_TOKEN_LEN), ("public_key", MAX_PUBLIC_KEY_LEN), ("name", MAX_NAME_LEN)):
         if name in body and (not isinstance(body[name], str) or len(body[name]) > limit):

@@ -236,3 +236,41 @@ def test_if_none_match_is_checked_by_the_app(server):
         s.sendall(b'GET /api/v1/manifest HTTP/1.1\r\nHost: x\r\nIf-None-Match: "a\x01b"\r\nConnection: close\r\n\r\n')
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 400") and b"text/html" in reply, reply[:200]  # gunicorn's, not the app's
+
+
+def test_deeply_nested_json_bodies_are_400(server):
+    """json.loads raises RecursionError (not a ValueError) on deep nesting: Flask's get_json let it out as a 500."""
+    agg = server
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = requests.post(f"{agg.base_url}/api/v1/devices/enroll", data=deep, timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert _reason(r) == (400, "malformed")
+    r = requests.post(f"{agg.base_url}/api/v1/admin/rounds/close", data=deep, timeout=30,
+                      headers={**agg.auth, "Content-Type": "application/json"})
+    assert _reason(r) == (400, "malformed")
+    r = requests.post(f"{agg.base_url}/api/v1/devices/enroll", json={"token": ["x"], "public_key": "AAAA"}, timeout=30)
+    assert _reason(r) == (400, "out_of_range")
+
+
+@pytest.mark.postgres
+def test_an_older_postgresql_database_gets_its_64_bit_columns_in_place(tmp_path):
+    from sqlalchemy import text
+
+    from aggregator import create_app
+    from aggregator.db import Base
+
+    url = postgres_database()
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    wide = [("updates", "sequence"), ("updates", "num_examples"), ("devices", "last_sequence"),
+            ("rounds", "num_examples"), ("refusal_counts", "count")]
+    with engine.begin() as conn:  # as an older release made them
+        for table, column in wide:
+            conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE INTEGER"))
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "DATABASE_URL": url})
+    app.extensions["fedser_engine"].dispose()
+    with engine.connect() as conn:
+        types = {(t, c): conn.scalar(text("SELECT data_type FROM information_schema.columns WHERE table_name = :t "
+                                          "AND column_name = :c"), {"t": t, "c": c}) for t, c in wide}
+    engine.dispose()
+    assert set(types.values()) == {"bigint"}, types
