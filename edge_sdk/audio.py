@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ from edge_sdk.features import MAX_CLIP_SECONDS
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["load_audio", "resample", "to_mono", "check_sample_rate", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE",
-           "MAX_CHANNELS", "MAX_CLIP_SECONDS"]
+__all__ = ["load_audio", "stream_audio", "resample", "to_mono", "check_sample_rate", "MIN_SAMPLE_RATE",
+           "MAX_SAMPLE_RATE", "MAX_CHANNELS", "MAX_CLIP_SECONDS"]
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
@@ -190,3 +191,74 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
         log.warning("%s: %.1f s long; kept the first %.1f s (the maximum clip length)", path, declared / sr,
                     len(y) / sr)
     return resample(y, sr, sample_rate)
+
+
+def stream_audio(path: str | os.PathLike, *, block_seconds: float = 0.05) -> tuple[int, Iterator[np.ndarray]]:
+    """(the file's sample rate, an iterator of its float32 mono blocks) for a recording of any length.
+
+    What ``listen --file`` needs: the listener segments the stream into utterances (each at most
+    ``segmenter.max_seconds``) and resamples each to the model's rate, so a long file is never held whole;
+    memory is one block. The rate and channel bounds of :func:`load_audio` apply.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise AudioError(f"audio file not found or empty: {path}")
+    if not 0 < block_seconds <= 10:
+        raise ParameterError(f"block_seconds must be in (0, 10], got {block_seconds!r}")
+    try:
+        import soundfile
+
+        f = soundfile.SoundFile(str(path))
+    except (ImportError, OSError) as exc:  # no soundfile: WAV through the standard library
+        if path.suffix.lower() != ".wav":
+            raise AudioError(f"cannot open {path}: {exc}") from exc
+        return _stream_wav(path, block_seconds)
+    except (RuntimeError, ValueError) as exc:
+        raise AudioError(f"cannot decode {path}: {exc}") from exc
+    try:
+        _check_header(path, int(f.samplerate), int(f.channels))
+    except AudioError:
+        f.close()
+        raise
+    frames = max(1, int(round(block_seconds * f.samplerate)))
+
+    def blocks() -> Iterator[np.ndarray]:
+        with f:
+            while True:
+                try:
+                    block = f.read(frames, dtype="float32", always_2d=True)
+                except (RuntimeError, ValueError) as exc:
+                    raise AudioError(f"cannot decode {path}: {exc}") from exc
+                if len(block) == 0:
+                    return
+                yield to_mono(block).astype(np.float32, copy=False)
+
+    return int(f.samplerate), blocks()
+
+
+def _stream_wav(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
+    try:
+        wf = wave.open(str(path), "rb")
+    except (wave.Error, EOFError, OSError) as exc:
+        raise AudioError(f"cannot decode {path}: {exc}") from exc
+    sr, channels, width = wf.getframerate(), wf.getnchannels(), wf.getsampwidth()
+    try:
+        _check_header(path, sr, channels)
+        if width not in (1, 2, 3, 4):
+            raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+    except AudioError:
+        wf.close()
+        raise
+    frames = max(1, int(round(block_seconds * sr)))
+
+    def blocks() -> Iterator[np.ndarray]:
+        with wf:
+            while True:
+                raw = wf.readframes(frames)
+                n = len(raw) // (width * channels)
+                if n == 0:
+                    return
+                yield to_mono(_pcm_to_float(raw[: n * width * channels], width, path).reshape(n, channels)
+                              ).astype(np.float32, copy=False)
+
+    return sr, blocks()

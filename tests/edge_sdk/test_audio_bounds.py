@@ -4,6 +4,7 @@ the cut ever reaches the user's running speaker statistics (issue 11, item 7).""
 from __future__ import annotations
 
 import struct
+import time
 import tracemalloc
 import wave
 
@@ -172,3 +173,54 @@ def test_an_over_long_array_given_to_classify_is_cut_before_the_statistics(devic
     short_dev.classify(head)
     a, b = _speaker_stats(long_dev), _speaker_stats(short_dev)
     assert a["count"] == b["count"] and np.allclose(a["sum"], b["sum"])
+
+
+def test_stream_audio_reads_a_recording_of_any_length_one_block_at_a_time(tmp_path):
+    from edge_sdk.audio import stream_audio
+
+    sr = 48000
+    y = (0.1 * np.random.default_rng(6).standard_normal(300 * sr)).astype(np.float32)
+    _write_wav(tmp_path / "five-minutes.wav", y, sr)
+
+    def consume():
+        rate, blocks = stream_audio(tmp_path / "five-minutes.wav", block_seconds=0.05)
+        total = 0
+        for block in blocks:
+            assert block.dtype == np.float32 and len(block) <= 2400
+            total += len(block)
+        return rate, total
+
+    (rate, total), peak = _peak_bytes(consume)
+    assert (rate, total) == (sr, 300 * sr)
+    assert peak < 4 * MB, f"peak {peak / MB:.2f} MB"  # measured 2.1 MB; the file is 55 MB as float32
+    _crafted_wav(tmp_path / "one-hertz.wav", 1, 4000)
+    with pytest.raises(AudioError, match="1 Hz is outside"):
+        stream_audio(tmp_path / "one-hertz.wav")
+
+
+def test_listening_to_a_long_48_khz_file_hears_speech_after_the_clip_limit(tmp_path):
+    """What `listen --file` can do with stream_audio: utterances at 10 s and at 100 s of a 48 kHz recording."""
+    from edge_sdk.audio import stream_audio
+    from edge_sdk.config import load_config
+    from edge_sdk.device import Device
+    from edge_sdk.listen import Listener
+
+    device = Device(tmp_path / "dev")
+    if device.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    sr = 48000
+    y = (0.001 * np.random.default_rng(7).standard_normal(110 * sr)).astype(np.float32)
+    for start in (10, 100):
+        y[start * sr:start * sr + int(1.5 * sr)] += _voiced(1.5, sr, 150.0, 0.25)
+    _write_wav(tmp_path / "long.wav", y, sr)
+    rate, blocks = stream_audio(tmp_path / "long.wav")
+    cfg = load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": str(rate)})
+    heard = []
+    listener = Listener(device, cfg, lambda pred, audio: heard.append(len(audio))).start(microphone=False)
+    for block in blocks:
+        while listener.queue.full():  # a file is faster than real time: wait for the worker, drop nothing
+            time.sleep(0.01)
+        listener.push(block)
+    stats = listener.stop()
+    assert stats["utterances"] == 2 and stats["dropped_blocks"] == 0 and stats["errors"] == 0, stats
+    assert all(16000 <= n <= 2.5 * 16000 for n in heard), heard  # handed on at the model's 16 kHz
