@@ -56,6 +56,9 @@ def test_short_suite_writes_the_studies_tables(ravdess_root, tmp_path):
     emo = report["cnn: federated, one emotion per device"]
     assert emo["devices"]["senders"] == 4 and emo["config"]["replay_weight"] == 0.25
     assert len(report["cnn: attack (scale x20), median"]["devices"]["attackers"]) == 2
+    inflated = report["cnn: attack (sign flip, 10^6 examples claimed), FedAvg defaults"]
+    assert len(inflated["devices"]["attackers"]) == 2 and inflated["config"]["attack_examples"] == 1_000_000
+    assert inflated["config"]["max_update_norm"] == 100.0 and inflated["config"]["max_examples_weight"] == -1.0
     for png in ("uar-per-round.png", "confusion-federated-by-speaker.png"):
         assert (out / png).stat().st_size > 5000
 
