@@ -61,7 +61,7 @@ class SimConfig:
     epochs: int = 40
     aggregation: str = "fedavg"
     server_optimizer: str = "sgd"
-    server_lr: float = 1.0
+    server_lr: float = 0.0  # 0: the aggregator's default for the optimizer (1.0 FedAvg/FedAvgM, 0.01 FedAdam/FedYogi)
     clip_norm: float = 0.0
     local_epochs: int = 40
     local_lr: float = 0.05
@@ -272,9 +272,11 @@ class Simulation:
         instance = self.out / "aggregator" / "instance"
         instance.mkdir(parents=True, exist_ok=True)
         env = {"FEDSER_AGGREGATION": cfg.aggregation, "FEDSER_SERVER_OPTIMIZER": cfg.server_optimizer,
-               "FEDSER_SERVER_LR": str(cfg.server_lr), "FEDSER_CLIP_NORM": str(cfg.clip_norm),
+               "FEDSER_CLIP_NORM": str(cfg.clip_norm),
                "FEDSER_MAX_UPDATE_L2_NORM": str(cfg.max_update_norm), "FEDSER_RATE_LIMIT_PER_HOUR": "0",
                "FEDSER_LOG_JSON": "0"}
+        if cfg.server_lr > 0:
+            env["FEDSER_SERVER_LR"] = str(cfg.server_lr)
         for key, value in (("MAX_EXAMPLES_WEIGHT", cfg.max_examples_weight),
                            ("MAX_EXAMPLES_WEIGHT_OVER_MEDIAN", cfg.max_examples_weight_over_median)):
             if value >= 0:
@@ -481,7 +483,8 @@ def write_report(report: dict, out: Path) -> None:
              f"(personalise only); attackers: {report['devices']['attackers'] or 'none'}",
              f"- encoder: trained centrally on {report['base_model']}; heads federated",
              f"- test actors (never train): {cfg['test_actors']}",
-             f"- aggregation {cfg['aggregation']}, server optimizer {cfg['server_optimizer']} (lr {cfg['server_lr']}), "
+             f"- aggregation {cfg['aggregation']}, server optimizer {cfg['server_optimizer']} "
+             f"(lr {cfg['server_lr'] or 'default'}), "
              f"{cfg['rounds']} rounds, {cfg['answers_per_round']} answers per device per round, "
              f"down-rate {cfg['down_rate']}, wrong-rate {cfg['wrong_rate']}", "",
              f"**Final global model on held-out actors: UAR {fin['uar']:.3f}, accuracy {fin['accuracy']:.3f}, "
