@@ -8,26 +8,32 @@ import hashlib
 import socket
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
+from edge_sdk.model import ModelMetadata
 from edge_sdk.signing import SigningKey
 from edge_sdk.wire import REQUEST_HEADERS, UPDATE_DOMAIN, canonical_json, request_signing_message, utc_now
 from tests.conftest import postgres_database, start_live_aggregator
 
+MODEL = Path(__file__).resolve().parents[2] / "edge_sdk" / "data" / "default_model"
+
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def server(request, tmp_path_factory, trained_model):
+def server(request, tmp_path_factory):
+    """A gunicorn aggregator (2 workers) with the bundled model published as version 1."""
     url = None if request.param == "sqlite" else postgres_database()
     tmp = tmp_path_factory.mktemp(f"bounds-{request.param}")
     agg = start_live_aggregator(tmp, min_updates=2, database_url=url,
                                 env={"FEDSER_REFUSAL_AUDIT_UNAUTH_PER_MINUTE": "5"})
     agg.database_url = url or f"sqlite:///{agg.instance / 'aggregator.db'}"
-    agg.layout = trained_model.metadata.head_layout
-    agg.publish(trained_model)
+    agg.layout = ModelMetadata.load(MODEL.with_suffix(".json")).head_layout
+    with open(MODEL.with_suffix(".tflite"), "rb") as t, open(MODEL.with_suffix(".json"), "rb") as m:
+        assert agg.post_admin("/models", files={"tflite": t, "metadata": m}).status_code == 201
     yield agg
     agg.process.terminate()
     agg.process.wait(timeout=30)
@@ -191,12 +197,12 @@ def test_admin_bodies_of_the_wrong_type_or_range_are_400(server, path, body, rea
     assert _reason(r) == (400, reason), r.text[:300]
 
 
-def test_admin_bodies_with_nan_and_model_metadata_not_an_object_are_400(server, trained_model):
+def test_admin_bodies_with_nan_and_model_metadata_not_an_object_are_400(server):
     agg = server
     r = requests.post(f"{agg.base_url}/api/v1/admin/enrollment-tokens", data=b'{"ttl_seconds": NaN}', timeout=30,
                       headers={**agg.auth, "Content-Type": "application/json"})
     assert _reason(r) == (400, "malformed")
-    with open(trained_model.tflite_path, "rb") as t:
+    with open(MODEL.with_suffix(".tflite"), "rb") as t:
         for meta in (b"[1, 2]", b"null", b"{", b'"x"'):
             r = agg.post_admin("/models", files={"tflite": t, "metadata": ("model.json", meta)})
             assert _reason(r) == (400, "bad_metadata"), meta
