@@ -215,6 +215,16 @@ class FeedbackServer:
             def _json(self, status: int, obj) -> None:
                 self._send(status, json.dumps(obj).encode())
 
+            def send_error(self, code, message=None, explain=None):  # http.server's own refusals: JSON too
+                self.close_connection = True
+                if self.request_version == "HTTP/0.9":  # a line it could not parse: answer with headers anyway
+                    self.request_version = "HTTP/1.0"
+                try:
+                    self._json(code, {"error": "bad_request" if code < 500 else "unsupported",
+                                      "detail": str(message or "")[:200]})
+                except OSError:
+                    pass
+
             def _refuse(self, r: _Refusal) -> None:
                 with server._refusals_lock:
                     server.refusals[r.error] = server.refusals.get(r.error, 0) + 1

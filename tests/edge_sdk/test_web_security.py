@@ -265,3 +265,12 @@ def test_the_admin_console_forbids_framing_and_sniffing_too(tmp_path):
         assert r.headers["X-Content-Type-Options"] == "nosniff"
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("request_line, status", [(b"GARBAGE\r\n\r\n", 400), (b"PUT / HTTP/1.1\r\n\r\n", 501),
+                                                  (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)])
+def test_requests_http_server_refuses_itself_are_json_with_the_same_headers(server, request_line, status):
+    reply = _raw(server, request_line)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert _status(reply) == status and b"X-Frame-Options: DENY" in head, reply[:300]
+    assert "error" in json.loads(body)
