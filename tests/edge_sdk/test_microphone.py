@@ -45,7 +45,9 @@ def _recording(env) -> bool:
     return "Corked: no" in out
 
 
-@pytest.mark.parametrize("rate", [16000, 48000])  # 48 kHz: a USB microphone's rate, resampled for the model
+# 48 kHz: a USB microphone's rate, resampled for the model (slow-marked: the fast suite has the same check on pushed
+# blocks in test_config_and_listen.py)
+@pytest.mark.parametrize("rate", [16000, pytest.param(48000, marks=pytest.mark.slow)])
 def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, tmp_path, rate):
     from edge_sdk.device import Device
     from models.datasets import default_ravdess_root
