@@ -75,6 +75,7 @@ def _read_body(limit: int) -> bytes | None:
 
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 AUDIT_DEVICE_ID_LEN = 40  # the refusals.device_id column
+_ONE_ROW_A_MINUTE = ("rate_limited", "revoked_device")  # authenticated, but repeated at the sender's pace
 
 
 def audit_device_id(device_id: str | None) -> str | None:
@@ -112,7 +113,9 @@ def audit_refusal(session, status: int, reason: str, detail: str, *, device_id: 
 
     Every refusal is counted exactly. The audit row keeps a sanitised device id of at most 40 characters and
     a detail of at most 2,000; the rows of *unauthenticated* refusals (anyone can send those) are kept for
-    at most ``REFUSAL_AUDIT_UNAUTH_PER_MINUTE`` a minute, fleet-wide, so a flood costs bounded storage.
+    at most ``REFUSAL_AUDIT_UNAUTH_PER_MINUTE`` a minute, fleet-wide, and a device refused as revoked or rate
+    limited gets one such row a minute (the rate limit only needs the rows before it), so a flood costs
+    bounded storage.
     """
     now = time.time()
     device_id = audit_device_id(device_id)
@@ -126,6 +129,9 @@ def audit_refusal(session, status: int, reason: str, detail: str, *, device_id: 
             kept = session.scalar(select(func.count()).select_from(Refusal).where(
                 Refusal.at > now - 60, Refusal.authenticated.is_(False)))
             keep = kept < per_minute
+    elif reason in _ONE_ROW_A_MINUTE and device_id:
+        keep = not session.scalar(select(func.count()).select_from(Refusal).where(
+            Refusal.device_id == device_id, Refusal.reason == reason, Refusal.at > now - 60))
     if keep:
         session.add(Refusal(at=now, device_id=device_id, authenticated=authenticated,
                             reason=reason, detail=detail[:2000], status=status))

@@ -280,3 +280,22 @@ def test_an_older_postgresql_database_gets_its_64_bit_columns_in_place(tmp_path)
                                           "AND column_name = :c"), {"t": t, "c": c}) for t, c in wide}
     engine.dispose()
     assert set(types.values()) == {"bigint"}, types
+
+
+def test_a_revoked_device_flooding_costs_one_audit_row_a_minute(server):
+    agg = server
+    engine = create_engine(agg.database_url)
+    from aggregator.db import Refusal
+
+    dev, key = _enroll(agg)
+    assert agg.post_admin(f"/devices/{dev}/revoke").status_code == 200
+    before = _refusals(agg).get("revoked_device", 0)
+    for seq in range(1, 21):
+        assert _reason(agg.post_update(_envelope(agg, dev, key, sequence=seq))) == (403, "revoked_device")
+    assert _refusals(agg)["revoked_device"] - before == 20
+    devices = {d["id"]: d for d in agg.status()["devices"]}
+    assert devices[dev]["updates_refused"] == 20
+    with engine.connect() as conn:
+        rows = conn.scalar(select(func.count()).select_from(Refusal).where(Refusal.device_id == dev))
+    engine.dispose()
+    assert rows == 1
