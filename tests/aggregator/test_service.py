@@ -268,7 +268,8 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
         time.sleep(1)
     assert job["status"] == "succeeded", job["detail"] + job["log_tail"][-2000:]
     assert job["published_version"] == 1 and job["report"]["architecture"]["name"] == "dnn"
-    assert "fedser-train train" in job["log_tail"]
+    assert "job 1: succeeded" in job["log_tail"]  # the tail is the last 4000 bytes; the command is at the start
+    assert "fedser-train train" in (tmp_path / "inst" / "jobs" / "1" / "log.txt").read_text()
     assert srv.status()["current_version"] == 1
 
 
