@@ -105,6 +105,7 @@ def test_console_personal_vs_global_versions_rollback_and_refusals(tmp_path, tra
         assert list(prom_dir.glob("*.db")), "multiprocess mode wrote no files"
 
         shots = os.environ.get("FEDSER_TEST_ARTIFACTS") or str(tmp_path)
+        os.makedirs(shots, exist_ok=True)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
                                                                         "--disable-dev-shm-usage"])
