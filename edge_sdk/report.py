@@ -13,6 +13,10 @@ Which answers are scored
     says 0 answers rather than an in-sample figure).
 
 When the device is not personalised, its "personal" head is the global one and both counts are equal.
+
+With ``TrainPolicy.guard_folds > 1`` (cross-validated personalisation) the device sends the out-of-fold counts
+that personalisation computed instead (:meth:`edge_sdk.device.Device._cv_answer_report`); this module is the
+held-back path.
 """
 
 from __future__ import annotations
