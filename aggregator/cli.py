@@ -11,6 +11,9 @@
 
 Configuration: ``<instance>/config.json`` and ``FEDSER_*`` environment variables
 (see ``aggregator.DEFAULTS``).
+
+The same commands run under Flask's CLI, configured by the environment alone:
+``FEDSER_INSTANCE_PATH=DIR flask --app aggregator status`` (see :func:`register_flask_commands`).
 """
 
 from __future__ import annotations
