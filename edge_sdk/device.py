@@ -80,24 +80,28 @@ class Prediction:
 class TrainPolicy:
     """When and how hard the head is fine-tuned on the user's feedback."""
 
-    min_examples: int = 8
+    min_examples: int = 5
     epochs: int = 10
     learning_rate: float = 0.05
     holdout_every: int = 5  # every 5th example is held back to guard the update (0: no guard)
-    tolerance: float = 1e-4  # the guard's measure may get this much worse and still count as "not worse"
+    # The guard's measure may get this much worse and still count as "not worse" (negative: it must get better;
+    # the default keeps a fit only if cross-validation shows more of the user's answers right than the global head)
+    tolerance: float = -1e-4
     seed: int = 0
     balance_classes: bool = True  # weigh answers so each class counts equally (a user's answers are skewed)
     refit_on_all: bool = False  # once the guard accepts, train again on every answer (held-back ones too)
     replay_weight: float = 0.25  # the model's replay set's share of each batch's loss, relative to the answers'
-    min_steps: int = 0  # at least this many SGD steps per fit (more epochs when there are few answers)
+    min_steps: int = 100  # at least this many SGD steps per fit (more epochs when there are few answers)
     # What the guard judges: "accuracy", what the user sees on held-back answers (the confirmed or corrected
     # label chosen; for a bare thumbs-down, the rejected label no longer chosen), or "loss" (their training loss,
     # which can fall while accuracy falls).
     guard: str = "accuracy"
-    guard_folds: int = 0  # > 1: judge by cross-validation over all answers in this many folds, then fit on all
-    # With guard_folds: also cross-validate the fit without the replay set and keep whichever shows the user's
-    # answers better (the replay set protects users like the training speakers and holds back users unlike them).
-    adaptive_replay: bool = False
+    guard_folds: int = 5  # > 1: judge by cross-validation over all answers in this many folds, then fit on all
+    # With guard_folds: also cross-validate the fit without the replay set and keep it when it shows at least
+    # replay_margin more of the user's answers right (the replay set protects users like the training speakers
+    # and holds back users unlike them: measured in docs/results/personalisation-study).
+    adaptive_replay: bool = True
+    replay_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
@@ -691,11 +695,12 @@ class Device:
         fold_of = np.arange(len(examples)) % folds
         model.set_weights(self.global_head)
         loss_before = self._loss(examples)
-        before = self._measure(examples, policy)
+        global_right = self._shown_right(examples)
+        before = -loss_before if policy.guard == "loss" else float(np.mean(global_right))
         candidates = [policy]
         if policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
             candidates.append(replace(policy, replay_weight=0.0))
-        scores, losses = [], []
+        scores, losses, rights = [], [], []
         for cand in candidates:
             right, loss = np.zeros(len(examples)), np.zeros(len(examples))
             for f in range(folds):
@@ -703,9 +708,10 @@ class Device:
                 self._fit(model, [e for e, k in zip(examples, fold_of, strict=True) if k != f], cand)
                 right[fold_of == f] = self._shown_right(held)
                 loss[fold_of == f] = self._loss(held)
+            rights.append(right)
             losses.append(float(np.mean(loss)))
             scores.append(-losses[-1] if policy.guard == "loss" else float(np.mean(right)))
-        best = int(np.argmax(scores))  # the first (with the replay set) on a tie
+        best = 1 if len(scores) > 1 and scores[1] >= scores[0] + policy.replay_margin else 0
         after = scores[best]
         report = TrainReport("kept", examples=len(examples), held_back=0, loss_before=loss_before,
                              loss_after=losses[best], guard=f"{policy.guard}, {folds}-fold"
@@ -716,7 +722,25 @@ class Device:
             report.status, report.reason = "discarded", f"cross-validated answers got worse ({policy.guard})"
         else:
             self._fit(model, examples, candidates[best])
+        # The answer report of the next update (edge_sdk.report): answers that name the right label, scored out of
+        # fold (the kept head trained on all of them); when discarded the head in use stays (the global one on a
+        # device that never kept a fit), so it is counted as the global head.
+        known = np.array([e.sign > 0 for e in examples])
+        personal = rights[best] if report.status == "kept" else global_right
+        self.store.set("personal_cv_report", json.dumps({
+            "version": self.model_version, "answers": _answers_fingerprint(examples),
+            "answers_scored": int(known.sum()), "personal_correct": int(personal[known].sum()),
+            "global_correct": int(global_right[known].sum())}))
         return report
+
+    def _cv_answer_report(self, examples: list[FeedbackExample]) -> dict[str, int]:
+        """The out-of-fold answer report the last cross-validated personalisation left, if it was made on this
+        version from these same answers; else nothing scored."""
+        text = self.store.get("personal_cv_report")
+        saved = json.loads(text) if text else {}
+        if saved.get("version") != self.model_version or saved.get("answers") != _answers_fingerprint(examples):
+            return {"answers_scored": 0, "personal_correct": 0, "global_correct": 0}
+        return {k: int(saved[k]) for k in ("answers_scored", "personal_correct", "global_correct")}
 
     # -- federation -----------------------------------------------------------------------
     def make_update(
@@ -751,8 +775,11 @@ class Device:
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
             version, global_head = self.model_version, self.global_head
             layout = model.metadata.head_layout
-            report = answer_report(model, global_head, examples, holdout_every=policy.holdout_every,
-                                   refit_on_all=policy.refit_on_all)  # personal vs global on held-back answers
+            if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
+                report = self._cv_answer_report(examples)
+            else:  # personal vs global on held-back answers
+                report = answer_report(model, global_head, examples, holdout_every=policy.holdout_every,
+                                       refit_on_all=policy.refit_on_all)
             self._fit(model, examples, policy)
             fitted = model.get_weights()
         deltas = {n: fitted[n] - global_head[n] for n in layout.names}
@@ -841,7 +868,8 @@ class Device:
         """Pull the newest model (repairing damaged files), make an update if there is one to make, post the outbox.
 
         Pulling first sends this device's answers to the round that is open now rather than to a version that
-        has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync.
+        has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync. When
+        this device's update closed a round, the version it published is pulled before returning.
         """
         report = SyncReport()
         found = list(self.problems)
@@ -861,6 +889,12 @@ class Device:
             report.error = flushed.error or report.error
             if not any(r.get("remake") for r in flushed.rejected):
                 break
+        published = max((int(r.get("published_version") or 0) for r in report.accepted), default=0)
+        if published > self.model_version:  # this device's update closed a round: take its result now
+            try:
+                report.model_updated = self.pull_model() or report.model_updated
+            except FedserError as exc:
+                report.error = report.error or str(exc)
         report.model_version = self.model_version
         report.problems = list(self.problems)
         report.repaired = [p for p in found if p not in self.problems]
