@@ -53,6 +53,7 @@ __all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy"
            "ManifestDowngradeError"]
 
 _MODEL_FILES = ("manifest.json", "manifest.previous.json", "personal.head")
+RESEND_AFTER = 3600.0  # seconds before an update refused as already_contributed is remade from the same answers
 
 
 class ManifestDowngradeError(FedserError):
@@ -771,7 +772,9 @@ class Device:
         answers = _answers_fingerprint(examples)
         last = self._last_update()
         if last and last.get("base_version") == self.model_version and last.get("answers") == answers:
-            return None
+            retry_at = last.get("retry_at")
+            if not (isinstance(retry_at, (int, float)) and self.clock() >= retry_at):
+                return None
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
             version, global_head = self.model_version, self.global_head
             layout = model.metadata.head_layout
@@ -837,6 +840,10 @@ class Device:
                 if exc.reason == "stale_base" and last and last.get("seq") == item.seq:
                     self.store.set("last_update", "null")  # remade on the newest model
                     refused["remake"] = True
+                elif exc.reason == "already_contributed" and last and last.get("seq") == item.seq:
+                    # The open round has an earlier update of this device; its newer answers are tried again in
+                    # an hour (a later round on the same version, after a refusal), or with the next version.
+                    self.store.set("last_update", json.dumps({**last, "retry_at": self.clock() + RESEND_AFTER}))
                 report.rejected.append(refused)
                 log.warning("update %d was refused: %s", item.seq, exc)
                 continue

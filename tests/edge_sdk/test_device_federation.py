@@ -137,6 +137,25 @@ def test_after_a_refused_round_devices_send_again_on_the_same_version(aggregator
     assert _num_examples(a, first.accepted[0]["seq"]) == 8  # all of its answers, the earlier ones too
 
 
+def test_answers_refused_as_already_contributed_are_sent_again_later_not_at_every_sync(aggregator, tmp_path):
+    agg = aggregator(min_updates=2)
+    now = [1_000_000.0]
+    a, b = (agg.enroll(tmp_path / n, n, train_policy=POLICY, clock=lambda: now[0]) for n in "ab")
+    _answer(a, 5, seed=0)
+    assert [r["round_id"] for r in a.sync().accepted] == [1]
+    _answer(a, 2, seed=30)  # more answers while round 1, which has a's update, is still open
+    refused = a.sync()
+    assert [r["reason"] for r in refused.rejected] == ["already_contributed"] and refused.enqueued_seq is not None
+    assert a.sync().enqueued_seq is None  # not remade at every sync ...
+    now[0] += 3601
+    again = a.sync()  # ... but after an hour (the round may have been refused and another opened)
+    assert again.enqueued_seq is not None and [r["reason"] for r in again.rejected] == ["already_contributed"]
+    _answer(b, 5, seed=50)
+    assert b.sync().accepted[0]["published_version"] == 2
+    late = a.sync()  # version 2: all seven answers, none lost
+    assert [r["round_id"] for r in late.accepted] == [2] and _num_examples(a, late.accepted[0]["seq"]) == 7
+
+
 class _ReplayProxy:
     """Forwards everything to the aggregator except the manifest, for which it replays ``manifest`` (bytes)."""
 
