@@ -156,6 +156,26 @@ def test_answers_refused_as_already_contributed_are_sent_again_later_not_at_ever
     assert [r["round_id"] for r in late.accepted] == [2] and _num_examples(a, late.accepted[0]["seq"]) == 7
 
 
+def test_predictions_while_making_an_update_come_from_the_weights_in_use(aggregator, tmp_path):
+    """sync -> make_update trains (from the global head) while listen's thread classifies (issue 11, item 8)."""
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+    from tests.edge_sdk.test_device_threads import _classify_while
+
+    agg = aggregator(min_updates=50)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    _answer(dev, 6, seed=0)
+    tflite, meta = bundled_model_paths()
+    reference = TFLiteModel(tflite, ModelMetadata.load(meta))
+    reference.set_weights(dev.model.get_weights())  # the global head: this device is not personalised
+    long_fit = TrainPolicy(min_examples=4, holdout_every=0, epochs=200, learning_rate=0.1)
+    predictions, seq = _classify_while(dev, _audio(3), lambda: dev.make_update(policy=long_fit))
+    assert seq is not None and len(predictions) >= 3
+    for pred in predictions:
+        assert not pred.personalized and pred.model_version == 1
+        np.testing.assert_allclose([pred.probs[lab] for lab in LABELS],
+                                   reference.head_probs(pred.embedding[None])[0], atol=1e-5)
+
+
 class _ReplayProxy:
     """Forwards everything to the aggregator except the manifest, for which it replays ``manifest`` (bytes)."""
 
