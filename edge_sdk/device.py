@@ -343,8 +343,8 @@ class Device:
         if personal.exists() and self.store.get("personal_base_version") == str(self.model_version):
             try:
                 data = personal.read_bytes()
-                expected = self.store.get("personal_head_sha256")
-                if expected and hashlib.sha256(data).hexdigest() != expected:
+                expected = {self.store.get(k) for k in ("personal_head_sha256", "personal_head_sha256_prev")}
+                if expected != {None} and hashlib.sha256(data).hexdigest() not in expected:
                     raise WireFormatError("its sha256 is not the one written with it")
                 model.set_weights(unpack_arrays(model.metadata.head_layout, data))
                 self.personalized = True
@@ -679,8 +679,10 @@ class Device:
                     report.status, report.reason = "discarded", "the model changed during training"
                 else:
                     data = pack_arrays(model.metadata.head_layout, weights)
-                    atomic_write(self.state_dir / "personal.head", data)
+                    # The digest first, the one before kept: a crash between the two writes leaves a match.
+                    self.store.set("personal_head_sha256_prev", self.store.get("personal_head_sha256") or "")
                     self.store.set("personal_head_sha256", hashlib.sha256(data).hexdigest())
+                    atomic_write(self.state_dir / "personal.head", data)
                     self.store.set("personal_base_version", str(self.model_version))
                     serving.set_weights(weights)
                     self.personalized = True
