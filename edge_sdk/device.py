@@ -246,8 +246,13 @@ class Device:
         store = None
         try:
             store = FeedbackStore(path)
-            store.counts()  # reads every table's b-tree root: a damaged header or schema fails here
-            store.get("sequence")
+            # Every b-tree page of every table and index (about 30 ms for a 47 MB store on one x86 core):
+            # damage found now, not in the middle of a classification.
+            with store._lock:
+                found = [r[0] for r in store._conn.execute("PRAGMA quick_check").fetchall()]
+            if found != ["ok"]:
+                raise sqlite3.DatabaseError("quick_check: " + " ".join(" ".join(found).split())[:300])
+            store.counts()
             return store
         except sqlite3.DatabaseError as exc:
             error = exc
@@ -262,10 +267,12 @@ class Device:
             if src.exists():
                 os.replace(src, aside.with_name(aside.name + suffix))
         store = FeedbackStore(path)
+        saved = _salvage(store, aside)
         # Update sequences must keep rising for the server: start above any count the old store can have reached.
         store.set("sequence", str(int(time.time() * 1000)))
-        self._problem("fedser.db", error, f"moved aside to {aside.name}; a new, empty store is in use (the "
-                                          "predictions and answers in the old one are not used)")
+        kept = ", ".join(f"{n} {t}" for t, n in saved.items()) or "nothing"
+        self._problem("fedser.db", error, f"moved aside to {aside.name}; a new store is in use, with what could "
+                                          f"still be read from the old one ({kept})")
         return store
 
     @property
@@ -922,6 +929,40 @@ class Device:
             "problems": list(self.problems),
             **self.store.counts(),
         }
+
+
+def _salvage(store: FeedbackStore, damaged: Path) -> dict[str, int]:
+    """Copy every table of ``damaged`` that can still be read in full into ``store`` (a damaged index or one
+    damaged table does not cost the others); returns ``{table: rows}`` of what was copied."""
+    saved: dict[str, int] = {}
+    conn = store._conn
+    with store._lock:
+        try:
+            conn.execute("ATTACH DATABASE ? AS damaged", (f"file:{damaged}?mode=ro",))
+        except sqlite3.Error:
+            try:  # an old SQLite without URI file names
+                conn.execute("ATTACH DATABASE ? AS damaged", (str(damaged),))
+            except sqlite3.Error:
+                return saved
+        try:
+            for table in ("predictions", "feedback", "outbox", "kv"):  # parents before children
+                try:
+                    ours = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+                    theirs = {r[1] for r in conn.execute(f"PRAGMA damaged.table_info({table})")}
+                    cols = ", ".join(c for c in ours if c in theirs)
+                    if not cols:
+                        continue
+                    conn.execute("BEGIN IMMEDIATE")
+                    n = conn.execute(f"INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM damaged.{table}"
+                                     + (" WHERE key != 'sequence'" if table == "kv" else "")).rowcount
+                    conn.execute("COMMIT")
+                    saved[table] = n
+                except sqlite3.Error:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+        finally:
+            conn.execute("DETACH DATABASE damaged")
+    return saved
 
 
 def _answers_fingerprint(examples: list[FeedbackExample]) -> str:

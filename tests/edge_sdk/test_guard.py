@@ -50,8 +50,9 @@ def _embeddings(dev: Device) -> tuple[np.ndarray, np.ndarray]:
     return u, v
 
 
-POLICY = dict(min_examples=4, holdout_every=2, epochs=40, learning_rate=0.5, replay_weight=0.0,
-              balance_classes=False)
+# One held-back slice (every 2nd answer), ties kept, no replay set, no balancing: the construction's arithmetic.
+POLICY = dict(min_examples=4, holdout_every=2, epochs=40, min_steps=0, learning_rate=0.5, replay_weight=0.0,
+              guard_folds=0, tolerance=1e-4, balance_classes=False)
 
 
 def _loss_falls_while_accuracy_falls(dev: Device, *, thumbs_down: bool) -> None:
@@ -105,7 +106,7 @@ def test_a_bare_thumbs_down_counts_as_shown_right_once_the_rejected_label_is_no_
 
 def test_cross_validated_guard_judges_every_answer_and_then_fits_on_all(tmp_path, trained_model):
     """guard_folds: all answers are judged by fits on the other fold; kept, the kept head is fitted on all."""
-    dev = _device(tmp_path, trained_model, TrainPolicy(guard_folds=2, **POLICY))
+    dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 2}))
     u, _ = _embeddings(dev)
     for k in range(8):
         _answer(dev, k, u, B)
@@ -113,12 +114,17 @@ def test_cross_validated_guard_judges_every_answer_and_then_fits_on_all(tmp_path
     assert report.status == "kept" and report.examples == 8 and report.held_back == 0
     assert report.score_before == 0.0 and report.score_after == 1.0
     assert dev.metadata.labels[int(np.argmax(dev.model.head_probs(u[None])[0]))] == B
+    # The next update's answer report scores the answers out of fold (the kept head trained on all of them).
+    assert dev._cv_answer_report(dev._examples()) == {"answers_scored": 8, "personal_correct": 8,
+                                                      "global_correct": 0}
+    _answer(dev, 8, u, B)  # another answer: the saved report no longer describes the update's answers
+    assert dev._cv_answer_report(dev._examples())["answers_scored"] == 0
 
 
 def test_cross_validated_guard_discards_fits_that_show_the_other_answers_worse(tmp_path, trained_model):
     """The user says v is angry and happy by turns: each fold's fit gets the other fold wrong (0 of 8) where the
     global head shows half of the answers right; the update is discarded."""
-    dev = _device(tmp_path, trained_model, TrainPolicy(guard_folds=2, **POLICY))
+    dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 2}))
     _, v = _embeddings(dev)
     for k in range(8):
         _answer(dev, k, v, "up" if k % 2 else B)
