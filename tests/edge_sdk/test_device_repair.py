@@ -77,12 +77,13 @@ def _target(state: Path, which: str) -> tuple[Path, int | None]:
         "manifest": (state / "manifest.json", None),
         "personal": (state / "personal.head", None),
         "store-header": (state / "fedser.db", 0),  # "SQLite format 3": not a database any more
+        "store-page": (state / "fedser.db", 8192),  # the first byte of page 3 (a b-tree page's type)
     }[which]
 
 
 # (damaged, the file status names, the version classifying before sync: the previous one or the bundled one)
 CASES = [("base", "manifest.json", 0), ("head", "manifest.json", 0), ("manifest", "manifest.json", 1),
-         ("personal", "personal.head", 2), ("store-header", "fedser.db", 2)]
+         ("personal", "personal.head", 2), ("store-header", "fedser.db", 2), ("store-page", "fedser.db", 2)]
 
 
 @pytest.mark.parametrize(("which", "named", "fallback_version"), CASES)
@@ -98,6 +99,8 @@ def test_a_device_with_one_damaged_file_starts_classifies_and_sync_repairs_it(en
     status = dev.status()
     assert [p["file"] for p in status["problems"]] and named in [p["file"] for p in status["problems"]], status
     assert dev.model_version == fallback_version
+    if which == "store-page":  # one damaged page: the tables that still read in full were copied over
+        assert "could still be read" in status["problems"][0]["action"] and status["predictions"] >= 6, status
     pred = dev.classify(_audio(1))
     assert pred.model_version == fallback_version and abs(sum(pred.probs.values()) - 1) < 1e-4
     if fallback_version != 2:  # the personal head belongs to version 2: not applied to another model
