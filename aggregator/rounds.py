@@ -86,7 +86,7 @@ class RoundPolicy:
     optimizer: ServerOptimizer = ServerOptimizer()
     staleness_exponent: float = 0.5
     max_examples_weight: float = 1000.0
-    max_examples_weight_over_median: float = 2.0
+    max_examples_weight_over_median: float = 1.0
     memory_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:

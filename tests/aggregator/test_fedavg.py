@@ -70,8 +70,9 @@ def test_an_inflated_count_does_not_decide_the_round():
     follows = aggregate(_source(rows)[0], uncapped, 2).delta
     held = aggregate(_source(rows)[0], capped, 2).delta
     np.testing.assert_allclose(follows, [-90.0, 0.0], atol=1e-4)  # the attacker is the round
-    # capped at 2 * 5 = 10: (9 * 5 * 0.1 - 10 * 90) / 55 and (9 * 5 * 0.1) / 55
-    np.testing.assert_allclose(held, [(4.5 - 900) / 55, 4.5 / 55], rtol=1e-6)
+    # capped at 1 x the median count, 5: (9 * 5 * 0.1 - 5 * 90) / 50 and (9 * 5 * 0.1) / 50
+    assert DEFAULTS["MAX_EXAMPLES_WEIGHT_OVER_MEDIAN"] == 1.0
+    np.testing.assert_allclose(held, [(4.5 - 450) / 50, 4.5 / 50], rtol=1e-6)
 
 
 def test_clipping_by_hand_and_inside_the_mean():

@@ -64,10 +64,11 @@ def test_two_devices_round_closes_and_both_pull_the_weighted_mean(live_aggregato
 
     assert a.pull_model() and b.pull_model()
     assert a.model_version == b.model_version == 2
-    # The published head equals the example-weighted mean, computed here independently.
+    # The published head equals the example-weighted mean, computed here independently: 6 and 10 examples, the
+    # 10 weighed as the round's (lower) median count, 6 (MAX_EXAMPLES_WEIGHT_OVER_MEDIAN's default, 1).
     da, db = env_a.deltas(), env_b.deltas()
     for name, base in global_head.items():
-        expected = base + (6 * da[name].astype(np.float64) + 10 * db[name]) / 16
+        expected = base + (6 * da[name].astype(np.float64) + 6 * db[name]) / 12
         np.testing.assert_allclose(a.global_head[name], expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(a.global_head[name], b.global_head[name])
     # What the devices installed is exactly what the server signed and serves.
@@ -187,7 +188,8 @@ def test_enrollment_tokens_are_one_time(live_aggregator, tmp_path):
 
 def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggregator, trained_model, tmp_path):
     """The served head blobs, read as raw little-endian float32 in the layout's order (not through unpack_arrays):
-    version 1 is the uploaded model's own head, version 2 is it plus the example-weighted mean of the round."""
+    version 1 is the uploaded model's own head, version 2 is it plus the example-weighted mean of the round (with
+    the default caps, 3 and 5 examples weigh 3 and 3: no update outweighs the round's lower median count)."""
     from edge_sdk.model import TFLiteModel
     from tests.conftest import signed_update
 
@@ -219,7 +221,7 @@ def test_published_delta_of_the_round_is_stored_as_little_endian_bytes(live_aggr
     v2 = served_head(2)
     da, db = env_a.deltas(), env_b.deltas()
     for name in v1:
-        expected = v1[name].astype(np.float64) + (3 * da[name].astype(np.float64) + 5 * db[name]) / 8
+        expected = v1[name].astype(np.float64) + (3 * da[name].astype(np.float64) + 3 * db[name]) / 6
         np.testing.assert_allclose(v2[name], expected, rtol=1e-6, atol=1e-7)
         assert not np.array_equal(v2[name], v1[name])
 
