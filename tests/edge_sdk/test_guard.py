@@ -133,6 +133,20 @@ def test_cross_validated_guard_discards_fits_that_show_the_other_answers_worse(t
     assert report.score_before == 0.5 and report.score_after == 0.0
 
 
+def test_cross_validated_guard_wants_a_margin_of_answers_before_it_keeps_a_fit(tmp_path, trained_model):
+    """guard_margin: the fit must show guard_margin * sqrt(n) more answers right than the global head."""
+    for margin, status in ((0.5, "kept"), (3.0, "discarded")):  # 5 of 5 more right: 5 >= 0.5 * sqrt(5), < 3 * sqrt(5)
+        dev = _device(tmp_path / str(margin), trained_model,
+                      TrainPolicy(**{**POLICY, "guard_folds": 5, "guard_margin": margin}))
+        u, _ = _embeddings(dev)
+        for k in range(5):
+            _answer(dev, k, u, B)
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.0, 1.0), report.reason
+        if status == "discarded":
+            assert "sqrt" in report.reason and not dev.personalized
+
+
 def test_unknown_guard_is_refused():
     with pytest.raises(ParameterError, match="guard"):
         TrainPolicy(guard="vibes")
