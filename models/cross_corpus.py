@@ -45,6 +45,15 @@ VARIANTS = {
                {"architecture": {"masked_pooling": True}}),
     "level+masked": ("level normalisation + masked pooling", {"utterance_norm": "level"},
                      {"architecture": {"masked_pooling": True}}),
+    "level+masked+calm": ("level + masked pooling + RAVDESS calm trains as neutral (tests keep neutral only)",
+                          {"utterance_norm": "level"}, {"architecture": {"masked_pooling": True}, "calm": True}),
+    "level+speed": ("level normalisation + 2 copies per clip at speed 0.8-1.25 (resampled: tempo and pitch)",
+                    {"utterance_norm": "level"},
+                    {"augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
+                                      "snr_db": (90.0, 90.0)}}),
+    "level+speed+calm": ("level + speed copies + RAVDESS calm trains as neutral", {"utterance_norm": "level"},
+                         {"augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
+                                           "snr_db": (90.0, 90.0)}, "calm": True}),
     "level+specaug": ("level normalisation + SpecAugment 2 masks", {"utterance_norm": "level"},
                       {"spec_augment": 2}),
 }
@@ -68,6 +77,7 @@ def _configs(feat_changes: dict, train_changes: dict, seed: int):
     features = FeatureConfig(**{**BASE_FEATURES, **feat_changes})
     train_changes = dict(train_changes)
     aug = train_changes.pop("augmentation", None)
+    train_changes.pop("calm", None)
     arch = preset("cnn", **train_changes.pop("architecture", {}))
     config = TrainConfig(**{**BASE_TRAIN, **train_changes}, seed=seed)
     if aug:
@@ -92,7 +102,7 @@ def _mean_se(values) -> tuple[float, float]:
 
 def _fmt(values) -> str:
     m, se = _mean_se(values)
-    return f"{m:.3f} ± {se:.3f}"
+    return f"{m:.3f} ± {se:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
 def _train(train, val, test, features, config, arch, cache, out_dir=None, name=""):
@@ -129,15 +139,26 @@ def _train(train, val, test, features, config, arch, cache, out_dir=None, name="
     return report
 
 
+def _ravdess_training(calm: bool):
+    """(train 1-18, validate 19-20, test 21-24) of RAVDESS; with ``calm`` the training and validation clips
+    include calm as neutral (the test clips never do)."""
+    from models.datasets import LabelMap, default_ravdess_root, load_corpus, split_by_speaker
+
+    ravdess = load_corpus("ravdess", default_ravdess_root(), LabelMap(calm_as_neutral=calm))
+    rest, _ = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
+    train, val = split_by_speaker(rest, ["ravdess-19", "ravdess-20"])
+    return train, val
+
+
 def ablation(args) -> list[dict]:
     from models.datasets import split_by_speaker
 
     ravdess, nemo = _clips()
-    rest, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
-    train, val = split_by_speaker(rest, ["ravdess-19", "ravdess-20"])
+    _, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
     rows = []
     for name in args.variants.split(","):
         _, fch, tch = VARIANTS[name]
+        train, val = _ravdess_training(bool(tch.get("calm")))
         for seed in args.seeds:
             features, config, arch = _configs(fch, tch, seed)
             report = _train(train, val, r_test + nemo, features, config, arch, args.cache,
@@ -153,15 +174,15 @@ def ablation(args) -> list[dict]:
 
 def ablation_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad")) -> str:
     lines = ["| variant | what changes from the bundled recipe | seeds | RAVDESS 21-24 UAR | nEMO (all 9) UAR | "
-             + " | ".join(f"nEMO {lab} recall" for lab in labels) + " | nEMO UAR after prior correction |",
-             "| --- " * (6 + len(labels)) + "|"]
+             + " | ".join(f"nEMO {lab} recall" for lab in labels) + " | nEMO UAR after prior correction "
+             "| nEMO UAR, seed 0 |", "| --- " * (7 + len(labels)) + "|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
         lines.append(f"| {name} | {VARIANTS[name][0]} | {','.join(str(r['seed']) for r in rs)} "
                      f"| {_fmt([r['ravdess']['uar'] for r in rs])} | {_fmt([r['nemo']['uar'] for r in rs])} | "
                      + " | ".join(_fmt([r["nemo"]["recall"][lab] for r in rs]) for lab in labels) + " | "
                      + (_fmt([r["calibrated_uar"]["nemo"] for r in rs]) if all(r.get("calibrated_uar") for r in rs)
-                        else "-") + " |")
+                        else "-") + " | " + "".join(f"{r['nemo']['uar']:.3f}" for r in rs if r["seed"] == 0) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,27 +194,29 @@ def loco(args) -> list[dict]:
     _, fch, tch = VARIANTS[args.variant]
     rows = []
     r_rest, r_test = split_by_speaker(ravdess, [f"ravdess-{a}" for a in (21, 22, 23, 24)])
+    r_train, r_val = _ravdess_training(bool(tch.get("calm")))
     n_rest, n_test = split_by_speaker(nemo, ["nemo-IC0", "nemo-MK0", "nemo-TP0"])
     for seed in args.seeds:
         features, config, arch = _configs(fch, tch, seed)
-        # RAVDESS only: 1-18 train, 19-20 validate; tested on 21-24 and all of nEMO
-        train, val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
-        out_dir = args.export / f"seed{seed}" if args.export and seed == args.seeds[0] else None
-        rep = _train(train, val, r_test + nemo, features, config, arch, args.cache, out_dir=out_dir,
-                     name="RAVDESS actors 1-18 (19-20 validate)")
-        rows.append({"experiment": "loco", "direction": "ravdess->nemo", "variant": args.variant,
-                     **_row(args.variant, seed, rep)})
-        # nEMO only: the six speakers other than IC0, MK0, TP0 (one validates); tested on IC0/MK0/TP0 and RAVDESS
-        val_spk = validation_speakers(n_rest, count=1, seed=seed)
-        train, val = split_by_speaker(n_rest, val_spk)
-        rep = _train(train, val, n_test + ravdess, features, config, arch, args.cache, name="nEMO (6 speakers)")
-        rows.append({"experiment": "loco", "direction": "nemo->ravdess", "variant": args.variant, "val": val_spk,
-                     **_row(args.variant, seed, rep)})
+        if "ravdess->nemo" in args.directions:
+            # RAVDESS only: 1-18 train, 19-20 validate; tested on 21-24 and all of nEMO
+            out_dir = args.export / f"seed{seed}" if args.export else None
+            rep = _train(r_train, r_val, r_test + nemo, features, config, arch, args.cache, out_dir=out_dir,
+                         name="RAVDESS actors 1-18 (19-20 validate)")
+            rows.append({"experiment": "loco", "direction": "ravdess->nemo", "variant": args.variant,
+                         **_row(args.variant, seed, rep)})
+        if "nemo->ravdess" in args.directions:
+            # nEMO only: the six speakers other than IC0, MK0, TP0 (one validates); tested on IC0/MK0/TP0 and RAVDESS
+            val_spk = validation_speakers(n_rest, count=1, seed=seed)
+            train, val = split_by_speaker(n_rest, val_spk)
+            rep = _train(train, val, n_test + ravdess, features, config, arch, args.cache, name="nEMO (6 speakers)")
+            rows.append({"experiment": "loco", "direction": "nemo->ravdess", "variant": args.variant, "val": val_spk,
+                         **_row(args.variant, seed, rep)})
         with open(args.out / "results.jsonl", "a") as f:
-            for r in rows[-2:]:
+            for r in rows[-len(args.directions):]:
                 f.write(json.dumps(r) + "\n")
         logging.info("loco seed %d: %s", seed, [(r["direction"], r["ravdess"]["uar"], r["nemo"]["uar"])
-                                                 for r in rows[-2:]])
+                                                 for r in rows[-len(args.directions):]])
     return rows
 
 
@@ -216,20 +239,70 @@ def loco_markdown(rows: list[dict], labels=("angry", "happy", "neutral", "sad"))
     return "\n".join(lines) + "\n"
 
 
+def measure(cache) -> str:
+    """Per corpus and class, from the bundled recipe's raw log-mel features (trimmed clips): duration, loudness
+    relative to the speaker's mean, spectral tilt relative to the speaker, energy peaks per second (a syllable-rate
+    proxy) and spectral flux; and the speaker normalisation's prior weight."""
+    from edge_sdk.features import FeatureConfig, SpeakerStats
+    from models.features import compute_features
+
+    cfg = FeatureConfig(**BASE_FEATURES)
+    labels = ("angry", "happy", "neutral", "sad")
+    lines = ["| corpus | class | clips | trimmed s (mean) | share cut at 300 frames | level rel. speaker dB "
+             "| high-low band tilt rel. speaker dB | energy peaks / s | spectral flux dB/frame |",
+             "| --- " * 9 + "|"]
+    prior = []
+    for name, clips in zip(("RAVDESS", "nEMO"), _clips(), strict=True):
+        fs = compute_features(clips, cfg, cache_dir=cache)
+        spk = np.array([c.speaker for c in fs.clips])
+        lab = np.array([c.label for c in fs.clips])
+        frames = np.array([len(r) for r in fs.raw])
+        level = np.array([r.mean() for r in fs.raw])
+        tilt = np.array([r[:, 20:].mean() - r[:, :20].mean() for r in fs.raw])
+        for s in set(spk.tolist()):
+            level[spk == s] -= level[spk == s].mean()
+            tilt[spk == s] -= tilt[spk == s].mean()
+        peaks, flux = [], []
+        for r in fs.raw:
+            e = np.convolve(r.mean(axis=1), np.ones(5) / 5, "same")
+            p = (e[1:-1] > e[:-2]) & (e[1:-1] >= e[2:]) & (e[1:-1] > e.max() - 25)
+            peaks.append(p.sum() / (len(r) / 100))
+            flux.append(np.abs(np.diff(r, axis=0)).mean())
+        peaks, flux = np.array(peaks), np.array(flux)
+        for lb in labels:
+            m = lab == lb
+            lines.append(f"| {name} | {lb} | {m.sum()} | {frames[m].mean() / 100:.2f} | {np.mean(frames[m] > 300):.2f} "
+                         f"| {level[m].mean():+.1f} | {tilt[m].mean():+.1f} | {peaks[m].mean():.1f} "
+                         f"| {flux[m].mean():.2f} |")
+        per_speaker = [frames[spk == s].sum() for s in sorted(set(spk.tolist()))]
+        prior.append(f"{name}: {min(per_speaker)}-{max(per_speaker)} frames per speaker, so the "
+                     f"{SpeakerStats.PRIOR_FRAMES} prior pseudo-frames weigh "
+                     f"{SpeakerStats.PRIOR_FRAMES / (max(per_speaker) + SpeakerStats.PRIOR_FRAMES):.1%}-"
+                     f"{SpeakerStats.PRIOR_FRAMES / (min(per_speaker) + SpeakerStats.PRIOR_FRAMES):.1%}")
+    return "\n".join(lines) + "\n\n" + "; ".join(prior) + ".\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.cross_corpus", description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=("ablation", "loco", "tables"),
+    p.add_argument("experiment", choices=("ablation", "loco", "tables", "measure"),
                    help="tables: rewrite ablation.md and loco-*.md from every run in OUT/results.jsonl")
     p.add_argument("--out", type=Path, default=Path("docs/results/cross-corpus"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS), help="ablation: which variants")
     p.add_argument("--variant", default="level", help="loco: the recipe")
-    p.add_argument("--export", type=Path, default=None, help="loco: export the first seed's RAVDESS-only model here")
+    p.add_argument("--export", type=Path, default=None, help="loco: export each RAVDESS-only model to EXPORT/seedN")
+    p.add_argument("--directions", default="ravdess->nemo,nemo->ravdess", help="loco: which directions")
     p.add_argument("--cache", type=Path, default=Path(".cache/features"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.directions = [d.strip() for d in args.directions.split(",") if d.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.experiment == "measure":
+        text = measure(args.cache)
+        (args.out / "measurements.md").write_text(text)
+        print(text)
+        return 0
     if args.experiment == "tables":
         rows = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line.strip()]
         abl = [r for r in rows if r["experiment"] == "ablation"]

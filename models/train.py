@@ -289,6 +289,8 @@ def train_baseline(
         architecture=architecture.name,
         extra={"architecture": architecture.to_dict(), "dataset": dataset_name,
                "test": {k: report["test"][k] for k in ("accuracy", "uar", "macro_f1")} if "test" in report else {},
+               "test_by_corpus": {corpus: {k: t[k] for k in ("accuracy", "uar", "macro_f1")}
+                                  for corpus, t in report.get("test_by_corpus", {}).items()},
                **replay},
     )
     result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
