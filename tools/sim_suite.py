@@ -7,7 +7,8 @@ For each architecture: the encoder is trained once on the server-side actors and
 (encoder and head, every training actor), then ``tools.simulate`` runs federated by speaker, random equal splits
 and one emotion per device. For the first architecture also: one emotion per device with plain FedAvg and with
 server optimizers; an attack run (a tenth of the devices send scaled or sign-flipped deltas) with plain FedAvg and
-the robust options; users who only answer thumbs-up/down; and a sweep of the number of devices. Writes
+the robust options, and one where the attackers also claim 10^6 examples (the aggregator's default weight caps, and
+with the caps off); users who only answer thumbs-up/down; and a sweep of the number of devices. Writes
 ``report.md``, ``report.json`` and plots; the set-up of every run is in ``<out>/<run>/report.json``.
 """
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=40, help="epochs of the centrally trained models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-actors", default="1,2,3,4,5,6,7,8,9,10", help="actors that train the encoder")
-    parser.add_argument("--short", action="store_true", help="the demo's version: two attack runs, no sweeps")
+    parser.add_argument("--short", action="store_true", help="the demo's version: three attack runs, no sweeps")
     parser.add_argument("--folds", type=int, default=0,
                         help="instead: rotate the 24 actors through N folds (4 test actors each, the next 10 train "
                              "the encoder) and run by speaker and one emotion per device in each (error bars)")
