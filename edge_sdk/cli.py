@@ -178,12 +178,19 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
         else:
             _out(pred.to_dict())
 
+    file_blocks = None
+    if args.file is not None:
+        # The whole recording, block by block at its own rate (the listener resamples each utterance to the
+        # model's): a long file is segmented like a long microphone session, never held whole.
+        from edge_sdk.audio import stream_audio
+
+        cfg.audio.sample_rate, file_blocks = stream_audio(args.file, block_seconds=cfg.audio.block_seconds)
     listener = Listener(device, cfg, on_prediction)
     if mode == "web":
         from edge_sdk.web import FeedbackServer
 
         web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats).start()
-        print(json.dumps({"feedback_page": web.url}), flush=True)
+        print(json.dumps({"feedback_page": web.page_url}), flush=True)
     listener.start(microphone=args.file is None)
     if terminal is not None:
         terminal.start()
@@ -191,12 +198,9 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     last_sync = 0.0
     trained_at = int(device.store.get("trained_feedback", "0"))
     try:
-        if args.file is not None:
-            from edge_sdk.audio import load_audio
-
-            audio = load_audio(args.file, sample_rate=cfg.audio.sample_rate)
-            for i in range(0, len(audio), listener.blocksize):
-                listener.push(audio[i:i + listener.blocksize])
+        if file_blocks is not None:
+            for block in file_blocks:
+                listener.push(block)
                 if args.realtime:
                     time.sleep(cfg.audio.block_seconds)
             tail = int(cfg.segmenter.hangover_seconds * cfg.audio.sample_rate) + listener.blocksize

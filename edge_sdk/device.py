@@ -38,7 +38,7 @@ import numpy as np
 from edge_sdk.audio import load_audio
 from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
-from edge_sdk.features import SpeakerStats, extract, fit_frames, raw_features, trim_silence
+from edge_sdk.features import MAX_CLIP_SECONDS, SpeakerStats, extract, fit_frames, raw_features, trim_silence
 from edge_sdk.manifest import SignedManifest
 from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
 from edge_sdk.report import answer_report
@@ -520,7 +520,9 @@ class Device:
             model = self.model
             if model is None:
                 raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
-            feats, state = self._model_input(np.asarray(audio, np.float32), model.metadata)
+            # At most MAX_CLIP_SECONDS: features and the stored audio (opt-in) never see more (issue 11 item 7).
+            audio = np.asarray(audio, np.float32)[: int(MAX_CLIP_SECONDS * model.metadata.features.sample_rate)]
+            feats, state = self._model_input(audio, model.metadata)
             probs, embedding = model.infer(feats)
             version, personalized = self.model_version, self.personalized
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -537,7 +539,7 @@ class Device:
         self.store.add_prediction(
             prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
             embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
-            audio=np.asarray(audio, np.float32) if keep_audio else None,
+            audio=audio if keep_audio else None,
             sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state,
         )
         return pred

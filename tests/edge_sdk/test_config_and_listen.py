@@ -150,3 +150,48 @@ def test_a_stream_rate_out_of_range_is_refused_with_a_message(tmp_path):
     cfg = load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": "4000"})
     with pytest.raises(AudioError, match="audio.sample_rate must be an integer from 8000 to 192000 Hz"):
         Listener(Device(tmp_path / "dev"), cfg)
+
+
+def test_listen_file_hears_a_long_recording_at_its_own_rate(tmp_path):
+    """`listen --file` streams the whole file at its own rate: an utterance 40 s into a 48 kHz recording is heard
+    (reading the file with load_audio kept only its first 30 s, at the configured 16 kHz rate)."""
+    import json
+    import subprocess
+    import sys
+
+    import soundfile
+
+    from edge_sdk.device import Device
+
+    if Device(tmp_path / "probe").model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    sr = 48000
+    one = _stream_at(sr)  # quiet, 1.5 s utterance, quiet
+    gap = np.zeros(int(18 * sr), np.float32)
+    recording = np.concatenate([one, gap, one, gap, one])  # utterances near 1 s, 22.5 s and 44 s
+    path = tmp_path / "long.wav"
+    soundfile.write(path, recording, sr)
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
+                          "--file", str(path), "--feedback", "none"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    predictions = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{") and '"label"' in line]
+    assert len(predictions) == 3, out.stdout[-2000:]
+
+
+def test_classify_keeps_at_most_the_maximum_clip_length(tmp_path, rng):
+    """An over-long array handed to classify is cut before features and before the (opt-in) stored audio."""
+    import base64
+
+    from edge_sdk.device import Device
+    from edge_sdk.features import MAX_CLIP_SECONDS
+
+    device = Device(tmp_path / "dev")
+    if device.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    sr = device.metadata.features.sample_rate
+    audio = (0.1 * rng.standard_normal(int(90 * sr))).astype(np.float32)
+    device.classify(audio, keep_audio=True)
+    stored = device.store.export()["predictions"][0]
+    kept = np.frombuffer(base64.b64decode(stored["audio"]), "<i2") if stored.get("audio") else None
+    assert kept is not None and len(kept) == int(MAX_CLIP_SECONDS * sr)
