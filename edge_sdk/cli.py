@@ -187,9 +187,10 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
         cfg.audio.sample_rate, file_blocks = stream_audio(args.file, block_seconds=cfg.audio.block_seconds)
     listener = Listener(device, cfg, on_prediction)
     if mode == "web":
-        from edge_sdk.web import FeedbackServer
+        from edge_sdk.web import FeedbackServer, configured_allowed_hosts
 
-        web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats).start()
+        web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
+                             allowed_hosts=configured_allowed_hosts(cfg.web)).start()
         print(json.dumps({"feedback_page": web.page_url}), flush=True)
     listener.start(microphone=args.file is None)
     if terminal is not None:

@@ -80,6 +80,9 @@ class FeedbackConfig:
 class WebConfig:
     host: str = "127.0.0.1"
     port: int = 8090
+    # Extra host names (comma-separated) the page answers to besides its defaults (loopback; beyond loopback
+    # the device's hostname, hostname.local and the address a client reached): e.g. a name your router gives it.
+    allowed_hosts: str = ""
 
 
 @dataclass

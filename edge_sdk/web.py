@@ -38,7 +38,7 @@ from edge_sdk.errors import FedserError, ParameterError
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["FeedbackServer", "MAX_BODY", "default_allowed_hosts", "is_loopback"]
+__all__ = ["FeedbackServer", "MAX_BODY", "configured_allowed_hosts", "default_allowed_hosts", "is_loopback"]
 
 MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
 MAX_FIELD = 200  # characters of id and answer
@@ -74,6 +74,12 @@ def default_allowed_hosts(host: str) -> set[str]:
         except OSError:
             pass
     return names
+
+
+def configured_allowed_hosts(web_cfg) -> set[str]:
+    """:func:`default_allowed_hosts` of ``web.host`` plus the comma-separated ``web.allowed_hosts`` names."""
+    extra = {_host_name(h.strip()) for h in web_cfg.allowed_hosts.split(",") if h.strip()}
+    return default_allowed_hosts(web_cfg.host) | extra
 
 
 def _host_name(addr: str) -> str:

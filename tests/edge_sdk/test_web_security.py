@@ -274,3 +274,22 @@ def test_requests_http_server_refuses_itself_are_json_with_the_same_headers(serv
     head, _, body = reply.partition(b"\r\n\r\n")
     assert _status(reply) == status and b"X-Frame-Options: DENY" in head, reply[:300]
     assert "error" in json.loads(body)
+
+
+def test_extra_allowed_host_names_come_from_the_configuration(device, pred):
+    """web.allowed_hosts (FEDSER_EDGE_WEB_ALLOWED_HOSTS) adds names the page answers to; others stay refused."""
+    from edge_sdk.config import load_config
+    from edge_sdk.web import configured_allowed_hosts
+
+    cfg = load_config(environ={"FEDSER_EDGE_WEB_ALLOWED_HOSTS": "Pi-Kitchen.lan, speaker.home"})
+    srv = FeedbackServer(device, port=free_port(), timeout=1.0, allowed_hosts=configured_allowed_hosts(cfg.web))
+    srv.start()
+    try:
+        port = srv.httpd.server_address[1]
+        for name in ("pi-kitchen.lan", "speaker.home", "127.0.0.1"):
+            r = requests.get(srv.url + "api/state", headers={"Host": f"{name}:{port}"})
+            assert r.status_code == 200 and r.json()["predictions"][0]["id"] == pred.id, name
+        r = requests.get(srv.url + "api/state", headers={"Host": f"evil.example:{port}"})
+        assert r.status_code == 403
+    finally:
+        srv.stop()
