@@ -24,7 +24,7 @@ from aggregator.api import (
     server_key,
 )
 from aggregator.api.updates import refusal_counts
-from aggregator.db import Device, EnrollmentToken, Job, ModelVersion, Round, Update, get_session
+from aggregator.db import Device, EnrollmentToken, Job, ModelVersion, Round, Update, get_read_session, get_session
 from aggregator.registry import current_version, load_manifest, publish_base, rollback_to
 from aggregator.rounds import open_round
 from edge_sdk.errors import FedserError
@@ -230,7 +230,7 @@ def job_dict(job: Job, *, report: bool = False) -> dict:
 @bp.get("/status")
 @admin_required
 def status():
-    return jsonify(summary(get_session()))
+    return jsonify(summary(get_read_session()))  # a read: the dashboard's polls never wait for a round close
 
 
 def summary(session) -> dict:

@@ -425,6 +425,7 @@ def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
         answers["metrics"] = srv.client.get("/metrics", headers=srv.auth).status_code
         answers["manifest"] = srv.get_signed("/api/v1/manifest", dev, key).status_code
         answers["manifest/1"] = srv.get_signed("/api/v1/manifest/1", dev, key).status_code
+        answers["status"] = srv.client.get("/api/v1/admin/status", headers=srv.auth).status_code
 
     try:
         thread = threading.Thread(target=reads, daemon=True)
@@ -434,4 +435,4 @@ def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
     finally:
         writer.execute("ROLLBACK")
         writer.close()
-    assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200}
+    assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200, "status": 200}
