@@ -110,6 +110,12 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     _from_env(app.config)
     if test_config:
         app.config.update(test_config)
+    from aggregator.rounds import RoundPolicy
+
+    try:  # the aggregation settings are checked at start, not at the first round close
+        RoundPolicy.from_config(app.config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aggregation settings: {exc}") from exc
     inst = Path(app.instance_path)
     inst.mkdir(parents=True, exist_ok=True)
     if not app.config["DATABASE_URL"]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 from flask import Flask, current_app
 
@@ -41,18 +43,27 @@ def close(session, round_id: int, *, min_updates: int | None = None, app: Flask 
                        before_commit=_test_pause(app))
 
 
+TEST_HOOKS_FILE = "test-hooks.json"
+
+
 def _test_pause(app: Flask):
     """The crash tests' fault injection, or None (always, in production).
 
-    Set only through the instance's ``config.json`` (or ``test_config``): ``TEST_PAUSE_BEFORE_CLOSE_COMMIT``
-    seconds to sleep after a close wrote its new version and before it commits, and ``TEST_PAUSE_MARKER``, a
-    file written when the pause begins so that a test waits on it instead of guessing with a sleep. Neither
-    is a ``DEFAULTS`` key (nothing documents or defaults them); the tests write them into ``config.json``.
+    Only a file the tests write into the instance folder, ``test-hooks.json``, read once per process (no
+    setting, no environment variable): ``pause_before_close_commit`` seconds to sleep after a close wrote its
+    new version and before it commits, and ``marker``, a file written when the pause begins so that a test
+    waits on it instead of guessing with a sleep.
     """
-    seconds = float(app.config.get("TEST_PAUSE_BEFORE_CLOSE_COMMIT") or 0)
+    if "fedser_test_hooks" not in app.extensions:
+        path = Path(app.instance_path) / TEST_HOOKS_FILE
+        app.extensions["fedser_test_hooks"] = json.loads(path.read_text()) if path.is_file() else {}
+        if app.extensions["fedser_test_hooks"]:
+            log.warning("test hooks active from %s: %s", path, app.extensions["fedser_test_hooks"])
+    hooks = app.extensions["fedser_test_hooks"]
+    seconds = float(hooks.get("pause_before_close_commit") or 0)
     if seconds <= 0:
         return None
-    marker = app.config.get("TEST_PAUSE_MARKER")
+    marker = hooks.get("marker")
 
     def pause(round_id: int) -> None:
         log.warning("test fault injection: pausing %.1f s before committing the close of round %d", seconds,

@@ -436,3 +436,14 @@ def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
         writer.execute("ROLLBACK")
         writer.close()
     assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200, "status": 200}
+
+
+@pytest.mark.parametrize("setting, value, words", [("TRIM_FRACTION", 0.5, "TRIM_FRACTION"),
+                                                    ("MAX_EXAMPLES_WEIGHT", -1, "MAX_EXAMPLES_WEIGHT"),
+                                                    ("SERVER_OPTIMIZER", "fedprox", "unknown server optimizer"),
+                                                    ("AGGREGATION", "krum", "unknown aggregation method")])
+def test_unusable_aggregation_settings_are_refused_at_start(tmp_path, setting, value, words):
+    from aggregator import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), setting: value})

@@ -39,13 +39,12 @@ def _stop(agg) -> None:
 
 
 def test_kill_during_round_close_loses_nothing_and_counts_nothing_twice(tmp_path, trained_model, database_url):
-    # Fault injection is test-only configuration (the instance's config.json, never an environment variable read
-    # on every close): the worker that closes the round writes the marker file, then pauses before its commit.
+    # Fault injection is a test-only file in the instance folder (no setting, no environment variable read on
+    # every close): the worker that closes the round writes the marker file, then pauses before its commit.
     marker = tmp_path / "paused-before-commit"
     instance = tmp_path / "instance"
     instance.mkdir()
-    (instance / "config.json").write_text(json.dumps({"TEST_PAUSE_BEFORE_CLOSE_COMMIT": 120,
-                                                      "TEST_PAUSE_MARKER": str(marker)}))
+    (instance / "test-hooks.json").write_text(json.dumps({"pause_before_close_commit": 120, "marker": str(marker)}))
     agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url)
     port = int(agg.base_url.rsplit(":", 1)[1])
     try:
@@ -69,7 +68,7 @@ def test_kill_during_round_close_loses_nothing_and_counts_nothing_twice(tmp_path
     except BaseException:
         _kill_group(agg.process)
         raise
-    (instance / "config.json").unlink()  # the restarted server closes without pausing
+    (instance / "test-hooks.json").unlink()  # the restarted server closes without pausing
     agg = start_live_aggregator(tmp_path, min_updates=2, database_url=database_url, port=port)
     try:
         status = agg.status()
