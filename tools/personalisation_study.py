@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     lines, curve = summarise(result)
     print("\n".join(lines), flush=True)
     if args.out:
-        write(args.out, result, lines, curve, "python -m tools.personalisation_study " + " ".join(argv or sys.argv[1:]))
+        write(args.out, result, lines, curve,
+              "python -m tools.personalisation_study " + shlex.join(sys.argv[1:] if argv is None else argv))
     return 0
 
 
