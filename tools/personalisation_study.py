@@ -171,7 +171,7 @@ def run_study(args) -> dict:
     meta = ModelMetadata.load(model_files[1])
     labels = list(meta.labels)
     global_head = TFLiteModel(model_files[0], meta).get_weights()
-    policies = {"SDK default": {}}
+    policies = {} if args.skip_default and args.policy else {"SDK default": {}}
     policies.update(parse_policy(p) for p in args.policy)
     answer_counts = sorted(int(a) for a in args.answers.split(","))
     trials = []
@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ravdess-orders", type=int, default=10, help="answer orders per RAVDESS actor")
     parser.add_argument("--modes", default="corrections,thumbs")
     parser.add_argument("--policy", action="append", default=[], help="NAME=field:value,... a TrainPolicy variant")
+    parser.add_argument("--skip-default", action="store_true", help="only the --policy variants (and the baselines)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "personalisation-study")
     parser.add_argument("--out", type=Path)
