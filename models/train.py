@@ -2,8 +2,9 @@
 
 Uses a GPU when TensorFlow sees one (with mixed precision there), the CPU
 otherwise; seeded; keeps the epoch with the best validation UAR (validation
-speakers are held out of training as well); shows a progress bar on a
-terminal.
+speakers are held out of training as well; with several corpora, the mean of
+their UARs, and every (corpus, class) pair weighs the same in the loss); shows
+a progress bar on a terminal.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from edge_sdk.features import FeatureConfig
 from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
-from models.datasets import FOUR_CLASSES, Clip, per_class_sample
+from models.datasets import FOUR_CLASSES, Clip, corpus_of, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout
 from models.features import Augmentation, compute_features
 from models.metrics import by_corpus, classification_report
@@ -89,13 +90,13 @@ def _hardware() -> dict:
             "tensorflow": tf.__version__}
 
 
-def _batches(x: np.ndarray, y: np.ndarray, class_w: np.ndarray, num_classes: int, config: TrainConfig):
+def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: int, config: TrainConfig):
     """A shuffled tf.data pipeline of (features, one-hot targets, class-balancing weights), with optional
     SpecAugment masks (masked values become 0, the training mean) and mixup."""
     import tensorflow as tf
 
     onehot = np.eye(num_classes, dtype=np.float32)[y]
-    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), onehot, class_w[y]))
+    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), onehot, sample_w.astype(np.float32)))
     ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
     frames, feats = x.shape[1], x.shape[2]
 
@@ -189,8 +190,17 @@ def train_baseline(
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing))
     counts = np.bincount(y_train, minlength=len(labels)).astype(float)
     class_w = np.array([counts.sum() / (len(labels) * c) if c > 0 else 0.0 for c in counts], np.float32)
+    # several corpora: every (corpus, class) pair weighs the same in the loss, so the larger corpus does not
+    # drown the smaller one; one corpus: the class-balanced weights as before
+    train_corpora = np.array([corpus_of(c.speaker) for c in train_fs.clips])
+    sample_w = class_w[y_train]
+    if len(set(train_corpora.tolist())) > 1:
+        groups = [f"{a}|{b}" for a, b in zip(train_corpora, y_train, strict=True)]
+        sizes = {g: groups.count(g) for g in set(groups)}
+        sample_w = np.array([len(groups) / (len(sizes) * sizes[g]) for g in groups], np.float32)
+    val_corpora = {corpus_of(c.speaker) for c in val_fs.clips}
     plain = not (config.spec_augment or config.mixup)
-    batches = None if plain else _batches(x_train, y_train, class_w, len(labels), config)
+    batches = None if plain else _batches(x_train, y_train, sample_w, len(labels), config)
     onehot_train = np.eye(len(labels), dtype=np.float32)[y_train]
 
     best_uar, best_weights, history, waited = -1.0, None, [], 0
@@ -202,12 +212,19 @@ def train_baseline(
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
         if plain:
-            fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
-                            class_weight={i: float(w) for i, w in enumerate(class_w) if w > 0}, shuffle=True)
+            if len(set(train_corpora.tolist())) > 1:
+                fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                                sample_weight=sample_w, shuffle=True)
+            else:
+                fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                                class_weight={i: float(w) for i, w in enumerate(class_w) if w > 0}, shuffle=True)
         else:
             fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles
         pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
-        uar = classification_report(y_val, pred, labels)["uar"]
+        if len(val_corpora) > 1:  # each corpus's validation speakers count the same
+            uar = float(np.mean([t["uar"] for t in by_corpus(val_fs.clips, y_val, pred, labels).values()]))
+        else:
+            uar = classification_report(y_val, pred, labels)["uar"]
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
                         "seconds": time.perf_counter() - epoch_started})
         log.info("epoch %d/%d loss %.4f val UAR %.3f", epoch + 1, config.epochs, history[-1]["loss"], uar)

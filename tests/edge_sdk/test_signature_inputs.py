@@ -103,9 +103,6 @@ def test_a_freshly_exported_model_has_no_0d_input_in_any_signature(trained_model
     assert list(lr["shape"]) == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled model predates the [1]-shaped learning_rate; it passes once the "
-                                       "bundled model is re-exported (then drop this mark). The SDK handles it as "
-                                       "is: see the resize tests below")
 def test_the_bundled_model_has_no_0d_input_in_any_signature():
     paths = bundled_model_paths()
     assert paths is not None
