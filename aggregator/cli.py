@@ -220,6 +220,18 @@ def _clear_multiprocess_metrics() -> None:
             f.unlink(missing_ok=True)
 
 
+def _set_control_socket(cfg, control_socket: str | None) -> None:
+    """Each server its own control socket, or none (gunicorn's default path is one per user).
+
+    gunicorn has these settings only from 25.1 and ``Config.set`` raises AttributeError for a name it
+    does not know, so they are set only where this gunicorn has them.
+    """
+    if control_socket and "control_socket" in cfg.settings:
+        cfg.set("control_socket", str(Path(control_socket).resolve()))
+    elif "control_socket_disable" in cfg.settings:
+        cfg.set("control_socket_disable", True)
+
+
 def _serve(app: Flask, args) -> int:
     from aggregator.service import start_deadline_thread
 
@@ -257,10 +269,7 @@ def _serve(app: Flask, args) -> int:
             self.cfg.set("accesslog", "-" if args.verbose else None)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("post_fork", post_fork)
-            if args.control_socket:  # each server its own, or none (gunicorn's default path is one per user)
-                self.cfg.set("control_socket", str(Path(args.control_socket).resolve()))
-            else:
-                self.cfg.set("control_socket_disable", True)
+            _set_control_socket(self.cfg, args.control_socket)
             if args.certfile:
                 self.cfg.set("certfile", args.certfile)
                 self.cfg.set("keyfile", args.keyfile)
