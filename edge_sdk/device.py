@@ -257,7 +257,17 @@ class Device:
                 raise sqlite3.DatabaseError("quick_check: " + " ".join(" ".join(found).split())[:300])
             store.counts()
             return store
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:
+            # Busy ("database is locked": another fedser process is writing), unable to open, disk full, I/O:
+            # the file is not damaged, and moving it aside would split the device between two stores.
+            if store is not None:
+                try:
+                    store.close()
+                except sqlite3.Error:
+                    pass
+            raise FedserError(f"the store {path} cannot be used now ({exc}); it was left as it is: if another "
+                              "fedser-edge process is writing to it, try again in a moment") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", failed quick_check
             error = exc
         if store is not None:
             try:

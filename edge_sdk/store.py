@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL
 );
 """
+_SCHEMA_VERSION = 1  # PRAGMA user_version of a store that has _SCHEMA and every migration below
 
 
 _UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
@@ -100,15 +101,27 @@ class FeedbackStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(_SCHEMA)
-            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(predictions)")}
+            # Schema and migrations write only when the file is behind _SCHEMA_VERSION: opening an up-to-date
+            # store (every CLI command, while `listen` runs) only reads, so it never waits for the write lock.
+            if self._conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                self._migrate()
+
+    def _migrate(self) -> None:
+        with _Transaction(self._conn, self._lock) as c:  # one write transaction; a second opener waits, then sees it
+            if c.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+                return
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            columns = {r[1] for r in c.execute("PRAGMA table_info(predictions)")}
             for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER")):  # files from before these columns
                 if name not in columns:
-                    self._conn.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
+                    c.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
             # answers stored by SDKs before a correction to the predicted label itself counted as a thumbs-up
-            self._conn.execute(
+            c.execute(
                 "UPDATE feedback SET kind = 'up', label = NULL WHERE kind = 'label'"
                 " AND label = (SELECT p.label FROM predictions p WHERE p.id = feedback.prediction_id)")
+            c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
