@@ -11,7 +11,7 @@ from flask import Blueprint, jsonify
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from aggregator.api import API_PREFIX, error, json_object_body, refuse, server_key
+from aggregator.api import API_PREFIX, json_object_body, refuse, server_key
 from aggregator.db import Device, EnrollmentToken, get_session
 from aggregator.registry import current_version
 from edge_sdk.errors import ParameterError
@@ -48,22 +48,24 @@ def enroll():
     if token.expires_at < now:
         return refuse(403, "token_expired", "enrollment token has expired; ask the admin for a new one")
     if session.scalars(select(Device).where(Device.public_key == public_key)).first():
-        return error(409, "key_enrolled", "this public key is already enrolled")
-    device = Device(id=f"dev-{uuid.uuid4().hex[:16]}", name=body.get("name", ""),
-                    public_key=public_key, enrolled_at=now, last_seen=now)
-    session.add(device)
-    # One conditional UPDATE claims the token: of two concurrent enrollments with it, the second finds
-    # used_at set (PostgreSQL re-checks the WHERE after the first commits) and changes no row.
-    claimed = session.execute(
-        update(EnrollmentToken).where(EnrollmentToken.token_sha256 == token_hash, EnrollmentToken.used_at.is_(None),
-                                      EnrollmentToken.expires_at >= now)
-        .values(used_at=now, device_id=device.id).execution_options(synchronize_session=False)).rowcount
-    if claimed != 1:
-        return refuse(403, "token_used", "enrollment token was already used")
-    try:
-        session.commit()
-    except IntegrityError:  # the same public key enrolled concurrently with another token
         return refuse(409, "key_enrolled", "this public key is already enrolled")
+    device_id = f"dev-{uuid.uuid4().hex[:16]}"
+    try:
+        # One conditional UPDATE claims the token: of two concurrent enrollments with it, the second finds
+        # used_at set (PostgreSQL re-checks the WHERE after the first commits) and changes no row. It runs
+        # before the device is added, so no autoflush of the device's INSERT happens here.
+        claimed = session.execute(
+            update(EnrollmentToken).where(EnrollmentToken.token_sha256 == token_hash,
+                                          EnrollmentToken.used_at.is_(None), EnrollmentToken.expires_at >= now)
+            .values(used_at=now, device_id=device_id).execution_options(synchronize_session=False)).rowcount
+        if claimed != 1:
+            return refuse(403, "token_used", "enrollment token was already used")
+        device = Device(id=device_id, name=body.get("name", ""), public_key=public_key, enrolled_at=now,
+                        last_seen=now)
+        session.add(device)
+        session.commit()
+    except IntegrityError:  # the same public key enrolled concurrently with another token (flush or commit)
+        return refuse(409, "key_enrolled", "this public key is already enrolled (concurrently, with another token)")
     current = current_version(session)
     return jsonify(
         device_id=device.id,

@@ -75,3 +75,27 @@ def test_an_enrollment_token_enrolls_one_device_however_many_race_for_it(busy_ag
         assert codes == [201] + [403] * 5, codes
     assert all(r.json()["error"] == "token_used" for _, r in replies if r.status_code == 403)
     assert len(agg.status()["devices"]) == len(tokens)
+
+
+def test_one_public_key_enrolled_with_several_tokens_at_once_is_one_device_and_409s(busy_aggregator):
+    """Before: the device's INSERT was autoflushed by the token UPDATE, outside the try around commit(), so on
+    PostgreSQL the unique clash on public_key was a 500. Every 409 is counted in the refusal metric."""
+    agg = busy_aggregator
+    keys = [SigningKey.generate() for _ in range(4)]
+    attempts = [(agg.post_admin("/enrollment-tokens", json={}).json()["token"], key) for key in keys
+                for _ in range(6)]
+
+    def enroll(attempt):
+        token, key = attempt
+        return key, requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=60,
+                                  json={"token": token, "public_key": key.verify_key.to_b64()})
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(enroll, attempts))
+    for key in keys:
+        codes = sorted(r.status_code for k, r in replies if k is key)
+        assert codes == [201] + [409] * 5, codes
+    assert all(r.json()["error"] == "key_enrolled" for _, r in replies if r.status_code == 409)
+    status = agg.status()
+    assert len(status["devices"]) == len(keys)
+    assert status["refusals"].get("key_enrolled") == 5 * len(keys)
