@@ -4,7 +4,7 @@ Three things grow with use and are not needed forever:
 
 * audit rows of refusals (the ``refusals`` table) older than ``RETENTION_REFUSAL_DAYS``; the counts by
   reason (``refusal_counts``, the metric) are kept, so the metric never goes down;
-* bodies of accepted updates (about 80 KB each) of rounds that closed or were rejected more than
+* bodies of accepted updates (about 80 KB each) of rounds that closed, were rejected or were superseded more than
   ``RETENTION_UPDATE_BODY_DAYS`` ago: the body is emptied, the row (who sent what, when, its norm and
   sequence, which keeps replays out) stays;
 * model files in the blob store that no version references (base, head, optimizer state, anything in
@@ -99,7 +99,7 @@ def _prune_refusals(session: Session, cutoff: float, dry_run: bool) -> int:
 
 
 def _prune_bodies(session: Session, cutoff: float, dry_run: bool) -> tuple[int, int]:
-    done = select(Round.id).where(Round.status.in_(("closed", "rejected")), Round.closed_at < cutoff)
+    done = select(Round.id).where(Round.status.in_(("closed", "rejected", "superseded")), Round.closed_at < cutoff)
     which = (Update.round_id.in_(done), func.length(Update.body) > 0)
     if dry_run:
         n, size = session.execute(select(func.count(), func.coalesce(func.sum(func.length(Update.body)), 0))

@@ -112,3 +112,41 @@ def test_prune_refuses_a_negative_setting(tmp_path):
     cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "prune", "--refusal-days", "-1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "refusal_days" in proc.stderr
+
+
+def test_prune_empties_the_bodies_of_superseded_rounds(tmp_path, database_url):
+    """Before: only closed and rejected rounds' bodies were pruned; a superseded round's stayed for ever."""
+    instance = tmp_path / "inst"
+    app = create_app({"INSTANCE_PATH": str(instance), "DATABASE_URL": database_url, "ROUND_MIN_UPDATES": 2})
+    url = app.config["DATABASE_URL"]
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {app.config['ADMIN_TOKEN']}"}
+    data = REPO / "edge_sdk" / "data"
+
+    def publish():
+        with open(data / "default_model.tflite", "rb") as t, open(data / "default_model.json", "rb") as m:
+            r = client.post("/api/v1/admin/models", headers=auth,
+                            data={"tflite": (t, "m.tflite"), "metadata": (m, "m.json")})
+        assert r.status_code == 201, r.text
+
+    publish()
+    layout = ModelMetadata.load(data / "default_model.json").head_layout
+    token = client.post("/api/v1/admin/enrollment-tokens", headers=auth, json={}).json["token"]
+    key = SigningKey.generate()
+    dev = client.post("/api/v1/devices/enroll", json={"token": token, "public_key": key.verify_key.to_b64()}
+                      ).json["device_id"]
+    assert client.post("/api/v1/updates", data=signed_update(dev, key, layout, sequence=1).to_bytes()
+                       ).status_code == 202
+    publish()  # round 1 (one update) is superseded by version 2
+    session = app.extensions["fedser_sessionmaker"]()
+    assert session.scalar(select(Round.status).where(Round.id == 1)) == "superseded"
+    session.execute(update(Round).where(Round.status == "superseded").values(closed_at=time.time() - 10 * DAY))
+    session.commit()
+    assert session.scalar(select(func.length(Update.body)).where(Update.device_id == dev)) > 0
+    session.commit()  # SQLite: no transaction open while the CLI runs
+    report = _prune(instance, url, "--blob-days", "0")
+    assert report["update_bodies_emptied"] == 1
+    session.expire_all()
+    assert session.scalar(select(func.length(Update.body)).where(Update.device_id == dev)) == 0
+    session.close()
+    app.extensions["fedser_engine"].dispose()
