@@ -201,11 +201,11 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     try:
         if file_blocks is not None:
             for block in file_blocks:
-                listener.push(block)
+                listener.push(block, wait=True)  # a file waits for the classifier: no block is dropped
                 if args.realtime:
                     time.sleep(cfg.audio.block_seconds)
             tail = int(cfg.segmenter.hangover_seconds * cfg.audio.sample_rate) + listener.blocksize
-            listener.push(__import__("numpy").zeros(tail, "float32"))  # let the last utterance end
+            listener.push(__import__("numpy").zeros(tail, "float32"), wait=True)  # let the last utterance end
         while True:
             if args.seconds and time.monotonic() - started >= args.seconds:
                 break

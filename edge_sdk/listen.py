@@ -174,11 +174,22 @@ class Listener:
             self.overflows += 1
         self.push(indata[:, 0] if indata.ndim == 2 else indata)
 
-    def push(self, block: np.ndarray) -> None:
-        """Enqueue one block (the callback does this; tests and file sources may too). Never blocks."""
+    def push(self, block: np.ndarray, wait: bool = False) -> None:
+        """Enqueue one block. The microphone callback never blocks (``wait=False``): a block that finds the
+        queue full is dropped and counted. A file source passes ``wait=True``: it waits for room, so a file
+        read faster than it is classified loses nothing."""
         self.blocks += 1
+        block = np.array(block, dtype=np.float32, copy=True)
+        if wait:
+            while True:
+                try:
+                    self.queue.put(block, timeout=0.5)
+                    return
+                except queue.Full:
+                    if self._worker is None or not self._worker.is_alive():  # nobody will ever make room
+                        break
         try:
-            self.queue.put_nowait(np.array(block, dtype=np.float32, copy=True))
+            self.queue.put_nowait(block)
         except queue.Full:
             self.dropped_blocks += 1
 

@@ -153,8 +153,9 @@ def test_a_stream_rate_out_of_range_is_refused_with_a_message(tmp_path):
 
 
 def test_listen_file_hears_a_long_recording_at_its_own_rate(tmp_path):
-    """`listen --file` streams the whole file at its own rate: an utterance 40 s into a 48 kHz recording is heard
-    (reading the file with load_audio kept only its first 30 s, at the configured 16 kHz rate)."""
+    """`listen --file` streams the whole file at its own rate: every utterance of a 90 s 48 kHz recording is heard
+    (reading the file with load_audio kept only its first 30 s, at the configured 16 kHz rate), and no block is
+    dropped: a file waits for the classifier (pushing without waiting dropped 1662 of 2400 blocks of a 120 s file)."""
     import json
     import subprocess
     import sys
@@ -167,8 +168,8 @@ def test_listen_file_hears_a_long_recording_at_its_own_rate(tmp_path):
         pytest.skip("no bundled model in edge_sdk/data")
     sr = 48000
     one = _stream_at(sr)  # quiet, 1.5 s utterance, quiet
-    gap = np.zeros(int(18 * sr), np.float32)
-    recording = np.concatenate([one, gap, one, gap, one])  # utterances near 1 s, 22.5 s and 44 s
+    gap = np.zeros(int(14 * sr), np.float32)
+    recording = np.concatenate([one, gap] * 5 + [one])  # six utterances, about 17.5 s apart, over 90 s
     path = tmp_path / "long.wav"
     soundfile.write(path, recording, sr)
     out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
@@ -176,7 +177,9 @@ def test_listen_file_hears_a_long_recording_at_its_own_rate(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     predictions = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{") and '"label"' in line]
-    assert len(predictions) == 3, out.stdout[-2000:]
+    assert len(predictions) == 6, out.stdout[-2000:]
+    stats = [json.loads(line)["listen_stats"] for line in out.stdout.splitlines() if '"listen_stats"' in line]
+    assert stats and stats[0]["dropped_blocks"] == 0, stats
 
 
 def test_classify_keeps_at_most_the_maximum_clip_length(tmp_path, rng):
