@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from edge_sdk.errors import ParameterError, ServerError
 from edge_sdk.wire import REQUEST_HEADERS, request_signing_message
@@ -27,6 +31,76 @@ __all__ = ["ServerClient", "API_PREFIX"]
 API_PREFIX = "/api/v1"
 DEFAULT_DEADLINE = 300.0  # seconds for one whole request, body included (the per-read timeout is `timeout`)
 MAX_RESPONSE_BYTES = 16 << 20  # any reply but a model file (those are bounded by the manifest's size)
+
+
+# The connection each `fedser-http` helper thread is using, so that the caller can cut it when the deadline
+# passes: a thread blocked reading a dripping server then ends at once, and its socket is closed.
+_REGISTRY_LOCK = threading.Lock()
+_WATCHED: set[int] = set()  # helper threads (ident) whose connections are recorded
+_IN_USE: dict[int, HTTPConnection] = {}
+_CUT: set[int] = set()  # helper threads whose deadline has passed
+
+
+def _shutdown(conn: HTTPConnection) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread; close() alone does not
+        except OSError:
+            pass
+
+
+def _note_connection(conn: HTTPConnection) -> None:
+    ident = threading.get_ident()
+    with _REGISTRY_LOCK:
+        if ident not in _WATCHED:
+            return
+        _IN_USE[ident] = conn
+        cut = ident in _CUT
+    if cut:  # connected after the deadline passed
+        _shutdown(conn)
+
+
+def _cut_connection_of(ident: int) -> None:
+    with _REGISTRY_LOCK:
+        _CUT.add(ident)
+        conn = _IN_USE.get(ident)
+    if conn is not None:
+        _shutdown(conn)
+
+
+class _Cuttable:
+    def connect(self) -> None:
+        super().connect()
+        _note_connection(self)
+
+    def request(self, *args, **kwargs):
+        _note_connection(self)  # a kept-alive connection is reused without connect()
+        return super().request(*args, **kwargs)
+
+
+class _CuttableHTTPConnection(_Cuttable, HTTPConnection):
+    pass
+
+
+class _CuttableHTTPSConnection(_Cuttable, HTTPSConnection):
+    pass
+
+
+class _CuttableHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _CuttableHTTPConnection
+
+
+class _CuttableHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _CuttableHTTPSConnection
+
+
+class _CuttableAdapter(HTTPAdapter):
+    """requests' adapter whose connections record themselves, so :meth:`ServerClient._send` can cut them."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _CuttableHTTPPool, "https": _CuttableHTTPSPool}
 
 
 class ServerClient:
@@ -57,7 +131,11 @@ class ServerClient:
         self.timeout = timeout
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
-        self.session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            for prefix in ("http://", "https://"):  # a caller's own session keeps its adapters
+                session.mount(prefix, _CuttableAdapter())
+        self.session = session
         self.device_id, self.sign = device_id, sign
 
     def _auth_headers(self, method: str, url: str) -> dict:
@@ -115,24 +193,35 @@ class ServerClient:
 
         Connecting and reading the headers run on a helper thread: a server that drips its status line or
         headers one byte at a time resets every per-read timeout, so only a wait with a deadline bounds them.
-        A thread left behind closes the response it eventually gets.
+        At the deadline the helper's connection is shut down (with the client's own session), so the thread
+        ends at once instead of reading for as long as the server drips; a response it still gets is closed.
         """
         box: dict = {}
         done, abandoned = threading.Event(), threading.Event()
 
         def run() -> None:
+            ident = threading.get_ident()
+            with _REGISTRY_LOCK:
+                _WATCHED.add(ident)
             try:
                 box["resp"] = self.session.request(method, url, **kwargs)
             except BaseException as exc:  # handed to the caller below
                 box["exc"] = exc
             finally:
+                with _REGISTRY_LOCK:
+                    _WATCHED.discard(ident)
+                    _IN_USE.pop(ident, None)
+                    _CUT.discard(ident)
                 done.set()
                 if abandoned.is_set() and "resp" in box:
                     box["resp"].close()
 
-        threading.Thread(target=run, name="fedser-http", daemon=True).start()
+        helper = threading.Thread(target=run, name="fedser-http", daemon=True)
+        helper.start()
         if not done.wait(max(0.0, deadline_at - time.monotonic())):
             abandoned.set()
+            if helper.ident is not None:
+                _cut_connection_of(helper.ident)
             if done.is_set() and "resp" in box:  # it arrived just now: not left open
                 box["resp"].close()
             raise ServerError(f"{url} sent no complete status line and headers within {self.deadline:g} s",

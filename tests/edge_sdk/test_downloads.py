@@ -179,3 +179,22 @@ def test_a_manifest_size_outside_the_range_is_refused_before_any_download(size):
     with pytest.raises(WireFormatError, match="blob size"):
         BlobRef.from_dict({"sha256": "0" * 64, "size": size, "url": "/api/v1/blobs/x"})
     assert BlobRef.from_dict({"sha256": "0" * 64, "size": 700_000, "url": "/x"}).size == 700_000
+
+
+def test_the_helper_thread_and_its_connection_end_at_the_deadline(serve):
+    """The helper thread reading a dripping server's headers does not outlive the deadline error: its connection
+    is shut down, so the thread ends and the server sees the client hang up (review item 3)."""
+    server = serve(_drips_headers)
+    client = ServerClient(server.url, timeout=30, deadline=1.0)
+    with pytest.raises(ServerError) as exc:
+        client.get_manifest()
+    assert exc.value.reason == "deadline"
+    gone = False
+    for _ in range(40):  # up to about 2 s
+        if not any(t.name == "fedser-http" and t.is_alive() for t in threading.enumerate()):
+            gone = True
+            break
+        time.sleep(0.05)
+    assert gone, [t.name for t in threading.enumerate()]
+    assert server.finished.wait(5)  # its next writes failed: the connection was closed
+    assert server.sent < 100  # long before its 600 header bytes
