@@ -798,9 +798,13 @@ class Device:
             return None
         answers = _answers_fingerprint(examples)
         last = self._last_update()
-        if last and last.get("base_version") == self.model_version and last.get("answers") == answers:
+        if last and last.get("base_version") == self.model_version:
+            # retry_at (set when the open round already holds this device's update on this version) holds
+            # whether or not the answers changed since: otherwise every sync with a new answer trains, posts
+            # and is refused already_contributed. Without it, the same answers are not sent twice.
             retry_at = last.get("retry_at")
-            if not (isinstance(retry_at, (int, float)) and self.clock() >= retry_at):
+            has_retry = isinstance(retry_at, (int, float))
+            if (has_retry and self.clock() < retry_at) or (not has_retry and last.get("answers") == answers):
                 return None
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
             version, global_head = self.model_version, self.global_head

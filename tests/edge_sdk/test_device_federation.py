@@ -147,13 +147,16 @@ def test_answers_refused_as_already_contributed_are_sent_again_later_not_at_ever
     refused = a.sync()
     assert [r["reason"] for r in refused.rejected] == ["already_contributed"] and refused.enqueued_seq is not None
     assert a.sync().enqueued_seq is None  # not remade at every sync ...
+    _answer(a, 1, seed=35)
+    waiting = a.sync()  # ... nor when a new answer came meanwhile (the round still holds a's update)
+    assert waiting.enqueued_seq is None and waiting.rejected == [], waiting
     now[0] += 3601
     again = a.sync()  # ... but after an hour (the round may have been refused and another opened)
     assert again.enqueued_seq is not None and [r["reason"] for r in again.rejected] == ["already_contributed"]
     _answer(b, 5, seed=50)
     assert b.sync().accepted[0]["published_version"] == 2
-    late = a.sync()  # version 2: all seven answers, none lost
-    assert [r["round_id"] for r in late.accepted] == [2] and _num_examples(a, late.accepted[0]["seq"]) == 7
+    late = a.sync()  # version 2: all eight answers, none lost
+    assert [r["round_id"] for r in late.accepted] == [2] and _num_examples(a, late.accepted[0]["seq"]) == 8
 
 
 def test_predictions_while_making_an_update_come_from_the_weights_in_use(aggregator, tmp_path):
