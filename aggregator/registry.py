@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from aggregator.db import ModelVersion, Round, Update
@@ -23,7 +23,7 @@ from edge_sdk.wire import pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["BlobStore", "current_version", "publish_version", "publish_base", "head_arrays", "blob_url",
+__all__ = ["BlobStore", "current_version", "lock_rounds", "publish_version", "publish_base", "head_arrays", "blob_url",
            "rollback_to", "initial_head", "load_manifest"]
 
 
@@ -52,6 +52,21 @@ class BlobStore:
 
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+ROUNDS_LOCK_KEY = 0x66656473  # "feds": the PostgreSQL advisory lock that serialises publishing and round opening
+
+
+def lock_rounds(session: Session) -> None:
+    """Serialise the transactions that publish a version or open a round, until this transaction ends.
+
+    PostgreSQL (READ COMMITTED): a publish's ``SELECT ... status='open' FOR UPDATE`` does not see the round a
+    concurrent close inserts (nor a round that close has already marked ``closing``), so two rounds could be
+    left open; a transaction-level advisory lock taken first by both makes the second wait for the first's
+    commit and then read it. SQLite's write sessions (BEGIN IMMEDIATE) are serialised already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROUNDS_LOCK_KEY})
 
 
 def current_version(session: Session) -> ModelVersion | None:
@@ -87,6 +102,7 @@ def publish_version(
     Runs inside the caller's transaction: nothing is visible until it commits,
     and a crash before the commit leaves at most an unreferenced blob.
     """
+    lock_rounds(session)
     now = time.time()
     # First, so that a concurrent close holding the open round's row makes this wait for its commit (and its
     # version number) instead of racing it to the same number.

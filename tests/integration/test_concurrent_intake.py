@@ -99,3 +99,44 @@ def test_one_public_key_enrolled_with_several_tokens_at_once_is_one_device_and_4
     status = agg.status()
     assert len(status["devices"]) == len(keys)
     assert status["refusals"].get("key_enrolled") == 5 * len(keys)
+
+
+def test_concurrent_closes_and_publishes_leave_one_open_round(busy_aggregator):
+    """Before: on PostgreSQL a publish's SELECT of the open round (FOR UPDATE) missed the round a concurrent close
+    was inserting, so both opened one. Publishing and round opening are serialised now."""
+    from pathlib import Path
+
+    from edge_sdk.model import ModelMetadata
+
+    agg = busy_aggregator
+    data = Path(__file__).resolve().parents[2] / "edge_sdk" / "data"
+    tflite, meta = (data / "default_model.tflite").read_bytes(), (data / "default_model.json").read_bytes()
+
+    def upload():
+        return agg.post_admin("/models", files={"tflite": ("m.tflite", tflite), "metadata": ("m.json", meta)})
+
+    assert upload().status_code == 201
+    layout = ModelMetadata.load(data / "default_model.json").head_layout
+    devices = []
+    for _ in range(2):
+        key = SigningKey.generate()
+        token = agg.post_admin("/enrollment-tokens", json={}).json()["token"]
+        devices.append((requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=10, json={
+            "token": token, "public_key": key.verify_key.to_b64()}).json()["device_id"], key))
+    replies = []
+    with ThreadPoolExecutor(4) as pool:
+        for it in range(8):
+            version = agg.status()["current_version"]
+            dev, key = devices[it % 2]
+            r = agg.post_update(signed_update(dev, key, layout, sequence=it + 1, base_version=version).to_bytes())
+            assert r.status_code == 202, r.text
+            futures = [pool.submit(agg.post_admin, "/rounds/close", json={"min_updates": 1}), pool.submit(upload),
+                       pool.submit(upload), pool.submit(agg.post_admin, "/rounds/close", json={"min_updates": 1})]
+            replies += [f.result() for f in futures]
+            rounds = agg.status()["rounds"]
+            assert [r["status"] for r in rounds].count("open") == 1, rounds
+    assert all(r.status_code in (200, 201, 409) for r in replies), [(r.status_code, r.text[:200]) for r in replies]
+    status = agg.status()
+    published = sorted(r["published_version"] for r in status["rounds"] if r["published_version"])
+    assert len(published) == len(set(published))
+    assert [r["status"] for r in status["rounds"]].count("open") == 1
