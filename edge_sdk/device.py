@@ -675,7 +675,7 @@ class Device:
                                examples=len(examples))
         in_use = model.get_weights()
         if policy.guard_folds > 1 and policy.holdout_every:
-            report = self._cross_validated(model, examples, policy)
+            report = self._cross_validated(model, examples, policy, in_use)
         else:
             every = policy.holdout_every
             held = [e for i, e in enumerate(examples) if every and i % every == every - 1]
@@ -712,7 +712,8 @@ class Device:
         log.info("personalisation %s: %s", report.status, report.to_dict())
         return report
 
-    def _cross_validated(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy):
+    def _cross_validated(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy,
+                         in_use: dict[str, np.ndarray] | None = None):
         """Judge a fit on all answers by ``guard_folds``-fold cross-validation against the global head (which
         never trained on any of them); leaves the fit on all answers in the model when it is not worse. With
         ``adaptive_replay``, the fit without the replay set is judged too and the better one is kept."""
@@ -751,10 +752,17 @@ class Device:
         else:
             self._fit(model, examples, candidates[best])
         # The answer report of the next update (edge_sdk.report): answers that name the right label, scored out of
-        # fold (the kept head trained on all of them); when discarded the head in use stays (the global one on a
-        # device that never kept a fit), so it is counted as the global head.
+        # fold (the kept head trained on all of them); when discarded the head in use (``in_use``) stays: a
+        # personal head kept earlier goes on serving, so that head is scored (it may have trained on some of these
+        # answers), and on a device that never kept a fit it is the global head.
         known = np.array([e.sign > 0 for e in examples])
-        personal = rights[best] if report.status == "kept" else global_right
+        if report.status == "kept":
+            personal = rights[best]
+        elif in_use is not None:
+            model.set_weights(in_use)
+            personal = self._shown_right(examples)
+        else:
+            personal = global_right
         self.store.set("personal_cv_report", json.dumps({
             "version": self.model_version, "answers": _answers_fingerprint(examples),
             "answers_scored": int(known.sum()), "personal_correct": int(personal[known].sum()),

@@ -121,6 +121,23 @@ def test_cross_validated_guard_judges_every_answer_and_then_fits_on_all(tmp_path
     assert dev._cv_answer_report(dev._examples())["answers_scored"] == 0
 
 
+def test_a_discarded_fit_reports_the_personal_head_that_stays_in_use(tmp_path, trained_model):
+    """A personal head is kept; a later fit is discarded: that head goes on serving (personalized stays True), so
+    the answer report scores it, not the global head (review item 5)."""
+    dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 2}))
+    u, _ = _embeddings(dev)
+    for k in range(8):
+        _answer(dev, k, u, B)
+    assert dev.personalize().status == "kept"
+    _answer(dev, 8, u, B)
+    dev.train_policy = TrainPolicy(**{**POLICY, "guard_folds": 2, "guard_margin": 100.0})  # nothing passes
+    report = dev.personalize()
+    assert report.status == "discarded" and dev.personalized
+    assert dev.metadata.labels[int(np.argmax(dev.model.head_probs(u[None])[0]))] == B  # the kept head serves
+    assert dev._cv_answer_report(dev._examples()) == {"answers_scored": 9, "personal_correct": 9,
+                                                      "global_correct": 0}
+
+
 def test_cross_validated_guard_discards_fits_that_show_the_other_answers_worse(tmp_path, trained_model):
     """The user says v is angry and happy by turns: each fold's fit gets the other fold wrong (0 of 8) where the
     global head shows half of the answers right; the update is discarded."""
