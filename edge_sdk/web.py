@@ -137,6 +137,12 @@ class _BoundedServer(ThreadingHTTPServer):
             self.slots.release()
 
 
+class _BoundedServer6(_BoundedServer):
+    """The same, bound to an IPv6 address ("::" also takes IPv4 where the system allows dual-stack sockets)."""
+
+    address_family = socket.AF_INET6
+
+
 class _Refusal(Exception):
     def __init__(self, status: int, error: str, detail: str, close: bool = False) -> None:
         super().__init__(detail)
@@ -327,7 +333,9 @@ class FeedbackServer:
                 except _Refusal as r:
                     self._refuse(r)
 
-        self.httpd = _BoundedServer((host, port), Handler)
+        bind = host.strip("[]")
+        server_class = _BoundedServer6 if ":" in bind else _BoundedServer  # "::" (every interface) and "::1"
+        self.httpd = server_class((bind, port), Handler)
         self.allowed_hosts = ({_host_name(h) for h in allowed_hosts} if allowed_hosts is not None
                               else default_allowed_hosts(host))
         self._thread: threading.Thread | None = None
@@ -338,6 +346,7 @@ class FeedbackServer:
         try:
             token = path.read_text(encoding="ascii").strip()
             if len(token) >= 16:
+                os.chmod(path, 0o600)  # a file made or copied with a looser mode: the token is the page's key
                 return token
         except (OSError, UnicodeDecodeError):
             pass
@@ -371,10 +380,15 @@ class FeedbackServer:
     def start(self) -> FeedbackServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fedser-web", daemon=True)
         self._thread.start()
-        if self.token:
+        link = self.page_url.split("#", 1)[0]  # the token stays out of the journal (the CLI prints the link)
+        host = self.httpd.server_address[0]
+        if self.token and not is_loopback(host):
             log.warning("feedback page open beyond this machine at %s (answers to %s, or this machine's address); "
-                        "open %s on the phone (or the same link with the device's address)", self.url,
-                        ", ".join(sorted(self.allowed_hosts)), self.page_url)
+                        "open %s#token=<the token in %s> on the phone (or the same link with the device's "
+                        "address)", self.url, ", ".join(sorted(self.allowed_hosts)), link,
+                        Path(self.device.state_dir) / "web-token")
+        elif self.token:
+            log.info("feedback page on %s (this machine only; the API needs the token)", self.url)
         else:
             log.info("feedback page on %s", self.url)
         return self

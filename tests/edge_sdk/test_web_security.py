@@ -293,3 +293,53 @@ def test_extra_allowed_host_names_come_from_the_configuration(device, pred):
         assert r.status_code == 403
     finally:
         srv.stop()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_ipv6_hosts_bind_and_answer(device, host):
+    """`[web] host = "::1"` or "::" (every interface) binds an IPv6 socket (was: gaierror, address family)."""
+    srv = FeedbackServer(device, host=host, port=free_port(), timeout=1.0).start()
+    try:
+        port = srv.httpd.server_address[1]
+        headers = {"X-Fedser-Token": srv.token} if srv.token else {}
+        assert (srv.token is None) == (host == "::1")  # beyond loopback the page needs a token
+        r = requests.get(f"http://[::1]:{port}/api/state", headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+        assert srv.url == f"http://[::1]:{port}/" or host == "::"
+    finally:
+        srv.stop()
+
+
+def test_the_token_stays_out_of_the_log_and_the_wording_fits_loopback(device, caplog):
+    caplog.set_level("DEBUG", logger="edge_sdk")
+    srv = FeedbackServer(device, host="0.0.0.0", port=free_port(), timeout=1.0).start()
+    srv.stop()
+    open_beyond = " ".join(r.getMessage() for r in caplog.records if "feedback page" in r.getMessage())
+    assert "beyond this machine" in open_beyond and srv.token not in open_beyond and "#token=<" in open_beyond
+    caplog.clear()
+    local = FeedbackServer(device, port=free_port(), token="a-token-given-by-the-developer", timeout=1.0).start()
+    local.stop()
+    said = " ".join(r.getMessage() for r in caplog.records if "feedback page" in r.getMessage())
+    assert said and "beyond this machine" not in said and "a-token-given-by-the-developer" not in said
+
+
+def test_an_existing_token_file_is_tightened_to_0600(device):
+    token_file = device.state_dir / "web-token"
+    token_file.write_text("x" * 32 + "\n")
+    token_file.chmod(0o644)
+    srv = FeedbackServer(device, host="0.0.0.0", port=free_port())
+    try:
+        assert srv.token == "x" * 32
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    finally:
+        srv.httpd.server_close()
