@@ -283,7 +283,15 @@ class _Doctor:
         if not date:
             self.add("clock", "skip", "the server sent no Date header")
         else:
-            server_time = email.utils.parsedate_to_datetime(date).timestamp()
+            try:
+                server_time = email.utils.parsedate_to_datetime(date).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                server_time = None
+        if date and server_time is None:
+            self.add("clock", "warn", f"the server's Date header is not a date: {date[:100]!r}",
+                     "the clock could not be compared; see what answers at this address (curl -i "
+                     f"{url}/healthz)")
+        elif date:
             skew = (started + elapsed / 2) - server_time  # Date has 1 s resolution
             detail = f"this clock is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the server's"
             fix = ("turn on time sync: sudo timedatectl set-ntp true (systemd-timesyncd; a Raspberry Pi has no "
@@ -315,6 +323,10 @@ class _Doctor:
         try:
             body, _ = client.get_manifest()
         except ServerError as exc:
+            if exc.status == 404 and exc.reason == "no_model":
+                self.add(name, "warn", "the server has published no model yet", "the admin publishes one: "
+                         "fedser-aggregator publish-base model.tflite model.json")
+                return
             fixes = {"clock_skew": "set the clock (see the clock check)",
                      "unknown_device": "this device is not known to the server (revoked, or another server at "
                                        "this address): enroll again with a new token",
@@ -344,8 +356,11 @@ class _Doctor:
             try:
                 mine = SignedManifest.from_bytes((self.state / "manifest.json").read_bytes(), pinned.verify).manifest
                 local = f"; this device runs version {mine.version}"
-                if mine.version != manifest.version:
+                if mine.version < manifest.version:
                     local += " (fedser-edge sync installs the new one)"
+                elif mine.version > manifest.version:
+                    local += (", newer than the server's: sync keeps it and refuses the older manifest (was the "
+                              "aggregator restored from an older backup?)")
             except FedserError as exc:
                 self.add(name, "fail", f"the local manifest does not verify: {exc}", "run `fedser-edge sync`")
                 return

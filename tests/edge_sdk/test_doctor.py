@@ -209,3 +209,49 @@ def test_the_microphone_opens_at_the_configured_rate(null_sink, tmp_path):  # no
     rc, checks = doctor(tmp_path / "s", env={**env, "FEDSER_EDGE_AUDIO_DEVICE": "no-such-microphone"})
     assert rc == 1
     _bad(checks, "microphone", "no-such-microphone", "fedser-edge devices")
+
+
+def test_a_server_with_no_published_model_is_a_warning(tmp_path):
+    """A real aggregator that has published nothing answers the manifest with 404 no_model: 'warn', not 'fail'."""
+    agg = start_live_aggregator(tmp_path / "empty-agg", min_updates=5)
+    try:
+        state = tmp_path / "dev"
+        agg.enroll(state, name="doctor-empty")
+        rc, checks = doctor(state, "--no-audio")
+        c = checks["key and manifest"]
+        assert c["status"] == "warn" and "published no model" in c["detail"] and "publish-base" in c["fix"], c
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+
+
+def test_a_malformed_date_header_is_a_line_not_a_traceback(enrolled):
+    """A server (here a plain loopback one) whose Date header is not a date: doctor says so, it does not crash."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def date_time_string(self, timestamp=None):  # http.server's Date header
+            return "Tuesday, sometime"
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        identity = json.loads((enrolled / "identity.json").read_text())
+        identity["server_url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+        (enrolled / "identity.json").write_text(json.dumps(identity))
+        rc, checks = doctor(enrolled, "--no-audio", "--timeout", "5")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert checks["clock"]["status"] == "warn" and "not a date" in checks["clock"]["detail"], checks["clock"]
+    assert checks["server"]["status"] == "ok"
