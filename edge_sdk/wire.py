@@ -345,7 +345,7 @@ class UpdateHeader:
     @classmethod
     def from_bytes(cls, data: bytes) -> UpdateHeader:
         try:
-            obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+            obj = json.loads(data.decode("utf-8"), parse_constant=refuse_json_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, NaN, 4300+ digits
             raise WireFormatError(f"update header is not UTF-8 JSON: {str(exc)[:200]}") from exc
         if not isinstance(obj, dict):
@@ -383,7 +383,8 @@ class UpdateHeader:
         return layout
 
 
-def _refuse_constant(name: str):
+def refuse_json_constant(name: str):
+    """``parse_constant`` for :func:`json.loads`: NaN, Infinity and -Infinity are refused (ValueError)."""
     raise ValueError(f"{name} is not a JSON number")
 
 

@@ -11,6 +11,8 @@ from functools import wraps
 
 from flask import current_app, g, jsonify, request
 
+from edge_sdk.wire import refuse_json_constant
+
 API_PREFIX = "/api/v1"
 MAX_INT32 = 2**31 - 1  # path ids (versions, jobs) and admin integers: PostgreSQL's INTEGER
 
@@ -41,10 +43,6 @@ def path_int(name: str, value: int, maximum: int = MAX_INT32):
     return None
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def json_object_body(*, authenticated: bool = True) -> tuple[dict | None, object]:
     """The request body as a JSON object (``{}`` when empty): ``(body, None)`` or ``(None, 400 refusal)``.
 
@@ -54,7 +52,7 @@ def json_object_body(*, authenticated: bool = True) -> tuple[dict | None, object
     if not data.strip():
         return {}, None
     try:
-        body = json.loads(data, parse_constant=_refuse_constant)
+        body = json.loads(data, parse_constant=refuse_json_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return None, refuse(400, "malformed", f"body is not JSON: {str(exc)[:200]}", authenticated=authenticated)
     if not isinstance(body, dict):
@@ -113,8 +111,7 @@ def device_required(fn):
     def wrapper(*args, **kwargs):
         from sqlalchemy import update
 
-        from aggregator.api.updates import audit_refusal
-        from aggregator.db import Device, get_read_session, get_session, write_if_free
+        from aggregator.db import Device, get_read_session, write_if_free
         from edge_sdk.errors import SignatureError
         from edge_sdk.signing import VerifyKey
         from edge_sdk.wire import (
@@ -126,41 +123,39 @@ def device_required(fn):
             valid_device_id,
         )
 
-        session = get_session()
         device_id, ts, sig = (request.headers.get(h, "") for h in REQUEST_HEADERS)
 
-        def refuse(status, reason, detail, authenticated=False):
-            session.rollback()
-            audit_refusal(session, status, reason, detail, device_id=device_id or None, authenticated=authenticated)
-            return error(status, reason, detail)
+        def deny(status, reason, detail, authenticated=False):
+            """:func:`refuse` (audited, counted) naming the device the request claims to come from."""
+            return refuse(status, reason, detail, device_id=device_id or None, authenticated=authenticated)
 
         if not (device_id and ts and sig):
-            return refuse(401, "missing_device_auth", "device endpoints need the headers " + ", ".join(REQUEST_HEADERS))
+            return deny(401, "missing_device_auth", "device endpoints need the headers " + ", ".join(REQUEST_HEADERS))
         if not valid_device_id(device_id):
-            return refuse(401, "unknown_device", "X-Fedser-Device is not a device id (1-40 characters of A-Z a-z "
+            return deny(401, "unknown_device", "X-Fedser-Device is not a device id (1-40 characters of A-Z a-z "
                                                  "0-9 . _ -)")
         try:
             timestamp = parse_request_timestamp(ts)
         except FieldRangeError as exc:
-            return refuse(401, "bad_timestamp", str(exc))
+            return deny(401, "bad_timestamp", str(exc))
         if len(sig) > MAX_SIGNATURE_HEADER_LEN:
-            return refuse(401, "bad_signature", f"X-Fedser-Signature is longer than {MAX_SIGNATURE_HEADER_LEN} "
+            return deny(401, "bad_signature", f"X-Fedser-Signature is longer than {MAX_SIGNATURE_HEADER_LEN} "
                                                 "characters")
         device = get_read_session().get(Device, device_id)  # a read: no write lock (aggregator.db)
         if device is None:
-            return refuse(401, "unknown_device", f"device {device_id!r} is not enrolled")
+            return deny(401, "unknown_device", f"device {device_id!r} is not enrolled")
         try:
             skew = abs(time.time() - timestamp)
             signature = base64.b64decode(sig, validate=True)
             path = request.full_path.rstrip("?")
             VerifyKey.from_b64(device.public_key).verify(signature, request_signing_message(request.method, path, ts))
         except (ValueError, binascii.Error, SignatureError) as exc:
-            return refuse(401, "bad_signature", f"request signature does not verify: {exc}")
+            return deny(401, "bad_signature", f"request signature does not verify: {exc}")
         if skew > float(current_app.config["REQUEST_MAX_SKEW"]):
-            return refuse(401, "clock_skew", f"request timestamp is {skew:.0f} s from the server's clock "
+            return deny(401, "clock_skew", f"request timestamp is {skew:.0f} s from the server's clock "
                                              f"(limit {current_app.config['REQUEST_MAX_SKEW']:.0f} s): set the clock")
         if device.revoked:
-            return refuse(403, "revoked_device", f"device {device_id} is revoked", authenticated=True)
+            return deny(403, "revoked_device", f"device {device_id} is revoked", authenticated=True)
         g.device_id = device_id
         now = time.time()
         if not device.last_seen or now - device.last_seen > 60:  # bookkeeping: skipped while a writer works

@@ -16,7 +16,6 @@ from aggregator.api import (
     MAX_INT32,
     admin_required,
     blobs,
-    error,
     int_field,
     json_object_body,
     path_int,
@@ -29,6 +28,7 @@ from aggregator.registry import current_version, load_manifest, publish_base, ro
 from aggregator.rounds import open_round
 from edge_sdk.errors import FedserError
 from edge_sdk.model import ModelMetadata
+from edge_sdk.wire import refuse_json_constant
 
 bp = Blueprint("admin", __name__, url_prefix=f"{API_PREFIX}/admin")
 MAX_TOKEN_TTL = 30 * 86400  # seconds
@@ -83,7 +83,7 @@ def upload_base():
         return refuse(400, "malformed", "send multipart files 'tflite' and 'metadata'", authenticated=True)
     session = get_session()
     try:
-        meta = json.loads(request.files["metadata"].read(), parse_constant=_refuse_constant)
+        meta = json.loads(request.files["metadata"].read(), parse_constant=refuse_json_constant)
     except (ValueError, RecursionError) as exc:
         return refuse(400, "bad_metadata", f"metadata is not JSON: {str(exc)[:200]}", authenticated=True)
     if not isinstance(meta, dict):
@@ -93,8 +93,9 @@ def upload_base():
         metadata = ModelMetadata.from_dict(meta)
         body, status = publish_checked(session, request.files["tflite"].read(), metadata, note="uploaded")
     except (FedserError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        session.rollback()
-        return error(422, "bad_model", str(exc))
+        return refuse(422, "bad_model", str(exc)[:1000], authenticated=True)
+    if status == 422:  # the validation gate refused the base: counted like every refusal, with its figures
+        refuse(422, body["error"], body["detail"], authenticated=True)
     return jsonify(body), status
 
 
@@ -120,7 +121,7 @@ def rollback(version: int):
     session = get_session()
     row = session.get(ModelVersion, version)
     if row is None:
-        return error(404, "unknown_version", f"model version {version} doesn't exist")
+        return refuse(404, "unknown_version", f"model version {version} doesn't exist", authenticated=True)
     manifest = rollback_to(session, blobs(), server_key(), row, deadline_seconds=service.deadline_seconds())
     session.commit()
     return jsonify(version=manifest.version, rollback_of=version), 201
@@ -138,10 +139,10 @@ def close_current_round():
         return refused
     rnd = open_round(session)
     if rnd is None:
-        return error(409, "no_open_round", "there is no open round")
+        return refuse(409, "no_open_round", "there is no open round", authenticated=True)
     result = service.close(session, rnd.id, min_updates=min_updates)
     if not result.closed:
-        return error(409, "not_closed", f"round {rnd.id} not closed: {result.reason}")
+        return refuse(409, "not_closed", f"round {rnd.id} not closed: {result.reason}", authenticated=True)
     return jsonify(result.to_dict())
 
 
@@ -162,7 +163,7 @@ def revoke(device_id: str):
     session = get_session()
     device = session.get(Device, device_id)
     if device is None:
-        return error(404, "unknown_device", f"device {device_id} doesn't exist")
+        return refuse(404, "unknown_device", f"device {device_id} doesn't exist", authenticated=True)
     device.revoked = True
     session.commit()
     return jsonify(device_id=device_id, revoked=True)
@@ -213,7 +214,7 @@ def get_job(job_id: int):
     session = get_session()
     job = session.get(Job, job_id)
     if job is None:
-        return error(404, "unknown_job", f"job {job_id} doesn't exist")
+        return refuse(404, "unknown_job", f"job {job_id} doesn't exist", authenticated=True)
     reap(session, job)
     return jsonify({**job_dict(job, report=True), "log_tail": log_tail(current_app.instance_path, job_id)})
 
@@ -262,10 +263,6 @@ def summary(session) -> dict:
         "refusals": refusal_counts(session),
         "jobs": [job_dict(j) for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(20))],
     }
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _validation_uar(session, version: int | None) -> float | None:

@@ -6,7 +6,7 @@ import re
 
 from flask import Blueprint, Response, g, request, send_file
 
-from aggregator.api import API_PREFIX, blobs, device_required, error, refuse
+from aggregator.api import API_PREFIX, blobs, device_required, refuse
 from aggregator.db import ModelVersion, get_read_session
 from aggregator.registry import current_version
 
@@ -18,8 +18,8 @@ _IF_NONE_MATCH = re.compile(r"[\x20-\x7e\t]*")  # visible ASCII, space, tab (RFC
 def _manifest_response(row: ModelVersion) -> Response:
     inm = request.headers.get("If-None-Match", "")
     if len(inm) > MAX_IF_NONE_MATCH or _IF_NONE_MATCH.fullmatch(inm) is None:
-        return refuse(400, "bad_if_none_match", f"If-None-Match must be at most {MAX_IF_NONE_MATCH} characters of "
-                                                "visible ASCII", device_id=g.get("device_id"), authenticated=True)
+        return _refuse(400, "bad_if_none_match", f"If-None-Match must be at most {MAX_IF_NONE_MATCH} characters "
+                                                 "of visible ASCII")
     etag = f"v{row.version}-{row.head_sha256[:16]}"
     if request.if_none_match.contains(etag):
         resp = Response(status=304)
@@ -30,12 +30,17 @@ def _manifest_response(row: ModelVersion) -> Response:
     return resp
 
 
+def _refuse(status: int, reason: str, detail: str):
+    """:func:`aggregator.api.refuse` for the signed device reads: audited with the device, counted."""
+    return refuse(status, reason, detail, device_id=g.get("device_id"), authenticated=True)
+
+
 @bp.get("/manifest")
 @device_required
 def manifest():
     row = current_version(get_read_session())
     if row is None:
-        return error(404, "no_model", "no model version is published yet")
+        return _refuse(404, "no_model", "no model version is published yet")
     return _manifest_response(row)
 
 
@@ -45,11 +50,10 @@ def manifest_version(version: int):
     from edge_sdk.wire import MAX_VERSION
 
     if not 1 <= version <= MAX_VERSION:
-        return refuse(400, "out_of_range", f"version must be in 1 .. {MAX_VERSION}, got {str(version)[:40]}",
-                      device_id=g.get("device_id"), authenticated=True)
+        return _refuse(400, "out_of_range", f"version must be in 1 .. {MAX_VERSION}, got {str(version)[:40]}")
     row = get_read_session().get(ModelVersion, version)
     if row is None:
-        return error(404, "unknown_version", f"model version {version} doesn't exist")
+        return _refuse(404, "unknown_version", f"model version {version} doesn't exist")
     return _manifest_response(row)
 
 
@@ -59,9 +63,9 @@ def blob(sha256: str):
     try:
         path = blobs().path(sha256)
     except ValueError as exc:
-        return error(400, "bad_digest", str(exc))
+        return _refuse(400, "bad_digest", str(exc)[:200])
     if not path.exists():
-        return error(404, "unknown_blob", f"no file with sha256 {sha256}")
+        return _refuse(404, "unknown_blob", f"no file with sha256 {sha256}")
     resp = send_file(path, mimetype="application/octet-stream", etag=sha256, max_age=31536000)
-    resp.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+    resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"  # behind device authentication
     return resp

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from aggregator import service
-from aggregator.api import API_PREFIX, error, server_key
+from aggregator.api import API_PREFIX, refuse, server_key
 from aggregator.db import Device, Refusal, RefusalCount, Round, get_session
 from aggregator.intake import Refused, accept_update
 
@@ -27,18 +27,14 @@ def post_update():
     limit = int(cfg["MAX_CONTENT_LENGTH"])
     data = _read_body(limit)
     if data is None:  # a chunked body (no Content-Length) longer than the limit
-        audit_refusal(session, 413, "too_large", f"body larger than {limit} bytes")
-        return error(413, "too_large", f"body larger than {limit} bytes")
+        return refuse(413, "too_large", f"body larger than {limit} bytes")
     try:
         accepted = accept_update(session, data, server_key(),
                                  max_l2_norm=float(cfg["MAX_UPDATE_L2_NORM"]),
                                  staleness_limit=int(cfg["STALENESS_LIMIT"]),
                                  rate_limit_per_hour=int(cfg["RATE_LIMIT_PER_HOUR"]))
     except Refused as exc:
-        session.rollback()
-        audit_refusal(session, exc.status, exc.reason, exc.detail, device_id=exc.device_id,
-                      authenticated=exc.authenticated)
-        return error(exc.status, exc.reason, exc.detail)
+        return refuse(exc.status, exc.reason, exc.detail, device_id=exc.device_id, authenticated=exc.authenticated)
     body = accepted.to_dict()
     if not accepted.duplicate:
         full = accepted.round_updates >= int(cfg["ROUND_MIN_UPDATES"])
