@@ -330,13 +330,20 @@ class Device:
             "server_public_key": reply["server_public_key"],
             "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        # identity.json first: the server has registered this device's key now (enrolling the same key again
+        # is refused, key_enrolled), so forgetting the device id would strand the device. A model that cannot
+        # be installed yet is a state `sync` completes, and the error says so.
         atomic_write(self.state_dir / "identity.json", json.dumps(identity, indent=2).encode(), mode=0o600)
         self.identity = identity
         client.device_id, client.sign = identity["device_id"], self.key.sign  # GETs are signed from now on
         self._client = client
         log.info("enrolled as %s with %s", identity["device_id"], server_url)
         if reply.get("manifest"):
-            self._install_manifest(json.dumps(reply["manifest"]).encode())
+            try:
+                self._install_manifest(json.dumps(reply["manifest"]).encode())
+            except (FedserError, OSError) as exc:
+                raise FedserError(f"enrolled as {identity['device_id']}, but the server's model could not be "
+                                  f"installed: {exc}; `fedser-edge sync` installs it (do not enroll again)") from exc
         return identity["device_id"]
 
     def set_server_url(self, server_url: str) -> None:
@@ -422,10 +429,22 @@ class Device:
             self.personalized = False
             self._load_personal(model)
 
+    def _watermark_key(self) -> str:
+        """The store key of the downgrade watermark: per server key, since versions count per server (a
+        reinstalled aggregator, with a new key, starts at version 1 again)."""
+        fingerprint = hashlib.sha256(self.identity.get("server_public_key", "").encode()).hexdigest()[:16]
+        return f"newest_manifest_version:{fingerprint}"
+
     def _newest_seen(self) -> int:
-        """The highest manifest version this device ever installed (a replayed older one is refused)."""
+        """The highest manifest version this device ever installed from the server whose key is pinned now (a
+        replayed older one is refused)."""
+        text = self.store.get(self._watermark_key())
+        if text is None and self.manifest is not None:
+            # A store from before the watermark was keyed: its value is this server's when a manifest signed
+            # with the pinned key is installed (after a re-enrollment with another server, none is).
+            text = self.store.get("newest_manifest_version")
         try:
-            seen = int(self.store.get("newest_manifest_version", "0") or 0)
+            seen = int(text or 0)
         except ValueError:
             seen = 0
         return max(seen, self.manifest.version if self.manifest else 0)
@@ -467,7 +486,7 @@ class Device:
                 atomic_write(self.state_dir / "manifest.previous.json", self._manifest_bytes)
             # The manifest file is the commit point: written last, atomically.
             atomic_write(self.state_dir / "manifest.json", raw)
-            self.store.set("newest_manifest_version", str(max(newest, manifest.version)))
+            self.store.set(self._watermark_key(), str(max(newest, manifest.version)))
             self.manifest, self.model, self.global_head = manifest, model, global_head
             self._manifest_bytes = raw
             self.model_source = "server"

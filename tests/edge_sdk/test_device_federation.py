@@ -20,6 +20,7 @@ import requests
 import soundfile as sf
 
 from edge_sdk.device import Device, ManifestDowngradeError, TrainPolicy
+from edge_sdk.errors import FedserError
 from edge_sdk.model import bundled_model_paths
 from edge_sdk.wire import UpdateEnvelope
 from tests.conftest import start_live_aggregator
@@ -248,3 +249,36 @@ def test_a_replayed_older_signed_manifest_is_refused(aggregator, tmp_path):
         assert Device(tmp_path / "dev").model_version == 2
     finally:
         proxy.close()
+
+
+def test_the_downgrade_watermark_belongs_to_the_server_key(aggregator, tmp_path):
+    """Version 2 installed from one server; the device is enrolled again (identity.json removed, the store kept)
+    with a reinstalled aggregator (a new key, at version 1): its manifest is installed, not refused as a
+    downgrade (review item 8)."""
+    first = aggregator(min_updates=50)
+    dev = first.enroll(tmp_path / "dev", train_policy=POLICY)
+    assert first.publish(_ModelFiles(*bundled_model_paths())) == 2
+    assert dev.pull_model() and dev.model_version == 2
+    dev.store.close()
+    (tmp_path / "dev" / "identity.json").unlink()
+    reinstalled = aggregator(min_updates=50)  # a new instance: a new key, version 1
+    again = reinstalled.enroll(tmp_path / "dev", train_policy=POLICY)
+    assert again.enrolled and again.model_version == 1 and again.manifest is not None
+
+
+def test_an_enroll_whose_model_cannot_be_installed_says_so_and_sync_completes_it(aggregator, tmp_path):
+    """The model cannot be installed at enrollment (here: models/ is a file, so nothing can be written there). The
+    server has registered the device's key (enrolling it again is refused), so the device keeps its identity and
+    the error says that `sync` installs the model, which it then does."""
+    agg = aggregator(min_updates=50)
+    state = tmp_path / "dev"
+    state.mkdir()
+    (state / "models").write_text("not a folder")
+    with pytest.raises(FedserError, match="enrolled as .*fedser-edge sync. installs it"):
+        agg.enroll(state, train_policy=POLICY)
+    assert (state / "identity.json").exists()
+    (state / "models").unlink()
+    dev = Device(state, train_policy=POLICY)
+    assert dev.enrolled and dev.manifest is None
+    dev.sync()
+    assert dev.model_version == 1 and dev.model_source == "server"
