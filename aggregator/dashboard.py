@@ -22,9 +22,10 @@ bp = Blueprint("dashboard", __name__)
 def console():
     """Personal against global accuracy per device and fleet-wide, versions with lineage, refused rounds."""
     from aggregator import console as data
-    from aggregator.db import get_session
+    from aggregator.db import get_read_session
 
-    return jsonify(data.console(get_session(), server_key()))
+    # A read: no write lock (SQLite's write sessions BEGIN IMMEDIATE and would wait behind a closing round).
+    return jsonify(data.console(get_read_session(), server_key()))
 
 
 @bp.get("/admin")

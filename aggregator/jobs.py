@@ -98,11 +98,19 @@ def start_job(app: Flask, session, params: dict) -> Job:
     session.add(job)
     session.commit()
     folder = job_dir(app.instance_path, job.id)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "aggregator.jobs", "run", str(job.id)], stdout=logf,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(app),
-                                start_new_session=True, cwd=os.getcwd())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "log.txt", "ab") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "aggregator.jobs", "run", str(job.id)], stdout=logf,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(app),
+                                    start_new_session=True, cwd=os.getcwd())
+    except Exception as exc:  # the row is committed: mark it failed with the reason, not "queued" for ever
+        session.rollback()
+        job.status, job.finished_at = "failed", time.time()
+        job.detail = f"the job's process could not be started: {exc}"[:4000]
+        session.commit()
+        log.error("baseline job %d not started: %s", job.id, exc)
+        raise
     job.pid = proc.pid
     session.commit()
     log.info("baseline job %d started (pid %d): %s", job.id, proc.pid, params)

@@ -46,7 +46,9 @@ class BlobStore:
     def put(self, data: bytes) -> BlobRef:
         sha = hashlib.sha256(data).hexdigest()
         path = self.path(sha)
-        if not path.exists():
+        try:  # a hit: refresh its mtime, so that prune (which spares recent files) doesn't take a reused blob
+            os.utime(path)
+        except FileNotFoundError:
             atomic_write(path, data)
         return BlobRef(sha, len(data), blob_url(sha))
 

@@ -426,6 +426,7 @@ def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
         answers["manifest"] = srv.get_signed("/api/v1/manifest", dev, key).status_code
         answers["manifest/1"] = srv.get_signed("/api/v1/manifest/1", dev, key).status_code
         answers["status"] = srv.client.get("/api/v1/admin/status", headers=srv.auth).status_code
+        answers["console"] = srv.client.get("/api/v1/admin/console", headers=srv.auth).status_code
 
     try:
         thread = threading.Thread(target=reads, daemon=True)
@@ -435,7 +436,8 @@ def test_sqlite_reads_do_not_wait_for_the_write_lock(tmp_path, trained_model):
     finally:
         writer.execute("ROLLBACK")
         writer.close()
-    assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200, "status": 200}
+    assert answers == {"healthz": 200, "metrics": 200, "manifest": 200, "manifest/1": 200, "status": 200,
+                       "console": 200}
 
 
 @pytest.mark.parametrize("setting, value, words", [("TRIM_FRACTION", 0.5, "TRIM_FRACTION"),
