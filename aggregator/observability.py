@@ -29,6 +29,7 @@ import os
 import re
 import time
 import uuid
+from urllib.parse import quote
 
 from flask import Flask, Response, current_app, g, has_request_context, jsonify, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -99,8 +100,10 @@ def install(app: Flask) -> None:
         requests_total.labels(method, route, str(resp.status_code)).inc()
         latency.labels(method, route).observe(seconds)
         if request.path != "/healthz":
-            log.info("%s %s %d", request.method, request.path, resp.status_code,
-                     extra={"method": request.method, "path": request.path, "status": resp.status_code,
+            # Percent-encoded again: the decoded path could hold a newline (%0a) that forges log lines.
+            path = quote(request.path[:2000], safe="/:@!$&'()*+,;=-._~")
+            log.info("%s %s %d", method, path, resp.status_code,
+                     extra={"method": method, "path": path, "status": resp.status_code,
                             "ms": round(seconds * 1000, 2), "device_id": g.get("device_id"),
                             "remote": request.remote_addr})
         return resp
