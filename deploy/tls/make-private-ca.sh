@@ -1,12 +1,14 @@
 #!/bin/sh
 # A private certificate authority and the aggregator's TLS certificate, for a fleet whose devices trust only
-# this CA (no public CA involved). Run once on an admin machine, keep ca.key offline.
+# this CA (no public CA involved). Run once on an admin machine (not the server), keep ca.key offline.
 #
 #   deploy/tls/make-private-ca.sh OUT_DIR NAME [NAME ...]     # NAME: the aggregator's DNS names and/or IPs
-#   deploy/tls/make-private-ca.sh /etc/fedser/tls fedser.example.org 10.0.0.5
+#   deploy/tls/make-private-ca.sh ./fedser-tls fedser.example.org 10.0.0.5 fd00::5     # on the admin machine
 #
 # Writes OUT_DIR/ca.crt (to every device: REQUESTS_CA_BUNDLE, see fedser-edge-ca.conf), OUT_DIR/ca.key
-# (offline), OUT_DIR/server.crt and OUT_DIR/server.key (the aggregator: fedser-aggregator-tls.conf).
+# (stays on the admin machine, offline), OUT_DIR/server.crt and OUT_DIR/server.key (copy only these two to the
+# aggregator's /etc/fedser-aggregator/tls: fedser-aggregator-tls.conf). IPv4 and IPv6 literals go in the
+# certificate as IP: names, anything else as DNS:.
 # Tested by tests/integration/test_server_ops.py::test_tls_example_configuration.
 set -eu
 [ $# -ge 2 ] || { echo "usage: $0 OUT_DIR NAME [NAME ...]" >&2; exit 2; }
@@ -16,7 +18,8 @@ umask 077
 san=""
 for name in "$@"; do
     case $name in
-        *[!0-9.]*) entry="DNS:$name" ;;  # anything but digits and dots: a host name
+        *:*) entry="IP:$name" ;;  # a colon: an IPv6 literal (a host name never holds one)
+        *[!0-9.]*) entry="DNS:$name" ;;  # anything else but digits and dots: a host name
         *) entry="IP:$name" ;;
     esac
     san="${san:+$san,}$entry"

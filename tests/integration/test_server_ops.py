@@ -231,3 +231,15 @@ def test_each_server_has_its_own_control_socket_or_none(tmp_path, trained_model)
     finally:
         for agg in servers:
             _stop(agg)
+
+
+def test_private_ca_script_puts_ip_literals_as_ip_names(tmp_path):
+    """IPv6 literals were put in the server certificate as DNS: names (a client checking the address refuses them)."""
+    tls = tmp_path / "tls"
+    subprocess.run([str(REPO / "deploy/tls/make-private-ca.sh"), str(tls), "fedser.example.org", "10.0.0.5", "::1",
+                    "fd00::5"], check=True, capture_output=True, timeout=60)
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tls / "server.crt")],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    names = sorted(x.strip() for x in san.splitlines()[-1].split(","))
+    assert names == ["DNS:fedser.example.org", "IP Address:0:0:0:0:0:0:0:1", "IP Address:10.0.0.5",
+                     "IP Address:FD00:0:0:0:0:0:0:5"], san
