@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL
 );
 """
+# Answers stored by SDKs before a correction to the predicted label itself counted as a thumbs-up: checked with a
+# read at every open (an older SDK may have written to this file since), rewritten only when there are any.
+_OLD_THUMBS_UP = ("FROM feedback JOIN predictions p ON p.id = feedback.prediction_id"
+                  " WHERE feedback.kind = 'label' AND feedback.label = p.label")
 _SCHEMA_VERSION = 1  # PRAGMA user_version of a store that has _SCHEMA and every migration below
 
 
@@ -105,6 +109,10 @@ class FeedbackStore:
             # store (every CLI command, while `listen` runs) only reads, so it never waits for the write lock.
             if self._conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                 self._migrate()
+            elif self._conn.execute(f"SELECT EXISTS (SELECT 1 {_OLD_THUMBS_UP})").fetchone()[0]:
+                with _Transaction(self._conn, self._lock) as c:  # written by an older SDK since: a write, rarely
+                    c.execute(f"UPDATE feedback SET kind = 'up', label = NULL WHERE rowid IN (SELECT feedback.rowid "
+                              f"{_OLD_THUMBS_UP})")
 
     def _migrate(self) -> None:
         with _Transaction(self._conn, self._lock) as c:  # one write transaction; a second opener waits, then sees it
@@ -117,10 +125,8 @@ class FeedbackStore:
             for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER")):  # files from before these columns
                 if name not in columns:
                     c.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
-            # answers stored by SDKs before a correction to the predicted label itself counted as a thumbs-up
-            c.execute(
-                "UPDATE feedback SET kind = 'up', label = NULL WHERE kind = 'label'"
-                " AND label = (SELECT p.label FROM predictions p WHERE p.id = feedback.prediction_id)")
+            c.execute(f"UPDATE feedback SET kind = 'up', label = NULL WHERE rowid IN (SELECT feedback.rowid "
+                      f"{_OLD_THUMBS_UP})")
             c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
