@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from edge_sdk.errors import FedserError
 from edge_sdk.model import bundled_model_paths
 from edge_sdk.wire import UpdateEnvelope
 from tests.conftest import start_live_aggregator
+from tests.edge_sdk.conftest import ModelFiles, clip
 
 pytestmark = pytest.mark.skipif(bundled_model_paths() is None, reason="no bundled model in this checkout")
 
@@ -31,22 +30,9 @@ POLICY = TrainPolicy(min_examples=4, holdout_every=0, epochs=3)
 LABELS = ("angry", "happy", "neutral", "sad")
 
 
-@dataclass
-class _ModelFiles:  # what LiveAggregator.publish reads
-    tflite_path: Path
-    metadata_path: Path
-
-
-def _audio(seed: int, sample_rate: int = 16000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(1.5 * sample_rate), dtype=np.float32) / sample_rate
-    return (0.2 * np.sin(2 * np.pi * (110 + 23 * (seed % 17)) * t)
-            + 0.02 * rng.normal(size=t.size)).astype(np.float32)
-
-
 def _answer(device: Device, n: int, seed: int) -> None:
     for i in range(n):
-        pred = device.classify(_audio(seed + i))
+        pred = device.classify(clip(seed + i))
         device.feedback(pred.id, LABELS[(seed + i) % 4])
 
 
@@ -67,7 +53,7 @@ def aggregator(tmp_path):
     def start(**kwargs):
         agg = start_live_aggregator(tmp_path / f"srv{len(started)}", workers=0, **kwargs)
         started.append(agg)
-        assert agg.publish(_ModelFiles(*bundled_model_paths())) == 1
+        assert agg.publish(ModelFiles(*bundled_model_paths())) == 1
         return agg
 
     yield start
@@ -113,7 +99,7 @@ def test_after_a_refused_round_devices_send_again_on_the_same_version(aggregator
     clips.mkdir()
     rows = ["path,speaker,label"]
     for i in range(8):
-        sf.write(clips / f"{i}.wav", _audio(100 + i), 16000)
+        sf.write(clips / f"{i}.wav", clip(100 + i), 16000)
         rows.append(f"{i}.wav,val{i % 2},{LABELS[i % 4]}")
     (clips / "validation.csv").write_text("\n".join(rows) + "\n")
     # A margin of -10 refuses every candidate: each round is refused by the gate and a new one opens on version 1.
@@ -172,7 +158,7 @@ def test_predictions_while_making_an_update_come_from_the_weights_in_use(aggrega
     reference = TFLiteModel(tflite, ModelMetadata.load(meta))
     reference.set_weights(dev.model.get_weights())  # the global head: this device is not personalised
     long_fit = TrainPolicy(min_examples=4, holdout_every=0, epochs=200, learning_rate=0.1)
-    predictions, seq = _classify_while(dev, _audio(3), lambda: dev.make_update(policy=long_fit))
+    predictions, seq = _classify_while(dev, clip(3), lambda: dev.make_update(policy=long_fit))
     assert seq is not None and len(predictions) >= 3
     for pred in predictions:
         assert not pred.personalized and pred.model_version == 1
@@ -229,7 +215,7 @@ def test_a_replayed_older_signed_manifest_is_refused(aggregator, tmp_path):
     agg = aggregator(min_updates=50)
     dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
     old_manifest, _ = dev.client.get_manifest()  # version 1, genuinely signed by the server
-    assert agg.publish(_ModelFiles(*bundled_model_paths())) == 2
+    assert agg.publish(ModelFiles(*bundled_model_paths())) == 2
     assert dev.pull_model() and dev.model_version == 2
 
     proxy = _ReplayProxy(agg.base_url, old_manifest)
@@ -257,7 +243,7 @@ def test_the_downgrade_watermark_belongs_to_the_server_key(aggregator, tmp_path)
     downgrade (review item 8)."""
     first = aggregator(min_updates=50)
     dev = first.enroll(tmp_path / "dev", train_policy=POLICY)
-    assert first.publish(_ModelFiles(*bundled_model_paths())) == 2
+    assert first.publish(ModelFiles(*bundled_model_paths())) == 2
     assert dev.pull_model() and dev.model_version == 2
     dev.store.close()
     (tmp_path / "dev" / "identity.json").unlink()

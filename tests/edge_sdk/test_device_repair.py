@@ -12,32 +12,19 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
 from edge_sdk.device import Device, TrainPolicy
 from edge_sdk.model import bundled_model_paths
 from tests.conftest import REPO, start_live_aggregator
+from tests.edge_sdk.conftest import ModelFiles, clip
 
 pytestmark = pytest.mark.skipif(bundled_model_paths() is None, reason="no bundled model in this checkout")
 
 POLICY = TrainPolicy(min_examples=4, holdout_every=0, epochs=3)
-
-
-@dataclass
-class _ModelFiles:  # what LiveAggregator.publish reads
-    tflite_path: Path
-    metadata_path: Path
-
-
-def _audio(seed: int, sample_rate: int = 16000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(1.5 * sample_rate), dtype=np.float32) / sample_rate
-    return (0.2 * np.sin(2 * np.pi * (140 + 30 * seed) * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +33,12 @@ def enrolled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("repair")
     agg = start_live_aggregator(tmp / "srv", min_updates=50, workers=0)
     try:
-        files = _ModelFiles(*bundled_model_paths())
+        files = ModelFiles(*bundled_model_paths())
         assert agg.publish(files) == 1
         dev = agg.enroll(tmp / "golden", train_policy=POLICY)
         assert dev.model_version == 1
         for i in range(6):
-            dev.feedback(dev.classify(_audio(i)).id, dev.metadata.labels[i % 4])
+            dev.feedback(dev.classify(clip(i)).id, dev.metadata.labels[i % 4])
         assert agg.publish(files) == 2
         assert dev.pull_model() and dev.model_version == 2 and dev.personalized
         assert (tmp / "golden" / "personal.head").exists()
@@ -101,7 +88,7 @@ def test_a_device_with_one_damaged_file_starts_classifies_and_sync_repairs_it(en
     assert dev.model_version == fallback_version
     if which == "store-page":  # one damaged page: the tables that still read in full were copied over
         assert "could still be read" in status["problems"][0]["action"] and status["predictions"] >= 6, status
-    pred = dev.classify(_audio(1))
+    pred = dev.classify(clip(1))
     assert pred.model_version == fallback_version and abs(sum(pred.probs.values()) - 1) < 1e-4
     if fallback_version != 2:  # the personal head belongs to version 2: not applied to another model
         assert not dev.personalized
@@ -116,7 +103,7 @@ def test_a_device_with_one_damaged_file_starts_classifies_and_sync_repairs_it(en
     again = Device(state, train_policy=POLICY)  # a restart finds every file good
     assert again.problems == [] and again.model_version == 2
     assert again.personalized == (which != "store-header")  # a store moved aside took its answers with it
-    assert again.classify(_audio(2)).model_version == 2
+    assert again.classify(clip(2)).model_version == 2
 
 
 def test_the_command_line_runs_status_classify_and_sync_on_a_damaged_device(enrolled, tmp_path):
@@ -125,7 +112,7 @@ def test_the_command_line_runs_status_classify_and_sync_on_a_damaged_device(enro
     shutil.copytree(golden, state)
     _flip(_target(state, "base")[0])
     wav = tmp_path / "clip.wav"
-    sf.write(wav, _audio(3), 16000)
+    sf.write(wav, clip(3), 16000)
 
     warnings = []
 

@@ -22,14 +22,6 @@ from tests.conftest import REPO
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture
-def device(tmp_path):
-    dev = Device(tmp_path / "dev")
-    if dev.model is None:
-        pytest.skip("no bundled model in edge_sdk/data")
-    return dev
-
-
 @pytest.fixture(scope="module")
 def clips(synthetic_clips):
     """Audio files to classify (the labelled synthetic corpus: these tests are about the UI and the data)."""

@@ -13,18 +13,9 @@ import numpy as np
 import pytest
 import requests
 
-from edge_sdk.device import Device
 from edge_sdk.errors import ParameterError
 from edge_sdk.web import MAX_BODY, FeedbackServer
 from tools.demo import free_port
-
-
-@pytest.fixture
-def device(tmp_path):
-    dev = Device(tmp_path / "dev")
-    if dev.model is None:
-        pytest.skip("no bundled model in edge_sdk/data")
-    return dev
 
 
 @pytest.fixture
