@@ -255,3 +255,38 @@ def test_a_malformed_date_header_is_a_line_not_a_traceback(enrolled):
         httpd.server_close()
     assert checks["clock"]["status"] == "warn" and "not a date" in checks["clock"]["detail"], checks["clock"]
     assert checks["server"]["status"] == "ok"
+
+
+def test_a_local_model_newer_than_the_servers_is_not_said_to_be_replaced(tmp_path):
+    """The server answers an older (genuinely signed) manifest than the one installed, as an aggregator restored
+    from an older backup would: doctor does not claim that sync installs it (sync refuses the downgrade)."""
+    from edge_sdk.model import bundled_model_paths
+    from tests.edge_sdk.conftest import ModelFiles
+    from tests.edge_sdk.test_device_federation import _ReplayProxy
+
+    paths = bundled_model_paths()
+    if paths is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    agg = start_live_aggregator(tmp_path / "agg", min_updates=50, workers=0)
+    try:
+        assert agg.publish(ModelFiles(*paths)) == 1
+        dev = agg.enroll(tmp_path / "dev", name="doctor-newer")
+        old_manifest, _ = dev.client.get_manifest()
+        assert agg.publish(ModelFiles(*paths)) == 2
+        assert dev.pull_model() and dev.model_version == 2
+        dev.store.close()
+        proxy = _ReplayProxy(agg.base_url, old_manifest)
+        try:
+            dev = None
+            identity = json.loads((tmp_path / "dev" / "identity.json").read_text())
+            identity["server_url"] = proxy.url
+            (tmp_path / "dev" / "identity.json").write_text(json.dumps(identity))
+            rc, checks = doctor(tmp_path / "dev", "--no-audio")
+        finally:
+            proxy.close()
+    finally:
+        agg.process.terminate()
+        agg.process.wait(timeout=30)
+    detail = checks["key and manifest"]["detail"]
+    assert "this device runs version 2" in detail and "installs the new one" not in detail, detail
+    assert "refuses the older manifest" in detail
