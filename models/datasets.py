@@ -132,26 +132,25 @@ class LabelMap:
                 "excited_as_happy": self.excited_as_happy, "extra": [list(p) for p in self.extra]}
 
 
-def default_ravdess_root() -> Path | None:
-    """``$FEDSER_RAVDESS``, else ``../shared/data/ravdess`` beside the checkout, if it exists."""
-    env = os.environ.get("FEDSER_RAVDESS")
+def _default_root(variable: str, folder: str) -> Path | None:
+    """``$variable``, else ``../shared/data/<folder>`` beside the checkout, if it exists."""
+    env = os.environ.get(variable)
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess")
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / folder)
     for cand in candidates:
         if cand.is_dir():
             return cand
     return None
+
+
+def default_ravdess_root() -> Path | None:
+    """``$FEDSER_RAVDESS``, else ``../shared/data/ravdess`` beside the checkout, if it exists."""
+    return _default_root("FEDSER_RAVDESS", "ravdess")
 
 
 def default_nemo_root() -> Path | None:
     """``$FEDSER_NEMO``, else ``../shared/data/nemo`` beside the checkout, if it exists."""
-    env = os.environ.get("FEDSER_NEMO")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo")
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    return None
+    return _default_root("FEDSER_NEMO", "nemo")
 
 
 def default_corpus_root(kind: str) -> Path | None:
