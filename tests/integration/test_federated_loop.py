@@ -120,7 +120,7 @@ def test_tampered_and_unenrolled_updates_are_refused_and_change_nothing(live_agg
     assert r.status_code == 409
     manifest_after, _ = _current_manifest(dev)
     assert manifest_after == manifest_before
-    assert agg.status()["refusals"] == {"malformed": 1, "bad_signature": 1, "unknown_device": 1}
+    assert agg.status()["refusals"] == {"malformed": 1, "bad_signature": 1, "unknown_device": 1, "not_closed": 1}
 
     # The genuine update still goes through, and a retried post of it counts once.
     first = agg.post_update(good)
