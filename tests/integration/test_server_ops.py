@@ -195,6 +195,10 @@ def test_tls_example_configuration(tmp_path, trained_model, monkeypatch):
         with pytest.raises(requests.RequestException):  # and no plain HTTP on the port
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).raise_for_status()
         # gunicorn's control socket where the unit puts it, none in the shared default place
+        # (the arbiter opens it in a thread once it serves: wait for it to appear; a clean-clone run checked too early)
+        deadline = time.monotonic() + 30
+        while not (run_dir / "gunicorn.ctl").is_socket() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert (run_dir / "gunicorn.ctl").is_socket() and not (home / ".gunicorn").exists()
         token = (tmp_path / "instance" / "admin_token").read_text().strip()
         auth = {"Authorization": f"Bearer {token}"}
