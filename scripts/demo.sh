@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, set-up included: the end-to-end federated demo on loopback (about a minute).
+# The main job, set-up included: the end-to-end federated demo on loopback (about 3 minutes with the short federated suite).
 #   scripts/demo.sh                      RAVDESS from ../shared/data/ravdess, else synthetic
 #   scripts/demo.sh --data /path/to/RAVDESS
 #   scripts/demo.sh --synthetic
