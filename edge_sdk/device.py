@@ -53,6 +53,7 @@ __all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy"
            "ManifestDowngradeError"]
 
 _MODEL_FILES = ("manifest.json", "manifest.previous.json", "personal.head")
+NO_MODEL = "no model installed: enroll this device or run `fedser-edge sync`"
 RESEND_AFTER = 3600.0  # seconds before an update refused as already_contributed is remade from the same answers
 
 
@@ -260,20 +261,12 @@ class Device:
         except sqlite3.OperationalError as exc:
             # Busy ("database is locked": another fedser process is writing), unable to open, disk full, I/O:
             # the file is not damaged, and moving it aside would split the device between two stores.
-            if store is not None:
-                try:
-                    store.close()
-                except sqlite3.Error:
-                    pass
+            _close_quietly(store)
             raise FedserError(f"the store {path} cannot be used now ({exc}); it was left as it is: if another "
                               "fedser-edge process is writing to it, try again in a moment") from exc
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", failed quick_check
             error = exc
-        if store is not None:
-            try:
-                store.close()
-            except sqlite3.Error:
-                pass
+        _close_quietly(store)
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         for suffix in ("", "-wal", "-shm"):
             src = path.with_name(path.name + suffix)
@@ -423,11 +416,15 @@ class Device:
         manifest = SignedManifest.from_bytes(raw, self.server_key.verify).manifest
         model, global_head = self._open_model(manifest)
         with self._serving_lock:
-            self.manifest, self.model, self.global_head = manifest, model, global_head
-            self._manifest_bytes = raw
-            self.model_source = "server"
-            self.personalized = False
-            self._load_personal(model)
+            self._serve_version(manifest, model, global_head, raw)
+
+    def _serve_version(self, manifest, model: TFLiteModel, global_head: dict[str, np.ndarray], raw: bytes) -> None:
+        """Make a loaded and checked version the one in use (under the serving lock), with its personal head."""
+        self.manifest, self.model, self.global_head = manifest, model, global_head
+        self._manifest_bytes = raw
+        self.model_source = "server"
+        self.personalized = False
+        self._load_personal(model)
 
     def _watermark_key(self) -> str:
         """The store key of the downgrade watermark: per server key, since versions count per server (a
@@ -487,11 +484,7 @@ class Device:
             # The manifest file is the commit point: written last, atomically.
             atomic_write(self.state_dir / "manifest.json", raw)
             self.store.set(self._watermark_key(), str(max(newest, manifest.version)))
-            self.manifest, self.model, self.global_head = manifest, model, global_head
-            self._manifest_bytes = raw
-            self.model_source = "server"
-            self.personalized = False
-            self._load_personal(model)
+            self._serve_version(manifest, model, global_head, raw)
         self.problems = [p for p in self.problems if p["file"] not in _MODEL_FILES]
         log.info("installed model version %d%s", manifest.version, "" if new_version else " (repaired)")
         return new_version
@@ -501,7 +494,7 @@ class Device:
         if model is None:
             model = self.model
         if model is None:
-            raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+            raise ModelError(NO_MODEL)
         return model
 
     @contextmanager
@@ -516,7 +509,7 @@ class Device:
             with self._serving_lock:
                 serving = self.model
                 if serving is None:
-                    raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+                    raise ModelError(NO_MODEL)
                 weights = serving.get_weights()
             if self._trainer is None or self._trainer[0] is not serving:
                 self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.num_threads,
@@ -537,7 +530,6 @@ class Device:
     def model_version(self) -> int:
         return self.manifest.version if self.manifest else 0
 
-
     # -- classify and feedback ------------------------------------------------------------
     def classify(self, audio: np.ndarray, *, source: str = "", keep_audio: bool = False) -> Prediction:
         """Classify one utterance (float mono at the model's sample rate) and remember it.
@@ -548,7 +540,7 @@ class Device:
         with self._serving_lock:  # the weights used and the labels they get are read together
             model = self.model
             if model is None:
-                raise ModelError("no model installed: enroll this device or run `fedser-edge sync`")
+                raise ModelError(NO_MODEL)
             # At most MAX_CLIP_SECONDS: features and the stored audio (opt-in) never see more (issue 11 item 7).
             audio = np.asarray(audio, np.float32)[: int(MAX_CLIP_SECONDS * model.metadata.features.sample_rate)]
             feats, state = self._model_input(audio, model.metadata)
@@ -697,8 +689,9 @@ class Device:
             report = self._cross_validated(model, examples, policy, in_use)
         else:
             every = policy.holdout_every
-            held = [e for i, e in enumerate(examples) if every and i % every == every - 1]
-            train = [e for i, e in enumerate(examples) if not (every and i % every == every - 1)]
+            held_back = [bool(every) and i % every == every - 1 for i in range(len(examples))]
+            held = [e for e, h in zip(examples, held_back, strict=True) if h]
+            train = [e for e, h in zip(examples, held_back, strict=True) if not h]
             before = self._measure(held, policy) if held else None
             loss_before = self._loss(held) if held else None
             self._fit(model, train, policy)
@@ -978,6 +971,14 @@ class Device:
             "problems": list(self.problems),
             **self.store.counts(),
         }
+
+
+def _close_quietly(store: FeedbackStore | None) -> None:
+    if store is not None:
+        try:
+            store.close()
+        except sqlite3.Error:
+            pass
 
 
 def _salvage(store: FeedbackStore, damaged: Path) -> dict[str, int]:
