@@ -19,6 +19,7 @@ The same commands run under Flask's CLI, configured by the environment alone:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -167,12 +168,11 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
             elif args.command == "prune":
                 from aggregator.retention import RetentionPolicy, prune
 
-                cfg = RetentionPolicy.from_config(app.config)
-                try:
-                    policy = RetentionPolicy(
-                        cfg.refusal_days if args.refusal_days is None else args.refusal_days,
-                        cfg.update_body_days if args.update_body_days is None else args.update_body_days,
-                        cfg.blob_days if args.blob_days is None else args.blob_days)
+                given = {"refusal_days": args.refusal_days, "update_body_days": args.update_body_days,
+                         "blob_days": args.blob_days}
+                try:  # the flags given override the app's settings; replace() checks the ranges again
+                    policy = dataclasses.replace(RetentionPolicy.from_config(app.config),
+                                                 **{k: v for k, v in given.items() if v is not None})
                 except ValueError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2

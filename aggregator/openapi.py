@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from flask import Flask, jsonify
 
+from edge_sdk.wire import DEVICE_ID_RE, MAX_INT32
+
 __all__ = ["document", "install"]
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -37,9 +39,8 @@ def _errors(*codes: int) -> dict:
 
 DEVICE_AUTH = [{"deviceSignature": [], "deviceId": [], "deviceTimestamp": []}]
 ADMIN_AUTH = [{"adminToken": []}]
-MAX_INT32 = 2**31 - 1
 _VERSION = {"type": "integer", "minimum": 1, "maximum": MAX_INT32}
-_ID_PATTERN = "^[A-Za-z0-9._-]{1,40}$"
+_ID_PATTERN = f"^{DEVICE_ID_RE.pattern}$"  # the check the server applies
 _ENVELOPE_RANGES = (
     "Header fields and their ranges (edge_sdk.wire; out of range: 400 `out_of_range` naming the field): device_id "
     "1-40 characters of A-Z a-z 0-9 . _ -; base_version 1 .. 2147483647; num_examples 1 .. 1000000 (its FedAvg "

@@ -51,8 +51,9 @@ class RetentionPolicy:
 
     @classmethod
     def from_config(cls, config) -> RetentionPolicy:
-        return cls(float(config.get("RETENTION_REFUSAL_DAYS", 30.0)),
-                   float(config.get("RETENTION_UPDATE_BODY_DAYS", 7.0)), float(config.get("RETENTION_BLOB_DAYS", 7.0)))
+        """The app's ``RETENTION_*`` settings (their defaults are in ``aggregator.DEFAULTS``)."""
+        return cls(float(config["RETENTION_REFUSAL_DAYS"]), float(config["RETENTION_UPDATE_BODY_DAYS"]),
+                   float(config["RETENTION_BLOB_DAYS"]))
 
 
 @dataclass

@@ -11,10 +11,9 @@ from functools import wraps
 
 from flask import current_app, g, jsonify, request
 
-from edge_sdk.wire import refuse_json_constant
+from edge_sdk.wire import MAX_INT32, refuse_json_constant  # MAX_INT32: path ids and admin integers (PG INTEGER)
 
 API_PREFIX = "/api/v1"
-MAX_INT32 = 2**31 - 1  # path ids (versions, jobs) and admin integers: PostgreSQL's INTEGER
 
 
 def error(status: int, reason: str, detail: str):
@@ -35,11 +34,11 @@ def refuse(status: int, reason: str, detail: str, *, device_id: str | None = Non
     return error(status, reason, detail)
 
 
-def path_int(name: str, value: int, maximum: int = MAX_INT32):
+def path_int(name: str, value: int, maximum: int = MAX_INT32, *, device_id: str | None = None):
     """A refusal (400 ``out_of_range``) when a path integer is outside ``1 .. maximum``, else None."""
     if not 1 <= value <= maximum:
         return refuse(400, "out_of_range", f"{name} must be in 1 .. {maximum}, got {str(value)[:40]}",
-                      authenticated=True)
+                      device_id=device_id, authenticated=True)
     return None
 
 

@@ -6,7 +6,7 @@ import re
 
 from flask import Blueprint, Response, g, request, send_file
 
-from aggregator.api import API_PREFIX, blobs, device_required, refuse
+from aggregator.api import API_PREFIX, blobs, device_required, path_int, refuse
 from aggregator.db import ModelVersion, get_read_session
 from aggregator.registry import current_version
 
@@ -47,10 +47,9 @@ def manifest():
 @bp.get("/manifest/<int:version>")
 @device_required
 def manifest_version(version: int):
-    from edge_sdk.wire import MAX_VERSION
-
-    if not 1 <= version <= MAX_VERSION:
-        return _refuse(400, "out_of_range", f"version must be in 1 .. {MAX_VERSION}, got {str(version)[:40]}")
+    bad = path_int("version", version, device_id=g.get("device_id"))
+    if bad is not None:
+        return bad
     row = get_read_session().get(ModelVersion, version)
     if row is None:
         return _refuse(404, "unknown_version", f"model version {version} doesn't exist")
