@@ -217,7 +217,7 @@ def _loop(args: argparse.Namespace) -> int:
             closed = r.json()
             how = f"closed by the admin ({posted} of {n_dev} devices sent one)"
         else:
-            how = f"closed on its {posted}th update"
+            how = f"closed when update number {posted} arrived"
         reason = closed.get("round_rejected") or (closed.get("reason") if closed.get("rejected") else None)
         if reason:
             print(f"[5/6] {posted} signed deltas posted; round {closed['round_id']} {how}; FedAvg weighted by "
