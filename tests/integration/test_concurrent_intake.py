@@ -57,19 +57,23 @@ def test_no_accepted_update_is_lost_or_counted_twice(busy_aggregator, trained_mo
     assert [r["status"] for r in status["rounds"]].count("open") == 1
 
 
+def _enroll_at_once(agg, attempts) -> list[requests.Response]:
+    """POST every (token, key) enrollment from 12 threads at once; the replies in the attempts' order."""
+    def enroll(attempt):
+        token, key = attempt
+        return requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=60,
+                             json={"token": token, "public_key": key.verify_key.to_b64()})
+
+    with ThreadPoolExecutor(12) as pool:
+        return list(pool.map(enroll, attempts))
+
+
 def test_an_enrollment_token_enrolls_one_device_however_many_race_for_it(busy_aggregator):
     """Before: enroll read used_at, then wrote it; concurrent requests on PostgreSQL all read it unset."""
     agg = busy_aggregator
     tokens = [agg.post_admin("/enrollment-tokens", json={}).json()["token"] for _ in range(8)]
     attempts = [(t, SigningKey.generate()) for t in tokens for _ in range(6)]
-
-    def enroll(attempt):
-        token, key = attempt
-        return token, requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=60,
-                                    json={"token": token, "public_key": key.verify_key.to_b64()})
-
-    with ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(enroll, attempts))
+    replies = [(token, r) for (token, _), r in zip(attempts, _enroll_at_once(agg, attempts), strict=True)]
     for token in tokens:
         codes = sorted(r.status_code for t, r in replies if t == token)
         assert codes == [201] + [403] * 5, codes
@@ -84,14 +88,7 @@ def test_one_public_key_enrolled_with_several_tokens_at_once_is_one_device_and_4
     keys = [SigningKey.generate() for _ in range(4)]
     attempts = [(agg.post_admin("/enrollment-tokens", json={}).json()["token"], key) for key in keys
                 for _ in range(6)]
-
-    def enroll(attempt):
-        token, key = attempt
-        return key, requests.post(f"{agg.base_url}/api/v1/devices/enroll", timeout=60,
-                                  json={"token": token, "public_key": key.verify_key.to_b64()})
-
-    with ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(enroll, attempts))
+    replies = [(key, r) for (_, key), r in zip(attempts, _enroll_at_once(agg, attempts), strict=True)]
     for key in keys:
         codes = sorted(r.status_code for k, r in replies if k is key)
         assert codes == [201] + [409] * 5, codes
