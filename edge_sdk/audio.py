@@ -98,6 +98,19 @@ def _check_header(path: Path, sr: int, channels: int) -> None:
         raise AudioError(f"{path}: {channels} channels; 1 to {MAX_CHANNELS} are supported")
 
 
+def _check_wav_header(path: Path, sr: int, channels: int, width: int) -> None:
+    _check_header(path, sr, channels)
+    if width not in (1, 2, 3, 4):
+        raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+
+
+def _wav_block(raw: bytes, width: int, channels: int, path: Path) -> np.ndarray:
+    """The whole frames of ``raw`` (PCM of ``width`` bytes, ``channels`` interleaved) as float32 mono."""
+    n = len(raw) // (width * channels)
+    return to_mono(_pcm_to_float(raw[: n * width * channels], width, path).reshape(n, channels)
+                   ).astype(np.float32, copy=False)
+
+
 def _max_frames(sr: int, max_seconds: float | None) -> int | None:
     return None if max_seconds is None else max(1, int(math.ceil(max_seconds * sr)))
 
@@ -106,20 +119,16 @@ def _read_wav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int, i
     """(mono float32, rate, frames the header declares); at most ``max_seconds`` are decoded."""
     with wave.open(str(path), "rb") as wf:
         sr, channels, width, declared = wf.getframerate(), wf.getnchannels(), wf.getsampwidth(), wf.getnframes()
-        _check_header(path, sr, channels)
-        if width not in (1, 2, 3, 4):
-            raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+        _check_wav_header(path, sr, channels, width)
         limit = _max_frames(sr, max_seconds)
         want = declared if limit is None else min(declared, limit)
         blocks, got = [], 0
         while got < want:
-            raw = wf.readframes(min(_BLOCK_FRAMES, want - got))
-            n = len(raw) // (width * channels)
-            if n == 0:
+            block = _wav_block(wf.readframes(min(_BLOCK_FRAMES, want - got)), width, channels, path)
+            if len(block) == 0:
                 break
-            blocks.append(to_mono(_pcm_to_float(raw[: n * width * channels], width, path).reshape(n, channels))
-                          .astype(np.float32, copy=False))
-            got += n
+            blocks.append(block)
+            got += len(block)
     return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), sr, declared
 
 
@@ -243,9 +252,7 @@ def _stream_wav(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndar
         raise AudioError(f"cannot decode {path}: {exc}") from exc
     sr, channels, width = wf.getframerate(), wf.getnchannels(), wf.getsampwidth()
     try:
-        _check_header(path, sr, channels)
-        if width not in (1, 2, 3, 4):
-            raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+        _check_wav_header(path, sr, channels, width)
     except AudioError:
         wf.close()
         raise
@@ -254,11 +261,9 @@ def _stream_wav(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndar
     def blocks() -> Iterator[np.ndarray]:
         with wf:
             while True:
-                raw = wf.readframes(frames)
-                n = len(raw) // (width * channels)
-                if n == 0:
+                block = _wav_block(wf.readframes(frames), width, channels, path)
+                if len(block) == 0:
                     return
-                yield to_mono(_pcm_to_float(raw[: n * width * channels], width, path).reshape(n, channels)
-                              ).astype(np.float32, copy=False)
+                yield block
 
     return sr, blocks()
