@@ -10,6 +10,14 @@ server optimizers; an attack run (a tenth of the devices send scaled or sign-fli
 the robust options, and one where the attackers also claim 10^6 examples (the aggregator's default weight caps, and
 with the caps off); users who only answer thumbs-up/down; and a sweep of the number of devices. Writes
 ``report.md``, ``report.json`` and plots; the set-up of every run is in ``<out>/<run>/report.json``.
+
+    python -m tools.sim_suite --scenario recovery --seeds 0,1,2 --out runs/recovery \
+        --report docs/results/federated-recovery
+
+``--scenario recovery``: federated recovery of a new population (``tools.simulate --scenario recovery``): the
+RAVDESS-only base, the six non-test nEMO speakers as devices, global UAR on nEMO IC0, MK0, TP0 after every round,
+over several seeds (the device answer orders and sampling; the base model and the centralised reference are
+fixed), for each set-up of ``RECOVERY_SETUPS``; mean ± standard error per round.
 """
 
 from __future__ import annotations
@@ -74,6 +82,19 @@ def extra_setups(short: bool) -> list[tuple[str, dict]]:
             *[(f"random split ({n})", {"partition": "random", "devices": n}) for n in (2, 10, 20)]]
 
 
+# The recovery scenario's users: they answer every prediction they hear (answers_per_round per round); a
+# wrong_rate share of answers is wrong (a careless tap); a wrong prediction gets a correction, or a bare
+# thumbs-down with probability down_rate.
+RECOVERY_USERS = {"scenario": "recovery", "partition": "speaker", "answers_per_round": 10, "wrong_rate": 0.05,
+                  "down_rate": 0.3, "later_fraction": 0.3}
+
+
+def recovery_setups() -> list[tuple[str, dict]]:
+    return [("head only, FedAvg", {}),
+            ("head only, FedAvgM (server lr 1, momentum 0.9)", {"server_optimizer": "fedavgm"}),
+            ("head only, FedAdam (server lr 0.01)", {"server_optimizer": "fedadam"})]
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.datasets import default_ravdess_root, ravdess_clips
     from tools.simulate import SimConfig, Simulation
@@ -89,8 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=0,
                         help="instead: rotate the 24 actors through N folds (4 test actors each, the next 10 train "
                              "the encoder) and run by speaker and one emotion per device in each (error bars)")
+    parser.add_argument("--scenario", choices=("ravdess", "recovery"), default="ravdess",
+                        help="recovery: RAVDESS-only base, nEMO users as devices (see the module docstring)")
+    parser.add_argument("--seeds", default="0,1,2", help="recovery: seeds of the device answer orders")
+    parser.add_argument("--setups", default="",
+                        help="recovery: comma-separated indexes into RECOVERY_SETUPS (default: all)")
+    parser.add_argument("--base-model", default=None, help="recovery: the base model's folder (default: the "
+                        "RAVDESS-only model, docs/results/cross-corpus/ravdess-only)")
+    parser.add_argument("--centralised-model", default=None,
+                        help="recovery: a trained reference's folder instead of training it")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="recovery: where report.md, report.json and uar-per-round.png go (default --out)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="recovery: override a SimConfig field for every run (e.g. answers_per_round=20)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.scenario == "recovery":
+        return run_recovery(args, argv if argv is not None else sys.argv[1:])
     root = default_ravdess_root()
     if root is None:
         raise SystemExit("the suite needs RAVDESS ($FEDSER_RAVDESS or ../shared/data/ravdess)")
@@ -128,6 +164,165 @@ def main(argv: list[str] | None = None) -> int:
     write_suite(results, args.out, time.perf_counter() - started, architectures)
     print((args.out / "report.md").read_text())
     return 0
+
+
+def _override(text: str) -> tuple[str, object]:
+    from tools.simulate import SimConfig
+
+    name, _, value = text.partition("=")
+    defaults = SimConfig().to_dict()
+    if name not in defaults or not value:
+        raise SystemExit(f"--set {text!r}: NAME=VALUE with NAME one of {', '.join(defaults)}")
+    default = defaults[name]
+    if isinstance(default, bool):
+        return name, value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, list):
+        return name, tuple(int(x) for x in value.split(",") if x)
+    return name, type(default)(value) if default is not None else value
+
+
+def run_recovery(args, argv: list[str]) -> int:
+    """The recovery scenario over seeds and set-ups; the base and the centralised reference are trained (or
+    copied) once in ``<out>/models`` and shared by every run."""
+    from tools.simulate import SimConfig, Simulation
+
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    setups = recovery_setups()
+    if args.setups:
+        setups = [setups[int(i)] for i in args.setups.split(",")]
+    over = dict(_override(t) for t in args.set)
+    base_cfg = SimConfig(**{**RECOVERY_USERS, "rounds": args.rounds, "epochs": args.epochs, "seed": 0,
+                            "base_model": args.base_model, "centralised_model": args.centralised_model, **over})
+    started = time.perf_counter()
+    models = Simulation(replace(base_cfg, rounds=0), args.out / "models")
+    base, central = str(models.baseline([])), str(models.centralised_model([]))
+    runs: dict[str, list[dict]] = {}
+    for name, setup in setups:
+        slug = name.replace(" ", "-").translate(str.maketrans("", "", ",()/."))
+        for seed in seeds:
+            cfg = replace(base_cfg, **setup, seed=seed, base_model=base, centralised_model=central)
+            t0 = time.perf_counter()
+            report = Simulation(cfg, args.out / slug / f"seed-{seed}").run()
+            report["seconds"] = time.perf_counter() - t0
+            runs.setdefault(name, []).append(report)
+            print(f"{name:50s} seed {seed}: base {report['history'][0]['global']['uar']:.3f} -> round "
+                  f"{report['history'][-1]['round']} {report['final']['uar']:.3f} (centralised "
+                  f"{report['centralised']['uar']:.3f}; {report['seconds']:.0f} s)", flush=True)
+    command = "python -m tools.sim_suite " + " ".join(argv)
+    out = args.report or args.out
+    out.mkdir(parents=True, exist_ok=True)
+    summary = write_recovery(runs, out, command, time.perf_counter() - started)
+    print((out / "report.md").read_text())
+    return 0 if summary else 1
+
+
+def _mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds: float) -> dict:
+    """report.json (per set-up: UAR per round, mean ± SE over seeds; targets), report.md and uar-per-round.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(runs.values()))[0]
+    cfg = first["config"]
+    base = first["history"][0]["global"]["uar"]
+    central = first["centralised"]
+    summary: dict = {"command": command, "seconds": round(seconds), "base_uar": base,
+                     "base_model": first["base_model"], "centralised": central,
+                     "test_speakers": first["test_speakers"], "device_speakers": first["device_speakers"],
+                     "test_clips": first["test_clips"],
+                     "targets": {"uar_at_least": base + 0.25, "of_centralised_at_least": 0.9}, "setups": {}}
+    for name, reports in runs.items():
+        rounds = [h["round"] for h in reports[0]["history"]]
+        per_round = [_mean_se([r["history"][i]["global"]["uar"] for r in reports]) for i in range(len(rounds))]
+        final, final_se = per_round[-1]
+        head_ref = _mean_se([r["centralised_head"]["uar"] for r in reports])
+        pers = [r["personalisation"] for r in reports]
+        summary["setups"][name] = {
+            "seeds": [r["config"]["seed"] for r in reports], "config": reports[0]["config"],
+            "rounds": rounds, "uar_mean": [m for m, _ in per_round], "uar_se": [e for _, e in per_round],
+            "final_uar": final, "final_se": final_se,
+            "final_by_seed": [r["final"]["uar"] for r in reports],
+            "final_recall": {lab: _mean_se([r["final"]["confusion_matrix"][i][i] / max(1, sum(
+                r["final"]["confusion_matrix"][i])) for r in reports])[0] for i, lab in enumerate(LABELS)},
+            "gain_over_base": final - base, "share_of_centralised": final / central["uar"],
+            "centralised_head_uar": head_ref[0], "centralised_head_se": head_ref[1],
+            "device_personalisation_gain": _mean_se([p["mean_gain"] for p in pers if p["mean_gain"] is not None] or [0]),
+            "met": {"gain": final - base >= 0.25, "centralised": final >= 0.9 * central["uar"]},
+            "seconds_per_run": float(np.mean([r["seconds"] for r in reports]))}
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, s in summary["setups"].items():
+        m, e = np.array(s["uar_mean"]), np.array(s["uar_se"])
+        ax.plot(s["rounds"], m, marker=".", lw=1.2, label=f"federated: {name}")
+        ax.fill_between(s["rounds"], m - e, m + e, alpha=0.2)
+    ax.axhline(base, color="grey", ls=":", lw=1, label=f"base (RAVDESS only) {base:.3f}")
+    ax.axhline(central["uar"], color="black", ls="--", lw=1, label=f"centralised reference {central['uar']:.3f}")
+    ax.axhline(base + 0.25, color="tab:red", ls="-.", lw=0.8, label="target: base + 0.25")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global UAR, nEMO IC0, MK0, TP0")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Federated recovery on nEMO: mean ± SE over {len(next(iter(runs.values())))} seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "uar-per-round.png")
+    plt.close(fig)
+
+    n_seeds = len(next(iter(runs.values())))
+    lines = ["# Federated recovery of a new population (nEMO users, RAVDESS-only base)", "",
+             f"Command: `{command}` ({seconds / 60:.0f} min on this machine).", "",
+             f"- base: {first['base_model']} (frozen encoder); UAR on the test speakers **{base:.3f}**;",
+             f"- devices: one real `edge_sdk.Device` per nEMO speaker {', '.join(first['device_speakers'])}, all "
+             "sending, against a real gunicorn aggregator over HTTP on loopback;",
+             f"- test speakers (never train, never validate, never a device): {', '.join(first['test_speakers'])} "
+             f"({first['test_clips']} clips); UAR of the global model after every round;",
+             f"- users: {cfg['answers_per_round']} answers per device per round, {cfg['rounds']} rounds; thumbs-up "
+             f"when right; when wrong a correction, or a bare thumbs-down (rate {cfg['down_rate']}); a "
+             f"{cfg['wrong_rate']} share of answers is wrong (careless taps); {int(100 * cfg['later_fraction'])} % of "
+             "each device's clips are never answered (they measure personalisation);",
+             f"- devices fine-tune the head ({cfg['local_epochs']} epochs, lr {cfg['local_lr']}, replay weight "
+             f"{cfg['replay_weight']}) and send head deltas; seeds {', '.join(map(str, first_seeds(runs)))} change "
+             "the answer orders and sampling; the base and the reference are fixed;",
+             f"- **centralised reference**: {central['dataset']}, the same architecture and recipe (the bundled "
+             f"model's), trained once, scored on the test speakers through the device path: **{central['uar']:.3f}**;",
+             "- centralised head: the base's frozen encoder with its head trained centrally on every device's "
+             "answered clips (true labels): what head-only federation could reach at best.", "",
+             f"Targets after {cfg['rounds']} rounds: UAR >= base + 0.25 = **{base + 0.25:.3f}** and >= 90 % of the "
+             f"centralised reference = **{0.9 * central['uar']:.3f}**.", "",
+             f"| set-up | round 0 | round 5 | round 10 | round {cfg['rounds']} (mean ± SE, {n_seeds} seeds) | gain | "
+             "of centralised | centralised head | targets |", "| --- " * 9 + "|"]
+
+    def at(s, r):
+        if r not in s["rounds"]:
+            return "-"
+        i = s["rounds"].index(r)
+        return f"{s['uar_mean'][i]:.3f} ± {s['uar_se'][i]:.3f}"
+
+    for name, s in summary["setups"].items():
+        met = s["met"]
+        lines.append(f"| {name} | {at(s, 0)} | {at(s, 5)} | {at(s, 10)} | **{s['final_uar']:.3f} ± "
+                     f"{s['final_se']:.3f}** | {s['gain_over_base']:+.3f} | {100 * s['share_of_centralised']:.0f} % "
+                     f"| {s['centralised_head_uar']:.3f} | gain {'met' if met['gain'] else 'MISSED'}, "
+                     f"90 % {'met' if met['centralised'] else 'MISSED'} |")
+    lines += ["", "Final recall per class (mean over seeds):", "",
+              "| set-up | " + " | ".join(LABELS) + " |", "| --- " * 5 + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{s['final_recall'][lab]:.2f}" for lab in LABELS) + " |"
+              for name, s in summary["setups"].items()]
+    lines += ["", "UAR per round (mean ± SE): report.json `setups.*.uar_mean` / `uar_se`; plot: "
+              "[uar-per-round.png](uar-per-round.png)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def first_seeds(runs: dict[str, list[dict]]) -> list[int]:
+    return [r["config"]["seed"] for r in next(iter(runs.values()))]
 
 
 def run_folds(args, clips, architectures: list[str]) -> int:

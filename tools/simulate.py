@@ -18,6 +18,16 @@ Partitions of the training actors' clips: ``speaker`` (one device per actor), ``
 Simulated users answer each prediction from the true label: thumbs-up when right; when wrong, the corrected
 label, or a bare thumbs-down with probability ``--down-rate``; a ``--wrong-rate`` share of answers is wrong.
 
+Scenario ``recovery`` (``--scenario recovery``): federated recovery of a new population. The base is a model
+trained on RAVDESS only (``--base-model``, default ``docs/results/cross-corpus/ravdess-only``); the devices are the
+six nEMO speakers other than the named test speakers IC0, MK0, TP0 (one device each, all sending), and the global
+model's UAR is measured on IC0, MK0 and TP0 after every round (they never act as devices). The reference is the
+same architecture and recipe (the base model's features) trained centrally on RAVDESS and those six speakers
+(``fedser-train train --corpus ravdess,nemo``), scored on IC0, MK0, TP0 through the device path.
+
+    python -m tools.simulate --scenario recovery --answers-per-round 8 --wrong-rate 0.05 --down-rate 0.3 \
+        --out runs/recovery
+
 Writes ``<out>/report.json``, ``report.md`` and ``uar-per-round.png``; ``--resume`` continues a run from its
 last completed round (devices, aggregator instance and history are kept in ``<out>``).
 """
@@ -40,10 +50,15 @@ import requests
 log = logging.getLogger("tools")
 
 LABELS = ("angry", "happy", "neutral", "sad")
+REPO = Path(__file__).resolve().parents[1]
+# The recovery scenario's base when --base-model is not given: the RAVDESS-only model of the cross-corpus study.
+RECOVERY_BASE = REPO / "docs" / "results" / "cross-corpus" / "ravdess-only"
+SCENARIOS = ("ravdess", "recovery")
 
 
 @dataclass
 class SimConfig:
+    scenario: str = "ravdess"  # ravdess: the studies' set-up; recovery: a RAVDESS-only base, nEMO users as devices
     partition: str = "speaker"
     devices: int = 5  # for random and dirichlet partitions
     alpha: float = 0.5
@@ -117,8 +132,9 @@ def partition(clips, cfg: SimConfig, rng: np.random.Generator) -> dict[str, list
     """Device name -> its clips (training actors only)."""
     if cfg.partition == "speaker":
         out: dict[str, list] = {}
-        for c in clips:
-            out.setdefault(f"actor-{_actor(c):02d}", []).append(c)
+        for c in clips:  # RAVDESS: actor-07; other corpora: the speaker id (nemo-EB0)
+            name = f"actor-{_actor(c):02d}" if c.speaker.startswith("ravdess-") else c.speaker
+            out.setdefault(name, []).append(c)
         return out
     if cfg.partition == "emotion":
         return {f"only-{lab}": [c for c in clips if c.label == lab] for lab in LABELS}
@@ -186,7 +202,14 @@ class Simulation:
 
     # -- set-up -----------------------------------------------------------------------------------
     def baseline(self, clips):
-        """The encoder (and a starting head) from the server-side actors; exported once, reused on resume."""
+        """The encoder (and a starting head) from the server-side actors; exported once, reused on resume. In the
+        recovery scenario: the given RAVDESS-only model (``--base-model``, default ``RECOVERY_BASE``)."""
+        if self.cfg.scenario == "recovery":
+            given = Path(self.cfg.base_model or RECOVERY_BASE)
+            if not (given / "model.tflite").is_file() or not (given / "model.json").is_file():
+                raise SystemExit(f"the recovery scenario's base model is missing: {given}/model.tflite and "
+                                 "model.json (give --base-model DIR)")
+            return self._train("base-model", str(given), [], [], "baseline")
         server = [c for c in clips if _actor(c) in self.cfg.server_actors]
         return self._train("base-model", self.cfg.base_model, server, [], "baseline")
 
@@ -194,9 +217,44 @@ class Simulation:
         """The reference: the same architecture trained centrally, encoder and head, on every training actor's
         clips (server-side actors and all device actors, their later clips too), with the same validation actor;
         scored on the test actors. Returns its folder (``report.json`` holds the test metrics)."""
+        if self.cfg.scenario == "recovery":
+            return self._recovery_reference()
         train = [c for c in clips if _actor(c) not in self.cfg.test_actors]
         test = [c for c in clips if _actor(c) in self.cfg.test_actors]
         return self._train("centralised-model", self.cfg.centralised_model, train, test, "centralised")
+
+    def _recovery_reference(self) -> Path:
+        """The recovery scenario's reference: the base model's architecture and feature recipe trained centrally
+        (``fedser-train train``, the bundled model's recipe) on RAVDESS (1-18 train, 19-20 validate) and the six
+        non-test nEMO speakers (one, drawn with the seed, validates); the named test speakers never train."""
+        from edge_sdk.model import ModelMetadata
+        from models.cli import main as train_cli
+        from models.datasets import default_nemo_root, default_ravdess_root
+
+        model_dir = self.out / "centralised-model"
+        if (model_dir / "model.tflite").exists():
+            return model_dir
+        if self.cfg.centralised_model:
+            shutil.copytree(self.cfg.centralised_model, model_dir)
+            return model_dir
+        meta = ModelMetadata.load(self.out / "base-model" / "model.json")
+        f = meta.features
+        roots = {"ravdess": default_ravdess_root(), "nemo": default_nemo_root()}
+        if None in roots.values():
+            raise SystemExit("the recovery reference needs RAVDESS and nEMO ($FEDSER_RAVDESS, $FEDSER_NEMO)")
+        arch = (meta.extra.get("architecture") or {})
+        args = ["train", "--out", str(model_dir), "--corpus", "ravdess,nemo",
+                "--data", ",".join(f"{k}={v}" for k, v in roots.items()), "--features", f.kind,
+                "--utterance-norm", f.utterance_norm, "--max-frames", str(f.max_frames),
+                "--speaker-norm" if f.speaker_norm else "--no-speaker-norm", "--architecture", meta.architecture,
+                "--epochs", str(self.cfg.epochs), "--patience", "15", "--seed", str(self.cfg.seed), "--no-progress"]
+        if arch.get("masked_pooling"):
+            args.append("--masked-pooling")
+        started = time.perf_counter()
+        if train_cli(args) != 0:
+            raise SystemExit("training the centralised reference failed")
+        self.timing.extra["centralised"] = time.perf_counter() - started
+        return model_dir
 
     def _train(self, name: str, reuse: str | None, clips, test, timing_key: str) -> Path:
         from edge_sdk.features import FeatureConfig
@@ -236,26 +294,39 @@ class Simulation:
         from tools.demo import admin_token, free_port, start_aggregator
 
         cfg = self.cfg
-        root = default_ravdess_root()
-        if root is None:
-            raise SystemExit("the simulation needs RAVDESS (--data, $FEDSER_RAVDESS or ../shared/data/ravdess)\n"
-                             + corpus_guidance(["ravdess"]))
-        clips = ravdess_clips(root)
+        if cfg.scenario not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {cfg.scenario!r}; choose from {', '.join(SCENARIOS)}")
+        if cfg.scenario == "recovery":
+            if cfg.validation_gate:
+                raise SystemExit("--validation-gate validates on a RAVDESS actor: not available with --scenario "
+                                 "recovery")
+            clips, test_clips, train_clips = recovery_clips()
+        else:
+            root = default_ravdess_root()
+            if root is None:
+                raise SystemExit("the simulation needs RAVDESS (--data, $FEDSER_RAVDESS or ../shared/data/ravdess)"
+                                 "\n" + corpus_guidance(["ravdess"]))
+            clips = ravdess_clips(root)
+            test_clips = [c for c in clips if _actor(c) in cfg.test_actors]
+            excluded = cfg.test_actors + (() if cfg.server_actors_have_devices else cfg.server_actors)
+            train_clips = [c for c in clips if _actor(c) not in excluded]
         model_dir = self.baseline(clips)
         meta = ModelMetadata.load(model_dir / "model.json")
         evaluator = TFLiteModel(model_dir / "model.tflite", meta)
         base_head = evaluator.get_weights()
-        test_clips = [c for c in clips if _actor(c) in cfg.test_actors]
         started = time.perf_counter()
         test_emb, test_y = _embeddings(evaluator, meta, test_clips)
         self.timing.evaluation += time.perf_counter() - started
 
-        excluded = cfg.test_actors + (() if cfg.server_actors_have_devices else cfg.server_actors)
-        train_clips = [c for c in clips if _actor(c) not in excluded]
         part_rng = np.random.default_rng(cfg.seed)
         parts = partition(train_clips, cfg, part_rng)
-        for c in test_clips:  # the test actors' devices: personalise, never send
-            parts.setdefault(f"test-actor-{_actor(c):02d}", []).append(c)
+        if cfg.scenario == "ravdess":
+            for c in test_clips:  # the test actors' devices: personalise, never send
+                parts.setdefault(f"test-actor-{_actor(c):02d}", []).append(c)
+        test_speakers = sorted({c.speaker for c in test_clips})
+        on_devices = {c.speaker for name, p in parts.items() if not name.startswith("test-") for c in p}
+        if set(test_speakers) & on_devices:  # never: a test speaker's clips on a sending device
+            raise RuntimeError(f"test speakers on sending devices: {sorted(set(test_speakers) & on_devices)}")
         sims = []
         n_attack = int(round(cfg.attack_fraction * sum(1 for n in parts if not n.startswith("test-"))))
         train_names = [n for n in sorted(parts) if not n.startswith("test-")]
@@ -327,18 +398,22 @@ class Simulation:
         central = self._centralised_head(evaluator, [c for s in senders for c in s.queue_all],
                                          base_head, test_emb, test_y)
         central_dir = self.centralised_model(clips)
-        central_report = json.loads((central_dir / "report.json").read_text())["test"]
-        centralised = {"uar": central_report["uar"], "accuracy": central_report["accuracy"],
-                       "macro_f1": central_report["macro_f1"],
-                       "f1": {lab: central_report["per_class"][lab]["f1"] for lab in LABELS},
-                       "dataset": json.loads((central_dir / "report.json").read_text())["dataset"]}
+        if cfg.scenario == "recovery":  # scored on the test speakers only, through the device path
+            centralised = self._scored(central_dir, test_clips)
+        else:
+            central_report = json.loads((central_dir / "report.json").read_text())["test"]
+            centralised = {"uar": central_report["uar"], "accuracy": central_report["accuracy"],
+                           "macro_f1": central_report["macro_f1"],
+                           "f1": {lab: central_report["per_class"][lab]["f1"] for lab in LABELS},
+                           "dataset": json.loads((central_dir / "report.json").read_text())["dataset"]}
         report = {"config": cfg.to_dict(), "history": self.history, "final": self.history[-1]["global"],
                   "centralised_head": central, "centralised": centralised,
                   "best_round": max(self.history, key=lambda h: h["global"]["uar"])["round"],
                   "personalisation": personal, "timing": asdict(self.timing),
                   "devices": {"senders": len(senders), "test": len(sims) - len(senders),
-                              "attackers": sorted(attackers)},
-                  "base_model": json.loads((model_dir / "report.json").read_text())["dataset"]}
+                              "attackers": sorted(attackers), "sending": sorted(s.name for s in senders)},
+                  "device_speakers": sorted(on_devices), "test_speakers": test_speakers,
+                  "test_clips": len(test_y), "base_model": _dataset(model_dir)}
         write_report(report, self.out)
         return report
 
@@ -403,6 +478,18 @@ class Simulation:
                              "refused": refused})
         log.info("round %d: %d updates, global UAR %.3f", rnd, posted, glob["uar"])
 
+    def _scored(self, model_dir: Path, clips) -> dict:
+        """A whole model (its own encoder and head) scored on ``clips`` through the device path."""
+        from edge_sdk.model import ModelMetadata, TFLiteModel
+
+        started = time.perf_counter()
+        meta = ModelMetadata.load(model_dir / "model.json")
+        model = TFLiteModel(model_dir / "model.tflite", meta)
+        emb, y = _embeddings(model, meta, clips)
+        out = {**_uar(model, model.get_weights(), emb, y), "dataset": _dataset(model_dir)}
+        self.timing.evaluation += time.perf_counter() - started
+        return out
+
     def _centralised_head(self, evaluator, clips, base_head, test_emb, test_y) -> dict:
         """The reference: the same frozen encoder, its head trained centrally on every sending device's clips
         (true labels, class-balanced, the model's own ``train`` signature, 30 epochs at the devices' rate)."""
@@ -459,6 +546,32 @@ class Simulation:
                 "test_speakers_personal": float(np.mean([d["personal_acc"] for d in test])) if test else None}
 
 
+def recovery_clips() -> tuple[list, list, list]:
+    """(all nEMO clips, the named test speakers' clips, the other speakers' clips: the devices')."""
+    from models.cli import CORPUS_TEST_SPEAKERS
+    from models.datasets import corpus_guidance, default_nemo_root, nemo_clips
+
+    root = default_nemo_root()
+    if root is None:
+        raise SystemExit("the recovery scenario needs nEMO ($FEDSER_NEMO or ../shared/data/nemo)\n"
+                         + corpus_guidance(["nemo"]))
+    clips = nemo_clips(root)
+    test = {f"nemo-{s}" for s in CORPUS_TEST_SPEAKERS["nemo"]}
+    test_clips = [c for c in clips if c.speaker in test]
+    train_clips = [c for c in clips if c.speaker not in test]
+    if not test_clips or not train_clips:
+        raise SystemExit(f"nEMO at {root} needs the test speakers {sorted(test)} and at least one other speaker")
+    return clips, test_clips, train_clips
+
+
+def _dataset(model_dir: Path) -> str:
+    """What a model was trained on: its report.json, else its metadata."""
+    report = model_dir / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text())["dataset"]
+    return json.loads((model_dir / "model.json").read_text()).get("extra", {}).get("dataset", str(model_dir))
+
+
 def write_report(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -470,7 +583,8 @@ def write_report(report: dict, out: Path) -> None:
     ax.plot([x["round"] for x in h], [x["global"]["uar"] for x in h], marker="o")
     ax.set_xlabel("round")
     ax.set_ylabel("global UAR on held-out actors")
-    ax.set_title(f"{report['config']['partition']} partition, {report['config']['aggregation']} / "
+    ax.set_title(("recovery (nEMO users), " if report["config"].get("scenario") == "recovery" else "")
+                 + f"{report['config']['partition']} partition, {report['config']['aggregation']} / "
                  f"{report['config']['server_optimizer']}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -478,11 +592,16 @@ def write_report(report: dict, out: Path) -> None:
     plt.close(fig)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     cfg, fin, p, t = report["config"], report["final"], report["personalisation"], report["timing"]
-    lines = [f"# Federated simulation: {cfg['partition']} partition", "",
+    recovery = cfg.get("scenario") == "recovery"
+    title = ("Federated recovery of a new population: RAVDESS-only base, nEMO users as devices" if recovery
+             else f"Federated simulation: {cfg['partition']} partition")
+    lines = [f"# {title}", "",
              f"- devices: {report['devices']['senders']} sending, {report['devices']['test']} test-actor devices "
              f"(personalise only); attackers: {report['devices']['attackers'] or 'none'}",
              f"- encoder: trained centrally on {report['base_model']}; heads federated",
-             f"- test actors (never train): {cfg['test_actors']}",
+             (f"- test speakers (never train, never a device): {', '.join(report['test_speakers'])}; devices: "
+              f"{', '.join(report['device_speakers'])}" if recovery else f"- test actors (never train): "
+                                                                       f"{cfg['test_actors']}"),
              f"- aggregation {cfg['aggregation']}, server optimizer {cfg['server_optimizer']} "
              f"(lr {cfg['server_lr'] or 'default'}), "
              f"{cfg['rounds']} rounds, {cfg['answers_per_round']} answers per device per round, "
