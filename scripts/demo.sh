@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The main job, set-up included: the end-to-end federated demo on loopback (about 3 minutes with the short federated suite).
-#   scripts/demo.sh                      RAVDESS from ../shared/data/ravdess, else synthetic
-#   scripts/demo.sh --data /path/to/RAVDESS
+# The main job, set-up included: the end-to-end federated demo on loopback.
+#   scripts/demo.sh                      nEMO found (../shared/data/nemo, $FEDSER_NEMO): a RAVDESS-only base meets
+#                                        Polish speakers' devices; 5 rounds (about 1.5 minutes)
+#                                        else RAVDESS: held-out actors, one round, the short federated suite (3-4 min)
+#                                        else a synthetic tone corpus, which says so
+#   scripts/demo.sh --no-nemo            the RAVDESS story even with nEMO there (or FEDSER_NEMO=/missing)
+#   scripts/demo.sh --nemo DIR --data RAVDESS_DIR
 #   scripts/demo.sh --synthetic
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -53,6 +53,9 @@ def test_the_demo_exits_0_on_a_clean_copy_with_no_corpus(stranger_copy):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "[3/6]" in out.stdout and "[6/6]" in out.stdout and "SYNTHETIC" in out.stdout
+    # It says plainly which corpora are missing and what its figures mean.
+    assert "[corpora] nEMO: not found" in out.stdout and "RAVDESS: not found" in out.stdout
+    assert "say nothing about recognising emotions" in out.stdout
     # The newcomer is told where a real corpus comes from and how to point the demo at it.
     assert "https://zenodo.org/records/1188976" in text and "FEDSER_RAVDESS" in text
     assert "the federated experiments need RAVDESS; skipped" in out.stdout
