@@ -45,7 +45,7 @@ from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
 from edge_sdk.store import FeedbackExample, FeedbackStore
-from edge_sdk.wire import UpdateEnvelope, pack_arrays, unpack_arrays
+from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, pack_arrays, unpack_arrays
 
 log = logging.getLogger("edge_sdk")
 
@@ -107,6 +107,13 @@ class TrainPolicy:
     # With guard_folds and the accuracy guard: the fit must show at least guard_margin * sqrt(n) more of the n
     # answers right than the global head (about a standard error: with 5 answers, 2 more right; with 20, 3 more).
     guard_margin: float = 0.5
+    # Also train the model's adapter (a per-user scale and shift of each channel of the encoder's last block,
+    # models/export.py) together with the head, from the answers' stored features. With guard_folds it is one
+    # more cross-validated candidate, kept when it shows adapter_margin more of the answers right than the best
+    # head-only fit. A model without the adapter signatures, or answers stored without features: head only.
+    adapter: bool = False
+    adapter_learning_rate: float = 0.05
+    adapter_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
@@ -372,6 +379,19 @@ class Device:
                 os.replace(personal, personal.with_name(f"personal.head.corrupt-{int(time.time())}"))
                 self._problem("personal.head", exc, "moved aside; the global head is in use until the next "
                                                     "personalisation (sync or train redoes it)")
+                return
+            adapter = self.state_dir / "personal.adapter"
+            if model.has_adapter and adapter.exists():
+                try:
+                    data = adapter.read_bytes()
+                    if hashlib.sha256(data).hexdigest() != self.store.get("personal_adapter_sha256"):
+                        raise WireFormatError("its sha256 is not the one written with it")
+                    model.set_adapter(unpack_arrays(_adapter_layout(model), data))
+                except (OSError, WireFormatError) as exc:
+                    os.replace(adapter, adapter.with_name(f"personal.adapter.corrupt-{int(time.time())}"))
+                    model.set_adapter(None)
+                    self._problem("personal.adapter", exc, "moved aside; the personal head is used without its "
+                                                           "adapter until the next personalisation")
 
     def _load_installed(self) -> bool:
         """Load the newest installed model whose files all verify: ``manifest.json``, else the one before it.
@@ -511,16 +531,21 @@ class Device:
                 if serving is None:
                     raise ModelError(NO_MODEL)
                 weights = serving.get_weights()
+                adapter = serving.get_adapter() if serving.has_adapter else None
             if self._trainer is None or self._trainer[0] is not serving:
                 self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.num_threads,
                                                       runtime=self.runtime))
             trainer = self._trainer[1]
             trainer.set_weights(weights)
+            if adapter is not None:
+                trainer.set_adapter(adapter)
             self._local.model = trainer
             try:
                 yield serving, trainer
             finally:
                 self._local.model = None
+                self._local.frames = None
+                self._local.adapted = False
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -610,9 +635,38 @@ class Device:
         sign = np.array([e.sign for e in examples], np.float32)
         return emb, targets, sign
 
+    def _prepare_frames(self, model: TFLiteModel, examples: list[FeedbackExample]) -> list[FeedbackExample]:
+        """On a model with the adapter and answers whose features are all stored: keep each answer's encoder
+        frames for adapter fits (``self._local.frames``) and return the answers with the embeddings of the
+        identity adapter (those stored were made by whatever personal adapter served then); else ``examples``."""
+        self._local.frames, self._local.adapted = None, False
+        if not model.has_adapter or not examples:
+            return examples
+        feats = self.store.features_of([e.prediction_id for e in examples])
+        size = int(np.prod(model.input_shape))
+        if any(e.prediction_id not in feats or feats[e.prediction_id].size != size for e in examples):
+            return examples
+        frames = {pid: model.frames(f) for pid, f in feats.items()}
+        saved = model.get_adapter()
+        model.set_adapter(None)
+        emb = model.adapted(np.stack([frames[e.prediction_id] for e in examples]))[1]
+        model.set_adapter(saved)
+        self._local.frames = frames
+        return [replace(e, embedding=emb[i]) for i, e in enumerate(examples)]
+
+    def _frames(self, examples: list[FeedbackExample]) -> np.ndarray:
+        return np.stack([self._local.frames[e.prediction_id] for e in examples])
+
+    def _probs(self, examples: list[FeedbackExample]) -> np.ndarray:
+        """What the model now shows for ``examples``: through the adapter after an adapter fit, else the head."""
+        model = self._require_model()
+        if getattr(self._local, "adapted", False):
+            return model.adapted(self._frames(examples))[0]
+        return model.head_probs(self._arrays(examples)[0])
+
     def _loss(self, examples: list[FeedbackExample]) -> float:
         emb, targets, sign = self._arrays(examples)
-        p = np.clip((self._require_model().head_probs(emb) * targets).sum(axis=1), 1e-7, 1 - 1e-7)
+        p = np.clip((self._probs(examples) * targets).sum(axis=1), 1e-7, 1 - 1e-7)
         return float(np.mean(np.where(sign > 0, -np.log(p), -np.log(1.0 - p))))
 
     def _fit(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy) -> None:
@@ -623,10 +677,24 @@ class Device:
         the batch's loss.
         """
         model.set_weights(self.global_head)
+        if model.has_adapter:
+            model.set_adapter(None)
         emb, targets, sign = self._arrays(examples)
         weight = class_balance_weights(targets) if policy.balance_classes else np.ones(len(examples), np.float32)
         rng = np.random.default_rng(policy.seed)
         batch = model.metadata.train_batch_size
+        self._local.adapted = bool(policy.adapter and model.has_adapter and getattr(self._local, "frames", None))
+        if self._local.adapted:  # head and adapter from the frames (no replay: the replay set is embeddings)
+            frames = self._frames(examples)
+            epochs = max(policy.epochs, -(-policy.min_steps // -(-len(examples) // batch)))
+            for _ in range(epochs):
+                order = rng.permutation(len(examples))
+                for start in range(0, len(order), batch):
+                    idx = order[start : start + batch]
+                    model.adapter_train_step(frames[idx], targets[idx], sign[idx], weight[idx],
+                                             learning_rate=policy.learning_rate,
+                                             adapter_learning_rate=policy.adapter_learning_rate)
+            return
         replay = model.metadata.replay_set() if policy.replay_weight > 0 else None
         slots = max(1, batch // 4) if replay is not None and batch > 1 else 0
         if slots:
@@ -650,8 +718,8 @@ class Device:
     def _shown_right(self, examples: list[FeedbackExample]) -> np.ndarray:
         """Per answer, 1.0 where the head in the model now shows what the user said was right: the confirmed or
         corrected label for a thumbs-up or a correction; anything but the rejected label for a bare thumbs-down."""
-        emb, targets, sign = self._arrays(examples)
-        chosen = np.argmax(self._require_model().head_probs(emb), axis=1)
+        _, targets, sign = self._arrays(examples)
+        chosen = np.argmax(self._probs(examples), axis=1)
         hit = targets[np.arange(len(examples)), chosen] > 0
         return np.where(sign > 0, hit, ~hit).astype(np.float64)
 
@@ -685,13 +753,17 @@ class Device:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
                                examples=len(examples))
         in_use = model.get_weights()
+        in_use_adapter = model.get_adapter() if model.has_adapter else None
+        if policy.adapter:
+            examples = self._prepare_frames(model, examples)
         if policy.guard_folds > 1 and policy.holdout_every:
-            report = self._cross_validated(model, examples, policy, in_use)
+            report = self._cross_validated(model, examples, policy, in_use, in_use_adapter)
         else:
             every = policy.holdout_every
             held_back = [bool(every) and i % every == every - 1 for i in range(len(examples))]
             held = [e for e, h in zip(examples, held_back, strict=True) if h]
             train = [e for e, h in zip(examples, held_back, strict=True) if not h]
+            self._local.adapted = bool(in_use_adapter is not None and getattr(self._local, "frames", None))
             before = self._measure(held, policy) if held else None
             loss_before = self._loss(held) if held else None
             self._fit(model, train, policy)
@@ -706,8 +778,11 @@ class Device:
                 self._fit(model, examples, policy)
         if report.status == "discarded":
             model.set_weights(in_use)
+            if in_use_adapter is not None:
+                model.set_adapter(in_use_adapter)
         else:
             weights = model.get_weights()
+            adapter = model.get_adapter() if model.has_adapter else None
             with self._serving_lock:
                 if self.model is not serving:  # a new model was installed meanwhile: this fit is for the old one
                     report.status, report.reason = "discarded", "the model changed during training"
@@ -717,6 +792,11 @@ class Device:
                     self.store.set("personal_head_sha256_prev", self.store.get("personal_head_sha256") or "")
                     self.store.set("personal_head_sha256", hashlib.sha256(data).hexdigest())
                     atomic_write(self.state_dir / "personal.head", data)
+                    if adapter is not None:  # identity when a head-only fit won
+                        adata = pack_arrays(_adapter_layout(model), adapter)
+                        self.store.set("personal_adapter_sha256", hashlib.sha256(adata).hexdigest())
+                        atomic_write(self.state_dir / "personal.adapter", adata)
+                        serving.set_adapter(adapter)
                     self.store.set("personal_base_version", str(self.model_version))
                     serving.set_weights(weights)
                     self.personalized = True
@@ -725,19 +805,26 @@ class Device:
         return report
 
     def _cross_validated(self, model: TFLiteModel, examples: list[FeedbackExample], policy: TrainPolicy,
-                         in_use: dict[str, np.ndarray] | None = None):
+                         in_use: dict[str, np.ndarray] | None = None,
+                         in_use_adapter: dict[str, np.ndarray] | None = None):
         """Judge a fit on all answers by ``guard_folds``-fold cross-validation against the global head (which
         never trained on any of them); leaves the fit on all answers in the model when it is not worse. With
         ``adaptive_replay``, the fit without the replay set is judged too and the better one is kept."""
         folds = min(policy.guard_folds, len(examples))
         fold_of = np.arange(len(examples)) % folds
         model.set_weights(self.global_head)
+        if model.has_adapter:
+            model.set_adapter(None)
+        self._local.adapted = False
         loss_before = self._loss(examples)
         global_right = self._shown_right(examples)
         before = -loss_before if policy.guard == "loss" else float(np.mean(global_right))
-        candidates = [policy]
+        candidates = [replace(policy, adapter=False)]
         if policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
-            candidates.append(replace(policy, replay_weight=0.0))
+            candidates.append(replace(policy, adapter=False, replay_weight=0.0))
+        with_adapter = bool(policy.adapter and getattr(self._local, "frames", None))
+        if with_adapter:
+            candidates.append(policy)
         scores, losses, rights = [], [], []
         for cand in candidates:
             right, loss = np.zeros(len(examples)), np.zeros(len(examples))
@@ -749,11 +836,15 @@ class Device:
             rights.append(right)
             losses.append(float(np.mean(loss)))
             scores.append(-losses[-1] if policy.guard == "loss" else float(np.mean(right)))
-        best = 1 if len(scores) > 1 and scores[1] >= scores[0] + policy.replay_margin else 0
+        best = 1 if len(scores) > 1 and not candidates[1].adapter and scores[1] >= scores[0] + policy.replay_margin \
+            else 0
+        if with_adapter and scores[-1] >= scores[best] + policy.adapter_margin:
+            best = len(candidates) - 1
         after = scores[best]
         report = TrainReport("kept", examples=len(examples), held_back=0, loss_before=loss_before,
                              loss_after=losses[best], guard=f"{policy.guard}, {folds}-fold"
-                             + (", without the replay set" if best else ""))
+                             + (", head and adapter" if candidates[best].adapter
+                                else ", without the replay set" if best else ""))
         if policy.guard == "accuracy":
             report.score_before, report.score_after = before, after
         needed = policy.guard_margin / np.sqrt(len(examples)) if policy.guard == "accuracy" else 0.0
@@ -772,6 +863,9 @@ class Device:
             personal = rights[best]
         elif in_use is not None:
             model.set_weights(in_use)
+            if in_use_adapter is not None:
+                model.set_adapter(in_use_adapter)
+            self._local.adapted = bool(in_use_adapter is not None and getattr(self._local, "frames", None))
             personal = self._shown_right(examples)
         else:
             personal = global_right
@@ -829,6 +923,8 @@ class Device:
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
             version, global_head = self.model_version, self.global_head
             layout = model.metadata.head_layout
+            examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
+            policy = replace(policy, adapter=False)  # the federation shares head deltas only
             if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
                 report = self._cv_answer_report(examples)
             else:  # personal vs global on held-back answers
@@ -1021,6 +1117,11 @@ def _answers_fingerprint(examples: list[FeedbackExample]) -> str:
     for e in examples:
         h.update(f"{e.prediction_id}\0{e.target}\0{e.sign:+.0f}\n".encode())
     return h.hexdigest()
+
+
+def _adapter_layout(model: TFLiteModel) -> HeadLayout:
+    channels = model.frames_shape[1]
+    return HeadLayout([ArraySpec("scale", (channels,)), ArraySpec("shift", (channels,))])
 
 
 def class_balance_weights(targets: np.ndarray) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 The ``.tflite`` file carries four signatures (DESIGN.md): ``infer``, ``train``,
 ``get_weights``, ``set_weights``, plus ``head`` (embeddings to probabilities, a
-static batch) used to score held-back feedback. Its :class:`ModelMetadata`
+static batch) used to score held-back feedback. Models exported since the adapter
+(``models/export.py``) may also carry :data:`ADAPTER_SIGNATURES`: a per-user scale
+and shift of the encoder's last-block channels, trained with the head on the
+device; a file without them works as before (:attr:`TFLiteModel.has_adapter`). Its :class:`ModelMetadata`
 (labels, feature config, normalisation, head layout) travels beside it, in the
 signed manifest or in a ``model.json`` sidecar.
 
@@ -29,9 +32,12 @@ from edge_sdk.wire import HeadLayout
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES"]
+__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES", "ADAPTER_SIGNATURES"]
 
 REQUIRED_SIGNATURES = ("infer", "train", "get_weights", "set_weights", "head")
+# Optional: frames (features -> the encoder's last block [1, T', C]), adapted (frames [B, T', C] -> probs,
+# embedding), adapter_train (a step of head and adapter), get_adapter / set_adapter (scale [C], shift [C]).
+ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
 METADATA_FORMAT_VERSION = 1
 
 
@@ -245,7 +251,9 @@ class TFLiteModel:
         missing = [s for s in REQUIRED_SIGNATURES if s not in available]
         if missing:
             raise ModelError(f"{self.path} lacks the signatures {missing} (has {sorted(available)})")
-        self._runners = {name: _Signature(self._interpreter, name) for name in REQUIRED_SIGNATURES}
+        self.has_adapter = all(s in available for s in ADAPTER_SIGNATURES)
+        names = REQUIRED_SIGNATURES + (ADAPTER_SIGNATURES if self.has_adapter else ())
+        self._runners = {name: _Signature(self._interpreter, name) for name in names}
         self._lock = threading.Lock()
         weights = self.get_weights()
         for spec in metadata.head_layout:
@@ -367,6 +375,102 @@ class TFLiteModel:
             args[spec.name] = arr
         with self._lock:
             self._runners["set_weights"](**args)
+
+    # -- the adapter (models that have it: has_adapter) -----------------------------------
+    def _require_adapter(self) -> None:
+        if not self.has_adapter:
+            raise ModelError(f"{self.path} has no adapter signatures {list(ADAPTER_SIGNATURES)} (an older export, "
+                             "or an encoder other than cnn): only the head can be fine-tuned")
+
+    @property
+    def frames_shape(self) -> tuple[int, int]:
+        """``(T', C)`` of :meth:`frames`."""
+        self._require_adapter()
+        return tuple(self._runners["adapted"].input_shape("frames")[1:])
+
+    def frames(self, features: np.ndarray) -> np.ndarray:
+        """The encoder's last block before the adapter, ``[T', C]``, for one utterance's features."""
+        self._require_adapter()
+        x = np.asarray(features, np.float32).reshape(self.input_shape)
+        with self._lock:
+            return self._runners["frames"](features=x)["frames"][0].copy()
+
+    def adapted(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs [N, C], embeddings [N, E])`` of the current adapter and head for frames ``[N, T', C]``."""
+        fr = self._check_frames(frames)
+        batch = self.metadata.train_batch_size
+        probs, emb = [], []
+        with self._lock:
+            for start in range(0, len(fr), batch):
+                chunk = fr[start : start + batch]
+                padded = np.zeros((batch, *fr.shape[1:]), np.float32)
+                padded[: len(chunk)] = chunk
+                out = self._runners["adapted"](frames=padded)
+                probs.append(out["probs"][: len(chunk)])
+                emb.append(out["embedding"][: len(chunk)])
+        if not probs:
+            return (np.zeros((0, self.metadata.num_classes), np.float32),
+                    np.zeros((0, self.metadata.embedding_dim), np.float32))
+        return np.concatenate(probs), np.concatenate(emb)
+
+    def adapter_train_step(self, frames: np.ndarray, targets: np.ndarray, feedback_sign: np.ndarray,
+                           sample_weight: np.ndarray | None = None, *, learning_rate: float,
+                           adapter_learning_rate: float) -> float:
+        """One SGD step of the head (``learning_rate``) and the adapter (``adapter_learning_rate``) on at most
+        ``train_batch_size`` utterances' frames ``[n, T', C]``; otherwise as :meth:`train_step`."""
+        fr = self._check_frames(frames)
+        n, batch, classes = len(fr), self.metadata.train_batch_size, self.metadata.num_classes
+        if n == 0 or n > batch:
+            raise ParameterError(f"adapter_train_step takes 1..{batch} examples, got {n}")
+        targets = np.asarray(targets, np.float32)
+        if targets.shape != (n, classes):
+            raise ParameterError(f"targets must have shape {(n, classes)}, got {targets.shape}")
+        sign = np.asarray(feedback_sign, np.float32).reshape(-1)
+        if sign.shape != (n,) or not np.all(np.isin(sign, (-1.0, 1.0))):
+            raise ParameterError(f"feedback_sign must be {n} values of +1 or -1")
+        weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        pf = np.zeros((batch, *fr.shape[1:]), np.float32)
+        pt = np.zeros((batch, classes), np.float32)
+        pw = np.zeros(batch, np.float32)
+        ps = np.ones(batch, np.float32)
+        pf[:n], pt[:n], pw[:n], ps[:n] = fr, targets, weight, sign
+        with self._lock:
+            out = self._runners["adapter_train"](
+                frames=pf, targets=pt, sample_weight=pw, feedback_sign=ps,
+                learning_rate=np.float32(learning_rate), adapter_learning_rate=np.float32(adapter_learning_rate))
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise ModelError(f"training produced a non-finite loss ({loss}); lower the learning rate")
+        return loss
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        """``{"scale": [C], "shift": [C]}``."""
+        self._require_adapter()
+        with self._lock:
+            out = self._runners["get_adapter"]()
+        return {k: np.array(v, copy=True) for k, v in out.items()}
+
+    def set_adapter(self, adapter: Mapping[str, np.ndarray] | None) -> None:
+        """Set scale and shift; None sets the identity (scale 1, shift 0), what the export ships."""
+        self._require_adapter()
+        channels = self.frames_shape[1]
+        if adapter is None:
+            adapter = {"scale": np.ones(channels, np.float32), "shift": np.zeros(channels, np.float32)}
+        args = {}
+        for name in ("scale", "shift"):
+            arr = np.asarray(adapter.get(name), np.float32) if name in adapter else None
+            if arr is None or arr.shape != (channels,):
+                raise ParameterError(f"adapter {name!r} must have shape ({channels},)")
+            args[name] = arr
+        with self._lock:
+            self._runners["set_adapter"](**args)
+
+    def _check_frames(self, frames: np.ndarray) -> np.ndarray:
+        fr = np.asarray(frames, np.float32)
+        if fr.ndim != 3 or fr.shape[1:] != self.frames_shape:
+            raise ParameterError(f"frames must have shape [n, {', '.join(map(str, self.frames_shape))}], "
+                                 f"got {np.shape(frames)}")
+        return fr
 
     def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         emb = np.asarray(embeddings, np.float32)

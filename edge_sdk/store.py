@@ -241,6 +241,18 @@ class FeedbackStore:
                 out.append(FeedbackExample(pid, embedding, predicted, -1.0, kind))
         return out
 
+    def features_of(self, prediction_ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored features (flat float32) of these predictions; predictions stored without any are left out."""
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            for start in range(0, len(prediction_ids), 500):
+                ids = list(prediction_ids[start : start + 500])
+                rows = self._conn.execute(
+                    f"SELECT id, features FROM predictions WHERE id IN ({','.join('?' * len(ids))})"
+                    " AND features IS NOT NULL", ids).fetchall()
+                out.update((pid, np.frombuffer(blob, "<f4").astype(np.float32)) for pid, blob in rows)
+        return out
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             preds = self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]

@@ -13,6 +13,12 @@ about each:
 * SavedModel with named signatures, then ``from_saved_model`` with resource
   variables enabled.
 * :func:`check_builtin_ops` fails the export if any custom or Flex op remains.
+* A ``cnn`` encoder also gets the *adapter* signatures (:data:`ADAPTER_SIGNATURES`): a per-user scale and
+  shift of each channel of its last block (after the batch norm, before the ReLU), trained together with
+  the head through the frozen pooling and embedding layer. Their gradients are builtins: the ReLU's is
+  ``dy * mask``, the max over time's ``dy`` at the frames holding the maximum, the mean's ``dy / T`` (TF's
+  own are ``ReluGrad`` and a ``Max`` gradient). ``infer`` goes through the adapter, identity until a device
+  trains it. Older files lack these signatures; the SDK then fine-tunes the head only.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from edge_sdk.wire import ArraySpec, HeadLayout
 log = logging.getLogger("models")
 
 __all__ = ["head_layout", "export_tflite", "check_builtin_ops", "ExportResult", "HEAD_NAMES",
-           "build_trainable_module", "convert_module", "freeze_encoder"]
+           "build_trainable_module", "convert_module", "freeze_encoder", "adapter_split", "AdapterSplit",
+           "BASE_SIGNATURES", "ADAPTER_SIGNATURES"]
 
 HEAD_NAMES = ("w0", "b0", "w1", "b1")
+BASE_SIGNATURES = ("infer", "head", "train", "get_weights", "set_weights")
+ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
 
 
 def head_layout(embedding_dim: int, head_units: int, num_classes: int) -> HeadLayout:
@@ -93,12 +102,97 @@ def _relu_with_builtin_gradient(x):
     return relu(x)
 
 
+def _max_over_time_with_builtin_gradient(x):
+    """``reduce_max(x, axis=1)`` of ``[B, T, C]``; its gradient goes to the frames that hold the maximum."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def max_over_time(x):
+        top = tf.reduce_max(x, axis=1)
+
+        def grad(dy):
+            return dy[:, None, :] * tf.cast(tf.equal(x, top[:, None, :]), x.dtype)
+
+        return top, grad
+
+    return max_over_time(x)
+
+
+def _mean_over_time_with_builtin_gradient(x):
+    """``reduce_mean(x, axis=1)`` of a static ``[B, T, C]``; its gradient is ``dy / T`` on every frame."""
+    import tensorflow as tf
+
+    frames = int(x.shape[1])
+
+    @tf.custom_gradient
+    def mean_over_time(x):
+        def grad(dy):
+            return dy[:, None, :] * tf.fill([1, frames, 1], 1.0 / frames)
+
+        return tf.reduce_mean(x, axis=1), grad
+
+    return mean_over_time(x)
+
+
+@dataclass(frozen=True)
+class AdapterSplit:
+    """A CNN encoder cut after its last block's batch norm: the frozen graph up to there, and the frozen rest
+    (ReLU, mean and max over time, dropout (identity), the embedding layer ``relu(pooled @ kernel + bias)``)."""
+
+    graph_def: object
+    input_name: str
+    output_name: str
+    frames: int  # T' of the cut tensor [1, T', C]
+    channels: int
+    kernel: np.ndarray
+    bias: np.ndarray
+
+
+def adapter_split(encoder, frames: int, n_features: int) -> AdapterSplit | None:
+    """The cut of a ``cnn`` encoder of :func:`models.architectures.build_encoder` with plain mean + max pooling;
+    None for any other encoder (its model gets no adapter signatures, and devices fine-tune the head only)."""
+    import keras
+
+    names = [layer.name for layer in encoder.layers]
+    convs = [n for n in names if n.startswith("conv")]
+    if encoder.name != "cnn_encoder" or not convs or "pool" not in names or "embedding" not in names:
+        return None
+    if type(encoder.get_layer("pool")).__name__ != "Concatenate":  # masked pooling: not supported
+        return None
+    emb_layer = encoder.get_layer("embedding")
+    last_bn = f"bn{len(convs) - 1}"
+    if getattr(emb_layer.activation, "__name__", "") != "relu" or last_bn not in names:
+        return None
+    cut = keras.Model(encoder.inputs, encoder.get_layer(last_bn).output)
+    graph_def, inp, out = freeze_encoder(cut, frames, n_features)
+    shape = cut.output.shape
+    return AdapterSplit(graph_def, inp, out, int(shape[1]), int(shape[2]),
+                        np.asarray(emb_layer.kernel.numpy(), np.float32),
+                        np.asarray(emb_layer.bias.numpy(), np.float32))
+
+
 def _make_module(graph_def, input_name: str, output_name: str, head: dict, frames: int, n_features: int,
-                 num_classes: int, batch: int):
+                 num_classes: int, batch: int, split: AdapterSplit | None = None):
     import tensorflow as tf
 
     emb_dim = head["w0"].shape[0]
     hidden = head["w0"].shape[1]
+    train_specs = [
+        tf.TensorSpec([batch, num_classes], tf.float32, name="targets"),
+        tf.TensorSpec([batch], tf.float32, name="sample_weight"),
+        tf.TensorSpec([batch], tf.float32, name="feedback_sign"),
+        # [1], not a scalar: the aarch64 ai-edge-litert builds crash resizing a 0-d input (issue 13)
+        tf.TensorSpec([1], tf.float32, name="learning_rate"),
+    ]
+
+    def feedback_loss(logits, targets, sample_weight, feedback_sign):
+        logp = tf.nn.log_softmax(logits)
+        cross_entropy = -tf.reduce_sum(targets * logp, axis=1)
+        p_target = tf.reduce_sum(targets * tf.exp(logp), axis=1)
+        complementary = -tf.math.log(1.0 - p_target + 1e-6)
+        positive = 0.5 * (1.0 + feedback_sign)
+        per_sample = positive * cross_entropy + (1.0 - positive) * complementary
+        return tf.reduce_sum(per_sample * sample_weight) / (tf.reduce_sum(sample_weight) + 1e-8)
 
     class TrainableHead(tf.Module):
         def __init__(self):
@@ -112,35 +206,25 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
             h = _relu_with_builtin_gradient(tf.matmul(emb, self.w0) + self.b0)
             return tf.matmul(h, self.w1) + self.b1
 
-        @tf.function(input_signature=[tf.TensorSpec([1, frames, n_features], tf.float32, name="features")])
-        def infer(self, features):
-            emb = tf.graph_util.import_graph_def(
+        def embed(self, features):
+            return tf.graph_util.import_graph_def(
                 graph_def, input_map={input_name: features}, return_elements=[output_name], name="encoder"
             )[0]
+
+        @tf.function(input_signature=[tf.TensorSpec([1, frames, n_features], tf.float32, name="features")])
+        def infer(self, features):
+            emb = self.embed(features)
             return {"probs": tf.nn.softmax(self.logits(emb)), "embedding": emb}
 
         @tf.function(input_signature=[tf.TensorSpec([batch, emb_dim], tf.float32, name="embeddings")])
         def head(self, embeddings):
             return {"probs": tf.nn.softmax(self.logits(embeddings))}
 
-        @tf.function(input_signature=[
-            tf.TensorSpec([batch, emb_dim], tf.float32, name="embeddings"),
-            tf.TensorSpec([batch, num_classes], tf.float32, name="targets"),
-            tf.TensorSpec([batch], tf.float32, name="sample_weight"),
-            tf.TensorSpec([batch], tf.float32, name="feedback_sign"),
-            # [1], not a scalar: the aarch64 ai-edge-litert builds crash resizing a 0-d input (issue 13)
-            tf.TensorSpec([1], tf.float32, name="learning_rate"),
-        ])
+        @tf.function(input_signature=[tf.TensorSpec([batch, emb_dim], tf.float32, name="embeddings"), *train_specs])
         def train(self, embeddings, targets, sample_weight, feedback_sign, learning_rate):
             variables = [self.w0, self.b0, self.w1, self.b1]
             with tf.GradientTape() as tape:
-                logp = tf.nn.log_softmax(self.logits(embeddings))
-                cross_entropy = -tf.reduce_sum(targets * logp, axis=1)
-                p_target = tf.reduce_sum(targets * tf.exp(logp), axis=1)
-                complementary = -tf.math.log(1.0 - p_target + 1e-6)
-                positive = 0.5 * (1.0 + feedback_sign)
-                per_sample = positive * cross_entropy + (1.0 - positive) * complementary
-                loss = tf.reduce_sum(per_sample * sample_weight) / (tf.reduce_sum(sample_weight) + 1e-8)
+                loss = feedback_loss(self.logits(embeddings), targets, sample_weight, feedback_sign)
             grads = tape.gradient(loss, variables)
             step = tf.reshape(learning_rate, [])
             for var, grad in zip(variables, grads, strict=False):
@@ -165,7 +249,78 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
             self.b1.assign(b1)
             return {"ok": tf.constant(1.0)}
 
-    return TrainableHead()
+    if split is None:
+        return TrainableHead()
+
+    cut_frames, channels, max_frames = split.frames, split.channels, frames  # `frames` is a signature below
+    kernel, bias = tf.constant(split.kernel), tf.constant(split.bias)
+
+    class AdaptedHead(TrainableHead):
+        """The head plus a per-user scale and shift of each channel of the encoder's last block (identity at
+        export); ``infer`` goes through them."""
+
+        def __init__(self):
+            super().__init__()
+            self.adapter_scale = tf.Variable(np.ones(channels, np.float32), name="adapter_scale")
+            self.adapter_shift = tf.Variable(np.zeros(channels, np.float32), name="adapter_shift")
+
+        def cut(self, features):
+            return tf.graph_util.import_graph_def(
+                split.graph_def, input_map={split.input_name: features}, return_elements=[split.output_name],
+                name="encoder_frames")[0]
+
+        def adapted_embedding(self, frames_):
+            x = _relu_with_builtin_gradient(frames_ * self.adapter_scale + self.adapter_shift)
+            pooled = tf.concat([_mean_over_time_with_builtin_gradient(x), _max_over_time_with_builtin_gradient(x)],
+                               axis=-1)
+            return _relu_with_builtin_gradient(tf.matmul(pooled, kernel) + bias)
+
+        def embed(self, features):
+            return self.adapted_embedding(self.cut(features))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, max_frames, n_features], tf.float32, name="features")])
+        def infer(self, features):
+            emb = self.embed(features)
+            return {"probs": tf.nn.softmax(self.logits(emb)), "embedding": emb}
+
+        @tf.function(input_signature=[tf.TensorSpec([1, max_frames, n_features], tf.float32, name="features")])
+        def frames(self, features):
+            return {"frames": self.cut(features)}
+
+        @tf.function(input_signature=[tf.TensorSpec([batch, cut_frames, channels], tf.float32, name="frames")])
+        def adapted(self, frames):
+            emb = self.adapted_embedding(frames)
+            return {"probs": tf.nn.softmax(self.logits(emb)), "embedding": emb}
+
+        @tf.function(input_signature=[tf.TensorSpec([batch, cut_frames, channels], tf.float32, name="frames"),
+                                      *train_specs,
+                                      tf.TensorSpec([1], tf.float32, name="adapter_learning_rate")])
+        def adapter_train(self, frames, targets, sample_weight, feedback_sign, learning_rate, adapter_learning_rate):
+            head_vars = [self.w0, self.b0, self.w1, self.b1]
+            adapter_vars = [self.adapter_scale, self.adapter_shift]
+            with tf.GradientTape() as tape:
+                loss = feedback_loss(self.logits(self.adapted_embedding(frames)), targets, sample_weight,
+                                     feedback_sign)
+            grads = tape.gradient(loss, head_vars + adapter_vars)
+            step, adapter_step = tf.reshape(learning_rate, []), tf.reshape(adapter_learning_rate, [])
+            for var, grad in zip(head_vars, grads[:4], strict=True):
+                var.assign_sub(step * grad)
+            for var, grad in zip(adapter_vars, grads[4:], strict=True):
+                var.assign_sub(adapter_step * grad)
+            return {"loss": loss}
+
+        @tf.function(input_signature=[])
+        def get_adapter(self):
+            return {"scale": self.adapter_scale.read_value(), "shift": self.adapter_shift.read_value()}
+
+        @tf.function(input_signature=[tf.TensorSpec([channels], tf.float32, name="scale"),
+                                      tf.TensorSpec([channels], tf.float32, name="shift")])
+        def set_adapter(self, scale, shift):
+            self.adapter_scale.assign(scale)
+            self.adapter_shift.assign(shift)
+            return {"ok": tf.constant(1.0)}
+
+    return AdaptedHead()
 
 
 def freeze_encoder(encoder, frames: int, n_features: int):
@@ -180,19 +335,22 @@ def freeze_encoder(encoder, frames: int, n_features: int):
     return frozen.graph.as_graph_def(), frozen.inputs[0].name, frozen.outputs[0].name
 
 
-def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata):
+def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata, *, adapter: bool = True):
+    """The ``tf.Module`` to convert; with the adapter signatures when ``adapter`` and the encoder allows them."""
     f = metadata.features
     graph_def, inp, out = freeze_encoder(encoder, f.max_frames, f.n_features)
     head = {k: np.asarray(head_weights[k], np.float32) for k in HEAD_NAMES}
+    split = adapter_split(encoder, f.max_frames, f.n_features) if adapter else None
     return _make_module(graph_def, inp, out, head, f.max_frames, f.n_features, metadata.num_classes,
-                        metadata.train_batch_size)
+                        metadata.train_batch_size, split)
 
 
 def convert_module(module) -> bytes:
-    """SavedModel with the five signatures, converted with builtin ops only and checked."""
+    """SavedModel with the five signatures (and the adapter's five when the module has them), converted with
+    builtin ops only and checked."""
     import tensorflow as tf
 
-    names = ("infer", "head", "train", "get_weights", "set_weights")
+    names = BASE_SIGNATURES + (ADAPTER_SIGNATURES if hasattr(module, "adapter_train") else ())
     signatures = {name: getattr(module, name).get_concrete_function() for name in names}
     with tempfile.TemporaryDirectory(prefix="fedser-export-") as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
@@ -205,11 +363,12 @@ def convert_module(module) -> bytes:
 
 
 def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: str | Path,
-                  *, name: str = "model") -> ExportResult:
-    """Write ``<name>.tflite`` and ``<name>.json`` (metadata) into ``out_dir``."""
+                  *, name: str = "model", adapter: bool = True) -> ExportResult:
+    """Write ``<name>.tflite`` and ``<name>.json`` (metadata) into ``out_dir``; ``adapter=False`` leaves the
+    adapter signatures out (the file older SDKs knew)."""
     from edge_sdk.storage import atomic_write
 
-    module = build_trainable_module(encoder, head_weights, metadata)
+    module = build_trainable_module(encoder, head_weights, metadata, adapter=adapter)
     tflite = convert_module(module)
     out_dir = Path(out_dir)
     sha = hashlib.sha256(tflite).hexdigest()

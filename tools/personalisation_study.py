@@ -86,27 +86,29 @@ def user_clips(corpus: str) -> list:
     return [c for c in ravdess_clips(root) if c.speaker in RAVDESS_TEST]
 
 
-def embeddings(corpus: str, clips: list, model_files: tuple[Path, Path], cache: Path) -> tuple[list, np.ndarray]:
-    """(clips kept, their embeddings), cached by the model file's sha256 and the clip list."""
+def embeddings(corpus: str, clips: list, model_files: tuple[Path, Path], cache: Path
+               ) -> tuple[list, np.ndarray, np.ndarray]:
+    """(clips kept, their embeddings, their model inputs), cached by the model files' sha256 and the clip list."""
     from edge_sdk.model import ModelMetadata, TFLiteModel
     from models.evaluate import device_inputs
 
     sha = hashlib.sha256(model_files[0].read_bytes() + model_files[1].read_bytes()).hexdigest()[:16]
     key = hashlib.sha256("\n".join(c.path for c in clips).encode()).hexdigest()[:12]
-    path = cache / f"{corpus}-{sha}-{key}.npz"
+    path = cache / f"{corpus}-{sha}-{key}-features.npz"
     by_path = {c.path: c for c in clips}
     if path.exists():
         data = np.load(path, allow_pickle=False)
-        return [by_path[str(p)] for p in data["paths"]], data["emb"]
+        return [by_path[str(p)] for p in data["paths"]], data["emb"], data["features"]
     meta = ModelMetadata.load(model_files[1])
     model = TFLiteModel(model_files[0], meta)
     kept, inputs, skipped = device_inputs(clips, meta)
     emb = np.stack([model.infer(x)[1] for x in inputs]).astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, paths=np.array([c.path for c in kept]), emb=emb)
+    feats = np.stack(inputs).astype(np.float32)
+    np.savez(path, paths=np.array([c.path for c in kept]), emb=emb, features=feats)
     if skipped:
         print(f"{corpus}: skipped {dict(skipped)}", flush=True)
-    return kept, emb
+    return kept, emb, feats
 
 
 # -- the plain fine-tune, in numpy (the same head: relu(e W0 + b0) W1 + b1) -------------------------
@@ -177,7 +179,7 @@ def run_study(args) -> dict:
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         for corpus in args.corpora.split(","):
-            clips, emb = embeddings(corpus, user_clips(corpus), model_files, args.cache)
+            clips, emb, feats = embeddings(corpus, user_clips(corpus), model_files, args.cache)
             y = np.array([labels.index(c.label) for c in clips])
             pred = np.argmax(softmax(head_logits(global_head, emb)[0]), axis=1)
             per_speaker = min(np.sum([c.speaker == s for c in clips]) for s in {c.speaker for c in clips})
@@ -222,7 +224,7 @@ def run_study(args) -> dict:
                                     probs = softmax(head_logits(global_head, emb[i][None])[0])[0]
                                     dev.store.add_prediction(prediction_id=pid, model_version=0,
                                                              label=labels[pred[i]], probs=probs, embedding=emb[i],
-                                                             features=None, latency_ms=0.0)
+                                                             features=feats[i], latency_ms=0.0)
                                     dev.feedback(pid, k if k != "label" else labels[y[i]])
                                 started = time.perf_counter()
                                 report = dev.personalize()
