@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import secrets
 from pathlib import Path
 
 from flask import Flask, jsonify
@@ -23,7 +22,13 @@ log = logging.getLogger("aggregator")
 
 DEFAULTS = {
     "DATABASE_URL": None,  # default: sqlite:///<instance>/aggregator.db
-    "ADMIN_TOKEN": None,  # default: generated once into <instance>/admin_token (mode 0600)
+    # Secrets several hosts share (aggregator.identity, docs/deploy-multihost.md). With none set, a single host
+    # makes <instance>/server_ed25519.pem and <instance>/admin_token (mode 0600) once; a second host refuses.
+    "ADMIN_TOKEN": None,  # the admin bearer token ...
+    "ADMIN_TOKEN_FILE": None,  # ... or a file holding it
+    "SERVER_KEY_FILE": None,  # the server's Ed25519 signing key: a PEM file (mode 0600/0400) ...
+    "SERVER_KEY": None,  # ... or the PEM itself (or base64 of it)
+    "BLOB_CACHE_BYTES": 32 * 1024 * 1024,  # model files (in the database) each process keeps in memory
     # rounds
     "ROUND_MIN_UPDATES": 2,  # a round closes as soon as it holds this many updates (K)
     "ROUND_DEADLINE_SECONDS": 0.0,  # > 0: a round also closes when this passes and it holds ...
@@ -120,16 +125,16 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     inst.mkdir(parents=True, exist_ok=True)
     if not app.config["DATABASE_URL"]:
         app.config["DATABASE_URL"] = f"sqlite:///{inst / 'aggregator.db'}"
-    if not app.config["ADMIN_TOKEN"]:
-        app.config["ADMIN_TOKEN"] = _load_or_create_secret(inst / "admin_token")
 
-    from aggregator import db
+    from aggregator import db, identity
     from aggregator.registry import BlobStore
-    from edge_sdk.signing import SigningKey
 
-    app.extensions["fedser_server_key"] = SigningKey.load_or_create(inst / "server_ed25519.pem")
-    app.extensions["fedser_blobs"] = BlobStore(inst / "blobs")
     db.init_app(app)
+    engine = app.extensions["fedser_engine"]
+    app.extensions["fedser_server_key"] = identity.server_key(app.config, inst, engine)
+    app.config["ADMIN_TOKEN"] = identity.admin_token(app.config, inst, engine)
+    app.extensions["fedser_blobs"] = BlobStore(engine, cache_bytes=int(app.config["BLOB_CACHE_BYTES"]))
+    _import_legacy_blobs(app.extensions["fedser_blobs"], inst / "blobs")
     if app.config["VALIDATION_MANIFEST"]:
         from aggregator.validation import Validator
 
@@ -164,11 +169,22 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     return app
 
 
-def _load_or_create_secret(path: Path) -> str:
-    from edge_sdk.storage import atomic_write
+def _import_legacy_blobs(store, folder: Path) -> None:
+    """An instance from before the ``blobs`` table: its model files go into the database once.
 
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    atomic_write(path, token.encode(), mode=0o600)
-    return token
+    Idempotent: files already held are skipped, and when every file is in, the folder is renamed
+    ``blobs.imported`` (kept, not deleted: the operator removes it after a backup). A file whose bytes do not
+    match its name stays, and so does the folder, logged at every start.
+    """
+    if not folder.is_dir():
+        return
+    counts = store.import_folder(folder)
+    log.warning("model files of %s moved into the database: %s", folder, counts)
+    if counts["corrupt"]:
+        return
+    try:
+        folder.rename(folder.with_name("blobs.imported"))
+    except FileNotFoundError:  # another process (a job, a second worker) renamed it first
+        pass
+    except OSError as exc:  # blobs.imported exists already (an earlier import): leave this one, nothing lost
+        log.warning("could not rename %s after importing it: %s", folder, exc)

@@ -8,6 +8,7 @@
     fedser-aggregator --instance DIR train-baseline [--architecture cnn] [--epochs 40] [--wait]
     fedser-aggregator --instance DIR jobs | rollback VERSION | revoke DEVICE | status | admin-token
     fedser-aggregator --instance DIR prune [--dry-run] [--refusal-days N] [--update-body-days N] [--blob-days N]
+    fedser-aggregator gen-server-key PATH   (a new signing key for SERVER_KEY_FILE; docs/deploy-multihost.md)
 
 Configuration: ``<instance>/config.json`` and ``FEDSER_*`` environment variables
 (see ``aggregator.DEFAULTS``).
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("device_id")
     sub.add_parser("status", help="print the aggregator's state as JSON")
     sub.add_parser("admin-token", help="print the admin token")
+    gk = sub.add_parser("gen-server-key", help="write a new server signing key (PEM, mode 0600) for SERVER_KEY_FILE "
+                                               "and print its public key; needs no instance or database")
+    gk.add_argument("path", type=Path)
     pr = sub.add_parser("prune", help="apply the retention settings: old refusal audit rows, update bodies of "
                                       "closed rounds, unreferenced model files (prints what it removed as JSON)")
     pr.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
@@ -96,7 +100,15 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    app = app or _app(args.instance, args.database_url)
+    if args.command == "gen-server-key":
+        return _gen_server_key(args.path)
+    from aggregator import ConfigError
+
+    try:
+        app = app or _app(args.instance, args.database_url)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         return _serve(app, args)
     with app.app_context():
@@ -180,6 +192,18 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
         except (FedserError, OSError, JobError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _gen_server_key(path: Path) -> int:
+    from edge_sdk.signing import SigningKey
+
+    if path.exists():
+        print(f"error: {path} exists; a server key is never overwritten (devices pin it)", file=sys.stderr)
+        return 2
+    key = SigningKey.generate()
+    key.save(path)
+    print(json.dumps({"path": str(path), "public_key": key.verify_key.to_b64()}))
     return 0
 
 

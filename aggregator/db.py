@@ -1,6 +1,8 @@
 """Schema and connection lifecycle (SQLAlchemy 2; SQLite WAL by default, PostgreSQL by URL).
 
-All round state lives here, so any worker on any host can take any request.
+All state a request needs lives here (rounds, versions, the model files in ``blobs``), so any worker on any
+host sharing the database can take any request; the signing key and admin token come from configuration
+(``docs/deploy-multihost.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 __all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "RefusalCount", "Job",
-           "init_app", "get_session", "get_read_session", "write_if_free", "make_engine"]
+           "Blob", "SharedSetting", "insert_ignore", "init_app", "get_session", "get_read_session", "write_if_free",
+           "make_engine"]
 
 # Values a client chooses (sequence, example counts) and lifetime counters can pass 2**31-1, PostgreSQL's
 # INTEGER: these columns are 64-bit (SQLite's INTEGER always is). Autoincrement keys stay INTEGER on SQLite,
@@ -149,6 +152,48 @@ class Job(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     report: Mapped[str] = mapped_column(Text, default="")  # JSON
     published_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The host whose process runs the job (its pid means something only there) and the tail of its log,
+    # copied here by the job's process so that any host can show it.
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the job's process is alive
+
+
+class Blob(Base):
+    """A model file (base ``.tflite``, head weights, optimizer state), named by the sha256 of its bytes.
+
+    Immutable once written; ``last_used`` is refreshed whenever a publish writes the same bytes again, so that
+    ``fedser-aggregator prune`` (which removes unreferenced files older than ``RETENTION_BLOB_DAYS``) spares
+    a file a publish in progress is reusing (``aggregator.registry.BlobStore``).
+    """
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInt)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used: Mapped[float] = mapped_column(Float, index=True)
+
+
+class SharedSetting(Base):
+    """Facts every host must agree on, none of them secret: the server's public key (``server_verify_key``),
+    the sha256 of a generated admin token (``admin_token_sha256``). See ``aggregator.identity``."""
+
+    __tablename__ = "shared_settings"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+def insert_ignore(dialect: str, table, **values):
+    """``INSERT ... ON CONFLICT DO NOTHING`` on the table's primary key, on SQLite and PostgreSQL alike
+    (``dialect``: the engine's ``dialect.name``)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).values(**values).on_conflict_do_nothing(
+        index_elements=[c.name for c in table.__table__.primary_key.columns])
 
 
 def make_engine(url: str):

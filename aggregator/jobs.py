@@ -4,7 +4,10 @@
 in its own session (it survives a restart of the web workers). That process
 runs ``fedser-train train`` (on a GPU when TensorFlow sees one), writes its log
 to ``<instance>/jobs/<id>/log.txt``, and on success publishes the model as a
-new base through the validation gate. Job state lives in the database.
+new base through the validation gate. Job state lives in the database, and so
+does the tail of the log (copied every few seconds with a heartbeat), so that
+any host sharing the database shows the job, and only the host that runs it
+judges whether its process is gone.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,13 +46,35 @@ def job_dir(instance_path: str | os.PathLike, job_id: int) -> Path:
     return Path(instance_path) / "jobs" / str(job_id)
 
 
+HEARTBEAT_SECONDS = 10.0  # how often a job's process copies its log tail into the database
+HEARTBEAT_LOST = 120.0  # another host's job with no heartbeat this long is marked failed
+
+
+def host_name() -> str:
+    return socket.gethostname()[:255]
+
+
+def _file_tail(path: Path, max_bytes: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
 def log_tail(instance_path: str | os.PathLike, job_id: int, max_bytes: int = 4000) -> str:
-    path = job_dir(instance_path, job_id) / "log.txt"
-    if not path.exists():
+    """The end of a job's log: from this host's file when the job runs here, else the copy in the database."""
+    text = _file_tail(job_dir(instance_path, job_id) / "log.txt", max_bytes)
+    if text is not None:
+        return text
+    from flask import current_app, has_app_context
+
+    if not has_app_context():
         return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - max_bytes))
-        return f.read().decode(errors="replace")
+    with current_app.extensions["fedser_read_sessionmaker"]() as session:
+        job = session.get(Job, job_id)
+        return (job.log_tail or "")[-max_bytes:] if job is not None else ""
 
 
 def _check(params: dict) -> dict:
@@ -86,6 +113,8 @@ def _child_env(app: Flask) -> dict:
     env = dict(os.environ)
     for key in DEFAULTS:
         value = app.config.get(key)
+        if key == "ADMIN_TOKEN" and app.config.get("ADMIN_TOKEN_FILE"):
+            continue  # the child reads the same file (both set is a configuration error)
         if value is not None:
             env[f"FEDSER_{key}"] = str(value)
     env["FEDSER_INSTANCE_PATH"] = app.instance_path
@@ -94,7 +123,7 @@ def _child_env(app: Flask) -> dict:
 
 def start_job(app: Flask, session, params: dict) -> Job:
     params = _check(params)
-    job = Job(kind="baseline", status="queued", params=json.dumps(params), created_at=time.time())
+    job = Job(kind="baseline", status="queued", params=json.dumps(params), created_at=time.time(), host=host_name())
     session.add(job)
     session.commit()
     folder = job_dir(app.instance_path, job.id)
@@ -118,8 +147,20 @@ def start_job(app: Flask, session, params: dict) -> Job:
 
 
 def reap(session, job: Job) -> None:
-    """Mark a running job whose process has gone (killed, machine restarted) as failed."""
+    """Mark a running job whose process has gone (killed, machine restarted) as failed.
+
+    Its pid means something only on the host that started it; elsewhere, a job whose heartbeat stopped
+    :data:`HEARTBEAT_LOST` seconds ago (its host went down) is marked failed.
+    """
     if job.status not in ("queued", "running") or not job.pid:
+        return
+    if job.host and job.host != host_name():
+        beat = job.heartbeat_at or job.started_at or job.created_at
+        if time.time() - beat < HEARTBEAT_LOST:
+            return
+        job.status, job.finished_at = "failed", time.time()
+        job.detail = job.detail or f"no heartbeat from host {job.host} for {HEARTBEAT_LOST:g} s (host down?)"
+        session.commit()
         return
     try:
         os.kill(job.pid, 0)
@@ -159,9 +200,14 @@ def run_job(job_id: int) -> int:
         if job is None:
             print(f"no job {job_id}", file=sys.stderr)
             return 2
-        job.status, job.started_at, job.pid = "running", time.time(), os.getpid()
+        job.status, job.started_at, job.pid, job.host = "running", time.time(), os.getpid(), host_name()
+        job.heartbeat_at = job.started_at
         session.commit()
         params = json.loads(job.params)
+    log_path = job_dir(app.instance_path, job_id) / "log.txt"
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(maker, job_id, log_path, stop), daemon=True)
+    beat.start()
     out = job_dir(app.instance_path, job_id) / "model"
     argv = _train_argv(params, out)
     print(f"job {job_id}: fedser-train {' '.join(argv)}", flush=True)
@@ -192,13 +238,28 @@ def run_job(job_id: int) -> int:
     except BaseException as exc:  # the job must always record how it ended
         detail = f"{type(exc).__name__}: {exc}"
         log.exception("job %d failed", job_id)
+    print(f"job {job_id}: {status}: {detail}", flush=True)
+    stop.set()
+    beat.join(timeout=30)
     with maker() as session:
         job = session.get(Job, job_id)
         job.status, job.finished_at, job.detail, job.report = status, time.time(), detail[:4000], report
         job.published_version = version
+        job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
         session.commit()
-    print(f"job {job_id}: {status}: {detail}", flush=True)
     return 0 if status == "succeeded" else 1
+
+
+def _heartbeat(maker, job_id: int, log_path: Path, stop: threading.Event) -> None:
+    """Copy the log's tail into the job's row every :data:`HEARTBEAT_SECONDS` until ``stop``."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            with maker() as session:
+                job = session.get(Job, job_id)
+                job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
+                session.commit()
+        except Exception:  # the job goes on; the next beat retries
+            log.exception("job %d: heartbeat failed", job_id)
 
 
 def main(argv: list[str] | None = None) -> int:

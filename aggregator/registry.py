@@ -1,4 +1,4 @@
-"""The model registry: content-addressed files, signed manifests, the current version."""
+"""The model registry: content-addressed files (in the database), signed manifests, the current version."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -18,42 +21,158 @@ from edge_sdk.errors import ModelError
 from edge_sdk.manifest import BlobRef, Manifest, SignedManifest
 from edge_sdk.model import ModelMetadata
 from edge_sdk.signing import SigningKey
-from edge_sdk.storage import atomic_write
 from edge_sdk.wire import pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["BlobStore", "current_version", "lock_rounds", "publish_version", "publish_base", "head_arrays", "blob_url",
-           "rollback_to", "initial_head", "load_manifest"]
+__all__ = ["BlobStore", "MissingBlob", "check_digest", "current_version", "lock_rounds", "publish_version",
+           "publish_base", "head_arrays", "blob_url", "rollback_to", "initial_head", "load_manifest"]
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def blob_url(sha256: str) -> str:
     return f"/api/v1/blobs/{sha256}"
 
 
+class MissingBlob(FileNotFoundError):
+    """No model file with that sha256 in the store."""
+
+
+def check_digest(sha256: str) -> str:
+    """``sha256`` if it is 64 lowercase hex digits, else ValueError."""
+    if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
+        raise ValueError(f"not a sha256 hex digest: {str(sha256)[:80]!r}")
+    return sha256
+
+
 class BlobStore:
-    """Files named by their sha256 under ``root/ab/abcdef...``; writes are atomic and idempotent."""
+    """Model files in the database's ``blobs`` table, named by the sha256 of their bytes.
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    Every host sharing the database reads every file, so a version published through one host is served by
+    all. Writes are idempotent and race-free across hosts (``INSERT ... ON CONFLICT DO NOTHING``); a write of
+    bytes already held refreshes their ``last_used``, so that prune (which spares files used recently) does
+    not delete a file a publish is reusing. Files are immutable, so each process keeps the ones it read
+    lately in a small LRU (``cache_bytes`` in all; 0: none), a cache that is never stale.
 
-    def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-        return self.root / sha256[:2] / sha256
+    ``put``/``get`` take the caller's session when there is one: a publish writes its files in its own
+    transaction (a crash before the commit leaves nothing; on SQLite a second connection could not write
+    while that transaction holds the lock). Without one they use their own short transaction; reads without
+    a session go through a read-only connection (on SQLite: no write lock, so a close may read while it writes).
+    """
 
-    def put(self, data: bytes) -> BlobRef:
+    def __init__(self, engine, *, cache_bytes: int = 32 * 1024 * 1024) -> None:
+        from aggregator.db import READ_ONLY
+
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._read_engine = engine.execution_options(**{READ_ONLY: True})
+        self.cache_bytes = max(0, int(cache_bytes))
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, session: Session | None = None) -> BlobRef:
+        data = bytes(data)
         sha = hashlib.sha256(data).hexdigest()
-        path = self.path(sha)
-        try:  # a hit: refresh its mtime, so that prune (which spares recent files) doesn't take a reused blob
-            os.utime(path)
-        except FileNotFoundError:
-            atomic_write(path, data)
+        if session is None:
+            with self.engine.begin() as conn:
+                self._put(conn, sha, data)
+        else:
+            self._put(session, sha, data)
         return BlobRef(sha, len(data), blob_url(sha))
 
-    def get(self, sha256: str) -> bytes:
-        return self.path(sha256).read_bytes()
+    def _put(self, conn, sha: str, data: bytes) -> None:
+        from aggregator.db import Blob, insert_ignore
+
+        now = time.time()
+        # A hit sends no bytes: refresh its last_used (and, on PostgreSQL, hold its row until this commits, so a
+        # concurrent prune that has not yet deleted it waits and then sees it fresh).
+        hit = conn.execute(update(Blob).where(Blob.sha256 == sha).values(last_used=now)
+                           .execution_options(synchronize_session=False)).rowcount
+        if not hit:  # a concurrent put of the same bytes (another host) may insert first: then nothing happens
+            conn.execute(insert_ignore(self.dialect, Blob, sha256=sha, size=len(data), data=data, created_at=now,
+                                       last_used=now))
+
+    def get(self, sha256: str, session: Session | None = None) -> bytes:
+        """The file's bytes; ValueError for a malformed digest, :class:`MissingBlob` when there is none."""
+        from aggregator.db import Blob
+
+        check_digest(sha256)
+        with self._lock:
+            data = self._cache.get(sha256)
+            if data is not None:
+                self._cache.move_to_end(sha256)
+                return data
+        stmt = select(Blob.data).where(Blob.sha256 == sha256)
+        if session is not None:
+            data = session.scalar(stmt)
+        else:
+            with self._read_engine.connect() as conn:
+                data = conn.scalar(stmt)
+        if data is None:
+            raise MissingBlob(f"no model file with sha256 {sha256}")
+        data = bytes(data)
+        self._remember(sha256, data)
+        return data
+
+    def exists(self, sha256: str, session: Session | None = None) -> bool:
+        from aggregator.db import Blob
+
+        check_digest(sha256)
+        if sha256 in self._cache:
+            return True
+        stmt = select(Blob.size).where(Blob.sha256 == sha256)
+        if session is not None:
+            return session.scalar(stmt) is not None
+        with self._read_engine.connect() as conn:
+            return conn.scalar(stmt) is not None
+
+    def _remember(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.cache_bytes // 4:
+            return
+        with self._lock:
+            if sha256 in self._cache:
+                return
+            self._cache[sha256] = data
+            self._cached += len(data)
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
+    def forget(self, sha256: str) -> None:
+        """Drop a file from this process's cache (prune deleted it)."""
+        with self._lock:
+            data = self._cache.pop(sha256, None)
+            if data is not None:
+                self._cached -= len(data)
+
+    def import_folder(self, root: str | os.PathLike) -> dict:
+        """Move the files of an older release's on-disk store (``root/ab/abcdef...``) into the database.
+
+        Idempotent (a file already held is skipped; two processes may run it at once). A file whose bytes
+        do not hash to its name is not imported (and logged); each keeps its file time as ``created_at``.
+        Returns counts: imported, already held, corrupt. The folder itself is left for the caller.
+        """
+        from aggregator.db import Blob, insert_ignore
+
+        counts = {"imported": 0, "present": 0, "corrupt": 0}
+        for path in sorted(Path(root).glob("??/*")):
+            if not _HEX64.fullmatch(path.name) or path.parent.name != path.name[:2] or not path.is_file():
+                continue  # a temporary file of a write that never finished
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != path.name:
+                counts["corrupt"] += 1
+                log.error("model file %s does not hash to its name: not imported (left on disk)", path)
+                continue
+            mtime = path.stat().st_mtime
+            with self.engine.begin() as conn:
+                done = conn.execute(insert_ignore(self.dialect, Blob, sha256=path.name, size=len(data), data=data,
+                                                  created_at=mtime, last_used=mtime)
+                                    .returning(Blob.sha256)).first() is not None
+            counts["imported" if done else "present"] += 1
+        return counts
 
 
 ROUNDS_LOCK_KEY = 0x66656473  # "feds": the PostgreSQL advisory lock that serialises publishing and round opening
@@ -101,8 +220,8 @@ def publish_version(
     so they are kept on record, counted in the round row, and never aggregated; their devices pull the new
     version and send a new update for it. At most one round is open at any time.
 
-    Runs inside the caller's transaction: nothing is visible until it commits,
-    and a crash before the commit leaves at most an unreferenced blob.
+    Runs inside the caller's transaction, its model files included: nothing is visible until it commits,
+    and a crash before the commit leaves nothing behind.
     """
     lock_rounds(session)
     now = time.time()
@@ -115,7 +234,7 @@ def publish_version(
         rnd.note = (f"superseded: a new version was published ({note or 'round close'}) while this round was "
                     f"open; its {count} updates were not aggregated")[:500]
         log.warning("round %d superseded with %d updates by a new version (%s)", rnd.id, count, note)
-    head_ref = blobs.put(pack_arrays(metadata.head_layout, head))
+    head_ref = blobs.put(pack_arrays(metadata.head_layout, head), session)
     latest = session.scalars(select(ModelVersion.version).order_by(ModelVersion.version.desc())).first()
     version = (latest or 0) + 1
     manifest = Manifest(version=version, base=base, head=head_ref, metadata=metadata,
@@ -155,7 +274,7 @@ def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: by
                  validation: dict | None = None, note: str = "") -> Manifest:
     """Publish a new base model; its initial head is read from the file through ``get_weights``."""
     head = initial_head(tflite, metadata)
-    base = blobs.put(tflite)
+    base = blobs.put(tflite, session)
     parent = current_version(session)
     metrics = dict(metrics or metadata.extra.get("test", {}))
     if validation:

@@ -7,9 +7,9 @@ Three things grow with use and are not needed forever:
 * bodies of accepted updates (about 80 KB each) of rounds that closed, were rejected or were superseded more than
   ``RETENTION_UPDATE_BODY_DAYS`` ago: the body is emptied, the row (who sent what, when, its norm and
   sequence, which keeps replays out) stays;
-* model files in the blob store that no version references (base, head, optimizer state, anything in
-  a signed manifest), written more than ``RETENTION_BLOB_DAYS`` ago (the age keeps a publish in progress,
-  which writes its files before its row, safe).
+* model files (the ``blobs`` table) that no version references (base, head, optimizer state, anything in
+  a signed manifest), last written more than ``RETENTION_BLOB_DAYS`` ago (the age keeps a publish in
+  progress on any host, which writes its files before its row commits, safe).
 
 A setting of 0 keeps that kind forever. Nothing here runs by itself: schedule ``fedser-aggregator
 prune`` (cron, a systemd timer) as often as suits.
@@ -22,12 +22,11 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from aggregator.db import ModelVersion, Refusal, Round, Update
+from aggregator.db import Blob, ModelVersion, Refusal, Round, Update
 from aggregator.registry import BlobStore
 
 __all__ = ["RetentionPolicy", "PruneReport", "prune"]
@@ -146,19 +145,25 @@ def _digests(obj, out: set[str]) -> None:
 
 
 def _prune_blobs(session: Session, blobs: BlobStore, cutoff: float, dry_run: bool) -> tuple[int, int]:
+    """Delete the unreferenced files last written before ``cutoff`` from the ``blobs`` table, a batch at a time.
+
+    Reads digests and sizes only (never the bytes). The delete checks the age again, so a file a publish
+    refreshed meanwhile (``BlobStore.put`` of the same bytes, on any host) stays.
+    """
     keep = referenced_blobs(session)
+    rows = session.execute(select(Blob.sha256, Blob.size).where(Blob.last_used < cutoff)).all()
+    session.commit()  # SQLite: no transaction (and its write lock) held between the read and the deletes
+    gone = [(sha, int(size)) for sha, size in rows if sha not in keep]
+    if dry_run:
+        return len(gone), sum(size for _, size in gone)
     count = freed = 0
-    for path in Path(blobs.root).glob("??/*"):
-        if not _HEX64.fullmatch(path.name) or path.name in keep or path.parent.name != path.name[:2]:
-            continue  # not a blob (a temporary file of a write in progress) or still referenced
-        try:
-            st = path.stat()
-            if st.st_mtime >= cutoff:
-                continue
-            if not dry_run:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-        count += 1
-        freed += st.st_size
+    for i in range(0, len(gone), 500):
+        shas = [sha for sha, _ in gone[i:i + 500]]
+        deleted = session.execute(delete(Blob).where(Blob.sha256.in_(shas), Blob.last_used < cutoff)
+                                  .returning(Blob.sha256, Blob.size)).all()
+        session.commit()
+        for sha, size in deleted:
+            blobs.forget(sha)
+            count += 1
+            freed += int(size)
     return count, freed

@@ -230,7 +230,7 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
             session.commit()
             log.warning("round %d rejected by the validation gate: %s", round_id, rnd.note)
             return CloseResult(round_id, True, rnd.note, num_updates, examples, None, True, validation)
-    state_sha = blobs.put(pack_arrays(opt_layout, new_state)).sha256 if opt_layout is not None else None
+    state_sha = blobs.put(pack_arrays(opt_layout, new_state), session).sha256 if opt_layout is not None else None
     metrics = {"round_updates": num_updates, "round_examples": examples, "aggregation": policy.describe(),
                "capped_counts": capped, "clipped_updates": agg.clipped,
                "base_test": manifest.metrics.get("base_test") or {

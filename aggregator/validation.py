@@ -4,8 +4,10 @@ Configured with ``VALIDATION_MANIFEST`` (a CSV ``path,speaker,label``, the
 same format as ``fedser-train``'s manifest) and ``VALIDATION_MARGIN``. The
 encoder of a base is frozen, so the embeddings of the validation clips are
 computed once per base (device features, TFLite ``infer``) and cached in
-``<instance>/validation/`` as ``.npz`` (no pickle); judging a round's
-candidate head then takes milliseconds. A candidate whose UAR is more than the
+``<instance>/validation/`` as ``.npz`` (no pickle): a cache each host builds
+for itself from the model files in the database and the validation clips
+(which every host that may close a round mounts at the same path); judging a
+round's candidate head then takes milliseconds. A candidate whose UAR is more than the
 margin below the current version's is refused, with both figures in the reason.
 """
 

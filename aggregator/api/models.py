@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 from flask import Blueprint, Response, g, request, send_file
 
 from aggregator.api import API_PREFIX, blobs, device_required, path_int, refuse
 from aggregator.db import ModelVersion, get_read_session
-from aggregator.registry import current_version
+from aggregator.registry import MissingBlob, current_version
 
 bp = Blueprint("models", __name__, url_prefix=API_PREFIX)
 MAX_IF_NONE_MATCH = 1024
@@ -59,12 +60,18 @@ def manifest_version(version: int):
 @bp.get("/blobs/<sha256>")
 @device_required
 def blob(sha256: str):
+    """A model file from the database (any host serves any file), with ETag, conditional GET and Range.
+
+    The file is read whole (a base is under a megabyte, a head 80 KB; uploads are bounded by
+    MAX_CONTENT_LENGTH) and streamed from memory; recently read files come from the process's LRU.
+    """
     try:
-        path = blobs().path(sha256)
+        data = blobs().get(sha256, session=get_read_session())
     except ValueError as exc:
         return _refuse(400, "bad_digest", str(exc)[:200])
-    if not path.exists():
+    except MissingBlob:
         return _refuse(404, "unknown_blob", f"no file with sha256 {sha256}")
-    resp = send_file(path, mimetype="application/octet-stream", etag=sha256, max_age=31536000)
+    resp = send_file(io.BytesIO(data), mimetype="application/octet-stream", etag=sha256, max_age=31536000,
+                     conditional=True)
     resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"  # behind device authentication
     return resp

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 
 from aggregator import create_app
-from aggregator.db import Refusal, RefusalCount, Round, Update
+from aggregator.db import Blob, Refusal, RefusalCount, Round, Update
 from edge_sdk.model import ModelMetadata
 from edge_sdk.signing import SigningKey
 from tests.conftest import signed_update
@@ -62,21 +62,20 @@ def test_prune_applies_the_retention_settings(tmp_path, database_url):
     counts_before = client.get("/api/v1/admin/status", headers=auth).json["refusals"]
     assert counts_before == {"unknown_device": 4}
 
-    blobs = instance / "blobs"
     orphan_old, orphan_new = app.extensions["fedser_blobs"].put(b"old orphan"), app.extensions["fedser_blobs"].put(
         b"new orphan")
     now = time.time()
     old = now - 30 * DAY
-    for path in blobs.glob("??/*"):  # every file old, the referenced ones included
-        os.utime(path, (old, old))
-    os.utime(blobs / orphan_new.sha256[:2] / orphan_new.sha256, (now, now))
     session = app.extensions["fedser_sessionmaker"]()
+    session.execute(update(Blob).values(last_used=old))  # every file old, the referenced ones included
+    session.execute(update(Blob).where(Blob.sha256 == orphan_new.sha256).values(last_used=now))
     session.execute(update(Refusal).where(Refusal.id.in_(select(Refusal.id).limit(3))).values(at=now - 40 * DAY))
     session.execute(update(Round).where(Round.status == "closed").values(closed_at=now - 10 * DAY))
     session.commit()
     body_bytes = session.scalar(select(func.length(Update.body)).limit(1))
     session.commit()  # SQLite: no transaction (and its write lock) open while the CLI runs
-    referenced = sorted(p.name for p in blobs.glob("??/*") if p.name not in (orphan_old.sha256, orphan_new.sha256))
+    referenced = sorted(set(session.scalars(select(Blob.sha256))) - {orphan_old.sha256, orphan_new.sha256})
+    session.commit()
 
     dry = _prune(instance, url, "--dry-run")
     assert dry == {"refusals_deleted": 3, "update_bodies_emptied": 2, "update_body_bytes_freed": 2 * body_bytes,
@@ -91,10 +90,10 @@ def test_prune_applies_the_retention_settings(tmp_path, database_url):
     assert session.scalar(select(func.count()).select_from(Refusal)) == 1
     assert session.scalar(select(func.sum(RefusalCount.count))) == 4  # the metric keeps every refusal
     bodies = dict(session.execute(select(Update.device_id, func.length(Update.body))).all())
+    left = sorted(session.scalars(select(Blob.sha256)))
     session.close()
     assert client.get("/api/v1/admin/status", headers=auth).json["refusals"] == counts_before
     assert bodies == {devices[0][0]: 0, devices[1][0]: 0, dev3: body_bytes}  # the open round's update kept
-    left = sorted(p.name for p in blobs.glob("??/*"))
     assert orphan_old.sha256 not in left and orphan_new.sha256 in left
     assert set(referenced) <= set(left)
     # The service goes on: a replay of a pruned update is still refused by its sequence, the open round closes.
