@@ -411,8 +411,9 @@ class Simulation:
                   "best_round": max(self.history, key=lambda h: h["global"]["uar"])["round"],
                   "personalisation": personal, "timing": asdict(self.timing),
                   "devices": {"senders": len(senders), "test": len(sims) - len(senders),
-                              "attackers": sorted(attackers), "sending": sorted(s.name for s in senders)},
-                  "device_speakers": sorted(on_devices), "test_speakers": test_speakers,
+                              "attackers": sorted(attackers)},
+                  "sending_devices": sorted(s.name for s in senders), "device_speakers": sorted(on_devices),
+                  "test_speakers": test_speakers,
                   "test_clips": len(test_y), "base_model": _dataset(model_dir)}
         write_report(report, self.out)
         return report

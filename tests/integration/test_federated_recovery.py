@@ -62,10 +62,10 @@ def test_recovery_suite_runs_end_to_end_and_test_speakers_never_act_as_devices(t
         run = json.loads((out / "head-only-FedAvg" / f"seed-{seed}" / "report.json").read_text())
         assert run["config"]["scenario"] == "recovery" and run["config"]["seed"] == seed
         # every device is a non-test nEMO speaker, and every one of them sent an update in round 1
-        assert run["devices"]["sending"] == [f"nemo-{s}" for s in DEVICE_SPEAKERS] and run["devices"]["test"] == 0
+        assert run["sending_devices"] == [f"nemo-{s}" for s in DEVICE_SPEAKERS] and run["devices"]["test"] == 0
         assert run["history"][1]["updates"] == len(DEVICE_SPEAKERS) and run["history"][1]["version"] == 2
         devices = {d["device"] for d in run["personalisation"]["per_device"]}
-        assert devices == set(run["devices"]["sending"])
+        assert devices == set(run["sending_devices"])
         assert not set(run["test_speakers"]) & set(run["device_speakers"])
         # the devices' own state folders: one per device speaker, none for a test speaker
         assert sorted(p.name for p in (out / "head-only-FedAvg" / f"seed-{seed}" / "devices").iterdir()) == \
