@@ -621,14 +621,16 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
     better = sum(d["personal"] > d["global"] for d in devices)
     worse = sum(d["personal"] < d["global"] for d in devices)
     kept = sum(d["personalized"] for d in devices)
+    p = float(np.mean([d["personal"] for d in devices]))
+    se = 100 * np.sqrt(p * (1 - p) / max(1, n_eval))
     paragraphs = [
         f"What these numbers are: one run (seed {args.seed}, one answer order) with simulated users: thumbs-up when "
         f"the model is right; when it is wrong the right label, or with probability {args.down_rate:.0%} a bare "
         f"thumbs-down; {args.wrong_rate:.0%} of answers mistaken. {answers} answers in all, over {args.rounds} rounds.",
         f"Held-out new users: {after['n']} clips of {len(after_spk)} speakers who never took part; per speaker the "
         f"global UAR moved {min(moved):+.1f} to {max(moved):+.1f} points. With three speakers that is an indication, "
-        "not a measurement with a standard error: the federated recovery scenario (tools/simulate.py) runs more "
-        "rounds and seeds.",
+        "not a measurement with a standard error: the federated recovery scenario (python -m tools.simulate "
+        "--scenario recovery) runs more rounds and seeds.",
     ]
     if rav is not None:
         paragraphs.append(
@@ -636,8 +638,8 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
             "rounds on the new population only, so nothing here stops the shared model drifting away from the "
             "population it was trained on.")
     paragraphs.append(
-        f"Devices: {n_eval} clips each (one clip is {100 / max(1, n_eval):.1f} points; a difference under about 15 "
-        "points on one device is within sampling noise). 'base' is the model before any answer; 'global' the final "
+        f"Devices: {n_eval} clips each (one clip is {100 / max(1, n_eval):.1f} points; the standard error of one "
+        f"device's accuracy is about {se:.0f} points). 'base' is the model before any answer; 'global' the final "
         "shared model, which learned from these same devices' answers (so it is not a held-out figure for them); "
         f"'personal' what the device serves. The on-device guard kept a personal head on {kept} of {len(devices)} "
         f"devices; it beat the global model on {better} and fell below it on {worse} of them: the guard judges by "
