@@ -173,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             print("[corpora] without nEMO the demo tells the in-corpus story: devices are held-out RAVDESS actors "
                   "(people like the training speakers), not a new population")
         if ravdess is None:
-            if not args.synthetic:  # nothing found (rather than asked for): where each corpus comes from
+            if not args.synthetic and nemo is None:  # nothing found (rather than asked for): where corpora come from
                 from models.datasets import corpus_guidance
 
                 print(corpus_guidance(), file=sys.stderr, flush=True)
-            print("[corpora] no corpus: this run uses SYNTHETIC tones; its figures show that every part runs end "
-                  "to end and say nothing about recognising emotions or about people unlike the training set",
-                  flush=True)
+            print(f"[corpora] {'no corpus' if nemo is None else 'no RAVDESS'}: this run uses SYNTHETIC tones; its "
+                  "figures show that every part runs end to end and say nothing about recognising emotions or about "
+                  "people unlike the training set", flush=True)
             args.synthetic = True
         else:
             args.data = str(ravdess)
@@ -641,10 +641,12 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
         f"Devices: {n_eval} clips each (one clip is {100 / max(1, n_eval):.1f} points; the standard error of one "
         f"device's accuracy is about {se:.0f} points). 'base' is the model before any answer; 'global' the final "
         "shared model, which learned from these same devices' answers (so it is not a held-out figure for them); "
-        f"'personal' what the device serves. The on-device guard kept a personal head on {kept} of {len(devices)} "
-        f"devices; it beat the global model on {better} and fell below it on {worse} of them: the guard judges by "
-        "cross-validation on the user's own answers, bare thumbs-down and mistaken ones included, and that does not "
-        "always carry over to new clips.")
+        "'personal' what the device serves. "
+        + (f"The on-device guard kept a personal head on {kept} of {len(devices)} devices; it beat the global model "
+           f"on {better} and fell below it on {worse} of them: the guard judges by cross-validation on the user's own "
+           "answers, bare thumbs-down and mistaken ones included, and that does not always carry over to new clips."
+           if kept else "The on-device guard kept no personal head: every device serves the global model (its "
+           "cross-validation on the user's answers did not show a fit better by about a standard error)."))
     return "\n".join(textwrap.fill(p, 116, initial_indent="      ", subsequent_indent="      ") for p in paragraphs)
 
 
