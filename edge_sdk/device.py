@@ -108,16 +108,28 @@ class TrainPolicy:
     # answers right than the global head (about a standard error: with 5 answers, 2 more right; with 20, 3 more).
     guard_margin: float = 0.5
     # Also train the model's adapter (a per-user scale and shift of each channel of the encoder's last block,
-    # models/export.py) together with the head, from the answers' stored features. With guard_folds it is one
-    # more cross-validated candidate, kept when it shows adapter_margin more of the answers right than the best
-    # head-only fit. A model without the adapter signatures, or answers stored without features: head only.
+    # models/export.py) together with the head, from the answers' stored features (without the replay set, which
+    # holds embeddings). With guard_folds it takes the place of the fit without the replay set (the same cost)
+    # and is kept when it shows adapter_margin more of the answers right than the head-only fit. A model without
+    # the adapter signatures, or answers stored without features: head only, as without this option.
     adapter: bool = False
     adapter_learning_rate: float = 0.05
-    adapter_margin: float = 0.0
+    adapter_margin: float = 0.1
+    # How guard_margin is scaled (accuracy guard, guard_folds): "answers", at least guard_margin * sqrt(n) more
+    # of the n answers shown right; "paired", at least guard_margin * sqrt(d) more, d the answers on which the
+    # fit and the global head disagree (a sign test: fewer answers in doubt, less to prove).
+    guard_test: str = "answers"
+    # What a bare thumbs-down whose rejected label is no longer chosen counts for in the accuracy guard (1: shown
+    # right; 1 / (classes - 1): the chance that the new label is the right one when nothing else is known).
+    down_credit: float = 1.0
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
             raise ParameterError(f"TrainPolicy.guard must be 'accuracy' or 'loss', got {self.guard!r}")
+        if self.guard_test not in ("answers", "paired"):
+            raise ParameterError(f"TrainPolicy.guard_test must be 'answers' or 'paired', got {self.guard_test!r}")
+        if not 0.0 <= self.down_credit <= 1.0:
+            raise ParameterError(f"TrainPolicy.down_credit must be within 0..1, got {self.down_credit!r}")
 
 
 @dataclass(frozen=True)
@@ -715,13 +727,14 @@ class Device:
                     w = np.concatenate([w, np.full(len(pick), share, np.float32)])
                 model.train_step(x, t, s, w, learning_rate=policy.learning_rate)
 
-    def _shown_right(self, examples: list[FeedbackExample]) -> np.ndarray:
+    def _shown_right(self, examples: list[FeedbackExample], down_credit: float = 1.0) -> np.ndarray:
         """Per answer, 1.0 where the head in the model now shows what the user said was right: the confirmed or
-        corrected label for a thumbs-up or a correction; anything but the rejected label for a bare thumbs-down."""
+        corrected label for a thumbs-up or a correction; for a bare thumbs-down, ``down_credit`` when anything but
+        the rejected label is chosen."""
         _, targets, sign = self._arrays(examples)
         chosen = np.argmax(self._probs(examples), axis=1)
         hit = targets[np.arange(len(examples)), chosen] > 0
-        return np.where(sign > 0, hit, ~hit).astype(np.float64)
+        return np.where(sign > 0, hit, (~hit) * down_credit).astype(np.float64)
 
     def _measure(self, examples: list[FeedbackExample], policy: TrainPolicy) -> float:
         """The guard's measure of the head in the model on ``examples``; higher is better."""
@@ -819,27 +832,28 @@ class Device:
         loss_before = self._loss(examples)
         global_right = self._shown_right(examples)
         before = -loss_before if policy.guard == "loss" else float(np.mean(global_right))
-        candidates = [replace(policy, adapter=False)]
-        if policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
-            candidates.append(replace(policy, adapter=False, replay_weight=0.0))
-        with_adapter = bool(policy.adapter and getattr(self._local, "frames", None))
-        if with_adapter:
+        # The second candidate: the fit with the adapter when the policy asks and the model and answers allow it,
+        # else (adaptive_replay) the head-only fit without the replay set; it is kept when it shows its margin
+        # more of the answers right than the first.
+        candidates, margin = [replace(policy, adapter=False)], 0.0
+        if policy.adapter and getattr(self._local, "frames", None):
             candidates.append(policy)
+            margin = policy.adapter_margin
+        elif policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
+            candidates.append(replace(policy, adapter=False, replay_weight=0.0))
+            margin = policy.replay_margin
         scores, losses, rights = [], [], []
         for cand in candidates:
             right, loss = np.zeros(len(examples)), np.zeros(len(examples))
             for f in range(folds):
                 held = [e for e, k in zip(examples, fold_of, strict=True) if k == f]
                 self._fit(model, [e for e, k in zip(examples, fold_of, strict=True) if k != f], cand)
-                right[fold_of == f] = self._shown_right(held)
+                right[fold_of == f] = self._shown_right(held, policy.down_credit)
                 loss[fold_of == f] = self._loss(held)
             rights.append(right)
             losses.append(float(np.mean(loss)))
             scores.append(-losses[-1] if policy.guard == "loss" else float(np.mean(right)))
-        best = 1 if len(scores) > 1 and not candidates[1].adapter and scores[1] >= scores[0] + policy.replay_margin \
-            else 0
-        if with_adapter and scores[-1] >= scores[best] + policy.adapter_margin:
-            best = len(candidates) - 1
+        best = 1 if len(scores) > 1 and scores[1] >= scores[0] + margin else 0
         after = scores[best]
         report = TrainReport("kept", examples=len(examples), held_back=0, loss_before=loss_before,
                              loss_after=losses[best], guard=f"{policy.guard}, {folds}-fold"
@@ -847,11 +861,17 @@ class Device:
                                 else ", without the replay set" if best else ""))
         if policy.guard == "accuracy":
             report.score_before, report.score_after = before, after
-        needed = policy.guard_margin / np.sqrt(len(examples)) if policy.guard == "accuracy" else 0.0
+        needed = 0.0
+        if policy.guard == "accuracy" and policy.guard_test == "paired":
+            disagree = float(np.sum((rights[best] - global_right) ** 2))  # global_right: 0 for every thumbs-down
+            needed = policy.guard_margin * np.sqrt(max(disagree, 1.0)) / len(examples)
+        elif policy.guard == "accuracy":
+            needed = policy.guard_margin / np.sqrt(len(examples))
         if after < before - policy.tolerance + needed:
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
-                else f"cross-validated answers not better by {policy.guard_margin} x sqrt(answers)")
+                else f"cross-validated answers not better by {policy.guard_margin} x sqrt("
+                + ("answers in dispute)" if policy.guard_test == "paired" else "answers)"))
         else:
             self._fit(model, examples, candidates[best])
         # The answer report of the next update (edge_sdk.report): answers that name the right label, scored out of

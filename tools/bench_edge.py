@@ -1,12 +1,16 @@
 """Edge benchmarks: the device path (numpy features + TFLite) against the naive one (librosa + Keras).
 
     taskset -c 0 python -m tools.bench_edge [--clip FILE] [--out bench-edge.json]
+    taskset -c 0 python -m tools.bench_edge --only personalise [--model DIR]   # the personalisation times only
 
 Prints, for the bundled model on one core:
   * process start to the first prediction of a 3 s clip (a fresh interpreter, as `fedser-edge classify`);
   * peak RSS of `fedser-edge listen` on a stream (the clip played through the listener);
   * features + inference of a 3 s utterance (median of repeated runs);
   * fine-tuning the head on 500 feedback items for 10 epochs;
+  * one personalisation (``Device.personalize``: cross-validated guard, then the kept fit) after 5, 20 and 40
+    answers with stored features, with the default ``TrainPolicy`` and with ``adapter=True`` (models with the
+    adapter signatures);
 and the same steps on the naive path (librosa MFCC/log-mel + a Keras model of the same architecture,
 ``model.predict``), as ratios measured in the same run. A Raspberry Pi 4 core is roughly 6x slower than
 this machine's, so multiply the absolute times by about 6 for a Pi.
@@ -90,12 +94,56 @@ def _median_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3) -> list[dict]:
+    """Seconds of one ``Device.personalize`` after ``n`` answers (half corrections), features of real-sized
+    noise stored with each prediction, for the default policy and ``adapter=True``; median of ``repeat``."""
+    from edge_sdk.device import Device, TrainPolicy
+
+    files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, policy in (("default", TrainPolicy()), ("adapter", TrainPolicy(adapter=True))):
+            for n in answers:
+                secs, status = [], ""
+                for r in range(repeat):
+                    dev = Device(Path(tmp) / f"{name}-{n}-{r}", model_files=files)
+                    if name == "adapter" and not dev.model.has_adapter:
+                        status = "no adapter signatures: head only"
+                    rng = np.random.default_rng(r)
+                    labels = list(dev.metadata.labels)
+                    for i in range(n):
+                        x = rng.normal(size=dev.model.input_shape[1:]).astype(np.float32)
+                        probs, emb = dev.model.infer(x)
+                        pid = f"p{i}"
+                        dev.store.add_prediction(prediction_id=pid, model_version=0, label=labels[int(probs.argmax())],
+                                                 probs=probs, embedding=emb, features=x, latency_ms=1.0)
+                        dev.feedback(pid, "up" if i % 2 else labels[i % len(labels)])
+                    t0 = time.perf_counter()
+                    rep = dev.personalize(policy)
+                    secs.append(time.perf_counter() - t0)
+                    status = status or rep.status
+                    dev.store.close()
+                rows.append({"policy": name, "answers": n, "seconds": statistics.median(secs), "status": status})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_edge", description=__doc__.split("\n")[0])
     parser.add_argument("--clip", type=Path, default=None, help="a ~3 s speech clip (default: a RAVDESS clip)")
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("bench-edge.json"))
+    parser.add_argument("--only", choices=("all", "personalise"), default="all")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="for --only personalise: a folder with model.tflite + model.json (default: bundled)")
     args = parser.parse_args(argv)
+    if args.only == "personalise":
+        times = personalisation_times(args.model)
+        print("| policy | answers | personalise s (median of 3) | status |")
+        print("| --- | --- | --- | --- |")
+        for row in times:
+            print(f"| {row['policy']} | {row['answers']} | {row['seconds']:.3f} | {row['status']} |")
+        args.out.write_text(json.dumps({"personalise": times}, indent=2))
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from edge_sdk.audio import load_audio
     from edge_sdk.device import Device, TrainPolicy

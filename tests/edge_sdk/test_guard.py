@@ -167,3 +167,35 @@ def test_cross_validated_guard_wants_a_margin_of_answers_before_it_keeps_a_fit(t
 def test_unknown_guard_is_refused():
     with pytest.raises(ParameterError, match="guard"):
         TrainPolicy(guard="vibes")
+
+
+def test_paired_guard_test_counts_only_the_answers_in_dispute(tmp_path, trained_model):
+    """guard_test="paired": the margin scales with the answers on which the fit and the global head disagree.
+    Five corrections (u is happy, not angry) the fit gets right and the global head wrong, fifteen thumbs-up
+    (v is angry) that both show right: 5 more right of 20 is below 1.5 * sqrt(20) = 6.7, above 1.5 * sqrt(5)."""
+    for test, status in (("answers", "discarded"), ("paired", "kept")):
+        dev = _device(tmp_path / test, trained_model,
+                      TrainPolicy(**{**POLICY, "guard_folds": 5, "guard_margin": 1.5, "guard_test": test}))
+        u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
+        u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0  # shown angry; a dimension of its own to learn happy from
+        v[0] = 3.0  # shown angry, rightly
+        for k in range(20):
+            _answer(dev, k, u, B) if k % 4 == 0 else _answer(dev, k, v, "up")
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.75, 1.0), report.reason
+
+
+def test_down_credit_is_what_a_no_longer_chosen_rejected_label_counts_for(tmp_path, trained_model):
+    dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 5, "guard_margin": 0.0,
+                                                          "down_credit": 0.25}))
+    u, _ = _embeddings(dev)
+    for k in range(5):
+        _answer(dev, k, u, "down")
+    report = dev.personalize()
+    assert (report.status, report.score_before, report.score_after) == ("kept", 0.0, 0.25)
+
+
+@pytest.mark.parametrize("field, value", [("guard_test", "vibes"), ("down_credit", 1.5), ("down_credit", -0.1)])
+def test_bad_guard_settings_are_refused_with_the_name(field, value):
+    with pytest.raises(ParameterError, match=field):
+        TrainPolicy(**{field: value})
