@@ -1,7 +1,8 @@
 """Several aggregator hosts on one PostgreSQL, and a fleet of simulated devices against them.
 
     nice -n 10 python -m tools.fleet_sim [--devices 1000] [--hosts 2] [--interval 20] [--duration 60]
-                                         [--min-updates 200] [--workers 2] [--out fleet-sim.json]
+                                         [--min-updates 200] [--workers 2] [--kill-host-after S]
+                                         [--out fleet-sim.json]
 
 Each host is a separate ``fedser-aggregator serve`` (gunicorn) with its own instance folder and its own
 address, all on one PostgreSQL database (a new, throwaway one: ``FEDSER_TEST_POSTGRES`` or
@@ -870,6 +871,17 @@ def simulate(args) -> dict:
         queue = [(t0 + rng.expovariate(1 / args.interval), d.index) for d in devices]
         heapq.heapify(queue)
         end = t0 + args.duration
+        killed = {}
+        if args.kill_host_after is not None:  # SIGKILL the last host mid-run; the "load balancer" drops it
+            def kill_last():
+                victim = fleet.hosts[-1]
+                with tally.lock:
+                    killed.update(host=victim.net.name, at_s=time.perf_counter() - t0,
+                                  accepted_before=dict(tally.accepted))
+                victim.kill()
+
+            killer = threading.Timer(args.kill_host_after, kill_last)
+            killer.start()
         lock = threading.Lock()
         pool = ThreadPoolExecutor(args.concurrency)
         futures = []
@@ -910,7 +922,7 @@ def simulate(args) -> dict:
         db = _delta(after, before)
         measured = {
             "seconds": elapsed, "duration": args.duration,
-            "syncs_due": len(futures) + tally.skipped_busy, "syncs_skipped_busy": tally.skipped_busy,
+            "killed": killed, "syncs_due": len(futures) + tally.skipped_busy, "syncs_skipped_busy": tally.skipped_busy,
             "syncs_not_started_by_the_end": not_started, "posts": tally.posts, "pulls": tally.pulls,
             "posting_share": tally.first_posts / max(1, len(futures) - not_started),
             "accepted": accepted, "accepted_per_s": accepted / elapsed, "per_host": per_host,
@@ -978,6 +990,10 @@ def _print(report: dict) -> None:
     print(f"devices installed {m['versions_installed_by_devices']} new versions ({m['head_bytes_downloaded']:,} head "
           f"bytes), manifest verify failures {m['manifest_verify_failures']}; WAL {db['wal_bytes']:,} bytes "
           f"(whole cluster); consistency {m['consistency']}")
+    if m["killed"]:
+        k = m["killed"]
+        print(f"killed {k['host']} at {k['at_s']:.1f} s (it had accepted {k['accepted_before'].get(k['host'], 0)}; "
+              f"all hosts then {sum(k['accepted_before'].values())})")
     c = m["cpu_ms_per_accepted_update"]
     print(f"CPU per accepted update (its pulls, downloads and closes included): hosts {c['hosts']:.1f} ms, "
           f"PostgreSQL {c['postgres']:.1f} ms, simulated devices {c['devices_process']:.1f} ms; "
@@ -1006,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="device requests in flight at once")
     parser.add_argument("--per-host-intake", type=float, default=206.0,
                         help="accepted updates/s one host sustains, for the model (tools.bench_aggregator)")
+    parser.add_argument("--kill-host-after", type=float, default=None, metavar="S",
+                        help="SIGKILL the last host S seconds into the load (its requests in flight fail; the rest "
+                             "go to the hosts still up)")
     parser.add_argument("--loopback", action="store_true", help="hosts on 127.0.0.x even as root")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -252,7 +252,8 @@ def _envelope(device: Device) -> UpdateEnvelope:
 
 
 def test_fleet_sim_small_run_over_two_hosts_counts_every_update_once(tmp_path):
-    """tools.fleet_sim at a small scale: lightweight devices over both hosts, every counter equal to the rows."""
+    """tools.fleet_sim at a small scale: lightweight devices over both hosts, one host SIGKILLed half-way, every
+    counter equal to the rows."""
     pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
     from tools import fleet_sim
 
@@ -263,12 +264,17 @@ def test_fleet_sim_small_run_over_two_hosts_counts_every_update_once(tmp_path):
     if fleet_sim.netns_unavailable() and fleet_sim.loopback_unavailable("127.0.0.2"):
         pytest.skip("no second host address (no network namespaces, no 127.0.0.2)")
     out = tmp_path / "report.json"
-    assert fleet_sim.main(["--devices", "40", "--interval", "2", "--duration", "6", "--min-updates", "10",
-                           "--concurrency", "8", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    assert fleet_sim.main(["--devices", "40", "--interval", "2", "--duration", "8", "--min-updates", "10",
+                           "--concurrency", "8", "--kill-host-after", "4", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     m = report["measured"]
     assert report["enrollment"]["devices"] == 40 and report["enrollment"]["pinned_keys"] == 1
     assert all(n > 0 for n in m["per_host"].values()) and len(m["per_host"]) == 2, m["per_host"]
+    # host1 answers nothing after its kill (but what was in flight as it died: at most the 8 concurrent posts)
+    assert m["killed"]["host"] == "host1"
+    assert 0 <= m["per_host"]["host1"] - m["killed"]["accepted_before"].get("host1", 0) <= 8
+    assert m["per_host"]["host0"] > m["killed"]["accepted_before"]["host0"]  # the survivor went on
     assert m["rounds_closed"] >= 1 and m["manifest_verify_failures"] == 0
     assert set(m["refused"]) <= {"stale_base", "already_contributed"}, m["refused"]
     c = m["consistency"]
