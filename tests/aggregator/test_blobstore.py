@@ -4,6 +4,7 @@ publish is reusing; unreferenced old files go, referenced or fresh ones stay. SQ
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -98,3 +99,29 @@ def test_the_read_cache_is_bounded(tmp_path):
     big = blobs.put(b"x" * 20_000)  # over a quarter of the cache: read, never cached
     assert blobs.get(big.sha256) == b"x" * 20_000 and big.sha256 not in blobs._cache
     app.extensions["fedser_engine"].dispose()
+
+
+def test_prune_spares_an_old_file_a_concurrent_publish_is_reusing(app):
+    """A publish (another host, say) writes bytes already held inside its open transaction while prune runs: prune
+    waits for it (PostgreSQL: the row lock of the refresh; SQLite: the write lock) and then sees the file fresh
+    (PostgreSQL: the age check in its DELETE; without it prune deletes a file the new version references)."""
+    blobs = app.extensions["fedser_blobs"]
+    ref = blobs.put(b"an old file a publish reuses")
+    _age(app, ref.sha256, 30)
+    publish = app.extensions["fedser_sessionmaker"]()
+    blobs.put(b"an old file a publish reuses", publish)  # not committed yet
+    reports = []
+
+    def run_prune():
+        with app.extensions["fedser_sessionmaker"]() as s:
+            reports.append(prune(s, blobs, BLOBS_ONLY))
+
+    thread = threading.Thread(target=run_prune)
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive()  # PostgreSQL: its DELETE waits on the refreshed row; SQLite: it waits to begin
+    publish.commit()
+    publish.close()
+    thread.join(timeout=60)
+    assert reports and reports[0].blobs_deleted == 0
+    assert blobs.get(ref.sha256) == b"an old file a publish reuses"
