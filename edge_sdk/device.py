@@ -119,6 +119,11 @@ class TrainPolicy:
     # of the n answers shown right; "paired", at least guard_margin * sqrt(d) more, d the answers on which the
     # fit and the global head disagree (a sign test: fewer answers in doubt, less to prove).
     guard_test: str = "answers"
+    # When the global head shows less than this share of at least adapt_below_answers answers right (a user
+    # unlike the training speakers: little to lose), the accuracy guard keeps a fit unless cross-validation shows
+    # the answers worse by the margin, instead of wanting it better by the margin (0: off).
+    adapt_below: float = 0.0
+    adapt_below_answers: int = 10
     # What a bare thumbs-down whose rejected label is no longer chosen counts for in the accuracy guard (1: shown
     # right; 1 / (classes - 1): the chance that the new label is the right one when nothing else is known).
     down_credit: float = 1.0
@@ -862,11 +867,16 @@ class Device:
         if policy.guard == "accuracy":
             report.score_before, report.score_after = before, after
         needed = 0.0
+        unlike = (policy.guard == "accuracy" and len(examples) >= policy.adapt_below_answers
+                  and before < policy.adapt_below)
         if policy.guard == "accuracy" and policy.guard_test == "paired":
             disagree = float(np.sum((rights[best] - global_right) ** 2))  # global_right: 0 for every thumbs-down
             needed = policy.guard_margin * np.sqrt(max(disagree, 1.0)) / len(examples)
         elif policy.guard == "accuracy":
             needed = policy.guard_margin / np.sqrt(len(examples))
+        if unlike:  # little to lose: only a fit shown worse by the margin is discarded
+            needed = -needed
+            report.guard += f", global head below {policy.adapt_below:g} of the answers"
         if after < before - policy.tolerance + needed:
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance

@@ -199,3 +199,27 @@ def test_down_credit_is_what_a_no_longer_chosen_rejected_label_counts_for(tmp_pa
 def test_bad_guard_settings_are_refused_with_the_name(field, value):
     with pytest.raises(ParameterError, match=field):
         TrainPolicy(**{field: value})
+
+
+def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show_worse(tmp_path, trained_model):
+    """adapt_below: with the global head showing fewer than that share of the answers right, a fit is kept unless
+    cross-validation shows the answers worse by the margin (here a margin no fit could clear: 3 * sqrt(10))."""
+    strict = {**POLICY, "guard_folds": 5, "guard_margin": 3.0, "guard_test": "paired"}
+    for adapt_below, status in ((0.0, "discarded"), (0.6, "kept")):
+        dev = _device(tmp_path / str(adapt_below), trained_model, TrainPolicy(**strict, adapt_below=adapt_below))
+        u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
+        u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0
+        v[0] = 3.0
+        for k in range(10):
+            _answer(dev, k, u, B) if k % 2 == 0 else _answer(dev, k, v, "up")
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.5, 1.0), report.reason
+    # ... but a fit that shows the answers worse is still discarded (v is angry and happy by turns: 0.5 -> 0.0)
+    dev = _device(tmp_path / "worse", trained_model,
+                  TrainPolicy(**{**POLICY, "guard_folds": 2}, adapt_below=0.6, adapt_below_answers=8))
+    _, v = _embeddings(dev)
+    for k in range(8):
+        _answer(dev, k, v, "up" if k % 2 else B)
+    report = dev.personalize()
+    assert (report.status, report.score_before, report.score_after) == ("discarded", 0.5, 0.0)
+    assert "below 0.6" in report.guard
