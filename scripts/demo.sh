@@ -2,8 +2,9 @@
 # The main job, set-up included: the end-to-end federated demo on loopback.
 #   scripts/demo.sh                      nEMO found (../shared/data/nemo, $FEDSER_NEMO): a RAVDESS-only base meets
 #                                        Polish speakers' devices; 5 rounds (about 1.5 minutes)
-#                                        else RAVDESS: held-out actors, one round, the short federated suite (3-4 min)
+#                                        else RAVDESS: held-out actors, one round (about 1.5 minutes)
 #                                        else a synthetic tone corpus, which says so
+#   scripts/demo.sh --experiments        then the short federated suite (RAVDESS; 3 to 10 more minutes on 2 cores)
 #   scripts/demo.sh --no-nemo            the RAVDESS story even with nEMO there (or FEDSER_NEMO=/missing)
 #   scripts/demo.sh --nemo DIR --data RAVDESS_DIR
 #   scripts/demo.sh --synthetic
