@@ -147,6 +147,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="per-utterance normalisation (level: remove the recording's gain only)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
+    g.add_argument("--speaker-reference", choices=("all", "neutral"), default="all",
+                   help="training and validation speakers' normalisation statistics from all their clips or from "
+                        "their neutral clips only (test speakers and devices: always all)")
     g.add_argument("--max-frames", type=int, default=300)
     g.add_argument("--masked-pooling", action="store_true",
                    help="cnn/dnn: pool over the utterance's frames only, not the zero padding")
@@ -233,8 +236,22 @@ def _configs(args):
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,
-                         augmentation=Augmentation(copies=args.augment, seed=args.seed))
+                         augmentation=Augmentation(copies=args.augment, seed=args.seed),
+                         speaker_reference=args.speaker_reference)
     return features, config
+
+
+def _calm_reference(args, clips) -> list:
+    """With ``--speaker-reference neutral`` and RAVDESS among the corpora: RAVDESS's calm clips, which join
+    their actor's normalisation statistics only (RAVDESS has 4 neutral clips per actor, too few alone)."""
+    from models.datasets import LabelMap, load_corpus
+
+    if args.speaker_reference != "neutral" or args.synthetic or "ravdess" not in corpus_list(args.corpus):
+        return []
+    root = data_roots(args.data, corpus_list(args.corpus))["ravdess"]
+    if root is None or not any(c.speaker.startswith("ravdess-") for c in clips):
+        return []
+    return [c for c in load_corpus("ravdess", root, LabelMap(("calm", "neutral"))) if c.label == "calm"]
 
 
 def cmd_train(args) -> int:
@@ -249,7 +266,8 @@ def cmd_train(args) -> int:
     result = train_baseline(train, val, test, features=features, architecture=arch,
                             config=config, labels=label_map.classes, cache_dir=args.cache, out_dir=args.out,
                             dataset_name=name, label_map=label_map.to_dict(),
-                            progress=False if args.no_progress else None)
+                            progress=False if args.no_progress else None,
+                            reference_clips=_calm_reference(args, clips))
     print(report_markdown(result.report))
     print(f"wrote {args.out}/model.tflite, model.json, report.json, report.md, report-confusion.png")
     return 0

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.features import FeatureConfig, Normalization, speaker_inputs, trim_silence, utterance_normalize
+from edge_sdk.features import (
+    FeatureConfig,
+    Normalization,
+    SpeakerStats,
+    fit_frames,
+    speaker_inputs,
+    trim_silence,
+    utterance_normalize,
+)
 from models.datasets import Clip
 
 log = logging.getLogger("models")
@@ -113,11 +121,14 @@ class FeatureSet:
     def normalization(self) -> Normalization:
         return Normalization.fit(np.concatenate(self.raw, axis=0))
 
-    def model_inputs(self, cfg: FeatureConfig, norm: Normalization) -> np.ndarray:
+    def model_inputs(self, cfg: FeatureConfig, norm: Normalization,
+                     reference: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
         """``[N, max_frames, n_features]`` float32, normalised and cut/padded as on the device.
 
         With ``cfg.speaker_norm`` each speaker's clips are normalised by that speaker's statistics
-        (:func:`edge_sdk.features.speaker_inputs`); the order of the clips is kept.
+        (:func:`edge_sdk.features.speaker_inputs`); the order of the clips is kept. ``reference`` (training
+        only; see ``TrainConfig.speaker_reference``) maps a speaker to the raw features their statistics come
+        from instead of all their clips (a speaker not in it, or with none: all their clips).
         """
         if not self.raw:
             return np.zeros((0, cfg.max_frames, cfg.n_features), np.float32)
@@ -125,10 +136,33 @@ class FeatureSet:
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(self.clips):
             groups.setdefault(c.speaker if cfg.speaker_norm else "", []).append(i)
-        for idx in groups.values():
-            for i, x in zip(idx, speaker_inputs([self.raw[i] for i in idx], cfg, norm), strict=True):
+        for speaker, idx in groups.items():
+            raws = [self.raw[i] for i in idx]
+            ref = (reference or {}).get(speaker) if cfg.speaker_norm else None
+            if ref:
+                stats = SpeakerStats(ref[0].shape[1])
+                for r in ref:
+                    stats.add(r)
+                own = stats.normalization(norm)
+                xs = [fit_frames(own.apply(r), cfg.max_frames) for r in raws]
+            else:
+                xs = speaker_inputs(raws, cfg, norm)
+            for i, x in zip(idx, xs, strict=True):
                 out[i] = x
         return np.stack(out)
+
+    def neutral_reference(self, extra: FeatureSet | None = None) -> dict[str, list[np.ndarray]]:
+        """Per speaker, the raw features of their neutral clips, plus ``extra``'s clips of the same speakers
+        (e.g. RAVDESS calm, loaded only for this)."""
+        out: dict[str, list[np.ndarray]] = {}
+        for c, r in zip(self.clips, self.raw, strict=True):
+            if c.label == "neutral":
+                out.setdefault(c.speaker, []).append(r)
+        speakers = {c.speaker for c in self.clips}
+        for c, r in zip(extra.clips if extra else [], extra.raw if extra else [], strict=True):
+            if c.speaker in speakers:
+                out.setdefault(c.speaker, []).append(r)
+        return out
 
     def labels(self, label_names: Sequence[str]) -> np.ndarray:
         return np.array([list(label_names).index(c.label) for c in self.clips], dtype=np.int64)

@@ -47,6 +47,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     swa_epochs: int = 0  # > 0: train all epochs and keep the average weights of the last N (no early stopping)
     replay_per_class: int = 32  # training embeddings per class shipped in the model for the device's replay; 0: none
+    # "all": a training or validation speaker's normalisation statistics come from all of that speaker's clips;
+    # "neutral": from that speaker's neutral clips (and the reference clips given to train_baseline, e.g.
+    # RAVDESS calm) only: a device's running statistics come from its user's everyday speech, mostly neutral,
+    # while an acted corpus's clips are mostly aroused. Test clips and the device always use all of a
+    # speaker's clips.
+    speaker_reference: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.speaker_reference not in ("all", "neutral"):
+            raise ValueError(f"speaker_reference must be 'all' or 'neutral', got {self.speaker_reference!r}")
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -146,11 +156,14 @@ def train_baseline(
     label_map: dict | None = None,
     verbose: int = 0,
     progress: bool | None = None,
+    reference_clips: Sequence[Clip] = (),
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
     ``val_clips`` pick the best epoch; their speakers must not be in ``train_clips``.
     ``progress`` shows a bar on stderr (default: when stderr is a terminal).
+    ``reference_clips`` (with ``config.speaker_reference == "neutral"``) add to their speaker's normalisation
+    statistics only (never trained on or scored); those of speakers outside training and validation are ignored.
     """
     import sys
 
@@ -169,8 +182,14 @@ def train_baseline(
     test_fs = compute_features(test_clips, features, cache_dir=cache_dir) if test_clips else None
     feature_seconds = time.perf_counter() - started
     norm = train_fs.normalization()
-    x_train, y_train = train_fs.model_inputs(features, norm), train_fs.labels(labels)
-    x_val, y_val = val_fs.model_inputs(features, norm), val_fs.labels(labels)
+    ref_train = ref_val = None
+    extra = None
+    if config.speaker_reference == "neutral":
+        own = {c.speaker for c in train_clips} | {c.speaker for c in val_clips}
+        extra = compute_features([c for c in reference_clips if c.speaker in own], features, cache_dir=cache_dir)
+        ref_train, ref_val = train_fs.neutral_reference(extra), val_fs.neutral_reference(extra)
+    x_train, y_train = train_fs.model_inputs(features, norm, ref_train), train_fs.labels(labels)
+    x_val, y_val = val_fs.model_inputs(features, norm, ref_val), val_fs.labels(labels)
 
     gpus = tf.config.list_physical_devices("GPU")
     mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and bool(gpus))
@@ -281,6 +300,7 @@ def train_baseline(
             "train_clips": len(train_clips) - sum(train_fs.skipped.values()), "val_clips": len(val_fs.clips),
             "train_examples": len(train_fs.clips),
             "test_clips": len(test_fs.clips) if test_fs else 0,
+            "reference_only_clips": len(extra.clips) if extra is not None else 0,
         },
         "skipped": {"train": train_fs.skipped, "val": val_fs.skipped, "test": test_fs.skipped if test_fs else {}},
         "hardware": _hardware(),
