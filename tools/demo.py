@@ -490,7 +490,8 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
         print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published the base as version "
               f"{r.json()['version']}")
         print(f"      validation gate: {len(gate)} clips, {len(gate) // len(device_spk)} held back from each device "
-              "speaker (never answered, never scored); a round whose UAR on them drops more than 0.02 is refused")
+              "speaker (never answered, never scored); a round whose UAR on them drops more than "
+              f"{os.environ.get('FEDSER_VALIDATION_MARGIN', '0.02')} is refused")
         print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (--keep-server leaves it up)")
         devices = {}
         for spk in device_spk:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -44,16 +45,28 @@ def test_the_default_root_lookup_can_be_turned_off(tmp_path, monkeypatch):
         corpus_root("nemo", str(tmp_path / "missing"))
 
 
-@pytest.mark.skipif(not (RAVDESS_ONLY_MODEL / "model.tflite").is_file(), reason="the RAVDESS-only model is not there")
-def test_the_demo_tells_the_new_population_story_on_a_nemo_tree(tmp_path):
-    tree = nemo_tree(tmp_path / "nemo", speakers=("EB0", "IC0", "KD0", "MK0", "TP0"),
+needs_model = pytest.mark.skipif(not (RAVDESS_ONLY_MODEL / "model.tflite").is_file(),
+                                 reason="the RAVDESS-only model is not there")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return nemo_tree(tmp_path_factory.mktemp("corpus") / "nemo", speakers=("EB0", "IC0", "KD0", "MK0", "TP0"),
                      emotions=("anger", "happiness", "neutral", "sadness"), sentences=range(1, 6), tone=_voice)
+
+
+def _demo(tree: Path, out: Path, **extra_env) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSER")}
-    env.update(FEDSER_RAVDESS=str(tmp_path / "no-ravdess"), TF_CPP_MIN_LOG_LEVEL="2")  # RAVDESS: turned off
-    out = subprocess.run(
+    env.update(FEDSER_RAVDESS=str(out.parent / "no-ravdess"), TF_CPP_MIN_LOG_LEVEL="2", **extra_env)  # no RAVDESS
+    return subprocess.run(
         [sys.executable, "-m", "tools.demo", "--nemo", str(tree), "--rounds", "2", "--answers-per-round", "6",
-         "--eval-clips", "6", "--gate-clips", "4", "--out", str(tmp_path / "demo")],
+         "--eval-clips", "6", "--gate-clips", "4", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@needs_model
+def test_the_demo_tells_the_new_population_story_on_a_nemo_tree(tree, tmp_path):
+    out = _demo(tree, tmp_path / "demo")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     text = out.stdout
     assert "RAVDESS: FEDSER_RAVDESS=" in text and "the RAVDESS-only model" in text
@@ -79,3 +92,14 @@ def test_the_demo_tells_the_new_population_story_on_a_nemo_tree(tmp_path):
         assert len(names) == len(set(names)) == 4 + 6 + 10, spk
         assert all(n.split("_")[0] == spk.split("-")[1] not in TEST_SPEAKERS for n in names)
         assert sorted(Path(r["path"]).name for r in gate_rows if r["speaker"] == spk) == sorted(parts["gate"])
+
+
+@needs_model
+def test_rounds_the_gate_refuses_leave_the_fleet_on_the_base(tree, tmp_path):
+    out = _demo(tree, tmp_path / "demo", FEDSER_VALIDATION_MARGIN="-1")  # a candidate must gain a whole UAR point
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [r["version"] for r in summary["rounds"]] == [1, 1, 1]
+    assert all(r["gate"].startswith("refused (") for r in summary["rounds"][1:]), summary["rounds"]
+    assert summary["held_out"]["after"]["uar"] == summary["held_out"]["before"]["uar"]
+    assert re.search(r"UAR [\d.]+ \(base, v1\) -> [\d.]+ \(v1\), \+0\.0 points", out.stdout), out.stdout[-3000:]
