@@ -12,7 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from aggregator import service
 from aggregator.api import API_PREFIX, refuse, server_key
-from aggregator.db import Device, Refusal, RefusalCount, Round, get_session
+from aggregator.db import Device, Refusal, RefusalCount, get_session
 from aggregator.intake import Refused, accept_update
 
 log = logging.getLogger("aggregator")
@@ -38,8 +38,8 @@ def post_update():
     body = accepted.to_dict()
     if not accepted.duplicate:
         full = accepted.round_updates >= int(cfg["ROUND_MIN_UPDATES"])
-        rnd = session.get(Round, accepted.round_id)
-        due = (rnd is not None and rnd.deadline_at is not None and rnd.deadline_at <= time.time()
+        deadline = accepted.round_deadline_at  # no query: the round's row was read in the insert's transaction
+        due = (deadline is not None and deadline <= time.time()
                and accepted.round_updates >= int(cfg["ROUND_MIN_UPDATES_AT_DEADLINE"]))
         if full or due:
             result = service.close(session, accepted.round_id,
