@@ -147,9 +147,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="per-utterance normalisation (level: remove the recording's gain only)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
-    g.add_argument("--speaker-reference", choices=("all", "neutral"), default="all",
-                   help="training and validation speakers' normalisation statistics from all their clips or from "
-                        "their neutral clips only (test speakers and devices: always all)")
+    g.add_argument("--speaker-reference", choices=("all", "neutral", "balanced"), default="all",
+                   help="training and validation speakers' normalisation statistics from all their clips, their "
+                        "neutral clips only (RAVDESS: and calm), or all with every class weighing the same (test "
+                        "speakers and devices: always all their clips)")
     g.add_argument("--max-frames", type=int, default=300)
     g.add_argument("--masked-pooling", action="store_true",
                    help="cnn/dnn: pool over the utterance's frames only, not the zero padding")

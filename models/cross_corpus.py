@@ -57,6 +57,8 @@ VARIANTS = {
     "level+ref-neutral": ("level + training/validation speakers normalised by the statistics of their neutral clips "
                           "(RAVDESS: and calm clips, statistics only)",
                           {"utterance_norm": "level"}, {"speaker_reference": "neutral"}),
+    "level+ref-balanced": ("level + training/validation speakers' statistics with every class weighing the same",
+                           {"utterance_norm": "level"}, {"speaker_reference": "balanced"}),
     "level+specaug": ("level normalisation + SpecAugment 2 masks", {"utterance_norm": "level"},
                       {"spec_augment": 2}),
 }

@@ -122,13 +122,13 @@ class FeatureSet:
         return Normalization.fit(np.concatenate(self.raw, axis=0))
 
     def model_inputs(self, cfg: FeatureConfig, norm: Normalization,
-                     reference: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
+                     reference: dict[str, SpeakerStats] | None = None) -> np.ndarray:
         """``[N, max_frames, n_features]`` float32, normalised and cut/padded as on the device.
 
         With ``cfg.speaker_norm`` each speaker's clips are normalised by that speaker's statistics
         (:func:`edge_sdk.features.speaker_inputs`); the order of the clips is kept. ``reference`` (training
-        only; see ``TrainConfig.speaker_reference``) maps a speaker to the raw features their statistics come
-        from instead of all their clips (a speaker not in it, or with none: all their clips).
+        only; see ``TrainConfig.speaker_reference`` and :meth:`reference_stats`) gives a speaker's statistics
+        instead of all their clips' (a speaker not in it: all their clips).
         """
         if not self.raw:
             return np.zeros((0, cfg.max_frames, cfg.n_features), np.float32)
@@ -138,11 +138,8 @@ class FeatureSet:
             groups.setdefault(c.speaker if cfg.speaker_norm else "", []).append(i)
         for speaker, idx in groups.items():
             raws = [self.raw[i] for i in idx]
-            ref = (reference or {}).get(speaker) if cfg.speaker_norm else None
-            if ref:
-                stats = SpeakerStats(ref[0].shape[1])
-                for r in ref:
-                    stats.add(r)
+            stats = (reference or {}).get(speaker) if cfg.speaker_norm else None
+            if stats is not None and stats.count > 0:
                 own = stats.normalization(norm)
                 xs = [fit_frames(own.apply(r), cfg.max_frames) for r in raws]
             else:
@@ -151,17 +148,31 @@ class FeatureSet:
                 out[i] = x
         return np.stack(out)
 
-    def neutral_reference(self, extra: FeatureSet | None = None) -> dict[str, list[np.ndarray]]:
-        """Per speaker, the raw features of their neutral clips, plus ``extra``'s clips of the same speakers
-        (e.g. RAVDESS calm, loaded only for this)."""
-        out: dict[str, list[np.ndarray]] = {}
-        for c, r in zip(self.clips, self.raw, strict=True):
-            if c.label == "neutral":
-                out.setdefault(c.speaker, []).append(r)
+    def reference_stats(self, kind: str, extra: FeatureSet | None = None) -> dict[str, SpeakerStats]:
+        """Per speaker, the statistics ``TrainConfig.speaker_reference`` asks for: "neutral", from their
+        neutral clips plus ``extra``'s clips of the same speakers (e.g. RAVDESS calm, loaded only for this);
+        "balanced", from all their clips with every class weighing the same (frames weighted)."""
+        if kind not in ("neutral", "balanced"):
+            raise ValueError(f"unknown speaker reference {kind!r}")
         speakers = {c.speaker for c in self.clips}
-        for c, r in zip(extra.clips if extra else [], extra.raw if extra else [], strict=True):
-            if c.speaker in speakers:
-                out.setdefault(c.speaker, []).append(r)
+        weights = np.ones(len(self.clips))
+        if kind == "balanced":
+            pairs = Counter((c.speaker, c.label) for c in self.clips)
+            classes = Counter(spk for spk, _ in pairs)
+            clips = Counter(c.speaker for c in self.clips)
+            weights = np.array([clips[c.speaker] / (classes[c.speaker] * pairs[c.speaker, c.label])
+                                for c in self.clips])
+        out: dict[str, SpeakerStats] = {}
+        items = [(c, r, w) for c, r, w in zip(self.clips, self.raw, weights, strict=True)
+                 if kind == "balanced" or c.label == "neutral"]
+        if extra is not None and kind == "neutral":
+            items += [(c, r, 1.0) for c, r in zip(extra.clips, extra.raw, strict=True) if c.speaker in speakers]
+        for c, r, w in items:
+            stats = out.setdefault(c.speaker, SpeakerStats(r.shape[1]))
+            f = np.asarray(r, np.float64)
+            stats.count += w * f.shape[0]
+            stats.sum += w * f.sum(axis=0)
+            stats.sumsq += w * (f * f).sum(axis=0)
         return out
 
     def labels(self, label_names: Sequence[str]) -> np.ndarray:

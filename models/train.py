@@ -32,6 +32,9 @@ log = logging.getLogger("models")
 __all__ = ["TrainConfig", "TrainResult", "train_baseline"]
 
 
+SPEAKER_REFERENCES = ("all", "neutral", "balanced")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
@@ -49,14 +52,13 @@ class TrainConfig:
     replay_per_class: int = 32  # training embeddings per class shipped in the model for the device's replay; 0: none
     # "all": a training or validation speaker's normalisation statistics come from all of that speaker's clips;
     # "neutral": from that speaker's neutral clips (and the reference clips given to train_baseline, e.g.
-    # RAVDESS calm) only: a device's running statistics come from its user's everyday speech, mostly neutral,
-    # while an acted corpus's clips are mostly aroused. Test clips and the device always use all of a
-    # speaker's clips.
+    # RAVDESS calm) only; "balanced": from all their clips, every class weighing the same (RAVDESS has half as
+    # many neutral clips as of each other class). Test clips and the device always use all of a speaker's clips.
     speaker_reference: str = "all"
 
     def __post_init__(self) -> None:
-        if self.speaker_reference not in ("all", "neutral"):
-            raise ValueError(f"speaker_reference must be 'all' or 'neutral', got {self.speaker_reference!r}")
+        if self.speaker_reference not in SPEAKER_REFERENCES:
+            raise ValueError(f"speaker_reference must be one of {SPEAKER_REFERENCES}, got {self.speaker_reference!r}")
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -187,7 +189,9 @@ def train_baseline(
     if config.speaker_reference == "neutral":
         own = {c.speaker for c in train_clips} | {c.speaker for c in val_clips}
         extra = compute_features([c for c in reference_clips if c.speaker in own], features, cache_dir=cache_dir)
-        ref_train, ref_val = train_fs.neutral_reference(extra), val_fs.neutral_reference(extra)
+    if config.speaker_reference != "all":
+        ref_train = train_fs.reference_stats(config.speaker_reference, extra)
+        ref_val = val_fs.reference_stats(config.speaker_reference, extra)
     x_train, y_train = train_fs.model_inputs(features, norm, ref_train), train_fs.labels(labels)
     x_val, y_val = val_fs.model_inputs(features, norm, ref_val), val_fs.labels(labels)
 

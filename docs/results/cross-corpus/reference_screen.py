@@ -30,28 +30,29 @@ from models.metrics import classification_report
 LAB = ("angry", "happy", "neutral", "sad")
 ALL = LAB + ("calm", "fearful", "disgust", "surprised")
 cfg = FeatureConfig(kind="logmel", speaker_norm=True, utterance_norm="level")
-if default_ravdess_root() is None or default_nemo_root() is None:
-    raise SystemExit("needs ../shared/data/ravdess and ../shared/data/nemo (or $FEDSER_RAVDESS, $FEDSER_NEMO)")
-r = load_corpus("ravdess", default_ravdess_root(), LabelMap(classes=ALL))
-n = load_corpus("nemo", default_nemo_root())
-rf = compute_features(r, cfg, cache_dir=".cache/features")
-nf = compute_features(n, cfg, cache_dir=".cache/features")
+R = N = TRAIN = VAL = RTEST = None
 
 
 def unpack(fs):
     return [dict(spk=c.speaker, lab=c.label, x=x) for c, x in zip(fs.clips, fs.raw, strict=True)]
 
 
-R, N = unpack(rf), unpack(nf)
-
-
 def actor(d):
     return int(d["spk"].split("-")[1])
 
 
-TRAIN = [d for d in R if actor(d) <= 18]
-VAL = [d for d in R if actor(d) in (19, 20)]
-RTEST = [d for d in R if actor(d) >= 21]
+def load():
+    """The cached level-normalised log-mel features of every RAVDESS clip (all 8 emotions) and of nEMO."""
+    global R, N, TRAIN, VAL, RTEST
+    if default_ravdess_root() is None or default_nemo_root() is None:
+        raise SystemExit("needs ../shared/data/ravdess and ../shared/data/nemo (or $FEDSER_RAVDESS, $FEDSER_NEMO)")
+    r = load_corpus("ravdess", default_ravdess_root(), LabelMap(classes=ALL))
+    n = load_corpus("nemo", default_nemo_root())
+    R = unpack(compute_features(r, cfg, cache_dir=".cache/features"))
+    N = unpack(compute_features(n, cfg, cache_dir=".cache/features"))
+    TRAIN = [d for d in R if actor(d) <= 18]
+    VAL = [d for d in R if actor(d) in (19, 20)]
+    RTEST = [d for d in R if actor(d) >= 21]
 
 
 def uttnorm(x, mode):
@@ -216,7 +217,36 @@ def run(V, seed):
     return out
 
 
-if __name__ == "__main__":
+def table(path) -> str:
+    """Markdown: one row per variant, mean ± SE over its seeds."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+
+    def f(v):
+        v = np.asarray(v, float)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+        return f"{v.mean():.3f} ± {se:.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+    out = [
+        "| variant | seeds | RAVDESS 21-24 UAR | nEMO UAR | nEMO recall angry / happy / neutral / sad (means) "
+        "| RAVDESS 21-24 UAR, prior-corrected | nEMO UAR, prior-corrected | nEMO recall after it (means) |",
+        "| --- " * 8 + "|",
+    ]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        rs = [r for r in rows if r["name"] == name]
+        rec = " / ".join(f"{v:.2f}" for v in np.mean([r["nemo_rec"] for r in rs], 0))
+        rec_pc = " / ".join(f"{v:.2f}" for v in np.mean([r["nemo_pc_rec"] for r in rs], 0))
+        out.append(
+            f"| {name} `{json.dumps(rs[0]['V'])}` | {','.join(str(r['seed']) for r in rs)} "
+            f"| {f([r['ravdess'] for r in rs])} | {f([r['nemo'] for r in rs])} | {rec} "
+            f"| {f([r['ravdess_pc'] for r in rs])} | {f([r['nemo_pc'] for r in rs])} | {rec_pc} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__" and sys.argv[1] == "table":
+    print(table(os.path.join(os.path.dirname(os.path.abspath(__file__)), "screen.jsonl")))
+elif __name__ == "__main__":
+    load()
     name = sys.argv[1]
     V = json.loads(sys.argv[2])
     seeds = [int(s) for s in sys.argv[3].split(",")]
