@@ -15,10 +15,9 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aggregator.db import Device, ModelVersion, Refusal, Update
+from aggregator.db import Device, ModelVersion, Refusal, Round, Update
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
-from aggregator.rounds import open_round_and_version
 from edge_sdk.errors import SignatureError, WireFormatError
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.wire import FieldRangeError, HeadLayout, UpdateEnvelope
@@ -57,7 +56,10 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     except WireFormatError as exc:
         raise Refused(400, "malformed", str(exc)) from exc
     header = envelope.header
-    device = session.get(Device, header.device_id)
+    # Core statements on the session's connection for the reads and writes of the hot path: the ORM's
+    # identity map and unit of work cost more CPU here than the database does (tools.bench_aggregator).
+    conn = session.connection()
+    device = conn.execute(_DEVICE, {"dev_id": header.device_id}).first()
     if device is None:
         raise Refused(401, "unknown_device", f"device {header.device_id!r} is not enrolled",
                       device_id=header.device_id)
@@ -90,9 +92,7 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
             raise Refused(429, "rate_limited", f"device {device.id} posted {recent} times in the last hour; the "
                                                f"limit is {rate_limit_per_hour}", device_id=device.id,
                           authenticated=True)
-    # The open round and its (current) version in one query, the round row share-locked until the commit:
-    # a concurrent close either waits for this insert or has already moved both on.
-    rnd, current = open_round_and_version(session)
+    rnd = current = conn.execute(_OPEN_ROUND).first()  # (round id, deadline, current version, its manifest)
     if current is None:
         current = current_version(session)
         if current is None:
@@ -123,9 +123,6 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     now = time.time()
     sqlite = session.get_bind().dialect.name == "sqlite"
     try:
-        # Core statements on the session's connection (the hot path of the service; the ORM's unit of work
-        # and its bulk-insert path cost more CPU than the database does here); the counter is incremented in SQL.
-        conn = session.connection()
         conn.execute(_INSERT_UPDATE, {
             "update_id": update_id, "device_id": device.id, "round_id": rnd.id, "base_version": header.base_version,
             "sequence": header.sequence, "num_examples": header.num_examples, "l2_norm": norm, "body": envelope.body,
@@ -155,6 +152,17 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
     return Accepted(update_id, rnd.id, False, count, rnd.deadline_at)
 
 
+_DEVICE = select(*(Device.__table__.c[k] for k in ("id", "public_key", "revoked", "last_sequence",
+                                                  "updates_accepted", "updates_refused"))).where(
+    Device.__table__.c.id == bindparam("dev_id"))
+# The open round and its (current) version in one query, the round row share-locked until the commit (as
+# aggregator.rounds.open_round_and_version): a concurrent close either waits for this insert or has already
+# moved both on. SQLite has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
+_ROUNDS, _VERSIONS = Round.__table__, ModelVersion.__table__
+_OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest)
+               .join(_VERSIONS, _VERSIONS.c.version == _ROUNDS.c.base_version)
+               .where(_VERSIONS.c.is_current.is_(True), _ROUNDS.c.status == "open")
+               .with_for_update(read=True, of=_ROUNDS))
 _INSERT_UPDATE = insert(Update.__table__)
 _BUMP_DEVICE = (update(Device.__table__).where(Device.__table__.c.id == bindparam("dev_id"))
                 .values(last_sequence=bindparam("seq"), last_seen=bindparam("now"),
