@@ -488,6 +488,9 @@ class Simulation:
         model = TFLiteModel(model_dir / "model.tflite", meta)
         emb, y = _embeddings(model, meta, clips)
         out = {**_uar(model, model.get_weights(), emb, y), "dataset": _dataset(model_dir)}
+        if (model_dir / "report.json").is_file():
+            split = json.loads((model_dir / "report.json").read_text()).get("split") or {}
+            out["split"] = {k: split[k] for k in ("train_speakers", "val_speakers") if k in split}
         self.timing.evaluation += time.perf_counter() - started
         return out
 
@@ -563,6 +566,64 @@ def recovery_clips() -> tuple[list, list, list]:
     if not test_clips or not train_clips:
         raise SystemExit(f"nEMO at {root} needs the test speakers {sorted(test)} and at least one other speaker")
     return clips, test_clips, train_clips
+
+
+def ceilings(model_dir: Path, train_clips, test_clips, *, epochs: int = 30, lr: float = 0.05,
+             adapter_lr: float = 0.05, seed: int = 0) -> dict:
+    """What federating a part of the model could reach at best: that part trained centrally (true labels,
+    class-balanced, the model's own ``train`` / ``adapter_train`` signatures, plain SGD) on ``train_clips``, the
+    rest frozen, scored on ``test_clips`` after every 5 epochs. ``head``: the head on the frozen encoder's
+    embeddings. ``head+adapter`` (models with the adapter signatures): the head and one shared per-channel
+    scale and shift of the encoder's last block, trained together."""
+    from edge_sdk.device import class_balance_weights
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+    from models.evaluate import device_inputs
+
+    meta = ModelMetadata.load(model_dir / "model.json")
+    model = TFLiteModel(model_dir / "model.tflite", meta)
+    base = model.get_weights()
+    kept, inputs, _ = device_inputs(train_clips, meta)
+    y = np.array([LABELS.index(c.label) for c in kept])
+    tkept, tinputs, _ = device_inputs(test_clips, meta)
+    ty = np.array([LABELS.index(c.label) for c in tkept])
+    targets = np.eye(len(LABELS), dtype=np.float32)[y]
+    weight = class_balance_weights(targets)
+    batch = meta.train_batch_size
+
+    def scored(pred) -> float:
+        from models.metrics import classification_report
+
+        return float(classification_report(ty, pred, LABELS)["uar"])
+
+    out: dict = {"train_clips": len(y), "test_clips": len(ty), "epochs": epochs, "lr": lr}
+    parts = ["head"] + (["head+adapter"] if model.has_adapter else [])
+    for part in parts:
+        rng = np.random.default_rng(seed)
+        model.set_weights(base)
+        if part == "head":
+            x = np.stack([model.infer(v)[1] for v in inputs])
+            tx = np.stack([model.infer(v)[1] for v in tinputs])
+        else:
+            model.set_adapter(None)
+            x = np.stack([model.frames(v) for v in inputs])
+            tx = np.stack([model.frames(v) for v in tinputs])
+        curve = []
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(len(y))
+            for i in range(0, len(order), batch):
+                idx = order[i:i + batch]
+                if part == "head":
+                    model.train_step(x[idx], targets[idx], np.ones(len(idx), np.float32), weight[idx],
+                                     learning_rate=lr)
+                else:
+                    model.adapter_train_step(x[idx], targets[idx], np.ones(len(idx), np.float32), weight[idx],
+                                             learning_rate=lr, adapter_learning_rate=adapter_lr)
+            if epoch % 5 == 0 or epoch == epochs:
+                probs = model.head_probs(tx) if part == "head" else model.adapted(tx)[0]
+                curve.append((epoch, scored(np.argmax(probs, axis=1))))
+        out[part] = {"final": curve[-1][1], "best": max(u for _, u in curve), "curve": curve}
+    model.set_weights(base)
+    return out
 
 
 def _dataset(model_dir: Path) -> str:

@@ -43,7 +43,8 @@ def test_recovery_suite_runs_end_to_end_and_test_speakers_never_act_as_devices(t
     out, report_dir = tmp_path / "runs", tmp_path / "report"
     r = subprocess.run([sys.executable, "-m", "tools.sim_suite", "--scenario", "recovery", "--out", str(out),
                         "--report", str(report_dir), "--seeds", "0,1", "--setups", "0", "--rounds", "1",
-                        "--epochs", "1", "--set", "answers_per_round=4", "--set", "workers=1"],
+                        "--epochs", "1", "--set", "answers_per_round=4", "--set", "workers=1",
+                        "--ceiling-epochs", "2"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((report_dir / "report.json").read_text())
@@ -54,6 +55,7 @@ def test_recovery_suite_runs_end_to_end_and_test_speakers_never_act_as_devices(t
     assert setup["seeds"] == [0, 1] and setup["rounds"] == [0, 1] and len(setup["uar_se"]) == 2
     assert setup["uar_mean"][0] == summary["base_uar"]  # round 0 is the fixed base for every seed
     assert summary["targets"]["uar_at_least"] == summary["base_uar"] + 0.25
+    assert summary["ceilings"]["epochs"] == 2 and 0 < summary["ceilings"]["head"]["final"] <= 1
     md = (report_dir / "report.md").read_text()
     assert "python -m tools.sim_suite --scenario recovery" in md and "| head only, FedAvg |" in md
     assert (report_dir / "uar-per-round.png").stat().st_size > 5000
