@@ -121,12 +121,15 @@ class TrainPolicy:
     guard_test: str = "answers"
     # When the global head shows less than this share of at least adapt_below_answers answers right (a user
     # unlike the training speakers: little to lose), the accuracy guard keeps a fit unless cross-validation shows
-    # the answers worse by the margin, instead of wanting it better by the margin (0: off).
-    adapt_below: float = 0.0
+    # the answers worse by the margin, instead of wanting it better by the margin (0: off). With 20 answers the
+    # cross-validation cannot tell a +20-point fit from none often enough: the margin discarded 3 of 9 nEMO fits
+    # that would have gained 15 points or more (docs/results/personalisation-study/issue14-ablations).
+    adapt_below: float = 0.6
     adapt_below_answers: int = 10
     # What a bare thumbs-down whose rejected label is no longer chosen counts for in the accuracy guard (1: shown
-    # right; 1 / (classes - 1): the chance that the new label is the right one when nothing else is known).
-    down_credit: float = 1.0
+    # right; about 1 / (classes - 1), the default for four classes: the chance that the new label is the right one
+    # when nothing else is known). With 1, fits that trade confirmed answers for moved-away rejections passed.
+    down_credit: float = 0.33
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
@@ -875,7 +878,7 @@ class Device:
         elif policy.guard == "accuracy":
             needed = policy.guard_margin / np.sqrt(len(examples))
         if unlike:  # little to lose: only a fit shown worse by the margin is discarded
-            needed = -needed
+            needed = -abs(needed)
             report.guard += f", global head below {policy.adapt_below:g} of the answers"
         if after < before - policy.tolerance + needed:
             report.status, report.reason = "discarded", (

@@ -280,6 +280,11 @@ def summarise(result: dict) -> tuple[list[str], dict]:
                 row += [f"{gains.min():+.1f}", str(int(np.sum(gains < -5))),
                         f"{sum(t['status:' + policies[0]] == 'kept' for t in ts)}/{len(ts)}"]
                 lines.append("| " + " | ".join(row) + " |")
+            top = max(t["answers"] for t in cell)
+            times = [f"{p} median {np.median([t['ms:' + p] for t in cell if t['answers'] == top]):.0f} ms, "
+                     f"max {np.max([t['ms:' + p] for t in cell if t['answers'] == top]):.0f} ms" for p in policies]
+            lines += ["", f"Time of one personalisation after {top} answers (this shared machine, wall clock): "
+                      + "; ".join(times) + "."]
     return lines, curve
 
 
