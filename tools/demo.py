@@ -627,8 +627,8 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
         f"thumbs-down; {args.wrong_rate:.0%} of answers mistaken. {answers} answers in all, over {args.rounds} rounds.",
         f"Held-out new users: {after['n']} clips of {len(after_spk)} speakers who never took part; per speaker the "
         f"global UAR moved {min(moved):+.1f} to {max(moved):+.1f} points. With three speakers that is an indication, "
-        "not a measurement with a standard error: the federated recovery scenario (python -m tools.simulate "
-        "--scenario recovery) runs more rounds and seeds.",
+        "not a measurement with a standard error: the federated recovery study (docs/results/federated-recovery, "
+        "python -m tools.sim_suite --scenario recovery) runs 20 rounds over seeds, beside a centralised reference.",
     ]
     if rav is not None:
         paragraphs.append(
