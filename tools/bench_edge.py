@@ -95,8 +95,9 @@ def _median_ms(fn, repeat: int) -> float:
 
 
 def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3) -> list[dict]:
-    """Seconds of one ``Device.personalize`` after ``n`` answers (half corrections), features of real-sized
-    noise stored with each prediction, for the default policy and ``adapter=True``; median of ``repeat``."""
+    """Seconds of one ``Device.personalize`` after ``n`` answers (thumbs-up when the model is right, else the
+    correction; features of noise shifted per class, stored with each prediction), for the default policy and
+    ``adapter=True``; median of ``repeat``."""
     from edge_sdk.device import Device, TrainPolicy
 
     files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
@@ -111,13 +112,16 @@ def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat
                         status = "no adapter signatures: head only"
                     rng = np.random.default_rng(r)
                     labels = list(dev.metadata.labels)
-                    for i in range(n):
-                        x = rng.normal(size=dev.model.input_shape[1:]).astype(np.float32)
+                    offsets = rng.normal(size=(len(labels), dev.model.input_shape[2])).astype(np.float32)
+                    for i in range(n):  # learnable answers (a class-specific shift per feature bin), so fits are kept
+                        truth = i % len(labels)
+                        x = (rng.normal(size=dev.model.input_shape[1:]) + offsets[truth]).astype(np.float32)
                         probs, emb = dev.model.infer(x)
                         pid = f"p{i}"
-                        dev.store.add_prediction(prediction_id=pid, model_version=0, label=labels[int(probs.argmax())],
+                        shown = int(probs.argmax())
+                        dev.store.add_prediction(prediction_id=pid, model_version=0, label=labels[shown],
                                                  probs=probs, embedding=emb, features=x, latency_ms=1.0)
-                        dev.feedback(pid, "up" if i % 2 else labels[i % len(labels)])
+                        dev.feedback(pid, "up" if shown == truth else labels[truth])
                     t0 = time.perf_counter()
                     rep = dev.personalize(policy)
                     secs.append(time.perf_counter() - t0)
