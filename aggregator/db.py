@@ -204,6 +204,7 @@ def insert_ignore(dialect: str, table, **values):
 
 
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")  # the SQLITE_SYNCHRONOUS setting (aggregator.db.make_engine)
+PG_KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 PING_AFTER_IDLE_S = 2.0  # PostgreSQL: a pooled connection idle longer than this is pinged before use
 
 
@@ -340,7 +341,13 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL"):
                 raise
 
         return engine
-    engine = create_engine(url, pool_size=5, max_overflow=10)
+    # The server notices a vanished client (a host cut off mid-transaction, whose locks would stop every other
+    # host's intake) after about 10 + 3 x 5 s of silence instead of its default of over two hours; a client-side
+    # pooler or relay in between hides such a client from these (docs/deploy-multihost.md).
+    options = " ".join(filter(None, (make_url(url).query.get("options"), PG_KEEPALIVE_OPTIONS)))
+    engine = create_engine(url, pool_size=5, max_overflow=10,
+                           connect_args={"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                                         "keepalives_count": 3, "options": options})
 
     # pool_pre_ping would cost a round trip at every checkout, two per update post. A connection that was
     # in use a moment ago is not pinged; one idle in the pool longer than PING_AFTER_IDLE_S is (a restarted

@@ -147,3 +147,17 @@ def test_postgres_replaces_a_pooled_connection_that_died_while_idle(monkeypatch)
             assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_sessions_ask_the_server_to_notice_a_vanished_client_within_seconds():
+    from tests.conftest import postgres_database
+
+    engine = make_engine(postgres_database() + "?options=-c%20statement_timeout%3D60000")  # the URL's are kept
+    try:
+        with engine.connect() as conn:
+            shown = [conn.exec_driver_sql(f"SHOW {k}").scalar() for k in (
+                "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "statement_timeout")]
+        assert shown == ["10", "5", "3", "1min"]
+    finally:
+        engine.dispose()
