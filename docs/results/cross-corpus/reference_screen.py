@@ -7,7 +7,7 @@ mirrors `models.train.train_baseline` (class-weighted loss, Adam 1e-3, batch 32,
 epoch by validation UAR). RAVDESS actors 1-18 train, 19-20 validate; tested on RAVDESS 21-24 and all of nEMO.
 VARIANT keys: utt ("level" or "mean"), ref (whose frames make a training/validation speaker's statistics:
 "4class" = all their four-class clips, as before; "neutral" = neutral + calm; "neutral-only"; "all8" = every
-RAVDESS emotion; "4class-bal"), refaug (Dirichlet concentration: a random class mix as the reference each
+RAVDESS emotion; "4class-bal"; "4class+calm"), refaug (Dirichlet concentration: a random class mix as the reference each
 epoch), ls, mixup. Test speakers' statistics always come from all their (four-class) clips. "_pc" figures: after
 a per-speaker prior correction (class biases making the speaker's mean predicted probabilities equal; no label).
 One JSON line per run is appended to screen.jsonl beside this file.
@@ -95,6 +95,8 @@ def ref_clips(items, mode):
         return [d for d in items if d["lab"] == "neutral"]
     if mode == "4class-bal":
         return four(items) + [d for d in items if d["lab"] == "neutral"]
+    if mode == "4class+calm":
+        return four(items) + [d for d in items if d["lab"] == "calm"]
     if mode == "neutral+4class":
         return four(items) + [d for d in items if d["lab"] in ("neutral", "calm")] * 2
     if mode == "lowarousal":
