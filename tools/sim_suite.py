@@ -94,7 +94,12 @@ def recovery_setups() -> list[tuple[str, dict]]:
             ("head only, FedAvg, 20 answers per round, no replay set", {"answers_per_round": 20,
                                                                        "replay_weight": 0.0}),
             ("head only, FedAvgM (server lr 1, momentum 0.9)", {"server_optimizer": "fedavgm"}),
-            ("head only, FedAdam (server lr 0.05)", {"server_optimizer": "fedadam", "server_lr": 0.05})]
+            ("head only, FedAdam (server lr 0.05)", {"server_optimizer": "fedadam", "server_lr": 0.05}),
+            ("head only, FedAvg, 20 answers per round, no replay set, 10 local epochs",
+             {"answers_per_round": 20, "replay_weight": 0.0, "local_epochs": 10}),
+            ("head only, FedAvg, 10 local epochs", {"local_epochs": 10}),
+            ("head only, FedAvg, 20 answers per round, no replay set, 5 local epochs",
+             {"answers_per_round": 20, "replay_weight": 0.0, "local_epochs": 5})]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +339,7 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
             "final_by_seed": [r["final"]["uar"] for r in reports],
             "final_recall": {lab: _mean_se([r["final"]["confusion_matrix"][i][i] / max(1, sum(
                 r["final"]["confusion_matrix"][i])) for r in reports])[0] for i, lab in enumerate(LABELS)},
+            "answers_per_device": float(np.mean([d["answers"] for p in pers for d in p["per_device"]])),
             "best_round": rounds[int(np.argmax([m for m, _ in per_round]))],
             "best_round_uar": max(m for m, _ in per_round),
             "gain_over_base": final - base, "share_of_centralised": final / central["uar"],
@@ -387,7 +393,8 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
              f"Targets after {cfg['rounds']} rounds: UAR >= base + 0.25 = **{base + 0.25:.3f}** and >= 90 % of the "
              f"centralised reference = **{0.9 * central['uar']:.3f}**.", "",
              f"| set-up | round 0 | round 5 | round 10 | round {cfg['rounds']} (mean ± SE, {n_seeds} seeds) | gain | "
-             "of centralised | best round (mean) | centralised head | targets |", "| --- " * 10 + "|"]
+             "of centralised | best round (mean) | centralised head | answers per device | targets |",
+             "| --- " * 11 + "|"]
 
     def at(s, r):
         if r not in s["rounds"]:
@@ -400,6 +407,7 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
         lines.append(f"| {name} | {at(s, 0)} | {at(s, 5)} | {at(s, 10)} | **{s['final_uar']:.3f} ± "
                      f"{s['final_se']:.3f}** | {s['gain_over_base']:+.3f} | {100 * s['share_of_centralised']:.0f} % "
                      f"| {s['best_round_uar']:.3f} (round {s['best_round']}) | {s['centralised_head_uar']:.3f} | "
+                     f"{s['answers_per_device']:.0f} | "
                      f"gain {'met' if met['gain'] else 'MISSED'}, 90 % {'met' if met['centralised'] else 'MISSED'} |")
     target = max(base + 0.25, 0.9 * central["uar"])
     ceiling = max([s["centralised_head_uar"] for s in summary["setups"].values()]

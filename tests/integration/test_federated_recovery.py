@@ -72,6 +72,13 @@ def test_recovery_suite_runs_end_to_end_and_test_speakers_never_act_as_devices(t
         # the devices' own state folders: one per device speaker, none for a test speaker
         assert sorted(p.name for p in (out / "head-only-FedAvg" / f"seed-{seed}" / "devices").iterdir()) == \
             [f"nemo-{s}" for s in DEVICE_SPEAKERS]
+    # the report again from the saved runs, without running anything
+    r = subprocess.run([sys.executable, "-m", "tools.sim_suite", "--scenario", "recovery", "--out", str(out),
+                        "--report", str(tmp_path / "again"), "--seeds", "0,1", "--setups", "0", "--report-only"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["setups"]["head only, FedAvg"]["uar_mean"] == setup["uar_mean"]
     # the centralised reference trained on RAVDESS + the device speakers; the test speakers held out of it
     split = json.loads((out / "models" / "centralised-model" / "report.json").read_text())["split"]
     trained = set(split["train_speakers"]) | set(split["val_speakers"])
