@@ -3,11 +3,16 @@ gradients equal to TensorFlow's own, and an export without them (older files) st
 
 from __future__ import annotations
 
+import json
+import subprocess
+import textwrap
+
 import numpy as np
 import pytest
 
 from edge_sdk.errors import ModelError
 from edge_sdk.model import ADAPTER_SIGNATURES, TFLiteModel
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +117,39 @@ def test_a_model_without_the_adapter_signatures_is_head_only_and_says_so(trained
     from ai_edge_litert.interpreter import Interpreter
 
     assert not set(ADAPTER_SIGNATURES) & set(Interpreter(str(head_only_export.tflite_path)).get_signature_list())
+
+
+@pytest.mark.skipif(not (REPO / ".venv-tflite-runtime" / "bin" / "python").exists(),
+                    reason="no .venv-tflite-runtime (scripts/test.sh makes it where tflite-runtime installs)")
+def test_the_adapter_runs_under_tflite_runtime(trained_model, rng):
+    """tflite-runtime 2.14 (the only cp311 aarch64 wheel older Pis get) runs the adapter signatures too, and the
+    same adapter steps give the same adapter as ai-edge-litert."""
+    f = trained_model.metadata.features
+    x = rng.normal(size=(f.max_frames, f.n_features)).astype(np.float32)
+    path = trained_model.tflite_path.parent / "adapter-x.npy"
+    np.save(path, x, allow_pickle=False)
+    script = textwrap.dedent(f"""
+        import json, numpy as np
+        from edge_sdk.model import ModelMetadata, TFLiteModel
+        meta = ModelMetadata.load({str(trained_model.metadata_path)!r})
+        m = TFLiteModel({str(trained_model.tflite_path)!r}, meta, runtime="tflite_runtime")
+        fr = m.frames(np.load({str(path)!r}))[None]
+        for _ in range(3):
+            m.adapter_train_step(fr, np.eye(meta.num_classes, dtype=np.float32)[:1], [1.0], learning_rate=0.1,
+                                 adapter_learning_rate=0.5)
+        print(json.dumps({{"runtime": m.runtime, "has_adapter": m.has_adapter,
+                           "scale": m.get_adapter()["scale"].tolist()}}))
+    """)
+    out = subprocess.run([str(REPO / ".venv-tflite-runtime" / "bin" / "python"), "-c", script], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["runtime"] == "tflite_runtime" and got["has_adapter"]
+    model = TFLiteModel(trained_model.tflite_path, trained_model.metadata)
+    fr = model.frames(x)[None]
+    for _ in range(3):
+        model.adapter_train_step(fr, np.eye(trained_model.metadata.num_classes, dtype=np.float32)[:1], [1.0],
+                                 learning_rate=0.1, adapter_learning_rate=0.5)
+    scale = model.get_adapter()["scale"]
+    assert np.abs(scale - 1).max() > 1e-4
+    np.testing.assert_allclose(got["scale"], scale, rtol=0, atol=1e-5)
