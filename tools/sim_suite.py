@@ -350,7 +350,7 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
             "seconds_per_run": float(np.mean([r["seconds"] for r in reports]))}
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=110)
     for name, s in summary["setups"].items():
         m, e = np.array(s["uar_mean"]), np.array(s["uar_se"])
         ax.plot(s["rounds"], m, marker=".", lw=1.2, label=f"federated: {name}")
@@ -358,11 +358,15 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
     ax.axhline(base, color="grey", ls=":", lw=1, label=f"base (RAVDESS only) {base:.3f}")
     ax.axhline(central["uar"], color="black", ls="--", lw=1, label=f"centralised reference {central['uar']:.3f}")
     ax.axhline(base + 0.25, color="tab:red", ls="-.", lw=0.8, label="target: base + 0.25")
+    ax.axhline(0.9 * central["uar"], color="tab:purple", ls="-.", lw=0.8, label="target: 90 % of the reference")
+    if limits and "head" in limits:
+        ax.axhline(limits["head"]["best"], color="tab:green", ls=":", lw=1,
+                   label=f"head-only ceiling (true labels) {limits['head']['best']:.3f}")
     ax.set_xlabel("round")
     ax.set_ylabel("global UAR, nEMO IC0, MK0, TP0")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(min(0.3, base - 0.05), max(0.75, central["uar"] + 0.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"Federated recovery on nEMO: mean ± SE over {len(next(iter(runs.values())))} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "uar-per-round.png")
