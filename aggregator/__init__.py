@@ -29,6 +29,21 @@ DEFAULTS = {
     "SERVER_KEY_FILE": None,  # the server's Ed25519 signing key: a PEM file (mode 0600/0400) ...
     "SERVER_KEY": None,  # ... or the PEM itself (or base64 of it)
     "BLOB_CACHE_BYTES": 32 * 1024 * 1024,  # model files (in the database) each process keeps in memory
+    # SQLite durability (aggregator.db.make_engine): NORMAL syncs the WAL at checkpoints, so a commit survives a
+    # killed process but a power cut can lose the last commits (the database stays consistent); FULL syncs
+    # every commit (durable through a power cut) and caps a host at about 220 updates/s on this machine's disk;
+    # EXTRA also syncs the directory. Anything else is a ConfigError. PostgreSQL ignores it.
+    "SQLITE_SYNCHRONOUS": "NORMAL",
+    # Seconds an update post waits for the round's lock (PostgreSQL: the round row's FOR SHARE, via SET LOCAL
+    # lock_timeout; SQLite: the host's write lock and busy wait) while another host or worker closes the
+    # round; past it the post is refused 503 lock_timeout with Retry-After (counted; devices keep the update
+    # and retry), so a close that hangs (a host cut off mid-close) does not hold every host's threads.
+    "INTAKE_LOCK_TIMEOUT_SECONDS": 5.0,
+    # PostgreSQL: a closing transaction idle (between statements) longer than this is ended by the server
+    # (idle_in_transaction_session_timeout, set for the close only), releasing the round's lock when the closing
+    # host is cut off behind a pooler or relay that TCP keepalives cannot see through. Longer than the slowest
+    # close's longest pause (the validation gate); 0: off.
+    "CLOSE_IDLE_TIMEOUT_SECONDS": 120.0,
     # rounds
     "ROUND_MIN_UPDATES": 2,  # a round closes as soon as it holds this many updates (K)
     "ROUND_DEADLINE_SECONDS": 0.0,  # > 0: a round also closes when this passes and it holds ...
@@ -105,6 +120,25 @@ def _from_env(config) -> None:
                 raise ConfigError(f"FEDSER_{key}={raw!r}: expected {kind} (default {default!r})") from None
 
 
+def _check_settings(config) -> None:
+    """Settings whose value is checked at start whatever the database (a ConfigError names the variable)."""
+    from aggregator.db import SQLITE_SYNCHRONOUS
+
+    sync = str(config.get("SQLITE_SYNCHRONOUS") or "NORMAL").strip().upper()
+    if sync not in SQLITE_SYNCHRONOUS:
+        raise ConfigError(f"SQLITE_SYNCHRONOUS={config.get('SQLITE_SYNCHRONOUS')!r}: expected one of "
+                          f"{', '.join(SQLITE_SYNCHRONOUS)}")
+    config["SQLITE_SYNCHRONOUS"] = sync
+    for key, low in (("INTAKE_LOCK_TIMEOUT_SECONDS", 0.001), ("CLOSE_IDLE_TIMEOUT_SECONDS", 0.0)):
+        try:
+            value = float(config[key])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{key}={config[key]!r}: expected a number of seconds >= {low:g}")
+        config[key] = value
+
+
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
     instance_path = instance_path or (test_config or {}).get("INSTANCE_PATH") or os.environ.get(
         "FEDSER_INSTANCE_PATH")
@@ -115,6 +149,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     _from_env(app.config)
     if test_config:
         app.config.update(test_config)
+    _check_settings(app.config)
     from aggregator.rounds import RoundPolicy
 
     try:  # the aggregation settings are checked at start, not at the first round close

@@ -36,7 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 __all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "RefusalCount", "Job",
            "Blob", "SharedSetting", "insert_ignore", "init_app", "get_session", "get_read_session", "write_if_free",
-           "make_engine"]
+           "make_engine", "bounded_connection", "is_lock_timeout", "LOCK_TIMEOUT"]
 
 # Values a client chooses (sequence, example counts) and lifetime counters can pass 2**31-1, PostgreSQL's
 # INTEGER: these columns are 64-bit (SQLite's INTEGER always is). Autoincrement keys stay INTEGER on SQLite,
@@ -236,18 +236,36 @@ class _HostWriteLock:
         self._close()
 
     def acquire(self, timeout: float) -> None:
-        from sqlalchemy.exc import OperationalError
-
+        deadline = time.monotonic() + timeout
         if not self.thread_lock.acquire(timeout=timeout):
-            raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked (waited "
-                                                                                    f"{timeout:.2f} s)"))
+            raise _locked(timeout)
         try:
             if self.fd is None:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self._flock(deadline)
         except BaseException:
             self.thread_lock.release()
             raise
+
+    def _flock(self, deadline: float) -> None:
+        """The file lock, waiting until ``deadline`` (time.monotonic) at most.
+
+        ``flock`` has no timeout: a blocking one would wait for as long as another process of this host holds
+        the lock (a round close, or a stopped process). Free at once, it is taken without waiting; otherwise
+        it is tried again every 0.2 ms for the first 20 ms (a write transaction ends in about a millisecond,
+        so a handover stays quick), then every 2 ms until the deadline (a long wait is a round close).
+        """
+        started = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if now >= deadline:
+                raise _locked(now - started)
+            time.sleep(min(0.0002 if now - started < 0.02 else 0.002, deadline - now))
 
     def release(self) -> None:
         try:
@@ -256,13 +274,20 @@ class _HostWriteLock:
             self.thread_lock.release()
 
 
+def _locked(waited: float):
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError(f"database is locked (waited "
+                                                                            f"{waited:.2f} s)"))
+
+
 class _LockedConnection(sqlite3.Connection):
     """A pysqlite connection whose write transaction holds the host's write lock until it commits or rolls back."""
 
     lock_timeout = 30.0  # seconds, as the busy timeout (write_if_free lowers both)
 
-    def hold(self, lock: _HostWriteLock) -> None:
-        lock.acquire(self.lock_timeout)
+    def hold(self, lock: _HostWriteLock, timeout: float | None = None) -> None:
+        lock.acquire(self.lock_timeout if timeout is None else min(timeout, self.lock_timeout))
         self._held = lock
 
     def let_go(self) -> None:
@@ -332,10 +357,18 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL"):
                 conn.exec_driver_sql("BEGIN")
                 return
             raw = conn.connection.dbapi_connection
+            bound = conn.get_execution_options().get(LOCK_TIMEOUT)  # bounded_connection: a shorter wait
             if lock is not None:
-                raw.hold(lock)
+                raw.hold(lock, bound)
             try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                if bound is None:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:  # SQLite's own wait (a writer without the host lock): bounded alike, for this BEGIN only
+                    raw.execute(f"PRAGMA busy_timeout={max(1, int(bound * 1000))}")
+                    try:
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    finally:
+                        raw.execute(f"PRAGMA busy_timeout={int(raw.lock_timeout * 1000)}")
             except BaseException:
                 raw.let_go()
                 raise
@@ -434,6 +467,29 @@ def seed_refusal_counts(engine) -> None:
 
 
 READ_ONLY = "fedser_read_only"  # execution option of the read-only sessions' engine
+LOCK_TIMEOUT = "fedser_lock_timeout"  # execution option: seconds a SQLite write transaction waits to begin
+
+
+def bounded_connection(session: Session, seconds: float):
+    """The session's connection, its transaction begun with every lock wait bounded by ``seconds``.
+
+    SQLite: the host write lock and SQLite's busy wait at ``BEGIN IMMEDIATE``; PostgreSQL: ``SET LOCAL
+    lock_timeout`` (row locks such as the round's ``FOR SHARE``, until the transaction ends). A wait that runs
+    out raises an ``OperationalError`` for which :func:`is_lock_timeout` is true. The session must not be in a
+    transaction yet (else the SQLite bound does not apply).
+    """
+    conn = session.connection(execution_options={LOCK_TIMEOUT: float(seconds)})
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(float(seconds) * 1000))}")
+    return conn
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` (a SQLAlchemy ``OperationalError``) is a lock wait that ran out (:func:`bounded_connection`)."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "55P03":  # PostgreSQL lock_not_available (lock_timeout)
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "database is locked" in str(orig)
 
 
 def get_session() -> Session:

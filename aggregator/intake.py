@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from aggregator.db import Device, ModelVersion, Refusal, Round, Update
+from aggregator.db import Device, ModelVersion, Refusal, Round, Update, bounded_connection, is_lock_timeout
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
 from edge_sdk.errors import SignatureError, WireFormatError
@@ -27,10 +27,11 @@ __all__ = ["Refused", "Accepted", "accept_update"]
 
 class Refused(Exception):
     def __init__(self, status: int, reason: str, detail: str, *, device_id: str | None = None,
-                 authenticated: bool = False) -> None:
+                 authenticated: bool = False, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.status, self.reason, self.detail = status, reason, detail
         self.device_id, self.authenticated = device_id, authenticated
+        self.retry_after = retry_after  # seconds (the Retry-After header of a 503)
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,44 @@ class Accepted:
 
 
 def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_l2_norm: float,
-                  staleness_limit: int = 0, rate_limit_per_hour: int = 0) -> Accepted:
-    """Check and store one posted update envelope (see the module docstring)."""
+                  staleness_limit: int = 0, rate_limit_per_hour: int = 0,
+                  lock_timeout: float = 5.0) -> Accepted:
+    """Check and store one posted update envelope (see the module docstring).
+
+    ``lock_timeout``: seconds the post waits for the round's lock (a close in progress on another host or
+    worker) before it is refused ``503 lock_timeout`` with a ``retry_after``: the device keeps the update
+    and posts it again. Such a refusal is the server's state, not the device's doing: it is not counted
+    against the device (``authenticated=False``: no rate-limit row, no ``updates_refused``).
+    """
     try:
         envelope, header_bytes = UpdateEnvelope.from_bytes(data)
     except FieldRangeError as exc:  # a field outside its documented range (edge_sdk.wire)
         raise Refused(400, "out_of_range", str(exc)) from exc
     except WireFormatError as exc:
         raise Refused(400, "malformed", str(exc)) from exc
+    started = time.monotonic()
+    try:
+        return _accept(session, envelope, header_bytes, server_key, max_l2_norm=max_l2_norm,
+                       staleness_limit=staleness_limit, rate_limit_per_hour=rate_limit_per_hour,
+                       lock_timeout=lock_timeout)
+    except OperationalError as exc:
+        if not is_lock_timeout(exc):
+            raise
+        session.rollback()
+        retry = max(1, math.ceil(lock_timeout))
+        raise Refused(503, "lock_timeout", f"waited {time.monotonic() - started:.1f} s for the round's lock (a "
+                                           f"round close in progress holds it): the update was not stored; post "
+                                           f"it again in {retry} s", device_id=envelope.header.device_id,
+                      retry_after=retry) from exc
+
+
+def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, server_key: SigningKey, *,
+            max_l2_norm: float, staleness_limit: int, rate_limit_per_hour: int, lock_timeout: float) -> Accepted:
     header = envelope.header
     # Core statements on the session's connection for the reads and writes of the hot path: the ORM's
     # identity map and unit of work cost more CPU here than the database does (tools.bench_aggregator).
-    conn = session.connection()
+    # Every lock wait of the transaction is bounded (SQLite: at BEGIN; PostgreSQL: the round's FOR SHARE).
+    conn = bounded_connection(session, lock_timeout)
     device = conn.execute(_DEVICE, {"dev_id": header.device_id}).first()
     if device is None:
         raise Refused(401, "unknown_device", f"device {header.device_id!r} is not enrolled",
@@ -92,7 +119,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
             raise Refused(429, "rate_limited", f"device {device.id} posted {recent} times in the last hour; the "
                                                f"limit is {rate_limit_per_hour}", device_id=device.id,
                           authenticated=True)
-    rnd = current = conn.execute(_OPEN_ROUND).first()  # (round id, deadline, current version, its manifest)
+    # (round id, deadline, current version, its manifest, whether this device has an update in the round)
+    rnd = current = conn.execute(_OPEN_ROUND, {"dev_id": device.id}).first()
     if current is None:
         current = current_version(session)
         if current is None:
@@ -107,6 +135,8 @@ def accept_update(session: Session, data: bytes, server_key: SigningKey, *, max_
         raise refuse(409, "stale_base", f"update is against version {header.base_version}, {staleness} behind the "
                                         f"current {current.version} (limit {staleness_limit}): pull the new model "
                                         "and retrain")
+    if rnd.contributed:  # decided before the body is written (the unique constraint stays the guard of a race)
+        raise refuse(409, "already_contributed", f"device {device.id} already has an update in round {rnd.id}")
     manifest = load_manifest(current, server_key)
     layout = manifest.metadata.head_layout
     if header.layout_sha256 != layout.sha256:
@@ -159,7 +189,12 @@ _DEVICE = select(*(Device.__table__.c[k] for k in ("id", "public_key", "revoked"
 # aggregator.rounds.open_round_and_version): a concurrent close either waits for this insert or has already
 # moved both on. SQLite has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
 _ROUNDS, _VERSIONS = Round.__table__, ModelVersion.__table__
-_OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest)
+_UPDATES = Update.__table__
+_CONTRIBUTED = (select(_UPDATES.c.update_id).where(_UPDATES.c.round_id == _ROUNDS.c.id,
+                                                   _UPDATES.c.device_id == bindparam("dev_id"))
+                .exists().label("contributed"))
+_OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest,
+                      _CONTRIBUTED)
                .join(_VERSIONS, _VERSIONS.c.version == _ROUNDS.c.base_version)
                .where(_VERSIONS.c.is_current.is_(True), _ROUNDS.c.status == "open")
                .with_for_update(read=True, of=_ROUNDS))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from flask import Flask, current_app
+from sqlalchemy import text
 
 from aggregator.rounds import CloseResult, RoundPolicy, close_round, due_round
 
@@ -38,6 +39,11 @@ def validation_gate(app: Flask | None = None):
 def close(session, round_id: int, *, min_updates: int | None = None, app: Flask | None = None) -> CloseResult:
     app = app or current_app
     ext = app.extensions
+    idle = float(app.config.get("CLOSE_IDLE_TIMEOUT_SECONDS") or 0)
+    if idle > 0 and session.get_bind().dialect.name == "postgresql":
+        # For this close's transaction only: a closing host cut off from the database (behind a pooler or relay
+        # that keepalives cannot see through) holds the round's lock until the server ends its session.
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}"))
     return close_round(session, ext["fedser_blobs"], ext["fedser_server_key"], round_id,
                        policy=round_policy(app, min_updates=min_updates), gate=validation_gate(app),
                        before_commit=_test_pause(app))

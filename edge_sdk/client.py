@@ -181,11 +181,14 @@ class ServerClient:
                 reason, detail = doc.get("error", reason), doc.get("detail", detail)
             except (ValueError, AttributeError):
                 pass
-            raise ServerError(
+            err = ServerError(
                 f"{method} {url} was refused with HTTP {resp.status_code} ({reason}): {detail}",
                 status=resp.status_code,
                 reason=reason,
             )
+            # Seconds the server asks the caller to wait before trying again (a 503 lock_timeout sends it), or None.
+            err.retry_after = _retry_after(resp.headers.get("Retry-After"))
+            raise err
         return resp, body
 
     def _send(self, method: str, url: str, deadline_at: float, **kwargs) -> requests.Response:
@@ -268,6 +271,12 @@ class ServerClient:
     def get_blob(self, url: str, *, size: int | None = None) -> bytes:
         """The file at ``url``; with ``size`` (the manifest's), refused as soon as it would be longer."""
         return self._request("GET", url, max_bytes=size)[1]
+
+
+def _retry_after(value: str | None) -> int | None:
+    """``Retry-After`` in seconds (delta-seconds form only, at most a day), else None."""
+    value = (value or "").strip()
+    return min(int(value), 86400) if value.isdigit() and len(value) <= 9 else None
 
 
 def _read_body(resp: requests.Response, url: str, limit: int, deadline_at: float, deadline: float) -> bytes:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from aggregator import service
-from aggregator.api import API_PREFIX, refuse, server_key
-from aggregator.db import Device, Refusal, RefusalCount, get_session
+from aggregator.api import API_PREFIX, error, refuse, server_key
+from aggregator.db import Device, Refusal, RefusalCount, bounded_connection, get_session, is_lock_timeout
 from aggregator.intake import Refused, accept_update
 
 log = logging.getLogger("aggregator")
@@ -32,8 +34,11 @@ def post_update():
         accepted = accept_update(session, data, server_key(),
                                  max_l2_norm=float(cfg["MAX_UPDATE_L2_NORM"]),
                                  staleness_limit=int(cfg["STALENESS_LIMIT"]),
-                                 rate_limit_per_hour=int(cfg["RATE_LIMIT_PER_HOUR"]))
+                                 rate_limit_per_hour=int(cfg["RATE_LIMIT_PER_HOUR"]),
+                                 lock_timeout=float(cfg["INTAKE_LOCK_TIMEOUT_SECONDS"]))
     except Refused as exc:
+        if exc.retry_after is not None:  # 503 lock_timeout: a busy round, not the device's doing
+            return _refuse_busy(session, exc)
         return refuse(exc.status, exc.reason, exc.detail, device_id=exc.device_id, authenticated=exc.authenticated)
     body = accepted.to_dict()
     if not accepted.duplicate:
@@ -42,14 +47,53 @@ def post_update():
         due = (deadline is not None and deadline <= time.time()
                and accepted.round_updates >= int(cfg["ROUND_MIN_UPDATES_AT_DEADLINE"]))
         if full or due:
-            result = service.close(session, accepted.round_id,
-                                   min_updates=None if full else int(cfg["ROUND_MIN_UPDATES_AT_DEADLINE"]))
+            try:
+                result = service.close(session, accepted.round_id,
+                                       min_updates=None if full else int(cfg["ROUND_MIN_UPDATES_AT_DEADLINE"]))
+            except DBAPIError as exc:  # e.g. the server ended a close idle past CLOSE_IDLE_TIMEOUT_SECONDS
+                session.rollback()  # the round stays open with every update; the next post or deadline retries
+                log.warning("closing round %d failed, it stays open: %s", accepted.round_id, str(exc)[:300])
+                return jsonify(body), 202
             if result.closed:
                 body["round_closed"] = True
                 body["published_version"] = result.published_version
                 if result.rejected:
                     body["round_rejected"] = result.reason
     return jsonify(body), 200 if accepted.duplicate else 202
+
+
+AUDIT_WAIT_S = 0.25  # seconds the count of a 503 lock_timeout may wait for the database's write lock
+
+
+def _refuse_busy(session, exc: Refused):
+    """503 with ``Retry-After``, counted like every refusal without queueing behind the lock that caused it.
+
+    On SQLite the count needs the write lock the close holds: it waits ``AUDIT_WAIT_S`` at most, and a count
+    that cannot be written then is kept in this process and added by its next refusal (:func:`count_refusal`).
+    """
+    from sqlalchemy.exc import OperationalError
+
+    session.rollback()
+    try:
+        bounded_connection(session, AUDIT_WAIT_S)
+        audit_refusal(session, exc.status, exc.reason, exc.detail, device_id=exc.device_id,
+                      authenticated=exc.authenticated)
+    except OperationalError as err:
+        if not is_lock_timeout(err):
+            raise
+        session.rollback()
+        key = (str(session.get_bind().url), exc.status, exc.reason)
+        with _PENDING_LOCK:
+            _PENDING[key] = _PENDING.get(key, 0) + 1
+        log.warning("refused %s %s from %s: %s (%s); counted later", request.method, request.path[:200],
+                    audit_device_id(exc.device_id), exc.reason, exc.detail[:500])
+    resp = error(exc.status, exc.reason, exc.detail)
+    resp.headers["Retry-After"] = str(exc.retry_after)
+    return resp
+
+
+_PENDING: dict[tuple[str, int, str], int] = {}  # (database, status, reason): counted here, not yet in the table
+_PENDING_LOCK = threading.Lock()
 
 
 def _read_body(limit: int) -> bytes | None:
@@ -92,9 +136,14 @@ def count_refusal(session, status: int, reason: str, now: float) -> None:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(RefusalCount).values(reason=reason, status=status, count=1, last_at=now)
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=["reason", "status"], set_={"count": RefusalCount.count + 1, "last_at": now}))
+    db = str(session.get_bind().url)
+    with _PENDING_LOCK:
+        pending = {k[1:]: _PENDING.pop(k) for k in [k for k in _PENDING if k[0] == db]}
+    pending[(status, reason)] = pending.get((status, reason), 0) + 1
+    for (status, reason), n in sorted(pending.items()):
+        stmt = insert(RefusalCount).values(reason=reason, status=status, count=n, last_at=now)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["reason", "status"], set_={"count": RefusalCount.count + n, "last_at": now}))
 
 
 def refusal_counts(session) -> dict[str, int]:
