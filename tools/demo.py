@@ -409,8 +409,10 @@ def _base_model(args, ravdess: Path | None) -> tuple[Path, Path, str]:
             shown = args.base_model
         return tflite, meta, f"the RAVDESS-only model ({shown})"
     out = args.out / "ravdess-only"
+    # docs/results/cross-corpus/README.md, section 4: the RAVDESS-only model's recipe
     cmd = [sys.executable, "-m", "models.cli", "train", "--out", str(out), "--corpus", "ravdess", "--data",
-           str(ravdess), "--features", "logmel", "--utterance-norm", "level", "--seed", "0", "--no-progress"]
+           str(ravdess), "--features", "logmel", "--utterance-norm", "level", "--speaker-reference", "neutral",
+           "--val-speakers", "19,20", "--seed", "0", "--no-progress"]
     print(f"      {args.base_model} is missing: training the RAVDESS-only recipe (about 2 minutes): "
           f"{' '.join(cmd[2:])}", flush=True)
     with open(args.out / "ravdess-only.log", "wb") as log_file:
