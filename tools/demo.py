@@ -634,9 +634,10 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
     ]
     if rav is not None:
         paragraphs.append(
-            f"RAVDESS actors 21-24 ({rav[1]['n']} clips): {rav[0]['uar']:.3f} -> {rav[1]['uar']:.3f}. The gate judges "
-            "rounds on the new population only, so nothing here stops the shared model drifting away from the "
-            "population it was trained on.")
+            f"RAVDESS actors 21-24 ({rav[1]['n']} clips): {rav[0]['uar']:.3f} -> {rav[1]['uar']:.3f}"
+            + (" (the rounds cost the base's own population). " if rav[1]["uar"] < rav[0]["uar"] else ". ")
+            + "The gate judges rounds on the new population only, so nothing here protects the population the base "
+            "was trained on.")
     paragraphs.append(
         f"Devices: {n_eval} clips each (one clip is {100 / max(1, n_eval):.1f} points; the standard error of one "
         f"device's accuracy is about {se:.0f} points). 'base' is the model before any answer; 'global' the final "
