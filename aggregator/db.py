@@ -36,7 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 __all__ = ["Base", "Device", "EnrollmentToken", "ModelVersion", "Round", "Update", "Refusal", "RefusalCount", "Job",
            "Blob", "SharedSetting", "insert_ignore", "init_app", "get_session", "get_read_session", "write_if_free",
-           "make_engine", "bounded_connection", "is_lock_timeout", "LOCK_TIMEOUT"]
+           "make_engine", "bounded_connection", "pg_lock_timeout_column", "lock_timeout_ms",
+           "is_lock_timeout", "LOCK_TIMEOUT"]
 
 # Values a client chooses (sequence, example counts) and lifetime counters can pass 2**31-1, PostgreSQL's
 # INTEGER: these columns are 64-bit (SQLite's INTEGER always is). Autoincrement keys stay INTEGER on SQLite,
@@ -470,18 +471,34 @@ READ_ONLY = "fedser_read_only"  # execution option of the read-only sessions' en
 LOCK_TIMEOUT = "fedser_lock_timeout"  # execution option: seconds a SQLite write transaction waits to begin
 
 
-def bounded_connection(session: Session, seconds: float):
+def bounded_connection(session: Session, seconds: float, *, postgres: bool = True):
     """The session's connection, its transaction begun with every lock wait bounded by ``seconds``.
 
     SQLite: the host write lock and SQLite's busy wait at ``BEGIN IMMEDIATE``; PostgreSQL: ``SET LOCAL
     lock_timeout`` (row locks such as the round's ``FOR SHARE``, until the transaction ends). A wait that runs
     out raises an ``OperationalError`` for which :func:`is_lock_timeout` is true. The session must not be in a
-    transaction yet (else the SQLite bound does not apply).
+    transaction yet (else the SQLite bound does not apply). ``postgres=False``: the caller sets PostgreSQL's
+    bound itself, in its first statement (:func:`pg_lock_timeout_column`: no round trip of its own).
     """
-    conn = session.connection(execution_options={LOCK_TIMEOUT: float(seconds)})
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(float(seconds) * 1000))}")
+    if session.get_bind().dialect.name != "sqlite":  # the option is read by SQLite's BEGIN only
+        conn = session.connection()
+    else:
+        conn = session.connection(execution_options={LOCK_TIMEOUT: float(seconds)})
+    if postgres and conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {lock_timeout_ms(seconds)}")
     return conn
+
+
+def pg_lock_timeout_column():
+    """A column that sets PostgreSQL's ``lock_timeout`` (bound parameter ``lock_timeout_ms``, a string) for the
+    rest of the transaction, as ``SET LOCAL`` does, when a query selects it: no round trip of its own."""
+    from sqlalchemy import bindparam, func
+
+    return func.set_config("lock_timeout", bindparam("lock_timeout_ms"), True).label("lock_timeout_set")
+
+
+def lock_timeout_ms(seconds: float) -> str:
+    return str(max(1, int(float(seconds) * 1000)))
 
 
 def is_lock_timeout(exc: BaseException) -> bool:

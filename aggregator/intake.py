@@ -15,7 +15,17 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from aggregator.db import Device, ModelVersion, Refusal, Round, Update, bounded_connection, is_lock_timeout
+from aggregator.db import (
+    Device,
+    ModelVersion,
+    Refusal,
+    Round,
+    Update,
+    bounded_connection,
+    is_lock_timeout,
+    lock_timeout_ms,
+    pg_lock_timeout_column,
+)
 from aggregator.fedavg import l2_norm
 from aggregator.registry import current_version, load_manifest
 from edge_sdk.errors import SignatureError, WireFormatError
@@ -85,8 +95,12 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
     # Core statements on the session's connection for the reads and writes of the hot path: the ORM's
     # identity map and unit of work cost more CPU here than the database does (tools.bench_aggregator).
     # Every lock wait of the transaction is bounded (SQLite: at BEGIN; PostgreSQL: the round's FOR SHARE).
-    conn = bounded_connection(session, lock_timeout)
-    device = conn.execute(_DEVICE, {"dev_id": header.device_id}).first()
+    conn = bounded_connection(session, lock_timeout, postgres=False)
+    if conn.dialect.name == "postgresql":  # the bound is set by the device query itself: no extra round trip
+        device = conn.execute(_DEVICE_PG, {"dev_id": header.device_id,
+                                           "lock_timeout_ms": lock_timeout_ms(lock_timeout)}).first()
+    else:
+        device = conn.execute(_DEVICE, {"dev_id": header.device_id}).first()
     if device is None:
         raise Refused(401, "unknown_device", f"device {header.device_id!r} is not enrolled",
                       device_id=header.device_id)
@@ -185,6 +199,7 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
 _DEVICE = select(*(Device.__table__.c[k] for k in ("id", "public_key", "revoked", "last_sequence",
                                                   "updates_accepted", "updates_refused"))).where(
     Device.__table__.c.id == bindparam("dev_id"))
+_DEVICE_PG = _DEVICE.add_columns(pg_lock_timeout_column())  # also bounds the transaction's lock waits
 # The open round and its (current) version in one query, the round row share-locked until the commit (as
 # aggregator.rounds.open_round_and_version): a concurrent close either waits for this insert or has already
 # moved both on. SQLite has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
