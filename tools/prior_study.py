@@ -19,12 +19,14 @@ the user's prior; training prior uniform); ``*_shrunk`` (the bias times n / (n +
 
 Scores per stream: accuracy (what this user sees) and UAR (mean recall of the classes in the scored part).
 Summaries: mean over streams (speakers x seeds) with the standard error over streams, and the paired difference
-from ``none`` with its standard error. Writes results.jsonl and summary.md into --out.
+from ``none`` with its standard error. Writes results.jsonl.gz (one JSON row per stream, method and n) and
+summary.md into --out; ``--overview SEEN`` prints one table from them without recomputing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import sys
@@ -207,11 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ravdess-length", type=int, default=80)
     ap.add_argument("--speakers", default=",".join(SPEAKERS))
     ap.add_argument("--out", default="docs/results/prior-correction")
-    ap.add_argument("--overview", metavar="SEEN", help="print the overview table of --out's results.jsonl at SEEN "
+    ap.add_argument("--overview", metavar="SEEN", help="print the overview table of --out's results.jsonl.gz at SEEN "
                     "(10, 20, 40, all, online) and exit")
     args = ap.parse_args(argv)
     if args.overview:
-        rows = [json.loads(line) for line in open(Path(args.out) / "results.jsonl")]
+        with gzip.open(Path(args.out) / "results.jsonl.gz", "rt") as f:
+            rows = [json.loads(line) for line in f]
         print(overview(rows, args.overview))
         return
     if default_ravdess_root() is None or default_nemo_root() is None:
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows.append({"model": model_name, "corpus": corpus, "speaker": speaker, "mix": mix,
                                      "seed": seed, "length": length, **r})
             print(f"{model_name} {speaker} done ({time.time() - started:.0f} s)", file=sys.stderr)
-    with open(out_dir / "results.jsonl", "w") as f:
+    with gzip.open(out_dir / "results.jsonl.gz", "wt") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     text = ("# Prior correction through the device path\n\n`python -m tools.prior_study "
