@@ -126,10 +126,41 @@ class Network:
                 return x
         raise RuntimeError("no free 10.x.0.0/16 for the veth pairs")
 
+    @staticmethod
+    def remove_stale_namespaces() -> list[str]:
+        """Delete the namespaces of runs whose process is gone (a run killed before :meth:`close`: SIGKILL, a
+        pytest timeout). A namespace is named ``fedser-<pid>-<tag>-<i>`` after the process that made it; one whose
+        process still lives is left alone, so concurrent runs do not disturb each other. Returns the names removed."""
+        removed = []
+        for line in _ip("netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            parts = name.split("-")
+            if len(parts) != 4 or parts[0] != "fedser" or not parts[1].isdigit():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue  # its run is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("netns", "del", name, check=False)  # takes its end of the veth pair, and so the pair
+            removed.append(name)
+        return removed
+
     def _make_namespaces(self, n: int) -> None:
+        stale = self.remove_stale_namespaces()
+        if stale:
+            log.warning("removed %d network namespaces left by killed runs: %s", len(stale), ", ".join(stale))
         x = self._free_subnet()
         for i in range(n):
-            ns, outside, inside = f"fedser-{self.tag}-{i}", f"fs{self.tag}h{i}", f"fs{self.tag}n{i}"
+            ns = f"fedser-{os.getpid()}-{self.tag}-{i}"
+            outside, inside = f"fs{self.tag}h{i}", f"fs{self.tag}n{i}"
             gateway, address = f"10.{x}.{i}.1", f"10.{x}.{i}.2"
             _ip("netns", "add", ns)
             self.hosts.append(HostNet(f"host{i}", address, ns, gateway, outside))

@@ -296,3 +296,30 @@ def test_capacity_model_arithmetic():
     big = CapacityModel(devices=10**6, interval_s=3600, update_bytes=34064, hosts=1, per_host_intake=200,
                         min_updates=1000)
     assert big.hosts_needed == 2 and big.accepted == 200  # 278 offered/s: one host saturates, two are needed
+
+
+def test_namespaces_left_by_a_killed_run_are_removed_and_live_runs_are_left_alone():
+    """A run killed before its finalizers (SIGKILL, a pytest timeout) leaves its namespaces behind; the next run
+    removes those whose creating process is gone, and never one whose process still lives."""
+    import subprocess
+    import sys
+
+    from tools import fleet_sim
+
+    why = fleet_sim.netns_unavailable()
+    if why:
+        pytest.skip(f"no network namespaces: {why}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free (reuse within this test is vanishingly unlikely)
+    tag = os.urandom(3).hex()
+    stale, live = f"fedser-{dead.pid}-{tag}-0", f"fedser-{os.getpid()}-{tag}-1"
+    for name in (stale, live):
+        fleet_sim._ip("netns", "add", name)
+    try:
+        removed = fleet_sim.Network.remove_stale_namespaces()
+        names = fleet_sim._ip("netns", "list").stdout
+        assert stale in removed and stale not in names
+        assert live not in removed and live in names
+    finally:
+        for name in (stale, live):
+            fleet_sim._ip("netns", "del", name, check=False)
