@@ -56,8 +56,12 @@ def test_recovery_suite_runs_end_to_end_and_test_speakers_never_act_as_devices(t
     assert setup["uar_mean"][0] == summary["base_uar"]  # round 0 is the fixed base for every seed
     assert summary["targets"]["uar_at_least"] == summary["base_uar"] + 0.25
     assert summary["ceilings"]["epochs"] == 2 and 0 < summary["ceilings"]["head"]["final"] <= 1
+    # the test speakers never choose an epoch or a round: no best-of-curve figure is kept or reported
+    assert "best" not in summary["ceilings"]["head"] and "curve" not in summary["ceilings"]["head"]
+    assert "best_round_uar" not in setup
     md = (report_dir / "report.md").read_text()
     assert "python -m tools.sim_suite --scenario recovery" in md and "| head only, FedAvg |" in md
+    assert "best round" not in md and "UAR, best" not in md and "UAR, last epoch" in md
     assert (report_dir / "uar-per-round.png").stat().st_size > 5000
 
     for seed in (0, 1):
