@@ -60,6 +60,9 @@ class Device(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     updates_accepted: Mapped[int] = mapped_column(BigInt, default=0)
     updates_refused: Mapped[int] = mapped_column(BigInt, default=0)
+    # The round of its last accepted update: the intake refuses a second one in that round before writing it
+    # (NULL in a database from before this column: the unique constraint refuses it, after the write, as before)
+    last_round_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class EnrollmentToken(Base):

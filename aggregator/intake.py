@@ -133,8 +133,7 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
             raise Refused(429, "rate_limited", f"device {device.id} posted {recent} times in the last hour; the "
                                                f"limit is {rate_limit_per_hour}", device_id=device.id,
                           authenticated=True)
-    # (round id, deadline, current version, its manifest, whether this device has an update in the round)
-    rnd = current = conn.execute(_OPEN_ROUND, {"dev_id": device.id}).first()
+    rnd = current = conn.execute(_OPEN_ROUND).first()  # (round id, deadline, current version, its manifest)
     if current is None:
         current = current_version(session)
         if current is None:
@@ -149,7 +148,10 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
         raise refuse(409, "stale_base", f"update is against version {header.base_version}, {staleness} behind the "
                                         f"current {current.version} (limit {staleness_limit}): pull the new model "
                                         "and retrain")
-    if rnd.contributed:  # decided before the body is written (the unique constraint stays the guard of a race)
+    # Decided before the body is written: rounds only move on, and every accepted update goes into the open
+    # round, so a device has one in it exactly when its last accepted one went there (the unique constraint
+    # stays the guard of two concurrent posts, and of devices whose last_round_id predates the column).
+    if device.last_round_id == rnd.id:
         raise refuse(409, "already_contributed", f"device {device.id} already has an update in round {rnd.id}")
     manifest = load_manifest(current, server_key)
     layout = manifest.metadata.head_layout
@@ -172,7 +174,7 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
             "sequence": header.sequence, "num_examples": header.num_examples, "l2_norm": norm, "body": envelope.body,
             "received_at": now, "staleness": staleness, "answers_scored": header.answers_scored,
             "personal_correct": header.personal_correct, "global_correct": header.global_correct})
-        conn.execute(_BUMP_DEVICE, {"dev_id": device.id, "seq": header.sequence, "now": now})
+        conn.execute(_BUMP_DEVICE, {"dev_id": device.id, "seq": header.sequence, "now": now, "rid": rnd.id})
         # SQLite: this transaction holds the one write lock (BEGIN IMMEDIATE), so a count before the commit is
         # exact and costs no second transaction (and no second wait for the lock).
         count = conn.scalar(_COUNT_ROUND, {"rid": rnd.id}) if sqlite else None
@@ -197,25 +199,20 @@ def _accept(session: Session, envelope: UpdateEnvelope, header_bytes: bytes, ser
 
 
 _DEVICE = select(*(Device.__table__.c[k] for k in ("id", "public_key", "revoked", "last_sequence",
-                                                  "updates_accepted", "updates_refused"))).where(
+                                                  "updates_accepted", "updates_refused", "last_round_id"))).where(
     Device.__table__.c.id == bindparam("dev_id"))
 _DEVICE_PG = _DEVICE.add_columns(pg_lock_timeout_column())  # also bounds the transaction's lock waits
 # The open round and its (current) version in one query, the round row share-locked until the commit (as
 # aggregator.rounds.open_round_and_version): a concurrent close either waits for this insert or has already
 # moved both on. SQLite has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
 _ROUNDS, _VERSIONS = Round.__table__, ModelVersion.__table__
-_UPDATES = Update.__table__
-_CONTRIBUTED = (select(_UPDATES.c.update_id).where(_UPDATES.c.round_id == _ROUNDS.c.id,
-                                                   _UPDATES.c.device_id == bindparam("dev_id"))
-                .exists().label("contributed"))
-_OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest,
-                      _CONTRIBUTED)
+_OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest)
                .join(_VERSIONS, _VERSIONS.c.version == _ROUNDS.c.base_version)
                .where(_VERSIONS.c.is_current.is_(True), _ROUNDS.c.status == "open")
                .with_for_update(read=True, of=_ROUNDS))
 _INSERT_UPDATE = insert(Update.__table__)
 _BUMP_DEVICE = (update(Device.__table__).where(Device.__table__.c.id == bindparam("dev_id"))
-                .values(last_sequence=bindparam("seq"), last_seen=bindparam("now"),
+                .values(last_sequence=bindparam("seq"), last_seen=bindparam("now"), last_round_id=bindparam("rid"),
                         updates_accepted=Device.__table__.c.updates_accepted + 1))
 _COUNT_ROUND = (select(func.count()).select_from(Update.__table__)
                 .where(Update.__table__.c.round_id == bindparam("rid")))

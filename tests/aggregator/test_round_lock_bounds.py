@@ -199,10 +199,15 @@ def test_already_contributed_is_refused_before_the_body_is_written(tmp_path, bac
     second = client.post("/api/v1/updates", data=signed_update(doc["device_id"], key, layout, sequence=2).to_bytes())
     assert second.status_code == 409 and second.json["error"] == "already_contributed", second.text
     assert len(inserts) == 1  # refused before the INSERT (before: the body was written, then rolled back)
+    with app.extensions["fedser_engine"].begin() as conn:  # a device row from before the column: the guard
+        conn.exec_driver_sql("UPDATE devices SET last_round_id = NULL")
+    third = client.post("/api/v1/updates", data=signed_update(doc["device_id"], key, layout, sequence=3).to_bytes())
+    assert third.status_code == 409 and third.json["error"] == "already_contributed", third.text
+    assert len(inserts) == 2  # written, then refused by the unique constraint, as before
     status = client.get("/api/v1/admin/status", headers=admin).json
-    assert status["refusals"].get("already_contributed") == 1, status["refusals"]
+    assert status["refusals"].get("already_contributed") == 2, status["refusals"]
     devices = client.get("/api/v1/admin/devices", headers=admin).json["devices"]
-    assert devices[0]["updates_refused"] == 1 and devices[0]["updates_accepted"] == 1
+    assert devices[0]["updates_refused"] == 2 and devices[0]["updates_accepted"] == 1
 
 
 def test_settings_are_checked_at_start_whatever_the_database(tmp_path, monkeypatch):
