@@ -65,8 +65,10 @@ def fleet(tmp_path):
     if why_not_netns and loopback_unavailable("127.0.0.2"):
         pytest.skip(f"no second host address: no network namespaces ({why_not_netns}) and "
                     f"{loopback_unavailable('127.0.0.2')}")
-    fl = Fleet(tmp_path / "fleet", n_hosts=2, workers=2, env={"FEDSER_ROUND_MIN_UPDATES": str(K)},
-               prefer_netns=prefer_netns)
+    # Posts queue behind the paused close until the kill, however slow the machine: the bounded wait (a 503 after
+    # INTAKE_LOCK_TIMEOUT_SECONDS) has its own tests in tests/aggregator/test_round_lock_bounds.py.
+    env = {"FEDSER_ROUND_MIN_UPDATES": str(K), "FEDSER_INTAKE_LOCK_TIMEOUT_SECONDS": "120"}
+    fl = Fleet(tmp_path / "fleet", n_hosts=2, workers=2, env=env, prefer_netns=prefer_netns)
     # Host A's closes pause after writing the new version, before the commit (read once, at its first close).
     marker = tmp_path / "host-a-paused-before-commit"
     (tmp_path / "fleet" / "host0" / "instance").mkdir(parents=True)
