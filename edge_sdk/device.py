@@ -39,13 +39,13 @@ from edge_sdk.audio import load_audio
 from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
 from edge_sdk.features import MAX_CLIP_SECONDS, SpeakerStats, extract, fit_frames, raw_features, trim_silence
-from edge_sdk.manifest import SignedManifest
+from edge_sdk.manifest import Manifest, SignedManifest
 from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
 from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
 from edge_sdk.store import FeedbackExample, FeedbackStore
-from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, pack_arrays, unpack_arrays
+from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, canonical_json, pack_arrays, unpack_arrays
 
 log = logging.getLogger("edge_sdk")
 
@@ -491,7 +491,9 @@ class Device:
 
         Only a version newer than any this device installed is taken (the same one again with ``repair``, or
         when what is in use is not it): a genuinely signed older manifest, replayed by a proxy, is refused with
-        :class:`ManifestDowngradeError`.
+        :class:`ManifestDowngradeError`. The installed version signed again with other content (a restored backup
+        or a lost commit on the server) is re-installed, with a warning naming both digests, reset personal state
+        and withdrawn updates (:meth:`_forget_head_state`), and recorded in :meth:`status`; returns True then.
         """
         signed = SignedManifest.from_bytes(signed_bytes, self.server_key.verify)
         manifest = signed.manifest
@@ -500,8 +502,22 @@ class Device:
             raise ManifestDowngradeError(
                 f"manifest version {manifest.version} is older than version {newest}, which this device already "
                 "installed: refused (a replayed manifest?)")
-        if self.manifest is not None and manifest.version == self.manifest.version and not repair:
-            return False
+        replaced = None  # (old digest, new digest): the server signed other content under the installed version
+        if self.manifest is not None and manifest.version == self.manifest.version:
+            old_digest, new_digest = manifest_digest(self.manifest), manifest_digest(manifest)
+            if old_digest != new_digest and any(
+                    h.get("version") == manifest.version and h.get("old_manifest_sha256") == new_digest
+                    for h in self.manifest_replacements()):
+                raise ManifestDowngradeError(
+                    f"manifest version {manifest.version} with sha256 {new_digest} is the content the server "
+                    f"replaced with {old_digest}, which is installed: refused (a replayed manifest?)")
+            if old_digest != new_digest:
+                # A restored backup or a lost commit on the server: version N again, but not the N installed here.
+                # Signed with the pinned key, so it is the server's current word; downgrade protection is unchanged
+                # (the number is not older). Taken as a re-install of N.
+                replaced = (old_digest, new_digest)
+            elif not repair:
+                return False
         for ref, suffix in ((manifest.base, ".tflite"), (manifest.head, ".head")):
             path = self._model_path(ref.sha256, suffix)
             if path.exists() and _sha256_file(path) == ref.sha256:
@@ -519,6 +535,8 @@ class Device:
         new_version = self.manifest is None or manifest.version != self.manifest.version
         raw = signed.to_bytes()
         with self._serving_lock:
+            if replaced is not None and _model_of(manifest) != _model_of(self.manifest):
+                self._forget_head_state(manifest.version)
             if self._manifest_bytes is not None and new_version:
                 atomic_write(self.state_dir / "manifest.previous.json", self._manifest_bytes)
             # The manifest file is the commit point: written last, atomically.
@@ -526,8 +544,45 @@ class Device:
             self.store.set(self._watermark_key(), str(max(newest, manifest.version)))
             self._serve_version(manifest, model, global_head, raw)
         self.problems = [p for p in self.problems if p["file"] not in _MODEL_FILES]
+        if replaced is not None:
+            self._record_replacement(manifest.version, *replaced)
+            return True
         log.info("installed model version %d%s", manifest.version, "" if new_version else " (repaired)")
         return new_version
+
+    def _forget_head_state(self, version: int) -> None:
+        """What was made on the head of ``version`` that the server now replaced under the same number, reset the
+        way a new version resets it: the personal head is not loaded (personal_base_version no longer matches; the
+        caller re-personalises), the cross-validated answer report is dropped, and pending updates made on the old
+        head are withdrawn (the server would average them into a head they were not trained on: an update names
+        only the version number) and remade on the new head from the same answers."""
+        for key in ("personal_base_version", "personal_cv_report"):
+            if self.store.get(key) is not None:
+                self.store.set(key, "")
+        for item in self.store.pending():
+            if item.base_version == version:
+                self.store.mark_done(item.seq, "rejected", {"reason": "base_replaced", "base_version": version})
+        last = self._last_update()
+        if last and last.get("base_version") == version:
+            self.store.set("last_update", "null")
+
+    def _record_replacement(self, version: int, old_digest: str, new_digest: str) -> None:
+        log.warning("the server replaced model version %d: installed manifest sha256 %s, the server's now %s "
+                    "(signed with the pinned key; a restored backup or a lost commit?). Re-installed version %d; "
+                    "the personal head and pending updates made on the old one are reset", version, old_digest,
+                    new_digest, version)
+        history = self.manifest_replacements()
+        history.append({"version": version, "old_manifest_sha256": old_digest, "new_manifest_sha256": new_digest,
+                        "at": time.time()})
+        self.store.set("manifest_replacements", json.dumps(history[-20:]))
+
+    def manifest_replacements(self) -> list[dict]:
+        """The times the server signed different content under the version installed here (newest last)."""
+        try:
+            history = json.loads(self.store.get("manifest_replacements") or "[]")
+        except ValueError:
+            return []
+        return history if isinstance(history, list) else []
 
     def _require_model(self) -> TFLiteModel:
         model = getattr(self._local, "model", None)  # inside _training: this thread's private interpreter
@@ -1098,8 +1153,19 @@ class Device:
             "runtime": self.model.runtime if self.model else None,
             "personalized": self.personalized,
             "problems": list(self.problems),
+            "manifest_replacements": self.manifest_replacements(),
             **self.store.counts(),
         }
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """sha256 of a manifest's signed payload (its canonical JSON): two manifests of one version differ iff this does."""
+    return hashlib.sha256(canonical_json(manifest.to_dict())).hexdigest()
+
+
+def _model_of(manifest: Manifest) -> tuple:
+    """What the served weights depend on: the base and head files and the metadata (not created_at or metrics)."""
+    return manifest.base.sha256, manifest.head.sha256, canonical_json(manifest.metadata.to_dict())
 
 
 def _close_quietly(store: FeedbackStore | None) -> None:

@@ -5,10 +5,16 @@
 - A device that syncs late pulls the new version first, so its answers go to the open round instead of being
   refused as stale and dropped; an update it had already made on the old version is remade on the new one.
 - A genuinely signed older manifest, replayed by a proxy, is refused and the device stays on its version.
+- A server restored from a backup signs other content under the version a device installed: the device re-installs
+  that version (warning, status record, personal state and updates made on the old head reset); the same content
+  again is a no-op, and an older version or the replaced content replayed is still refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,12 +23,13 @@ import pytest
 import requests
 import soundfile as sf
 
-from edge_sdk.device import Device, ManifestDowngradeError, TrainPolicy
+from edge_sdk.device import Device, ManifestDowngradeError, TrainPolicy, manifest_digest
 from edge_sdk.errors import FedserError
 from edge_sdk.model import bundled_model_paths
 from edge_sdk.wire import UpdateEnvelope
 from tests.conftest import start_live_aggregator
 from tests.edge_sdk.conftest import ModelFiles, clip
+from tools.demo import start_aggregator
 
 pytestmark = pytest.mark.skipif(bundled_model_paths() is None, reason="no bundled model in this checkout")
 
@@ -268,3 +275,85 @@ def test_an_enroll_whose_model_cannot_be_installed_says_so_and_sync_completes_it
     assert dev.enrolled and dev.manifest is None
     dev.sync()
     assert dev.model_version == 1 and dev.model_source == "server"
+
+
+def _restart(agg, *, min_updates: int, backup_to=None, restore_from=None) -> None:
+    """Stop the aggregator (so its SQLite files are consistent), optionally copy its instance folder away or replace
+    it with a copy made earlier (a restored backup), and start it again on the same address."""
+    agg.process.terminate()
+    agg.process.wait(timeout=30)
+    if backup_to is not None:
+        shutil.copytree(agg.instance, backup_to)
+    if restore_from is not None:
+        shutil.rmtree(agg.instance)
+        shutil.copytree(restore_from, agg.instance)
+    agg.process = start_aggregator(agg.instance, int(agg.base_url.rsplit(":", 1)[1]), min_updates=min_updates,
+                                   workers=0)
+
+
+def test_other_content_signed_under_the_installed_version_is_reinstalled(aggregator, tmp_path, caplog):
+    """The server is restored from a backup taken at version 1 after it published version 2 from a round; the
+    admin publishes again, and the server signs a different version 2. A device that installed the first one
+    re-installs version 2 instead of keeping the old head forever (its updates would be averaged into a head it
+    never trained on: an update names only the version number)."""
+    agg = aggregator(min_updates=1)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    v1_manifest, _ = dev.client.get_manifest()
+    _restart(agg, min_updates=1, backup_to=tmp_path / "backup")  # version 1, the device enrolled
+    _answer(dev, 5, seed=0)
+    assert dev.sync().accepted[0]["published_version"] == 2 and dev.model_version == 2
+    old, old_bytes, old_head = dev.manifest, dev.client.get_manifest()[0], dev.global_head
+    assert dev.personalized and dev.store.get("personal_base_version") == "2"
+    old_personal = (tmp_path / "dev" / "personal.head").read_bytes()
+    _answer(dev, 2, seed=40)
+    made_on_old = dev.make_update()  # pending, on the old head of version 2
+    assert made_on_old is not None and _base_version(dev, made_on_old) == 2
+    probe = clip(7)
+    before = dev.classify(probe).probs
+
+    _restart(agg, min_updates=50, restore_from=tmp_path / "backup")
+    assert agg.publish(ModelFiles(*bundled_model_paths())) == 2  # another version 2: the bundled head again
+    with caplog.at_level(logging.WARNING, logger="edge_sdk"):
+        assert dev.pull_model() is True
+    new = dev.manifest
+    assert dev.model_version == 2 and dev.store.pending() == []  # nothing made on the old head is left to post
+    assert new.head.sha256 != old.head.sha256
+    digests = (manifest_digest(old), manifest_digest(new))
+    assert any(digests[0] in r.getMessage() and digests[1] in r.getMessage() for r in caplog.records)
+    assert [(r["version"], r["old_manifest_sha256"], r["new_manifest_sha256"])
+            for r in dev.status()["manifest_replacements"]] == [(2, *digests)]
+    # serving the new head: the global head is the server's, the personal head was made again from it
+    served = (tmp_path / "dev" / "models" / f"{new.head.sha256}.head").read_bytes()
+    assert hashlib.sha256(served).hexdigest() == new.head.sha256
+    assert any(not np.array_equal(old_head[n], dev.global_head[n]) for n in old_head)
+    assert (tmp_path / "dev" / "personal.head").read_bytes() != old_personal
+    assert dev.classify(probe).probs != before
+    # the update made on the old head was withdrawn, and its answers go to the new round on the new head
+    withdrawn = next(i for i in dev.store.outbox_items() if i.seq == made_on_old)
+    assert withdrawn.state == "rejected" and withdrawn.attempts == 1
+    report = dev.sync()
+    assert not report.model_updated and not report.error and report.rejected == []
+    assert [(r["seq"] != made_on_old, r["round_id"]) for r in report.accepted] == [(True, 2)], report
+    assert _num_examples(dev, report.accepted[0]["seq"]) == 7
+    dev.store.close()
+    dev = Device(tmp_path / "dev", train_policy=POLICY)  # and after a restart
+    assert dev.model_version == 2 and manifest_digest(dev.manifest) == digests[1] and dev.problems == []
+
+    again = dev.sync()  # the same version with the same content: nothing to do
+    assert not again.model_updated and not again.error and len(dev.manifest_replacements()) == 1
+    current, _ = dev.client.get_manifest()
+    for replayed, refused in ((current, None), (old_bytes, "is the content the server replaced"),
+                              (v1_manifest, "older than version 2")):
+        proxy = _ReplayProxy(agg.base_url, replayed)
+        try:
+            dev.set_server_url(proxy.url)
+            if refused is None:
+                assert dev.pull_model() is False
+            else:  # neither an older version nor the replaced content of this one comes back
+                with pytest.raises(ManifestDowngradeError, match=refused):
+                    dev.pull_model()
+            assert dev.model_version == 2 and manifest_digest(dev.manifest) == digests[1]
+            assert len(dev.manifest_replacements()) == 1
+        finally:
+            dev.set_server_url(agg.base_url)
+            proxy.close()
