@@ -30,7 +30,9 @@ DEFAULTS = {
     "SERVER_KEY": None,  # ... or the PEM itself (or base64 of it)
     "BLOB_CACHE_BYTES": 32 * 1024 * 1024,  # model files (in the database) each process keeps in memory
     # SQLite durability (aggregator.db.make_engine): NORMAL syncs the WAL at checkpoints, so a commit survives a
-    # killed process but a power cut can lose the last commits (the database stays consistent); FULL syncs
+    # killed process but a power cut can lose the updates accepted and refusals counted in its last moments (the
+    # database stays consistent); a transaction that publishes a version always commits with FULL
+    # (registry.begin_durable), so a version devices may have installed is never undone; FULL syncs
     # every commit (durable through a power cut) and caps a host at about 220 updates/s on this machine's disk;
     # EXTRA also syncs the directory. Anything else is a ConfigError. PostgreSQL ignores it.
     "SQLITE_SYNCHRONOUS": "NORMAL",
@@ -205,21 +207,20 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
 
 
 def _import_legacy_blobs(store, folder: Path) -> None:
-    """An instance from before the ``blobs`` table: its model files go into the database once.
+    """An instance from before the ``blobs`` table: its model files go into the database, at every start.
 
-    Idempotent: files already held are skipped, and when every file is in, the folder is renamed
-    ``blobs.imported`` (kept, not deleted: the operator removes it after a backup). A file whose bytes do not
-    match its name stays, and so does the folder, logged at every start.
+    Idempotent and cheap once done (a file already held is skipped by its name, the sha256, without reading it).
+    The folder is never renamed nor deleted here: during a rolling upgrade processes of the older release still
+    serve (and write) model files from it, and would answer 404 for every file if it moved; files they write
+    meanwhile are imported at the next start of a new-release process. A file whose bytes do not match its name
+    is not imported (logged). The operator removes the folder once no process of the older release runs
+    (docs/deploy-multihost.md, "Upgrading from a release with model files on disk").
     """
     if not folder.is_dir():
         return
     counts = store.import_folder(folder)
-    log.warning("model files of %s moved into the database: %s", folder, counts)
-    if counts["corrupt"]:
-        return
-    try:
-        folder.rename(folder.with_name("blobs.imported"))
-    except FileNotFoundError:  # another process (a job, a second worker) renamed it first
-        pass
-    except OSError as exc:  # blobs.imported exists already (an earlier import): leave this one, nothing lost
-        log.warning("could not rename %s after importing it: %s", folder, exc)
+    if counts["imported"] or counts["corrupt"]:
+        log.warning("model files of %s moved into the database: %s", folder, counts)
+    log.warning("%s (the model files of an older release, %d held in the database) is no longer used by this "
+                "release: remove it once no process of the older release runs", folder, counts["present"] +
+                counts["imported"])

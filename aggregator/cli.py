@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
         from aggregator.api.admin import create_enrollment_token, job_dict, publish_checked, summary
         from aggregator.db import Device, Job, ModelVersion, get_session
         from aggregator.jobs import JobError, reap, start_job
-        from aggregator.registry import rollback_to
+        from aggregator.registry import begin_durable, rollback_to
         from aggregator.rounds import open_round
         from edge_sdk.errors import FedserError
         from edge_sdk.model import ModelMetadata
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
             elif args.command == "jobs":
                 print(json.dumps([job_dict(j) for j in session.query(Job).order_by(Job.id.desc()).limit(50)], indent=2))
             elif args.command == "rollback":
+                begin_durable(session)  # before the first read (SQLite: the publishing commit is synced)
                 row = session.get(ModelVersion, args.version)
                 if row is None:
                     print(f"no version {args.version}", file=sys.stderr)

@@ -13,9 +13,10 @@ Settings (``config.json`` keys; environment ``FEDSER_<KEY>``):
 Setting both forms of one of them is an error. With neither, the host uses ``<instance>/server_ed25519.pem``
 and ``<instance>/admin_token``, creating them on first start, as a single host always did: but only while
 the database has no other host's key on record. The database records the server's public key (and the
-sha256 of a token made here; neither is secret) in ``shared_settings``; a host whose key differs from the
-record, or from the key that signed the published versions, refuses to start, so two hosts never sign
-with different keys (devices pin the first key they see and would refuse the other's manifests).
+sha256 of the admin token, configured or made here; neither is secret) in ``shared_settings``; a host whose
+key differs from the record, or from the key that signed the published versions, refuses to start, so two
+hosts never sign with different keys (devices pin the first key they see and would refuse the other's
+manifests); a host whose admin token differs from the record refuses to start alike.
 Every problem is a :class:`aggregator.ConfigError` naming the setting; the secret itself is never shown.
 """
 
@@ -175,16 +176,16 @@ def admin_token(config, instance: Path, engine) -> str:
         except UnicodeDecodeError:
             raise _error(f"ADMIN_TOKEN_FILE={path}: the token must be ASCII") from None
         _check_token(token, f"ADMIN_TOKEN_FILE={path}")
-        return token
+        return _checked_against_record(engine, token, f"ADMIN_TOKEN_FILE={path}")
     if token:
         token = str(token)
         _check_token(token, "ADMIN_TOKEN")
-        return token
+        return _checked_against_record(engine, token, "ADMIN_TOKEN")
     local = instance / TOKEN_FILE_NAME
     if local.exists():
         token = local.read_text(errors="replace").strip()
         _check_token(token, f"the instance token {local}")
-        return token
+        return _checked_against_record(engine, token, f"the instance token {local}")
     if _get_setting(engine, TOKEN_SETTING) is not None:
         raise _error("no admin token configured, and another host made this database's: give every host the same "
                      "token with FEDSER_ADMIN_TOKEN_FILE=<path of a file every host mounts> (or FEDSER_ADMIN_TOKEN)")
@@ -196,6 +197,22 @@ def admin_token(config, instance: Path, engine) -> str:
         raise _error("no admin token configured, and another host made this database's at the same moment: "
                      "configure FEDSER_ADMIN_TOKEN_FILE on every host")
     atomic_write(local, token.encode(), mode=0o600)
+    return token
+
+
+def _checked_against_record(engine, token: str, source: str) -> str:
+    """``token``, recorded (its sha256) when the database has none; a ConfigError when another host's differs.
+
+    So that a host with no token configured never makes its own while another host has ADMIN_TOKEN set, and two
+    hosts configured with different tokens do not both start (an admin call would then depend on the host a
+    load balancer picks).
+    """
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    if _record_setting(engine, TOKEN_SETTING, digest) != digest:
+        raise _error(f"the admin token from {source} is not the one the other hosts of this database use (its "
+                     "sha256 is on record): give every host the same token with FEDSER_ADMIN_TOKEN_FILE=<path of a "
+                     "file every host mounts> (or FEDSER_ADMIN_TOKEN). To change the token, stop every host, delete "
+                     f"the row {TOKEN_SETTING} of the table shared_settings, and start them with the new one")
     return token
 
 

@@ -13,8 +13,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Engine, event, func, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
 
 from aggregator.db import ModelVersion, Round, Update
 from edge_sdk.errors import ModelError
@@ -25,8 +26,8 @@ from edge_sdk.wire import pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["BlobStore", "MissingBlob", "check_digest", "current_version", "lock_rounds", "publish_version",
-           "publish_base", "head_arrays", "blob_url", "rollback_to", "initial_head", "load_manifest"]
+__all__ = ["BlobStore", "MissingBlob", "check_digest", "current_version", "begin_durable", "lock_rounds",
+           "publish_version", "publish_base", "head_arrays", "blob_url", "rollback_to", "initial_head", "load_manifest"]
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -153,7 +154,7 @@ class BlobStore:
 
         Idempotent (a file already held is skipped; two processes may run it at once). A file whose bytes
         do not hash to its name is not imported (and logged); each keeps its file time as ``created_at``.
-        Returns counts: imported, already held, corrupt. The folder itself is left for the caller.
+        Returns counts: imported, already held, corrupt. The folder itself is left in place.
         """
         from aggregator.db import Blob, insert_ignore
 
@@ -161,6 +162,11 @@ class BlobStore:
         for path in sorted(Path(root).glob("??/*")):
             if not _HEX64.fullmatch(path.name) or path.parent.name != path.name[:2] or not path.is_file():
                 continue  # a temporary file of a write that never finished
+            with self._read_engine.connect() as conn:  # held already (an earlier start): not read again
+                held = conn.scalar(select(Blob.size).where(Blob.sha256 == path.name)) is not None
+            if held:
+                counts["present"] += 1
+                continue
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != path.name:
                 counts["corrupt"] += 1
@@ -188,6 +194,79 @@ def lock_rounds(session: Session) -> None:
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROUNDS_LOCK_KEY})
+
+
+_SYNC_RESTORE = "fedser_restore_synchronous"  # session.info / connection record info: the level to go back to
+
+
+DURABLE = "fedser_durable"  # execution option of a transaction begun by begin_durable
+
+
+def begin_durable(session: Session) -> None:
+    """Begin ``session``'s transaction so that its commit is synced to disk on SQLite (``synchronous=FULL``),
+    whatever ``SQLITE_SYNCHRONOUS`` says; the connection goes back to its own level when the transaction ends.
+
+    For every transaction that publishes a version (round close, rollback, a new base): with ``NORMAL`` a power
+    cut can undo a commit devices have already seen, and the server would then publish another head under the
+    same version number. A FULL commit syncs the WAL, every earlier commit in it included, so nothing a device
+    can see is lost; only these rare transactions pay the sync, intake stays at the configured level. SQLite
+    cannot change the level inside a transaction, so this must come before the transaction's first statement
+    (a no-op when one is already begun: :func:`publish_version` then logs that the commit is not synced).
+    PostgreSQL: nothing to do (every commit is durable).
+    """
+    if session.in_transaction() or session.get_bind().dialect.name != "sqlite":
+        return
+    fairy = session.connection(execution_options={DURABLE: True}).connection
+    if _SYNC_RESTORE in fairy.info:
+        session.info[_SYNC_RESTORE] = (fairy.dbapi_connection, fairy.info)
+
+
+@event.listens_for(Engine, "begin")  # class level: runs before the SQLite engine's own BEGIN IMMEDIATE
+def _full_sync_at_begin(conn) -> None:
+    if not conn.get_execution_options().get(DURABLE) or conn.dialect.name != "sqlite":
+        return
+    raw = conn.connection.dbapi_connection
+    level = raw.execute("PRAGMA synchronous").fetchone()[0]  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
+    if level < 2:
+        raw.execute("PRAGMA synchronous=FULL")  # per connection; never lowers FULL or EXTRA
+        conn.connection.info[_SYNC_RESTORE] = level
+
+
+def _check_durable(session: Session) -> None:
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        return
+    if conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] < 2:
+        log.warning("a version is published by a transaction not begun with begin_durable: its commit is not "
+                    "synced to disk (SQLITE_SYNCHRONOUS=NORMAL), a power cut could undo it")
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_rollback")
+def _restore_after_transaction(session: Session) -> None:
+    """Back to the configured level right after the commit (or rollback), while the session still holds the
+    connection, so the intake that uses the connection next is not synced."""
+    held = session.info.pop(_SYNC_RESTORE, None)
+    if held is not None:
+        raw, info = held
+        _restore_level(raw, info)
+
+
+@event.listens_for(Pool, "checkin")
+def _restore_at_checkin(dbapi_connection, record) -> None:
+    """A session closed without commit or rollback: its connection goes back to the pool at its own level."""
+    if record is not None and _SYNC_RESTORE in record.info and dbapi_connection is not None:
+        _restore_level(dbapi_connection, record.info)
+
+
+def _restore_level(raw, info: dict) -> None:
+    level = info.pop(_SYNC_RESTORE, None)
+    if level is None:
+        return
+    try:
+        raw.execute(f"PRAGMA synchronous={int(level)}")
+    except Exception as exc:  # a connection that broke: the pool discards it anyway
+        log.warning("could not restore PRAGMA synchronous=%s after a publish: %s", level, exc)
 
 
 def current_version(session: Session) -> ModelVersion | None:
@@ -221,9 +300,11 @@ def publish_version(
     version and send a new update for it. At most one round is open at any time.
 
     Runs inside the caller's transaction, its model files included: nothing is visible until it commits,
-    and a crash before the commit leaves nothing behind.
+    and a crash before the commit leaves nothing behind; on SQLite that commit is synced to disk whatever
+    ``SQLITE_SYNCHRONOUS`` says (when the caller began it with :func:`begin_durable`).
     """
     lock_rounds(session)
+    _check_durable(session)  # the caller began the transaction with begin_durable (SQLite: a synced commit)
     now = time.time()
     # First, so that a concurrent close holding the open round's row makes this wait for its commit (and its
     # version number) instead of racing it to the same number.

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from aggregator.db import ModelVersion, Round, Update
 from aggregator.fedavg import AGGREGATION_METHODS, ServerOptimizer, aggregate, aggregation_weights, unflatten
-from aggregator.registry import BlobStore, head_arrays, load_manifest, lock_rounds, publish_version
+from aggregator.registry import BlobStore, begin_durable, head_arrays, load_manifest, lock_rounds, publish_version
 from edge_sdk.signing import SigningKey
 from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays, unpack_arrays
 
@@ -165,7 +165,9 @@ def close_round(session: Session, blobs: BlobStore, key: SigningKey, round_id: i
     stay on record, counted once) and a new round opens on the same version.
     ``before_commit(round_id)`` runs after the new version is written and
     before the commit (the crash tests' fault injection; None in production).
+    On SQLite, call it with no transaction begun, so that its commit is synced (:func:`begin_durable`).
     """
+    begin_durable(session)  # SQLite: the commit that publishes is synced (before the transaction's first statement)
     lock_rounds(session)  # before the claim: a concurrent publish waits for this close's new round
     claimed = session.execute(
         update(Round).where(Round.id == round_id, Round.status == "open").values(status="closing")

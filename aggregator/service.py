@@ -39,6 +39,11 @@ def validation_gate(app: Flask | None = None):
 def close(session, round_id: int, *, min_updates: int | None = None, app: Flask | None = None) -> CloseResult:
     app = app or current_app
     ext = app.extensions
+    if session.in_transaction() and session.get_bind().dialect.name == "sqlite":
+        # The caller read the round first (admin close, deadline check): end that transaction, so that the close
+        # begins its own with a synced commit (registry.begin_durable; SQLite cannot change it mid-transaction).
+        # The close claims the round with a conditional UPDATE, so a close by another worker meanwhile is safe.
+        session.commit()
     idle = float(app.config.get("CLOSE_IDLE_TIMEOUT_SECONDS") or 0)
     if idle > 0 and session.get_bind().dialect.name == "postgresql":
         # For this close's transaction only: a closing host cut off from the database (behind a pooler or relay
@@ -61,15 +66,15 @@ def _test_pause(app: Flask):
     waits on it instead of guessing with a sleep.
     """
     if "fedser_test_hooks" not in app.extensions:
-        path = Path(app.instance_path) / TEST_HOOKS_FILE
-        app.extensions["fedser_test_hooks"] = json.loads(path.read_text()) if path.is_file() else {}
-        if app.extensions["fedser_test_hooks"]:
-            log.warning("test hooks active from %s: %s", path, app.extensions["fedser_test_hooks"])
+        app.extensions["fedser_test_hooks"] = _read_test_hooks(Path(app.instance_path) / TEST_HOOKS_FILE)
     hooks = app.extensions["fedser_test_hooks"]
-    seconds = float(hooks.get("pause_before_close_commit") or 0)
-    if seconds <= 0:
-        return None
+    try:
+        seconds = float(hooks.get("pause_before_close_commit") or 0)
+    except (TypeError, ValueError):
+        seconds = 0.0
     marker = hooks.get("marker")
+    if not (seconds > 0 and seconds < float("inf")) or not (marker is None or isinstance(marker, str)):
+        return None
 
     def pause(round_id: int) -> None:
         log.warning("test fault injection: pausing %.1f s before committing the close of round %d", seconds,
@@ -81,6 +86,22 @@ def _test_pause(app: Flask):
         time.sleep(seconds)
 
     return pause
+
+
+def _read_test_hooks(path: Path) -> dict:
+    """The hooks file's object; a file that is not a JSON object is logged and ignored (never fails a close)."""
+    if not path.is_file():
+        return {}
+    try:
+        hooks = json.loads(path.read_text())
+        if not isinstance(hooks, dict):
+            raise ValueError(f"a JSON object expected, got {type(hooks).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        log.warning("ignoring the test hooks file %s: %s", path, str(exc)[:200])
+        return {}
+    if hooks:
+        log.warning("test hooks active from %s: %s", path, hooks)
+    return hooks
 
 
 def close_due_round(app: Flask, session) -> CloseResult | None:

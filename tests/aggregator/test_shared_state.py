@@ -262,7 +262,8 @@ def test_the_cli_reports_a_bad_key_file_without_a_traceback(tmp_path):
 
 def test_model_files_of_an_older_instance_move_into_the_database(tmp_path, db_url):
     """An instance from before the blobs table kept its files in <instance>/blobs/ab/abcdef...: at start-up they
-    go into the database, once (a second start changes nothing), nothing lost, and the versions serve again."""
+    go into the database, once (a second start changes nothing), nothing lost, and the versions serve again. The
+    folder stays where it is (processes of the older release still serving during a rolling upgrade read it)."""
     inst = tmp_path / "host-a"
     a = _host(tmp_path, "host-a", db_url)
     _publish(a.test_client(), a.config["ADMIN_TOKEN"])
@@ -281,7 +282,8 @@ def test_model_files_of_an_older_instance_move_into_the_database(tmp_path, db_ur
     _close(a)
 
     a = _host(tmp_path, "host-a", db_url)
-    assert not legacy.exists() and (inst / "blobs.imported" / "ab" / "ab12.tmp").exists()  # kept, renamed
+    assert (legacy / "ab" / "ab12.tmp").exists() and not (inst / "blobs.imported").exists()  # left in place
+    assert all((legacy / sha[:2] / sha).read_bytes() == data for sha, data in held.items())
     store = a.extensions["fedser_blobs"]
     with a.extensions["fedser_sessionmaker"]() as s:
         rows = {sha: (size, created) for sha, size, created in s.execute(select(Blob.sha256, Blob.size,
@@ -293,8 +295,18 @@ def test_model_files_of_an_older_instance_move_into_the_database(tmp_path, db_ur
     enrolled, key = _enroll(a.test_client(), a.config["ADMIN_TOKEN"])
     r = _signed_get(a.test_client(), f"/api/v1/blobs/{sorted(held)[0]}", enrolled["device_id"], key)
     assert r.status_code == 200 and r.data == held[sorted(held)[0]]
-    # Idempotent: run on the renamed folder again, every file is found present; nothing doubles.
-    assert store.import_folder(inst / "blobs.imported") == {"imported": 0, "present": len(held), "corrupt": 0}
+    # Idempotent: run on the folder again, every file is found present; nothing doubles.
+    assert store.import_folder(legacy) == {"imported": 0, "present": len(held), "corrupt": 0}
+    # A file an older-release process writes meanwhile (a rolling upgrade) goes in at the next start.
+    late = b"a model file written by an old-release worker during the upgrade"
+    late_sha = hashlib.sha256(late).hexdigest()
+    (legacy / late_sha[:2]).mkdir(exist_ok=True)
+    (legacy / late_sha[:2] / late_sha).write_bytes(late)
+    _close(a)
+    a = _host(tmp_path, "host-a", db_url)
+    assert a.extensions["fedser_blobs"].get(late_sha) == late and legacy.is_dir()
+    with a.extensions["fedser_sessionmaker"]() as s:
+        assert s.scalar(select(func.count()).select_from(Blob)) == len(held) + 1
     _close(a)
 
 
@@ -367,3 +379,32 @@ def test_another_hosts_job_shows_its_log_from_the_database_and_is_reaped_by_hear
         reap(s, job)
         assert job.status == "running"
     _close(b)
+
+
+def test_a_configured_admin_token_is_recorded_and_a_different_one_refused(tmp_path, db_url, shared):
+    """Host A has ADMIN_TOKEN set; host B with none must not quietly make its own, and host C with another
+    configured token must not start: each is a ConfigError naming the setting, never showing a token."""
+    keyed = {"SERVER_KEY_FILE": shared["SERVER_KEY_FILE"]}
+    a = _host(tmp_path, "host-a", db_url, ADMIN_TOKEN="token-of-host-a-0123456789", **keyed)
+    with a.extensions["fedser_sessionmaker"]() as s:
+        recorded = s.scalar(select(SharedSetting.value).where(SharedSetting.name == "admin_token_sha256"))
+    assert recorded == hashlib.sha256(b"token-of-host-a-0123456789").hexdigest()
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN") as none:
+        _host(tmp_path, "host-b", db_url, **keyed)
+    assert not (tmp_path / "host-b" / "admin_token").exists()
+    with pytest.raises(ConfigError, match="the admin token from ADMIN_TOKEN is not") as other:
+        _host(tmp_path, "host-c", db_url, ADMIN_TOKEN="another-token-9876543210", **keyed)
+    token_file = tmp_path / "other_token"
+    token_file.write_text("a-third-token-000000\n")
+    token_file.chmod(0o600)
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN_FILE=") as from_file:
+        _host(tmp_path, "host-d", db_url, ADMIN_TOKEN_FILE=str(token_file), **keyed)
+    for exc in (none, other, from_file):
+        assert "another-token" not in str(exc.value) and "token-of-host-a" not in str(exc.value)
+    # The same token, from a file this time, starts.
+    same = tmp_path / "same_token"
+    same.write_text("token-of-host-a-0123456789\n")
+    same.chmod(0o600)
+    e = _host(tmp_path, "host-e", db_url, ADMIN_TOKEN_FILE=str(same), **keyed)
+    assert e.config["ADMIN_TOKEN"] == "token-of-host-a-0123456789"
+    _close(a, e)
