@@ -36,6 +36,11 @@ DEFAULTS = {
     # every commit (durable through a power cut) and caps a host at about 220 updates/s on this machine's disk;
     # EXTRA also syncs the directory. Anything else is a ConfigError. PostgreSQL ignores it.
     "SQLITE_SYNCHRONOUS": "NORMAL",
+    # PostgreSQL: send server-side TCP keepalives for each session (`-c tcp_keepalives_*` in the `options` startup
+    # parameter), so the server ends a cut-off host's session, and its locks, in about 25 s. PgBouncer refuses that
+    # parameter unless `ignore_startup_parameters = options`: behind one, set this off and the keepalives in
+    # postgresql.conf (docs/deploy-multihost.md). SQLite ignores it.
+    "PG_SESSION_KEEPALIVE": True,
     # Seconds an update post waits for the round's lock (PostgreSQL: the round row's FOR SHARE, via SET LOCAL
     # lock_timeout; SQLite: the host's write lock and busy wait) while another host or worker closes the
     # round; past it the post is refused 503 lock_timeout with Retry-After (counted; devices keep the update

@@ -318,7 +318,7 @@ class _LockedConnection(sqlite3.Connection):
             self.let_go()
 
 
-def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL"):
+def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", pg_session_keepalive: bool = True):
     """The engine of ``url``: SQLite in WAL mode, or PostgreSQL with a pool whose idle connections are pinged.
 
     ``sqlite_synchronous``: ``NORMAL`` (default) syncs the WAL at checkpoints, not at every commit: a commit
@@ -380,11 +380,16 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL"):
         return engine
     # The server notices a vanished client (a host cut off mid-transaction, whose locks would stop every other
     # host's intake) after about 10 + 3 x 5 s of silence instead of its default of over two hours; a client-side
-    # pooler or relay in between hides such a client from these (docs/deploy-multihost.md).
-    options = " ".join(filter(None, (make_url(url).query.get("options"), PG_KEEPALIVE_OPTIONS)))
-    engine = create_engine(url, pool_size=5, max_overflow=10,
-                           connect_args={"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                                         "keepalives_count": 3, "options": options})
+    # pooler or relay in between hides such a client from these (docs/deploy-multihost.md). They travel in the
+    # `options` startup parameter, which PgBouncer refuses unless `ignore_startup_parameters = options`:
+    # pg_session_keepalive=False (PG_SESSION_KEEPALIVE) sends only the URL's own options (set the keepalives in
+    # postgresql.conf then). The client's own socket keepalives (libpq's keepalives*) are kept either way.
+    options = " ".join(filter(None, (make_url(url).query.get("options"),
+                                     PG_KEEPALIVE_OPTIONS if pg_session_keepalive else None)))
+    connect_args = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+    if options:
+        connect_args["options"] = options
+    engine = create_engine(url, pool_size=5, max_overflow=10, connect_args=connect_args)
 
     # pool_pre_ping would cost a round trip at every checkout, two per update post. A connection that was
     # in use a moment ago is not pinged; one idle in the pool longer than PING_AFTER_IDLE_S is (a restarted
@@ -569,7 +574,8 @@ def _close_session(_exc=None) -> None:
 def init_app(app: Flask) -> None:
     try:
         engine = make_engine(app.config["DATABASE_URL"],
-                             sqlite_synchronous=app.config.get("SQLITE_SYNCHRONOUS") or "NORMAL")
+                             sqlite_synchronous=app.config.get("SQLITE_SYNCHRONOUS") or "NORMAL",
+                             pg_session_keepalive=bool(app.config.get("PG_SESSION_KEEPALIVE", True)))
     except ValueError as exc:
         from aggregator import ConfigError
 
