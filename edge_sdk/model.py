@@ -329,15 +329,7 @@ class TFLiteModel:
         """
         emb = self._check_embeddings(embeddings)
         n, batch, classes = len(emb), self.metadata.train_batch_size, self.metadata.num_classes
-        if n == 0 or n > batch:
-            raise ParameterError(f"train_step takes 1..{batch} examples, got {n}")
-        targets = np.asarray(targets, np.float32)
-        if targets.shape != (n, classes):
-            raise ParameterError(f"targets must have shape {(n, classes)}, got {targets.shape}")
-        sign = np.asarray(feedback_sign, np.float32).reshape(-1)
-        if sign.shape != (n,) or not np.all(np.isin(sign, (-1.0, 1.0))):
-            raise ParameterError(f"feedback_sign must be {n} values of +1 or -1")
-        weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        targets, sign, weight = self._check_step("train_step", n, targets, feedback_sign, sample_weight)
         # Static batch: pad with weight-0 rows (the stock runtimes cannot broadcast a dynamic batch's gradient).
         pe = np.zeros((batch, emb.shape[1]), np.float32)
         pt = np.zeros((batch, classes), np.float32)
@@ -413,15 +405,12 @@ class TFLiteModel:
                     np.zeros((0, self.metadata.embedding_dim), np.float32))
         return np.concatenate(probs), np.concatenate(emb)
 
-    def adapter_train_step(self, frames: np.ndarray, targets: np.ndarray, feedback_sign: np.ndarray,
-                           sample_weight: np.ndarray | None = None, *, learning_rate: float,
-                           adapter_learning_rate: float) -> float:
-        """One SGD step of the head (``learning_rate``) and the adapter (``adapter_learning_rate``) on at most
-        ``train_batch_size`` utterances' frames ``[n, T', C]``; otherwise as :meth:`train_step`."""
-        fr = self._check_frames(frames)
-        n, batch, classes = len(fr), self.metadata.train_batch_size, self.metadata.num_classes
+    def _check_step(self, name: str, n: int, targets, feedback_sign, sample_weight):
+        """A training step's ``targets`` [n, classes], ``feedback_sign`` (n values of +-1) and ``sample_weight``
+        (default ones), checked for ``n`` examples (1 .. train_batch_size) and returned as float32."""
+        batch, classes = self.metadata.train_batch_size, self.metadata.num_classes
         if n == 0 or n > batch:
-            raise ParameterError(f"adapter_train_step takes 1..{batch} examples, got {n}")
+            raise ParameterError(f"{name} takes 1..{batch} examples, got {n}")
         targets = np.asarray(targets, np.float32)
         if targets.shape != (n, classes):
             raise ParameterError(f"targets must have shape {(n, classes)}, got {targets.shape}")
@@ -429,6 +418,16 @@ class TFLiteModel:
         if sign.shape != (n,) or not np.all(np.isin(sign, (-1.0, 1.0))):
             raise ParameterError(f"feedback_sign must be {n} values of +1 or -1")
         weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        return targets, sign, weight
+
+    def adapter_train_step(self, frames: np.ndarray, targets: np.ndarray, feedback_sign: np.ndarray,
+                           sample_weight: np.ndarray | None = None, *, learning_rate: float,
+                           adapter_learning_rate: float) -> float:
+        """One SGD step of the head (``learning_rate``) and the adapter (``adapter_learning_rate``) on at most
+        ``train_batch_size`` utterances' frames ``[n, T', C]``; otherwise as :meth:`train_step`."""
+        fr = self._check_frames(frames)
+        n, batch, classes = len(fr), self.metadata.train_batch_size, self.metadata.num_classes
+        targets, sign, weight = self._check_step("adapter_train_step", n, targets, feedback_sign, sample_weight)
         pf = np.zeros((batch, *fr.shape[1:]), np.float32)
         pt = np.zeros((batch, classes), np.float32)
         pw = np.zeros(batch, np.float32)

@@ -697,23 +697,31 @@ def _enroll(fleet: Fleet, dev: SimDevice, home: Host, tally: Tally, layout_box: 
         _install(dev, raw, home, tally)
 
 
-def _one_sync(fleet: Fleet, dev: SimDevice, rng, tally: Tally, layout, scale: float = 0.01) -> None:
-    """What a device does every interval: pull the manifest (one host), post an update (another)."""
-
+def _pull(dev: SimDevice, host: Host, tally: Tally) -> bool:
+    """Fetch the manifest from ``host`` and install it when it changed; False (counted) when the pull failed."""
     from edge_sdk.errors import ServerError
 
-    pull_host, post_host = rng.sample(fleet.live_hosts(), 2) if len(fleet.live_hosts()) > 1 else (
-        fleet.live_hosts()[0],) * 2
     try:
-        data, etag = _client_for(dev, pull_host).get_manifest(dev.etag)
+        data, etag = _client_for(dev, host).get_manifest(dev.etag)
         with tally.lock:
             tally.pulls += 1
         if data is not None:
-            _install(dev, data, pull_host, tally)
+            _install(dev, data, host, tally)
             dev.etag = etag
     except ServerError as exc:
         tally.add("errors", f"pull:{exc.reason}")
         tally.first_error.setdefault(f"pull:{exc.reason}", str(exc)[:300])
+        return False
+    return True
+
+
+def _one_sync(fleet: Fleet, dev: SimDevice, rng, tally: Tally, layout, scale: float = 0.01) -> None:
+    """What a device does every interval: pull the manifest (one host), post an update (another)."""
+
+
+    pull_host, post_host = rng.sample(fleet.live_hosts(), 2) if len(fleet.live_hosts()) > 1 else (
+        fleet.live_hosts()[0],) * 2
+    if not _pull(dev, pull_host, tally):
         return
     if dev.accepted_on >= dev.version:  # this version's round already holds this device's update
         return
@@ -725,15 +733,7 @@ def _one_sync(fleet: Fleet, dev: SimDevice, rng, tally: Tally, layout, scale: fl
             return
         # Refused because a round closed (or was closing) meanwhile: pull the new version, post again on it
         # (what edge_sdk.device.Device.sync does).
-        try:
-            data, etag = _client_for(dev, pull_host).get_manifest(dev.etag)
-            with tally.lock:
-                tally.pulls += 1
-            if data is not None:
-                _install(dev, data, pull_host, tally)
-                dev.etag = etag
-        except ServerError as exc:
-            tally.add("errors", f"pull:{exc.reason}")
+        if not _pull(dev, pull_host, tally):
             return
 
 
