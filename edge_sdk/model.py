@@ -328,26 +328,9 @@ class TFLiteModel:
             The weighted mean loss before the step.
         """
         emb = self._check_embeddings(embeddings)
-        n, batch, classes = len(emb), self.metadata.train_batch_size, self.metadata.num_classes
-        targets, sign, weight = self._check_step("train_step", n, targets, feedback_sign, sample_weight)
-        # Static batch: pad with weight-0 rows (the stock runtimes cannot broadcast a dynamic batch's gradient).
-        pe = np.zeros((batch, emb.shape[1]), np.float32)
-        pt = np.zeros((batch, classes), np.float32)
-        pw = np.zeros(batch, np.float32)
-        ps = np.ones(batch, np.float32)
-        pe[:n], pt[:n], pw[:n], ps[:n] = emb, targets, weight, sign
-        with self._lock:
-            out = self._runners["train"](
-                embeddings=pe,
-                targets=pt,
-                sample_weight=pw,
-                feedback_sign=ps,
-                learning_rate=np.float32(learning_rate),
-            )
-        loss = float(out["loss"])
-        if not np.isfinite(loss):
-            raise ModelError(f"training produced a non-finite loss ({loss}); lower the learning rate")
-        return loss
+        pe, pt, pw, ps = self._padded_step("train_step", emb, targets, feedback_sign, sample_weight)
+        return self._run_step("train", embeddings=pe, targets=pt, sample_weight=pw, feedback_sign=ps,
+                              learning_rate=np.float32(learning_rate))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         with self._lock:
@@ -405,10 +388,11 @@ class TFLiteModel:
                     np.zeros((0, self.metadata.embedding_dim), np.float32))
         return np.concatenate(probs), np.concatenate(emb)
 
-    def _check_step(self, name: str, n: int, targets, feedback_sign, sample_weight):
-        """A training step's ``targets`` [n, classes], ``feedback_sign`` (n values of +-1) and ``sample_weight``
-        (default ones), checked for ``n`` examples (1 .. train_batch_size) and returned as float32."""
-        batch, classes = self.metadata.train_batch_size, self.metadata.num_classes
+    def _padded_step(self, name: str, x: np.ndarray, targets, feedback_sign, sample_weight):
+        """A training step's inputs ``x`` (1 .. train_batch_size examples), ``targets`` [n, classes],
+        ``feedback_sign`` (n values of +-1) and ``sample_weight`` (default ones), checked, as float32 and padded to
+        the static batch with weight-0 rows (the stock runtimes cannot broadcast a dynamic batch's gradient)."""
+        n, batch, classes = len(x), self.metadata.train_batch_size, self.metadata.num_classes
         if n == 0 or n > batch:
             raise ParameterError(f"{name} takes 1..{batch} examples, got {n}")
         targets = np.asarray(targets, np.float32)
@@ -418,7 +402,21 @@ class TFLiteModel:
         if sign.shape != (n,) or not np.all(np.isin(sign, (-1.0, 1.0))):
             raise ParameterError(f"feedback_sign must be {n} values of +1 or -1")
         weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-        return targets, sign, weight
+        px = np.zeros((batch, *x.shape[1:]), np.float32)
+        pt = np.zeros((batch, classes), np.float32)
+        pw = np.zeros(batch, np.float32)
+        ps = np.ones(batch, np.float32)
+        px[:n], pt[:n], pw[:n], ps[:n] = x, targets, weight, sign
+        return px, pt, pw, ps
+
+    def _run_step(self, signature: str, **inputs) -> float:
+        """Run one training signature; its weighted mean loss before the step, which must be finite."""
+        with self._lock:
+            out = self._runners[signature](**inputs)
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise ModelError(f"training produced a non-finite loss ({loss}); lower the learning rate")
+        return loss
 
     def adapter_train_step(self, frames: np.ndarray, targets: np.ndarray, feedback_sign: np.ndarray,
                            sample_weight: np.ndarray | None = None, *, learning_rate: float,
@@ -426,21 +424,10 @@ class TFLiteModel:
         """One SGD step of the head (``learning_rate``) and the adapter (``adapter_learning_rate``) on at most
         ``train_batch_size`` utterances' frames ``[n, T', C]``; otherwise as :meth:`train_step`."""
         fr = self._check_frames(frames)
-        n, batch, classes = len(fr), self.metadata.train_batch_size, self.metadata.num_classes
-        targets, sign, weight = self._check_step("adapter_train_step", n, targets, feedback_sign, sample_weight)
-        pf = np.zeros((batch, *fr.shape[1:]), np.float32)
-        pt = np.zeros((batch, classes), np.float32)
-        pw = np.zeros(batch, np.float32)
-        ps = np.ones(batch, np.float32)
-        pf[:n], pt[:n], pw[:n], ps[:n] = fr, targets, weight, sign
-        with self._lock:
-            out = self._runners["adapter_train"](
-                frames=pf, targets=pt, sample_weight=pw, feedback_sign=ps,
-                learning_rate=np.float32(learning_rate), adapter_learning_rate=np.float32(adapter_learning_rate))
-        loss = float(out["loss"])
-        if not np.isfinite(loss):
-            raise ModelError(f"training produced a non-finite loss ({loss}); lower the learning rate")
-        return loss
+        pf, pt, pw, ps = self._padded_step("adapter_train_step", fr, targets, feedback_sign, sample_weight)
+        return self._run_step("adapter_train", frames=pf, targets=pt, sample_weight=pw, feedback_sign=ps,
+                              learning_rate=np.float32(learning_rate),
+                              adapter_learning_rate=np.float32(adapter_learning_rate))
 
     def get_adapter(self) -> dict[str, np.ndarray]:
         """``{"scale": [C], "shift": [C]}``."""
