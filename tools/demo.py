@@ -43,6 +43,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,36 @@ def start_aggregator(instance: Path, port: int, *, min_updates: int, workers: in
 
 def admin_token(instance: Path) -> str:
     return (instance / "admin_token").read_text().strip()
+
+
+@contextmanager
+def _aggregator(args: argparse.Namespace, instance: Path, *, min_updates: int, validation: Path, tflite: Path,
+                metadata: Path, timeout: float) -> Iterator[tuple[str, dict, int]]:
+    """A gunicorn aggregator on a free loopback port, gated by the manifest ``validation``, with ``tflite`` and
+    ``metadata`` published as its first version: yields its URL, the admin's headers and that version. It is stopped
+    on leaving, unless ``--keep-server`` (then a demo that ran to the end prints where it still runs)."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_aggregator(instance, port, min_updates=min_updates,
+                              env={"FEDSER_VALIDATION_MANIFEST": str(validation)})
+    try:
+        auth = {"Authorization": f"Bearer {admin_token(instance)}"}
+        with open(tflite, "rb") as t, open(metadata, "rb") as m:
+            r = requests.post(f"{base_url}/api/v1/admin/models", headers=auth, files={"tflite": t, "metadata": m},
+                              timeout=timeout)
+        r.raise_for_status()
+        yield base_url, auth, r.json()["version"]
+        if args.keep_server:
+            print(f"aggregator still running at {base_url} (pid {server.pid})")
+    finally:
+        if not args.keep_server:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _write_summary(out: Path, summary: dict, started: float) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"done in {time.perf_counter() - started:.0f} s; details in {out / 'summary.json'}")
 
 
 def answer(true_label: str, predicted: str, rng: np.random.Generator, *, down_rate: float) -> str:
@@ -242,20 +274,12 @@ def _loop(args: argparse.Namespace) -> int:
           "builtin ops only)")
 
     instance = args.out / "aggregator"
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     # The validation gate: the validation speaker's clips, scored on the server before any round is published.
     # Written with paths relative to the CSV's own folder, the rule every manifest is read by.
     val_csv = write_manifest(args.out / "validation.csv", val).resolve()
-    server = start_aggregator(instance, port, min_updates=n_dev, env={"FEDSER_VALIDATION_MANIFEST": str(val_csv)})
-    try:
-        auth = {"Authorization": f"Bearer {admin_token(instance)}"}
-        with open(result.export.tflite_path, "rb") as t, open(result.export.metadata_path, "rb") as m:
-            r = requests.post(f"{base_url}/api/v1/admin/models", headers=auth,
-                              files={"tflite": t, "metadata": m}, timeout=60)
-        r.raise_for_status()
-        print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published base as version "
-              f"{r.json()['version']}")
+    with _aggregator(args, instance, min_updates=n_dev, validation=val_csv, tflite=result.export.tflite_path,
+                     metadata=result.export.metadata_path, timeout=60) as (base_url, auth, version):
+        print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published base as version {version}")
         print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (open it while the demo runs; "
               "--keep-server leaves it up)")
 
@@ -323,8 +347,7 @@ def _loop(args: argparse.Namespace) -> int:
             print("[6/6] every device asked for the manifest (conditional GET): unchanged, still version 1")
             summary = {"corpus": corpus, "base": test, "round": closed, "rejected": reason,
                        "seconds": time.perf_counter() - started}
-            (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            print(f"done in {time.perf_counter() - started:.0f} s; details in {args.out / 'summary.json'}")
+            _write_summary(args.out, summary, started)
             return 0
         print(f"[5/6] {posted} signed deltas posted; round {closed['round_id']} {how}; FedAvg weighted by "
               f"examples; the validation gate passed it -> version {closed['published_version']}")
@@ -345,14 +368,7 @@ def _loop(args: argparse.Namespace) -> int:
             {"speaker": spk, "feedback": n, "answers": ans, "global_acc": g, "personal_acc": p,
              "fine_tune": rep.to_dict()} for spk, _, n, ans, g, p, rep, _ in rows],
             "seconds": time.perf_counter() - started}
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(f"done in {time.perf_counter() - started:.0f} s; details in {args.out / 'summary.json'}")
-        if args.keep_server:
-            print(f"aggregator still running at {base_url} (pid {server.pid})")
-    finally:
-        if not args.keep_server:
-            server.terminate()
-            server.wait(timeout=30)
+        _write_summary(args.out, summary, started)
     return 0
 
 
@@ -475,22 +491,13 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
         print(f"      RAVDESS actors 21-24 (people like its training speakers): UAR {rav_before['uar']:.3f}")
 
     instance = args.out / "aggregator"
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     # The validation gate judges every round on the device speakers' gate slices: the population being served,
     # clips no device answers or is scored on, and never IC0/MK0/TP0.
     val_csv = write_manifest(args.out / "validation.csv", gate).resolve()
-    server = start_aggregator(instance, port, min_updates=len(device_spk),
-                              env={"FEDSER_VALIDATION_MANIFEST": str(val_csv)})
     rows, history, answers_total = {}, [], 0
-    try:
-        auth = {"Authorization": f"Bearer {admin_token(instance)}"}
-        with open(tflite, "rb") as t, open(meta_path, "rb") as m:
-            r = requests.post(f"{base_url}/api/v1/admin/models", headers=auth, files={"tflite": t, "metadata": m},
-                              timeout=120)
-        r.raise_for_status()
-        print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published the base as version "
-              f"{r.json()['version']}")
+    with _aggregator(args, instance, min_updates=len(device_spk), validation=val_csv, tflite=tflite,
+                     metadata=meta_path, timeout=120) as (base_url, auth, version):
+        print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published the base as version {version}")
         print(f"      validation gate: {len(gate)} clips, {len(gate) // len(device_spk)} held back from each device "
               "speaker (never answered, never scored); a round whose UAR on them drops more than "
               f"{os.environ.get('FEDSER_VALIDATION_MARGIN', '0.02')} is refused")
@@ -602,14 +609,7 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
                                    "answered": [Path(c.path).name for c in p["pool"][:rows[spk]["answered"]]]}
                              for spk, p in parts.items()},
                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(f"done in {time.perf_counter() - started:.0f} s; details in {args.out / 'summary.json'}")
-        if args.keep_server:
-            print(f"aggregator still running at {base_url} (pid {server.pid})")
-    finally:
-        if not args.keep_server:
-            server.terminate()
-            server.wait(timeout=30)
+        _write_summary(args.out, summary, started)
     return 0
 
 
