@@ -202,9 +202,10 @@ _DEVICE = select(*(Device.__table__.c[k] for k in ("id", "public_key", "revoked"
                                                   "updates_accepted", "updates_refused", "last_round_id"))).where(
     Device.__table__.c.id == bindparam("dev_id"))
 _DEVICE_PG = _DEVICE.add_columns(pg_lock_timeout_column())  # also bounds the transaction's lock waits
-# The open round and its (current) version in one query, the round row share-locked until the commit (as
-# aggregator.rounds.open_round_and_version): a concurrent close either waits for this insert or has already
-# moved both on. SQLite has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
+# The open round and its (current) version in one query, the round row share-locked until the commit: a
+# concurrent close (which updates the row) either waits for this insert or has already moved both on; without
+# the lock, PostgreSQL's READ COMMITTED could let an update land in a round aggregated a moment before. SQLite
+# has no FOR SHARE; its writers are serialised by BEGIN IMMEDIATE.
 _ROUNDS, _VERSIONS = Round.__table__, ModelVersion.__table__
 _OPEN_ROUND = (select(_ROUNDS.c.id, _ROUNDS.c.deadline_at, _VERSIONS.c.version, _VERSIONS.c.signed_manifest)
                .join(_VERSIONS, _VERSIONS.c.version == _ROUNDS.c.base_version)

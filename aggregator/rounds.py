@@ -36,7 +36,7 @@ from edge_sdk.wire import ArraySpec, HeadLayout, pack_arrays, unpack_arrays
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "open_round_and_version", "due_round",
+__all__ = ["CloseResult", "RoundPolicy", "close_round", "open_round", "due_round",
            "AGGREGATION_METHODS"]
 
 
@@ -120,23 +120,9 @@ class RoundPolicy:
 
 
 def open_round(session: Session) -> Round | None:
-    """The open round of the current version, if any (the intake uses :func:`open_round_and_version`)."""
+    """The open round of the current version, if any (the intake reads it share-locked: aggregator.intake)."""
     return session.scalars(select(Round).join(ModelVersion, ModelVersion.version == Round.base_version)
                            .where(ModelVersion.is_current.is_(True), Round.status == "open")).first()
-
-
-def open_round_and_version(session: Session) -> tuple[Round | None, ModelVersion | None]:
-    """(open round, current version) in one query, the round row share-locked until the transaction ends.
-
-    A concurrent :func:`close_round` (which updates the row) waits for the caller's insert, or the caller
-    sees the round closed. Without the lock, PostgreSQL's READ COMMITTED could let an update land in a
-    round that was aggregated a moment before.
-    """
-    row = session.execute(
-        select(Round, ModelVersion).join(ModelVersion, ModelVersion.version == Round.base_version)
-        .where(ModelVersion.is_current.is_(True), Round.status == "open").with_for_update(read=True, of=Round)
-    ).first()
-    return (row[0], row[1]) if row else (None, None)
 
 
 def due_round(session: Session, now: float, min_updates: int) -> Round | None:
