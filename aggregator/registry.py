@@ -162,9 +162,7 @@ class BlobStore:
         for path in sorted(Path(root).glob("??/*")):
             if not _HEX64.fullmatch(path.name) or path.parent.name != path.name[:2] or not path.is_file():
                 continue  # a temporary file of a write that never finished
-            with self._read_engine.connect() as conn:  # held already (an earlier start): not read again
-                held = conn.scalar(select(Blob.size).where(Blob.sha256 == path.name)) is not None
-            if held:
+            if self.exists(path.name):  # held already (an earlier start): not read again
                 counts["present"] += 1
                 continue
             data = path.read_bytes()
