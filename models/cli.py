@@ -268,7 +268,8 @@ def cmd_train(args) -> int:
                             config=config, labels=label_map.classes, cache_dir=args.cache, out_dir=args.out,
                             dataset_name=name, label_map=label_map.to_dict(),
                             progress=False if args.no_progress else None,
-                            reference_clips=_calm_reference(args, clips))
+                            reference_clips=_calm_reference(args, clips),
+                            trainable_embedding=args.trainable_embedding)
     print(report_markdown(result.report))
     print(f"wrote {args.out}/model.tflite, model.json, report.json, report.md, report-confusion.png")
     return 0
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one architecture on a speaker-independent split and export it")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--architecture", default="cnn", choices=ARCHITECTURES)
+    p.add_argument("--trainable-embedding", action="store_true",
+                   help="cnn/dnn: the exported head includes the encoder's embedding layer, so devices fine-tune "
+                        "and federate it too (infer's embedding is then the pooled vector)")
     _add_corpus_args(p)
     _add_split_args(p)
     _add_train_args(p)

@@ -19,6 +19,12 @@ about each:
   ``dy * mask``, the max over time's ``dy`` at the frames holding the maximum, the mean's ``dy / T`` (TF's
   own are ``ReluGrad`` and a ``Max`` gradient). ``infer`` goes through the adapter, identity until a device
   trains it. Older files lack these signatures; the SDK then fine-tunes the head only.
+* ``trainable_embedding=True`` (``cnn`` and ``dnn``, whose embedding layer is a ReLU dense layer) moves the cut
+  point down to the pooled vector (mean and max over time, ``2 x channels``): ``infer``'s ``embedding`` is that
+  vector and the head has three layers, ``w0, b0`` the encoder's embedding layer, ``w1, b1`` the head's hidden
+  layer, ``w2, b2`` its logits (ReLU with the builtin gradient on all but the last). The metadata's
+  ``embedding_dim``, ``head_layout`` and replay set follow the cut. The SDK, the wire format and the aggregator
+  are generic over the head's layout, so devices then fine-tune and federate the embedding layer too.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +44,12 @@ from edge_sdk.wire import ArraySpec, HeadLayout
 
 log = logging.getLogger("models")
 
-__all__ = ["head_layout", "export_tflite", "check_builtin_ops", "ExportResult", "HEAD_NAMES",
+__all__ = ["head_layout", "layout_of", "head_names", "deep_cut", "deep_head_weights", "cut_metadata",
+           "export_tflite", "check_builtin_ops", "ExportResult", "HEAD_NAMES",
            "build_trainable_module", "convert_module", "freeze_encoder", "adapter_split", "AdapterSplit",
            "BASE_SIGNATURES", "ADAPTER_SIGNATURES"]
 
-HEAD_NAMES = ("w0", "b0", "w1", "b1")
+HEAD_NAMES = ("w0", "b0", "w1", "b1")  # the default head: hidden and logits layers
 BASE_SIGNATURES = ("infer", "head", "train", "get_weights", "set_weights")
 ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
 
@@ -56,12 +63,33 @@ def head_layout(embedding_dim: int, head_units: int, num_classes: int) -> HeadLa
     ])
 
 
+def head_names(layers: int) -> tuple[str, ...]:
+    """``w0, b0, ..., w{n-1}, b{n-1}``: the arrays of a head of ``layers`` dense layers, in layout order."""
+    return tuple(f"{k}{i}" for i in range(layers) for k in ("w", "b"))
+
+
+def _layers(weights) -> int:
+    """How many dense layers ``weights`` (``w0, b0, w1, b1, ...``; other keys ignored) hold."""
+    n = 0
+    while f"w{n}" in weights and f"b{n}" in weights:
+        n += 1
+    if n < 1:
+        raise ModelError(f"head arrays must be w0, b0, ..., wN, bN; got {sorted(weights)}")
+    return n
+
+
+def layout_of(weights: dict) -> HeadLayout:
+    """The head layout of ``weights`` (``w0, b0, w1, b1, ...`` in layer order, float32)."""
+    return HeadLayout([ArraySpec(name, tuple(np.shape(weights[name]))) for name in head_names(_layers(weights))])
+
+
 @dataclass(frozen=True)
 class ExportResult:
     tflite_path: Path
     metadata_path: Path
     sha256: str
     size: int
+    metadata: ModelMetadata | None = field(default=None, compare=False)  # what was written beside the file
 
 
 def check_builtin_ops(tflite_bytes: bytes) -> list[str]:
@@ -171,12 +199,41 @@ def adapter_split(encoder, frames: int, n_features: int) -> AdapterSplit | None:
                         np.asarray(emb_layer.bias.numpy(), np.float32))
 
 
+def deep_cut(encoder):
+    """The encoder up to its pooled vector (``[B, 2 x channels]``, before dropout and the embedding layer), for
+    a ``cnn`` or ``dnn`` encoder of :func:`models.architectures.build_encoder` whose embedding layer is a ReLU
+    dense layer; None for any other encoder (it cannot train its embedding layer on the device)."""
+    import keras
+
+    names = [layer.name for layer in encoder.layers]
+    if encoder.name not in ("cnn_encoder", "dnn_encoder") or "pool" not in names or "embedding" not in names:
+        return None
+    emb_layer = encoder.get_layer("embedding")
+    if getattr(emb_layer.activation, "__name__", "") != "relu" or not emb_layer.use_bias:
+        return None
+    return keras.Model(encoder.inputs, encoder.get_layer("pool").output, name=f"{encoder.name}_pooled")
+
+
+def deep_head_weights(encoder, head_weights: dict) -> dict:
+    """The three-layer head of a ``trainable_embedding`` export: ``w0, b0`` the encoder's embedding layer, then
+    ``head_weights`` (``w0, b0, ...``) renumbered from 1."""
+    emb_layer = encoder.get_layer("embedding")
+    out = {"w0": np.asarray(emb_layer.kernel.numpy(), np.float32), "b0": np.asarray(emb_layer.bias.numpy(), np.float32)}
+    for i in range(_layers(head_weights)):
+        out[f"w{i + 1}"] = np.asarray(head_weights[f"w{i}"], np.float32)
+        out[f"b{i + 1}"] = np.asarray(head_weights[f"b{i}"], np.float32)
+    return out
+
+
 def _make_module(graph_def, input_name: str, output_name: str, head: dict, frames: int, n_features: int,
-                 num_classes: int, batch: int, split: AdapterSplit | None = None):
+                 num_classes: int, batch: int, split: AdapterSplit | None = None, *, deep: bool = False):
+    """The ``tf.Module`` of the signatures. ``head`` holds ``w0, b0, ..., wN, bN`` (a ReLU after every layer but
+    the last); ``graph_def`` is the frozen encoder up to the head's input. With ``deep`` the head's first layer is
+    the encoder's embedding layer and the adapter's ``adapted_embedding`` stops at the pooled vector."""
     import tensorflow as tf
 
+    names = head_names(_layers(head))
     emb_dim = head["w0"].shape[0]
-    hidden = head["w0"].shape[1]
     train_specs = [
         tf.TensorSpec([batch, num_classes], tf.float32, name="targets"),
         tf.TensorSpec([batch], tf.float32, name="sample_weight"),
@@ -184,6 +241,7 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
         # [1], not a scalar: the aarch64 ai-edge-litert builds crash resizing a 0-d input (issue 13)
         tf.TensorSpec([1], tf.float32, name="learning_rate"),
     ]
+    weight_specs = [tf.TensorSpec(head[n].shape, tf.float32, name=n) for n in names]
 
     def feedback_loss(logits, targets, sample_weight, feedback_sign):
         logp = tf.nn.log_softmax(logits)
@@ -197,14 +255,20 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
     class TrainableHead(tf.Module):
         def __init__(self):
             super().__init__(name="fedser")
-            self.w0 = tf.Variable(head["w0"], name="w0")
-            self.b0 = tf.Variable(head["b0"], name="b0")
-            self.w1 = tf.Variable(head["w1"], name="w1")
-            self.b1 = tf.Variable(head["b1"], name="b1")
+            for n in names:
+                setattr(self, n, tf.Variable(head[n], name=n))
+
+        @property
+        def head_variables(self):
+            return [getattr(self, n) for n in names]
 
         def logits(self, emb):
-            h = _relu_with_builtin_gradient(tf.matmul(emb, self.w0) + self.b0)
-            return tf.matmul(h, self.w1) + self.b1
+            h, variables = emb, self.head_variables
+            for i in range(0, len(variables), 2):
+                h = tf.matmul(h, variables[i]) + variables[i + 1]
+                if i + 2 < len(variables):
+                    h = _relu_with_builtin_gradient(h)
+            return h
 
         def embed(self, features):
             return tf.graph_util.import_graph_def(
@@ -222,31 +286,23 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
 
         @tf.function(input_signature=[tf.TensorSpec([batch, emb_dim], tf.float32, name="embeddings"), *train_specs])
         def train(self, embeddings, targets, sample_weight, feedback_sign, learning_rate):
-            variables = [self.w0, self.b0, self.w1, self.b1]
+            variables = self.head_variables
             with tf.GradientTape() as tape:
                 loss = feedback_loss(self.logits(embeddings), targets, sample_weight, feedback_sign)
             grads = tape.gradient(loss, variables)
             step = tf.reshape(learning_rate, [])
-            for var, grad in zip(variables, grads, strict=False):
+            for var, grad in zip(variables, grads, strict=True):
                 var.assign_sub(step * grad)
             return {"loss": loss}
 
         @tf.function(input_signature=[])
         def get_weights(self):
-            return {"w0": self.w0.read_value(), "b0": self.b0.read_value(),
-                    "w1": self.w1.read_value(), "b1": self.b1.read_value()}
+            return {n: getattr(self, n).read_value() for n in names}
 
-        @tf.function(input_signature=[
-            tf.TensorSpec([emb_dim, hidden], tf.float32, name="w0"),
-            tf.TensorSpec([hidden], tf.float32, name="b0"),
-            tf.TensorSpec([hidden, num_classes], tf.float32, name="w1"),
-            tf.TensorSpec([num_classes], tf.float32, name="b1"),
-        ])
-        def set_weights(self, w0, b0, w1, b1):
-            self.w0.assign(w0)
-            self.b0.assign(b0)
-            self.w1.assign(w1)
-            self.b1.assign(b1)
+        @tf.function(input_signature=weight_specs)
+        def set_weights(self, *arrays):
+            for n, value in zip(names, arrays, strict=True):
+                getattr(self, n).assign(value)
             return {"ok": tf.constant(1.0)}
 
     if split is None:
@@ -273,6 +329,8 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
             x = _relu_with_builtin_gradient(frames_ * self.adapter_scale + self.adapter_shift)
             pooled = tf.concat([_mean_over_time_with_builtin_gradient(x), _max_over_time_with_builtin_gradient(x)],
                                axis=-1)
+            if deep:  # the embedding layer is the head's first layer
+                return pooled
             return _relu_with_builtin_gradient(tf.matmul(pooled, kernel) + bias)
 
         def embed(self, features):
@@ -296,16 +354,16 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
                                       *train_specs,
                                       tf.TensorSpec([1], tf.float32, name="adapter_learning_rate")])
         def adapter_train(self, frames, targets, sample_weight, feedback_sign, learning_rate, adapter_learning_rate):
-            head_vars = [self.w0, self.b0, self.w1, self.b1]
+            head_vars = self.head_variables
             adapter_vars = [self.adapter_scale, self.adapter_shift]
             with tf.GradientTape() as tape:
                 loss = feedback_loss(self.logits(self.adapted_embedding(frames)), targets, sample_weight,
                                      feedback_sign)
             grads = tape.gradient(loss, head_vars + adapter_vars)
             step, adapter_step = tf.reshape(learning_rate, []), tf.reshape(adapter_learning_rate, [])
-            for var, grad in zip(head_vars, grads[:4], strict=True):
+            for var, grad in zip(head_vars, grads[:len(head_vars)], strict=True):
                 var.assign_sub(step * grad)
-            for var, grad in zip(adapter_vars, grads[4:], strict=True):
+            for var, grad in zip(adapter_vars, grads[len(head_vars):], strict=True):
                 var.assign_sub(adapter_step * grad)
             return {"loss": loss}
 
@@ -335,14 +393,48 @@ def freeze_encoder(encoder, frames: int, n_features: int):
     return frozen.graph.as_graph_def(), frozen.inputs[0].name, frozen.outputs[0].name
 
 
-def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata, *, adapter: bool = True):
-    """The ``tf.Module`` to convert; with the adapter signatures when ``adapter`` and the encoder allows them."""
+def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata, *, adapter: bool = True,
+                           trainable_embedding: bool = False):
+    """The ``tf.Module`` to convert; with the adapter signatures when ``adapter`` and the encoder allows them.
+    ``head_weights`` are the Keras head's ``w0, b0, w1, b1``; with ``trainable_embedding`` the encoder's
+    embedding layer joins the head (:func:`deep_head_weights`) and the frozen encoder stops at the pooled vector
+    (:func:`deep_cut`; ModelError for an encoder without one)."""
     f = metadata.features
-    graph_def, inp, out = freeze_encoder(encoder, f.max_frames, f.n_features)
-    head = {k: np.asarray(head_weights[k], np.float32) for k in HEAD_NAMES}
+    head = {k: np.asarray(head_weights[k], np.float32) for k in head_names(_layers(head_weights))}
+    frozen = encoder
+    if trainable_embedding:
+        frozen = deep_cut(encoder)
+        if frozen is None:
+            raise ModelError(f"trainable_embedding needs a cnn or dnn encoder with a ReLU embedding layer; "
+                             f"{encoder.name} has none")
+        head = deep_head_weights(encoder, head)
+    graph_def, inp, out = freeze_encoder(frozen, f.max_frames, f.n_features)
     split = adapter_split(encoder, f.max_frames, f.n_features) if adapter else None
     return _make_module(graph_def, inp, out, head, f.max_frames, f.n_features, metadata.num_classes,
-                        metadata.train_batch_size, split)
+                        metadata.train_batch_size, split, deep=trainable_embedding)
+
+
+def cut_metadata(encoder, head_weights: dict, metadata: ModelMetadata, *, trainable_embedding: bool,
+                 replay_inputs: tuple | None = None) -> ModelMetadata:
+    """``metadata`` for the file :func:`export_tflite` writes: with ``trainable_embedding`` its head layout,
+    ``embedding_dim`` and replay set follow the cut at the pooled vector (the replay set recomputed from
+    ``replay_inputs`` = (model inputs [N, T, F], class indices [N]), or dropped when they are not given)."""
+    if not trainable_embedding:
+        return metadata
+    cut = deep_cut(encoder)
+    if cut is None:
+        raise ModelError(f"trainable_embedding needs a cnn or dnn encoder with a ReLU embedding layer; "
+                         f"{encoder.name} has none")
+    head = deep_head_weights(encoder, head_weights)
+    extra = {k: v for k, v in metadata.extra.items() if k != "replay"}
+    extra["trainable_embedding"] = True
+    if replay_inputs is not None:
+        x, y = replay_inputs
+        extra["replay"] = ModelMetadata.replay_extra(cut.predict(np.asarray(x, np.float32), verbose=0), np.asarray(y))
+    elif "replay" in metadata.extra:
+        log.warning("trainable_embedding: the replay set's embeddings are of the old cut and no replay_inputs "
+                    "were given, so the file has no replay set")
+    return replace(metadata, head_layout=layout_of(head), embedding_dim=int(head["w0"].shape[0]), extra=extra)
 
 
 def convert_module(module) -> bytes:
@@ -363,12 +455,18 @@ def convert_module(module) -> bytes:
 
 
 def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: str | Path,
-                  *, name: str = "model", adapter: bool = True) -> ExportResult:
+                  *, name: str = "model", adapter: bool = True, trainable_embedding: bool = False,
+                  replay_inputs: tuple | None = None) -> ExportResult:
     """Write ``<name>.tflite`` and ``<name>.json`` (metadata) into ``out_dir``; ``adapter=False`` leaves the
-    adapter signatures out (the file older SDKs knew)."""
+    adapter signatures out (the file older SDKs knew). ``trainable_embedding`` (cnn, dnn) puts the encoder's
+    embedding layer into the trainable head and rewrites the metadata's cut (:func:`cut_metadata`; give
+    ``replay_inputs`` to keep a replay set)."""
     from edge_sdk.storage import atomic_write
 
-    module = build_trainable_module(encoder, head_weights, metadata, adapter=adapter)
+    metadata = cut_metadata(encoder, head_weights, metadata, trainable_embedding=trainable_embedding,
+                            replay_inputs=replay_inputs)
+    module = build_trainable_module(encoder, head_weights, metadata, adapter=adapter,
+                                    trainable_embedding=trainable_embedding)
     tflite = convert_module(module)
     out_dir = Path(out_dir)
     sha = hashlib.sha256(tflite).hexdigest()
@@ -378,4 +476,4 @@ def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir:
     atomic_write(tflite_path, tflite)
     atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
     log.info("exported %s (%d bytes, sha256 %s)", tflite_path, len(tflite), sha[:12])
-    return ExportResult(tflite_path, meta_path, sha, len(tflite))
+    return ExportResult(tflite_path, meta_path, sha, len(tflite), ModelMetadata.from_dict(meta))

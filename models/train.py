@@ -159,6 +159,7 @@ def train_baseline(
     verbose: int = 0,
     progress: bool | None = None,
     reference_clips: Sequence[Clip] = (),
+    trainable_embedding: bool = False,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
@@ -166,6 +167,8 @@ def train_baseline(
     ``progress`` shows a bar on stderr (default: when stderr is a terminal).
     ``reference_clips`` (with ``config.speaker_reference == "neutral"``) add to their speaker's normalisation
     statistics only (never trained on or scored); those of speakers outside training and validation are ignored.
+    ``trainable_embedding`` (cnn, dnn): the exported file's trainable head includes the encoder's embedding layer
+    (``models.export.export_tflite``).
     """
     import sys
 
@@ -177,6 +180,9 @@ def train_baseline(
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
         if shared:
             raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
+    if trainable_embedding and architecture.name not in ("cnn", "dnn"):
+        raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not "
+                         f"{architecture.name}")
     keras.utils.set_random_seed(config.seed)
     started = time.perf_counter()
     train_fs = compute_features(train_clips, features, cache_dir=cache_dir, augmentation=config.augmentation)
@@ -281,9 +287,10 @@ def train_baseline(
     hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
     head_weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(),
                     "w1": logits.kernel.numpy(), "b1": logits.bias.numpy()}
-    replay = {}
+    replay, replay_inputs = {}, None
     if config.replay_per_class > 0:  # a few training embeddings per class, the device's replay set
         picked = per_class_sample(y_train, config.replay_per_class, config.seed)
+        replay_inputs = (x_train[picked], y_train[picked])  # the export recomputes them for a deeper cut
         replay_emb = encoder.predict(x_train[picked], batch_size=256, verbose=0)
         replay = {"replay": ModelMetadata.replay_extra(replay_emb, y_train[picked])}
     report = {
@@ -338,7 +345,10 @@ def train_baseline(
     if out_dir is not None:
         from models.report import write_report
 
-        result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir))
+        result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir),
+                                      trainable_embedding=trainable_embedding, replay_inputs=replay_inputs)
+        if trainable_embedding:  # its head layout, embedding_dim and replay set follow the deeper cut
+            result.metadata = result.export.metadata
         report["tflite_bytes"] = result.export.size
         report["tflite_sha256"] = result.export.sha256
         write_report(report, out_dir)

@@ -45,8 +45,9 @@ import numpy as np
 EMBEDDING, HIDDEN, CLASSES = 128, 150, 4  # head: 128*150 + 150 + 150*4 + 4 = 19,954 parameters
 
 
-def make_model(out: Path) -> tuple[Path, Path]:
-    """A small encoder with a ~20 k-parameter head, exported as a real trainable .tflite."""
+def make_model(out: Path, *, trainable_embedding: bool = False) -> tuple[Path, Path]:
+    """A small encoder with a ~20 k-parameter head, exported as a real trainable .tflite (with
+    ``trainable_embedding``, the encoder's embedding layer joins the head: 6 arrays, 24,178 parameters)."""
     from edge_sdk.features import FeatureConfig, Normalization
     from edge_sdk.model import ModelMetadata
     from models.architectures import build_encoder, build_head, preset
@@ -61,7 +62,7 @@ def make_model(out: Path) -> tuple[Path, Path]:
                          normalization=Normalization(np.zeros(40), np.ones(40)),
                          head_layout=head_layout(EMBEDDING, HIDDEN, CLASSES), embedding_dim=EMBEDDING,
                          train_batch_size=8, architecture="dnn")
-    res = export_tflite(enc, hw, meta, out)
+    res = export_tflite(enc, hw, meta, out, trainable_embedding=trainable_embedding)
     return res.tflite_path, res.metadata_path
 
 
@@ -367,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                                                              "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--close-updates", default="1000,10000")
     parser.add_argument("--out", type=Path, default=Path("bench-aggregator.json"))
+    parser.add_argument("--trainable-embedding", action="store_true",
+                        help="the head includes the encoder's embedding layer (models.export, 6 arrays)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp:
-        tflite, meta = make_model(Path(tmp))
+        tflite, meta = make_model(Path(tmp), trainable_embedding=args.trainable_embedding)
         env = environment()
         report = {"environment": env, "cpu_count": env["cpu_count"], "intake": [], "close": []}
         load = env["loadavg_at_start"]

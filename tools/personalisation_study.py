@@ -111,10 +111,14 @@ def embeddings(corpus: str, clips: list, model_files: tuple[Path, Path], cache: 
     return kept, emb, feats
 
 
-# -- the plain fine-tune, in numpy (the same head: relu(e W0 + b0) W1 + b1) -------------------------
-def head_logits(w: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h = np.maximum(x @ w["w0"] + w["b0"], 0.0)
-    return h @ w["w1"] + w["b1"], h
+# -- the plain fine-tune, in numpy (the same head: relu(e W0 + b0) W1 + b1, or any w0..wN, relu between) ----
+def head_logits(w: dict, x: np.ndarray) -> tuple[np.ndarray, list]:
+    """Logits of the head ``w0, b0, ..., wN, bN`` (ReLU after every layer but the last) and each layer's input."""
+    n = sum(1 for k in w if k.startswith("w"))
+    hs = [x]
+    for i in range(n - 1):
+        hs.append(np.maximum(hs[-1] @ w[f"w{i}"] + w[f"b{i}"], 0.0))
+    return hs[-1] @ w[f"w{n - 1}"] + w[f"b{n - 1}"], hs
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -129,17 +133,20 @@ def plain_finetune(w: dict, x: np.ndarray, target: np.ndarray, sign: np.ndarray,
     w = {k: v.astype(np.float64).copy() for k, v in w.items()}
     m = {k: np.zeros_like(v) for k, v in w.items()}
     v2 = {k: np.zeros_like(v) for k, v in w.items()}
-    onehot = np.eye(w["b1"].shape[0])[target]
+    n = sum(1 for k in w if k.startswith("w"))
+    onehot = np.eye(w[f"b{n - 1}"].shape[0])[target]
     for t in range(1, steps + 1):
-        z, h = head_logits(w, x)
+        z, hs = head_logits(w, x)
         p = softmax(z)
         pt = (p * onehot).sum(axis=1, keepdims=True)
         pt = np.clip(pt, 0.0, 1.0 - 1e-6)
         # d(cross-entropy)/dz = p - onehot; d(-log(1 - pt))/dz = pt / (1 - pt) * (onehot - p)
         dz = np.where(sign[:, None] > 0, p - onehot, pt / (1.0 - pt) * (onehot - p)) / len(x)
-        grads = {"w1": h.T @ dz, "b1": dz.sum(0)}
-        dh = (dz @ w["w1"].T) * (h > 0)
-        grads["w0"], grads["b0"] = x.T @ dh, dh.sum(0)
+        grads, d = {}, dz
+        for i in reversed(range(n)):  # back through each layer; ReLU on all but the last
+            grads[f"w{i}"], grads[f"b{i}"] = hs[i].T @ d, d.sum(0)
+            if i:
+                d = (d @ w[f"w{i}"].T) * (hs[i] > 0)
         for k in w:
             m[k] = 0.9 * m[k] + 0.1 * grads[k]
             v2[k] = 0.999 * v2[k] + 0.001 * grads[k] ** 2
