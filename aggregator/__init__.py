@@ -88,6 +88,7 @@ DEFAULTS = {
     # validation gate (aggregator.validation): a manifest CSV path,speaker,label on the server
     "VALIDATION_MANIFEST": None,
     "VALIDATION_MARGIN": 0.02,  # refuse a candidate whose UAR drops more than this below the current one
+    "VALIDATION_MIN_GROUP_CLIPS": 20,  # a validation group with fewer scored clips is reported but does not gate
     "LOG_JSON": True,  # structured (JSON) request logs with request ids
 }
 
@@ -144,6 +145,10 @@ def _check_settings(config) -> None:
         if not (math.isfinite(value) and value >= low):
             raise ConfigError(f"{key}={config[key]!r}: expected a number of seconds >= {low:g}")
         config[key] = value
+    groups = config.get("VALIDATION_MIN_GROUP_CLIPS")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ConfigError(f"VALIDATION_MIN_GROUP_CLIPS={groups!r}: expected an integer >= 1 (clips a validation "
+                          "group needs to gate a round)")
 
 
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
@@ -182,7 +187,8 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
 
         app.extensions["fedser_validator"] = Validator(
             app.config["VALIDATION_MANIFEST"], inst / "validation", app.extensions["fedser_blobs"],
-            app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]))
+            app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]),
+            min_group_clips=app.config["VALIDATION_MIN_GROUP_CLIPS"])
 
     from aggregator import dashboard
     from aggregator.api import admin, devices, models, updates

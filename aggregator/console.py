@@ -110,7 +110,25 @@ def refused_rounds(session, limit: int = 50) -> list[dict]:
             "current_accuracy": _num((gate.get("current") or {}).get("accuracy")),
             "margin": _num(gate.get("margin")), "validation_examples": (gate.get("candidate") or {}).get(
                 "num_examples"),
+            "min_group_clips": gate.get("min_group_clips"), "groups": _groups(gate.get("groups")),
         })
+    return out
+
+
+def _groups(groups) -> list[dict]:
+    """The gate's per-group figures (aggregator.validation), by group name; [] when the set had one group."""
+    if not isinstance(groups, dict):
+        return []
+    out = []
+    for name, g in sorted(groups.items()):
+        if not isinstance(g, dict):
+            continue
+        cand, cur = g.get("candidate") or {}, g.get("current") or {}
+        out.append({"group": str(name), "examples": g.get("examples") if isinstance(g.get("examples"), int) else None,
+                    "candidate_uar": _num(cand.get("uar")), "current_uar": _num(cur.get("uar")),
+                    "candidate_accuracy": _num(cand.get("accuracy")), "current_accuracy": _num(cur.get("accuracy")),
+                    "gates": bool(g.get("gates")), "dropped": bool(g.get("dropped")),
+                    "note": str(g.get("note") or "")})
     return out
 
 

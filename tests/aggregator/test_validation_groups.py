@@ -1,0 +1,175 @@
+"""The validation gate judges each group of its validation set (issue 14): the real app (Flask's test client over
+the real app, SQLite), the real TFLite model and real validation clips.
+
+Every round here moves the head between two constant predictors (a bias of +-50 on the last layer: every clip goes
+to one class, whatever the encoder says), so each group's UAR is known without depending on the trained model:
+the "old" population's clips are all angry, the "new" population's all sad; a head that says angry to everything
+scores old 1.0 / new 0.0, one that says sad the other way round, and the pooled UAR (two classes present) is 0.5
+for both. A round from the first to the second helps the new people, ruins the old ones and leaves the pooled
+figure where it was: the pooled gate alone publishes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator import ConfigError, create_app
+from edge_sdk.errors import ParameterError
+from edge_sdk.wire import UpdateEnvelope
+from tests.aggregator.test_service import Server
+
+
+def _bias(layout):
+    return [s for s in layout if len(s.shape) == 1][-1]
+
+
+def _delta(layout, labels, to_class: str, from_class: str | None = None) -> dict:
+    """A head delta that makes the last layer's bias +50 for ``to_class`` and -50 for the others, starting from a
+    head the same delta made for ``from_class`` (or from the base's own bias, which is small)."""
+    deltas = {s.name: np.zeros(s.shape, np.float32) for s in layout}
+    bias = _bias(layout)
+    target = np.where(np.array(labels) == to_class, 50.0, -50.0).astype(np.float32)
+    if from_class is not None:
+        target -= np.where(np.array(labels) == from_class, 50.0, -50.0).astype(np.float32)
+    deltas[bias.name] = target
+    return deltas
+
+
+def _manifest(path, rows, *, group_column: bool = False):
+    head = "path,speaker,label" + (",group" if group_column else "")
+    path.write_text(head + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+def _rows(clips, label, speaker, n, group=None):
+    chosen = [c for c in clips if c.label == label][:n]
+    assert len(chosen) == n, (label, len(chosen))
+    return [(c.path, speaker(c), c.label) + ((group,) if group is not None else ()) for c in chosen]
+
+
+def _two_rounds(tmp_path, trained_model, validation_csv, **config):
+    """Round 1 without a gate: v2 says angry to everything. Then the server restarts with the gate on
+    ``validation_csv``, and round 2's candidate says sad to everything. Returns (server, round 2's response)."""
+    first = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1, MAX_UPDATE_L2_NORM=1e9)
+    assert first.publish().status_code == 201
+    dev, key = first.enroll()
+    labels = list(trained_model.metadata.labels)
+    env = UpdateEnvelope.create(device_id=dev, base_version=1, layout=first.layout,
+                                deltas=_delta(first.layout, labels, "angry"), num_examples=5, sequence=1, sign=key.sign)
+    assert first.post(env).json.get("published_version") == 2
+    srv = Server(tmp_path, trained_model, ROUND_MIN_UPDATES=1, MAX_UPDATE_L2_NORM=1e9,
+                 VALIDATION_MANIFEST=str(validation_csv), **config)
+    env = UpdateEnvelope.create(device_id=dev, base_version=2, layout=srv.layout,
+                                deltas=_delta(srv.layout, labels, "sad", "angry"), num_examples=5, sequence=2,
+                                sign=key.sign)
+    r = srv.post(env)
+    assert r.status_code == 202, r.json
+    return srv, r.json
+
+
+def test_a_round_that_helps_one_group_and_ruins_another_is_refused_naming_it(tmp_path, trained_model,
+                                                                            synthetic_clips):
+    # Groups from the speakers' corpus prefixes (a 3-column manifest, as the demo writes it): 20 clips each.
+    csv = _manifest(tmp_path / "validation.csv",
+                    _rows(synthetic_clips, "angry", lambda c: "ravdess-" + c.speaker.split("-")[1], 20)
+                    + _rows(synthetic_clips, "sad", lambda c: "nemo-" + c.speaker.split("-")[1], 20))
+    srv, body = _two_rounds(tmp_path, trained_model, csv, VALIDATION_MARGIN=0.02)
+    reason = body.get("round_rejected") or ""
+    assert reason.startswith("group ravdess: validation UAR would drop from 1.000 to 0.000"), body
+    assert "nemo" not in reason  # the pooled UAR (0.5 -> 0.5) and the new population (0.0 -> 1.0) are fine
+    status = srv.status()
+    assert status["current_version"] == 2 and status["rounds"][1]["status"] == "rejected"
+    # The console's refused round: pooled and per-group figures, from the round's gate report.
+    console = srv.client.get("/api/v1/admin/console", headers=srv.auth).json
+    refused = console["refused_rounds"][0]
+    assert refused["candidate_uar"] == refused["current_uar"] == 0.5 and refused["min_group_clips"] == 20
+    groups = {g["group"]: g for g in refused["groups"]}
+    assert groups["ravdess"] == {"group": "ravdess", "examples": 20, "candidate_uar": 0.0, "current_uar": 1.0,
+                                 "candidate_accuracy": 0.0, "current_accuracy": 1.0, "gates": True,
+                                 "dropped": True, "note": ""}
+    assert groups["nemo"]["candidate_uar"] == 1.0 and groups["nemo"]["current_uar"] == 0.0
+    assert not groups["nemo"]["dropped"] and groups["nemo"]["gates"]
+
+
+def test_a_group_column_names_the_groups(tmp_path, trained_model, synthetic_clips):
+    csv = _manifest(tmp_path / "validation.csv",
+                    _rows(synthetic_clips, "angry", lambda c: c.speaker, 20, "english speakers")
+                    + _rows(synthetic_clips, "sad", lambda c: c.speaker, 20, "polish_speakers"), group_column=True)
+    _, body = _two_rounds(tmp_path, trained_model, csv)
+    assert body.get("round_rejected", "").startswith("group english speakers: validation UAR would drop"), body
+
+
+def test_a_group_under_the_minimum_is_reported_but_does_not_gate(tmp_path, trained_model, synthetic_clips):
+    csv = _manifest(tmp_path / "validation.csv",
+                    _rows(synthetic_clips, "angry", lambda c: "ravdess-" + c.speaker.split("-")[1], 8)
+                    + _rows(synthetic_clips, "sad", lambda c: "nemo-" + c.speaker.split("-")[1], 20))
+    srv, body = _two_rounds(tmp_path, trained_model, csv)
+    assert body.get("published_version") == 3 and "round_rejected" not in body, body
+    gate = srv.status()["current_metrics"]["validation"]
+    small = gate["groups"]["ravdess"]
+    assert small["examples"] == 8 and not small["gates"] and not small["dropped"]
+    assert small["current"]["uar"] == 1.0 and small["candidate"]["uar"] == 0.0  # reported all the same
+    assert "fewer than VALIDATION_MIN_GROUP_CLIPS=20" in small["note"] and "does not gate" in small["note"]
+    assert gate["groups"]["nemo"]["gates"] and gate["min_group_clips"] == 20
+    # The same set with a lower minimum: the small group gates, and the round is refused naming it.
+    _, body = _two_rounds(tmp_path / "again", trained_model, csv, VALIDATION_MIN_GROUP_CLIPS=8)
+    assert body.get("round_rejected", "").startswith("group ravdess: "), body
+
+
+def test_a_manifest_of_one_group_is_judged_on_the_pooled_uar_as_before(tmp_path, trained_model, synthetic_clips):
+    # The same clips, 3 columns, speakers without a corpus prefix: one group, the pooled 0.5 -> 0.5 passes.
+    csv = _manifest(tmp_path / "validation.csv",
+                    _rows(synthetic_clips, "angry", lambda c: c.speaker.split("-")[1], 20)
+                    + _rows(synthetic_clips, "sad", lambda c: c.speaker.split("-")[1], 20))
+    srv, body = _two_rounds(tmp_path, trained_model, csv)
+    assert body.get("published_version") == 3, body
+    gate = srv.status()["current_metrics"]["validation"]
+    assert set(gate) == {"candidate", "current", "margin", "set"}  # the report of before: no groups
+    assert gate["candidate"]["uar"] == gate["current"]["uar"] == 0.5 and gate["candidate"]["num_examples"] == 40
+    # ... and a round whose pooled UAR drops is refused with the reason of before. v3 says sad to everything; a
+    # head that says happy (absent from the set) scores 0.
+    dev, key = srv.enroll()
+    labels = list(trained_model.metadata.labels)
+    env = UpdateEnvelope.create(device_id=dev, base_version=3, layout=srv.layout,
+                                deltas=_delta(srv.layout, labels, "happy", "sad"), num_examples=5, sequence=1,
+                                sign=key.sign)
+    body = srv.post(env).json
+    assert body["round_rejected"] == "validation UAR would drop from 0.500 to 0.000, more than the margin 0.020"
+    refused = srv.client.get("/api/v1/admin/console", headers=srv.auth).json["refused_rounds"][0]
+    assert refused["groups"] == [] and refused["candidate_uar"] == 0.0
+
+
+@pytest.mark.parametrize("cell, words", [("", "group '' is not a group name"),
+                                         ("a/b", "group 'a/b' is not a group name"),
+                                         ("<script>", "group .<script>. is not a group name")])
+def test_a_malformed_group_is_refused_at_start_naming_the_line(tmp_path, trained_model, synthetic_clips, cell,
+                                                               words):
+    rows = _rows(synthetic_clips, "angry", lambda c: c.speaker, 3, "old")
+    rows[1] = rows[1][:3] + (cell,)
+    csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
+    with pytest.raises(ParameterError, match=rf"validation.csv:3: {words}"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
+
+
+def test_one_clip_in_two_groups_is_refused_at_start(tmp_path, trained_model, synthetic_clips):
+    rows = _rows(synthetic_clips, "angry", lambda c: c.speaker, 2, "old")
+    rows.append(rows[0][:3] + ("new",))
+    csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
+    with pytest.raises(ParameterError, match=r"validation.csv:4: .* is in group 'new' here and in group 'old' on "
+                                             r"line 2"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
+
+
+@pytest.mark.parametrize("value", [0, -3, "20", 2.5, True])
+def test_the_minimum_group_size_setting_is_checked_at_start(tmp_path, value):
+    with pytest.raises(ConfigError, match="VALIDATION_MIN_GROUP_CLIPS="):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MIN_GROUP_CLIPS": value})
+
+
+def test_the_minimum_group_size_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSER_VALIDATION_MIN_GROUP_CLIPS", "two")
+    with pytest.raises(ConfigError, match="FEDSER_VALIDATION_MIN_GROUP_CLIPS='two': expected an integer"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
+    monkeypatch.setenv("FEDSER_VALIDATION_MIN_GROUP_CLIPS", "5")
+    assert create_app({"INSTANCE_PATH": str(tmp_path / "inst")}).config["VALIDATION_MIN_GROUP_CLIPS"] == 5
