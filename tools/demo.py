@@ -16,11 +16,13 @@ devices, never gate a round and never train.
    will answer;
 2. scores the base on the held-out new users IC0/MK0/TP0 (global UAR) and, with RAVDESS, on RAVDESS actors 21-24;
 3. starts the aggregator (gunicorn, 2 workers) on 127.0.0.1 with the validation gate on the device speakers' gate
-   slices, publishes the base and enrolls one device per speaker;
+   slices (with RAVDESS also on RAVDESS validation actors 19-20, judged as their own group, so that a round that
+   helps the new population and costs the base's own people more than the margin is refused), publishes the base
+   and enrolls one device per speaker;
 4. runs several federated rounds: each device classifies new clips of its speaker, a simulated user answers
    (thumbs-up when right; when wrong the right label or a bare thumbs-down; a few answers mistaken), the head is
    fine-tuned on the device, a signed delta is posted; the round closes (FedAvg), the gate judges it, every device
-   pulls the new version; prints the held-out users' UAR after every round;
+   pulls the new version; prints the held-out users' UAR and the gate's figures of each group after every round;
 5. prints the held-out new users' global UAR before and after the rounds;
 6. prints each device's accuracy on clips it never answered: the base before any answer, the final global model,
    and its personalised head after its answers, beside the answer mix it received.
@@ -131,6 +133,9 @@ REPO = Path(__file__).resolve().parents[1]
 RAVDESS_ONLY_MODEL = REPO / "docs" / "results" / "cross-corpus" / "ravdess-only"
 NEMO_TEST_SPEAKERS = ("nemo-IC0", "nemo-MK0", "nemo-TP0")  # never devices, never gate, never train
 RAVDESS_TEST_SPEAKERS = ("ravdess-21", "ravdess-22", "ravdess-23", "ravdess-24")
+# The base's validation actors: people like its training speakers who never trained it (its recipe chose its epoch
+# on them). With RAVDESS, the nEMO story's gate judges every round on them too, as their own group.
+RAVDESS_GATE_SPEAKERS = ("ravdess-19", "ravdess-20")
 
 
 def corpus_root(kind: str, given: str | None, *, off: bool = False) -> tuple[Path | None, str]:
@@ -480,7 +485,9 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
     test_emb, test_y, test_spk = _embed(evaluator, test)
     before = _score(evaluator, base_head, test_emb, test_y)
     before_spk = _per_speaker_uar(evaluator, base_head, test_emb, test_y, test_spk)
-    in_domain = [c for c in ravdess_clips(ravdess) if c.speaker in RAVDESS_TEST_SPEAKERS] if ravdess else []
+    rav_all = ravdess_clips(ravdess) if ravdess else []
+    in_domain = [c for c in rav_all if c.speaker in RAVDESS_TEST_SPEAKERS]
+    rav_gate = [c for c in rav_all if c.speaker in RAVDESS_GATE_SPEAKERS]  # never 21-24, never a training actor
     rav_emb, rav_y, _ = _embed(evaluator, in_domain) if in_domain else (None, np.zeros(0, int), [])
     rav_before = _score(evaluator, base_head, rav_emb, rav_y) if in_domain else None
     print(f"[2/6] base: {base_name}: CNN on log-mel features, trained on RAVDESS actors 1-18 (English)")
@@ -492,15 +499,20 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
 
     instance = args.out / "aggregator"
     # The validation gate judges every round on the device speakers' gate slices: the population being served,
-    # clips no device answers or is scored on, and never IC0/MK0/TP0.
-    val_csv = write_manifest(args.out / "validation.csv", gate).resolve()
+    # clips no device answers or is scored on, and never IC0/MK0/TP0; with RAVDESS also on its validation actors
+    # 19-20. Speaker ids carry their corpus (nemo-EB0, ravdess-19), which makes each corpus a group of the gate.
+    val_csv = write_manifest(args.out / "validation.csv", gate + rav_gate).resolve()
     rows, history, answers_total = {}, [], 0
     with _aggregator(args, instance, min_updates=len(device_spk), validation=val_csv, tflite=tflite,
                      metadata=meta_path, timeout=120) as (base_url, auth, version):
         print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published the base as version {version}")
+        margin = os.environ.get('FEDSER_VALIDATION_MARGIN', '0.02')
         print(f"      validation gate: {len(gate)} clips, {len(gate) // len(device_spk)} held back from each device "
-              "speaker (never answered, never scored); a round whose UAR on them drops more than "
-              f"{os.environ.get('FEDSER_VALIDATION_MARGIN', '0.02')} is refused")
+              "speaker (never answered, never scored)"
+              + (f", and {len(rav_gate)} clips of RAVDESS validation actors 19-20 (people like the base's training "
+                 "speakers, who never trained it), each corpus a group; a round whose UAR drops more than "
+                 f"{margin} on all of them or on either group is refused" if rav_gate else
+                 f"; a round whose UAR on them drops more than {margin} is refused"))
         print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (--keep-server leaves it up)")
         devices = {}
         for spk in device_spk:
@@ -514,7 +526,8 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
 
         print(f"[4/6] {args.rounds} rounds; in each, every device classifies {args.answers_per_round} new clips of "
               "its speaker, its user answers, the head is fine-tuned on the device and a signed delta is posted")
-        print("      round  updates  gate (validation UAR)           version  held-out new users' UAR")
+        print("      round  updates  gate (validation UAR)           version  held-out new users' UAR"
+              + ("  gate by group (UAR)" if rav_gate else ""))
         history.append({"round": 0, "version": 1, "uar": before["uar"]})
         for rnd in range(1, args.rounds + 1):
             closed, posted = None, 0
@@ -547,17 +560,27 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
             head = next(iter(devices.values())).global_head
             glob = _score(evaluator, head, test_emb, test_y)
             last = next((r for r in status["rounds"] if closed and r["id"] == closed.get("round_id")), None)
-            gate_text = "no round closed"
+            gate_text, groups = "no round closed", {}
             if last is not None and last["status"] == "rejected":
+                refused = next((r for r in requests.get(f"{base_url}/api/v1/admin/console", headers=auth,
+                                                        timeout=30).json()["refused_rounds"]
+                                if r["id"] == last["id"]), {})
+                was, now = refused.get("current_uar"), refused.get("candidate_uar")
                 figures = re.findall(r"\d\.\d{3}", last.get("note") or "")
-                gate_text = f"refused ({' -> '.join(figures[:2]) or (last.get('note') or '')[:24]})"
+                gate_text = (f"refused ({was:.3f} -> {now:.3f})" if was is not None and now is not None else
+                             f"refused ({' -> '.join(figures[:2]) or (last.get('note') or '')[:24]})")
+                groups = {g["group"]: {"current": {"uar": g["current_uar"]}, "candidate": {"uar": g["candidate_uar"]},
+                                       "examples": g["examples"], "gates": g["gates"], "dropped": g["dropped"]}
+                          for g in refused.get("groups") or []}
             elif last is not None:
                 verdict = (status.get("current_metrics") or {}).get("validation") or {}
                 now, was = (verdict.get("candidate") or {}).get("uar"), (verdict.get("current") or {}).get("uar")
                 gate_text = f"passed ({was:.3f} -> {now:.3f})" if now is not None and was is not None else "passed"
+                groups = verdict.get("groups") or {}
             history.append({"round": rnd, "version": version, "updates": posted, "uar": glob["uar"],
-                            "recall": glob["recall"], "gate": gate_text})
-            print(f"      {rnd:>5}  {posted:>7}  {gate_text:<31} v{version:<7} {glob['uar']:.3f}", flush=True)
+                            "recall": glob["recall"], "gate": gate_text, "gate_groups": groups})
+            print(f"      {rnd:>5}  {posted:>7}  {gate_text:<31} v{version:<7} {glob['uar']:.3f}"
+                  + (f"                    {_group_figures(groups)}" if groups else ""), flush=True)
 
         final_head = next(iter(devices.values())).global_head
         after = _score(evaluator, final_head, test_emb, test_y)
@@ -597,7 +620,7 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
         mean = {k: float(np.mean([d[k] for d in devices_out])) for k in ("base", "global", "personal")}
         print(f"      mean    {'':>7}  {'':>29}{mean['base']:.3f}   {mean['global']:.3f}    {mean['personal']:.3f}")
         print(_honest_note(args, before, after, before_spk, after_spk, (rav_before, rav_after) if rav_before else None,
-                           devices_out, n_eval, answers_total))
+                           devices_out, n_eval, answers_total, len(rav_gate)))
         summary = {"story": "new population (nEMO devices, RAVDESS-only base)", "base": str(tflite),
                    "devices": devices_out, "held_out": {"before": before, "after": after,
                                                         "per_speaker_before": before_spk,
@@ -613,7 +636,18 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
     return 0
 
 
-def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eval, answers) -> str:
+def _group_figures(groups: dict) -> str:
+    """The gate's figures of each validation group on one line: ``nemo 0.434 -> 0.454, ravdess 0.705 -> 0.690``."""
+    def one(name: str, g: dict) -> str:
+        was, now = (g.get("current") or {}).get("uar"), (g.get("candidate") or {}).get("uar")
+        text = f"{name} {was:.3f} -> {now:.3f}" if was is not None and now is not None else f"{name} ?"
+        return text + (" (dropped)" if g.get("dropped") else "" if g.get("gates", True) else
+                       f" ({g.get('examples')} clips: does not gate)")
+
+    return ", ".join(one(name, g) for name, g in sorted(groups.items()))
+
+
+def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eval, answers, rav_gate: int = 0) -> str:
     """What the figures above mean, and how far to trust them, in words."""
     import textwrap
 
@@ -636,8 +670,11 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
         paragraphs.append(
             f"RAVDESS actors 21-24 ({rav[1]['n']} clips): {rav[0]['uar']:.3f} -> {rav[1]['uar']:.3f}"
             + (" (the rounds cost the base's own population). " if rav[1]["uar"] < rav[0]["uar"] else ". ")
-            + "The gate judges rounds on the new population only, so nothing here protects the population the base "
-            "was trained on.")
+            + (f"The gate also judges every round on RAVDESS validation actors 19-20 ({rav_gate} clips) as a group of "
+               "their own: a round that costs them more than the margin is refused, whatever it does for the new "
+               "population (actors 21-24 are never in the gate)." if rav_gate else
+               "The gate judges rounds on the new population only, so nothing here protects the population the base "
+               "was trained on."))
     paragraphs.append(
         f"Devices: {n_eval} clips each (one clip is {100 / max(1, n_eval):.1f} points; the standard error of one "
         f"device's accuracy is about {se:.0f} points). 'base' is the model before any answer; 'global' the final "
