@@ -330,6 +330,8 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
 
     first = next(iter(runs.values()))[0]
     cfg = first["config"]
+    deep = bool(first.get("trainable_embedding"))  # the base's embedding layer is in the trainable head
+    part = "embedding layer + head" if deep else "head"
     base = first["history"][0]["global"]["uar"]
     central = first["centralised"]
     summary: dict = {"command": command, "seconds": round(seconds), "base_uar": base,
@@ -337,7 +339,8 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
                      "test_speakers": first["test_speakers"], "device_speakers": first["device_speakers"],
                      "test_clips": first["test_clips"],
                      "targets": {"uar_at_least": base + 0.25, "of_centralised_at_least": 0.9},
-                     "ceilings": limits, "setups": {}}
+                     "ceilings": limits, "head_layout": first.get("head_layout"),
+                     "update_bytes": first.get("update_bytes"), "trainable_embedding": deep, "setups": {}}
     for name, reports in runs.items():
         rounds = [h["round"] for h in reports[0]["history"]]
         per_round = [_mean_se([r["history"][i]["global"]["uar"] for r in reports]) for i in range(len(rounds))]
@@ -385,7 +388,9 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
     n_seeds = len(next(iter(runs.values())))
     lines = ["# Federated recovery of a new population (nEMO users, RAVDESS-only base)", "",
              f"Command: `{command}` ({seconds / 60:.0f} min on this machine).", "",
-             f"- base: {first['base_model']} (frozen encoder); UAR on the test speakers **{base:.3f}**;",
+             f"- base: {first['base_model']} ("
+             + ("encoder frozen up to its pooled vector, its embedding layer in the trainable head" if deep
+                else "frozen encoder") + f"); UAR on the test speakers **{base:.3f}**;",
              f"- devices: one real `edge_sdk.Device` per nEMO speaker {', '.join(first['device_speakers'])}, all "
              "sending, against a real gunicorn aggregator over HTTP on loopback;",
              f"- test speakers (never train, never validate, never a device): {', '.join(first['test_speakers'])} "
@@ -394,16 +399,18 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
              f"when right; when wrong a correction, or a bare thumbs-down (rate {cfg['down_rate']}); a "
              f"{cfg['wrong_rate']} share of answers is wrong (careless taps); {int(100 * cfg['later_fraction'])} % of "
              "each device's clips are never answered (they measure personalisation);",
-             f"- devices fine-tune the head ({cfg['local_epochs']} epochs, lr {cfg['local_lr']}, replay weight "
-             f"{cfg['replay_weight']}) and send head deltas; seeds {', '.join(map(str, first_seeds(runs)))} change "
+             f"- devices fine-tune the {part} ({cfg['local_epochs']} epochs, lr {cfg['local_lr']}, replay weight "
+             f"{cfg['replay_weight']}) and send its deltas"
+             + (f" ({len(first['head_layout'])} arrays, {first['update_bytes']:,} bytes an update)"
+                if first.get("head_layout") else "") + f"; seeds {', '.join(map(str, first_seeds(runs)))} change "
              "the answer orders and sampling; the base and the reference are fixed;",
              f"- **centralised reference**: {central['dataset']}: {_split_text(central.get('split'))}; the same "
              "architecture and feature recipe as the base (`fedser-train train --corpus ravdess,nemo`, the bundled "
              f"model's recipe), trained once, scored on the test speakers through the device path: "
              f"**{central['uar']:.3f}**;",
-             "- centralised head: the base's frozen encoder with its head trained centrally (30 epochs) on the "
-             "clips each device's user may answer (true labels): what head-only federation of those answers could "
-             "reach at best.", "",
+             f"- centralised {part}: the base's frozen part with its {part} trained centrally (30 epochs) on the "
+             f"clips each device's user may answer (true labels): what federating the {part} on those answers "
+             "could reach at best.", "",
              f"Targets after {cfg['rounds']} rounds: UAR >= base + 0.25 = **{base + 0.25:.3f}** and >= 90 % of the "
              f"centralised reference = **{0.9 * central['uar']:.3f}**.", "",
              f"| set-up | round 0 | round 5 | round 10 | round {cfg['rounds']} (mean ± SE, {n_seeds} seeds) | gain | "
@@ -428,15 +435,20 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
                   + ([limits["head"]["final"]] if limits else []))
     best = max(summary["setups"].items(), key=lambda kv: kv[1]["final_uar"])
     summary["head_only_ceiling"] = ceiling
+    ceiling_text = (
+        f"Ceiling of the {part}: the base's frozen part with its {part} trained centrally on every device's clips "
+        f"(true labels) reaches {ceiling:.3f}; both targets need {target:.3f}. "
+        + (f"So federating the {part} cannot meet them here." if ceiling < target else
+           f"The ceiling is above the targets: federating the {part} could meet them.")) if deep else (
+        f"Head-only ceiling: the base's frozen encoder with a head trained centrally on every device's clips "
+        f"(true labels) reaches {ceiling:.3f}; both targets need {target:.3f}. "
+        + ("So head-only federation cannot meet them, whatever the server optimizer, answer count or device "
+           "policy: what is missing is the encoder's features for the new population (the reference, whose "
+           f"encoder trained on these speakers, reaches {central['uar']:.3f})." if ceiling < target else
+           "The ceiling is above the targets: head-only federation could meet them."))
     lines += ["", f"Best set-up: {best[0]}, {best[1]['final_uar']:.3f} ± {best[1]['final_se']:.3f} after "
               f"{cfg['rounds']} rounds ({best[1]['gain_over_base']:+.3f} over the base, "
-              f"{100 * best[1]['share_of_centralised']:.0f} % of the reference).",
-              f"Head-only ceiling: the base's frozen encoder with a head trained centrally on every device's clips "
-              f"(true labels) reaches {ceiling:.3f}; both targets need {target:.3f}. "
-              + ("So head-only federation cannot meet them, whatever the server optimizer, answer count or device "
-                 "policy: what is missing is the encoder's features for the new population (the reference, whose "
-                 f"encoder trained on these speakers, reaches {central['uar']:.3f})." if ceiling < target else
-                 "The ceiling is above the targets: head-only federation could meet them.")]
+              f"{100 * best[1]['share_of_centralised']:.0f} % of the reference).", ceiling_text]
     if limits:
         lines += ["", f"Ceilings measured once ({limits['train_clips']} clips of the six device speakers, true "
                       f"labels, {limits['epochs']} epochs of the model's own training signatures, SGD lr "

@@ -414,7 +414,11 @@ class Simulation:
                               "attackers": sorted(attackers)},
                   "sending_devices": sorted(s.name for s in senders), "device_speakers": sorted(on_devices),
                   "test_speakers": test_speakers,
-                  "test_clips": len(test_y), "base_model": _dataset(model_dir)}
+                  "test_clips": len(test_y), "base_model": _dataset(model_dir),
+                  # what the devices train and send: the head's arrays (with the encoder's embedding layer when the
+                  # base was exported with trainable_embedding), and the bytes of one update's deltas
+                  "head_layout": meta.head_layout.to_json(), "update_bytes": meta.head_layout.nbytes,
+                  "trainable_embedding": bool(meta.extra.get("trainable_embedding"))}
         write_report(report, self.out)
         return report
 
