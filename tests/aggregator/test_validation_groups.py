@@ -173,3 +173,17 @@ def test_the_minimum_group_size_from_the_environment(tmp_path, monkeypatch):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
     monkeypatch.setenv("FEDSER_VALIDATION_MIN_GROUP_CLIPS", "5")
     assert create_app({"INSTANCE_PATH": str(tmp_path / "inst")}).config["VALIDATION_MIN_GROUP_CLIPS"] == 5
+
+
+def test_a_new_base_is_judged_by_group_too(tmp_path, trained_model, synthetic_clips):
+    csv = _manifest(tmp_path / "validation.csv",
+                    _rows(synthetic_clips, "angry", lambda c: "ravdess-" + c.speaker.split("-")[1], 20)
+                    + _rows(synthetic_clips, "sad", lambda c: "nemo-" + c.speaker.split("-")[1], 20))
+    srv = Server(tmp_path, trained_model, VALIDATION_MANIFEST=str(csv))
+    first = srv.publish().json["validation"]
+    assert first["current"] is None and set(first["groups"]) == {"nemo", "ravdess"}
+    assert first["groups"]["nemo"]["current"] is None and first["groups"]["nemo"]["examples"] == 20
+    again = srv.publish()  # the same base again: every group's figures equal, published
+    assert again.status_code == 201, again.json
+    groups = again.json["validation"]["groups"]
+    assert all(g["candidate"] == g["current"] and not g["dropped"] for g in groups.values()), groups
