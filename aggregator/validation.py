@@ -50,6 +50,7 @@ log = logging.getLogger("aggregator")
 
 __all__ = ["Validator", "manifest_groups", "NO_PREFIX"]
 
+MAX_GROUPS = 32  # a gate report of this many groups stays well under the 20,000 characters a round row keeps
 NO_PREFIX = "(no prefix)"  # the group of a speaker id without a corpus prefix (when the manifest has no group column)
 _GROUP = re.compile(r"^\w[\w .+-]{0,63}$")
 
@@ -102,6 +103,10 @@ class Validator:
         self.csv_sha = hashlib.sha256(data).hexdigest()[:16]
         # Checked now, at start: a malformed group cell is an error naming its line, not a failure at a round close.
         self.groups, self.explicit_groups = manifest_groups(self.csv, data)
+        names = sorted(set(self.groups.values()))
+        if len(names) > MAX_GROUPS:
+            raise ParameterError(f"VALIDATION_MANIFEST {self.csv}: {len(names)} groups ({', '.join(names[:5])}, ...); "
+                                 f"the gate judges at most {MAX_GROUPS}")
         if isinstance(min_group_clips, bool) or not isinstance(min_group_clips, int) or min_group_clips < 1:
             raise ParameterError(f"VALIDATION_MIN_GROUP_CLIPS={min_group_clips!r}: expected an integer >= 1")
         self.min_group_clips = min_group_clips

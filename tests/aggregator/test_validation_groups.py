@@ -161,6 +161,17 @@ def test_one_clip_in_two_groups_is_refused_at_start(tmp_path, trained_model, syn
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
 
 
+def test_more_groups_than_the_gate_judges_are_refused_at_start(tmp_path, trained_model, synthetic_clips):
+    from aggregator.validation import MAX_GROUPS
+
+    clips = [c for c in synthetic_clips][: MAX_GROUPS + 1]
+    assert len(clips) == MAX_GROUPS + 1
+    rows = [(c.path, c.speaker, c.label, f"g{i}") for i, c in enumerate(clips)]
+    csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
+    with pytest.raises(ParameterError, match=rf"{MAX_GROUPS + 1} groups .* at most {MAX_GROUPS}"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
+
+
 @pytest.mark.parametrize("value", [0, -3, "20", 2.5, True])
 def test_the_minimum_group_size_setting_is_checked_at_start(tmp_path, value):
     with pytest.raises(ConfigError, match="VALIDATION_MIN_GROUP_CLIPS="):
