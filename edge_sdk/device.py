@@ -130,12 +130,29 @@ class TrainPolicy:
     # right; about 1 / (classes - 1), the default for four classes: the chance that the new label is the right one
     # when nothing else is known). With 1, fits that trade confirmed answers for moved-away rejections passed.
     down_credit: float = 0.33
+    # How a head-only fit trains: "sgd", epochs of minibatch SGD steps of the train signature at learning_rate
+    # (min_steps at least); "adam", adam_steps full-batch Adam steps at adam_learning_rate, each gradient read
+    # back from the train signature (the model file as it is; the adapter's fits stay SGD).
+    # With guard_folds: for a user the global head mostly gets wrong (adapt_below) whose corrections (known
+    # truths) are at least as many as their bare thumbs-down, fit without the replay set and keep the fit (the
+    # cross-validation still scores it for the answer report). With 20 answers the 5-fold judgement discarded fits
+    # that would have gained 10-20 points (docs/results/personalisation-study/issue14-adam).
+    trust_corrections: bool = True
+    # With guard_folds, answers with bare thumbs-down and no correction: discard a fit that shows more than this
+    # many thumbs-up answers otherwise out of fold, or any after the fit on all answers, and never relax the
+    # margin for them (adapt_below); -1: off (the behaviour before).
+    thumbs_flips: int = 0
+    optimizer: str = "adam"
+    adam_learning_rate: float = 0.01
+    adam_steps: int = 100
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
             raise ParameterError(f"TrainPolicy.guard must be 'accuracy' or 'loss', got {self.guard!r}")
         if self.guard_test not in ("answers", "paired"):
             raise ParameterError(f"TrainPolicy.guard_test must be 'answers' or 'paired', got {self.guard_test!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ParameterError(f"TrainPolicy.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not 0.0 <= self.down_credit <= 1.0:
             raise ParameterError(f"TrainPolicy.down_credit must be within 0..1, got {self.down_credit!r}")
 
@@ -165,6 +182,10 @@ class TrainReport:
     score_before: float | None = None  # share of the judged answers the head in use shows right (guard)
     score_after: float | None = None  # the same for the new head (cross-validated with guard_folds)
     guard: str = ""
+    # Thumbs-up answers the global head shows right that the fit shows otherwise: out of fold (cross-validated
+    # guard) and, once kept, after the fit on all answers.
+    confirmed_flipped: int | None = None
+    confirmed_flipped_fit: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -771,6 +792,9 @@ class Device:
                                              adapter_learning_rate=policy.adapter_learning_rate)
             return
         replay = model.metadata.replay_set() if policy.replay_weight > 0 else None
+        if policy.optimizer == "adam":
+            self._fit_adam(model, emb, targets, sign, weight, replay, policy, rng)
+            return
         slots = max(1, batch // 4) if replay is not None and batch > 1 else 0
         if slots:
             replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
@@ -789,6 +813,29 @@ class Device:
                     s = np.concatenate([s, np.ones(len(pick), np.float32)])
                     w = np.concatenate([w, np.full(len(pick), share, np.float32)])
                 model.train_step(x, t, s, w, learning_rate=policy.learning_rate)
+
+    def _fit_adam(self, model: TFLiteModel, emb: np.ndarray, targets: np.ndarray, sign: np.ndarray,
+                  weight: np.ndarray, replay: tuple[np.ndarray, np.ndarray] | None, policy: TrainPolicy,
+                  rng: np.random.Generator) -> None:
+        """``policy.adam_steps`` full-batch Adam steps of the head from the global head (in the model), each
+        gradient read from the ``train`` signature (:func:`head_gradient`). With a replay set, each step also
+        takes the gradient on ``train_batch_size`` replay rows drawn at random, carrying ``replay_weight / (1 +
+        replay_weight)`` of the step's loss."""
+        weights = {k: np.asarray(v, np.float64) for k, v in model.get_weights().items()}
+        adam = Adam(learning_rate=policy.adam_learning_rate)
+        batch = model.metadata.train_batch_size
+        if replay is not None:
+            replay_targets = np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
+        for _ in range(policy.adam_steps):
+            grad, _ = head_gradient(model, weights, emb, targets, sign, weight)
+            if replay is not None:
+                pick = rng.choice(len(replay[0]), size=min(batch, len(replay[0])), replace=False)
+                extra, _ = head_gradient(model, weights, replay[0][pick], replay_targets[pick],
+                                         np.ones(len(pick), np.float32), np.ones(len(pick), np.float32))
+                share = policy.replay_weight / (1.0 + policy.replay_weight)
+                grad = {k: (1.0 - share) * g + share * extra[k] for k, g in grad.items()}
+            weights = adam.step(weights, grad)
+        model.set_weights({k: v.astype(np.float32) for k, v in weights.items()})
 
     def _shown_right(self, examples: list[FeedbackExample], down_credit: float = 1.0) -> np.ndarray:
         """Per answer, 1.0 where the head in the model now shows what the user said was right: the confirmed or
@@ -898,11 +945,19 @@ class Device:
         # The second candidate: the fit with the adapter when the policy asks and the model and answers allow it,
         # else (adaptive_replay) the head-only fit without the replay set; it is kept when it shows its margin
         # more of the answers right than the first.
-        candidates, margin = [replace(policy, adapter=False)], 0.0
+        kinds = [e.kind for e in examples]
+        corrections, downs = kinds.count("label"), kinds.count("down")
+        thumbs_only = policy.thumbs_flips >= 0 and downs > 0 and corrections == 0
+        unlike = (policy.guard == "accuracy" and len(examples) >= policy.adapt_below_answers
+                  and before < policy.adapt_below and not thumbs_only)
+        # trusted: little to protect and mostly known truths: the fit without the replay set, kept
+        trusted = policy.trust_corrections and unlike and corrections >= max(downs, 1)
+        candidates, margin = [replace(policy, adapter=False, **({"replay_weight": 0.0} if trusted else {}))], 0.0
         if policy.adapter and getattr(self._local, "frames", None):
             candidates.append(policy)
             margin = policy.adapter_margin
-        elif policy.adaptive_replay and policy.replay_weight > 0 and model.metadata.replay_set() is not None:
+        elif (not trusted and policy.adaptive_replay and policy.replay_weight > 0
+              and model.metadata.replay_set() is not None):
             candidates.append(replace(policy, adapter=False, replay_weight=0.0))
             margin = policy.replay_margin
         scores, losses, rights = [], [], []
@@ -924,9 +979,9 @@ class Device:
                                 else ", without the replay set" if best else ""))
         if policy.guard == "accuracy":
             report.score_before, report.score_after = before, after
+        confirmed = np.array([e.kind == "up" for e in examples]) & (global_right > 0)
+        report.confirmed_flipped = int(np.sum(confirmed & (rights[best] <= 0)))
         needed = 0.0
-        unlike = (policy.guard == "accuracy" and len(examples) >= policy.adapt_below_answers
-                  and before < policy.adapt_below)
         if policy.guard == "accuracy" and policy.guard_test == "paired":
             disagree = float(np.sum((rights[best] - global_right) ** 2))  # global_right: 0 for every thumbs-down
             needed = policy.guard_margin * np.sqrt(max(disagree, 1.0)) / len(examples)
@@ -935,13 +990,25 @@ class Device:
         if unlike:  # little to lose: only a fit shown worse by the margin is discarded
             needed = -abs(needed)
             report.guard += f", global head below {policy.adapt_below:g} of the answers"
-        if after < before - policy.tolerance + needed:
+        if thumbs_only:
+            report.guard += ", thumbs only"
+        if trusted:
+            report.guard += ", corrections trusted (without the replay set)"
+        if after < before - policy.tolerance + needed and not trusted:
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
                 else f"cross-validated answers not better by {policy.guard_margin} x sqrt("
                 + ("answers in dispute)" if policy.guard_test == "paired" else "answers)"))
+        elif thumbs_only and report.confirmed_flipped > policy.thumbs_flips:
+            report.status, report.reason = "discarded", (
+                f"bare thumbs-down only: {report.confirmed_flipped} confirmed answers shown otherwise out of fold "
+                f"(thumbs_flips {policy.thumbs_flips})")
         else:
             self._fit(model, examples, candidates[best])
+            report.confirmed_flipped_fit = int(np.sum(confirmed & (self._shown_right(examples) <= 0)))
+            if thumbs_only and report.confirmed_flipped_fit:
+                report.status, report.reason = "discarded", (
+                    f"bare thumbs-down only: the fit shows {report.confirmed_flipped_fit} confirmed answers otherwise")
         # The answer report of the next update (edge_sdk.report): answers that name the right label, scored out of
         # fold (the kept head trained on all of them); when discarded the head in use (``in_use``) stays: a
         # personal head kept earlier goes on serving, so that head is scored (it may have trained on some of these
@@ -1012,7 +1079,9 @@ class Device:
             version, global_head = self.model_version, self.global_head
             layout = model.metadata.head_layout
             examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
-            policy = replace(policy, adapter=False)  # the federation shares head deltas only
+            # The federation shares head deltas only, made by SGD (epochs x learning_rate, what the server's
+            # aggregation is tuned for): the optimizer setting is the personal head's.
+            policy = replace(policy, adapter=False, optimizer="sgd")
             if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
                 report = self._cv_answer_report(examples)
             else:  # personal vs global on held-back answers
@@ -1237,3 +1306,63 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# The train signature's step is scaled by this to read a gradient back: weights - GRADIENT_SCALE * gradient keeps
+# the gradient's low bits that weights - gradient would round away in float32 (a power of two: the scaling is exact).
+GRADIENT_SCALE = 1024.0
+
+
+def head_gradient(model: TFLiteModel, weights: dict[str, np.ndarray], embeddings: np.ndarray, targets: np.ndarray,
+                  feedback_sign: np.ndarray, sample_weight: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """(gradient, loss) of the ``train`` signature's weighted mean loss over all rows at the head ``weights``.
+
+    Read from the model's own ``train`` signature (builtin ops; the model file is unchanged): one step with
+    learning rate ``GRADIENT_SCALE`` from ``weights`` per ``train_batch_size`` rows, gradient = (before - after) /
+    scale, the batches combined by their weight sums. Leaves ``weights`` in the model.
+    """
+    batch = model.metadata.train_batch_size
+    before = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    exact = {k: v.astype(np.float64) for k, v in before.items()}
+    grad = {k: np.zeros_like(v) for k, v in exact.items()}
+    weight = np.asarray(sample_weight, np.float32)
+    total, loss = float(weight.sum()), 0.0
+    if total <= 0:
+        model.set_weights(before)
+        return grad, 0.0
+    for start in range(0, len(embeddings), batch):
+        sl = slice(start, start + batch)
+        share = float(weight[sl].sum()) / total
+        if share <= 0:
+            continue
+        model.set_weights(before)
+        loss += share * model.train_step(embeddings[sl], targets[sl], feedback_sign[sl], weight[sl],
+                                         learning_rate=GRADIENT_SCALE)
+        after = model.get_weights()
+        for k in grad:
+            grad[k] += share * (exact[k] - after[k].astype(np.float64)) / GRADIENT_SCALE
+    model.set_weights(before)
+    return grad, loss
+
+
+@dataclass
+class Adam:
+    """Adam (Kingma & Ba) on a dict of arrays, in float64; the same constants as the study's plain fine-tune."""
+
+    learning_rate: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-7
+    t: int = 0
+    m: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+
+    def step(self, weights: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.t += 1
+        out = {}
+        for k, g in grads.items():
+            m = self.m[k] = self.beta1 * self.m.get(k, 0.0) + (1 - self.beta1) * g
+            v = self.v[k] = self.beta2 * self.v.get(k, 0.0) + (1 - self.beta2) * g * g
+            m_hat, v_hat = m / (1 - self.beta1 ** self.t), v / (1 - self.beta2 ** self.t)
+            out[k] = np.asarray(weights[k], np.float64) - self.learning_rate * m_hat / (np.sqrt(v_hat) + self.epsilon)
+        return out

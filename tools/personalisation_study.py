@@ -72,18 +72,22 @@ def nemo_clips(root: Path, speakers=None) -> list:
     return [c for c in clips if speakers is None or c.speaker.split("-", 1)[-1] in speakers]
 
 
-def user_clips(corpus: str) -> list:
+def user_clips(corpus: str, users: tuple[str, ...] | None = None) -> list:
+    """The clips of ``users`` (nEMO speaker codes, or RAVDESS actor numbers or ``ravdess-N``); default the test
+    speakers."""
     from models.datasets import default_ravdess_root, ravdess_clips
 
     if corpus == "nemo":
         root = default_nemo_root()
         if root is None:
             raise SystemExit("needs nEMO at ../shared/data/nemo")
-        return nemo_clips(root, NEMO_TEST)
+        return nemo_clips(root, tuple(users) if users else NEMO_TEST)
     root = default_ravdess_root()
     if root is None:
         raise SystemExit("needs RAVDESS ($FEDSER_RAVDESS or ../shared/data/ravdess)")
-    return [c for c in ravdess_clips(root) if c.speaker in RAVDESS_TEST]
+    wanted = tuple(u if u.startswith("ravdess-") else f"ravdess-{int(u):02d}" for u in users) if users \
+        else RAVDESS_TEST
+    return [c for c in ravdess_clips(root) if c.speaker in wanted]
 
 
 def embeddings(corpus: str, clips: list, model_files: tuple[Path, Path], cache: Path
@@ -186,7 +190,9 @@ def run_study(args) -> dict:
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         for corpus in args.corpora.split(","):
-            clips, emb, feats = embeddings(corpus, user_clips(corpus), model_files, args.cache)
+            users = getattr(args, f"{corpus}_users", None)
+            users = tuple(filter(None, users.split(","))) if users else None
+            clips, emb, feats = embeddings(corpus, user_clips(corpus, users), model_files, args.cache)
             y = np.array([labels.index(c.label) for c in clips])
             pred = np.argmax(softmax(head_logits(global_head, emb)[0]), axis=1)
             per_speaker = min(np.sum([c.speaker == s for c in clips]) for s in {c.speaker for c in clips})
@@ -237,6 +243,9 @@ def run_study(args) -> dict:
                                 report = dev.personalize()
                                 trial[f"ms:{name}"] = 1000 * (time.perf_counter() - started)
                                 trial[f"status:{name}"] = report.status
+                                trial[f"guard:{name}"] = {k: report.to_dict()[k] for k in
+                                                          ("reason", "score_before", "score_after", "guard",
+                                                                   "confirmed_flipped", "confirmed_flipped_fit")}
                                 trial[name] = acc(dev.model.get_weights())
                                 dev.store.close()
                             trials.append(trial)
@@ -340,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orders", type=int, default=5, help="answer orders per nEMO speaker")
     parser.add_argument("--ravdess-orders", type=int, default=10, help="answer orders per RAVDESS actor")
     parser.add_argument("--modes", default="corrections,thumbs")
+    parser.add_argument("--nemo-users", help="nEMO speakers, comma-separated (default the test speakers "
+                        f"{','.join(NEMO_TEST)}; choose settings on others, e.g. EB0,KD0,KS0,MP0,SM0,WR0)")
+    parser.add_argument("--ravdess-users", help="RAVDESS actors, comma-separated (default the test actors 21-24; "
+                        "choose settings on the validation actors 19,20)")
     parser.add_argument("--policy", action="append", default=[], help="NAME=field:value,... a TrainPolicy variant")
     parser.add_argument("--skip-default", action="store_true", help="only the --policy variants (and the baselines)")
     parser.add_argument("--seed", type=int, default=0)

@@ -60,7 +60,9 @@ def test_predictions_during_training_come_from_the_weights_they_are_labelled_wit
     tflite, meta_path = bundled_model_paths()
     meta = ModelMetadata.load(meta_path)
     # Many epochs: training lasts long enough for dozens of predictions to land in the middle of it.
-    discard_all = TrainPolicy(min_examples=4, holdout_every=2, epochs=150, tolerance=-1e9, learning_rate=0.1)
+    # (SGD: epochs and learning_rate are its settings; trust_corrections off: it would keep this user's fits)
+    discard_all = TrainPolicy(min_examples=4, holdout_every=2, epochs=150, tolerance=-1e9, learning_rate=0.1,
+                              optimizer="sgd", trust_corrections=False)
     device = Device(tmp_path / "dev", train_policy=discard_all)
     clips = _clips(meta.features.sample_rate, 10)
     for i, audio in enumerate(clips):
@@ -80,7 +82,7 @@ def test_predictions_during_training_come_from_the_weights_they_are_labelled_wit
 
     # 2) Training that is kept: predictions before the swap are the global head's (not personalised), after it
     #    the personal head's (personalised); none from anything in between.
-    keep = TrainPolicy(min_examples=4, holdout_every=0, epochs=150, learning_rate=0.1)
+    keep = TrainPolicy(min_examples=4, holdout_every=0, epochs=150, learning_rate=0.1, optimizer="sgd")
     predictions, report = _classify_while(device, clips[1], lambda: device.personalize(keep))
     assert report.status == "kept" and device.personalized
     personal_head = device.model.get_weights()

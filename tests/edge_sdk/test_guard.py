@@ -214,12 +214,58 @@ def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show
             _answer(dev, k, u, B) if k % 2 == 0 else _answer(dev, k, v, "up")
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.5, 1.0), report.reason
-    # ... but a fit that shows the answers worse is still discarded (v is angry and happy by turns: 0.5 -> 0.0)
-    dev = _device(tmp_path / "worse", trained_model,
-                  TrainPolicy(**{**POLICY, "guard_folds": 2}, adapt_below=0.6, adapt_below_answers=8))
-    _, v = _embeddings(dev)
-    for k in range(8):
-        _answer(dev, k, v, "up" if k % 2 else B)
+    # ... but a fit that shows the answers worse is still discarded (v is angry and happy by turns: 0.5 -> 0.0),
+    # unless the corrections are trusted (trust_corrections: as many corrections as bare thumbs-down or more)
+    for trust, status in ((False, "discarded"), (True, "kept")):
+        dev = _device(tmp_path / f"worse-{trust}", trained_model,
+                      TrainPolicy(**{**POLICY, "guard_folds": 2}, adapt_below=0.6, adapt_below_answers=8,
+                                  trust_corrections=trust))
+        _, v = _embeddings(dev)
+        for k in range(8):
+            _answer(dev, k, v, "up" if k % 2 else B)
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.5, 0.0)
+        assert "below 0.6" in report.guard and ("corrections trusted" in report.guard) == trust
+
+
+def _thumbs_down_crowd(dev: Device) -> tuple[np.ndarray, np.ndarray]:
+    """Eight bare thumbs-down on u (shown angry, wrongly) and two thumbs-up on v (shown angry, rightly), u and v
+    alike (two utterances the head cannot tell apart): moving u away from angry moves v too."""
+    u = np.zeros(dev.metadata.embedding_dim, np.float32)
+    u[0], u[1] = 1.0, 0.5
+    v = u.copy()
+    for k in range(10):
+        _answer(dev, k, v, "up") if k % 5 == 4 else _answer(dev, k, u, "down")
+    return u, v
+
+
+def test_a_thumbs_down_only_update_never_flips_a_confirmed_answer(tmp_path, trained_model):
+    """Bare thumbs-down and thumbs-up, no correction: with thumbs_flips 0 a fit that shows a thumbs-up answer
+    otherwise (out of fold or after the fit on all) is discarded; without the rule (-1, the behaviour before) the
+    guard kept this one, which shows both confirmed answers otherwise."""
+    base = {**POLICY, "guard_folds": 5, "adapt_below": 0.6, "adapt_below_answers": 10, "down_credit": 0.33}
+    old = _device(tmp_path / "old", trained_model, TrainPolicy(**base, thumbs_flips=-1))
+    _, v = _thumbs_down_crowd(old)
+    assert old.personalize().status == "kept"
+    assert old.metadata.labels[int(np.argmax(old.model.head_probs(v[None])[0]))] != A  # a confirmed answer flipped
+    new = _device(tmp_path / "new", trained_model, TrainPolicy(**base, thumbs_flips=0))
+    _, v = _thumbs_down_crowd(new)
+    report = new.personalize()
+    assert report.status == "discarded" and not new.personalized and "thumbs only" in report.guard
+    assert report.confirmed_flipped == 2
+    # ... also when the margin would pass it (the flip rule alone)
+    flips = _device(tmp_path / "flips", trained_model, TrainPolicy(**{**base, "guard_margin": -1.0}, thumbs_flips=0))
+    _thumbs_down_crowd(flips)
+    report = flips.personalize()
+    assert report.status == "discarded" and "2 confirmed answers shown otherwise" in report.reason
+    assert new.metadata.labels[int(np.argmax(new.model.head_probs(v[None])[0]))] == A
+
+
+def test_thumbs_rule_leaves_corrections_to_the_guard(tmp_path, trained_model):
+    """With a correction among the answers the update is not thumbs-down only: the guard alone decides."""
+    dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 5, "thumbs_flips": 0}))
+    u, _ = _embeddings(dev)
+    for k in range(6):
+        _answer(dev, k, u, B if k % 2 == 0 else "down")
     report = dev.personalize()
-    assert (report.status, report.score_before, report.score_after) == ("discarded", 0.5, 0.0)
-    assert "below 0.6" in report.guard
+    assert report.status == "kept" and "thumbs only" not in report.guard
