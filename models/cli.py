@@ -141,6 +141,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="SpecAugment: time and frequency masks per training example; 0 = off")
     g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training pairs; 0 = off")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: the learning rate falls along a half cosine to 0 over --epochs")
+    g.add_argument("--freq-warp", type=float, default=0.0, metavar="W",
+                   help="feature augmentation: mel axis read at f * a, a in [1-W, 1+W], redrawn per epoch; 0 = off")
+    g.add_argument("--time-stretch", type=float, default=0.0, metavar="S",
+                   help="feature augmentation: frames read at t * r, r in [1-S, 1+S]; 0 = off")
+    g.add_argument("--spectral-tilt", type=float, default=0.0, metavar="T",
+                   help="feature augmentation: a random tilt across the bands, up to +-T normalised units; 0 = off")
+    g.add_argument("--reference-blend", type=float, default=0.0, metavar="B",
+                   help="with --speaker-reference other than all: training inputs blend the reference's "
+                        "normalisation with all-clips normalisation, weight of the latter up to B; 0 = off")
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
     g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar", "level"), default="none",
@@ -238,7 +249,9 @@ def _configs(args):
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,
                          augmentation=Augmentation(copies=args.augment, seed=args.seed),
-                         speaker_reference=args.speaker_reference)
+                         speaker_reference=args.speaker_reference, lr_schedule=args.lr_schedule,
+                         freq_warp=args.freq_warp, time_stretch=args.time_stretch, spectral_tilt=args.spectral_tilt,
+                         reference_blend=args.reference_blend)
     return features, config
 
 

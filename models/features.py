@@ -34,7 +34,8 @@ from models.datasets import Clip
 
 log = logging.getLogger("models")
 
-__all__ = ["librosa_features", "load_clip_audio", "FeatureSet", "compute_features", "Augmentation", "augment_audio"]
+__all__ = ["librosa_features", "load_clip_audio", "FeatureSet", "compute_features", "Augmentation", "augment_audio",
+           "augment_inputs"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,58 @@ def augment_audio(y: np.ndarray, sample_rate: int, aug: Augmentation, rng: np.ra
     power = float(np.mean(y**2)) + 1e-12
     noise = rng.standard_normal(len(y)) * np.sqrt(power / 10 ** (rng.uniform(*aug.snr_db) / 10))
     return np.clip(y + noise, -1.0, 1.0).astype(np.float32)
+
+
+def _interpolate(x: np.ndarray, src: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` ``[N, T, F]`` read at fractional positions ``src`` ``[N, L]`` along ``axis`` (1 or 2), linearly;
+    a position outside ``[0, size - 1]`` reads 0 (the training mean, as padding)."""
+    size = x.shape[axis]
+    valid = (src >= 0) & (src <= size - 1)
+    s = np.clip(src, 0, size - 1)
+    lo = np.floor(s).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    w = (s - lo).astype(x.dtype)
+    n = np.arange(len(x))[:, None]
+    if axis == 1:
+        a, b = x[n, lo], x[n, hi]  # [N, L, F]
+        out = a * (1 - w[..., None]) + b * w[..., None]
+        return out * valid[..., None]
+    a, b = np.take_along_axis(x, lo[:, None, :], 2), np.take_along_axis(x, hi[:, None, :], 2)  # [N, T, L]
+    return (a * (1 - w[:, None, :]) + b * w[:, None, :]) * valid[:, None, :]
+
+
+def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float = 0.0, time_stretch: float = 0.0,
+                   spectral_tilt: float = 0.0) -> np.ndarray:
+    """Altered copies of normalised model inputs ``x`` ``[N, T, F]`` (one per example; training only).
+
+    ``freq_warp``: the feature axis (mel bands) is read at ``f * a``, ``a`` uniform in ``[1 - w, 1 + w]`` per
+    example (a vocal-tract-length-like warp; the top band repeats where ``a * f`` passes it).
+    ``time_stretch``: the frame axis is read at ``t * r``, ``r`` uniform in ``[1 - s, 1 + s]`` (``r > 1``: faster
+    speech); frames past the end become padding (zero rows).
+    ``spectral_tilt``: adds ``g * (2 f / (F - 1) - 1)`` to every frame that is not padding, ``g`` uniform in
+    ``[-t, t]`` (normalised units: a random tilt of the spectrum, like another microphone or voice effort).
+    Zero rows (padding) stay zero rows. With every amount 0, ``x`` is returned unchanged.
+    """
+    if not (freq_warp or time_stretch or spectral_tilt):
+        return x
+    x = np.asarray(x, np.float32)
+    n, frames, feats = x.shape
+    pad = ~np.any(x != 0, axis=2)  # [N, T]
+    out = x
+    if freq_warp:
+        a = rng.uniform(1 - freq_warp, 1 + freq_warp, size=(n, 1))
+        src = np.minimum(np.arange(feats)[None, :] * a, feats - 1)
+        out = _interpolate(out, src, 2)
+    if time_stretch:
+        r = rng.uniform(1 - time_stretch, 1 + time_stretch, size=(n, 1))
+        src = np.arange(frames)[None, :] * r
+        out = _interpolate(out, src, 1)
+        pad = _interpolate((~pad).astype(np.float32)[..., None], src, 1)[..., 0] < 0.5
+        out = out * ~pad[..., None]
+    if spectral_tilt:
+        g = rng.uniform(-spectral_tilt, spectral_tilt, size=(n, 1, 1)).astype(np.float32)
+        out = out + g * np.linspace(-1.0, 1.0, feats, dtype=np.float32)[None, None, :] * ~pad[..., None]
+    return out.astype(np.float32)
 
 
 def load_clip_audio(path: str, sample_rate: int) -> np.ndarray:

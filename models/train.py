@@ -24,7 +24,7 @@ from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip, corpus_of, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout
-from models.features import Augmentation, compute_features
+from models.features import Augmentation, augment_inputs, compute_features
 from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
@@ -33,6 +33,7 @@ __all__ = ["TrainConfig", "TrainResult", "train_baseline"]
 
 
 SPEAKER_REFERENCES = ("all", "neutral", "balanced")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,38 @@ class TrainConfig:
     # RAVDESS calm) only; "balanced": from all their clips, every class weighing the same (RAVDESS has half as
     # many neutral clips as of each other class). Test clips and the device always use all of a speaker's clips.
     speaker_reference: str = "all"
+    # feature-space augmentation of the normalised training inputs, redrawn every epoch
+    # (models.features.augment_inputs); 0: off
+    freq_warp: float = 0.0  # mel axis read at f * a, a in [1 - w, 1 + w] (vocal-tract-length-like)
+    time_stretch: float = 0.0  # frame axis read at t * r, r in [1 - s, 1 + s] (tempo)
+    spectral_tilt: float = 0.0  # + g * (a ramp from -1 at the lowest band to +1 at the highest), g in [-t, t]
+    # with speaker_reference other than "all": every epoch each training example's input is
+    # lam * (normalised by the reference) + (1 - lam) * (normalised by all the speaker's clips, as at test time),
+    # lam uniform in [1 - reference_blend, 1]; 0: the reference only
+    reference_blend: float = 0.0
+    # "constant"; "cosine": the learning rate follows a half cosine from learning_rate to 0 over `epochs`
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.speaker_reference not in SPEAKER_REFERENCES:
             raise ValueError(f"speaker_reference must be one of {SPEAKER_REFERENCES}, got {self.speaker_reference!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.reference_blend <= 1.0:
+            raise ValueError(f"reference_blend must be in [0, 1], got {self.reference_blend}")
+        if not (0.0 <= self.freq_warp < 1.0 and 0.0 <= self.time_stretch < 1.0 and self.spectral_tilt >= 0.0):
+            raise ValueError("freq_warp and time_stretch must be in [0, 1), spectral_tilt >= 0")
+
+    @property
+    def feature_augmented(self) -> bool:
+        return bool(self.freq_warp or self.time_stretch or self.spectral_tilt
+                    or (self.reference_blend and self.speaker_reference != "all"))
+
+    def learning_rate_at(self, epoch: int) -> float:
+        """The learning rate of (0-based) ``epoch``."""
+        if self.lr_schedule == "cosine":
+            return float(self.learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / max(1, self.epochs))))
+        return float(self.learning_rate)
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "augmentation"},
@@ -200,6 +229,7 @@ def train_baseline(
         ref_val = val_fs.reference_stats(config.speaker_reference, extra)
     x_train, y_train = train_fs.model_inputs(features, norm, ref_train), train_fs.labels(labels)
     x_val, y_val = val_fs.model_inputs(features, norm, ref_val), val_fs.labels(labels)
+    x_train_all = train_fs.model_inputs(features, norm) if config.reference_blend and ref_train is not None else None
 
     gpus = tf.config.list_physical_devices("GPU")
     mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and bool(gpus))
@@ -229,7 +259,8 @@ def train_baseline(
         sample_w = np.array([len(groups) / (len(sizes) * sizes[g]) for g in groups], np.float32)
     val_corpora = {corpus_of(c.speaker) for c in val_fs.clips}
     plain = not (config.spec_augment or config.mixup)
-    batches = None if plain else _batches(x_train, y_train, sample_w, len(labels), config)
+    batches = None if plain or config.feature_augmented else _batches(x_train, y_train, sample_w, len(labels), config)
+    aug_rng = np.random.default_rng([config.seed, 7919])
     onehot_train = np.eye(len(labels), dtype=np.float32)[y_train]
 
     best_uar, best_weights, history, waited = -1.0, None, [], 0
@@ -240,12 +271,23 @@ def train_baseline(
                file=sys.stderr, leave=False)
     for epoch in range(config.epochs):
         epoch_started = time.perf_counter()
+        if config.lr_schedule != "constant":
+            model.optimizer.learning_rate.assign(config.learning_rate_at(epoch))
+        x_epoch = x_train
+        if x_train_all is not None:
+            lam = aug_rng.uniform(1.0 - config.reference_blend, 1.0, size=(len(x_train), 1, 1)).astype(np.float32)
+            x_epoch = lam * x_train + (1.0 - lam) * x_train_all
+        if config.feature_augmented:
+            x_epoch = augment_inputs(x_epoch, aug_rng, freq_warp=config.freq_warp, time_stretch=config.time_stretch,
+                                     spectral_tilt=config.spectral_tilt)
+            if not plain:
+                batches = _batches(x_epoch, y_train, sample_w, len(labels), config)
         if plain:
             if len(set(train_corpora.tolist())) > 1:
-                fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                fit = model.fit(x_epoch, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
                                 sample_weight=sample_w, shuffle=True)
             else:
-                fit = model.fit(x_train, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
+                fit = model.fit(x_epoch, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,
                                 class_weight={i: float(w) for i, w in enumerate(class_w) if w > 0}, shuffle=True)
         else:
             fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles

@@ -1,0 +1,245 @@
+"""Recipe search for issue 14: the RAVDESS-only model on nEMO (task A) and the bundled model (task B).
+
+    python -m models.recipe_search run --task A --recipes A0,A-warp --seeds 0,1,2
+    python -m models.recipe_search run --task B --recipes B0 --seeds 0 --export runs/recipe-B
+    python -m models.recipe_search table
+
+Task A: CNN trained on RAVDESS actors 1-18 (19-20 pick the epoch). The recipe is chosen on the six nEMO speakers
+that are not test speakers (EB0, KD0, KS0, MP0, SM0, WR0: ``nemo_dev``); reported there, on IC0/MK0/TP0
+(``nemo_test``), on all of nEMO and on RAVDESS 21-24.
+Task B: CNN trained on RAVDESS 1-18 + nEMO EB0, KD0, KS0, MP0, SM0; validation RAVDESS 19-20 + nEMO WR0 for
+every seed (the epoch and the recipe are chosen on the mean of the two corpora's validation UARs,
+``best_val_uar``); test RAVDESS 21-24 and nEMO IC0, MK0, TP0.
+Named test speakers never train, validate or choose anything. Every run is one line of
+``docs/results/recipe-search/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RECIPES", "main"]
+
+NEMO_TEST = ("nemo-IC0", "nemo-MK0", "nemo-TP0")
+NEMO_DEV = ("nemo-EB0", "nemo-KD0", "nemo-KS0", "nemo-MP0", "nemo-SM0", "nemo-WR0")
+RAVDESS_TEST = tuple(f"ravdess-{a}" for a in (21, 22, 23, 24))
+LABELS = ("angry", "happy", "neutral", "sad")
+
+_A = {"features": {"utterance_norm": "level"}, "train": {"epochs": 40, "patience": 10, "speaker_reference": "neutral"}}
+_B = {"features": {"utterance_norm": "level"}, "train": {"epochs": 40, "patience": 15}}
+
+
+def _r(base: dict, what: str, features=None, train=None, arch=None) -> dict:
+    return {"what": what, "features": {**base["features"], **(features or {})},
+            "train": {**base["train"], **(train or {})}, "arch": arch or {}}
+
+
+# name -> recipe: what changes (from A0 / B0, today's recipes), FeatureConfig, TrainConfig and cnn preset changes
+RECIPES = {
+    "A0": _r(_A, "today: level + speaker reference neutral, 40 epochs, patience 10"),
+    "A-warp": _r(_A, "+ mel-axis warp 0.15", train={"freq_warp": 0.15}),
+    "A-stretch": _r(_A, "+ time stretch 0.2", train={"time_stretch": 0.2}),
+    "A-tilt": _r(_A, "+ spectral tilt 1.0", train={"spectral_tilt": 1.0}),
+    "A-faug": _r(_A, "+ warp 0.15, stretch 0.2, tilt 1.0",
+                 train={"freq_warp": 0.15, "time_stretch": 0.2, "spectral_tilt": 1.0}),
+    "A-long": _r(_A, "80 epochs, patience 20, cosine learning rate",
+                 train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}),
+    "A-drop5": _r(_A, "dropout 0.5", arch={"dropout": 0.5}),
+    "A-wide": _r(_A, "channels 96,160,160", arch={"channels": (96, 160, 160)}),
+    "A-spec": _r(_A, "+ SpecAugment 2 masks", train={"spec_augment": 2}),
+    "A-blend": _r(_A, "+ reference blend 1.0: lam * (neutral reference) + (1 - lam) * (all clips), lam in [0, 1]",
+                  train={"reference_blend": 1.0}),
+    "A-blend5": _r(_A, "+ reference blend 0.5 (lam in [0.5, 1])", train={"reference_blend": 0.5}),
+    "A-swa": _r(_A, "30 epochs, weights averaged over the last 10 (no early stopping)",
+                train={"epochs": 30, "swa_epochs": 10}),
+    "A-long-faug": _r(_A, "A-long + warp 0.15, stretch 0.2, tilt 1.0",
+                      train={"epochs": 80, "patience": 20, "lr_schedule": "cosine", "freq_warp": 0.15,
+                             "time_stretch": 0.2, "spectral_tilt": 1.0}),
+    "A-long-wide": _r(_A, "A-long + channels 96,160,160",
+                      train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}, arch={"channels": (96, 160, 160)}),
+    "B0": _r(_B, "today: level, 40 epochs, patience 15"),
+    "B-long": _r(_B, "80 epochs, patience 20, cosine learning rate",
+                 train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}),
+    "B-faug": _r(_B, "+ warp 0.15, stretch 0.2, tilt 1.0",
+                 train={"freq_warp": 0.15, "time_stretch": 0.2, "spectral_tilt": 1.0}),
+    "B-long-faug": _r(_B, "B-long + warp 0.15, stretch 0.2, tilt 1.0",
+                      train={"epochs": 80, "patience": 20, "lr_schedule": "cosine", "freq_warp": 0.15,
+                             "time_stretch": 0.2, "spectral_tilt": 1.0}),
+    "B-swa": _r(_B, "40 epochs, weights averaged over the last 15 (no early stopping)",
+                train={"epochs": 40, "swa_epochs": 15}),
+    "B-wide": _r(_B, "channels 96,160,160", arch={"channels": (96, 160, 160)}),
+}
+
+
+def add_recipe(name: str, spec: str) -> None:
+    """Register a recipe from JSON: ``{"base": "A0", "what": "...", "features": {}, "train": {}, "arch": {}}``."""
+    d = json.loads(spec)
+    base = RECIPES[d.get("base", "A0")]
+    RECIPES[name] = {"what": d.get("what", spec), "features": {**base["features"], **d.get("features", {})},
+                     "train": {**base["train"], **d.get("train", {})}, "arch": {**base["arch"], **d.get("arch", {})}}
+
+
+def _configs(recipe: dict, seed: int):
+    from edge_sdk.features import FeatureConfig
+    from models.architectures import preset
+    from models.train import TrainConfig
+
+    features = FeatureConfig(kind="logmel", speaker_norm=True, **recipe["features"])
+    arch = preset("cnn", **{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["arch"].items()})
+    return features, TrainConfig(**recipe["train"], seed=seed), arch
+
+
+def _split(task: str):
+    from models.cross_corpus import _calm_clips, _clips
+    from models.datasets import split_by_speaker
+
+    ravdess, nemo = _clips()
+    r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
+    r_train, r_val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
+    if task == "A":
+        return r_train, r_val, r_test + nemo, _calm_clips()
+    n_rest, n_test = split_by_speaker(nemo, list(NEMO_TEST))
+    n_train, n_val = split_by_speaker(n_rest, ["nemo-WR0"])
+    return r_train + n_train, r_val + n_val, r_test + n_test, _calm_clips()
+
+
+def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    from models.metrics import classification_report
+
+    rep = classification_report(y, pred, list(LABELS))
+    return {"uar": rep["uar"], "accuracy": rep["accuracy"], "n": int(len(y)),
+            "recall": {k: rep["per_class"][k]["recall"] for k in LABELS}}
+
+
+def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None) -> dict:
+    from models.features import compute_features
+    from models.train import train_baseline
+
+    recipe = RECIPES[name]
+    features, config, arch = _configs(recipe, seed)
+    train, val, test, calm = _split(task)
+    out_dir = export / f"{name}-seed{seed}" if export else None
+    result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
+                            out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
+                            reference_clips=calm if config.speaker_reference == "neutral" else ())
+    rep = result.report
+    train_fs = compute_features(train, features, cache_dir=cache)
+    test_fs = compute_features(test, features, cache_dir=cache)
+    x = test_fs.model_inputs(features, train_fs.normalization())  # test speakers: all their own clips
+    logits = result.head.predict(result.encoder.predict(x, batch_size=256, verbose=0), batch_size=256, verbose=0)
+    pred = np.argmax(logits, axis=1)
+    y = test_fs.labels(list(LABELS))
+    # the validation UAR of the model as kept (with swa_epochs: the averaged weights, not the best epoch seen)
+    val_fs = compute_features(val, features, cache_dir=cache)
+    ref = None
+    if config.speaker_reference != "all":
+        own = {c.speaker for c in train} | {c.speaker for c in val}
+        extra = compute_features([c for c in calm if c.speaker in own], features, cache_dir=cache) \
+            if config.speaker_reference == "neutral" else None
+        ref = val_fs.reference_stats(config.speaker_reference, extra)
+    xv = val_fs.model_inputs(features, train_fs.normalization(), ref)
+    pv = np.argmax(result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0), axis=1)
+    yv = val_fs.labels(list(LABELS))
+    vspk = np.array([c.speaker.split("-", 1)[0] for c in val_fs.clips])
+    final_val = float(np.mean([_scores(yv[vspk == k], pv[vspk == k])["uar"] for k in sorted(set(vspk.tolist()))]))
+    spk = np.array([c.speaker for c in test_fs.clips])
+    groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
+    if task == "A":
+        groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
+        groups["nemo_all"] = np.char.startswith(spk.astype(str), "nemo-")
+    row = {"task": task, "recipe": name, "seed": seed, "what": recipe["what"], "features": recipe["features"],
+           "train": recipe["train"], "arch": recipe["arch"], "epochs_run": rep["epochs_run"],
+           "best_val_uar": rep["best_val_uar"], "final_val_uar": final_val,
+           "params": rep["encoder_params"] + rep["head_params"],
+           "seconds_per_epoch": rep["seconds_per_epoch"], "val_speakers": rep["split"]["val_speakers"]}
+    for g, m in groups.items():
+        row[g] = _scores(y[m], pred[m])
+    return row
+
+
+def _val(r: dict) -> float:
+    return r.get("final_val_uar", r["best_val_uar"])
+
+
+def _mean_se(values) -> str:
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return f"{v.mean():.3f}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}"
+
+
+def table(rows: list[dict], task: str) -> str:
+    rows = [r for r in rows if r["task"] == task]
+    if task == "A":
+        head = ("| recipe | what changes from A0 | seeds | selection: nEMO 6 dev speakers UAR "
+                "| lowest dev class recall (mean over seeds) | RAVDESS 19-20 val UAR | nEMO IC0/MK0/TP0 UAR "
+                "| all nEMO UAR | all nEMO recall "
+                "a / h / n / s | lowest all-nEMO class recall in any seed | RAVDESS 21-24 UAR |")
+        lines = [head, "| --- " * 11 + "|"]
+    else:
+        head = ("| recipe | what changes from B0 | seeds | selection: validation UAR (RAVDESS 19-20, nEMO WR0) "
+                "| nEMO IC0/MK0/TP0 UAR | RAVDESS 21-24 UAR | params |")
+        lines = [head, "| --- " * 7 + "|"]
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        rs = sorted([r for r in rows if r["recipe"] == name], key=lambda r: r["seed"])
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        what = rs[0]["what"]
+        if task == "A":
+            dev_low = min(np.mean([r["nemo_dev"]["recall"][k] for r in rs]) for k in LABELS)
+            rec = " / ".join(f"{np.mean([r['nemo_all']['recall'][k] for r in rs]):.2f}" for k in LABELS)
+            low = min(min(r["nemo_all"]["recall"].values()) for r in rs)
+            lines.append(f"| {name} | {what} | {seeds} | {_mean_se([r['nemo_dev']['uar'] for r in rs])} | "
+                         f"{dev_low:.2f} | {_mean_se([_val(r) for r in rs])} | "
+                         f"{_mean_se([r['nemo_test']['uar'] for r in rs])} | "
+                         f"{_mean_se([r['nemo_all']['uar'] for r in rs])} | {rec} | {low:.2f} | "
+                         f"{_mean_se([r['ravdess_test']['uar'] for r in rs])} |")
+        else:
+            lines.append(f"| {name} | {what} | {seeds} | {_mean_se([_val(r) for r in rs])} | "
+                         f"{_mean_se([r['nemo_test']['uar'] for r in rs])} | "
+                         f"{_mean_se([r['ravdess_test']['uar'] for r in rs])} | {rs[0]['params']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.recipe_search", description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=("run", "table"))
+    p.add_argument("--task", choices=("A", "B"), default="A")
+    p.add_argument("--recipes", default="A0")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
+                   help='extra recipe, e.g. A-x={"base": "A0", "train": {"freq_warp": 0.1}}')
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", type=Path, default=Path("docs/results/recipe-search"))
+    p.add_argument("--export", type=Path, default=None, help="export each model to EXPORT/<recipe>-seed<N>/")
+    p.add_argument("--cache", type=Path, default=Path(".cache/features"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for d in args.define:
+        name, spec = d.split("=", 1)
+        add_recipe(name, spec)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    if args.command == "table":
+        rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+        text = "## Task A\n\n" + table(rows, "A") + "\n## Task B\n\n" + table(rows, "B")
+        (args.out / "tables.md").write_text(text)
+        print(text)
+        return 0
+    for name in args.recipes.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            row = run_one(args.task, name, seed, args.cache, args.export)
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            logging.info("%s seed %d: val %.3f | %s", name, seed, row["final_val_uar"],
+                         {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all", "ravdess_test")
+                          if g in row})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

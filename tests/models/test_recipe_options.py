@@ -1,0 +1,107 @@
+"""Training options added for the recipe search (issue 14): feature-space augmentation and a cosine schedule."""
+
+import numpy as np
+import pytest
+
+from models.features import augment_inputs
+from models.train import TrainConfig
+
+
+def _inputs(n=4, frames=40, feats=16, length=24, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, frames, feats), np.float32)
+    x[:, :length] = rng.normal(size=(n, length, feats))
+    return x
+
+
+def _lengths(x):
+    return np.any(x != 0, axis=2).sum(axis=1)
+
+
+def test_no_amount_returns_the_inputs_unchanged():
+    x = _inputs()
+    assert augment_inputs(x, np.random.default_rng(0)) is x
+
+
+def test_time_stretch_changes_the_utterance_length_and_keeps_padding_zero():
+    x = _inputs(n=200)
+    y = augment_inputs(x, np.random.default_rng(1), time_stretch=0.4)
+    lengths = _lengths(y)
+    assert y.shape == x.shape
+    assert lengths.min() < 24 < lengths.max()  # faster and slower copies
+    # every frame after an utterance's end is an exact zero row (padding, as the device pads)
+    for row, n in zip(y, lengths, strict=True):
+        assert not row[n:].any()
+
+
+def test_frequency_warp_moves_energy_across_bands_and_leaves_padding_alone():
+    x = _inputs()
+    x[:, :24, :] = 0.0
+    x[:, :24, 8] = 1.0  # one band lit
+    y = augment_inputs(x, np.random.default_rng(2), freq_warp=0.3)
+    assert y.shape == x.shape and not y[:, 24:].any()
+    peaks = y[:, 0].argmax(axis=1)
+    assert len(set(peaks.tolist())) > 1 or not np.allclose(y, x)
+    # a warp factor of exactly 1 is the identity: range 0 draws only a = 1
+    assert np.allclose(augment_inputs(x, np.random.default_rng(2), freq_warp=1e-9), x, atol=1e-6)
+
+
+def test_spectral_tilt_adds_a_ramp_to_speech_frames_only():
+    x = _inputs()
+    y = augment_inputs(x, np.random.default_rng(3), spectral_tilt=2.0)
+    d = y - x
+    assert not d[:, 24:].any()  # padding stays zero
+    ramp = d[:, 0]  # the same ramp on every speech frame of a clip, antisymmetric around the middle band
+    np.testing.assert_allclose(d[:, 5], ramp, atol=1e-6)
+    np.testing.assert_allclose(ramp[:, 0], -ramp[:, -1], atol=1e-6)
+    assert np.abs(ramp).max() <= 2.0 + 1e-6 and np.abs(ramp).max() > 0.1
+
+
+def test_cosine_schedule_and_validation():
+    c = TrainConfig(epochs=10, learning_rate=1e-3, lr_schedule="cosine")
+    assert c.learning_rate_at(0) == pytest.approx(1e-3)
+    assert c.learning_rate_at(5) == pytest.approx(5e-4)
+    assert c.learning_rate_at(9) < 1e-4
+    assert TrainConfig(learning_rate=2e-3).learning_rate_at(7) == pytest.approx(2e-3)
+    with pytest.raises(ValueError):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError):
+        TrainConfig(freq_warp=1.5)
+    with pytest.raises(ValueError):
+        TrainConfig(reference_blend=1.5)
+    # the blend only augments when a reference other than "all" is used
+    assert not TrainConfig(reference_blend=0.5).feature_augmented
+    assert TrainConfig(reference_blend=0.5, speaker_reference="neutral").feature_augmented
+    assert not TrainConfig().feature_augmented and TrainConfig(spectral_tilt=0.5).feature_augmented
+    assert TrainConfig(time_stretch=0.2).to_dict()["time_stretch"] == 0.2
+
+
+def test_training_with_feature_augmentation_and_cosine_schedule_runs(synthetic_clips, tmp_path):
+    from models.architectures import ArchitectureConfig
+    from models.datasets import split_by_speaker
+    from models.train import train_baseline
+
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    train, test = split_by_speaker(synthetic_clips, speakers[-1:])
+    train, val = split_by_speaker(train, speakers[-2:-1])
+    config = TrainConfig(epochs=2, batch_size=16, freq_warp=0.1, time_stretch=0.2, spectral_tilt=0.5,
+                         lr_schedule="cosine", replay_per_class=0, speaker_reference="neutral", reference_blend=1.0)
+    result = train_baseline(train, val, test, config=config, cache_dir=tmp_path,
+                            architecture=ArchitectureConfig(channels=(8, 16), embedding_dim=16, head_units=8))
+    assert result.report["epochs_run"] == 2
+    assert result.report["train_config"]["freq_warp"] == 0.1
+    assert result.report["train_config"]["lr_schedule"] == "cosine"
+    assert result.report["train_config"]["reference_blend"] == 1.0
+
+
+def test_fedser_train_flags_reach_the_train_config():
+    from models.cli import _configs, build_parser
+
+    args = build_parser().parse_args(["train", "--out", "x", "--lr-schedule", "cosine", "--freq-warp", "0.15",
+                                      "--time-stretch", "0.2", "--spectral-tilt", "1", "--speaker-reference",
+                                      "neutral", "--reference-blend", "0.5"])
+    _, config = _configs(args)
+    assert (config.lr_schedule, config.freq_warp, config.time_stretch, config.spectral_tilt,
+            config.reference_blend) == ("cosine", 0.15, 0.2, 1.0, 0.5)
+    _, default = _configs(build_parser().parse_args(["train", "--out", "x"]))
+    assert default.lr_schedule == "constant" and not default.feature_augmented
