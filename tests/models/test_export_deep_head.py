@@ -184,3 +184,41 @@ def test_deep_head_runs_and_trains_under_tflite_runtime(deep, rng):
     assert got["runtime"] == "tflite_runtime" and got["loss"] > 0 and got["moved"] > 0
     probs, _ = TFLiteModel(res.tflite_path, meta).infer(x)
     np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=1e-5)
+
+
+def test_fedser_train_trainable_embedding_writes_a_deep_head_with_its_replay_set(synthetic_clips, tmp_path):
+    """``fedser-train train --trainable-embedding``: the file's head is six arrays, metadata's embedding_dim is the
+    pooled vector's and the replay set (training clips' pooled vectors) is what the file's ``infer`` computes."""
+    import sys
+
+    from models.features import compute_features
+
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    parts = {speakers[-1]: "test", speakers[-2]: "val"}
+    csv = tmp_path / "clips.csv"
+    csv.write_text("path,speaker,label,split\n" + "".join(
+        f"{c.path},{c.speaker},{c.label},{parts.get(c.speaker, 'train')}\n" for c in synthetic_clips))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "models.cli", "train", "--out", str(out), "--corpus", "manifest",
+                        "--data", str(csv), "--architecture", "dnn", "--epochs", "1", "--max-frames", "120",
+                        "--cache", str(tmp_path / "cache"), "--trainable-embedding", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ModelMetadata.load(out / "model.json")
+    assert meta.head_layout.names == ["w0", "b0", "w1", "b1", "w2", "b2"] and meta.extra["trainable_embedding"]
+    assert meta.head_layout[0].shape == (meta.embedding_dim, meta.head_layout[2].shape[0])
+    model = TFLiteModel(out / "model.tflite", meta)
+    emb, labels = meta.replay_set()
+    assert emb.shape[1] == meta.embedding_dim and len(labels) > 0
+    # the replay rows are pooled vectors of training clips: each equals the file's infer embedding of some clip
+    train = [c for c in synthetic_clips if c.speaker not in parts]
+    fs = compute_features(train, meta.features, cache_dir=tmp_path / "cache")
+    x = fs.model_inputs(meta.features, fs.normalization())
+    pooled = np.stack([model.infer(v)[1] for v in x])
+    nearest = np.abs(emb[:, None, :] - pooled[None]).max(axis=2).min(axis=1)
+    assert nearest.max() < 1e-4
+    r = subprocess.run([sys.executable, "-m", "models.cli", "train", "--out", str(tmp_path / "bad"), "--corpus",
+                        "manifest", "--data", str(csv), "--architecture", "lstm", "--epochs", "1",
+                        "--trainable-embedding", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "trainable_embedding needs a cnn or dnn" in r.stderr
