@@ -15,7 +15,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(REPO))
 OUT = REPO / "runs" / "deep-head"
-CACHE = Path("/tmp/dh/cache")
+CACHE = REPO / ".cache" / "features"  # content-keyed; the measured run used a copy at /tmp/dh/cache
 NAME = "RAVDESS actors 1-18 (19-20 validate)"
 
 
