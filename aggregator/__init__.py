@@ -89,6 +89,7 @@ DEFAULTS = {
     "VALIDATION_MANIFEST": None,
     "VALIDATION_MARGIN": 0.02,  # refuse a candidate whose UAR drops more than this below the current one
     "VALIDATION_MIN_GROUP_CLIPS": 20,  # a validation group with fewer scored clips is reported but does not gate
+    "VALIDATION_GROUP_Z": 1.0,  # a group gates only on a drop beyond the margin and this many standard errors
     "LOG_JSON": True,  # structured (JSON) request logs with request ids
 }
 
@@ -149,6 +150,14 @@ def _check_settings(config) -> None:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ConfigError(f"VALIDATION_MIN_GROUP_CLIPS={groups!r}: expected an integer >= 1 (clips a validation "
                           "group needs to gate a round)")
+    try:
+        group_z = float(config.get("VALIDATION_GROUP_Z"))
+    except (TypeError, ValueError):
+        group_z = math.nan
+    if isinstance(config.get("VALIDATION_GROUP_Z"), bool) or not (math.isfinite(group_z) and 0 <= group_z <= 10):
+        raise ConfigError(f"VALIDATION_GROUP_Z={config.get('VALIDATION_GROUP_Z')!r}: expected a number of standard "
+                          "errors in [0, 10]")
+    config["VALIDATION_GROUP_Z"] = group_z
 
 
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
@@ -188,7 +197,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
         app.extensions["fedser_validator"] = Validator(
             app.config["VALIDATION_MANIFEST"], inst / "validation", app.extensions["fedser_blobs"],
             app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]),
-            min_group_clips=app.config["VALIDATION_MIN_GROUP_CLIPS"])
+            min_group_clips=app.config["VALIDATION_MIN_GROUP_CLIPS"], group_z=app.config["VALIDATION_GROUP_Z"])
 
     from aggregator import dashboard
     from aggregator.api import admin, devices, models, updates

@@ -11,9 +11,12 @@ round's candidate head then takes milliseconds. A candidate whose UAR is more th
 margin below the current version's is refused, with both figures in the reason.
 
 Groups: each validation clip belongs to a group (the people a deployment serves, judged one by one): the optional
-``group`` column of the manifest, else the corpus prefix of the speaker id (``nemo-EB0`` -> ``nemo``,
-``ravdess-19`` -> ``ravdess``; a speaker without one is in the group ``(no prefix)``). With two groups or more the
-candidate is also refused when any group's UAR drops more than the margin below the current version's on that group,
+``group`` column of the manifest, else the corpus prefix of the speaker id when it names a corpus fedser reads
+(``nemo-EB0`` -> ``nemo``, ``ravdess-19`` -> ``ravdess``: the keys of :data:`models.datasets.CORPORA`); any other
+speaker id (no prefix, a UUID, ``user-42``) is in the group ``(no prefix)``. With two groups or more the candidate
+is also refused when any group's UAR drops below the current version's on that group by more than the margin *and*
+more than ``VALIDATION_GROUP_Z`` standard errors of that group's figure (``sqrt(u (1 - u) / n)``, u the current UAR,
+n its clips: one clip of a 56-clip group moves its UAR by about 0.02, so the margin alone would refuse on noise),
 and the gate's figures carry each group's (``groups``: candidate and current UAR and accuracy, examples); the reason
 names the group. A group with fewer than ``VALIDATION_MIN_GROUP_CLIPS`` scored clips is reported but does not gate
 (its entry says so). A manifest whose clips are all in one group (a 3-column manifest whose speakers share a prefix
@@ -56,7 +59,10 @@ _GROUP = re.compile(r"^\w[\w .+-]{0,63}$")
 
 
 def _group_of(speaker: str) -> str:
-    return corpus_of(speaker) or NO_PREFIX
+    from models.datasets import CORPORA
+
+    corpus = corpus_of(speaker)
+    return corpus if corpus in CORPORA else NO_PREFIX
 
 
 def manifest_groups(csv_path: Path, data: bytes) -> tuple[dict[tuple[str, str], str], bool]:
@@ -65,7 +71,12 @@ def manifest_groups(csv_path: Path, data: bytes) -> tuple[dict[tuple[str, str], 
     ``data`` is the manifest's content. Rows with an empty path or speaker are left to
     :func:`models.datasets.manifest_clips`, which refuses them, naming the line, when the set is first read.
     """
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ParameterError(f"VALIDATION_MANIFEST {csv_path} is not UTF-8 text (byte {exc.start}: "
+                             f"{data[exc.start:exc.start + 1]!r})") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip().lower() for h in reader.fieldnames or []]
     reader.fieldnames = header
     explicit = "group" in header
@@ -93,7 +104,7 @@ def manifest_groups(csv_path: Path, data: bytes) -> tuple[dict[tuple[str, str], 
 
 class Validator:
     def __init__(self, manifest_csv: str | os.PathLike, cache_dir: str | os.PathLike, blobs: BlobStore,
-                 key: SigningKey, *, margin: float = 0.02, min_group_clips: int = 20) -> None:
+                 key: SigningKey, *, margin: float = 0.02, min_group_clips: int = 20, group_z: float = 1.0) -> None:
         # Absolute now, so that the clips' relative paths (relative to the manifest's folder, the one rule of
         # models.datasets.manifest_clips) do not depend on the directory a worker runs in later.
         self.csv = Path(manifest_csv).resolve()
@@ -110,6 +121,9 @@ class Validator:
         if isinstance(min_group_clips, bool) or not isinstance(min_group_clips, int) or min_group_clips < 1:
             raise ParameterError(f"VALIDATION_MIN_GROUP_CLIPS={min_group_clips!r}: expected an integer >= 1")
         self.min_group_clips = min_group_clips
+        if isinstance(group_z, bool) or not isinstance(group_z, (int, float)) or not 0 <= group_z <= 10:
+            raise ParameterError(f"VALIDATION_GROUP_Z={group_z!r}: expected a number of standard errors in [0, 10]")
+        self.group_z = float(group_z)
         self.cache_dir = Path(cache_dir)
         self.blobs, self.key, self.margin = blobs, key, float(margin)
         self._lock = threading.Lock()
@@ -176,6 +190,7 @@ class Validator:
                            f"more than the margin {self.margin:.3f}")
         if cand_groups:
             detail["min_group_clips"] = self.min_group_clips
+            detail["group_z"] = self.group_z
             detail["groups"] = {}
             for name, cand in cand_groups.items():
                 cur = (cur_groups or {}).get(name)
@@ -187,11 +202,16 @@ class Validator:
                 if not entry["gates"]:
                     entry["note"] = (f"{examples} clips, fewer than VALIDATION_MIN_GROUP_CLIPS={self.min_group_clips}: "
                                      "reported, does not gate")
-                elif cur is not None and cand["uar"] < cur["uar"] - self.margin:
-                    entry["dropped"] = True
-                    reasons.append(f"group {name}: validation UAR would drop from {cur['uar']:.3f} to "
-                                   f"{cand['uar']:.3f} ({cand['num_examples']} clips), more than the margin "
-                                   f"{self.margin:.3f}")
+                elif cur is not None:
+                    u = min(max(float(cur["uar"]), 0.0), 1.0)
+                    allowed = max(self.margin, self.group_z * (u * (1.0 - u) / max(examples, 1)) ** 0.5)
+                    entry["allowed_drop"] = round(allowed, 4)
+                    if cand["uar"] < cur["uar"] - allowed:
+                        entry["dropped"] = True
+                        reasons.append(f"group {name}: validation UAR would drop from {cur['uar']:.3f} to "
+                                       f"{cand['uar']:.3f} ({cand['num_examples']} clips), more than the "
+                                       f"{allowed:.3f} allowed (the margin {self.margin:.3f} or "
+                                       f"{self.group_z:g} standard errors of the group's figure)")
                 detail["groups"][name] = entry
         if reasons:
             detail["reason"] = "; ".join(reasons)

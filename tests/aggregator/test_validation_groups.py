@@ -198,3 +198,55 @@ def test_a_new_base_is_judged_by_group_too(tmp_path, trained_model, synthetic_cl
     assert again.status_code == 201, again.json
     groups = again.json["validation"]["groups"]
     assert all(g["candidate"] == g["current"] and not g["dropped"] for g in groups.values()), groups
+
+
+def test_speaker_ids_that_name_no_corpus_are_one_group(tmp_path, trained_model, synthetic_clips):
+    # A 3-column manifest of a deployment whose speaker ids are UUIDs (hyphens, no corpus): one group, judged on
+    # the pooled figure as before; 40 distinct "prefixes" must not become 40 groups (or fail the start).
+    import uuid
+
+    rows = [(c.path, str(uuid.UUID(int=i + 1)), c.label) for i, c in enumerate(synthetic_clips[:40])]
+    csv = _manifest(tmp_path / "validation.csv", rows)
+    from aggregator.validation import manifest_groups
+
+    groups, explicit = manifest_groups(csv, csv.read_bytes())
+    assert not explicit and set(groups.values()) == {"(no prefix)"}
+    create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
+
+
+def test_a_manifest_that_is_not_utf8_is_refused_at_start_naming_it(tmp_path):
+    csv = tmp_path / "validation.csv"
+    csv.write_bytes("path,speaker,label\nclip\xe9.wav,nemo-EB0,sad\n".encode("latin-1"))
+    with pytest.raises(ParameterError, match=r"validation.csv is not UTF-8 text"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
+
+
+def _summary(uar, n, groups=None):
+    out = {"uar": uar, "accuracy": uar, "num_examples": n}
+    if groups is not None:
+        out["groups"] = {g: {"uar": u, "accuracy": u, "num_examples": k} for g, (u, k) in groups.items()}
+    return out
+
+
+@pytest.mark.parametrize("group_z, drop, refused", [(1.0, 0.05, False), (1.0, 0.08, True), (0.0, 0.05, True)])
+def test_a_group_gates_on_a_drop_beyond_the_margin_and_its_standard_error(tmp_path, group_z, drop, refused):
+    # A 56-clip group at 0.6 UAR: one standard error is sqrt(0.24 / 56) = 0.065; the margin 0.02 is about one clip.
+    from aggregator.validation import Validator
+
+    csv = _manifest(tmp_path / "validation.csv", [("a.wav", "nemo-EB0", "sad"), ("b.wav", "ravdess-19", "sad")])
+    v = Validator(csv, tmp_path / "cache", None, None, margin=0.02, group_z=group_z)
+    current = _summary(0.6, 116, {"nemo": (0.6, 60), "ravdess": (0.6, 56)})
+    candidate = _summary(0.6, 116, {"nemo": (0.6 + drop, 60), "ravdess": (0.6 - drop, 56)})
+    ok, detail = v._verdict(candidate, current)
+    assert ok is (not refused), detail
+    entry = detail["groups"]["ravdess"]
+    assert entry["dropped"] is refused
+    assert entry["allowed_drop"] == pytest.approx(max(0.02, group_z * (0.24 / 56) ** 0.5), abs=1e-4)
+    if refused:
+        assert detail["reason"].startswith("group ravdess: validation UAR would drop from 0.600 to ")
+
+
+@pytest.mark.parametrize("value", [-1, 11, "x", True, float("nan")])
+def test_the_group_standard_error_setting_is_checked_at_start(tmp_path, value):
+    with pytest.raises(ConfigError, match="VALIDATION_GROUP_Z"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_GROUP_Z": value})
