@@ -137,10 +137,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--augment", type=int, default=0, metavar="COPIES",
                    help="augmented copies per training clip (speed, gain, noise); 0 = off")
+    g.add_argument("--augment-speed", default="0.9,1.1", metavar="LO,HI", help="--augment copies: speed factor range")
+    g.add_argument("--augment-gain-db", default="-6,6", metavar="LO,HI", help="--augment copies: gain range (dB)")
+    g.add_argument("--augment-snr-db", default="15,40", metavar="LO,HI",
+                   help="--augment copies: white-noise SNR range (dB; 90,90: no noise)")
     g.add_argument("--spec-augment", type=int, default=0, metavar="MASKS",
                    help="SpecAugment: time and frequency masks per training example; 0 = off")
     g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training pairs; 0 = off")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--swa-epochs", type=int, default=0, metavar="N",
+                   help="train every epoch (no early stopping) and keep the average weights of the last N; 0 = off")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: the learning rate falls along a half cosine to 0 over --epochs")
     g.add_argument("--freq-warp", type=float, default=0.0, metavar="W",
@@ -238,6 +244,11 @@ def _split(args, clips):
     return train, val, test
 
 
+def _pair(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
 def _configs(args):
     from edge_sdk.features import FeatureConfig
     from models.features import Augmentation
@@ -248,8 +259,11 @@ def _configs(args):
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,
-                         augmentation=Augmentation(copies=args.augment, seed=args.seed),
+                         augmentation=Augmentation(copies=args.augment, seed=args.seed,
+                                                   speed=_pair(args.augment_speed), gain_db=_pair(args.augment_gain_db),
+                                                   snr_db=_pair(args.augment_snr_db)),
                          speaker_reference=args.speaker_reference, lr_schedule=args.lr_schedule,
+                         swa_epochs=args.swa_epochs,
                          freq_warp=args.freq_warp, time_stretch=args.time_stretch, spectral_tilt=args.spectral_tilt,
                          reference_blend=args.reference_blend)
     return features, config

@@ -63,6 +63,11 @@ RECIPES = {
                              "time_stretch": 0.2, "spectral_tilt": 1.0}),
     "A-long-wide": _r(_A, "A-long + channels 96,160,160",
                       train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}, arch={"channels": (96, 160, 160)}),
+    "A-swa-long": _r(_A, "50 epochs, weights averaged over the last 20 (no early stopping)",
+                     train={"epochs": 50, "swa_epochs": 20}),
+    "A-swa-faug": _r(_A, "A-swa + warp 0.15, stretch 0.2, tilt 1.0",
+                     train={"epochs": 30, "swa_epochs": 10, "freq_warp": 0.15, "time_stretch": 0.2,
+                            "spectral_tilt": 1.0}),
     "B0": _r(_B, "today: level, 40 epochs, patience 15"),
     "B-long": _r(_B, "80 epochs, patience 20, cosine learning rate",
                  train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}),
@@ -73,6 +78,9 @@ RECIPES = {
                              "time_stretch": 0.2, "spectral_tilt": 1.0}),
     "B-swa": _r(_B, "40 epochs, weights averaged over the last 15 (no early stopping)",
                 train={"epochs": 40, "swa_epochs": 15}),
+    "B-speed": _r(_B, "+ 2 audio copies per training clip at speed 0.8-1.25 (resampled; no gain, no noise)",
+                  train={"augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
+                                          "snr_db": (90.0, 90.0)}}),
     "B-wide": _r(_B, "channels 96,160,160", arch={"channels": (96, 160, 160)}),
 }
 
@@ -88,11 +96,15 @@ def add_recipe(name: str, spec: str) -> None:
 def _configs(recipe: dict, seed: int):
     from edge_sdk.features import FeatureConfig
     from models.architectures import preset
+    from models.features import Augmentation
     from models.train import TrainConfig
 
     features = FeatureConfig(kind="logmel", speaker_norm=True, **recipe["features"])
     arch = preset("cnn", **{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["arch"].items()})
-    return features, TrainConfig(**recipe["train"], seed=seed), arch
+    train = dict(recipe["train"])
+    if "augmentation" in train:
+        train["augmentation"] = Augmentation(**train["augmentation"], seed=seed)
+    return features, TrainConfig(**train, seed=seed), arch
 
 
 def _split(task: str):

@@ -99,9 +99,22 @@ def test_fedser_train_flags_reach_the_train_config():
 
     args = build_parser().parse_args(["train", "--out", "x", "--lr-schedule", "cosine", "--freq-warp", "0.15",
                                       "--time-stretch", "0.2", "--spectral-tilt", "1", "--speaker-reference",
-                                      "neutral", "--reference-blend", "0.5"])
+                                      "neutral", "--reference-blend", "0.5", "--swa-epochs", "10"])
     _, config = _configs(args)
     assert (config.lr_schedule, config.freq_warp, config.time_stretch, config.spectral_tilt,
-            config.reference_blend) == ("cosine", 0.15, 0.2, 1.0, 0.5)
+            config.reference_blend, config.swa_epochs) == ("cosine", 0.15, 0.2, 1.0, 0.5, 10)
     _, default = _configs(build_parser().parse_args(["train", "--out", "x"]))
     assert default.lr_schedule == "constant" and not default.feature_augmented
+
+
+def test_fedser_train_augmentation_ranges():
+    from models.cli import _configs, build_parser
+    from models.features import Augmentation
+
+    args = build_parser().parse_args(["train", "--out", "x", "--augment", "2", "--augment-speed", "0.8,1.25",
+                                      "--augment-gain-db", "0,0", "--augment-snr-db", "90,90", "--seed", "3"])
+    _, config = _configs(args)
+    assert config.augmentation == Augmentation(copies=2, speed=(0.8, 1.25), gain_db=(0.0, 0.0), snr_db=(90.0, 90.0),
+                                               seed=3)
+    _, default = _configs(build_parser().parse_args(["train", "--out", "x"]))
+    assert default.augmentation == Augmentation()
