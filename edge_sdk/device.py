@@ -145,6 +145,9 @@ class TrainPolicy:
     optimizer: str = "adam"
     adam_learning_rate: float = 0.01
     adam_steps: int = 100
+    # Rows (answers + replay rows) per Adam step: above it, each step takes a random draw of the answers (seeded by
+    # ``seed``) so that answers and replay rows come to adam_max_rows; up to it, every step takes every answer.
+    adam_max_rows: int = 256
 
     def __post_init__(self) -> None:
         if self.guard not in ("accuracy", "loss"):
@@ -153,6 +156,8 @@ class TrainPolicy:
             raise ParameterError(f"TrainPolicy.guard_test must be 'answers' or 'paired', got {self.guard_test!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ParameterError(f"TrainPolicy.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.adam_max_rows < 1:
+            raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
             raise ParameterError(f"TrainPolicy.down_credit must be within 0..1, got {self.down_credit!r}")
 
@@ -186,6 +191,9 @@ class TrainReport:
     # guard) and, once kept, after the fit on all answers.
     confirmed_flipped: int | None = None
     confirmed_flipped_fit: int | None = None
+    # Answers left out because their stored embedding came from another base's encoder and they cannot be
+    # embedded anew (no stored features, or features of another input shape): {reason: count}.
+    answers_dropped: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -280,6 +288,7 @@ class Device:
         self.global_head: dict[str, np.ndarray] | None = None
         self.personalized = False
         self.model_source = None
+        self.base_sha256: str | None = None  # the sha256 of the model file in use (whose encoder makes embeddings)
         if not self._load_installed():
             if model_files is not None:  # a model file of the developer's, until the aggregator provides one
                 self._load_local(Path(model_files[0]), Path(model_files[1]), "file")
@@ -404,6 +413,7 @@ class Device:
         federated)."""
         model = TFLiteModel(tflite, ModelMetadata.load(metadata), num_threads=self.num_threads, runtime=self.runtime)
         self.model, self.global_head, self.model_source = model, model.get_weights(), source
+        self.base_sha256 = _sha256_file(tflite)
         self._load_personal(model)
 
     def _load_personal(self, model: TFLiteModel) -> None:
@@ -482,6 +492,7 @@ class Device:
     def _serve_version(self, manifest, model: TFLiteModel, global_head: dict[str, np.ndarray], raw: bytes) -> None:
         """Make a loaded and checked version the one in use (under the serving lock), with its personal head."""
         self.manifest, self.model, self.global_head = manifest, model, global_head
+        self.base_sha256 = manifest.base.sha256
         self._manifest_bytes = raw
         self.model_source = "server"
         self.personalized = False
@@ -666,7 +677,7 @@ class Device:
             audio = np.asarray(audio, np.float32)[: int(MAX_CLIP_SECONDS * model.metadata.features.sample_rate)]
             feats, state = self._model_input(audio, model.metadata)
             probs, embedding = model.infer(feats)
-            version, personalized = self.model_version, self.personalized
+            version, personalized, base = self.model_version, self.personalized, self.base_sha256
         latency_ms = (time.perf_counter() - started) * 1000.0
         labels = model.metadata.labels
         pred = Prediction(
@@ -682,7 +693,7 @@ class Device:
             prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
             embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
             audio=audio if keep_audio else None,
-            sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state,
+            sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state, base=base,
         )
         return pred
 
@@ -722,6 +733,55 @@ class Device:
     def _examples(self) -> list[FeedbackExample]:
         labels = set(self.metadata.labels)
         return [e for e in self.store.examples() if e.target in labels]
+
+    def _current_examples(self, model: TFLiteModel) -> tuple[list[FeedbackExample], dict[str, int]]:
+        """The answers with embeddings of the encoder in use (``model``: this thread's trainer), and
+        ``{reason: count}`` of those left out.
+
+        An answer whose embedding another base's encoder made (its recorded base differs from this one; unrecorded,
+        by an older SDK: an embedding of another size, or made under another model version) is embedded anew from
+        its stored features through ``model`` (the identity adapter) and the new embedding is stored with this
+        base, so each answer is embedded once per base. One that cannot be (no features stored, or features of
+        another input shape) is left out when it is known to come from another encoder; an unrecorded one of the
+        right size without features is used as stored (as before)."""
+        examples, base, dim = self._examples(), self.base_sha256, model.metadata.embedding_dim
+        stale = [e for e in examples if base is not None and e.base != base
+                 and (e.base is not None or e.embedding.size != dim or e.model_version != self.model_version)]
+        dropped: dict[str, int] = {}
+        if not stale:
+            return examples, dropped
+        feats = self.store.features_of([e.prediction_id for e in stale])
+        size = int(np.prod(model.input_shape))
+        fresh: dict[str, np.ndarray] = {}
+        saved = model.get_adapter() if model.has_adapter else None
+        if saved is not None:
+            model.set_adapter(None)
+        try:
+            for e in stale:
+                f = feats.get(e.prediction_id)
+                if f is not None and f.size == size:
+                    fresh[e.prediction_id] = model.infer(f.reshape(model.input_shape[1:]))[1]
+        finally:
+            if saved is not None:
+                model.set_adapter(saved)
+        if fresh:
+            self.store.set_embeddings(fresh, base)
+        stale_ids, out = {e.prediction_id for e in stale}, []
+        for e in examples:
+            if e.prediction_id in fresh:
+                out.append(replace(e, embedding=fresh[e.prediction_id], base=base))
+            elif e.prediction_id in stale_ids and (e.base is not None or e.embedding.size != dim):
+                reason = ("no stored features to embed anew" if e.prediction_id not in feats
+                          else "stored features of another input shape")
+                dropped[reason] = dropped.get(reason, 0) + 1
+            else:
+                out.append(e)
+        if fresh:
+            log.info("%d answers embedded anew by the encoder of base %s", len(fresh), base[:12])
+        if dropped:
+            log.warning("answers left out of training: their embeddings came from another base's encoder and %s",
+                        ", ".join(f"{n}: {r}" for r, n in dropped.items()))
+        return out, dropped
 
     def _arrays(self, examples: list[FeedbackExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels = list(self.metadata.labels)
@@ -820,14 +880,22 @@ class Device:
         """``policy.adam_steps`` full-batch Adam steps of the head from the global head (in the model), each
         gradient read from the ``train`` signature (:func:`head_gradient`). With a replay set, each step also
         takes the gradient on ``train_batch_size`` replay rows drawn at random, carrying ``replay_weight / (1 +
-        replay_weight)`` of the step's loss."""
+        replay_weight)`` of the step's loss. When answers and replay rows come to more than
+        ``policy.adam_max_rows``, each step's answer gradient is taken on a random draw of the answers (drawn
+        before the replay rows, from the same seeded generator) that brings them to it."""
         weights = {k: np.asarray(v, np.float64) for k, v in model.get_weights().items()}
         adam = Adam(learning_rate=policy.adam_learning_rate)
         batch = model.metadata.train_batch_size
         if replay is not None:
             replay_targets = np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
+        replay_rows = min(batch, len(replay[0])) if replay is not None else 0
+        draw = max(1, policy.adam_max_rows - replay_rows)
         for _ in range(policy.adam_steps):
-            grad, _ = head_gradient(model, weights, emb, targets, sign, weight)
+            if len(emb) + replay_rows > policy.adam_max_rows:  # a random draw of the answers (cost capped)
+                rows = rng.choice(len(emb), size=min(draw, len(emb)), replace=False)
+                grad, _ = head_gradient(model, weights, emb[rows], targets[rows], sign[rows], weight[rows])
+            else:
+                grad, _ = head_gradient(model, weights, emb, targets, sign, weight)
             if replay is not None:
                 pick = rng.choice(len(replay[0]), size=min(batch, len(replay[0])), replace=False)
                 extra, _ = head_gradient(model, weights, replay[0][pick], replay_targets[pick],
@@ -871,10 +939,10 @@ class Device:
     def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
         model = self._require_model()  # the trainer
         started = time.perf_counter()
-        examples = self._examples()
+        examples, dropped = self._current_examples(model)
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
-                               examples=len(examples))
+                               examples=len(examples), answers_dropped=dropped)
         in_use = model.get_weights()
         in_use_adapter = model.get_adapter() if model.has_adapter else None
         if policy.adapter:
@@ -899,6 +967,7 @@ class Device:
                 report.status, report.reason = "discarded", f"held-back answers got worse ({policy.guard})"
             elif held and policy.refit_on_all:
                 self._fit(model, examples, policy)
+        report.answers_dropped = dropped
         if report.status == "discarded":
             model.set_weights(in_use)
             if in_use_adapter is not None:
@@ -994,7 +1063,8 @@ class Device:
             report.guard += ", thumbs only"
         if trusted:
             report.guard += ", corrections trusted (without the replay set)"
-        if after < before - policy.tolerance + needed and not trusted:
+        # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
+        if after < before - policy.tolerance + needed:
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
                 else f"cross-validated answers not better by {policy.guard_margin} x sqrt("
@@ -1078,6 +1148,9 @@ class Device:
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
             version, global_head = self.model_version, self.global_head
             layout = model.metadata.head_layout
+            examples, _ = self._current_examples(model)  # embedded by this base's encoder
+            if len(examples) < policy.min_examples:
+                return None
             examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
             # The federation shares head deltas only, made by SGD (epochs x learning_rate, what the server's
             # aggregation is tuned for): the optimizer setting is the personal head's.

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     latency_ms REAL NOT NULL,
     source TEXT NOT NULL DEFAULT '',
     audio BLOB,
-    sample_rate INTEGER
+    sample_rate INTEGER,
+    base TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS kv (
 # read at every open (an older SDK may have written to this file since), rewritten only when there are any.
 _OLD_THUMBS_UP = ("FROM feedback JOIN predictions p ON p.id = feedback.prediction_id"
                   " WHERE feedback.kind = 'label' AND feedback.label = p.label")
-_SCHEMA_VERSION = 1  # PRAGMA user_version of a store that has _SCHEMA and every migration below
+_SCHEMA_VERSION = 2  # PRAGMA user_version of a store that has _SCHEMA and every migration below
 
 
 _UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
@@ -80,6 +81,10 @@ class FeedbackExample:
     target: str
     sign: float  # +1 cross-entropy toward target, -1 complementary loss away from it
     kind: str
+    # The sha256 of the model file (base) whose encoder made ``embedding`` (None: stored by an SDK before it was
+    # recorded), and the model version that classified.
+    base: str | None = None
+    model_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ class FeedbackStore:
                 if statement.strip():
                     c.execute(statement)
             columns = {r[1] for r in c.execute("PRAGMA table_info(predictions)")}
-            for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER")):  # files from before these columns
+            # files from before these columns
+            for name, kind in (("audio", "BLOB"), ("sample_rate", "INTEGER"), ("base", "TEXT")):
                 if name not in columns:
                     c.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
             c.execute(f"UPDATE feedback SET kind = 'up', label = NULL WHERE rowid IN (SELECT feedback.rowid "
@@ -161,8 +167,12 @@ class FeedbackStore:
         audio: np.ndarray | None = None,
         sample_rate: int | None = None,
         state: dict[str, str] | None = None,
+        base: str | None = None,
     ) -> None:
         """Store a prediction; ``audio`` (kept as 16-bit PCM) only when the user opted in.
+
+        ``base``: the sha256 of the model file whose encoder made ``embedding`` (a new base re-embeds the answer
+        from ``features``).
 
         ``state`` (key/value pairs) is written in the same transaction: one commit per prediction.
         """
@@ -170,13 +180,13 @@ class FeedbackStore:
         with self._tx() as c:
             c.execute(
                 "INSERT INTO predictions(id, created_at, model_version, label, probs, embedding, features,"
-                " latency_ms, source, audio, sample_rate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " latency_ms, source, audio, sample_rate, base) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     prediction_id, time.time(), int(model_version), label,
                     json.dumps([round(float(p), 6) for p in probs]),
                     np.asarray(embedding, "<f4").tobytes(),
                     None if features is None else np.asarray(features, "<f4").tobytes(),
-                    float(latency_ms), source, pcm, sample_rate if pcm is not None else None,
+                    float(latency_ms), source, pcm, sample_rate if pcm is not None else None, base,
                 ),
             )
             for key, value in (state or {}).items():
@@ -227,19 +237,22 @@ class FeedbackStore:
         """Training examples from every prediction with feedback, oldest first."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT p.id, p.embedding, p.label, f.kind, f.label FROM feedback f"
+                "SELECT p.id, p.embedding, p.label, f.kind, f.label, p.base, p.model_version FROM feedback f"
                 " JOIN predictions p ON p.id = f.prediction_id ORDER BY f.created_at, p.id"
             ).fetchall()
         out = []
-        for pid, emb, predicted, kind, corrected in rows:
+        for pid, emb, predicted, kind, corrected, base, version in rows:
             embedding = np.frombuffer(emb, "<f4").astype(np.float32)
-            if kind == "up":
-                out.append(FeedbackExample(pid, embedding, predicted, 1.0, kind))
-            elif kind == "label":
-                out.append(FeedbackExample(pid, embedding, corrected, 1.0, kind))
-            else:
-                out.append(FeedbackExample(pid, embedding, predicted, -1.0, kind))
+            target, sign = (corrected, 1.0) if kind == "label" else (predicted, 1.0 if kind == "up" else -1.0)
+            out.append(FeedbackExample(pid, embedding, target, sign, kind, base, int(version)))
         return out
+
+    def set_embeddings(self, embeddings: dict[str, np.ndarray], base: str) -> None:
+        """Replace the stored embeddings of these predictions with ones made by the encoder of ``base`` (the
+        model file's sha256), in one transaction."""
+        with self._tx() as c:
+            c.executemany("UPDATE predictions SET embedding = ?, base = ? WHERE id = ?",
+                          [(np.asarray(e, "<f4").tobytes(), base, pid) for pid, e in embeddings.items()])
 
     def features_of(self, prediction_ids: list[str]) -> dict[str, np.ndarray]:
         """The stored features (flat float32) of these predictions; predictions stored without any are left out."""

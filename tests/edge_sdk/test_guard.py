@@ -214,9 +214,11 @@ def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show
             _answer(dev, k, u, B) if k % 2 == 0 else _answer(dev, k, v, "up")
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.5, 1.0), report.reason
+        # trust_corrections (the default) for the user the global head fails: the margin waived, the fit kept
+        assert ("corrections trusted" in report.guard) == (adapt_below == 0.6)
     # ... but a fit that shows the answers worse is still discarded (v is angry and happy by turns: 0.5 -> 0.0),
-    # unless the corrections are trusted (trust_corrections: as many corrections as bare thumbs-down or more)
-    for trust, status in ((False, "discarded"), (True, "kept")):
+    # also when the corrections are trusted (trust_corrections waives the margin, not the shown-worse check)
+    for trust, status in ((False, "discarded"), (True, "discarded")):
         dev = _device(tmp_path / f"worse-{trust}", trained_model,
                       TrainPolicy(**{**POLICY, "guard_folds": 2}, adapt_below=0.6, adapt_below_answers=8,
                                   trust_corrections=trust))
@@ -226,6 +228,7 @@ def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.5, 0.0)
         assert "below 0.6" in report.guard and ("corrections trusted" in report.guard) == trust
+        assert report.reason == "cross-validated answers got worse (accuracy)" and not dev.personalized
 
 
 def _thumbs_down_crowd(dev: Device) -> tuple[np.ndarray, np.ndarray]:

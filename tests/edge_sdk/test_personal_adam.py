@@ -102,3 +102,92 @@ def test_the_adam_fit_through_a_device_is_numpy_adam_from_the_global_head(tmp_pa
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ParameterError, match="optimizer"):
         TrainPolicy(optimizer="lbfgs")
+
+
+def _numpy_balance(targets: np.ndarray) -> np.ndarray:
+    """Each class present counts equally: n / (classes present x the answer's class count)."""
+    counts = targets.sum(0)
+    present = int((counts > 0).sum())
+    return np.array([len(targets) / (present * counts[np.argmax(t)]) for t in targets])
+
+
+def _answer_all(dev: Device, x: np.ndarray, targets: np.ndarray, down_every: int = 0) -> np.ndarray:
+    """Store and answer each row (a correction to its target; every down_every-th a bare thumbs-down on what the
+    global head shows); returns the signs the device trains with, and rewrites ``targets`` to the trained ones."""
+    labels = list(dev.metadata.labels)
+    sign = np.ones(len(x), np.float32)
+    for i in range(len(x)):
+        probs = dev.model.head_probs(x[i][None])[0]
+        shown = int(np.argmax(probs))
+        dev.store.add_prediction(prediction_id=f"p{i:04d}", model_version=0, label=labels[shown], probs=probs,
+                                 embedding=x[i], features=None, latency_ms=0.0)
+        if down_every and i % down_every == down_every - 1:
+            dev.feedback(f"p{i:04d}", "down")
+            sign[i], targets[i] = -1.0, np.eye(len(labels), dtype=np.float32)[shown]
+        else:
+            dev.feedback(f"p{i:04d}", labels[int(np.argmax(targets[i]))])
+    return sign
+
+
+def test_the_adam_fit_with_replay_and_class_balance_is_the_numpy_reference(tmp_path, trained_model):
+    """Replay mixing and class-balance weights against numpy: each step's gradient is (1 - s) x the answers'
+    (class-balanced, thumbs-down included) + s x that of train_batch_size replay rows drawn from the seeded
+    generator, s = replay_weight / (1 + replay_weight)."""
+    import json
+
+    from edge_sdk.model import ModelMetadata
+
+    meta = json.loads(trained_model.metadata_path.read_text())
+    rng = np.random.default_rng(5)
+    emb_dim, classes = trained_model.metadata.embedding_dim, trained_model.metadata.num_classes
+    replay_x = rng.normal(size=(20, emb_dim)).astype(np.float32)
+    replay_y = rng.integers(0, classes, 20)
+    meta.setdefault("extra", {})["replay"] = ModelMetadata.replay_extra(replay_x, replay_y)
+    meta_path = tmp_path / "replay.json"
+    meta_path.write_text(json.dumps(meta))
+    policy = TrainPolicy(optimizer="adam", holdout_every=0, balance_classes=True, replay_weight=0.25, adam_steps=30,
+                         seed=3)
+    dev = Device(tmp_path / "dev", model_files=(trained_model.tflite_path, meta_path), train_policy=policy)
+    assert dev.metadata.replay_set() is not None
+    x, targets, _, _ = _answers(dev.model, 14, seed=4)
+    targets[:8] = np.eye(classes, dtype=np.float32)[0]  # skewed: class balancing matters
+    sign = _answer_all(dev, x, targets, down_every=5)
+    assert dev.personalize().status == "kept"
+    weight = _numpy_balance(targets)
+    assert weight.max() > 1.5 * weight.min()
+    draw, batch, share = np.random.default_rng(3), dev.metadata.train_batch_size, 0.25 / 1.25
+    onehot = np.eye(classes)[replay_y]
+    ref, state = {k: v.astype(np.float64) for k, v in dev.global_head.items()}, {}
+    for t in range(1, 31):
+        g = _numpy_gradient(ref, x, targets, sign, weight)
+        pick = draw.choice(len(replay_x), size=min(batch, len(replay_x)), replace=False)
+        r = _numpy_gradient(ref, replay_x[pick], onehot[pick], np.ones(len(pick)), np.ones(len(pick)))
+        ref = _numpy_adam_step(ref, {k: (1 - share) * g[k] + share * r[k] for k in g}, 0.01, state, t)
+    got = dev.model.get_weights()
+    for k in ref:
+        assert np.abs(got[k] - ref[k]).max() < 1e-4, k
+
+
+def test_adam_steps_above_adam_max_rows_take_a_seeded_draw_of_the_answers(tmp_path, trained_model):
+    """300 answers, cap 256, no replay: each step's gradient is numpy's on 256 answers drawn from the seeded
+    generator (reproducible); up to the cap every step takes every answer (the test above and the 12-answer one)."""
+    policy = TrainPolicy(optimizer="adam", holdout_every=0, balance_classes=False, replay_weight=0.0, adam_steps=4,
+                         seed=9)
+    dev = Device(tmp_path / "dev", model_files=(trained_model.tflite_path, trained_model.metadata_path),
+                 train_policy=policy)
+    x, targets, _, _ = _answers(dev.model, 300, seed=6)
+    sign = _answer_all(dev, x, targets)
+    assert dev.personalize().status == "kept"
+    draw, ones = np.random.default_rng(9), np.ones(300)
+    ref, state = {k: v.astype(np.float64) for k, v in dev.global_head.items()}, {}
+    full = {k: v.copy() for k, v in ref.items()}
+    full_state: dict = {}
+    for t in range(1, 5):
+        rows = draw.choice(300, size=256, replace=False)
+        ref = _numpy_adam_step(ref, _numpy_gradient(ref, x[rows], targets[rows], sign[rows], ones[rows]), 0.01,
+                               state, t)
+        full = _numpy_adam_step(full, _numpy_gradient(full, x, targets, sign, ones), 0.01, full_state, t)
+    got = dev.model.get_weights()
+    for k in ref:
+        assert np.abs(got[k] - ref[k]).max() < 1e-5, k
+    assert max(np.abs(full[k] - ref[k]).max() for k in ref) > 1e-4  # the draw is not the full batch
