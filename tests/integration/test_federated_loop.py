@@ -5,6 +5,7 @@ The aggregator runs as its own process (gunicorn, 2 workers), on SQLite and on P
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -243,9 +244,10 @@ def test_update_is_the_fit_on_all_feedback_even_when_the_personal_guard_discards
     for name, value in dev.model.get_weights().items():  # what the user sees is untouched
         np.testing.assert_array_equal(value, in_use[name])
         np.testing.assert_array_equal(value, dev.global_head[name])
-    # the delta is exactly a fit from the global head on all eight answers
+    # the delta is exactly a fit from the global head on all eight answers, with the federated optimizer (SGD:
+    # the policy's optimizer is the personal head's)
     dev.model.set_weights(dev.global_head)
-    dev._fit(dev.model, dev._examples(), refuse_all)
+    dev._fit(dev.model, dev._examples(), dataclasses.replace(refuse_all, optimizer="sgd", adapter=False))
     fitted = dev.model.get_weights()
     for name, delta in envelope.deltas().items():
         assert np.abs(delta).max() > 0
