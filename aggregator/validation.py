@@ -204,7 +204,8 @@ class Validator:
                                      "reported, does not gate")
                 elif cur is not None:
                     u = min(max(float(cur["uar"]), 0.0), 1.0)
-                    allowed = max(self.margin, self.group_z * (u * (1.0 - u) / max(examples, 1)) ** 0.5)
+                    noise = self.group_z * (u * (1.0 - u) / max(examples, 1)) ** 0.5
+                    allowed = max(self.margin, noise) if self.group_z > 0 else self.margin
                     entry["allowed_drop"] = round(allowed, 4)
                     if cand["uar"] < cur["uar"] - allowed:
                         entry["dropped"] = True

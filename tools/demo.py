@@ -17,7 +17,8 @@ devices, never gate a round and never train.
 2. scores the base on the held-out new users IC0/MK0/TP0 (global UAR) and, with RAVDESS, on RAVDESS actors 21-24;
 3. starts the aggregator (gunicorn, 2 workers) on 127.0.0.1 with the validation gate on the device speakers' gate
    slices (with RAVDESS also on RAVDESS validation actors 19-20, judged as their own group, so that a round that
-   helps the new population and costs the base's own people more than the margin is refused), publishes the base
+   helps the new population and costs the base's own people more than the margin and one standard error of
+   their figure is refused), publishes the base
    and enrolls one device per speaker;
 4. runs several federated rounds: each device classifies new clips of its speaker, a simulated user answers
    (thumbs-up when right; when wrong the right label or a bare thumbs-down; a few answers mistaken), the head is
@@ -511,7 +512,8 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
               "speaker (never answered, never scored)"
               + (f", and {len(rav_gate)} clips of RAVDESS validation actors 19-20 (people like the base's training "
                  "speakers, who never trained it), each corpus a group; a round whose UAR drops more than "
-                 f"{margin} on all of them or on either group is refused" if rav_gate else
+                 f"{margin} on all of them, or on either group by more than {margin} and one standard error of "
+                 "that group's figure, is refused" if rav_gate else
                  f"; a round whose UAR on them drops more than {margin} is refused"))
         print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (--keep-server leaves it up)")
         devices = {}
@@ -671,7 +673,8 @@ def _honest_note(args, before, after, before_spk, after_spk, rav, devices, n_eva
             f"RAVDESS actors 21-24 ({rav[1]['n']} clips): {rav[0]['uar']:.3f} -> {rav[1]['uar']:.3f}"
             + (" (the rounds cost the base's own population). " if rav[1]["uar"] < rav[0]["uar"] else ". ")
             + (f"The gate also judges every round on RAVDESS validation actors 19-20 ({rav_gate} clips) as a group of "
-               "their own: a round that costs them more than the margin is refused, whatever it does for the new "
+               "their own: a round that costs them more than the margin and one standard error of their figure "
+               "is refused, whatever it does for the new "
                "population (actors 21-24 are never in the gate)." if rav_gate else
                "The gate judges rounds on the new population only, so nothing here protects the population the base "
                "was trained on."))
