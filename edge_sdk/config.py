@@ -34,7 +34,7 @@ Example ``config.toml``::
     [training]
     min_new_feedback = 8
     epochs = 10
-    learning_rate = 0.05
+    # learning_rate = 0.05  # SGD rate; unset: the model's device_learning_rate, else 0.05
     idle_seconds = 30       # train only after this long without speech
 
     [sync]
@@ -98,7 +98,7 @@ class PrivacyConfig:
 class TrainingConfig:
     min_new_feedback: int = 8
     epochs: int = 10
-    learning_rate: float = 0.05
+    learning_rate: float | None = None  # None: the model's metadata device_learning_rate, else 0.05
     idle_seconds: float = 30.0
 
 
@@ -173,7 +173,9 @@ def _apply(cfg: EdgeConfig, data: dict, origin: str) -> None:
             for sub, v in value.items():
                 if sub not in known:
                     raise ParameterError(f"{origin}: unknown setting {key}.{sub} (known: {sorted(known)})")
-                setattr(current, sub, _coerce(v, type(getattr(current, sub)), f"{origin}: {key}.{sub}"))
+                default = getattr(current, sub)
+                target = float if default is None else type(default)  # None defaults (learning_rate) are floats
+                setattr(current, sub, _coerce(v, target, f"{origin}: {key}.{sub}"))
         else:
             setattr(cfg, key, _coerce(value, type(current), f"{origin}: {key}"))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -78,13 +79,18 @@ class Prediction:
         }
 
 
+DEFAULT_LEARNING_RATE = 0.05  # SGD rate when neither the policy nor the model's metadata gives one
+
+
 @dataclass(frozen=True)
 class TrainPolicy:
     """When and how hard the head is fine-tuned on the user's feedback."""
 
     min_examples: int = 5
     epochs: int = 10
-    learning_rate: float = 0.05
+    # SGD learning rate of federated updates and SGD personal fits; None: the model's metadata
+    # device_learning_rate, else DEFAULT_LEARNING_RATE (resolved by :meth:`sgd_learning_rate`). A value given wins.
+    learning_rate: float | None = None
     holdout_every: int = 5  # every 5th example is held back to guard the update (0: no guard)
     # The guard's measure may get this much worse and still count as "not worse" (negative: it must get better;
     # the default keeps a fit only if cross-validation shows more of the user's answers right than the global head)
@@ -150,6 +156,10 @@ class TrainPolicy:
     adam_max_rows: int = 256
 
     def __post_init__(self) -> None:
+        if self.learning_rate is not None and (
+                isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float))
+                or not math.isfinite(self.learning_rate) or self.learning_rate <= 0):
+            raise ParameterError(f"TrainPolicy.learning_rate must be finite and > 0, got {self.learning_rate!r}")
         if self.guard not in ("accuracy", "loss"):
             raise ParameterError(f"TrainPolicy.guard must be 'accuracy' or 'loss', got {self.guard!r}")
         if self.guard_test not in ("answers", "paired"):
@@ -160,6 +170,14 @@ class TrainPolicy:
             raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
             raise ParameterError(f"TrainPolicy.down_credit must be within 0..1, got {self.down_credit!r}")
+
+    def sgd_learning_rate(self, metadata: ModelMetadata | None = None) -> float:
+        """The SGD rate for a fit on a model with ``metadata``: this policy's, else the model's
+        ``device_learning_rate``, else :data:`DEFAULT_LEARNING_RATE`."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        rate = getattr(metadata, "device_learning_rate", None)
+        return float(rate) if rate is not None else DEFAULT_LEARNING_RATE
 
 
 @dataclass(frozen=True)
@@ -848,7 +866,7 @@ class Device:
                 for start in range(0, len(order), batch):
                     idx = order[start : start + batch]
                     model.adapter_train_step(frames[idx], targets[idx], sign[idx], weight[idx],
-                                             learning_rate=policy.learning_rate,
+                                             learning_rate=policy.sgd_learning_rate(model.metadata),
                                              adapter_learning_rate=policy.adapter_learning_rate)
             return
         replay = model.metadata.replay_set() if policy.replay_weight > 0 else None
@@ -859,6 +877,7 @@ class Device:
         if slots:
             replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
         per_batch = batch - slots
+        lr = policy.sgd_learning_rate(model.metadata)
         epochs = max(policy.epochs, -(-policy.min_steps // -(-len(examples) // per_batch)))
         for _ in range(epochs):
             order = rng.permutation(len(examples))
@@ -872,7 +891,7 @@ class Device:
                     t = np.concatenate([t, replay_targets[pick]])
                     s = np.concatenate([s, np.ones(len(pick), np.float32)])
                     w = np.concatenate([w, np.full(len(pick), share, np.float32)])
-                model.train_step(x, t, s, w, learning_rate=policy.learning_rate)
+                model.train_step(x, t, s, w, learning_rate=lr)
 
     def _fit_adam(self, model: TFLiteModel, emb: np.ndarray, targets: np.ndarray, sign: np.ndarray,
                   weight: np.ndarray, replay: tuple[np.ndarray, np.ndarray] | None, policy: TrainPolicy,

@@ -53,6 +53,13 @@ class ModelMetadata:
     train_batch_size: int
     architecture: str = ""
     extra: dict = field(default_factory=dict)
+    # The SGD learning rate the device's federated updates (and SGD personal fits) should use when the operator
+    # set none (TrainPolicy.learning_rate None); None: the device's default. Deep-head exports carry 0.01.
+    device_learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_learning_rate is not None:
+            object.__setattr__(self, "device_learning_rate", check_device_learning_rate(self.device_learning_rate))
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +76,7 @@ class ModelMetadata:
             "train_batch_size": self.train_batch_size,
             "architecture": self.architecture,
             "extra": self.extra,
+            **({"device_learning_rate": self.device_learning_rate} if self.device_learning_rate is not None else {}),
         }
 
     def replay_set(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -115,6 +123,7 @@ class ModelMetadata:
                 train_batch_size=int(data["train_batch_size"]),
                 architecture=str(data.get("architecture", "")),
                 extra=dict(data.get("extra", {})),
+                device_learning_rate=data.get("device_learning_rate"),
             )
         except KeyError as exc:
             raise ModelError(f"model metadata lacks the field {exc.args[0]!r}") from exc
@@ -130,6 +139,16 @@ class ModelMetadata:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelError(f"cannot read model metadata {path}: {exc}") from exc
+
+
+def check_device_learning_rate(value) -> float:
+    """``value`` as a float if it is a finite number in (0, 1], else a :class:`ModelError` naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelError(f"model metadata device_learning_rate must be a number, got {value!r}")
+    rate = float(value)
+    if not (np.isfinite(rate) and 0.0 < rate <= 1.0):
+        raise ModelError(f"model metadata device_learning_rate must be finite and within (0, 1], got {value!r}")
+    return rate
 
 
 def load_interpreter_class(preferred: str = "auto"):

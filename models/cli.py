@@ -296,7 +296,8 @@ def cmd_train(args) -> int:
                             dataset_name=name, label_map=label_map.to_dict(),
                             progress=False if args.no_progress else None,
                             reference_clips=_calm_reference(args, clips),
-                            trainable_embedding=args.trainable_embedding)
+                            trainable_embedding=args.trainable_embedding,
+                            device_learning_rate=args.device_learning_rate)
     print(report_markdown(result.report))
     print(f"wrote {args.out}/model.tflite, model.json, report.json, report.md, report-confusion.png")
     return 0
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-embedding", action="store_true",
                    help="cnn/dnn: the exported head includes the encoder's embedding layer, so devices fine-tune "
                         "and federate it too (infer's embedding is then the pooled vector)")
+    p.add_argument("--device-learning-rate", type=float, default=None,
+                   help="SGD rate written into the model's metadata for devices' federated updates (a device policy "
+                        "that sets one wins); default 0.01 with --trainable-embedding, none otherwise (devices: 0.05)")
     _add_corpus_args(p)
     _add_split_args(p)
     _add_train_args(p)

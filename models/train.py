@@ -189,6 +189,7 @@ def train_baseline(
     progress: bool | None = None,
     reference_clips: Sequence[Clip] = (),
     trainable_embedding: bool = False,
+    device_learning_rate: float | None = None,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
@@ -198,6 +199,8 @@ def train_baseline(
     statistics only (never trained on or scored); those of speakers outside training and validation are ignored.
     ``trainable_embedding`` (cnn, dnn): the exported file's trainable head includes the encoder's embedding layer
     (``models.export.export_tflite``).
+    ``device_learning_rate``: the SGD rate the metadata tells devices to use for federated updates (default: 0.01
+    with ``trainable_embedding``, none otherwise: the device's own default, 0.05).
     """
     import sys
 
@@ -382,6 +385,7 @@ def train_baseline(
                "test_by_corpus": {corpus: {k: t[k] for k in ("accuracy", "uar", "macro_f1")}
                                   for corpus, t in report.get("test_by_corpus", {}).items()},
                **replay},
+        device_learning_rate=device_learning_rate,
     )
     result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
     if out_dir is not None:
@@ -389,7 +393,7 @@ def train_baseline(
 
         result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir),
                                       trainable_embedding=trainable_embedding, replay_inputs=replay_inputs)
-        if trainable_embedding:  # its head layout, embedding_dim and replay set follow the deeper cut
+        if trainable_embedding:  # head layout, embedding_dim, replay set and device rate follow the deeper cut
             result.metadata = result.export.metadata
         report["tflite_bytes"] = result.export.size
         report["tflite_sha256"] = result.export.sha256

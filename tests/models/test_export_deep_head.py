@@ -109,6 +109,34 @@ def test_replay_set_follows_the_cut(trained_model, deep):
     np.testing.assert_allclose(emb, deep_cut(trained_model.result.encoder).predict(x, verbose=0), rtol=0, atol=1e-5)
 
 
+def test_deep_export_carries_the_federated_sgd_rate_and_a_given_rate_wins(trained_model, deep, tmp_path):
+    """Deep-head updates federate at 0.01 (docs/results/federated-recovery/deep-head/report.md): the file says so;
+    a plain export says nothing (devices keep their default); a rate given to the export is written either way."""
+    from models.export import DEEP_HEAD_DEVICE_LEARNING_RATE, export_tflite
+
+    res, _ = deep
+    assert DEEP_HEAD_DEVICE_LEARNING_RATE == 0.01
+    assert res.metadata.device_learning_rate == 0.01
+    assert json.loads(res.metadata_path.read_text())["device_learning_rate"] == 0.01
+    assert ModelMetadata.load(res.metadata_path).device_learning_rate == 0.01
+    assert trained_model.result.metadata.device_learning_rate is None
+    assert "device_learning_rate" not in json.loads(trained_model.metadata_path.read_text())
+    r = trained_model.result
+    given = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path, adapter=False, device_learning_rate=0.02)
+    assert ModelMetadata.load(given.metadata_path).device_learning_rate == 0.02
+    with pytest.raises(ModelError, match="device_learning_rate"):
+        export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path / "bad", trainable_embedding=True,
+                      device_learning_rate=2.0)
+
+
+def test_fedser_train_parses_device_learning_rate():
+    from models.cli import build_parser
+
+    base = ["train", "--out", "x", "--corpus", "manifest", "--data", "clips.csv"]
+    assert build_parser().parse_args(base).device_learning_rate is None
+    assert build_parser().parse_args(base + ["--device-learning-rate", "0.02"]).device_learning_rate == 0.02
+
+
 def test_train_step_is_numpy_sgd_of_the_three_layer_head(deep, rng):
     res, _ = deep
     meta = ModelMetadata.load(res.metadata_path)
@@ -206,6 +234,7 @@ def test_fedser_train_trainable_embedding_writes_a_deep_head_with_its_replay_set
     assert r.returncode == 0, r.stderr[-3000:]
     meta = ModelMetadata.load(out / "model.json")
     assert meta.head_layout.names == ["w0", "b0", "w1", "b1", "w2", "b2"] and meta.extra["trainable_embedding"]
+    assert meta.device_learning_rate == 0.01  # --trainable-embedding's default
     assert meta.head_layout[0].shape == (meta.embedding_dim, meta.head_layout[2].shape[0])
     model = TFLiteModel(out / "model.tflite", meta)
     emb, labels = meta.replay_set()
