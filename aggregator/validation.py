@@ -12,17 +12,17 @@ margin below the current version's is refused, with both figures in the reason.
 
 Groups: each validation clip belongs to a group (the people a deployment serves, judged one by one): the optional
 ``group`` column of the manifest, else the corpus prefix of the speaker id when it names a corpus fedser reads
-(``nemo-EB0`` -> ``nemo``, ``ravdess-19`` -> ``ravdess``: the keys of :data:`models.datasets.CORPORA`); any other
-speaker id (no prefix, a UUID, ``user-42``) is in the group ``(no prefix)``. With two groups or more the candidate
-is also refused when any group's UAR drops below the current version's on that group by more than the margin *and*
-more than ``VALIDATION_GROUP_Z`` standard errors of that group's figure (``sqrt(u (1 - u) / n)``, u the current UAR,
-n its clips: one clip of a 56-clip group moves its UAR by about 0.02, so the margin alone would refuse on noise),
+(``nemo-EB0`` -> ``nemo``, ``ravdess-19`` -> ``ravdess``, ``crema-1001`` -> ``crema``: :data:`CORPUS_PREFIXES`); any
+other speaker id (no prefix, a UUID, ``user-42``) is in the group ``(no prefix)``. With two groups or more the
+candidate is also refused when any group's UAR drops below the current version's on that group by more than the margin
+*and* more than ``VALIDATION_GROUP_Z`` standard errors of that group's figure (``sqrt(u (1 - u) / n)``, u the current
+UAR, n its clips: one clip of a 56-clip group moves its UAR by about 0.02, so the margin alone would refuse on noise),
 and the gate's figures carry each group's (``groups``: candidate and current UAR and accuracy, examples); the reason
 names the group. A group with fewer than ``VALIDATION_MIN_GROUP_CLIPS`` scored clips is reported but does not gate
-(its entry says so). A manifest whose clips are all in one group (a 3-column manifest whose speakers share a prefix
-or have none) is judged exactly as before: on the pooled UAR, with no ``groups`` in the figures. A malformed ``group``
-cell (empty, or characters other than letters, digits, space and ``_ . + -``, at most 64) or one clip given two
-groups is a :class:`~edge_sdk.errors.ParameterError` naming the manifest's line, raised when the app starts.
+(its entry says so). A manifest whose clips are all in one group (a 3-column manifest whose speakers share a prefix or
+have none) is judged exactly as before: on the pooled UAR, with no ``groups`` in the figures. A malformed ``group``
+cell (empty, or characters other than letters, digits, space and ``_ . + -``, at most 64) or one clip given two groups
+is a :class:`~edge_sdk.errors.ParameterError` naming the manifest's line, raised when the app starts.
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ NO_PREFIX = "(no prefix)"  # the group of a speaker id without a corpus prefix (
 _GROUP = re.compile(r"^\w[\w .+-]{0,63}$")
 
 
-def _group_of(speaker: str) -> str:
-    from models.datasets import CORPORA
+# The speaker-id prefixes of the corpora fedser reads (models.datasets' loaders: ravdess-21, crema-1001,
+# iemocap-Ses01F, emodb-03, tess-OAF, nemo-IC0, synthetic-01).
+CORPUS_PREFIXES = frozenset({"ravdess", "crema", "iemocap", "emodb", "tess", "nemo", "synthetic"})
 
+
+def _group_of(speaker: str) -> str:
     corpus = corpus_of(speaker)
-    return corpus if corpus in CORPORA else NO_PREFIX
+    return corpus if corpus in CORPUS_PREFIXES else NO_PREFIX
 
 
 def manifest_groups(csv_path: Path, data: bytes) -> tuple[dict[tuple[str, str], str], bool]:
