@@ -20,6 +20,24 @@ from tests.conftest import signed_update, start_live_aggregator
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def artifacts_dir(tmp_path) -> str:
+    """Where a browser test leaves its screenshots: $FEDSER_TEST_ARTIFACTS, else the test's own tmp folder."""
+    shots = os.environ.get("FEDSER_TEST_ARTIFACTS") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    return shots
+
+
+def open_page(pw):
+    """(browser, page, errors): headless Debian chromium, a 1280x1000 page, and the page's script errors as they
+    happen."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                "--disable-dev-shm-usage"])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return browser, page, errors
+
+
 def _metrics(agg) -> dict:
     text = requests.get(f"{agg.base_url}/metrics", headers=agg.auth, timeout=10).text
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -104,14 +122,9 @@ def test_console_personal_vs_global_versions_rollback_and_refusals(tmp_path, tra
             assert m[("fedser_device_answers_scored", frozenset({("device", devices[0].device_id)}))] > 0
         assert list(prom_dir.glob("*.db")), "multiprocess mode wrote no files"
 
-        shots = os.environ.get("FEDSER_TEST_ARTIFACTS") or str(tmp_path)
-        os.makedirs(shots, exist_ok=True)
+        shots = artifacts_dir(tmp_path)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                        "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            browser, page, errors = open_page(pw)
             page.on("dialog", lambda dialog: dialog.accept())
             page.goto(f"{agg.base_url}/admin#token={agg.admin_token}")
             page.wait_for_selector("#accuracy tbody tr td:has-text('pi-odd')", timeout=20000)

@@ -4,14 +4,12 @@ aggregator (gunicorn) over an instance in which a round that helped one group an
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from tests.aggregator.test_validation_groups import _manifest, _rows, _two_rounds
+from tests.integration.test_dashboard_console import CHROMIUM, artifacts_dir, open_page
 from tools.demo import admin_token, free_port, start_aggregator
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
@@ -28,14 +26,9 @@ def test_the_console_shows_each_groups_figures_of_a_refused_round(tmp_path, trai
     server = start_aggregator(instance, port, min_updates=1, workers=1,
                               env={"FEDSER_VALIDATION_MANIFEST": str(csv)})
     try:
-        shots = os.environ.get("FEDSER_TEST_ARTIFACTS") or str(tmp_path)
-        os.makedirs(shots, exist_ok=True)
+        shots = artifacts_dir(tmp_path)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                        "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            browser, page, errors = open_page(pw)
             page.goto(f"http://127.0.0.1:{port}/admin#token={admin_token(instance)}")
             page.wait_for_selector("#refused div[data-group='ravdess']", timeout=20000)
             dropped = page.inner_text("#refused div[data-group='ravdess']")
