@@ -148,6 +148,10 @@ class TrainPolicy:
     # many thumbs-up answers otherwise out of fold, or any after the fit on all answers, and never relax the
     # margin for them (adapt_below); -1: off (the behaviour before).
     thumbs_flips: int = 0
+    # Bare thumbs-down and no correction: no fit before this many answers (the one before is kept). Out of fold,
+    # 5 answers hold 2-3 thumbs-up: too few to see that a fit moves a confirmed answer, and on RAVDESS 21-24 two
+    # 5-answer fits cost 25 points each (docs/results/personalisation-study/issue14-evidence). 0: off.
+    thumbs_min_answers: int = 10
     optimizer: str = "adam"
     adam_learning_rate: float = 0.01
     adam_steps: int = 100
@@ -166,6 +170,8 @@ class TrainPolicy:
             raise ParameterError(f"TrainPolicy.guard_test must be 'answers' or 'paired', got {self.guard_test!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ParameterError(f"TrainPolicy.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.thumbs_min_answers < 0:
+            raise ParameterError(f"TrainPolicy.thumbs_min_answers must be at least 0, got {self.thumbs_min_answers!r}")
         if self.adam_max_rows < 1:
             raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
@@ -962,6 +968,12 @@ class Device:
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
                                examples=len(examples), answers_dropped=dropped)
+        kinds = [e.kind for e in examples]
+        if ("label" not in kinds and "down" in kinds
+                and len(examples) < policy.thumbs_min_answers):
+            return TrainReport("skipped", f"bare thumbs-down only: {len(examples)} answers, a fit waits for "
+                               f"{policy.thumbs_min_answers} (thumbs_min_answers)", examples=len(examples),
+                               answers_dropped=dropped)
         in_use = model.get_weights()
         in_use_adapter = model.get_adapter() if model.has_adapter else None
         if policy.adapter:

@@ -187,7 +187,7 @@ def test_paired_guard_test_counts_only_the_answers_in_dispute(tmp_path, trained_
 
 def test_down_credit_is_what_a_no_longer_chosen_rejected_label_counts_for(tmp_path, trained_model):
     dev = _device(tmp_path, trained_model, TrainPolicy(**{**POLICY, "guard_folds": 5, "guard_margin": 0.0,
-                                                          "down_credit": 0.25}))
+                                                          "down_credit": 0.25, "thumbs_min_answers": 0}))
     u, _ = _embeddings(dev)
     for k in range(5):
         _answer(dev, k, u, "down")
@@ -272,3 +272,30 @@ def test_thumbs_rule_leaves_corrections_to_the_guard(tmp_path, trained_model):
         _answer(dev, k, u, B if k % 2 == 0 else "down")
     report = dev.personalize()
     assert report.status == "kept" and "thumbs only" not in report.guard
+
+
+def test_a_thumbs_down_only_fit_waits_for_enough_answers(tmp_path, trained_model):
+    """Bare thumbs-down and thumbs-up only: below thumbs_min_answers (10 by default) no fit is tried and the head
+    in use stays; from 10 answers, or with the rule off (0), the guard judges the fit as before. A correction among
+    the answers lifts the wait."""
+    assert TrainPolicy().thumbs_min_answers == 10
+    base = {**POLICY, "guard_folds": 5, "guard_margin": -1.0, "thumbs_flips": -1}
+    dev = _device(tmp_path / "wait", trained_model, TrainPolicy(**base))
+    u, v = _embeddings(dev)
+    for k in range(9):
+        _answer(dev, k, v, "up") if k % 3 == 2 else _answer(dev, k, u, "down")
+    report = dev.personalize()
+    assert report.status == "skipped" and "thumbs_min_answers" in report.reason and report.examples == 9
+    assert not dev.personalized
+    _answer(dev, 9, u, "down")
+    assert dev.personalize().status == "kept"  # 10 answers: judged (a negative margin keeps it)
+    off = _device(tmp_path / "off", trained_model, TrainPolicy(**base, thumbs_min_answers=0))
+    for k in range(6):
+        _answer(off, k, v, "up") if k % 3 == 2 else _answer(off, k, u, "down")
+    assert off.personalize().status == "kept"
+    corrected = _device(tmp_path / "corrected", trained_model, TrainPolicy(**base))
+    for k in range(6):
+        _answer(corrected, k, u, B if k == 0 else "down")
+    assert corrected.personalize().status == "kept"
+    with pytest.raises(ParameterError, match="thumbs_min_answers"):
+        TrainPolicy(thumbs_min_answers=-1)
