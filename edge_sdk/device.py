@@ -153,6 +153,10 @@ class TrainPolicy:
     # 5-answer fits cost 25 points each (docs/results/personalisation-study/issue14-evidence). 0: off.
     thumbs_min_answers: int = 10
     optimizer: str = "adam"
+    # Personal fits train only the head's last this many layers (0: every layer of the head). A model whose head
+    # includes the encoder's embedding layer (trainable_embedding exports: w0, b0 the embedding layer) fits
+    # w1..w2 with 2. Federated updates always train the whole head.
+    personal_layers: int = 0
     adam_learning_rate: float = 0.01
     adam_steps: int = 100
     # Rows (answers + replay rows) per Adam step: above it, each step takes a random draw of the answers (seeded by
@@ -170,6 +174,8 @@ class TrainPolicy:
             raise ParameterError(f"TrainPolicy.guard_test must be 'answers' or 'paired', got {self.guard_test!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ParameterError(f"TrainPolicy.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.personal_layers < 0:
+            raise ParameterError(f"TrainPolicy.personal_layers must be at least 0, got {self.personal_layers!r}")
         if self.thumbs_min_answers < 0:
             raise ParameterError(f"TrainPolicy.thumbs_min_answers must be at least 0, got {self.thumbs_min_answers!r}")
         if self.adam_max_rows < 1:
@@ -884,6 +890,7 @@ class Device:
             replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
         per_batch = batch - slots
         lr = policy.sgd_learning_rate(model.metadata)
+        frozen = _frozen_layers(self.global_head, policy.personal_layers)
         epochs = max(policy.epochs, -(-policy.min_steps // -(-len(examples) // per_batch)))
         for _ in range(epochs):
             order = rng.permutation(len(examples))
@@ -898,6 +905,8 @@ class Device:
                     s = np.concatenate([s, np.ones(len(pick), np.float32)])
                     w = np.concatenate([w, np.full(len(pick), share, np.float32)])
                 model.train_step(x, t, s, w, learning_rate=lr)
+                if frozen:
+                    model.set_weights({**model.get_weights(), **frozen})
 
     def _fit_adam(self, model: TFLiteModel, emb: np.ndarray, targets: np.ndarray, sign: np.ndarray,
                   weight: np.ndarray, replay: tuple[np.ndarray, np.ndarray] | None, policy: TrainPolicy,
@@ -909,6 +918,7 @@ class Device:
         ``policy.adam_max_rows``, each step's answer gradient is taken on a random draw of the answers (drawn
         before the replay rows, from the same seeded generator) that brings them to it."""
         weights = {k: np.asarray(v, np.float64) for k, v in model.get_weights().items()}
+        frozen = _frozen_layers(weights, policy.personal_layers)
         adam = Adam(learning_rate=policy.adam_learning_rate)
         batch = model.metadata.train_batch_size
         if replay is not None:
@@ -927,7 +937,7 @@ class Device:
                                          np.ones(len(pick), np.float32), np.ones(len(pick), np.float32))
                 share = policy.replay_weight / (1.0 + policy.replay_weight)
                 grad = {k: (1.0 - share) * g + share * extra[k] for k, g in grad.items()}
-            weights = adam.step(weights, grad)
+            weights = {**weights, **adam.step(weights, {k: g for k, g in grad.items() if k not in frozen})}
         model.set_weights({k: v.astype(np.float32) for k, v in weights.items()})
 
     def _shown_right(self, examples: list[FeedbackExample], down_credit: float = 1.0) -> np.ndarray:
@@ -1185,7 +1195,7 @@ class Device:
             examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
             # The federation shares head deltas only, made by SGD (epochs x learning_rate, what the server's
             # aggregation is tuned for): the optimizer setting is the personal head's.
-            policy = replace(policy, adapter=False, optimizer="sgd")
+            policy = replace(policy, adapter=False, optimizer="sgd", personal_layers=0)
             if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
                 report = self._cv_answer_report(examples)
             else:  # personal vs global on held-back answers
@@ -1447,6 +1457,14 @@ def head_gradient(model: TFLiteModel, weights: dict[str, np.ndarray], embeddings
             grad[k] += share * (exact[k] - after[k].astype(np.float64)) / GRADIENT_SCALE
     model.set_weights(before)
     return grad, loss
+
+
+def _frozen_layers(head: dict[str, np.ndarray], train_last: int) -> dict[str, np.ndarray]:
+    """The arrays of ``head`` (``w0, b0, ..., wN, bN``) outside its last ``train_last`` layers (0: none)."""
+    layers = sum(1 for k in head if k.startswith("w"))
+    if train_last <= 0 or train_last >= layers:
+        return {}
+    return {k: np.asarray(v).copy() for k, v in head.items() if int(k[1:]) < layers - train_last}
 
 
 @dataclass

@@ -68,6 +68,14 @@ RECIPES = {
     "A-swa-faug": _r(_A, "A-swa + warp 0.15, stretch 0.2, tilt 1.0",
                      train={"epochs": 30, "swa_epochs": 10, "freq_warp": 0.15, "time_stretch": 0.2,
                             "spectral_tilt": 1.0}),
+    "A-swa-speed": _r(_A, "A-swa + 2 audio copies per training clip at speed 0.8-1.25 (resampled; no gain, no noise)",
+                      train={"epochs": 30, "swa_epochs": 10,
+                             "augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
+                                              "snr_db": (90.0, 90.0)}}),
+    "A-swa-long-speed": _r(_A, "A-swa-long + 2 audio copies per training clip at speed 0.8-1.25",
+                           train={"epochs": 50, "swa_epochs": 20,
+                                  "augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
+                                                   "snr_db": (90.0, 90.0)}}),
     "B0": _r(_B, "today: level, 40 epochs, patience 15"),
     "B-long": _r(_B, "80 epochs, patience 20, cosine learning rate",
                  train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}),
@@ -129,7 +137,8 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
             "recall": {k: rep["per_class"][k]["recall"] for k in LABELS}}
 
 
-def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None) -> dict:
+def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
+            trainable_embedding: bool = False) -> dict:
     from models.features import compute_features
     from models.train import train_baseline
 
@@ -139,7 +148,8 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     out_dir = export / f"{name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
-                            reference_clips=calm if config.speaker_reference == "neutral" else ())
+                            reference_clips=calm if config.speaker_reference == "neutral" else (),
+                            trainable_embedding=trainable_embedding)
     rep = result.report
     train_fs = compute_features(train, features, cache_dir=cache)
     test_fs = compute_features(test, features, cache_dir=cache)
@@ -229,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results/recipe-search"))
     p.add_argument("--export", type=Path, default=None, help="export each model to EXPORT/<recipe>-seed<N>/")
     p.add_argument("--cache", type=Path, default=Path(".cache/features"))
+    p.add_argument("--trainable-embedding", action="store_true",
+                   help="export with the encoder's embedding layer in the trainable head (the deep head)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
@@ -244,7 +256,7 @@ def main(argv=None) -> int:
         return 0
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            row = run_one(args.task, name, seed, args.cache, args.export)
+            row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding)
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             logging.info("%s seed %d: val %.3f | %s", name, seed, row["final_val_uar"],

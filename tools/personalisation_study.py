@@ -131,9 +131,10 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def plain_finetune(w: dict, x: np.ndarray, target: np.ndarray, sign: np.ndarray, *, lr: float, steps: int) -> dict:
-    """Adam on the whole head from ``w``: cross-entropy toward ``target`` (sign +1) or ``-log(1 - p[target])``
-    (sign -1), mean over the answers; nothing else."""
+def plain_finetune(w: dict, x: np.ndarray, target: np.ndarray, sign: np.ndarray, *, lr: float, steps: int,
+                   train_last: int = 0) -> dict:
+    """Adam on the whole head from ``w`` (``train_last`` > 0: its last ``train_last`` layers only): cross-entropy
+    toward ``target`` (sign +1) or ``-log(1 - p[target])`` (sign -1), mean over the answers; nothing else."""
     w = {k: v.astype(np.float64).copy() for k, v in w.items()}
     m = {k: np.zeros_like(v) for k, v in w.items()}
     v2 = {k: np.zeros_like(v) for k, v in w.items()}
@@ -152,6 +153,8 @@ def plain_finetune(w: dict, x: np.ndarray, target: np.ndarray, sign: np.ndarray,
             if i:
                 d = (d @ w[f"w{i}"].T) * (hs[i] > 0)
         for k in w:
+            if 0 < train_last < n and int(k[1:]) < n - train_last:
+                continue
             m[k] = 0.9 * m[k] + 0.1 * grads[k]
             v2[k] = 0.999 * v2[k] + 0.001 * grads[k] ** 2
             w[k] -= lr * (m[k] / (1 - 0.9**t)) / (np.sqrt(v2[k] / (1 - 0.999**t)) + 1e-7)

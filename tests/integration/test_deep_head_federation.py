@@ -37,7 +37,8 @@ def test_deep_head_is_personalised_federated_and_installed(trained_model, synthe
     agg = start_live_aggregator(tmp_path / "srv", min_updates=2)
     try:
         assert agg.publish(SimpleNamespace(tflite_path=res.tflite_path, metadata_path=res.metadata_path)) == 1
-        policy = TrainPolicy(min_examples=4, holdout_every=0, epochs=5)
+        # personal fits would leave w0, b0 alone; federated updates train every layer all the same
+        policy = TrainPolicy(min_examples=4, holdout_every=0, epochs=5, personal_layers=2)
         a = agg.enroll(tmp_path / "a", "alice", train_policy=policy, use_bundled_model=False)
         b = agg.enroll(tmp_path / "b", "bob", train_policy=policy, use_bundled_model=False)
         assert a.metadata.head_layout == meta.head_layout and a.model.metadata.embedding_dim == meta.embedding_dim
