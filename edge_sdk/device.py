@@ -144,6 +144,9 @@ class TrainPolicy:
     # cross-validation still scores it for the answer report). With 20 answers the 5-fold judgement discarded fits
     # that would have gained 10-20 points (docs/results/personalisation-study/issue14-adam).
     trust_corrections: bool = True
+    # With trust_corrections: keep a trusted fit even when cross-validation shows the answers worse (by default such
+    # a fit is discarded; only the margin is waived).
+    trust_keeps_worse: bool = False
     # With guard_folds, answers with bare thumbs-down and no correction: discard a fit that shows more than this
     # many thumbs-up answers otherwise out of fold, or any after the fit on all answers, and never relax the
     # margin for them (adapt_below); -1: off (the behaviour before).
@@ -1105,7 +1108,8 @@ class Device:
         if trusted:
             report.guard += ", corrections trusted (without the replay set)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
-        if after < before - policy.tolerance + needed:
+        # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
+        if not (trusted and policy.trust_keeps_worse) and after < before - policy.tolerance + needed:
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
                 else f"cross-validated answers not better by {policy.guard_margin} x sqrt("

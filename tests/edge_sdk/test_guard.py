@@ -229,6 +229,17 @@ def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show
         assert (report.status, report.score_before, report.score_after) == (status, 0.5, 0.0)
         assert "below 0.6" in report.guard and ("corrections trusted" in report.guard) == trust
         assert report.reason == "cross-validated answers got worse (accuracy)" and not dev.personalized
+    # trust_keeps_worse: the trusted fit is kept all the same (an untrusted one is not)
+    for trust, status in ((False, "discarded"), (True, "kept")):
+        dev = _device(tmp_path / f"keeps-{trust}", trained_model,
+                      TrainPolicy(**{**POLICY, "guard_folds": 2}, adapt_below=0.6, adapt_below_answers=8,
+                                  trust_corrections=trust, trust_keeps_worse=True))
+        _, v = _embeddings(dev)
+        for k in range(8):
+            _answer(dev, k, v, "up" if k % 2 else B)
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.5, 0.0)
+        assert dev.personalized == trust
 
 
 def _thumbs_down_crowd(dev: Device) -> tuple[np.ndarray, np.ndarray]:
