@@ -156,9 +156,11 @@ class TrainPolicy:
     # 5-answer fits cost 25 points each (docs/results/personalisation-study/issue14-evidence). 0: off.
     thumbs_min_answers: int = 10
     optimizer: str = "adam"
-    # Personal fits train only the head's last this many layers (0: every layer of the head). A model whose head
-    # includes the encoder's embedding layer (trainable_embedding exports: w0, b0 the embedding layer) fits
-    # w1..w2 with 2. Federated updates always train the whole head.
+    # Personal fits train only the head's last this many layers (0, the default: every layer of the head; with the
+    # adapter, the adapter trains too). On a model whose head includes the encoder's embedding layer
+    # (trainable_embedding exports: w0, b0 the embedding layer), 2 leaves that layer as the global model has it:
+    # measured worse for unlike users (docs/results/personalisation-study/stop18). Federated updates always train
+    # the whole head.
     personal_layers: int = 0
     adam_learning_rate: float = 0.01
     adam_steps: int = 100
@@ -866,6 +868,7 @@ class Device:
         the batch's loss.
         """
         model.set_weights(self.global_head)
+        frozen = _frozen_layers(self.global_head, policy.personal_layers)  # kept as they are (personal_layers)
         if model.has_adapter:
             model.set_adapter(None)
         emb, targets, sign = self._arrays(examples)
@@ -883,6 +886,8 @@ class Device:
                     model.adapter_train_step(frames[idx], targets[idx], sign[idx], weight[idx],
                                              learning_rate=policy.sgd_learning_rate(model.metadata),
                                              adapter_learning_rate=policy.adapter_learning_rate)
+                    if frozen:
+                        model.set_weights({**model.get_weights(), **frozen})
             return
         replay = model.metadata.replay_set() if policy.replay_weight > 0 else None
         if policy.optimizer == "adam":
@@ -893,7 +898,6 @@ class Device:
             replay_emb, replay_targets = replay[0], np.eye(model.metadata.num_classes, dtype=np.float32)[replay[1]]
         per_batch = batch - slots
         lr = policy.sgd_learning_rate(model.metadata)
-        frozen = _frozen_layers(self.global_head, policy.personal_layers)
         epochs = max(policy.epochs, -(-policy.min_steps // -(-len(examples) // per_batch)))
         for _ in range(epochs):
             order = rng.permutation(len(examples))
@@ -921,7 +925,7 @@ class Device:
         ``policy.adam_max_rows``, each step's answer gradient is taken on a random draw of the answers (drawn
         before the replay rows, from the same seeded generator) that brings them to it."""
         weights = {k: np.asarray(v, np.float64) for k, v in model.get_weights().items()}
-        frozen = _frozen_layers(weights, policy.personal_layers)
+        frozen = set(_frozen_layers(weights, policy.personal_layers))
         adam = Adam(learning_rate=policy.adam_learning_rate)
         batch = model.metadata.train_batch_size
         if replay is not None:
@@ -1107,6 +1111,8 @@ class Device:
             report.guard += ", thumbs only"
         if trusted:
             report.guard += ", corrections trusted (without the replay set)"
+            if policy.trust_keeps_worse and after < before - policy.tolerance + needed:
+                report.guard += ", kept although cross-validation shows it worse (trust_keeps_worse)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
         # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
         if not (trusted and policy.trust_keeps_worse) and after < before - policy.tolerance + needed:

@@ -151,9 +151,9 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
                             reference_clips=calm if config.speaker_reference == "neutral" else (),
                             trainable_embedding=trainable_embedding)
     rep = result.report
-    train_fs = compute_features(train, features, cache_dir=cache)
+    norm = result.metadata.normalization  # what the model trained with (augmented copies included)
     test_fs = compute_features(test, features, cache_dir=cache)
-    x = test_fs.model_inputs(features, train_fs.normalization())  # test speakers: all their own clips
+    x = test_fs.model_inputs(features, norm)  # test speakers: all their own clips
     logits = result.head.predict(result.encoder.predict(x, batch_size=256, verbose=0), batch_size=256, verbose=0)
     pred = np.argmax(logits, axis=1)
     y = test_fs.labels(list(LABELS))
@@ -165,7 +165,7 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
         extra = compute_features([c for c in calm if c.speaker in own], features, cache_dir=cache) \
             if config.speaker_reference == "neutral" else None
         ref = val_fs.reference_stats(config.speaker_reference, extra)
-    xv = val_fs.model_inputs(features, train_fs.normalization(), ref)
+    xv = val_fs.model_inputs(features, norm, ref)
     pv = np.argmax(result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0), axis=1)
     yv = val_fs.labels(list(LABELS))
     vspk = np.array([c.speaker.split("-", 1)[0] for c in val_fs.clips])

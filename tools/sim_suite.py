@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+MODEL_RATE = "the model's device rate (0.05 without one)"
+
+
 def _override(text: str) -> tuple[str, object]:
     from tools.simulate import SimConfig
 
@@ -193,6 +196,11 @@ def _override(text: str) -> tuple[str, object]:
         return name, value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, list):
         return name, tuple(int(x) for x in value.split(",") if x)
+    if name == "local_lr":  # an optional number (None: the model's device rate)
+        try:
+            return name, float(value)
+        except ValueError:
+            raise SystemExit(f"--set {text!r}: {name} takes a number") from None
     return name, type(default)(value) if default is not None else value
 
 
@@ -399,7 +407,8 @@ def write_recovery(runs: dict[str, list[dict]], out: Path, command: str, seconds
              f"when right; when wrong a correction, or a bare thumbs-down (rate {cfg['down_rate']}); a "
              f"{cfg['wrong_rate']} share of answers is wrong (careless taps); {int(100 * cfg['later_fraction'])} % of "
              "each device's clips are never answered (they measure personalisation);",
-             f"- devices fine-tune the {part} ({cfg['local_epochs']} epochs, lr {cfg['local_lr']}, replay weight "
+             f"- devices fine-tune the {part} ({cfg['local_epochs']} epochs, lr {cfg['local_lr'] or MODEL_RATE}, "
+             "replay weight "
              f"{cfg['replay_weight']}) and send its deltas"
              + (f" ({len(first['head_layout'])} arrays, {first['update_bytes']:,} bytes an update)"
                 if first.get("head_layout") else "") + f"; seeds {', '.join(map(str, first_seeds(runs)))} change "

@@ -79,7 +79,7 @@ class SimConfig:
     server_lr: float = 0.0  # 0: the aggregator's default for the optimizer (1.0 FedAvg/FedAvgM, 0.01 FedAdam/FedYogi)
     clip_norm: float = 0.0
     local_epochs: int = 40
-    local_lr: float = 0.05
+    local_lr: float | None = None  # devices' SGD rate; None: the model's device_learning_rate, else 0.05
     replay_weight: float = 0.25  # the model's replay set's share of each local batch's loss (0: no replay)
     holdout_every: int = 5
     attack_fraction: float = 0.0
@@ -501,7 +501,7 @@ class Simulation:
     def _centralised_head(self, evaluator, clips, base_head, test_emb, test_y) -> dict:
         """The reference: the same frozen encoder, its head trained centrally on every sending device's clips
         (true labels, class-balanced, the model's own ``train`` signature, 30 epochs at the devices' rate)."""
-        from edge_sdk.device import class_balance_weights
+        from edge_sdk.device import TrainPolicy, class_balance_weights
 
         if not clips:
             return {}
@@ -517,7 +517,8 @@ class Simulation:
             for i in range(0, len(order), batch):
                 idx = order[i:i + batch]
                 evaluator.train_step(emb[idx], targets[idx], np.ones(len(idx), np.float32), weight[idx],
-                                     learning_rate=self.cfg.local_lr)
+                                     learning_rate=TrainPolicy(learning_rate=self.cfg.local_lr)
+                                     .sgd_learning_rate(evaluator.metadata))
         head = evaluator.get_weights()
         evaluator.set_weights(base_head)
         out = _uar(evaluator, head, test_emb, test_y)
@@ -572,19 +573,20 @@ def recovery_clips() -> tuple[list, list, list]:
     return clips, test_clips, train_clips
 
 
-def ceilings(model_dir: Path, train_clips, test_clips, *, epochs: int = 30, lr: float = 0.05,
+def ceilings(model_dir: Path, train_clips, test_clips, *, epochs: int = 30, lr: float | None = None,
              adapter_lr: float = 0.05, seed: int = 0) -> dict:
     """What federating a part of the model could reach at best: that part trained centrally (true labels,
     class-balanced, the model's own ``train`` / ``adapter_train`` signatures, plain SGD) on ``train_clips``, the
     rest frozen, scored on ``test_clips`` after every 5 epochs. ``head``: the head on the frozen encoder's
     embeddings. ``head+adapter`` (models with the adapter signatures): the head and one shared per-channel
     scale and shift of the encoder's last block, trained together."""
-    from edge_sdk.device import class_balance_weights
+    from edge_sdk.device import TrainPolicy, class_balance_weights
     from edge_sdk.model import ModelMetadata, TFLiteModel
     from models.evaluate import device_inputs
 
     meta = ModelMetadata.load(model_dir / "model.json")
     model = TFLiteModel(model_dir / "model.tflite", meta)
+    lr = TrainPolicy(learning_rate=lr).sgd_learning_rate(meta)  # None: the devices' rate (the model's, else 0.05)
     base = model.get_weights()
     kept, inputs, _ = device_inputs(train_clips, meta)
     y = np.array([LABELS.index(c.label) for c in kept])
@@ -699,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
+            # local_lr: a number, or None (the default) for the model's device rate
+            typ = float if name == "local_lr" else type(value) if value is not None else str
+            parser.add_argument(flag, type=typ, default=value)
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"))
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)

@@ -67,7 +67,8 @@ def test_sgd_with_personal_layers_keeps_the_first_layers(tmp_path, deep_files):
     got, start = dev.model.get_weights(), dev.global_head
     for k in ("w0", "b0"):
         np.testing.assert_array_equal(got[k], start[k])
-    assert np.abs(got["w2"] - start["w2"]).max() > 1e-4
+    for k in ("w1", "b1", "w2", "b2"):
+        assert np.abs(got[k] - start[k]).max() > 1e-6, k  # the last two layers trained
     # federated updates train the whole head whatever personal_layers says:
     # tests/integration/test_deep_head_federation.py runs its devices with personal_layers=2
 
@@ -75,3 +76,24 @@ def test_sgd_with_personal_layers_keeps_the_first_layers(tmp_path, deep_files):
 def test_personal_layers_is_range_checked():
     with pytest.raises(ParameterError, match="personal_layers"):
         TrainPolicy(personal_layers=-1)
+
+
+def test_adapter_fits_keep_the_frozen_layers_too(tmp_path, deep_files):
+    """TrainPolicy(adapter=True): head and adapter train from the stored features; with personal_layers=2 the
+    embedding layer stays the global one while the adapter and the last layers move."""
+    from tests.edge_sdk.conftest import clip
+
+    dev = Device(tmp_path / "ad", model_files=deep_files,
+                 train_policy=TrainPolicy(**PLAIN, adapter=True, personal_layers=2, optimizer="sgd",
+                                          learning_rate=0.05))
+    assert dev.model.has_adapter
+    labels = dev.metadata.labels
+    for i in range(8):
+        pred = dev.classify(clip(i))
+        dev.feedback(pred.id, labels[(i + 1) % len(labels)])
+    assert dev.personalize().status == "kept"
+    got, start = dev.model.get_weights(), dev.global_head
+    for k in ("w0", "b0"):
+        np.testing.assert_array_equal(got[k], start[k])
+    assert np.abs(got["w2"] - start["w2"]).max() > 1e-6
+    assert any(np.abs(a - 1.0 if "scale" in n else a).max() > 1e-6 for n, a in dev.model.get_adapter().items())
