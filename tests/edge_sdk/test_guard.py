@@ -310,3 +310,27 @@ def test_a_thumbs_down_only_fit_waits_for_enough_answers(tmp_path, trained_model
     assert corrected.personalize().status == "kept"
     with pytest.raises(ParameterError, match="thumbs_min_answers"):
         TrainPolicy(thumbs_min_answers=-1)
+
+
+def test_a_trusted_fit_is_the_plain_fine_tune_unless_balanced(tmp_path, trained_model):
+    """A user the global head fails, with corrections: the kept head is the plain fine-tune of the answers (no
+    replay, no class balancing: the same Adam fit as a policy that asks for exactly that, to the bit); with
+    trust_balance_classes the fit is class-balanced and differs (the answers' classes are 7 happy to 3 angry)."""
+    def answered(name: str, policy: TrainPolicy) -> Device:
+        dev = _device(tmp_path / name, trained_model, policy)
+        u, v = _embeddings(dev)
+        for k in range(10):  # shown angry every time; 7 corrections to happy, 3 thumbs-up
+            _answer(dev, k, u if k % 3 else v, B if k % 3 else "up")
+        return dev
+
+    trusted = answered("trusted", TrainPolicy(guard_folds=5, guard_margin=0.5, seed=1))
+    report = trusted.personalize()
+    assert report.status == "kept" and "corrections trusted" in report.guard and "unbalanced" in report.guard
+    plain = answered("plain", TrainPolicy(holdout_every=0, balance_classes=False, replay_weight=0.0, seed=1))
+    assert plain.personalize().status == "kept"
+    balanced = answered("balanced", TrainPolicy(guard_folds=5, guard_margin=0.5, seed=1, trust_balance_classes=True))
+    assert balanced.personalize().status == "kept"
+    got, ref, bal = trusted.model.get_weights(), plain.model.get_weights(), balanced.model.get_weights()
+    for k in got:
+        np.testing.assert_array_equal(got[k], ref[k])
+    assert max(float(np.abs(bal[k] - got[k]).max()) for k in got) > 1e-4
