@@ -155,10 +155,11 @@ class TrainPolicy:
     # many thumbs-up answers otherwise out of fold, or any after the fit on all answers, and never relax the
     # margin for them (adapt_below); -1: off (the behaviour before).
     thumbs_flips: int = 0
-    # Bare thumbs-down and no correction: no fit before this many answers (the one before is kept). Out of fold,
-    # 5 answers hold 2-3 thumbs-up: too few to see that a fit moves a confirmed answer, and on RAVDESS 21-24 two
-    # 5-answer fits cost 25 points each (docs/results/personalisation-study/issue14-evidence). 0: off.
-    thumbs_min_answers: int = 10
+    # Bare thumbs-down and no correction: no fit before this many answers (the head in use stays). With fewer, the
+    # cross-validation holds too few thumbs-up to see that a fit moves a confirmed answer: on the validation
+    # speakers the only thumbs-down run below -5 points came after 10 answers, and on RAVDESS 21-24 fits after 5
+    # and 10 answers cost up to 25 points (docs/results/personalisation-study/stop18). 0: off.
+    thumbs_min_answers: int = 20
     optimizer: str = "adam"
     # Personal fits train only the head's last this many layers (0, the default: every layer of the head; with the
     # adapter, the adapter trains too). On a model whose head includes the encoder's embedding layer

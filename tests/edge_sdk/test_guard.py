@@ -257,7 +257,8 @@ def test_a_thumbs_down_only_update_never_flips_a_confirmed_answer(tmp_path, trai
     """Bare thumbs-down and thumbs-up, no correction: with thumbs_flips 0 a fit that shows a thumbs-up answer
     otherwise (out of fold or after the fit on all) is discarded; without the rule (-1, the behaviour before) the
     guard kept this one, which shows both confirmed answers otherwise."""
-    base = {**POLICY, "guard_folds": 5, "adapt_below": 0.6, "adapt_below_answers": 10, "down_credit": 0.33}
+    base = {**POLICY, "guard_folds": 5, "adapt_below": 0.6, "adapt_below_answers": 10, "down_credit": 0.33,
+            "thumbs_min_answers": 10}  # the crowd is 10 answers
     old = _device(tmp_path / "old", trained_model, TrainPolicy(**base, thumbs_flips=-1))
     _, v = _thumbs_down_crowd(old)
     assert old.personalize().status == "kept"
@@ -286,11 +287,11 @@ def test_thumbs_rule_leaves_corrections_to_the_guard(tmp_path, trained_model):
 
 
 def test_a_thumbs_down_only_fit_waits_for_enough_answers(tmp_path, trained_model):
-    """Bare thumbs-down and thumbs-up only: below thumbs_min_answers (10 by default) no fit is tried and the head
-    in use stays; from 10 answers, or with the rule off (0), the guard judges the fit as before. A correction among
-    the answers lifts the wait."""
-    assert TrainPolicy().thumbs_min_answers == 10
-    base = {**POLICY, "guard_folds": 5, "guard_margin": -1.0, "thumbs_flips": -1}
+    """Bare thumbs-down and thumbs-up only: below thumbs_min_answers (20 by default; 10 here) no fit is tried and
+    the head in use stays; from 10 answers, or with the rule off (0), the guard judges the fit as before. A
+    correction among the answers lifts the wait."""
+    assert TrainPolicy().thumbs_min_answers == 20
+    base = {**POLICY, "guard_folds": 5, "guard_margin": -1.0, "thumbs_flips": -1, "thumbs_min_answers": 10}
     dev = _device(tmp_path / "wait", trained_model, TrainPolicy(**base))
     u, v = _embeddings(dev)
     for k in range(9):
@@ -300,7 +301,7 @@ def test_a_thumbs_down_only_fit_waits_for_enough_answers(tmp_path, trained_model
     assert not dev.personalized
     _answer(dev, 9, u, "down")
     assert dev.personalize().status == "kept"  # 10 answers: judged (a negative margin keeps it)
-    off = _device(tmp_path / "off", trained_model, TrainPolicy(**base, thumbs_min_answers=0))
+    off = _device(tmp_path / "off", trained_model, TrainPolicy(**{**base, "thumbs_min_answers": 0}))
     for k in range(6):
         _answer(off, k, v, "up") if k % 3 == 2 else _answer(off, k, u, "down")
     assert off.personalize().status == "kept"
