@@ -32,3 +32,15 @@ def device(tmp_path):
     if dev.model is None:
         pytest.skip("no bundled model in edge_sdk/data")
     return dev
+
+
+@pytest.fixture(scope="session")
+def deep_files(trained_model, tmp_path_factory) -> tuple[Path, Path]:
+    """(tflite, json) of the session's trained model exported with the deep head (``trainable_embedding``: the
+    encoder's embedding layer in the trainable head, w0..b2; infer's embedding the pooled vector)."""
+    from models.export import export_tflite
+
+    r = trained_model.result
+    res = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path_factory.mktemp("deep"),
+                        trainable_embedding=True)
+    return res.tflite_path, res.metadata_path

@@ -15,16 +15,6 @@ from edge_sdk.errors import ParameterError
 from tools.personalisation_study import plain_finetune
 
 
-@pytest.fixture(scope="module")
-def deep_files(trained_model, tmp_path_factory):
-    from models.export import export_tflite
-
-    r = trained_model.result
-    res = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path_factory.mktemp("deep"),
-                        trainable_embedding=True)
-    return res.tflite_path, res.metadata_path
-
-
 def _answered(state, files, policy: TrainPolicy, n: int = 12, seed: int = 3) -> tuple[Device, np.ndarray, np.ndarray]:
     dev = Device(state, model_files=files, train_policy=policy)
     labels = list(dev.metadata.labels)

@@ -1,8 +1,8 @@
 """Answers stored under one base and trained on under another: the new base's encoder embeds them anew.
 
 Real TFLite files: the session's trained model (4-array head, 32-d embedding) and its deep-head export
-(``trainable_embedding``: the cut at the pooled vector, 64-d, 6-array head), built here as
-tests/models/test_export_deep_head.py builds it. Answers come from real classifications (features stored).
+(``trainable_embedding``: the cut at the pooled vector, 64-d, 6-array head; the ``deep_files`` fixture of
+tests/edge_sdk/conftest.py). Answers come from real classifications (features stored).
 """
 
 from __future__ import annotations
@@ -13,17 +13,6 @@ import pytest
 from edge_sdk.device import Device, TrainPolicy
 from edge_sdk.model import ModelMetadata, TFLiteModel
 from tests.edge_sdk.conftest import clip
-
-
-@pytest.fixture(scope="module")
-def deep_files(trained_model, tmp_path_factory):
-    from models.export import export_tflite
-
-    r = trained_model.result
-    res = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path_factory.mktemp("deep"),
-                        trainable_embedding=True)
-    return res.tflite_path, res.metadata_path
-
 
 POLICY = TrainPolicy(min_examples=5, guard_folds=2, adam_steps=5)
 
