@@ -991,9 +991,7 @@ class Device:
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
                                examples=len(examples), answers_dropped=dropped)
-        kinds = [e.kind for e in examples]
-        if ("label" not in kinds and "down" in kinds
-                and len(examples) < policy.thumbs_min_answers):
+        if _bare_thumbs_only(examples) and len(examples) < policy.thumbs_min_answers:
             return TrainReport("skipped", f"bare thumbs-down only: {len(examples)} answers, a fit waits for "
                                f"{policy.thumbs_min_answers} (thumbs_min_answers)", examples=len(examples),
                                answers_dropped=dropped)
@@ -1070,7 +1068,7 @@ class Device:
         # more of the answers right than the first.
         kinds = [e.kind for e in examples]
         corrections, downs = kinds.count("label"), kinds.count("down")
-        thumbs_only = policy.thumbs_flips >= 0 and downs > 0 and corrections == 0
+        thumbs_only = policy.thumbs_flips >= 0 and _bare_thumbs_only(examples)
         unlike = (policy.guard == "accuracy" and len(examples) >= policy.adapt_below_answers
                   and before < policy.adapt_below and not thumbs_only)
         # trusted: little to protect and mostly known truths: the fit without the replay set, kept
@@ -1114,16 +1112,17 @@ class Device:
         if unlike:  # little to lose: only a fit shown worse by the margin is discarded
             needed = -abs(needed)
             report.guard += f", global head below {policy.adapt_below:g} of the answers"
+        short = after < before - policy.tolerance + needed  # not shown better by the margin (or shown worse)
         if thumbs_only:
             report.guard += ", thumbs only"
         if trusted:
             report.guard += (", corrections trusted (without the replay set)" if policy.trust_balance_classes
                              else ", corrections trusted (without the replay set, unbalanced)")
-            if policy.trust_keeps_worse and after < before - policy.tolerance + needed:
+            if policy.trust_keeps_worse and short:
                 report.guard += ", kept although cross-validation shows it worse (trust_keeps_worse)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
         # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
-        if not (trusted and policy.trust_keeps_worse) and after < before - policy.tolerance + needed:
+        if short and not (trusted and policy.trust_keeps_worse):
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
                 else f"cross-validated answers not better by {policy.guard_margin} x sqrt("
@@ -1475,6 +1474,12 @@ def head_gradient(model: TFLiteModel, weights: dict[str, np.ndarray], embeddings
             grad[k] += share * (exact[k] - after[k].astype(np.float64)) / GRADIENT_SCALE
     model.set_weights(before)
     return grad, loss
+
+
+def _bare_thumbs_only(examples: list[FeedbackExample]) -> bool:
+    """Bare thumbs-down among the answers and no correction (thumbs-up and thumbs-down only)."""
+    kinds = {e.kind for e in examples}
+    return "down" in kinds and "label" not in kinds
 
 
 def _frozen_layers(head: dict[str, np.ndarray], train_last: int) -> dict[str, np.ndarray]:

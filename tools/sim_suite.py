@@ -185,7 +185,7 @@ MODEL_RATE = "the model's device rate (0.05 without one)"
 
 
 def _override(text: str) -> tuple[str, object]:
-    from tools.simulate import SimConfig
+    from tools.simulate import SimConfig, option_type
 
     name, _, value = text.partition("=")
     defaults = SimConfig().to_dict()
@@ -196,12 +196,11 @@ def _override(text: str) -> tuple[str, object]:
         return name, value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, list):
         return name, tuple(int(x) for x in value.split(",") if x)
-    if name == "local_lr":  # an optional number (None: the model's device rate)
-        try:
-            return name, float(value)
-        except ValueError:
-            raise SystemExit(f"--set {text!r}: {name} takes a number") from None
-    return name, type(default)(value) if default is not None else value
+    typ = option_type(name)  # X | None fields take an X (local_lr: a number)
+    try:
+        return name, typ(value)
+    except ValueError:
+        raise SystemExit(f"--set {text!r}: {name} takes a {typ.__name__}") from None
 
 
 def run_recovery(args, argv: list[str]) -> int:

@@ -41,6 +41,8 @@ import os
 import shutil
 import sys
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -507,6 +509,7 @@ class Simulation:
             return {}
         started = time.perf_counter()
         emb, y = _embeddings(evaluator, evaluator.metadata, clips)
+        lr = TrainPolicy(learning_rate=self.cfg.local_lr).sgd_learning_rate(evaluator.metadata)
         targets = np.eye(len(LABELS), dtype=np.float32)[y]
         weight = class_balance_weights(targets)
         evaluator.set_weights(base_head)
@@ -517,8 +520,7 @@ class Simulation:
             for i in range(0, len(order), batch):
                 idx = order[i:i + batch]
                 evaluator.train_step(emb[idx], targets[idx], np.ones(len(idx), np.float32), weight[idx],
-                                     learning_rate=TrainPolicy(learning_rate=self.cfg.local_lr)
-                                     .sgd_learning_rate(evaluator.metadata))
+                                     learning_rate=lr)
         head = evaluator.get_weights()
         evaluator.set_weights(base_head)
         out = _uar(evaluator, head, test_emb, test_y)
@@ -690,6 +692,14 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def option_type(name: str) -> type:
+    """The type a command-line value of the SimConfig field ``name`` converts to: its annotation, with ``X | None``
+    taken as ``X`` (``local_lr``: a number, or unset for the model's device rate)."""
+    hint = typing.get_type_hints(SimConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.simulate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -701,9 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            # local_lr: a number, or None (the default) for the model's device rate
-            typ = float if name == "local_lr" else type(value) if value is not None else str
-            parser.add_argument(flag, type=typ, default=value)
+            parser.add_argument(flag, type=option_type(name), default=value)
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"))
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
