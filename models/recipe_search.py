@@ -31,6 +31,8 @@ NEMO_DEV = ("nemo-EB0", "nemo-KD0", "nemo-KS0", "nemo-MP0", "nemo-SM0", "nemo-WR
 RAVDESS_TEST = tuple(f"ravdess-{a}" for a in (21, 22, 23, 24))
 LABELS = ("angry", "happy", "neutral", "sad")
 
+# two speed-perturbed audio copies per training clip (0.8-1.25, resampled; no gain change, no noise)
+_SPEED = {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25), "snr_db": (90.0, 90.0)}
 _A = {"features": {"utterance_norm": "level"}, "train": {"epochs": 40, "patience": 10, "speaker_reference": "neutral"}}
 _B = {"features": {"utterance_norm": "level"}, "train": {"epochs": 40, "patience": 15}}
 
@@ -69,13 +71,9 @@ RECIPES = {
                      train={"epochs": 30, "swa_epochs": 10, "freq_warp": 0.15, "time_stretch": 0.2,
                             "spectral_tilt": 1.0}),
     "A-swa-speed": _r(_A, "A-swa + 2 audio copies per training clip at speed 0.8-1.25 (resampled; no gain, no noise)",
-                      train={"epochs": 30, "swa_epochs": 10,
-                             "augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
-                                              "snr_db": (90.0, 90.0)}}),
+                      train={"epochs": 30, "swa_epochs": 10, "augmentation": _SPEED}),
     "A-swa-long-speed": _r(_A, "A-swa-long + 2 audio copies per training clip at speed 0.8-1.25",
-                           train={"epochs": 50, "swa_epochs": 20,
-                                  "augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
-                                                   "snr_db": (90.0, 90.0)}}),
+                           train={"epochs": 50, "swa_epochs": 20, "augmentation": _SPEED}),
     "B0": _r(_B, "today: level, 40 epochs, patience 15"),
     "B-long": _r(_B, "80 epochs, patience 20, cosine learning rate",
                  train={"epochs": 80, "patience": 20, "lr_schedule": "cosine"}),
@@ -87,8 +85,7 @@ RECIPES = {
     "B-swa": _r(_B, "40 epochs, weights averaged over the last 15 (no early stopping)",
                 train={"epochs": 40, "swa_epochs": 15}),
     "B-speed": _r(_B, "+ 2 audio copies per training clip at speed 0.8-1.25 (resampled; no gain, no noise)",
-                  train={"augmentation": {"copies": 2, "gain_db": (0.0, 0.0), "speed": (0.8, 1.25),
-                                          "snr_db": (90.0, 90.0)}}),
+                  train={"augmentation": _SPEED}),
     "B-wide": _r(_B, "channels 96,160,160", arch={"channels": (96, 160, 160)}),
 }
 
