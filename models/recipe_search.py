@@ -42,7 +42,8 @@ def _r(base: dict, what: str, features=None, train=None, arch=None) -> dict:
             "train": {**base["train"], **(train or {})}, "arch": arch or {}}
 
 
-# name -> recipe: what changes (from A0 / B0, today's recipes), FeatureConfig, TrainConfig and cnn preset changes
+# name -> recipe: what changes (from A0 / B0, today's recipes), FeatureConfig, TrainConfig and preset changes (the
+# cnn's, or those of arch["name"])
 RECIPES = {
     "A0": _r(_A, "today: level + speaker reference neutral, 40 epochs, patience 10"),
     "A-warp": _r(_A, "+ mel-axis warp 0.15", train={"freq_warp": 0.15}),
@@ -105,7 +106,8 @@ def _configs(recipe: dict, seed: int):
     from models.train import TrainConfig
 
     features = FeatureConfig(kind="logmel", speaker_norm=True, **recipe["features"])
-    arch = preset("cnn", **{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["arch"].items()})
+    sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["arch"].items() if k != "name"}
+    arch = preset(recipe["arch"].get("name", "cnn"), **sizes)  # "name": another architecture than the CNN
     train = dict(recipe["train"])
     if "augmentation" in train:
         train["augmentation"] = Augmentation(**train["augmentation"], seed=seed)

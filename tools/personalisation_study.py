@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,8 @@ def parse_policy(text: str) -> tuple[str, dict]:
         k, _, v = item.partition(":")
         if k not in fields:
             raise SystemExit(f"--policy {text!r}: TrainPolicy has no field {k!r}")
-        typ = type(getattr(TrainPolicy(), k))
+        hint = typing.get_type_hints(TrainPolicy)[k]  # X | None fields take an X
+        typ = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         over[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
     return name, over
 

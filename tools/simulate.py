@@ -194,9 +194,12 @@ class Simulation:
             self.history = state["history"]
             self.timing = Timing(**state["timing"])
             saved = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
-            if {**saved.to_dict(), "rounds": 0} != {**cfg.to_dict(), "rounds": 0}:
-                raise SystemExit("--resume with different parameters than the run in " + str(out) +
-                                 " (only --rounds may change)")
+            was, now = saved.to_dict(), cfg.to_dict()
+            differ = [k for k in was if k != "rounds" and was[k] != now.get(k)]
+            if differ:
+                raise SystemExit("--resume with different parameters than the run in " + str(out) + ": "
+                                 + "; ".join(f"{k} was {was[k]!r}, now {now.get(k)!r} (--{k.replace('_', '-')})"
+                                             for k in differ) + " (only --rounds may change)")
         elif out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -335,3 +335,37 @@ def test_a_trusted_fit_is_the_plain_fine_tune_unless_balanced(tmp_path, trained_
     for k in got:
         np.testing.assert_array_equal(got[k], ref[k])
     assert max(float(np.abs(bal[k] - got[k]).max()) for k in got) > 1e-4
+
+
+def test_a_thumbs_only_fit_takes_its_own_adam_rate_and_steps(tmp_path, trained_model):
+    """Bare thumbs-down and thumbs-up only: the fit runs at thumbs_adam_learning_rate for thumbs_adam_steps (the
+    same head, to the bit, as a policy whose adam_* are those values); with a correction among the answers they are
+    not used (the same head as without them)."""
+    base = {"holdout_every": 0, "thumbs_min_answers": 0, "seed": 3}
+
+    def fitted(name: str, policy: TrainPolicy, correction: bool) -> dict:
+        dev = _device(tmp_path / name, trained_model, policy)
+        u, v = _embeddings(dev)
+        for k in range(8):
+            _answer(dev, k, v, "up") if k % 4 == 3 else _answer(dev, k, u, B if correction and k == 0 else "down")
+        assert dev.personalize().status == "kept"
+        return dev.model.get_weights()
+
+    gentle = {"thumbs_adam_learning_rate": 0.003, "thumbs_adam_steps": 40}
+    for correction in (False, True):
+        got = fitted(f"gentle-{correction}", TrainPolicy(**base, **gentle), correction)
+        same_as = {"adam_learning_rate": 0.003, "adam_steps": 40} if not correction else {}
+        ref = fitted(f"ref-{correction}", TrainPolicy(**base, **same_as), correction)
+        default = fitted(f"default-{correction}", TrainPolicy(**base), correction)
+        for k in got:
+            np.testing.assert_array_equal(got[k], ref[k])
+        moved = max(float(np.abs(default[k] - got[k]).max()) for k in got)
+        assert (moved > 1e-4) if not correction else moved == 0.0
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ParameterError, match="thumbs_adam"):
+            TrainPolicy(thumbs_adam_learning_rate=bad)
+        with pytest.raises(ParameterError, match="thumbs_adam"):
+            TrainPolicy(thumbs_adam_steps=bad)
+    with pytest.raises(ParameterError, match="thumbs_adam_steps"):
+        TrainPolicy(thumbs_adam_steps=2.5)
+

@@ -36,7 +36,7 @@ def test_simulation_by_speaker_with_attackers_and_resume(ravdess_root, tmp_path)
     answered = {d["device"]: d["answers"] for d in again["personalisation"]["per_device"]}
     assert set(answered.values()) <= {10}  # 5 answers in each of the two rounds, none repeated
     r = _sim("--rounds", "3", "--resume", *common[:-2], "--seed", "5", "--out", str(out))
-    assert r.returncode != 0 and "different parameters" in r.stderr
+    assert r.returncode != 0 and "different parameters" in r.stderr and "seed was 0, now 5 (--seed)" in r.stderr
 
 
 def test_short_suite_writes_the_studies_tables(ravdess_root, tmp_path):

@@ -118,3 +118,19 @@ def test_fedser_train_augmentation_ranges():
                                                seed=3)
     _, default = _configs(build_parser().parse_args(["train", "--out", "x"]))
     assert default.augmentation == Augmentation()
+
+
+def test_a_search_recipe_may_name_another_architecture():
+    """recipe_search: ``"arch": {"name": "afcn"}`` builds that preset (its own sizes), other keys override sizes; no
+    name is the CNN as before."""
+    from models.architectures import preset
+    from models.recipe_search import RECIPES, _configs, add_recipe
+
+    add_recipe("T-afcn", '{"base": "B-speed", "arch": {"name": "afcn", "dropout": 0.1}}')
+    try:
+        _, _, arch = _configs(RECIPES["T-afcn"], 0)
+        assert arch == preset("afcn", dropout=0.1)
+        _, _, cnn = _configs(RECIPES["B-wide"], 0)
+        assert cnn == preset("cnn", channels=(96, 160, 160))
+    finally:
+        RECIPES.pop("T-afcn")
