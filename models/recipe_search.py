@@ -96,7 +96,10 @@ def add_recipe(name: str, spec: str) -> None:
     d = json.loads(spec)
     base = RECIPES[d.get("base", "A0")]
     RECIPES[name] = {"what": d.get("what", spec), "features": {**base["features"], **d.get("features", {})},
-                     "train": {**base["train"], **d.get("train", {})}, "arch": {**base["arch"], **d.get("arch", {})}}
+                     "train": {**base["train"], **d.get("train", {})},
+                     # another architecture starts from its own preset, not from the base's sizes
+                     "arch": {**(base["arch"] if d.get("arch", {}).get("name", base["arch"].get("name", "cnn"))
+                                 == base["arch"].get("name", "cnn") else {}), **d.get("arch", {})}}
 
 
 def _configs(recipe: dict, seed: int):

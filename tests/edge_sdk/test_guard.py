@@ -368,4 +368,20 @@ def test_a_thumbs_only_fit_takes_its_own_adam_rate_and_steps(tmp_path, trained_m
             TrainPolicy(thumbs_adam_steps=bad)
     with pytest.raises(ParameterError, match="thumbs_adam_steps"):
         TrainPolicy(thumbs_adam_steps=2.5)
+    assert TrainPolicy(thumbs_adam_steps=np.int64(40)).thumbs_adam_steps == 40
 
+
+def test_the_thumbs_only_rate_reaches_the_cross_validated_fits(tmp_path, trained_model):
+    """The shipped path (5-fold cross-validation): the thumbs-only Adam rate changes what the guard sees and what
+    it keeps (a rate of 1e-9 leaves every fold's fit the global head, so nothing is shown better)."""
+    def report(name: str, **over):
+        dev = _device(tmp_path / name, trained_model, TrainPolicy(thumbs_min_answers=0, seed=2, **over))
+        u, v = _embeddings(dev)
+        for k in range(10):
+            _answer(dev, k, v, "up") if k % 5 == 4 else _answer(dev, k, u, "down")
+        return dev.personalize()
+
+    still = report("still", thumbs_adam_learning_rate=1e-9, guard_margin=-1.0, thumbs_flips=-1)
+    moving = report("moving", guard_margin=-1.0, thumbs_flips=-1)
+    assert "5-fold" in still.guard and still.score_after == still.score_before == 0.2
+    assert moving.score_after != still.score_after

@@ -132,5 +132,20 @@ def test_a_search_recipe_may_name_another_architecture():
         assert arch == preset("afcn", dropout=0.1)
         _, _, cnn = _configs(RECIPES["B-wide"], 0)
         assert cnn == preset("cnn", channels=(96, 160, 160))
+        add_recipe("T-wide-afcn", '{"base": "B-wide", "arch": {"name": "afcn"}}')  # not the CNN's channels
+        assert _configs(RECIPES["T-wide-afcn"], 0)[2] == preset("afcn")
     finally:
         RECIPES.pop("T-afcn")
+        RECIPES.pop("T-wide-afcn", None)
+
+
+def test_the_personalisation_study_parses_optional_policy_fields():
+    """``--policy NAME=k:v``: an ``X | None`` field takes an X; a bool takes true/false; an unknown field exits."""
+    from tools.personalisation_study import parse_policy
+
+    name, over = parse_policy("gentle=thumbs_adam_learning_rate:0.001,thumbs_adam_steps:300,balance_classes:false")
+    assert name == "gentle" and over == {"thumbs_adam_learning_rate": 0.001, "thumbs_adam_steps": 300,
+                                         "balance_classes": False}
+    assert type(over["thumbs_adam_steps"]) is int
+    with pytest.raises(SystemExit, match="no field"):
+        parse_policy("x=nonsense:1")
