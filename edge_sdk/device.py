@@ -1005,11 +1005,12 @@ class Device:
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
                                examples=len(examples), answers_dropped=dropped)
-        if _bare_thumbs_only(examples) and len(examples) < policy.thumbs_min_answers:
+        thumbs_only = _bare_thumbs_only(examples)
+        if thumbs_only and len(examples) < policy.thumbs_min_answers:
             return TrainReport("skipped", f"bare thumbs-down only: {len(examples)} answers, a fit waits for "
                                f"{policy.thumbs_min_answers} (thumbs_min_answers)", examples=len(examples),
                                answers_dropped=dropped)
-        if _bare_thumbs_only(examples):  # the thumbs-only fit (thumbs_adam_*)
+        if thumbs_only:  # the thumbs-only fit (thumbs_adam_*)
             rate, steps = policy.thumbs_adam_learning_rate, policy.thumbs_adam_steps
             policy = replace(policy, adam_learning_rate=policy.adam_learning_rate if rate is None else float(rate),
                              adam_steps=policy.adam_steps if steps is None else int(steps))

@@ -95,11 +95,11 @@ def add_recipe(name: str, spec: str) -> None:
     """Register a recipe from JSON: ``{"base": "A0", "what": "...", "features": {}, "train": {}, "arch": {}}``."""
     d = json.loads(spec)
     base = RECIPES[d.get("base", "A0")]
+    arch, base_name = d.get("arch", {}), base["arch"].get("name", "cnn")
+    same_architecture = arch.get("name", base_name) == base_name  # another one starts from its own preset's sizes
     RECIPES[name] = {"what": d.get("what", spec), "features": {**base["features"], **d.get("features", {})},
                      "train": {**base["train"], **d.get("train", {})},
-                     # another architecture starts from its own preset, not from the base's sizes
-                     "arch": {**(base["arch"] if d.get("arch", {}).get("name", base["arch"].get("name", "cnn"))
-                                 == base["arch"].get("name", "cnn") else {}), **d.get("arch", {})}}
+                     "arch": {**(base["arch"] if same_architecture else {}), **arch}}
 
 
 def _configs(recipe: dict, seed: int):

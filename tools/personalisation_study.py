@@ -36,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +165,7 @@ def plain_finetune(w: dict, x: np.ndarray, target: np.ndarray, sign: np.ndarray,
 def parse_policy(text: str) -> tuple[str, dict]:
     """``NAME=key:value,key:value`` -> (name, TrainPolicy overrides)."""
     from edge_sdk.device import TrainPolicy
+    from tools.simulate import option_type
 
     name, _, rest = text.partition("=")
     fields = TrainPolicy.__dataclass_fields__
@@ -174,8 +174,7 @@ def parse_policy(text: str) -> tuple[str, dict]:
         k, _, v = item.partition(":")
         if k not in fields:
             raise SystemExit(f"--policy {text!r}: TrainPolicy has no field {k!r}")
-        hint = typing.get_type_hints(TrainPolicy)[k]  # X | None fields take an X
-        typ = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        typ = option_type(k, TrainPolicy)  # X | None fields take an X
         over[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
     return name, over
 

@@ -695,10 +695,11 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def option_type(name: str) -> type:
-    """The type a command-line value of the SimConfig field ``name`` converts to: its annotation, with ``X | None``
-    taken as ``X`` (``local_lr``: a number, or unset for the model's device rate)."""
-    hint = typing.get_type_hints(SimConfig)[name]
+def option_type(name: str, of: type | None = None) -> type:
+    """The type a command-line value of the field ``name`` of the dataclass ``of`` (default SimConfig) converts to:
+    its annotation, with ``X | None`` taken as ``X`` (``local_lr``: a number, or unset for the model's device rate;
+    the personalisation study's TrainPolicy fields too)."""
+    hint = typing.get_type_hints(of or SimConfig)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
 
