@@ -352,6 +352,14 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from models.export import export_trained
+
+    result = export_trained(args.trained, args.out)
+    print(f"wrote {result.tflite_path} ({result.size} bytes, sha256 {result.sha256[:12]}) and {result.metadata_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.architectures import ARCHITECTURES
 
@@ -392,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_corpus_args(p)
     p.set_defaults(func=cmd_replay)
+    p = sub.add_parser("export", help="export a model trained where TensorFlow was missing (KERAS_BACKEND=jax or "
+                                      "torch): its trained.npz and trained.json -> model.tflite, model.json")
+    p.add_argument("--trained", type=Path, required=True, help="the training run's --out folder")
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: the --trained folder)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -20,6 +20,7 @@ from edge_sdk.features import FeatureConfig
 from models.architectures import preset
 from models.datasets import FOUR_CLASSES, Clip, split_by_speaker
 from models.metrics import classification_report
+from models.report import hardware_line
 
 log = logging.getLogger("models")
 
@@ -135,8 +136,7 @@ def compare_markdown(report: dict, *, target_uar: float = 0.70) -> str:
     hw = report["hardware"]
     lines = [f"# Architectures on {report['dataset']}", "",
              f"Speaker-independent: {report['folds']} folds by speaker (every speaker tested once, never trained on); "
-             f"two training speakers per fold pick the epoch. Hardware: {hw['device']} ({hw['cpu']}, "
-             f"{hw['cpu_count']} cores), TensorFlow {hw['tensorflow']}.", "",
+             f"two training speakers per fold pick the epoch. Hardware: {hardware_line(hw)}.", "",
              "| architecture | params (encoder + head) | UAR % (mean ± sd over folds) | accuracy % | macro-F1 % | "
              + " | ".join(f"F1 {lab} %" for lab in labels) + " | s/epoch |",
              "| --- " * (6 + len(labels)) + "|"]

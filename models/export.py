@@ -489,3 +489,67 @@ def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir:
     atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
     log.info("exported %s (%d bytes, sha256 %s)", tflite_path, len(tflite), sha[:12])
     return ExportResult(tflite_path, meta_path, sha, len(tflite), ModelMetadata.from_dict(meta))
+
+
+TRAINED_FORMAT = "fedser-trained/1"
+
+
+def save_trained(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: str | Path, *,
+                 trainable_embedding: bool = False, replay_inputs: tuple | None = None) -> Path:
+    """What a training run without TensorFlow leaves for :func:`export_trained`: ``trained.npz`` (the encoder's
+    weights in ``encoder.get_weights()`` order, the head's ``w0, b0, w1, b1``, the replay inputs; no pickle) and
+    ``trained.json`` (the metadata, the architecture, the export options). Any Keras backend writes it."""
+    from edge_sdk.storage import atomic_write
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    enc = encoder.get_weights()
+    arrays = {f"encoder_{i}": np.asarray(w) for i, w in enumerate(enc)}
+    arrays.update({f"head_{k}": np.asarray(v, np.float32) for k, v in head_weights.items()})
+    if replay_inputs is not None:
+        arrays["replay_x"] = np.asarray(replay_inputs[0], np.float32)
+        arrays["replay_y"] = np.asarray(replay_inputs[1], np.int64)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp.npz")
+    with open(fd, "wb") as fh:
+        np.savez(fh, **arrays)
+    Path(tmp).replace(out_dir / "trained.npz")
+    info = {"format": TRAINED_FORMAT, "metadata": metadata.to_dict(), "encoder_weights": len(enc),
+            "trainable_embedding": bool(trainable_embedding),
+            "architecture": metadata.extra.get("architecture")}
+    atomic_write(out_dir / "trained.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    return out_dir / "trained.npz"
+
+
+def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -> ExportResult:
+    """Rebuild the encoder of a :func:`save_trained` folder, load its weights and export it as
+    :func:`export_tflite` would have at the end of training (into ``out_dir``, default the same folder).
+    ModelError names what is missing or does not fit."""
+    from models.architectures import ArchitectureConfig, build_encoder
+
+    trained_dir = Path(trained_dir)
+    try:
+        info = json.loads((trained_dir / "trained.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{trained_dir}/trained.json: {exc}") from exc
+    if not isinstance(info, dict) or info.get("format") != TRAINED_FORMAT:
+        raise ModelError(f"{trained_dir}/trained.json is not a {TRAINED_FORMAT} file")
+    metadata = ModelMetadata.from_dict(info["metadata"])
+    if not isinstance(info.get("architecture"), dict):
+        raise ModelError(f"{trained_dir}/trained.json names no architecture")
+    arch = ArchitectureConfig.from_dict(info["architecture"])
+    try:
+        with np.load(trained_dir / "trained.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{trained_dir}/trained.npz: {exc}") from exc
+    encoder = build_encoder(arch, metadata.features.max_frames, metadata.features.n_features)
+    weights = [arrays.get(f"encoder_{i}") for i in range(int(info["encoder_weights"]))]
+    shapes = [tuple(w.shape) for w in encoder.get_weights()]
+    if any(w is None for w in weights) or [tuple(w.shape) for w in weights] != shapes:
+        raise ModelError(f"{trained_dir}/trained.npz: the encoder weights do not fit a {arch.name} encoder of "
+                         f"{len(shapes)} arrays")
+    encoder.set_weights(weights)
+    head = {k[len("head_"):]: v for k, v in arrays.items() if k.startswith("head_")}
+    replay = (arrays["replay_x"], arrays["replay_y"]) if "replay_x" in arrays else None
+    return export_tflite(encoder, head, metadata, out_dir if out_dir is not None else trained_dir,
+                         trainable_embedding=bool(info.get("trainable_embedding")), replay_inputs=replay)

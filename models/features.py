@@ -315,3 +315,75 @@ def compute_features(
     if hits:
         log.info("features: %d of %d clips from the cache %s", hits, len(clips), folder)
     return FeatureSet(kept, raw, dict(skipped))
+
+
+FEATURE_PACK_FORMAT = "fedser-feature-pack/1"
+
+
+def save_feature_pack(path: str | os.PathLike, parts: dict[str, FeatureSet], cfg: FeatureConfig) -> Path:
+    """Write named :class:`FeatureSet` s (e.g. train, val, test, reference) and their feature config into one
+    ``.npz`` (no pickle): what :func:`load_feature_pack` reads on a host that has neither the audio nor librosa,
+    e.g. a GPU machine (``train_baseline(precomputed=...)``)."""
+    arrays: dict[str, np.ndarray] = {"format": np.array(FEATURE_PACK_FORMAT),
+                                     "feature_config": np.array(json.dumps(cfg.to_dict(), sort_keys=True)),
+                                     "parts": np.array(json.dumps(sorted(parts)))}
+    for name, fs in parts.items():
+        if not name.isidentifier():
+            raise ValueError(f"feature pack part name {name!r} must be an identifier")
+        for attr in ("path", "speaker", "label", "split"):
+            arrays[f"{name}__{attr}"] = np.array([getattr(c, attr) for c in fs.clips], dtype=str)
+        arrays[f"{name}__lengths"] = np.array([len(r) for r in fs.raw], np.int64)
+        arrays[f"{name}__frames"] = (np.concatenate(fs.raw, axis=0).astype(np.float32) if fs.raw
+                                     else np.zeros((0, cfg.n_features), np.float32))
+        arrays[f"{name}__skipped"] = np.array(json.dumps(fs.skipped, sort_keys=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_feature_pack(path: str | os.PathLike) -> tuple[dict[str, FeatureSet], FeatureConfig]:
+    """The parts and feature config of a :func:`save_feature_pack` file; ValueError names what is wrong."""
+    try:
+        data = np.load(path, allow_pickle=False)  # never allow pickle
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a feature pack ({exc})") from exc
+    with data:
+        if "format" not in data.files or str(data["format"]) != FEATURE_PACK_FORMAT:
+            raise ValueError(f"{path}: not a {FEATURE_PACK_FORMAT} file")
+        missing = {"feature_config", "parts"} - set(data.files)
+        if not missing:
+            try:
+                names = json.loads(str(data["parts"]))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: malformed feature pack parts list ({exc})") from exc
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{path}: the feature pack's parts are not a list of names")
+            missing = {f"{n}__{a}" for n in names for a in ("path", "speaker", "label", "split", "lengths",
+                                                            "frames", "skipped")} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: feature pack lacks {', '.join(repr(m) for m in sorted(missing))}")
+        try:
+            cfg = FeatureConfig.from_dict(json.loads(str(data["feature_config"])))
+            parts = {}
+            for name in names:
+                lengths = data[f"{name}__lengths"]
+                frames = data[f"{name}__frames"]
+                cols = [data[f"{name}__{a}"] for a in ("path", "speaker", "label", "split")]
+                if (lengths.ndim != 1 or (lengths < 0).any() or int(lengths.sum()) != len(frames)
+                        or frames.ndim != 2 or frames.shape[1] != cfg.n_features
+                        or any(len(c) != len(lengths) for c in cols)):
+                    raise ValueError(f"part {name!r}: lengths, frames ({frames.shape}) and clip fields disagree "
+                                     f"with each other or with n_features={cfg.n_features}")
+                if not np.all(np.isfinite(frames)):
+                    raise ValueError(f"part {name!r} holds non-finite features")
+                clips = [Clip(str(p), str(s), str(lab), str(sp)) for p, s, lab, sp in zip(*cols, strict=True)]
+                raw = np.split(frames.astype(np.float32), np.cumsum(lengths)[:-1]) if len(lengths) else []
+                skipped = {str(k): int(v) for k, v in json.loads(str(data[f"{name}__skipped"])).items()}
+                parts[name] = FeatureSet(clips, list(raw), skipped)
+        except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"{path}: malformed feature pack ({exc})") from exc
+    return parts, cfg

@@ -41,6 +41,14 @@ def _skipped_line(skipped: dict) -> str:
     return "; ".join(parts) if parts else "none"
 
 
+def hardware_line(hw: dict) -> str:
+    """"GPU NVIDIA H200 (AMD EPYC, 16 cores), Keras 3.15.1 on jax 0.11.2"; reports from before the backend field
+    name TensorFlow."""
+    device = hw["device"] + (f" {', '.join(hw['gpus'])}" if hw.get("gpus") else "")
+    return (f"{device} ({hw['cpu']}, {hw['cpu_count']} cores), "
+            f"{hw.get('framework') or 'TensorFlow ' + str(hw.get('tensorflow', '?'))}")
+
+
 def report_markdown(report: dict) -> str:
     """Markdown of a training or evaluation report."""
     if report.get("kind") == "evaluation":
@@ -58,7 +66,7 @@ def report_markdown(report: dict) -> str:
               f"({split['train_clips']} clips), validation {', '.join(split['val_speakers'])} "
               f"({split['val_clips']}), test {', '.join(split['test_speakers'])} ({split['test_clips']} clips)",
               f"- classes: {', '.join(report['labels'])}; label map: {report.get('label_map', {})}",
-              f"- hardware: {hw['device']} ({hw['cpu']}, {hw['cpu_count']} cores), TensorFlow {hw['tensorflow']}"
+              f"- hardware: {hardware_line(hw)}"
               + (", mixed precision" if report.get("mixed_precision") else ""),
               f"- epochs run: {report['epochs_run']} (best validation UAR {report['best_val_uar']:.3f}); "
               f"{report['seconds_per_epoch']:.2f} s/epoch; training {report['train_seconds']:.1f} s; "

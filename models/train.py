@@ -23,8 +23,8 @@ from edge_sdk.features import FeatureConfig
 from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip, corpus_of, per_class_sample
-from models.export import ExportResult, export_tflite, head_layout
-from models.features import Augmentation, augment_inputs, compute_features
+from models.export import ExportResult, export_tflite, head_layout, save_trained
+from models.features import Augmentation, FeatureSet, augment_inputs, compute_features
 from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
@@ -116,19 +116,62 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _hardware() -> dict:
-    import tensorflow as tf
+def _has_tensorflow() -> bool:
+    import importlib.util
 
-    gpus = tf.config.list_physical_devices("GPU")
-    names = []
-    for g in gpus:
-        try:
-            names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
-        except Exception:  # details are best effort
-            names.append(g.name)
-    return {"device": "GPU" if gpus else "CPU", "gpus": names, "cpu": _cpu_name(),
-            "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "tensorflow": tf.__version__}
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ValueError:  # sys.modules["tensorflow"] is None: importing it is blocked
+        return False
+
+
+def _accelerators() -> list[str]:
+    """The GPUs Keras's backend trains on (empty: the CPU). TensorFlow is the default backend; JAX and PyTorch
+    (``KERAS_BACKEND=jax`` / ``torch``) train the same models where TensorFlow has no GPU build, e.g. a CUDA 13 host."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        names = []
+        for g in tf.config.list_physical_devices("GPU"):
+            try:
+                names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
+            except Exception:  # details are best effort
+                names.append(g.name)
+        return names
+    if backend == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
+
+
+def _hardware() -> dict:
+    import importlib.metadata
+
+    import keras
+
+    backend = keras.backend.backend()
+    gpus = _accelerators()
+    package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # e.g. tensorflow-cpu
+        version = getattr(__import__(package), "__version__", "?")
+    framework = (f"TensorFlow {version}" if backend == "tensorflow"
+                 else f"Keras {keras.__version__} on {backend} {version}")
+    out = {"device": "GPU" if gpus else "CPU", "gpus": gpus, "cpu": _cpu_name(),
+           "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "backend": backend, "framework": framework}
+    if backend == "tensorflow":
+        out["tensorflow"] = version
+    return out
 
 
 def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: int, config: TrainConfig):
@@ -190,6 +233,7 @@ def train_baseline(
     reference_clips: Sequence[Clip] = (),
     trainable_embedding: bool = False,
     device_learning_rate: float | None = None,
+    precomputed: dict | None = None,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
@@ -201,13 +245,23 @@ def train_baseline(
     (``models.export.export_tflite``).
     ``device_learning_rate``: the SGD rate the metadata tells devices to use for federated updates (default: 0.01
     with ``trainable_embedding``, none otherwise: the device's own default, 0.05).
+    ``precomputed``: {"train", "val", optional "test" and "reference"} :class:`~models.features.FeatureSet` s
+    (e.g. from :func:`models.features.load_feature_pack` on a GPU host without the audio or librosa) used instead of
+    computing features of the clip arguments, which are then ignored.
+
+    Without TensorFlow (``KERAS_BACKEND=jax`` or ``torch`` on a host with no TensorFlow build) the TFLite export
+    cannot run: ``out_dir`` then gets ``trained.npz`` and ``trained.json`` (:func:`models.export.save_trained`) and
+    the report, and ``fedser-train export --trained OUT_DIR`` on a host with TensorFlow writes the model.
     """
     import sys
 
     import keras
-    import tensorflow as tf
     from tqdm.auto import tqdm
 
+    if precomputed is not None:
+        train_fs, val_fs, test_fs = precomputed["train"], precomputed["val"], precomputed.get("test")
+        train_clips, val_clips = list(dict.fromkeys(train_fs.clips)), val_fs.clips
+        test_clips = test_fs.clips if test_fs is not None else ()
     for name, part in (("validation", val_clips), ("test", test_clips)):
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
         if shared:
@@ -215,18 +269,30 @@ def train_baseline(
     if trainable_embedding and architecture.name not in ("cnn", "dnn"):
         raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not "
                          f"{architecture.name}")
+    if (config.spec_augment or config.mixup) and not _has_tensorflow():
+        raise ValueError("spec_augment and mixup run in a tf.data pipeline, which needs TensorFlow installed "
+                         f"(Keras backend {keras.backend.backend()!r} without it cannot)")
     keras.utils.set_random_seed(config.seed)
     started = time.perf_counter()
-    train_fs = compute_features(train_clips, features, cache_dir=cache_dir, augmentation=config.augmentation)
-    val_fs = compute_features(val_clips, features, cache_dir=cache_dir)
-    test_fs = compute_features(test_clips, features, cache_dir=cache_dir) if test_clips else None
+    if precomputed is None:
+        train_fs = compute_features(train_clips, features, cache_dir=cache_dir, augmentation=config.augmentation)
+        val_fs = compute_features(val_clips, features, cache_dir=cache_dir)
+        test_fs = compute_features(test_clips, features, cache_dir=cache_dir) if test_clips else None
+        n_train_clips = len(train_clips) - sum(train_fs.skipped.values())
+    else:
+        n_train_clips = len(train_clips)
     feature_seconds = time.perf_counter() - started
     norm = train_fs.normalization()
     ref_train = ref_val = None
     extra = None
     if config.speaker_reference == "neutral":
         own = {c.speaker for c in train_clips} | {c.speaker for c in val_clips}
-        extra = compute_features([c for c in reference_clips if c.speaker in own], features, cache_dir=cache_dir)
+        if precomputed is None:
+            extra = compute_features([c for c in reference_clips if c.speaker in own], features, cache_dir=cache_dir)
+        else:
+            ref_fs = precomputed.get("reference") or FeatureSet([], [])
+            kept = [i for i, c in enumerate(ref_fs.clips) if c.speaker in own]
+            extra = FeatureSet([ref_fs.clips[i] for i in kept], [ref_fs.raw[i] for i in kept])
     if config.speaker_reference != "all":
         ref_train = train_fs.reference_stats(config.speaker_reference, extra)
         ref_val = val_fs.reference_stats(config.speaker_reference, extra)
@@ -234,7 +300,7 @@ def train_baseline(
     x_val, y_val = val_fs.model_inputs(features, norm, ref_val), val_fs.labels(labels)
     x_train_all = train_fs.model_inputs(features, norm) if config.reference_blend and ref_train is not None else None
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = _accelerators()
     mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and bool(gpus))
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -330,8 +396,8 @@ def train_baseline(
         model = keras.Model(inp, head(encoder(inp)))
 
     hidden, logits = head.get_layer("head_hidden"), head.get_layer("head_logits")
-    head_weights = {"w0": hidden.kernel.numpy(), "b0": hidden.bias.numpy(),
-                    "w1": logits.kernel.numpy(), "b1": logits.bias.numpy()}
+    head_weights = {k: keras.ops.convert_to_numpy(v) for k, v in
+                    (("w0", hidden.kernel), ("b0", hidden.bias), ("w1", logits.kernel), ("b1", logits.bias))}
     replay, replay_inputs = {}, None
     if config.replay_per_class > 0:  # a few training embeddings per class, the device's replay set
         picked = per_class_sample(y_train, config.replay_per_class, config.seed)
@@ -353,7 +419,7 @@ def train_baseline(
             "train_speakers": sorted({c.speaker for c in train_fs.clips}),
             "val_speakers": sorted({c.speaker for c in val_fs.clips}),
             "test_speakers": sorted({c.speaker for c in test_fs.clips}) if test_fs else [],
-            "train_clips": len(train_clips) - sum(train_fs.skipped.values()), "val_clips": len(val_fs.clips),
+            "train_clips": n_train_clips, "val_clips": len(val_fs.clips),
             "train_examples": len(train_fs.clips),
             "test_clips": len(test_fs.clips) if test_fs else 0,
             "reference_only_clips": len(extra.clips) if extra is not None else 0,
@@ -391,11 +457,19 @@ def train_baseline(
     if out_dir is not None:
         from models.report import write_report
 
-        result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir),
-                                      trainable_embedding=trainable_embedding, replay_inputs=replay_inputs)
-        if trainable_embedding:  # head layout, embedding_dim, replay set and device rate follow the deeper cut
-            result.metadata = result.export.metadata
-        report["tflite_bytes"] = result.export.size
-        report["tflite_sha256"] = result.export.sha256
+        if _has_tensorflow():
+            result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir),
+                                          trainable_embedding=trainable_embedding, replay_inputs=replay_inputs)
+            if trainable_embedding:  # head layout, embedding_dim, replay set and device rate follow the deeper cut
+                result.metadata = result.export.metadata
+            report["tflite_bytes"] = result.export.size
+            report["tflite_sha256"] = result.export.sha256
+        else:
+            save_trained(encoder, head_weights, metadata, Path(out_dir), trainable_embedding=trainable_embedding,
+                         replay_inputs=replay_inputs)
+            report["export"] = ("pending: no TensorFlow here; run `fedser-train export --trained "
+                                f"{out_dir}` on a host with TensorFlow")
+            log.warning("no TensorFlow: wrote %s/trained.npz; `fedser-train export --trained %s` on a host with "
+                        "TensorFlow writes model.tflite", out_dir, out_dir)
         write_report(report, out_dir)
     return result
