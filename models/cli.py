@@ -299,7 +299,8 @@ def cmd_train(args) -> int:
                             trainable_embedding=args.trainable_embedding,
                             device_learning_rate=args.device_learning_rate)
     print(report_markdown(result.report))
-    print(f"wrote {args.out}/model.tflite, model.json, report.json, report.md, report-confusion.png")
+    made = "model.tflite, model.json" if result.export is not None else "trained.npz, trained.json"
+    print(f"wrote {args.out}/{made}, report.json, report.md, report-confusion.png")
     return 0
 
 

@@ -494,25 +494,29 @@ def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir:
 TRAINED_FORMAT = "fedser-trained/1"
 
 
+def _npz_bytes(arrays: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def save_trained(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: str | Path, *,
                  trainable_embedding: bool = False, replay_inputs: tuple | None = None) -> Path:
-    """What a training run without TensorFlow leaves for :func:`export_trained`: ``trained.npz`` (the encoder's
-    weights in ``encoder.get_weights()`` order, the head's ``w0, b0, w1, b1``, the replay inputs; no pickle) and
-    ``trained.json`` (the metadata, the architecture, the export options). Any Keras backend writes it."""
+    """What a training run on another Keras backend than TensorFlow leaves for :func:`export_trained`:
+    ``trained.npz`` (the encoder's weights in ``encoder.get_weights()`` order, the head's ``w0, b0, w1, b1``, the
+    replay inputs; no pickle) and ``trained.json`` (the metadata, the architecture, the export options)."""
     from edge_sdk.storage import atomic_write
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     enc = encoder.get_weights()
-    arrays = {f"encoder_{i}": np.asarray(w) for i, w in enumerate(enc)}
+    arrays = {f"encoder_{i}": np.asarray(w, np.float32) for i, w in enumerate(enc)}
     arrays.update({f"head_{k}": np.asarray(v, np.float32) for k, v in head_weights.items()})
     if replay_inputs is not None:
         arrays["replay_x"] = np.asarray(replay_inputs[0], np.float32)
         arrays["replay_y"] = np.asarray(replay_inputs[1], np.int64)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp.npz")
-    with open(fd, "wb") as fh:
-        np.savez(fh, **arrays)
-    Path(tmp).replace(out_dir / "trained.npz")
+    atomic_write(out_dir / "trained.npz", _npz_bytes(arrays))
     info = {"format": TRAINED_FORMAT, "metadata": metadata.to_dict(), "encoder_weights": len(enc),
             "trainable_embedding": bool(trainable_embedding),
             "architecture": metadata.extra.get("architecture")}
@@ -520,36 +524,70 @@ def save_trained(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: 
     return out_dir / "trained.npz"
 
 
-def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -> ExportResult:
-    """Rebuild the encoder of a :func:`save_trained` folder, load its weights and export it as
-    :func:`export_tflite` would have at the end of training (into ``out_dir``, default the same folder).
-    ModelError names what is missing or does not fit."""
-    from models.architectures import ArchitectureConfig, build_encoder
+def _load_trained(trained_dir: Path) -> tuple[dict, ModelMetadata, dict]:
+    """trained.json and trained.npz of a :func:`save_trained` folder, checked; ModelError names what is wrong."""
+    import zipfile
 
-    trained_dir = Path(trained_dir)
+    from models.architectures import ArchitectureConfig
+
+    where = f"{trained_dir}/trained.json"
     try:
         info = json.loads((trained_dir / "trained.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{trained_dir}/trained.json: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{where}: {exc}") from exc
     if not isinstance(info, dict) or info.get("format") != TRAINED_FORMAT:
-        raise ModelError(f"{trained_dir}/trained.json is not a {TRAINED_FORMAT} file")
+        raise ModelError(f"{where} is not a {TRAINED_FORMAT} file")
+    if not isinstance(info.get("metadata"), dict):
+        raise ModelError(f"{where} holds no model metadata")
     metadata = ModelMetadata.from_dict(info["metadata"])
     if not isinstance(info.get("architecture"), dict):
-        raise ModelError(f"{trained_dir}/trained.json names no architecture")
-    arch = ArchitectureConfig.from_dict(info["architecture"])
+        raise ModelError(f"{where} names no architecture")
+    try:
+        info["architecture"] = ArchitectureConfig.from_dict(info["architecture"])
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{where}: bad architecture ({exc})") from exc
+    count = info.get("encoder_weights")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 1000:
+        raise ModelError(f"{where}: encoder_weights must be a count in 1..1000, got {count!r}")
     try:
         with np.load(trained_dir / "trained.npz", allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{trained_dir}/trained.npz: {exc}") from exc
+    except (OSError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{trained_dir}/trained.npz: not a readable .npz of arrays ({exc})") from exc
+    for k, v in arrays.items():
+        if v.dtype.kind not in "fiu" or not np.all(np.isfinite(v)):
+            raise ModelError(f"{trained_dir}/trained.npz: {k} is not finite numbers")
+    if ("replay_x" in arrays) != ("replay_y" in arrays):
+        raise ModelError(f"{trained_dir}/trained.npz: replay_x and replay_y come together")
+    return info, metadata, arrays
+
+
+def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -> ExportResult:
+    """Rebuild the encoder of a :func:`save_trained` folder, load its weights and export it as
+    :func:`export_tflite` would have at the end of training (into ``out_dir``, default the same folder). Needs the
+    TensorFlow Keras backend; ModelError names what is missing or does not fit."""
+    import keras
+
+    from models.architectures import build_encoder
+
+    if keras.backend.backend() != "tensorflow":
+        raise ModelError(f"the TFLite export needs the TensorFlow Keras backend, not {keras.backend.backend()!r}: "
+                         "unset KERAS_BACKEND (or set it to tensorflow)")
+    trained_dir = Path(trained_dir)
+    info, metadata, arrays = _load_trained(trained_dir)
+    arch = info["architecture"]
     encoder = build_encoder(arch, metadata.features.max_frames, metadata.features.n_features)
-    weights = [arrays.get(f"encoder_{i}") for i in range(int(info["encoder_weights"]))]
     shapes = [tuple(w.shape) for w in encoder.get_weights()]
-    if any(w is None for w in weights) or [tuple(w.shape) for w in weights] != shapes:
+    weights = [arrays.get(f"encoder_{i}") for i in range(info["encoder_weights"])]
+    if (len(weights) != len(shapes) or any(w is None for w in weights)
+            or [tuple(w.shape) for w in weights] != shapes):
         raise ModelError(f"{trained_dir}/trained.npz: the encoder weights do not fit a {arch.name} encoder of "
                          f"{len(shapes)} arrays")
     encoder.set_weights(weights)
     head = {k[len("head_"):]: v for k, v in arrays.items() if k.startswith("head_")}
+    want = {spec.name: tuple(spec.shape) for spec in metadata.head_layout}
+    if {k: tuple(v.shape) for k, v in head.items()} != want:
+        raise ModelError(f"{trained_dir}/trained.npz: the head arrays do not match the metadata's head layout {want}")
     replay = (arrays["replay_x"], arrays["replay_y"]) if "replay_x" in arrays else None
     return export_tflite(encoder, head, metadata, out_dir if out_dir is not None else trained_dir,
                          trainable_embedding=bool(info.get("trainable_embedding")), replay_inputs=replay)

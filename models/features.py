@@ -336,21 +336,26 @@ def save_feature_pack(path: str | os.PathLike, parts: dict[str, FeatureSet], cfg
         arrays[f"{name}__frames"] = (np.concatenate(fs.raw, axis=0).astype(np.float32) if fs.raw
                                      else np.zeros((0, cfg.n_features), np.float32))
         arrays[f"{name}__skipped"] = np.array(json.dumps(fs.skipped, sort_keys=True))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
-    return path
+    import io
+
+    from edge_sdk.storage import atomic_write
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def load_feature_pack(path: str | os.PathLike) -> tuple[dict[str, FeatureSet], FeatureConfig]:
     """The parts and feature config of a :func:`save_feature_pack` file; ValueError names what is wrong."""
+    import zipfile
+
     try:
         data = np.load(path, allow_pickle=False)  # never allow pickle
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a feature pack ({exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a feature pack (a single array, not an .npz archive)")
     with data:
         if "format" not in data.files or str(data["format"]) != FEATURE_PACK_FORMAT:
             raise ValueError(f"{path}: not a {FEATURE_PACK_FORMAT} file")
@@ -373,7 +378,8 @@ def load_feature_pack(path: str | os.PathLike) -> tuple[dict[str, FeatureSet], F
                 lengths = data[f"{name}__lengths"]
                 frames = data[f"{name}__frames"]
                 cols = [data[f"{name}__{a}"] for a in ("path", "speaker", "label", "split")]
-                if (lengths.ndim != 1 or (lengths < 0).any() or int(lengths.sum()) != len(frames)
+                if (lengths.ndim != 1 or lengths.dtype.kind not in "iu" or (lengths <= 0).any()
+                        or int(lengths.sum()) != len(frames) or frames.dtype.kind != "f"
                         or frames.ndim != 2 or frames.shape[1] != cfg.n_features
                         or any(len(c) != len(lengths) for c in cols)):
                     raise ValueError(f"part {name!r}: lengths, frames ({frames.shape}) and clip fields disagree "
@@ -384,6 +390,8 @@ def load_feature_pack(path: str | os.PathLike) -> tuple[dict[str, FeatureSet], F
                 raw = np.split(frames.astype(np.float32), np.cumsum(lengths)[:-1]) if len(lengths) else []
                 skipped = {str(k): int(v) for k, v in json.loads(str(data[f"{name}__skipped"])).items()}
                 parts[name] = FeatureSet(clips, list(raw), skipped)
-        except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError, zipfile.BadZipFile) as exc:
+            if str(exc).startswith(f"{path}"):
+                raise
             raise ValueError(f"{path}: malformed feature pack ({exc})") from exc
     return parts, cfg

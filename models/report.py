@@ -66,6 +66,7 @@ def report_markdown(report: dict) -> str:
               f"({split['train_clips']} clips), validation {', '.join(split['val_speakers'])} "
               f"({split['val_clips']}), test {', '.join(split['test_speakers'])} ({split['test_clips']} clips)",
               f"- classes: {', '.join(report['labels'])}; label map: {report.get('label_map', {})}",
+              *([f"- export: {report['export']}"] if report.get("export") else []),
               f"- hardware: {hardware_line(hw)}"
               + (", mixed precision" if report.get("mixed_precision") else ""),
               f"- epochs run: {report['epochs_run']} (best validation UAR {report['best_val_uar']:.3f}); "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sdk.errors import ParameterError
 from edge_sdk.features import FeatureConfig
 from edge_sdk.model import ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
@@ -120,14 +121,23 @@ def _has_tensorflow() -> bool:
     import importlib.util
 
     try:
-        return importlib.util.find_spec("tensorflow") is not None
-    except ValueError:  # sys.modules["tensorflow"] is None: importing it is blocked
+        return importlib.util.find_spec("tensorflow") is not None  # None also when sys.modules blocks it (None)
+    except ValueError:  # a module object without __spec__
         return False
+
+
+def _exports_here() -> bool:
+    """Whether this process can export TFLite: the models are TensorFlow's (Keras backend tensorflow). A model
+    built on another backend cannot be traced by tf.function, even with TensorFlow installed."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow" and _has_tensorflow()
 
 
 def _accelerators() -> list[str]:
     """The GPUs Keras's backend trains on (empty: the CPU). TensorFlow is the default backend; JAX and PyTorch
-    (``KERAS_BACKEND=jax`` / ``torch``) train the same models where TensorFlow has no GPU build, e.g. a CUDA 13 host."""
+    (``KERAS_BACKEND=jax``, tested; ``torch``, untested) train the same models where TensorFlow has no GPU build,
+    e.g. a CUDA 13 host."""
     import keras
 
     backend = keras.backend.backend()
@@ -233,7 +243,7 @@ def train_baseline(
     reference_clips: Sequence[Clip] = (),
     trainable_embedding: bool = False,
     device_learning_rate: float | None = None,
-    precomputed: dict | None = None,
+    precomputed: tuple[dict, FeatureConfig] | None = None,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
@@ -245,13 +255,15 @@ def train_baseline(
     (``models.export.export_tflite``).
     ``device_learning_rate``: the SGD rate the metadata tells devices to use for federated updates (default: 0.01
     with ``trainable_embedding``, none otherwise: the device's own default, 0.05).
-    ``precomputed``: {"train", "val", optional "test" and "reference"} :class:`~models.features.FeatureSet` s
-    (e.g. from :func:`models.features.load_feature_pack` on a GPU host without the audio or librosa) used instead of
-    computing features of the clip arguments, which are then ignored.
+    ``precomputed``: ``(parts, feature config)`` as :func:`models.features.load_feature_pack` returns them (parts:
+    "train", "val", optional "test" and "reference" :class:`~models.features.FeatureSet` s), e.g. on a GPU host
+    without the audio or librosa; used instead of computing features of the clip arguments, which are then ignored.
+    The pack's feature config must be ``features``.
 
-    Without TensorFlow (``KERAS_BACKEND=jax`` or ``torch`` on a host with no TensorFlow build) the TFLite export
-    cannot run: ``out_dir`` then gets ``trained.npz`` and ``trained.json`` (:func:`models.export.save_trained`) and
-    the report, and ``fedser-train export --trained OUT_DIR`` on a host with TensorFlow writes the model.
+    On a Keras backend other than TensorFlow (``KERAS_BACKEND=jax``, e.g. a GPU host with no TensorFlow GPU build)
+    the TFLite export cannot run: ``out_dir`` then gets ``trained.npz`` and ``trained.json``
+    (:func:`models.export.save_trained`) and the report, and ``fedser-train export --trained OUT_DIR`` with the
+    TensorFlow backend writes the model.
     """
     import sys
 
@@ -259,6 +271,13 @@ def train_baseline(
     from tqdm.auto import tqdm
 
     if precomputed is not None:
+        precomputed, pack_features = precomputed
+        if pack_features != features:
+            raise ParameterError(f"the precomputed features were computed with {pack_features.to_dict()}, not the "
+                                 f"{features.to_dict()} asked for")
+        missing = {"train", "val"} - set(precomputed)
+        if missing:
+            raise ParameterError(f"precomputed features lack the part(s) {sorted(missing)}")
         train_fs, val_fs, test_fs = precomputed["train"], precomputed["val"], precomputed.get("test")
         train_clips, val_clips = list(dict.fromkeys(train_fs.clips)), val_fs.clips
         test_clips = test_fs.clips if test_fs is not None else ()
@@ -269,7 +288,7 @@ def train_baseline(
     if trainable_embedding and architecture.name not in ("cnn", "dnn"):
         raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not "
                          f"{architecture.name}")
-    if (config.spec_augment or config.mixup) and not _has_tensorflow():
+    if (config.spec_augment or config.mixup) and not _has_tensorflow():  # tf.data works under any backend
         raise ValueError("spec_augment and mixup run in a tf.data pipeline, which needs TensorFlow installed "
                          f"(Keras backend {keras.backend.backend()!r} without it cannot)")
     keras.utils.set_random_seed(config.seed)
@@ -457,7 +476,7 @@ def train_baseline(
     if out_dir is not None:
         from models.report import write_report
 
-        if _has_tensorflow():
+        if _exports_here():
             result.export = export_tflite(encoder, head_weights, metadata, Path(out_dir),
                                           trainable_embedding=trainable_embedding, replay_inputs=replay_inputs)
             if trainable_embedding:  # head layout, embedding_dim, replay set and device rate follow the deeper cut
@@ -467,9 +486,9 @@ def train_baseline(
         else:
             save_trained(encoder, head_weights, metadata, Path(out_dir), trainable_embedding=trainable_embedding,
                          replay_inputs=replay_inputs)
-            report["export"] = ("pending: no TensorFlow here; run `fedser-train export --trained "
-                                f"{out_dir}` on a host with TensorFlow")
-            log.warning("no TensorFlow: wrote %s/trained.npz; `fedser-train export --trained %s` on a host with "
-                        "TensorFlow writes model.tflite", out_dir, out_dir)
+            report["export"] = (f"pending: trained on Keras backend {keras.backend.backend()!r}; run `fedser-train "
+                                f"export --trained {out_dir}` with the TensorFlow backend")
+            log.warning("Keras backend %s: wrote %s/trained.npz; `fedser-train export --trained %s` with the "
+                        "TensorFlow backend writes model.tflite", keras.backend.backend(), out_dir, out_dir)
         write_report(report, out_dir)
     return result

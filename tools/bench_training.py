@@ -2,15 +2,15 @@
 
     python -m tools.bench_training pack --task A --recipe A0 --out runs/pack-A0.npz
     python -m tools.bench_training train --pack runs/pack-A0.npz --recipe A0 --seed 0 --out runs/bench-A0
-    KERAS_BACKEND=jax python -m tools.bench_training train --pack ... --tile 12 --epochs 5 --out ...
+    KERAS_BACKEND=jax python -m tools.bench_training train --pack ... --tile 13 --epochs 5 --out ...
 
 ``pack`` computes a recipe's features here (librosa, the corpora under ``../shared/data``) and writes them into one
 ``.npz`` (:func:`models.features.save_feature_pack`): train, validation, the calm reference clips and, by default,
 RAVDESS actors 21-24 as the test part (``--test none`` leaves it out; all of nEMO would make the pack too large to
 ship). ``train`` runs :func:`models.train.train_baseline` on a pack: the same code as ``fedser-train train``, on
-whatever Keras backend is set (``KERAS_BACKEND``: tensorflow, the default; jax or torch where TensorFlow has no GPU
-build) and on the GPU when that backend sees one. Without TensorFlow the model is saved as ``trained.npz``;
-``fedser-train export --trained OUT`` on a host with TensorFlow writes the ``.tflite``.
+whatever Keras backend is set (``KERAS_BACKEND``: tensorflow, the default; jax where TensorFlow has no GPU build)
+and on the GPU when that backend sees one. On another backend than TensorFlow the model is saved as
+``trained.npz``; ``fedser-train export --trained OUT`` with the TensorFlow backend writes the ``.tflite``.
 
 Timing: ``--tile N`` repeats the training examples N times (an epoch of N times the steps; scores are then not a
 recipe's) and ``--epochs E`` trains E epochs with no early stopping, so that seconds per epoch and examples per
@@ -76,10 +76,18 @@ def cmd_train(args) -> int:
     from models.recipe_search import RECIPES, _configs
     from models.train import train_baseline
 
-    parts, pack_features = load_feature_pack(args.pack)
+    if args.recipe not in RECIPES:
+        print(f"unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
+        return 2
+    try:
+        parts, pack_features = load_feature_pack(args.pack)
+    except ValueError as exc:
+        print(f"cannot train: {exc}", file=sys.stderr)
+        return 2
     features, config, arch = _configs(RECIPES[args.recipe], args.seed)
-    if features != pack_features:
-        print(f"the pack's features {pack_features.to_dict()} are not recipe {args.recipe}'s", file=sys.stderr)
+    if features != pack_features or "train" not in parts or "val" not in parts:
+        print(f"{args.pack} is not a pack of recipe {args.recipe} with train and val parts (features "
+              f"{pack_features.to_dict()}, parts {sorted(parts)})", file=sys.stderr)
         return 2
     if args.epochs:  # fixed work: no early stopping
         config = replace(config, epochs=args.epochs, patience=args.epochs + 1)
@@ -87,8 +95,9 @@ def cmd_train(args) -> int:
         config = replace(config, mixed_precision=args.mixed_precision)
     parts["train"] = _tiled(parts["train"], args.tile)
     started = time.perf_counter()
-    result = train_baseline((), (), precomputed=parts, features=features, architecture=arch, config=config,
-                            out_dir=args.out, progress=False, dataset_name=f"recipe {args.recipe} (task pack)",
+    result = train_baseline((), (), precomputed=(parts, pack_features), features=features, architecture=arch,
+                            config=config, out_dir=args.out, progress=False,
+                            dataset_name=f"recipe {args.recipe} (task pack)",
                             trainable_embedding=args.trainable_embedding)
     wall = time.perf_counter() - started
     rep = result.report

@@ -12,11 +12,11 @@ export PYTHONUNBUFFERED=1 KERAS_BACKEND=${KERAS_BACKEND:-jax}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import keras, jax; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())" \
-  || { echo "Keras on JAX is unusable here: trying KERAS_BACKEND=torch"; export KERAS_BACKEND=torch; }
-B="python3 -m tools.bench_training train --pack $PACK --recipe A0"
+  || { echo "Keras on JAX is unusable here: trying KERAS_BACKEND=torch (untested)"; export KERAS_BACKEND=torch; }
 run() {  # name, then arguments
   local name=$1; shift
-  $B "$@" --out "/tmp/bench/$name" 2>&1 | grep -v " INFO models: epoch " | tail -3
+  rm -rf "/tmp/bench/$name"
+  python3 -m tools.bench_training train --pack "$PACK" --recipe A0 "$@" --out "/tmp/bench/$name" 2>&1 | grep -v " INFO models: epoch " | tail -3
   [ -f "/tmp/bench/$name/bench.json" ] && python3 -c "import json,sys; print(json.dumps({'run': sys.argv[2], \
 **json.load(open(sys.argv[1]))}))" "/tmp/bench/$name/bench.json" "$name" >> "$OUT/bench.jsonl"
 }

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge_sdk.errors import ModelError
+from edge_sdk.errors import ModelError, ParameterError
 from edge_sdk.features import FeatureConfig
 from tests.conftest import REPO
 
@@ -58,8 +58,8 @@ def test_training_from_a_pack_uses_its_split_and_reference(a0_pack):
     _, config, arch = _configs(RECIPES["A0"], 0)
     from dataclasses import replace
 
-    loaded, _ = load_feature_pack(path)
-    result = train_baseline((), (), precomputed=loaded, features=features, architecture=arch,
+    loaded, cfg = load_feature_pack(path)
+    result = train_baseline((), (), precomputed=(loaded, cfg), features=features, architecture=arch,
                             config=replace(config, epochs=1, replay_per_class=2))
     split = result.report["split"]
     assert split["train_clips"] == len(parts["train"].clips) and split["val_clips"] == len(parts["val"].clips)
@@ -68,6 +68,12 @@ def test_training_from_a_pack_uses_its_split_and_reference(a0_pack):
     assert result.report["feature_seconds"] < 1.0  # nothing computed
     assert result.report["hardware"]["backend"] == "tensorflow"
     assert result.report["hardware"]["framework"].startswith("TensorFlow ")
+    with pytest.raises(ParameterError, match="precomputed features were computed with"):
+        train_baseline((), (), precomputed=(loaded, replace(cfg, n_mels=32)), features=features,
+                       architecture=arch, config=config)
+    with pytest.raises(ParameterError, match=r"lack the part\(s\) \['val'\]"):
+        train_baseline((), (), precomputed=({"train": loaded["train"]}, cfg), features=features,
+                       architecture=arch, config=config)
 
 
 def _write_npz(path, **arrays):
@@ -99,11 +105,43 @@ def test_bad_feature_packs_are_refused_with_what_is_wrong(a0_pack, tmp_path):
     with pytest.raises(ValueError, match="lacks 'test__label'"):
         load_feature_pack(bad)
     _write_npz(bad, **{**good, "test__label": np.array([{"a": 1}] * len(good["test__label"]), dtype=object)})
-    with pytest.raises(ValueError, match="malformed|not a feature pack|pickle"):  # an object array is never loaded
+    with pytest.raises(ValueError, match="malformed feature pack .*pickle"):  # an object array is never loaded
         load_feature_pack(bad)
+    lengths = good["train__lengths"].copy()
+    lengths[0], lengths[1] = 0, lengths[0] + lengths[1]
+    _write_npz(bad, **{**good, "train__lengths": lengths})
+    with pytest.raises(ValueError, match="part 'train': lengths, frames"):
+        load_feature_pack(bad)
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="a single array, not an .npz archive"):
+        load_feature_pack(tmp_path / "one.npy")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a feature pack"):
+        load_feature_pack(tmp_path / "cut.npz")
 
 
-def test_export_of_a_trained_folder_names_what_is_wrong(tmp_path):
+@pytest.fixture(scope="module")
+def trained_folder(a0_pack, tmp_path_factory):
+    """A one-epoch A0 model of the pack saved as a training run on another backend leaves it."""
+    from dataclasses import replace
+
+    from models.export import save_trained
+    from models.features import load_feature_pack
+    from models.recipe_search import RECIPES, _configs
+    from models.train import train_baseline
+
+    path, _, features = a0_pack
+    _, config, arch = _configs(RECIPES["A0"], 0)
+    res = train_baseline((), (), precomputed=load_feature_pack(path), features=features, architecture=arch,
+                         config=replace(config, epochs=1, replay_per_class=0))
+    out = tmp_path_factory.mktemp("trained")
+    save_trained(res.encoder, res.head_weights, res.metadata, out)
+    return out
+
+
+def test_export_of_a_trained_folder_names_what_is_wrong(trained_folder, tmp_path):
+    import shutil
+
     from models.export import export_trained
 
     with pytest.raises(ModelError, match="trained.json"):
@@ -111,6 +149,36 @@ def test_export_of_a_trained_folder_names_what_is_wrong(tmp_path):
     (tmp_path / "trained.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ModelError, match="not a fedser-trained/1 file"):
         export_trained(tmp_path)
+    good = json.loads((trained_folder / "trained.json").read_text())
+    arrays = dict(np.load(trained_folder / "trained.npz", allow_pickle=False))
+
+    def case(info=None, **npz):
+        folder = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"
+        folder.mkdir()
+        (folder / "trained.json").write_text(json.dumps(good if info is None else info))
+        _write_npz(folder / "trained.npz", **{**arrays, **npz})
+        return folder
+
+    for info, match in (({**good, "metadata": 3}, "holds no model metadata"),
+                        ({**good, "architecture": None}, "names no architecture"),
+                        ({**good, "architecture": {"name": "cnn", "wings": 2}}, "bad architecture"),
+                        ({**good, "encoder_weights": 10**9}, "encoder_weights must be a count in 1..1000"),
+                        ({**good, "encoder_weights": "7"}, "encoder_weights must be a count"),
+                        ({**good, "encoder_weights": 2}, "do not fit a cnn encoder")):
+        with pytest.raises(ModelError, match=match):
+            export_trained(case(info))
+    with pytest.raises(ModelError, match="head_w1 is not finite"):
+        export_trained(case(head_w1=np.full_like(arrays["head_w1"], np.nan)))
+    with pytest.raises(ModelError, match="do not match the metadata's head layout"):
+        export_trained(case(head_w1=arrays["head_w1"][:, :2]))
+    with pytest.raises(ModelError, match="replay_x and replay_y come together"):
+        export_trained(case(replay_x=np.zeros((2, 3), np.float32)))
+    folder = case()
+    (folder / "trained.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ModelError, match="not a readable .npz"):
+        export_trained(folder)
+    shutil.copy(trained_folder / "trained.npz", folder / "trained.npz")
+    assert export_trained(folder).size > 0  # the same files, whole, export
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax (pip install 'fedser[dev]')")
@@ -134,7 +202,7 @@ def test_keras_on_jax_without_tensorflow_trains_and_the_export_here_matches(a0_p
     assert row["backend"] == "jax" and row["exported"] is False and row["epochs_run"] == 2
     assert (out / "trained.npz").exists() and not (out / "model.tflite").exists()
     report = json.loads((out / "report.json").read_text())
-    assert report["export"].startswith("pending: no TensorFlow")
+    assert report["export"].startswith("pending: trained on Keras backend 'jax'")
     assert report["hardware"]["framework"].startswith("Keras ") and "jax" in report["hardware"]["framework"]
 
     r = subprocess.run([sys.executable, "-m", "models.cli", "export", "--trained", str(out)], cwd=REPO,
@@ -158,25 +226,33 @@ def test_keras_on_jax_without_tensorflow_trains_and_the_export_here_matches(a0_p
     assert classification_report(y, pred, list(meta.labels))["uar"] == pytest.approx(report["test"]["uar"], abs=1e-9)
 
 
-def test_a_model_trained_elsewhere_does_not_fit_another_architecture(a0_pack, tmp_path):
-    from dataclasses import replace
+def test_a_model_trained_elsewhere_does_not_fit_another_architecture(trained_folder, tmp_path):
+    import shutil
 
-    from models.export import save_trained
-    from models.features import load_feature_pack
-    from models.recipe_search import RECIPES, _configs
-    from models.train import train_baseline
-
-    path, _, features = a0_pack
-    _, config, arch = _configs(RECIPES["A0"], 0)
-    parts, _ = load_feature_pack(path)
-    res = train_baseline((), (), precomputed=parts, features=features, architecture=arch,
-                         config=replace(config, epochs=1, replay_per_class=0))
-    save_trained(res.encoder, res.head_weights, res.metadata, tmp_path)
-    info = json.loads((tmp_path / "trained.json").read_text())
-    info["architecture"]["channels"] = [8, 8, 8]
-    (tmp_path / "trained.json").write_text(json.dumps(info))
     from models.export import export_trained
 
+    shutil.copytree(trained_folder, tmp_path / "t")
+    info = json.loads((tmp_path / "t" / "trained.json").read_text())
+    info["architecture"]["channels"] = [8, 8, 8]
+    (tmp_path / "t" / "trained.json").write_text(json.dumps(info))
     with pytest.raises(ModelError, match="do not fit a cnn encoder"):
-        export_trained(tmp_path)
-    assert FeatureConfig.from_dict(info["metadata"]["features"]) == features
+        export_trained(tmp_path / "t")
+    assert FeatureConfig.from_dict(info["metadata"]["features"]).kind == "logmel"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax (pip install 'fedser[dev]')")
+def test_keras_on_jax_with_tensorflow_installed_saves_the_weights_and_refuses_to_export(a0_pack, tmp_path):
+    """TensorFlow importable but the models are JAX's: tf.function cannot trace them, so training saves
+    trained.npz (not a crash after training), and `fedser-train export` on the JAX backend says what to change."""
+    path, _, _ = a0_pack
+    out = tmp_path / "run"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "tools.bench_training", "train", "--pack", str(path), "--recipe", "A0",
+                        "--epochs", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "trained.npz").exists() and not (out / "model.tflite").exists()
+    assert "export: pending: trained on Keras backend 'jax'" in (out / "report.md").read_text()
+    r = subprocess.run([sys.executable, "-m", "models.cli", "export", "--trained", str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "needs the TensorFlow Keras backend, not 'jax'" in r.stderr
