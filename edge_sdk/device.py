@@ -170,6 +170,12 @@ class TrainPolicy:
     # and left off: with the guard as it is, a gentler fit changed nothing (docs/results/personalisation-study/stop19).
     thumbs_adam_learning_rate: float | None = None
     thumbs_adam_steps: int | None = None
+    # Bare thumbs-down and no correction: no fit unless at least this share of the answers are thumbs-up (the
+    # global model confirmed). Measured and left off (docs/results/personalisation-study/stop20): 0.4 with the
+    # thumbs-flip rule off and Adam 1e-4 x 300 gained on every validation cell with no run below -5 on the
+    # RAVDESS-only base, and RAVDESS 21-24 +18.1 against +10.0, but on nEMO IC0/MK0/TP0 (thumbs-ups 0.29 of the
+    # answers) it mostly skips and its one kept fit cost 9 points. 0: off.
+    thumbs_min_up_share: float = 0.0
     optimizer: str = "adam"
     # Personal fits train only the head's last this many layers (0, the default: every layer of the head; with the
     # adapter, the adapter trains too). On a model whose head includes the encoder's embedding layer
@@ -203,6 +209,10 @@ class TrainPolicy:
             if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)
                                       or not math.isfinite(value) or value <= 0):
                 raise ParameterError(f"TrainPolicy.{name} must be None or finite and > 0, got {value!r}")
+        if (isinstance(self.thumbs_min_up_share, bool) or not isinstance(self.thumbs_min_up_share, numbers.Real)
+                or not 0.0 <= self.thumbs_min_up_share <= 1.0):
+            raise ParameterError(
+                f"TrainPolicy.thumbs_min_up_share must be within 0..1, got {self.thumbs_min_up_share!r}")
         if self.adam_max_rows < 1:
             raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
@@ -1010,6 +1020,11 @@ class Device:
             return TrainReport("skipped", f"bare thumbs-down only: {len(examples)} answers, a fit waits for "
                                f"{policy.thumbs_min_answers} (thumbs_min_answers)", examples=len(examples),
                                answers_dropped=dropped)
+        ups = sum(e.kind == "up" for e in examples)
+        if thumbs_only and ups / len(examples) < policy.thumbs_min_up_share:
+            return TrainReport("skipped", f"bare thumbs-down only: {ups} thumbs-up of {len(examples)} answers, a fit "
+                               f"wants {policy.thumbs_min_up_share:g} of them (thumbs_min_up_share)",
+                               examples=len(examples), answers_dropped=dropped)
         if thumbs_only:  # the thumbs-only fit (thumbs_adam_*)
             rate, steps = policy.thumbs_adam_learning_rate, policy.thumbs_adam_steps
             policy = replace(policy, adam_learning_rate=policy.adam_learning_rate if rate is None else float(rate),

@@ -313,6 +313,37 @@ def test_a_thumbs_down_only_fit_waits_for_enough_answers(tmp_path, trained_model
         TrainPolicy(thumbs_min_answers=-1)
 
 
+def test_a_thumbs_down_only_fit_wants_a_share_of_thumbs_up(tmp_path, trained_model):
+    """thumbs_min_up_share (off by default): bare thumbs-down and thumbs-up only, a fit is tried only when at least
+    that share of the answers are thumbs-up; at the share it is judged as before; corrections are not affected."""
+    assert TrainPolicy().thumbs_min_up_share == 0.0
+    base = {**POLICY, "guard_folds": 5, "guard_margin": -1.0, "thumbs_flips": -1, "thumbs_min_answers": 0,
+            "thumbs_min_up_share": 0.4}
+    dev = _device(tmp_path / "few", trained_model, TrainPolicy(**base))
+    u, v = _embeddings(dev)
+    for k in range(10):  # 3 thumbs-up of 10
+        _answer(dev, k, v, "up") if k % 3 == 2 else _answer(dev, k, u, "down")
+    report = dev.personalize()
+    assert report.status == "skipped" and report.examples == 10
+    assert "3 thumbs-up of 10 answers" in report.reason and "thumbs_min_up_share" in report.reason
+    assert not dev.personalized
+    _answer(dev, 10, v, "up")  # 4 of 11 is still short of 0.4
+    assert dev.personalize().status == "skipped"
+    _answer(dev, 11, v, "up")  # 5 of 12: judged (a negative margin keeps it)
+    assert dev.personalize().status == "kept"
+    exact = _device(tmp_path / "exact", trained_model, TrainPolicy(**{**base, "thumbs_min_up_share": 0.28}))
+    for k in range(25):  # 7 of 25 is exactly 0.28 (7 < 0.28 * 25 in floating point)
+        _answer(exact, k, v, "up") if k < 7 else _answer(exact, k, u, "down")
+    assert exact.personalize().status == "kept"
+    corrected = _device(tmp_path / "corrected", trained_model, TrainPolicy(**base))
+    for k in range(6):
+        _answer(corrected, k, u, B if k == 0 else "down")
+    assert corrected.personalize().status == "kept"
+    for bad in (-0.1, 1.5, True, "0.4", float("nan")):
+        with pytest.raises(ParameterError, match="thumbs_min_up_share"):
+            TrainPolicy(thumbs_min_up_share=bad)
+
+
 def test_a_trusted_fit_is_the_plain_fine_tune_unless_balanced(tmp_path, trained_model):
     """A user the global head fails, with corrections: the kept head is the plain fine-tune of the answers (no
     replay, no class balancing: the same Adam fit as a policy that asks for exactly that, to the bit); with
