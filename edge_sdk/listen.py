@@ -246,7 +246,10 @@ class Listener:
 
     def stop(self, timeout: float = 30.0) -> dict:
         if self._stream is not None:
-            self._stream.stop()
+            # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and with
+            # ALSA's pulse device under load that wait can hang for good (a clean-clone CI run: `listen` still
+            # running 60 s after SIGINT); an input stream has nothing pending worth waiting for
+            self._stream.abort()
             self._stream.close()
             self._stream = None
         self._stop.set()
