@@ -21,7 +21,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +200,7 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     started = time.monotonic()
     last_sync = 0.0
     trained_at = int(device.store.get("trained_feedback", "0"))
+    previous = _stop_on_signals()
     try:
         if file_blocks is not None:
             for block in file_blocks:
@@ -234,7 +237,24 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
         if web is not None:
             web.stop()
         print(json.dumps({"listen_stats": stats}), flush=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _stop_on_signals() -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM (systemd's stop) both end a listening session the same way: the input stream
+    closed, the stats printed. Installed explicitly: a process started as a shell's background job begins with
+    SIGINT ignored, and Python leaves it ignored (such a listener ran on 60 s after SIGINT in a CI run); and
+    SIGTERM's default would end the process without closing anything. Returns the handlers it replaced (none when
+    not on the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _out(obj: dict) -> None:

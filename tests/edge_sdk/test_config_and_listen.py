@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -180,6 +182,44 @@ def test_listen_file_hears_a_long_recording_at_its_own_rate(tmp_path):
     assert len(predictions) == 6, out.stdout[-2000:]
     stats = [json.loads(line)["listen_stats"] for line in out.stdout.splitlines() if '"listen_stats"' in line]
     assert stats and stats[0]["dropped_blocks"] == 0, stats
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_listen_ends_cleanly_on_sigint_or_sigterm_even_when_started_ignoring_sigint(tmp_path, signum):
+    """A listener started as a background job (SIGINT ignored from the start, as a shell does) or stopped by
+    systemd (SIGTERM) still closes its stream, prints its stats and exits 0."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import soundfile
+
+    from edge_sdk.device import Device
+
+    if Device(tmp_path / "probe").model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    soundfile.write(tmp_path / "one.wav", _stream_at(16000), 16000)
+    listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
+                               "--file", str(tmp_path / "one.wav"), "--feedback", "none", "--seconds", "300"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while '"label"' not in line:  # the file's utterance heard: the session is in its loop
+            line = listen.stdout.readline()
+            assert line or listen.poll() is None, listen.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no prediction"
+        listen.send_signal(signum)
+        out, err = listen.communicate(timeout=60)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.communicate()
+    assert listen.returncode == 0, err[-2000:]
+    stats = [json.loads(x)["listen_stats"] for x in out.splitlines() if '"listen_stats"' in x]
+    assert stats and stats[0]["predictions"] == 1, out[-2000:]
 
 
 def test_classify_keeps_at_most_the_maximum_clip_length(tmp_path, rng):

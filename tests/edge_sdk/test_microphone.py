@@ -54,7 +54,8 @@ def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, 
 
     if Device(tmp_path / "probe").model is None:
         pytest.skip("no bundled model in edge_sdk/data")
-    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor", "FEDSER_EDGE_AUDIO_SAMPLE_RATE": str(rate)}
+    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor", "FEDSER_EDGE_AUDIO_SAMPLE_RATE": str(rate),
+           "PYTHONFAULTHANDLER": "1"}  # a listener that hangs is ended with SIGABRT below: its threads' stacks
     err_file = open(tmp_path / "listen.stderr", "w")  # noqa: SIM115 - closed below
     listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
                                "--input-device", "pulse", "--feedback", "none", "--seconds", "300"],
@@ -82,7 +83,13 @@ def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, 
             except queue.Empty:
                 assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
         listen.send_signal(signal.SIGINT)
-        listen.wait(timeout=60)
+        try:
+            listen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            listen.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to stderr
+            listen.wait(timeout=30)
+            pytest.fail(f"listen still ran 60 s after SIGINT; printed {out[-6:]}; its stacks and stderr:\n"
+                        + (tmp_path / "listen.stderr").read_text()[-6000:])
         reader.join(timeout=30)  # the pipe is at its end once the process exited
     finally:
         if listen.poll() is None:
