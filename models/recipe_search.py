@@ -140,7 +140,7 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
-            trainable_embedding: bool = False) -> dict:
+            trainable_embedding: bool = False, save_logits: Path | None = None) -> dict:
     from models.features import compute_features
     from models.train import train_baseline
 
@@ -168,11 +168,18 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
             if config.speaker_reference == "neutral" else None
         ref = val_fs.reference_stats(config.speaker_reference, extra)
     xv = val_fs.model_inputs(features, norm, ref)
-    pv = np.argmax(result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0), axis=1)
+    val_logits = result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0)
+    pv = np.argmax(val_logits, axis=1)
     yv = val_fs.labels(list(LABELS))
     vspk = np.array([c.speaker.split("-", 1)[0] for c in val_fs.clips])
     final_val = float(np.mean([_scores(yv[vspk == k], pv[vspk == k])["uar"] for k in sorted(set(vspk.tolist()))]))
     spk = np.array([c.speaker for c in test_fs.clips])
+    if save_logits is not None:  # per-clip logits of the test and validation clips, for ensembles (no pickle)
+        save_logits.mkdir(parents=True, exist_ok=True)
+        np.savez(save_logits / f"{name}-seed{seed}.npz", speakers=spk.astype(str), labels=y, logits=logits,
+                 paths=np.array([str(c.path) for c in test_fs.clips]),
+                 val_speakers=np.array([c.speaker for c in val_fs.clips]), val_labels=yv,
+                 val_logits=val_logits)
     groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
     if task == "A":
         groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
@@ -187,8 +194,48 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     return row
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir: Path) -> list[dict]:
+    """Rows for ensembles of ``size`` models of one recipe (disjoint groups of ``seeds``, in order): each clip's
+    class probabilities averaged over the group's models, scored like a single run. The row's ``seed`` is the
+    group's index; ``members`` names its seeds."""
+    if size < 1 or len(seeds) < size:
+        raise ValueError(f"an ensemble of {size} needs at least {size} seeds, got {len(seeds)}")
+    rows = []
+    for g in range(len(seeds) // size):
+        members = seeds[g * size:(g + 1) * size]
+        runs = [np.load(logits_dir / f"{name}-seed{s}.npz") for s in members]
+        for r in runs[1:]:
+            if not (np.array_equal(r["paths"], runs[0]["paths"]) and np.array_equal(r["val_speakers"],
+                                                                                    runs[0]["val_speakers"])):
+                raise ValueError(f"{name}: the seeds' logits are of different clips")
+        probs = np.mean([_softmax(r["logits"]) for r in runs], axis=0)
+        val_probs = np.mean([_softmax(r["val_logits"]) for r in runs], axis=0)
+        y, spk, yv = runs[0]["labels"], runs[0]["speakers"], runs[0]["val_labels"]
+        vcorp = np.array([s.split("-", 1)[0] for s in runs[0]["val_speakers"]])
+        pred, pv = np.argmax(probs, axis=1), np.argmax(val_probs, axis=1)
+        row = {"task": task, "recipe": f"{name}-ens{size}", "seed": g, "members": members,
+               "what": f"{RECIPES[name]['what']}; ensemble of {size} seeds (probabilities averaged)",
+               "features": RECIPES[name]["features"], "train": RECIPES[name]["train"], "arch": RECIPES[name]["arch"],
+               "final_val_uar": float(np.mean([_scores(yv[vcorp == k], pv[vcorp == k])["uar"]
+                                               for k in sorted(set(vcorp.tolist()))])),
+               "params": None}
+        groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
+        if task == "A":
+            groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
+            groups["nemo_all"] = np.char.startswith(spk.astype(str), "nemo-")
+        for k, m in groups.items():
+            row[k] = _scores(y[m], pred[m])
+        rows.append(row)
+    return rows
+
+
 def _val(r: dict) -> float:
-    return r.get("final_val_uar", r["best_val_uar"])
+    return r["final_val_uar"] if "final_val_uar" in r else r["best_val_uar"]
 
 
 def _mean_se(values) -> str:
@@ -226,13 +273,13 @@ def table(rows: list[dict], task: str) -> str:
         else:
             lines.append(f"| {name} | {what} | {seeds} | {_mean_se([_val(r) for r in rs])} | "
                          f"{_mean_se([r['nemo_test']['uar'] for r in rs])} | "
-                         f"{_mean_se([r['ravdess_test']['uar'] for r in rs])} | {rs[0]['params']:,} |")
+                         f"{_mean_se([r['ravdess_test']['uar'] for r in rs])} | {rs[0]['params'] or 0:,} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.recipe_search", description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=("run", "table"))
+    p.add_argument("command", choices=("run", "table", "ensemble"))
     p.add_argument("--task", choices=("A", "B"), default="A")
     p.add_argument("--recipes", default="A0")
     p.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
@@ -243,6 +290,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=Path(".cache/features"))
     p.add_argument("--trainable-embedding", action="store_true",
                    help="export with the encoder's embedding layer in the trainable head (the deep head)")
+    p.add_argument("--save-logits", type=Path, default=None, metavar="DIR",
+                   help="run: write DIR/<recipe>-seed<N>.npz with every test and validation clip's logits; "
+                        "ensemble: read them")
+    p.add_argument("--size", type=int, default=3, help="ensemble: models per ensemble (disjoint groups of seeds)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
@@ -256,9 +307,22 @@ def main(argv=None) -> int:
         (args.out / "tables.md").write_text(text)
         print(text)
         return 0
+    if args.command == "ensemble":
+        if args.save_logits is None:
+            p.error("ensemble reads the logits of --save-logits DIR")
+        for name in args.recipes.split(","):
+            seeds = [int(s) for s in args.seeds.split(",")]
+            for row in ensemble_rows(args.task, name, seeds, args.size, args.save_logits):
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                logging.info("%s: val %.3f | %s", row["recipe"], row["final_val_uar"],
+                             {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
+                                                                   "ravdess_test") if g in row})
+        return 0
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding)
+            row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
+                          args.save_logits)
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             logging.info("%s seed %d: val %.3f | %s", name, seed, row["final_val_uar"],

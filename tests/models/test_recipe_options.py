@@ -149,3 +149,34 @@ def test_the_personalisation_study_parses_optional_policy_fields():
     assert type(over["thumbs_adam_steps"]) is int
     with pytest.raises(SystemExit, match="no field"):
         parse_policy("x=nonsense:1")
+
+
+def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
+    """recipe_search ensemble: each disjoint group of seeds is scored on its averaged probabilities; seeds whose
+    logits are of other clips are refused."""
+    from models.recipe_search import ensemble_rows
+
+    spk = np.array(["nemo-IC0"] * 4 + ["ravdess-21"] * 4 + ["nemo-EB0"] * 4)
+    y = np.array([0, 1, 2, 3] * 3)
+    good, bad = np.eye(4)[y] * 4, np.eye(4)[(y + 1) % 4] * 4
+    vspk = np.array(["ravdess-19", "ravdess-19"])
+
+    def save(seed, logits, paths=None):
+        np.savez(tmp_path / f"A-swa-long-seed{seed}.npz", speakers=spk, labels=y, logits=logits,
+                 paths=np.array(paths or [f"c{i}.wav" for i in range(12)]), val_speakers=vspk,
+                 val_labels=np.array([0, 1]), val_logits=np.eye(4)[[0, 1]])
+
+    save(0, good)
+    save(1, good + 0.1 * bad)  # agrees with seed 0
+    save(2, bad)
+    save(3, 0.5 * bad)  # a weaker wrong vote: with seed 2, the pair is all wrong
+    rows = ensemble_rows("A", "A-swa-long", [0, 1, 2, 3], 2, tmp_path)
+    assert [r["members"] for r in rows] == [[0, 1], [2, 3]]
+    assert rows[0]["nemo_test"]["uar"] == 1.0 and rows[1]["nemo_test"]["uar"] == 0.0
+    assert rows[0]["recipe"] == "A-swa-long-ens2" and rows[0]["final_val_uar"] == 1.0
+    assert rows[0]["nemo_all"]["n"] == 8 and rows[0]["ravdess_test"]["n"] == 4
+    save(3, good, paths=[f"d{i}.wav" for i in range(12)])
+    with pytest.raises(ValueError, match="different clips"):
+        ensemble_rows("A", "A-swa-long", [2, 3], 2, tmp_path)
+    with pytest.raises(ValueError, match="needs at least"):
+        ensemble_rows("A", "A-swa-long", [0], 2, tmp_path)
