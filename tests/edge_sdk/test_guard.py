@@ -201,6 +201,27 @@ def test_bad_guard_settings_are_refused_with_the_name(field, value):
         TrainPolicy(**{field: value})
 
 
+def test_adapt_all_from_waives_the_margin_for_every_user_with_that_many_answers(tmp_path, trained_model):
+    """adapt_all_from: a user the global head serves well (7 of 10 answers right, above adapt_below) gets the
+    margin waived once they have that many answers, as a user it fails does; with fewer the margin stands. Bounds
+    are checked with the field's name."""
+    strict = {**POLICY, "guard_folds": 5, "guard_margin": 3.0, "guard_test": "paired", "adapt_below": 0.6}
+    for adapt_all_from, status in ((0, "discarded"), (11, "discarded"), (10, "kept")):
+        dev = _device(tmp_path / str(adapt_all_from), trained_model,
+                      TrainPolicy(**strict, adapt_all_from=adapt_all_from))
+        u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
+        u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0
+        v[0] = 3.0
+        for k in range(10):
+            _answer(dev, k, u, B) if k % 4 == 0 else _answer(dev, k, v, "up")
+        report = dev.personalize()
+        assert (report.status, report.score_before, report.score_after) == (status, 0.7, 1.0), report.reason
+        assert ("every user from 10 answers" in report.guard) == (status == "kept"), report.guard
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ParameterError, match="adapt_all_from"):
+            TrainPolicy(adapt_all_from=bad)
+
+
 def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show_worse(tmp_path, trained_model):
     """adapt_below: with the global head showing fewer than that share of the answers right, a fit is kept unless
     cross-validation shows the answers worse by the margin (here a margin no fit could clear: 3 * sqrt(10))."""
