@@ -2,7 +2,9 @@
 
 ``start_job`` records a job and starts ``python -m aggregator.jobs run JOB``
 in its own session (it survives a restart of the web workers). That process
-runs ``fedser-train train`` (on a GPU when TensorFlow sees one), writes its log
+runs ``fedser-train train`` (on a GPU when the Keras backend sees one: TensorFlow's, or JAX's with
+``KERAS_BACKEND=jax`` in the aggregator's environment where TensorFlow has no GPU build, the model then exported to
+TFLite by TensorFlow in a second process), writes its log
 to ``<instance>/jobs/<id>/log.txt``, and on success publishes the model as a
 new base through the validation gate. Job state lives in the database, and so
 does the tail of the log (copied every few seconds with a heartbeat), so that
@@ -218,6 +220,8 @@ def run_job(job_id: int) -> int:
         code = train_main(argv)
         if code != 0:
             raise RuntimeError(f"fedser-train exited with {code}")
+        if not (out / "model.tflite").exists() and (out / "trained.npz").exists():
+            _export_with_tensorflow(out)
         report = (out / "report.json").read_text()
         if params.get("publish", True):
             from edge_sdk.model import ModelMetadata
@@ -248,6 +252,20 @@ def run_job(job_id: int) -> int:
         job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
         session.commit()
     return 0 if status == "succeeded" else 1
+
+
+def _export_with_tensorflow(out: Path) -> None:
+    """A model trained on another Keras backend (``KERAS_BACKEND=jax``, e.g. on a GPU TensorFlow cannot use) left
+    trained.npz: ``fedser-train export`` writes its .tflite in a process on the TensorFlow backend (Keras's backend
+    is fixed once imported). Its output goes to the job's log."""
+    backend = os.environ.get("KERAS_BACKEND", "")
+    print(f"trained on Keras backend {backend!r}: exporting {out}/trained.npz to TFLite with TensorFlow", flush=True)
+    done = subprocess.run([sys.executable, "-m", "models.cli", "export", "--trained", str(out)],
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"}, stdin=subprocess.DEVNULL, check=False)
+    if done.returncode != 0 or not (out / "model.tflite").exists():
+        raise RuntimeError(f"trained on Keras backend {backend!r}, but the TFLite export (fedser-train export "
+                           f"--trained {out}, TensorFlow backend) exited with {done.returncode}: is TensorFlow "
+                           "installed on this host? The trained weights are kept in trained.npz")
 
 
 def _heartbeat(maker, job_id: int, log_path: Path, stop: threading.Event) -> None:

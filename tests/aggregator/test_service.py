@@ -273,6 +273,31 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     assert srv.status()["current_version"] == 1
 
 
+def test_a_baseline_job_on_the_jax_backend_is_exported_with_tensorflow_and_published(tmp_path, trained_model,
+                                                                                       monkeypatch):
+    """An aggregator whose environment says KERAS_BACKEND=jax (a GPU host where TensorFlow has no GPU build) trains
+    there; the job exports the model with TensorFlow in a second process and publishes it."""
+    pytest.importorskip("jax")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # the job's process inherits the aggregator's environment
+    srv = Server(tmp_path, trained_model)
+    r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth,
+                        json={"architecture": "dnn", "epochs": 2, "synthetic": True, "max_frames": 100})
+    assert r.status_code == 202
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        job = srv.client.get(f"/api/v1/admin/jobs/{r.json['id']}", headers=srv.auth).json
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(1)
+    log_text = (tmp_path / "inst" / "jobs" / "1" / "log.txt").read_text()
+    assert job["status"] == "succeeded", job["detail"] + log_text[-3000:]
+    assert job["report"]["hardware"]["backend"] == "jax" and job["published_version"] == 1
+    assert "trained on Keras backend 'jax': exporting" in log_text
+    model = tmp_path / "inst" / "jobs" / "1" / "model"
+    assert (model / "trained.npz").exists() and (model / "model.tflite").exists()
+    assert srv.status()["current_version"] == 1
+
+
 def test_clip_norm_bounds_each_update_before_averaging(tmp_path, trained_model):
     from aggregator.fedavg import l2_norm
 
