@@ -250,6 +250,16 @@ def test_validation_gate_rejects_a_harmful_round_and_publishes_a_harmless_one(tm
     assert metrics["candidate"]["uar"] >= metrics["current"]["uar"]
 
 
+def _finished_job(srv: Server, job_id: int, seconds: float) -> dict:
+    """The job as the API shows it once it succeeded or failed (or as it is after ``seconds``)."""
+    deadline = time.time() + seconds
+    while True:
+        job = srv.client.get(f"/api/v1/admin/jobs/{job_id}", headers=srv.auth).json
+        if job["status"] in ("succeeded", "failed") or time.time() > deadline:
+            return job
+        time.sleep(1)
+
+
 def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_model):
     srv = Server(tmp_path, trained_model)
     r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth, json={"architecture": "dnn", "epochs": 30000})
@@ -259,13 +269,7 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth,
                         json={"architecture": "dnn", "epochs": 2, "synthetic": True, "max_frames": 100})
     assert r.status_code == 202
-    job_id = r.json["id"]
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        job = srv.client.get(f"/api/v1/admin/jobs/{job_id}", headers=srv.auth).json
-        if job["status"] in ("succeeded", "failed"):
-            break
-        time.sleep(1)
+    job = _finished_job(srv, r.json["id"], 240)
     assert job["status"] == "succeeded", job["detail"] + job["log_tail"][-2000:]
     assert job["published_version"] == 1 and job["report"]["architecture"]["name"] == "dnn"
     assert "job 1: succeeded" in job["log_tail"]  # the tail is the last 4000 bytes; the command is at the start
@@ -283,12 +287,7 @@ def test_a_baseline_job_on_the_jax_backend_is_exported_with_tensorflow_and_publi
     r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth,
                         json={"architecture": "dnn", "epochs": 2, "synthetic": True, "max_frames": 100})
     assert r.status_code == 202
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        job = srv.client.get(f"/api/v1/admin/jobs/{r.json['id']}", headers=srv.auth).json
-        if job["status"] in ("succeeded", "failed"):
-            break
-        time.sleep(1)
+    job = _finished_job(srv, r.json["id"], 300)
     log_text = (tmp_path / "inst" / "jobs" / "1" / "log.txt").read_text()
     assert job["status"] == "succeeded", job["detail"] + log_text[-3000:]
     assert job["report"]["hardware"]["backend"] == "jax" and job["published_version"] == 1

@@ -201,6 +201,16 @@ def test_bad_guard_settings_are_refused_with_the_name(field, value):
         TrainPolicy(**{field: value})
 
 
+def _correct_every(dev: Device, every: int, n: int) -> None:
+    """n answers: every ``every``-th a correction to B of an embedding the global head calls angry, the others a
+    thumbs-up of a clearly angry one (a fit gets them all right; the global head 1 - 1/every of them)."""
+    u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
+    u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0
+    v[0] = 3.0
+    for k in range(n):
+        _answer(dev, k, u, B) if k % every == 0 else _answer(dev, k, v, "up")
+
+
 def test_adapt_all_from_waives_the_margin_for_every_user_with_that_many_answers(tmp_path, trained_model):
     """adapt_all_from: a user the global head serves well (7 of 10 answers right, above adapt_below) gets the
     margin waived once they have that many answers, as a user it fails does; with fewer the margin stands. Bounds
@@ -209,11 +219,7 @@ def test_adapt_all_from_waives_the_margin_for_every_user_with_that_many_answers(
     for adapt_all_from, status in ((0, "discarded"), (11, "discarded"), (10, "kept")):
         dev = _device(tmp_path / str(adapt_all_from), trained_model,
                       TrainPolicy(**strict, adapt_all_from=adapt_all_from))
-        u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
-        u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0
-        v[0] = 3.0
-        for k in range(10):
-            _answer(dev, k, u, B) if k % 4 == 0 else _answer(dev, k, v, "up")
+        _correct_every(dev, 4, 10)
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.7, 1.0), report.reason
         assert ("every user from 10 answers" in report.guard) == (status == "kept"), report.guard
@@ -228,11 +234,7 @@ def test_adapt_below_keeps_fits_for_users_the_global_head_fails_unless_they_show
     strict = {**POLICY, "guard_folds": 5, "guard_margin": 3.0, "guard_test": "paired"}
     for adapt_below, status in ((0.0, "discarded"), (0.6, "kept")):
         dev = _device(tmp_path / str(adapt_below), trained_model, TrainPolicy(**strict, adapt_below=adapt_below))
-        u, v = (np.zeros(dev.metadata.embedding_dim, np.float32) for _ in range(2))
-        u[0], u[dev.metadata.num_classes + 1] = 2.0, 4.0
-        v[0] = 3.0
-        for k in range(10):
-            _answer(dev, k, u, B) if k % 2 == 0 else _answer(dev, k, v, "up")
+        _correct_every(dev, 2, 10)
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.5, 1.0), report.reason
         # trust_corrections (the default) for the user the global head fails: the margin waived, the fit kept
