@@ -167,7 +167,7 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     mode = args.feedback or cfg.feedback.mode
     if device.model is None:
         raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
-    terminal = web = None
+    terminal = None
     if mode == "terminal":
         from edge_sdk.terminal import TerminalFeedback
 
@@ -188,20 +188,29 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
 
         cfg.audio.sample_rate, file_blocks = stream_audio(args.file, block_seconds=cfg.audio.block_seconds)
     listener = Listener(device, cfg, on_prediction)
-    if mode == "web":
-        from edge_sdk.web import FeedbackServer, configured_allowed_hosts
-
-        web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
-                             allowed_hosts=configured_allowed_hosts(cfg.web)).start()
-        print(json.dumps({"feedback_page": web.page_url}), flush=True)
-    listener.start(microphone=args.file is None)
-    if terminal is not None:
-        terminal.start()
-    started = time.monotonic()
-    last_sync = 0.0
-    trained_at = int(device.store.get("trained_feedback", "0"))
-    previous = _stop_on_signals()
+    previous = _stop_on_signals()  # before anything starts: a signal during start-up still closes what started
     try:
+        _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks)
+    finally:
+        _restore_signals(previous)
+    return 0
+
+
+def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks) -> None:
+    web = None
+    try:
+        if mode == "web":
+            from edge_sdk.web import FeedbackServer, configured_allowed_hosts
+
+            web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
+                                 allowed_hosts=configured_allowed_hosts(cfg.web)).start()
+            print(json.dumps({"feedback_page": web.page_url}), flush=True)
+        listener.start(microphone=args.file is None)
+        if terminal is not None:
+            terminal.start()
+        started = time.monotonic()
+        last_sync = 0.0
+        trained_at = int(device.store.get("trained_feedback", "0"))
         if file_blocks is not None:
             for block in file_blocks:
                 listener.push(block, wait=True)  # a file waits for the classifier: no block is dropped
@@ -233,13 +242,14 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        _ignore_signals()  # a second Ctrl-C or SIGTERM while closing must not cut the closing short
         stats = listener.stop()
         if web is not None:
             web.stop()
         print(json.dumps({"listen_stats": stats}), flush=True)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _stop_on_signals() -> dict:
@@ -254,7 +264,20 @@ def _stop_on_signals() -> dict:
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    return {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    return {s: signal.signal(s, interrupt) for s in _SIGNALS}
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _restore_signals(previous: dict) -> None:
+    """Put back what :func:`_stop_on_signals` replaced (a handler installed outside Python reads as None: the
+    default then)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _out(obj: dict) -> None:

@@ -246,9 +246,9 @@ class Listener:
 
     def stop(self, timeout: float = 30.0) -> dict:
         if self._stream is not None:
-            # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and with
-            # ALSA's pulse device under load that wait can hang for good (a clean-clone CI run: `listen` still
-            # running 60 s after SIGINT); an input stream has nothing pending worth waiting for
+            # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and an
+            # input stream has nothing pending worth waiting for. (A CI run's `listen` still running 60 s after
+            # SIGINT was first blamed on that wait; the cause was SIGINT ignored from the start: edge_sdk/cli.py.)
             self._stream.abort()
             self._stream.close()
             self._stream = None

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("models")
+
 __all__ = ["RECIPES", "main"]
 
 NEMO_TEST = ("nemo-IC0", "nemo-MK0", "nemo-TP0")
@@ -178,7 +180,8 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
         save_logits.mkdir(parents=True, exist_ok=True)
         np.savez(save_logits / f"{name}-seed{seed}.npz", speakers=spk.astype(str), labels=y, logits=logits,
                  paths=np.array([str(c.path) for c in test_fs.clips]),
-                 val_speakers=np.array([c.speaker for c in val_fs.clips]), val_labels=yv,
+                 val_speakers=np.array([c.speaker for c in val_fs.clips]),
+                 val_paths=np.array([str(c.path) for c in val_fs.clips]), val_labels=yv,
                  val_logits=val_logits)
     groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
     if task == "A":
@@ -200,18 +203,23 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir: Path) -> list[dict]:
-    """Rows for ensembles of ``size`` models of one recipe (disjoint groups of ``seeds``, in order): each clip's
-    class probabilities averaged over the group's models, scored like a single run. The row's ``seed`` is the
-    group's index; ``members`` names its seeds."""
+    """Rows for ensembles of ``size`` models of one recipe (disjoint groups of ``seeds``, in order; seeds left over
+    are named in a warning): each clip's class probabilities averaged over the group's models, scored like a single
+    run. The row's ``seed`` is the group's index (the table's seeds column shows these indices); ``members`` names
+    its seeds."""
     if size < 1 or len(seeds) < size:
         raise ValueError(f"an ensemble of {size} needs at least {size} seeds, got {len(seeds)}")
+    if len(seeds) % size:
+        log.warning("ensembles of %d: seeds %s left out", size, seeds[len(seeds) - len(seeds) % size:])
     rows = []
     for g in range(len(seeds) // size):
         members = seeds[g * size:(g + 1) * size]
-        runs = [np.load(logits_dir / f"{name}-seed{s}.npz") for s in members]
+        runs = []
+        for s in members:
+            with np.load(logits_dir / f"{name}-seed{s}.npz") as f:  # strings are unicode arrays: no pickle
+                runs.append({k: f[k] for k in f.files})
         for r in runs[1:]:
-            if not (np.array_equal(r["paths"], runs[0]["paths"]) and np.array_equal(r["val_speakers"],
-                                                                                    runs[0]["val_speakers"])):
+            if any(not np.array_equal(r[k], runs[0][k]) for k in ("paths", "val_paths", "labels", "val_labels")):
                 raise ValueError(f"{name}: the seeds' logits are of different clips")
         probs = np.mean([_softmax(r["logits"]) for r in runs], axis=0)
         val_probs = np.mean([_softmax(r["val_logits"]) for r in runs], axis=0)

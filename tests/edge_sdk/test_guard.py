@@ -212,9 +212,9 @@ def _correct_every(dev: Device, every: int, n: int) -> None:
 
 
 def test_adapt_all_from_waives_the_margin_for_every_user_with_that_many_answers(tmp_path, trained_model):
-    """adapt_all_from: a user the global head serves well (7 of 10 answers right, above adapt_below) gets the
-    margin waived once they have that many answers, as a user it fails does; with fewer the margin stands. Bounds
-    are checked with the field's name."""
+    """adapt_all_from: a user the global head serves well (7 of 10 answers right, above adapt_below) whose answers
+    are corrections and thumbs-up gets the margin waived once they have that many answers, as a user it fails does;
+    with fewer the margin stands. Bounds are checked with the field's name."""
     strict = {**POLICY, "guard_folds": 5, "guard_margin": 3.0, "guard_test": "paired", "adapt_below": 0.6}
     for adapt_all_from, status in ((0, "discarded"), (11, "discarded"), (10, "kept")):
         dev = _device(tmp_path / str(adapt_all_from), trained_model,
@@ -223,6 +223,15 @@ def test_adapt_all_from_waives_the_margin_for_every_user_with_that_many_answers(
         report = dev.personalize()
         assert (report.status, report.score_before, report.score_after) == (status, 0.7, 1.0), report.reason
         assert ("every user from 10 answers" in report.guard) == (status == "kept"), report.guard
+    # only users whose corrections are at least as many as their bare thumbs-down: a thumbs-up-only user (nothing
+    # to gain, the fit cannot be shown better) and a mostly-thumbs-down user keep the margin
+    for name, answers in (("ups", ["up"] * 10), ("downs", [B, "down", "down"] + ["up"] * 7)):
+        dev = _device(tmp_path / name, trained_model, TrainPolicy(**strict, adapt_all_from=10))
+        _, v = _embeddings(dev)
+        for k, a in enumerate(answers):
+            _answer(dev, k, v, a)
+        report = dev.personalize()
+        assert report.status == "discarded" and "every user" not in report.guard, (name, report.guard)
     for bad in (-1, 2.5, True):
         with pytest.raises(ParameterError, match="adapt_all_from"):
             TrainPolicy(adapt_all_from=bad)

@@ -161,10 +161,10 @@ def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
     good, bad = np.eye(4)[y] * 4, np.eye(4)[(y + 1) % 4] * 4
     vspk = np.array(["ravdess-19", "ravdess-19"])
 
-    def save(seed, logits, paths=None):
+    def save(seed, logits, paths=None, val_paths=("v0.wav", "v1.wav")):
         np.savez(tmp_path / f"A-swa-long-seed{seed}.npz", speakers=spk, labels=y, logits=logits,
                  paths=np.array(paths or [f"c{i}.wav" for i in range(12)]), val_speakers=vspk,
-                 val_labels=np.array([0, 1]), val_logits=np.eye(4)[[0, 1]])
+                 val_paths=np.array(val_paths), val_labels=np.array([0, 1]), val_logits=np.eye(4)[[0, 1]])
 
     save(0, good)
     save(1, good + 0.1 * bad)  # agrees with seed 0
@@ -175,7 +175,16 @@ def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
     assert rows[0]["nemo_test"]["uar"] == 1.0 and rows[1]["nemo_test"]["uar"] == 0.0
     assert rows[0]["recipe"] == "A-swa-long-ens2" and rows[0]["final_val_uar"] == 1.0
     assert rows[0]["nemo_all"]["n"] == 8 and rows[0]["ravdess_test"]["n"] == 4
+    # probabilities are averaged, not logits: one very confident wrong model against two mildly right ones
+    save(4, bad * 10)
+    save(5, good * 0.5)
+    save(6, good * 0.5)
+    (row,) = ensemble_rows("A", "A-swa-long", [4, 5, 6], 3, tmp_path)
+    assert row["nemo_test"]["uar"] == 1.0  # averaged logits would follow the confident one: 0.0
     save(3, good, paths=[f"d{i}.wav" for i in range(12)])
+    with pytest.raises(ValueError, match="different clips"):
+        ensemble_rows("A", "A-swa-long", [2, 3], 2, tmp_path)
+    save(3, good, val_paths=("v1.wav", "v0.wav"))  # the same speakers, validation clips in another order
     with pytest.raises(ValueError, match="different clips"):
         ensemble_rows("A", "A-swa-long", [2, 3], 2, tmp_path)
     with pytest.raises(ValueError, match="needs at least"):
