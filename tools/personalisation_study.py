@@ -17,7 +17,8 @@ For every (user, order, number of answers, answer mode) *trial* the same answers
   30/100/300 steps) chosen per cell *on the scored clips*: an optimistic reference no device could reach.
 
 Answers come from the global head's predictions: thumbs-up when right; when wrong, the corrected label
-(mode ``corrections``) or a bare thumbs-down (mode ``thumbs``). Every method is scored on the same clips: the
+(mode ``corrections``), a bare thumbs-down (mode ``thumbs``), or either with even odds (mode ``mixed``, the same
+draw per clip in every run). Every method is scored on the same clips: the
 user's clips after the first 40 (nEMO) or 20 (RAVDESS) of the order. The device is taken to have heard all of its
 user's clips (speaker statistics from all of them). Embeddings are computed once per model and cached in
 ``.cache/personalisation-study`` (the encoder is frozen).
@@ -45,7 +46,9 @@ RAVDESS_TEST = ("ravdess-21", "ravdess-22", "ravdess-23", "ravdess-24")
 NEMO_EMOTIONS = {"anger": "angry", "happiness": "happy", "neutral": "neutral", "sadness": "sad"}
 PLAIN = {"lr": 0.01, "steps": 100}
 GRID = [{"lr": lr, "steps": s} for lr in (1e-3, 1e-2, 3e-2) for s in (30, 100, 300)]
-MODES = {"corrections": 0.0, "thumbs": 1.0}  # share of wrong predictions answered with a bare thumbs-down
+# share of wrong predictions answered with a bare thumbs-down (the rest are corrected); "mixed": a user who corrects
+# about half of the wrong predictions and only rejects the others
+MODES = {"corrections": 0.0, "thumbs": 1.0, "mixed": 0.5}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", default="5,10,20,40")
     parser.add_argument("--orders", type=int, default=5, help="answer orders per nEMO speaker")
     parser.add_argument("--ravdess-orders", type=int, default=10, help="answer orders per RAVDESS actor")
-    parser.add_argument("--modes", default="corrections,thumbs")
+    parser.add_argument("--modes", default="corrections,thumbs", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--nemo-users", help="nEMO speakers, comma-separated (default the test speakers "
                         f"{','.join(NEMO_TEST)}; choose settings on others, e.g. EB0,KD0,KS0,MP0,SM0,WR0)")
     parser.add_argument("--ravdess-users", help="RAVDESS actors, comma-separated (default the test actors 21-24; "
@@ -363,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "personalisation-study")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; known: {', '.join(MODES)}")
     result = run_study(args)
     lines, curve = summarise(result)
     print("\n".join(lines), flush=True)

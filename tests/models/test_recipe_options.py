@@ -189,3 +189,13 @@ def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
         ensemble_rows("A", "A-swa-long", [2, 3], 2, tmp_path)
     with pytest.raises(ValueError, match="needs at least"):
         ensemble_rows("A", "A-swa-long", [0], 2, tmp_path)
+
+
+def test_the_personalisation_study_refuses_an_unknown_answer_mode(capsys):
+    """--modes names only known modes (corrections, thumbs, mixed): a typo would silently run nothing."""
+    from tools.personalisation_study import MODES, main
+
+    assert set(MODES) == {"corrections", "thumbs", "mixed"} and 0 < MODES["mixed"] < 1
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "nowhere", "--modes", "mixed,thumb"])
+    assert exc.value.code == 2 and "unknown ['thumb']" in capsys.readouterr().err
