@@ -1,7 +1,7 @@
 """Does on-device fine-tuning help people unlike the training set, and does it beat the obvious baseline?
 
     python -m tools.personalisation_study --model DIR [--corpora nemo,ravdess] [--answers 5,10,20,40]
-                                          [--orders 5] [--ravdess-orders 10] [--modes corrections,thumbs]
+                                          [--orders 5] [--ravdess-orders 10] [--modes corrections,thumbs,mixed]
                                           [--policy NAME=k:v,k:v ...] [--out DIR]
 
 Users: the unseen nEMO speakers IC0, MK0 and TP0 (``--orders`` random answer orders each) and the RAVDESS test
@@ -49,6 +49,7 @@ GRID = [{"lr": lr, "steps": s} for lr in (1e-3, 1e-2, 3e-2) for s in (30, 100, 3
 # share of wrong predictions answered with a bare thumbs-down (the rest are corrected); "mixed": a user who corrects
 # about half of the wrong predictions and only rejects the others
 MODES = {"corrections": 0.0, "thumbs": 1.0, "mixed": 0.5}
+CORPORA = ("nemo", "ravdess")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.personalisation_study", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True,
                         help="a .tflite beside its .json, or a folder with model.tflite and model.json")
-    parser.add_argument("--corpora", default="nemo,ravdess")
+    parser.add_argument("--corpora", default="nemo,ravdess", help=f"comma-separated, of {', '.join(CORPORA)}")
     parser.add_argument("--answers", default="5,10,20,40")
     parser.add_argument("--orders", type=int, default=5, help="answer orders per nEMO speaker")
     parser.add_argument("--ravdess-orders", type=int, default=10, help="answer orders per RAVDESS actor")
@@ -366,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "personalisation-study")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.modes.split(",")) - set(MODES))
-    if unknown:
-        parser.error(f"--modes: unknown {unknown}; known: {', '.join(MODES)}")
+    for flag, given, known in (("--modes", args.modes, tuple(MODES)), ("--corpora", args.corpora, CORPORA)):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:  # a typo would run nothing (a mode) or the RAVDESS test actors (a corpus)
+            parser.error(f"{flag}: unknown {unknown}; known: {', '.join(known)}")
     result = run_study(args)
     lines, curve = summarise(result)
     print("\n".join(lines), flush=True)

@@ -191,11 +191,16 @@ def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
         ensemble_rows("A", "A-swa-long", [0], 2, tmp_path)
 
 
-def test_the_personalisation_study_refuses_an_unknown_answer_mode(capsys):
-    """--modes names only known modes (corrections, thumbs, mixed): a typo would silently run nothing."""
+def test_the_personalisation_study_refuses_an_unknown_answer_mode_or_corpus(capsys):
+    """--modes and --corpora name only known ones: a mistyped mode ran nothing, a mistyped corpus the RAVDESS test
+    actors."""
     from tools.personalisation_study import MODES, main
 
     assert set(MODES) == {"corrections", "thumbs", "mixed"} and 0 < MODES["mixed"] < 1
     with pytest.raises(SystemExit) as exc:
         main(["--model", "nowhere", "--modes", "mixed,thumb"])
     assert exc.value.code == 2 and "unknown ['thumb']" in capsys.readouterr().err
+    # a misspelt corpus took the RAVDESS branch with the default (test) actors
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "nowhere", "--corpora", "nemo,ravdes", "--ravdess-users", "17,18"])
+    assert exc.value.code == 2 and "--corpora: unknown ['ravdes']" in capsys.readouterr().err

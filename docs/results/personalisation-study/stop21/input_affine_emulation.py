@@ -92,7 +92,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path(".cache/features"))
+    p.add_argument("--table-only", action="store_true", help="rewrite table.md from OUT/trials.json")
     args = p.parse_args()
+    if args.table_only:
+        write_table(json.loads((args.out / "trials.json").read_text()), args.out)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from models.features import compute_features
 
@@ -128,8 +132,15 @@ def main() -> None:
                     logging.info("%s %s order %d n %d: global %.3f head %.3f affine %.3f both %.3f", name, s, order,
                                  n, trial["global"], trial["head"], trial["affine"], trial["head+affine"])
             (args.out / "trials.json").write_text(json.dumps(trials))
-    lines = ["| model | users | answers | trials | global % | head: gain | affine: gain | head+affine: gain | "
-             "head+affine - head (paired) | runs below -5: head / head+affine |", "| --- " * 10 + "|"]
+    write_table(trials, args.out)
+
+
+def write_table(trials: list[dict], out: Path) -> None:
+    """table.md from the trials: gains against the global head (± SE over trials), runs below -5, paired
+    differences with the head fit."""
+    lines = ["| model | users | answers | trials | global % | head: gain (below -5) | affine: gain (below -5) | "
+             "head+affine: gain (below -5) | affine - head (paired) | head+affine - head (paired) |",
+             "| --- " * 10 + "|"]
     for name in dict.fromkeys(t["model"] for t in trials):
         for corpus in ("nemo", "ravdess"):
             for n in (10, 20, 40):
@@ -139,15 +150,17 @@ def main() -> None:
                     continue
                 g = {k: 100 * (np.array([t[k] for t in cell]) - np.array([t["global"] for t in cell]))
                      for k in ("head", "affine", "head+affine")}
-                se = {k: v.std(ddof=1) / np.sqrt(len(v)) for k, v in g.items()}
-                d = g["head+affine"] - g["head"]
+
+                def mse(v):
+                    return f"{v.mean():+.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}"
+
                 lines.append(f"| {name} | {corpus} | {n} | {len(cell)} | "
                              f"{100 * np.mean([t['global'] for t in cell]):.1f} | "
-                             + " | ".join(f"{g[k].mean():+.1f} ± {se[k]:.1f}" for k in g)
-                             + f" | {d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(len(d)):.1f} | "
-                             f"{int((g['head'] < -5).sum())} / {int((g['head+affine'] < -5).sum())} |")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+                             + " | ".join(f"{mse(g[k])} ({int((g[k] < -5).sum())})" for k in g)
+                             + f" | {mse(g['affine'] - g['head'])} | {mse(g['head+affine'] - g['head'])} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 
 if __name__ == "__main__":

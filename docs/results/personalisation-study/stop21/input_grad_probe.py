@@ -10,7 +10,7 @@ This probe writes the shipped CNN's forward by hand from a Keras encoder's weigh
 It checks the forward against the Keras encoder, converts with TFLITE_BUILTINS only, runs the signature in
 ai-edge-litert and compares its gradient with tf.GradientTape's on the Keras model; then times both signatures.
 
-    python docs/results/personalisation-study/stop21/input_grad_probe.py [--batch 16]
+    python docs/results/personalisation-study/stop21/input_grad_probe.py [--batch 16] [--frames 300]
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ def _builtin_ops(blob: bytes) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--frames", type=int, default=300, help="250: the second pooling meets an odd length (tf.slice)")
     args = p.parse_args()
     import keras
     import tensorflow as tf
 
     from models.architectures import ArchitectureConfig, build_encoder, build_head
 
-    frames, bands, classes, batch = 300, 40, 4, args.batch
+    frames, bands, classes, batch = args.frames, 40, 4, args.batch
     cfg = ArchitectureConfig()  # the shipped CNN: channels 64, 128, 128, kernel 5, embedding 128, head 64
     keras.utils.set_random_seed(0)
     encoder, head = build_encoder(cfg, frames, bands), build_head(cfg, classes)
@@ -101,7 +102,7 @@ def main() -> None:
 
     x = np.zeros((batch, frames, bands), np.float32)
     for j in range(batch):  # utterances of different lengths, zero padding after them
-        n = int(rng.integers(80, frames))
+        n = int(rng.integers(min(80, frames // 2), frames))
         x[j, :n] = rng.normal(size=(n, bands))
     y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)]
     w = np.ones(batch, np.float32)
