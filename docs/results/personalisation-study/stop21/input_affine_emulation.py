@@ -32,31 +32,35 @@ import numpy as np
 LABELS = ("angry", "happy", "neutral", "sad")
 
 
-def _models(cache: Path, seed: int, only_bundled: bool = False):
+def _models(cache: Path, seed: int, only: str = ""):
+    """The models trained here with their users: both, or ``only`` one ("bundled", "ravdess-only"). Each training
+    seeds itself (train_baseline), so one does not depend on the other having run."""
     from models.cross_corpus import _calm_clips, _clips
     from models.datasets import split_by_speaker
     from models.recipe_search import NEMO_DEV, NEMO_TEST, RAVDESS_TEST, RECIPES, _configs
     from models.train import train_baseline
 
     ravdess, nemo = _clips()
-    rest, _test = split_by_speaker(ravdess + nemo, list(RAVDESS_TEST + NEMO_TEST))
-    users_b = [f"ravdess-{a}" for a in (17, 18, 19, 20)] + ["nemo-MP0", "nemo-WR0"]
-    train_b, val_b = split_by_speaker(rest, users_b)
-    feats_b, config_b, arch_b = _configs(RECIPES["B-speed"], seed)
-    bundled = train_baseline(train_b, val_b, (), features=feats_b, architecture=arch_b,
-                             config=replace(config_b, epochs=20, swa_epochs=1), cache_dir=cache, progress=False)
-    if only_bundled:
-        return [("bundled", bundled, feats_b, val_b)]
-    r_rest, _ = split_by_speaker(ravdess, list(RAVDESS_TEST))
-    r_train, r_val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
-    feats_a, config_a, arch_a = _configs(RECIPES["A0"], seed)
-    ravdess_only = train_baseline(r_train, r_val, (), features=feats_a, architecture=arch_a, config=config_a,
-                                  cache_dir=cache, progress=False, reference_clips=_calm_clips())
-    users_a = list(NEMO_DEV)
-    by_speaker = {c.speaker: c for c in ravdess + nemo}
-    assert not set(users_b + users_a) & set(RAVDESS_TEST + NEMO_TEST) and all(u in by_speaker for u in users_b)
-    return [("bundled", bundled, feats_b, val_b), ("ravdess-only", ravdess_only, feats_a,
-                                                    [c for c in nemo if c.speaker in users_a])]
+    models = []
+    if only in ("", "bundled"):
+        rest, _test = split_by_speaker(ravdess + nemo, list(RAVDESS_TEST + NEMO_TEST))
+        users_b = [f"ravdess-{a}" for a in (17, 18, 19, 20)] + ["nemo-MP0", "nemo-WR0"]
+        train_b, val_b = split_by_speaker(rest, users_b)
+        assert {c.speaker for c in val_b} == set(users_b)
+        feats_b, config_b, arch_b = _configs(RECIPES["B-speed"], seed)
+        bundled = train_baseline(train_b, val_b, (), features=feats_b, architecture=arch_b,
+                                 config=replace(config_b, epochs=20, swa_epochs=1), cache_dir=cache, progress=False)
+        models.append(("bundled", bundled, feats_b, val_b))
+    if only in ("", "ravdess-only"):
+        r_rest, _ = split_by_speaker(ravdess, list(RAVDESS_TEST))
+        r_train, r_val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
+        feats_a, config_a, arch_a = _configs(RECIPES["A0"], seed)
+        ravdess_only = train_baseline(r_train, r_val, (), features=feats_a, architecture=arch_a, config=config_a,
+                                      cache_dir=cache, progress=False, reference_clips=_calm_clips())
+        models.append(("ravdess-only", ravdess_only, feats_a, [c for c in nemo if c.speaker in NEMO_DEV]))
+    for _, _, _, users in models:  # no test speaker is ever a user here
+        assert not {c.speaker for c in users} & set(RAVDESS_TEST + NEMO_TEST)
+    return models
 
 
 def _fit(encoder, head, x, y, kind: str, lr=0.01, steps=100):
@@ -96,20 +100,25 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(".cache/features"))
     p.add_argument("--table-only", action="store_true", help="rewrite table.md from OUT/trials.json")
     p.add_argument("--guard", action="store_true",
-                   help="the bundled stand-in only, the affine only, with the SDK's accuracy guard emulated: 5-fold "
-                        "cross-validation of the affine fit on the answers against the global head (guard.md)")
+                   help="one model and one kind of fit (--model, --kind) with the SDK's accuracy guard emulated: "
+                        "5-fold cross-validation of the fit on the answers against the global head (guard.md)")
+    p.add_argument("--model", choices=("bundled", "ravdess-only"), default="bundled", help="with --guard")
+    p.add_argument("--kind", choices=("head", "affine", "head+affine"), default="affine", help="with --guard")
     args = p.parse_args()
     if args.table_only:
         trials = json.loads((args.out / "trials.json").read_text())
-        (write_guard_table if args.guard else write_table)(trials, args.out)
+        if args.guard:
+            write_guard_table(trials, args.out, args.kind)
+        else:
+            write_table(trials, args.out)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from models.features import compute_features
 
     args.out.mkdir(parents=True, exist_ok=True)
     trials = []
-    kinds = ("affine",) if args.guard else ("head", "affine", "head+affine")
-    for name, result, feats, clips in _models(args.cache, args.seed, only_bundled=args.guard):
+    kinds = (args.kind,) if args.guard else ("head", "affine", "head+affine")
+    for name, result, feats, clips in _models(args.cache, args.seed, only=args.model if args.guard else ""):
         assert len(result.head.get_weights()) == 4  # hidden kernel, bias, logits kernel, bias
         fs = compute_features(clips, feats, cache_dir=args.cache)
         x = fs.model_inputs(feats, result.metadata.normalization)  # each user normalised by all their clips
@@ -140,25 +149,28 @@ def main() -> None:
                         right = np.zeros(n)
                         for f in range(5):
                             fit = _fit(result.encoder, result.head, x[ans[fold_of != f]], y[ans[fold_of != f]],
-                                       "affine")
+                                       args.kind)
                             right[fold_of == f] = fit(x[ans[fold_of == f]]) == y[ans[fold_of == f]]
-                        trial["cv_affine"] = float(right.mean())
+                        trial[f"cv_{args.kind}"] = float(right.mean())
                         trial["cv_global"] = float(np.mean(base[ans] == y[ans]))
                     trials.append(trial)
                     logging.info("%s %s order %d n %d: %s", name, s, order, n,
                                  {k: round(v, 3) for k, v in trial.items() if isinstance(v, float)
                                   and not k.startswith("s:")})
             (args.out / "trials.json").write_text(json.dumps(trials))
-    (write_guard_table if args.guard else write_table)(trials, args.out)
+    if args.guard:
+        write_guard_table(trials, args.out, args.kind)
+    else:
+        write_table(trials, args.out)
 
 
-def write_guard_table(trials: list[dict], out: Path) -> None:
+def write_guard_table(trials: list[dict], out: Path, kind: str = "affine") -> None:
     """guard.md: the affine fit unguarded, and kept only when the cross-validation shows the answers better than the
     global head shows them (margin 0), or better by the SDK's margin (0.5 x sqrt(n) answers: 0.5 / sqrt(n))."""
     def mse(v):
         return f"{v.mean():+.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}"
 
-    lines = ["| users | answers | trials | global % | affine, unguarded: gain (below -5) | guarded, margin 0: gain "
+    lines = [f"| users | answers | trials | global % | {kind}, unguarded: gain (below -5) | guarded, margin 0: gain "
              "(below -5), kept | guarded, SDK margin: gain (below -5), kept |", "| --- " * 7 + "|"]
     cells = [(c, n, None) for c in ("nemo", "ravdess") for n in (10, 20, 40)]
     cells += [("ravdess", 20, s) for s in sorted({t["speaker"] for t in trials if t["speaker"].startswith("ravdess")})]
@@ -167,10 +179,10 @@ def write_guard_table(trials: list[dict], out: Path) -> None:
                 and (speaker is None or t["speaker"] == speaker)]
         if not cell:
             continue
-        gain = 100 * np.array([t["affine"] - t["global"] for t in cell])
+        gain = 100 * np.array([t[kind] - t["global"] for t in cell])
         cols = [f"{mse(gain)} ({int((gain < -5).sum())})"]
         for margin in (0.0, 0.5 / np.sqrt(n)):
-            kept = np.array([t["cv_affine"] > t["cv_global"] + margin for t in cell])
+            kept = np.array([t[f"cv_{kind}"] > t["cv_global"] + margin for t in cell])
             g = np.where(kept, gain, 0.0)
             cols.append(f"{mse(g)} ({int((g < -5).sum())}), {int(kept.sum())} of {len(cell)}")
         lines.append(f"| {speaker or corpus} | {n} | {len(cell)} | {100 * np.mean([t['global'] for t in cell]):.1f} | "
