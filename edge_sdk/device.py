@@ -1118,13 +1118,14 @@ class Device:
         kinds = [e.kind for e in examples]
         corrections, downs = kinds.count("label"), kinds.count("down")
         thumbs_only = policy.thumbs_flips >= 0 and _bare_thumbs_only(examples)
+        mostly_corrections = corrections >= max(downs, 1)
+        failed = len(examples) >= policy.adapt_below_answers and before < policy.adapt_below  # adapt_below's users
         # adapt_all_from: measured for users whose answers are mostly corrections, so only they (the users a trusted
         # fit is for); thumbs-up-only or mostly-thumbs-down users keep the margin
-        every_user = 0 < policy.adapt_all_from <= len(examples) and corrections >= max(downs, 1)
-        unlike = (policy.guard == "accuracy" and not thumbs_only
-                  and (every_user or (len(examples) >= policy.adapt_below_answers and before < policy.adapt_below)))
+        every_user = 0 < policy.adapt_all_from <= len(examples) and mostly_corrections
+        unlike = policy.guard == "accuracy" and not thumbs_only and (every_user or failed)
         # trusted: little to protect and mostly known truths: the fit without the replay set, kept
-        trusted = policy.trust_corrections and unlike and corrections >= max(downs, 1)
+        trusted = policy.trust_corrections and unlike and mostly_corrections
         trusted_fit = {"replay_weight": 0.0, "balance_classes": policy.trust_balance_classes}
         candidates, margin = [replace(policy, adapter=False, **(trusted_fit if trusted else {}))], 0.0
         if policy.adapter and getattr(self._local, "frames", None):
@@ -1163,8 +1164,7 @@ class Device:
             needed = policy.guard_margin / np.sqrt(len(examples))
         if unlike:  # little to lose: only a fit shown worse by the margin is discarded
             needed = -abs(needed)
-            report.guard += (f", global head below {policy.adapt_below:g} of the answers"
-                             if before < policy.adapt_below and len(examples) >= policy.adapt_below_answers
+            report.guard += (f", global head below {policy.adapt_below:g} of the answers" if failed
                              else f", every user from {policy.adapt_all_from} answers")
         short = after < before - policy.tolerance + needed  # not shown better by the margin (or shown worse)
         if thumbs_only:

@@ -173,8 +173,7 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     val_logits = result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0)
     pv = np.argmax(val_logits, axis=1)
     yv = val_fs.labels(list(LABELS))
-    vspk = np.array([c.speaker.split("-", 1)[0] for c in val_fs.clips])
-    final_val = float(np.mean([_scores(yv[vspk == k], pv[vspk == k])["uar"] for k in sorted(set(vspk.tolist()))]))
+    final_val = _val_uar(yv, pv, [c.speaker for c in val_fs.clips])
     spk = np.array([c.speaker for c in test_fs.clips])
     if save_logits is not None:  # per-clip logits of the test and validation clips, for ensembles (no pickle)
         save_logits.mkdir(parents=True, exist_ok=True)
@@ -183,18 +182,29 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
                  val_speakers=np.array([c.speaker for c in val_fs.clips]),
                  val_paths=np.array([str(c.path) for c in val_fs.clips]), val_labels=yv,
                  val_logits=val_logits)
-    groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
-    if task == "A":
-        groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
-        groups["nemo_all"] = np.char.startswith(spk.astype(str), "nemo-")
     row = {"task": task, "recipe": name, "seed": seed, "what": recipe["what"], "features": recipe["features"],
            "train": recipe["train"], "arch": recipe["arch"], "epochs_run": rep["epochs_run"],
            "best_val_uar": rep["best_val_uar"], "final_val_uar": final_val,
            "params": rep["encoder_params"] + rep["head_params"],
-           "seconds_per_epoch": rep["seconds_per_epoch"], "val_speakers": rep["split"]["val_speakers"]}
-    for g, m in groups.items():
-        row[g] = _scores(y[m], pred[m])
+           "seconds_per_epoch": rep["seconds_per_epoch"], "val_speakers": rep["split"]["val_speakers"],
+           **_group_scores(task, spk, y, pred)}
     return row
+
+
+def _val_uar(y: np.ndarray, pred: np.ndarray, speakers) -> float:
+    """The validation UAR as selection reads it: the mean of each corpus's UAR over its validation speakers."""
+    corpus = np.array([s.split("-", 1)[0] for s in speakers])
+    return float(np.mean([_scores(y[corpus == k], pred[corpus == k])["uar"] for k in sorted(set(corpus.tolist()))]))
+
+
+def _group_scores(task: str, spk: np.ndarray, y: np.ndarray, pred: np.ndarray) -> dict:
+    """Scores of the reported speaker groups: RAVDESS and nEMO test speakers; for task A also nEMO dev and all of
+    nEMO."""
+    groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
+    if task == "A":
+        groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
+        groups["nemo_all"] = np.char.startswith(spk.astype(str), "nemo-")
+    return {g: _scores(y[m], pred[m]) for g, m in groups.items()}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -223,21 +233,13 @@ def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir:
                 raise ValueError(f"{name}: the seeds' logits are of different clips")
         probs = np.mean([_softmax(r["logits"]) for r in runs], axis=0)
         val_probs = np.mean([_softmax(r["val_logits"]) for r in runs], axis=0)
-        y, spk, yv = runs[0]["labels"], runs[0]["speakers"], runs[0]["val_labels"]
-        vcorp = np.array([s.split("-", 1)[0] for s in runs[0]["val_speakers"]])
-        pred, pv = np.argmax(probs, axis=1), np.argmax(val_probs, axis=1)
         row = {"task": task, "recipe": f"{name}-ens{size}", "seed": g, "members": members,
                "what": f"{RECIPES[name]['what']}; ensemble of {size} seeds (probabilities averaged)",
                "features": RECIPES[name]["features"], "train": RECIPES[name]["train"], "arch": RECIPES[name]["arch"],
-               "final_val_uar": float(np.mean([_scores(yv[vcorp == k], pv[vcorp == k])["uar"]
-                                               for k in sorted(set(vcorp.tolist()))])),
-               "params": None}
-        groups = {"ravdess_test": np.isin(spk, RAVDESS_TEST), "nemo_test": np.isin(spk, NEMO_TEST)}
-        if task == "A":
-            groups["nemo_dev"] = np.isin(spk, NEMO_DEV)
-            groups["nemo_all"] = np.char.startswith(spk.astype(str), "nemo-")
-        for k, m in groups.items():
-            row[k] = _scores(y[m], pred[m])
+               "final_val_uar": _val_uar(runs[0]["val_labels"], np.argmax(val_probs, axis=1),
+                                         runs[0]["val_speakers"]),
+               "params": None,
+               **_group_scores(task, runs[0]["speakers"], runs[0]["labels"], np.argmax(probs, axis=1))}
         rows.append(row)
     return rows
 

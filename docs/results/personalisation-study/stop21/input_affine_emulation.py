@@ -107,10 +107,7 @@ def main() -> None:
     args = p.parse_args()
     if args.table_only:
         trials = json.loads((args.out / "trials.json").read_text())
-        if args.guard:
-            write_guard_table(trials, args.out, args.kind)
-        else:
-            write_table(trials, args.out)
+        _write_tables(trials, args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from models.features import compute_features
@@ -158,18 +155,23 @@ def main() -> None:
                                  {k: round(v, 3) for k, v in trial.items() if isinstance(v, float)
                                   and not k.startswith("s:")})
             (args.out / "trials.json").write_text(json.dumps(trials))
+    _write_tables(trials, args)
+
+
+def _write_tables(trials: list[dict], args) -> None:
     if args.guard:
         write_guard_table(trials, args.out, args.kind)
     else:
         write_table(trials, args.out)
 
 
+def _mse(v: np.ndarray) -> str:
+    return f"{v.mean():+.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}"
+
+
 def write_guard_table(trials: list[dict], out: Path, kind: str = "affine") -> None:
     """guard.md: the affine fit unguarded, and kept only when the cross-validation shows the answers better than the
     global head shows them (margin 0), or better by the SDK's margin (0.5 x sqrt(n) answers: 0.5 / sqrt(n))."""
-    def mse(v):
-        return f"{v.mean():+.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}"
-
     lines = [f"| users | answers | trials | global % | {kind}, unguarded: gain (below -5) | guarded, margin 0: gain "
              "(below -5), kept | guarded, SDK margin: gain (below -5), kept |", "| --- " * 7 + "|"]
     cells = [(c, n, None) for c in ("nemo", "ravdess") for n in (10, 20, 40)]
@@ -180,11 +182,11 @@ def write_guard_table(trials: list[dict], out: Path, kind: str = "affine") -> No
         if not cell:
             continue
         gain = 100 * np.array([t[kind] - t["global"] for t in cell])
-        cols = [f"{mse(gain)} ({int((gain < -5).sum())})"]
+        cols = [f"{_mse(gain)} ({int((gain < -5).sum())})"]
         for margin in (0.0, 0.5 / np.sqrt(n)):
             kept = np.array([t[f"cv_{kind}"] > t["cv_global"] + margin for t in cell])
             g = np.where(kept, gain, 0.0)
-            cols.append(f"{mse(g)} ({int((g < -5).sum())}), {int(kept.sum())} of {len(cell)}")
+            cols.append(f"{_mse(g)} ({int((g < -5).sum())}), {int(kept.sum())} of {len(cell)}")
         lines.append(f"| {speaker or corpus} | {n} | {len(cell)} | {100 * np.mean([t['global'] for t in cell]):.1f} | "
                      + " | ".join(cols) + " |")
     (out / "guard.md").write_text("\n".join(lines) + "\n")
@@ -206,14 +208,10 @@ def write_table(trials: list[dict], out: Path) -> None:
                     continue
                 g = {k: 100 * (np.array([t[k] for t in cell]) - np.array([t["global"] for t in cell]))
                      for k in ("head", "affine", "head+affine")}
-
-                def mse(v):
-                    return f"{v.mean():+.1f} ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}"
-
                 lines.append(f"| {name} | {corpus} | {n} | {len(cell)} | "
                              f"{100 * np.mean([t['global'] for t in cell]):.1f} | "
-                             + " | ".join(f"{mse(g[k])} ({int((g[k] < -5).sum())})" for k in g)
-                             + f" | {mse(g['affine'] - g['head'])} | {mse(g['head+affine'] - g['head'])} |")
+                             + " | ".join(f"{_mse(g[k])} ({int((g[k] < -5).sum())})" for k in g)
+                             + f" | {_mse(g['affine'] - g['head'])} | {_mse(g['head+affine'] - g['head'])} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
