@@ -9,6 +9,8 @@ State lives in one folder (``state_dir``)::
     manifest.json         the signed manifest in use (the atomic swap point)
     manifest.previous.json  the one installed before it (the fallback when a file of the current is damaged)
     personal.head         personalised head weights (atomic write; sha256 kept in the store)
+    personal.adapter      the personal adapter, when an adapter fit was kept
+    personal.input        the personal input-feature affine (gain, offset per band), when one was kept
 
 A damaged file never stops the device: start-up falls back to the last model whose files verify (or the
 bundled one), lists what it found in :attr:`Device.problems` (``status`` shows them), and ``sync`` repairs it.
@@ -200,6 +202,16 @@ class TrainPolicy:
     # Rows (answers + replay rows) per Adam step: above it, each step takes a random draw of the answers (seeded by
     # ``seed``) so that answers and replay rows come to adam_max_rows; up to it, every step takes every answer.
     adam_max_rows: int = 256
+    # From this many answers (0: off), for users whose corrections are at least as many as their bare thumbs-down
+    # (and at least one), on a model with the input_grad signature and answers whose features are stored: a
+    # per-user affine transform of the input features, x' = x * (1 + gain) + offset per feature band on speech
+    # frames (padding stays zero), fitted through the frozen encoder and the global head (input_affine_steps
+    # full-batch Adam steps at input_affine_learning_rate, gradients read from input_grad), is cross-validated in
+    # the same folds as the head's fit. It is kept in place of a head fit, with the global head, when its
+    # out-of-fold answers are shown right more often than the global head's and than a kept head fit's.
+    input_affine_from: int = 0
+    input_affine_steps: int = 100
+    input_affine_learning_rate: float = 0.01
 
     def __post_init__(self) -> None:
         if self.learning_rate is not None and (
@@ -228,6 +240,17 @@ class TrainPolicy:
                 or not 0.0 <= self.thumbs_min_up_share <= 1.0):
             raise ParameterError(
                 f"TrainPolicy.thumbs_min_up_share must be within 0..1, got {self.thumbs_min_up_share!r}")
+        if isinstance(self.input_affine_from, bool) or not isinstance(self.input_affine_from, numbers.Integral) \
+                or self.input_affine_from < 0:
+            raise ParameterError(
+                f"TrainPolicy.input_affine_from must be an integer >= 0, got {self.input_affine_from!r}")
+        if isinstance(self.input_affine_steps, bool) or not isinstance(self.input_affine_steps, numbers.Integral) \
+                or not 1 <= self.input_affine_steps <= 10_000:
+            raise ParameterError(f"TrainPolicy.input_affine_steps must be an integer in 1..10000, got "
+                                 f"{self.input_affine_steps!r}")
+        rate = self.input_affine_learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or not 0 < rate <= 1:
+            raise ParameterError(f"TrainPolicy.input_affine_learning_rate must be within (0, 1], got {rate!r}")
         if self.adam_max_rows < 1:
             raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
@@ -274,6 +297,10 @@ class TrainReport:
     # Answers left out because their stored embedding came from another base's encoder and they cannot be
     # embedded anew (no stored features, or features of another input shape): {reason: count}.
     answers_dropped: dict = field(default_factory=dict)
+    # The input affine's cross-validated share of the answers shown right (None: not tried), and whether the kept
+    # fit is an input affine (with the global head) rather than a head fit.
+    input_affine_score: float | None = None
+    input_affine: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -367,6 +394,7 @@ class Device:
         self.model: TFLiteModel | None = None
         self.global_head: dict[str, np.ndarray] | None = None
         self.personalized = False
+        self.input_affine: dict[str, np.ndarray] | None = None  # the personal input affine in use (personal.input)
         self.model_source = None
         self.base_sha256: str | None = None  # the sha256 of the model file in use (whose encoder makes embeddings)
         if not self._load_installed():
@@ -497,6 +525,7 @@ class Device:
         self._load_personal(model)
 
     def _load_personal(self, model: TFLiteModel) -> None:
+        self.input_affine = None
         personal = self.state_dir / "personal.head"
         if personal.exists() and self.store.get("personal_base_version") == str(self.model_version):
             try:
@@ -523,6 +552,19 @@ class Device:
                     model.set_adapter(None)
                     self._problem("personal.adapter", exc, "moved aside; the personal head is used without its "
                                                            "adapter until the next personalisation")
+            affine = self.state_dir / "personal.input"
+            if affine.exists() and self.store.get("personal_input_sha256"):
+                try:
+                    data = affine.read_bytes()
+                    if hashlib.sha256(data).hexdigest() != self.store.get("personal_input_sha256"):
+                        raise WireFormatError("its sha256 is not the one written with it")
+                    self.input_affine = check_input_affine(
+                        unpack_arrays(input_affine_layout(model.metadata.features.n_features), data))
+                except (OSError, WireFormatError, ParameterError) as exc:
+                    os.replace(affine, affine.with_name(f"personal.input.corrupt-{int(time.time())}"))
+                    self.input_affine = None
+                    self._problem("personal.input", exc, "moved aside; predictions use the input features as they "
+                                                         "are until the next personalisation")
 
     def _load_installed(self) -> bool:
         """Load the newest installed model whose files all verify: ``manifest.json``, else the one before it.
@@ -733,6 +775,7 @@ class Device:
                 self._local.model = None
                 self._local.frames = None
                 self._local.adapted = False
+                self._local.affine_fit = None
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -757,6 +800,8 @@ class Device:
             audio = np.asarray(audio, np.float32)[: int(MAX_CLIP_SECONDS * model.metadata.features.sample_rate)]
             feats, state = self._model_input(audio, model.metadata)
             probs, embedding = model.infer(feats)
+            if self.input_affine is not None:  # the store keeps the features and embedding as they are (training
+                probs = model.infer(apply_input_affine(feats, self.input_affine))[0]  # starts from them)
             version, personalized, base = self.model_version, self.personalized, self.base_sha256
         latency_ms = (time.perf_counter() - started) * 1000.0
         labels = model.metadata.labels
@@ -1026,6 +1071,7 @@ class Device:
     def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
         model = self._require_model()  # the trainer
         started = time.perf_counter()
+        self._local.affine_fit = None  # an input affine the cross-validation keeps (with the global head)
         examples, dropped = self._current_examples(model)
         if len(examples) < policy.min_examples:
             return TrainReport("skipped", f"{len(examples)} feedback answers, policy wants {policy.min_examples}",
@@ -1090,6 +1136,15 @@ class Device:
                         self.store.set("personal_adapter_sha256", hashlib.sha256(adata).hexdigest())
                         atomic_write(self.state_dir / "personal.adapter", adata)
                         serving.set_adapter(adapter)
+                    affine = getattr(self._local, "affine_fit", None)
+                    if affine is not None:
+                        idata = pack_arrays(input_affine_layout(len(affine["gain"])), affine)
+                        self.store.set("personal_input_sha256", hashlib.sha256(idata).hexdigest())
+                        atomic_write(self.state_dir / "personal.input", idata)
+                    else:  # a head fit was kept: the input features are used as they are
+                        self.store.set("personal_input_sha256", "")
+                        (self.state_dir / "personal.input").unlink(missing_ok=True)
+                    self.input_affine = affine
                     self.store.set("personal_base_version", str(self.model_version))
                     serving.set_weights(weights)
                     self.personalized = True
@@ -1135,6 +1190,10 @@ class Device:
               and model.metadata.replay_set() is not None):
             candidates.append(replace(policy, adapter=False, replay_weight=0.0))
             margin = policy.replay_margin
+        affine_right = None  # the input affine (input_affine_from): out of fold, in the same folds
+        if (0 < policy.input_affine_from <= len(examples) and mostly_corrections and not thumbs_only
+                and policy.guard == "accuracy" and model.has_input_grad):
+            affine_right = self._cross_validate_input_affine(model, examples, fold_of, folds, policy)
         scores, losses, rights = [], [], []
         for cand in candidates:
             right, loss = np.zeros(len(examples)), np.zeros(len(examples))
@@ -1167,6 +1226,13 @@ class Device:
             report.guard += (f", global head below {policy.adapt_below:g} of the answers" if failed
                              else f", every user from {policy.adapt_all_from} answers")
         short = after < before - policy.tolerance + needed  # not shown better by the margin (or shown worse)
+        head_kept = not short or (trusted and policy.trust_keeps_worse)
+        if affine_right is not None:
+            report.input_affine_score = float(np.mean(affine_right))
+        # the input affine, with the global head, when it shows more answers right than the global head and than a
+        # kept head fit (strictly: a tie keeps the head's decision)
+        affine_wins = affine_right is not None and report.input_affine_score > before and (
+            not head_kept or report.input_affine_score > after)
         if thumbs_only:
             report.guard += ", thumbs only"
         if trusted:
@@ -1176,7 +1242,15 @@ class Device:
                 report.guard += ", kept although cross-validation shows it worse (trust_keeps_worse)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
         # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
-        if short and not (trusted and policy.trust_keeps_worse):
+        if affine_wins:
+            model.set_weights(self.global_head)
+            features = self._input_features(model, examples)
+            _, targets, sign = self._arrays(examples)
+            self._local.affine_fit = self._fit_input_affine(model, features, targets, sign, policy)
+            report.input_affine, report.score_after = True, report.input_affine_score
+            report.guard += ", input affine (global head)"
+            report.confirmed_flipped = int(np.sum(confirmed & (affine_right <= 0)))
+        elif short and not (trusted and policy.trust_keeps_worse):
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
                 else f"cross-validated answers not better by {policy.guard_margin} x sqrt("
@@ -1197,7 +1271,7 @@ class Device:
         # answers), and on a device that never kept a fit it is the global head.
         known = np.array([e.sign > 0 for e in examples])
         if report.status == "kept":
-            personal = rights[best]
+            personal = affine_right if report.input_affine else rights[best]
         elif in_use is not None:
             model.set_weights(in_use)
             if in_use_adapter is not None:
@@ -1211,6 +1285,53 @@ class Device:
             "answers_scored": int(known.sum()), "personal_correct": int(personal[known].sum()),
             "global_correct": int(global_right[known].sum())}))
         return report
+
+    def _input_features(self, model: TFLiteModel, examples: list[FeedbackExample]) -> np.ndarray | None:
+        """The answers' stored input features ``[n, T, F]`` (as the global encoder saw them), or None when any is
+        missing or of another shape."""
+        feats = self.store.features_of([e.prediction_id for e in examples])
+        shape = model.input_shape[1:]
+        if any(e.prediction_id not in feats or feats[e.prediction_id].size != int(np.prod(shape)) for e in examples):
+            return None
+        return np.stack([np.asarray(feats[e.prediction_id], np.float32).reshape(shape) for e in examples])
+
+    def _cross_validate_input_affine(self, model: TFLiteModel, examples: list[FeedbackExample], fold_of: np.ndarray,
+                                     folds: int, policy: TrainPolicy) -> np.ndarray | None:
+        """Per answer, out of fold: 1.0 where the input affine fitted on the other folds (with the global head)
+        shows what the user said was right (:meth:`_shown_right`'s rule); None without every answer's features."""
+        features = self._input_features(model, examples)
+        if features is None:
+            return None
+        model.set_weights(self.global_head)
+        if model.has_adapter:
+            model.set_adapter(None)
+        _, targets, sign = self._arrays(examples)
+        right = np.zeros(len(examples))
+        for f in range(folds):
+            train, held = fold_of != f, fold_of == f
+            affine = self._fit_input_affine(model, features[train], targets[train], sign[train], policy)
+            moved = apply_input_affine(features[held], affine)
+            chosen = np.array([int(np.argmax(model.infer(x)[0])) for x in moved], np.int64)
+            hit = targets[np.flatnonzero(held), chosen] > 0
+            right[held] = np.where(sign[held] > 0, hit, (~hit) * policy.down_credit)
+        return right
+
+    def _fit_input_affine(self, model: TFLiteModel, features: np.ndarray, targets: np.ndarray, sign: np.ndarray,
+                          policy: TrainPolicy) -> dict[str, np.ndarray]:
+        """``policy.input_affine_steps`` full-batch Adam steps of a per-band gain and offset from zero (the
+        identity), through the model as it is (its head and adapter), every answer weighted alike; each step kept
+        within :data:`INPUT_AFFINE_LIMITS`."""
+        bands = features.shape[2]
+        speech = np.any(features != 0, axis=2, keepdims=True).astype(np.float32)
+        affine = {"gain": np.zeros(bands, np.float64), "offset": np.zeros(bands, np.float64)}
+        adam = Adam(learning_rate=policy.input_affine_learning_rate)
+        for _ in range(policy.input_affine_steps):
+            grad, _, _ = model.input_gradient(apply_input_affine(features, affine, speech), targets, sign)
+            grad = grad.astype(np.float64) * speech
+            affine = adam.step(affine, {"gain": np.einsum("ntf,ntf->f", grad, features),
+                                        "offset": grad.sum(axis=(0, 1))})
+            affine = {k: np.clip(v, -INPUT_AFFINE_LIMITS[k], INPUT_AFFINE_LIMITS[k]) for k, v in affine.items()}
+        return {k: v.astype(np.float32) for k, v in affine.items()}
 
     def _cv_answer_report(self, examples: list[FeedbackExample]) -> dict[str, int]:
         """The out-of-fold answer report the last cross-validated personalisation left, if it was made on this
@@ -1475,6 +1596,40 @@ def _answers_fingerprint(examples: list[FeedbackExample]) -> str:
 def _adapter_layout(model: TFLiteModel) -> HeadLayout:
     channels = model.frames_shape[1]
     return HeadLayout([ArraySpec("scale", (channels,)), ArraySpec("shift", (channels,))])
+
+
+# Bounds of a personal input affine's gain and offset (features are normalised, about unit variance): fits are kept
+# within them and a personal.input outside them is refused. 100 Adam steps at 0.01 move a value by about 1 at most.
+INPUT_AFFINE_LIMITS = {"gain": 1.0, "offset": 2.0}
+
+
+def input_affine_layout(bands: int) -> HeadLayout:
+    return HeadLayout([ArraySpec("gain", (bands,)), ArraySpec("offset", (bands,))])
+
+
+def check_input_affine(affine: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``affine`` as float32 arrays; ParameterError naming the array unless both are finite and within
+    :data:`INPUT_AFFINE_LIMITS`."""
+    out = {}
+    for name, limit in INPUT_AFFINE_LIMITS.items():
+        arr = np.asarray(affine.get(name), np.float32) if name in affine else None
+        if arr is None or arr.ndim != 1 or not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > limit):
+            raise ParameterError(f"input affine {name!r} must be finite values within +-{limit:g}")
+        out[name] = arr
+    if out["gain"].shape != out["offset"].shape:
+        raise ParameterError("input affine 'gain' and 'offset' must have one value per feature band each")
+    return out
+
+
+def apply_input_affine(features: np.ndarray, affine: dict[str, np.ndarray], speech: np.ndarray | None = None
+                       ) -> np.ndarray:
+    """``features * (1 + gain) + offset`` per band (the last axis) on speech frames; padding rows (all zero, or
+    where ``speech`` is 0) stay zero."""
+    x = np.asarray(features, np.float32)
+    if speech is None:
+        speech = np.any(x != 0, axis=-1, keepdims=True)
+    moved = x * (1.0 + np.asarray(affine["gain"], np.float32)) + np.asarray(affine["offset"], np.float32)
+    return (moved * speech).astype(np.float32)
 
 
 def class_balance_weights(targets: np.ndarray) -> np.ndarray:

@@ -5,7 +5,10 @@ The ``.tflite`` file carries four signatures (DESIGN.md): ``infer``, ``train``,
 static batch) used to score held-back feedback. Models exported since the adapter
 (``models/export.py``) may also carry :data:`ADAPTER_SIGNATURES`: a per-user scale
 and shift of the encoder's last-block channels, trained with the head on the
-device; a file without them works as before (:attr:`TFLiteModel.has_adapter`). Its :class:`ModelMetadata`
+device; a file without them works as before (:attr:`TFLiteModel.has_adapter`). Models exported since the input
+affine also carry :data:`INPUT_SIGNATURES` (``input_grad``: a batch's loss and its gradient with respect to the
+model's inputs, for a per-user affine transform of the input features; :attr:`TFLiteModel.has_input_grad`). Its
+:class:`ModelMetadata`
 (labels, feature config, normalisation, head layout) travels beside it, in the
 signed manifest or in a ``model.json`` sidecar.
 
@@ -32,12 +35,16 @@ from edge_sdk.wire import HeadLayout
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES", "ADAPTER_SIGNATURES"]
+__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES", "ADAPTER_SIGNATURES",
+           "INPUT_SIGNATURES"]
 
 REQUIRED_SIGNATURES = ("infer", "train", "get_weights", "set_weights", "head")
 # Optional: frames (features -> the encoder's last block [1, T', C]), adapted (frames [B, T', C] -> probs,
 # embedding), adapter_train (a step of head and adapter), get_adapter / set_adapter (scale [C], shift [C]).
 ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
+# Optional: input_grad (features [B, T, F], targets, sample_weight, feedback_sign -> loss, grad [B, T, F], probs
+# [B, C]) through the encoder, the adapter and the head in use; nothing trains.
+INPUT_SIGNATURES = ("input_grad",)
 METADATA_FORMAT_VERSION = 1
 
 
@@ -271,7 +278,9 @@ class TFLiteModel:
         if missing:
             raise ModelError(f"{self.path} lacks the signatures {missing} (has {sorted(available)})")
         self.has_adapter = all(s in available for s in ADAPTER_SIGNATURES)
-        names = REQUIRED_SIGNATURES + (ADAPTER_SIGNATURES if self.has_adapter else ())
+        self.has_input_grad = all(s in available for s in INPUT_SIGNATURES)
+        names = (REQUIRED_SIGNATURES + (ADAPTER_SIGNATURES if self.has_adapter else ())
+                 + (INPUT_SIGNATURES if self.has_input_grad else ()))
         self._runners = {name: _Signature(self._interpreter, name) for name in names}
         self._lock = threading.Lock()
         weights = self.get_weights()
@@ -469,6 +478,43 @@ class TFLiteModel:
             args[name] = arr
         with self._lock:
             self._runners["set_adapter"](**args)
+
+    # -- gradients with respect to the inputs (models that have them: has_input_grad) -----
+    def input_gradient(self, features: np.ndarray, targets: np.ndarray, feedback_sign: np.ndarray,
+                       sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+        """``(gradient [n, T, F], loss, probs [n, C])``: the weighted mean loss of the ``train`` signature over all
+        ``n`` utterances' ``features`` (any number; batches of ``train_batch_size`` combined by their weight sums)
+        through the encoder, the adapter and the head in use, its gradient with respect to ``features``, and the
+        probabilities the model gives each utterance. Nothing is trained."""
+        if not self.has_input_grad:
+            raise ModelError(f"{self.path} has no {list(INPUT_SIGNATURES)} signature (an older export, or an encoder "
+                             "other than cnn): the input features cannot be adapted")
+        x = np.asarray(features, np.float32)
+        if x.ndim != 3 or x.shape[1:] != self.input_shape[1:]:
+            raise ParameterError(f"features must have shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
+                                 f"got {np.shape(features)}")
+        n, batch = len(x), self.metadata.train_batch_size
+        weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        if weight.shape != (n,) or not np.all(np.isfinite(weight)) or np.any(weight < 0):
+            raise ParameterError(f"sample_weight must be {n} finite values >= 0")
+        grad = np.zeros(x.shape, np.float32)
+        probs = np.zeros((n, self.metadata.num_classes), np.float32)
+        total, loss = float(weight.sum()), 0.0
+        for start in range(0, n, batch):
+            sl = slice(start, min(n, start + batch))
+            pf, pt, pw, ps = self._padded_step("input_gradient", x[sl], np.asarray(targets)[sl],
+                                               np.asarray(feedback_sign).reshape(-1)[sl], weight[sl])
+            with self._lock:
+                out = self._runners["input_grad"](features=pf, targets=pt, sample_weight=pw, feedback_sign=ps)
+            share = float(weight[sl].sum()) / total if total > 0 else 0.0
+            k = sl.stop - sl.start
+            probs[sl] = out["probs"][:k]
+            if share > 0:
+                grad[sl] = share * out["grad"][:k]
+                loss += share * float(out["loss"])
+        if not (np.isfinite(loss) and np.all(np.isfinite(grad))):
+            raise ModelError("input_grad produced a non-finite loss or gradient")
+        return grad, loss, probs
 
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
         fr = np.asarray(frames, np.float32)

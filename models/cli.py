@@ -353,6 +353,16 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_reexport(args) -> int:
+    from models.export import reexport_tflite
+
+    if args.out.resolve() == args.model.parent.resolve() and args.name == args.model.stem:
+        raise SystemExit("reexport: --out and --name would overwrite --model; write elsewhere and compare first")
+    result = reexport_tflite(args.model, None, args.out, name=args.name)
+    print(f"re-exported {args.model} -> {result.tflite_path} ({result.size} bytes, sha256 {result.sha256})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from models.export import export_trained
 
@@ -406,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained", type=Path, required=True, help="the training run's --out folder")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the --trained folder)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("reexport", help="rebuild an exported cnn model from its .tflite and export it again with "
+                                        "every signature this version writes (input_grad among them)")
+    p.add_argument("--model", type=Path, required=True, help="model.tflite (model.json beside it)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write model.tflite and model.json into")
+    p.add_argument("--name", default="model", help="file names in --out (default model)")
+    p.set_defaults(func=cmd_reexport)
     return parser
 
 

@@ -25,6 +25,14 @@ about each:
   layer, ``w2, b2`` its logits (ReLU with the builtin gradient on all but the last). The metadata's
   ``embedding_dim``, ``head_layout`` and replay set follow the cut. The SDK, the wire format and the aggregator
   are generic over the head's layout, so devices then fine-tune and federate the embedding layer too.
+* A ``cnn`` encoder with the adapter also gets ``input_grad`` (:data:`INPUT_SIGNATURES`): the loss of a batch of
+  utterances and its gradient with respect to the model's *inputs*, through the frozen encoder, the adapter and
+  the head in use, for the per-user input-feature affine of ``edge_sdk.device`` (``TrainPolicy.input_affine_from``).
+  The encoder is written out again for it from its weights (batch norm folded) with builtin gradients: the
+  convolutions' input gradients are ``TRANSPOSE_CONV``; the ReLU's ``dy * mask``; max pooling by two is a reshape
+  and a ``reduce_max`` (an odd length's last frame dropped with ``tf.slice``, whose gradient is a ``PAD``). The
+  export checks it against the frozen encoder. :func:`reexport_tflite` rebuilds such a model from an older
+  ``.tflite`` of the same architecture (its convolutions, embedding layer and head read from the file).
 """
 
 from __future__ import annotations
@@ -47,11 +55,12 @@ log = logging.getLogger("models")
 __all__ = ["head_layout", "layout_of", "head_names", "deep_cut", "deep_head_weights", "cut_metadata",
            "export_tflite", "check_builtin_ops", "ExportResult", "HEAD_NAMES",
            "build_trainable_module", "convert_module", "freeze_encoder", "adapter_split", "AdapterSplit",
-           "BASE_SIGNATURES", "ADAPTER_SIGNATURES"]
+           "BASE_SIGNATURES", "ADAPTER_SIGNATURES", "INPUT_SIGNATURES", "input_cut_layers", "reexport_tflite"]
 
 HEAD_NAMES = ("w0", "b0", "w1", "b1")  # the default head: hidden and logits layers
 BASE_SIGNATURES = ("infer", "head", "train", "get_weights", "set_weights")
 ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
+INPUT_SIGNATURES = ("input_grad",)
 
 
 def head_layout(embedding_dim: int, head_units: int, num_classes: int) -> HeadLayout:
@@ -162,6 +171,45 @@ def _mean_over_time_with_builtin_gradient(x):
     return mean_over_time(x)
 
 
+def input_cut_layers(encoder) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The convolutions of a plain ``cnn`` encoder with their batch norms folded in: ``[(kernel [k, in, out],
+    bias [out]), ...]`` (``conv(x) * s + t`` = ``conv'(x)``), or None for any other encoder."""
+    names = [layer.name for layer in encoder.layers]
+    convs = [n for n in names if n.startswith("conv")]
+    if encoder.name != "cnn_encoder" or not convs or any(f"bn{i}" not in names for i in range(len(convs))):
+        return None
+    out = []
+    for i in range(len(convs)):
+        conv, bn = encoder.get_layer(f"conv{i}"), encoder.get_layer(f"bn{i}")
+        if conv.strides != (1,) or conv.padding != "same" or conv.dilation_rate != (1,) or not conv.use_bias:
+            return None
+        gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn.get_weights())
+        s = gamma / np.sqrt(var + bn.epsilon)
+        kernel, bias = (np.asarray(w, np.float64) for w in conv.get_weights())
+        out.append(((kernel * s).astype(np.float32), ((bias - mean) * s + beta).astype(np.float32)))
+    return out
+
+
+def _builtin_cut(features, layers):
+    """The ``cnn`` encoder up to its last block's batch norm (the adapter's cut, ``[B, T', C]``), written with ops
+    whose gradients with respect to ``features`` are builtins (:func:`input_cut_layers`' folded convolutions; a
+    ReLU and max pooling by two after every block but the last)."""
+    import tensorflow as tf
+
+    x = features
+    for i, (kernel, bias) in enumerate(layers):
+        x = tf.nn.conv1d(x, kernel, 1, "SAME") + bias
+        if i == len(layers) - 1:
+            return x
+        x = _relu_with_builtin_gradient(x)
+        frames, channels = int(x.shape[1]), int(x.shape[2])
+        even = (frames // 2) * 2
+        if even != frames:  # 'valid' pooling drops the last frame; tf.slice's gradient is a PAD (a strided slice's
+            x = tf.slice(x, [0, 0, 0], [int(x.shape[0]), even, channels])  # is Flex)
+        x = tf.reduce_max(tf.reshape(x, [int(x.shape[0]), even // 2, 2, channels]), axis=2)
+    return x
+
+
 @dataclass(frozen=True)
 class AdapterSplit:
     """A CNN encoder cut after its last block's batch norm: the frozen graph up to there, and the frozen rest
@@ -226,10 +274,12 @@ def deep_head_weights(encoder, head_weights: dict) -> dict:
 
 
 def _make_module(graph_def, input_name: str, output_name: str, head: dict, frames: int, n_features: int,
-                 num_classes: int, batch: int, split: AdapterSplit | None = None, *, deep: bool = False):
+                 num_classes: int, batch: int, split: AdapterSplit | None = None, *, deep: bool = False,
+                 input_layers: list | None = None):
     """The ``tf.Module`` of the signatures. ``head`` holds ``w0, b0, ..., wN, bN`` (a ReLU after every layer but
     the last); ``graph_def`` is the frozen encoder up to the head's input. With ``deep`` the head's first layer is
-    the encoder's embedding layer and the adapter's ``adapted_embedding`` stops at the pooled vector."""
+    the encoder's embedding layer and the adapter's ``adapted_embedding`` stops at the pooled vector. With the adapter
+    ``split`` and ``input_layers`` (:func:`input_cut_layers`), the module also has ``input_grad``."""
     import tensorflow as tf
 
     names = head_names(_layers(head))
@@ -310,6 +360,7 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
 
     cut_frames, channels, max_frames = split.frames, split.channels, frames  # `frames` is a signature below
     kernel, bias = tf.constant(split.kernel), tf.constant(split.bias)
+    cut_layers = [(tf.constant(k), tf.constant(b)) for k, b in input_layers or ()]
 
     class AdaptedHead(TrainableHead):
         """The head plus a per-user scale and shift of each channel of the encoder's last block (identity at
@@ -367,6 +418,18 @@ def _make_module(graph_def, input_name: str, output_name: str, head: dict, frame
                 var.assign_sub(adapter_step * grad)
             return {"loss": loss}
 
+        if input_layers is not None:
+            @tf.function(input_signature=[tf.TensorSpec([batch, max_frames, n_features], tf.float32, name="features"),
+                                          *train_specs[:3]])
+            def input_grad(self, features, targets, sample_weight, feedback_sign):
+                """The weighted mean loss of ``features`` through the encoder, the adapter and the head in use, its
+                gradient with respect to ``features`` and the probabilities; nothing is trained."""
+                with tf.GradientTape() as tape:
+                    tape.watch(features)
+                    logits = self.logits(self.adapted_embedding(_builtin_cut(features, cut_layers)))
+                    loss = feedback_loss(logits, targets, sample_weight, feedback_sign)
+                return {"loss": loss, "grad": tape.gradient(loss, features), "probs": tf.nn.softmax(logits)}
+
         @tf.function(input_signature=[])
         def get_adapter(self):
             return {"scale": self.adapter_scale.read_value(), "shift": self.adapter_shift.read_value()}
@@ -394,11 +457,12 @@ def freeze_encoder(encoder, frames: int, n_features: int):
 
 
 def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata, *, adapter: bool = True,
-                           trainable_embedding: bool = False):
+                           trainable_embedding: bool = False, input_grad: bool = True):
     """The ``tf.Module`` to convert; with the adapter signatures when ``adapter`` and the encoder allows them.
     ``head_weights`` are the Keras head's ``w0, b0, w1, b1``; with ``trainable_embedding`` the encoder's
     embedding layer joins the head (:func:`deep_head_weights`) and the frozen encoder stops at the pooled vector
-    (:func:`deep_cut`; ModelError for an encoder without one)."""
+    (:func:`deep_cut`; ModelError for an encoder without one). With the adapter and ``input_grad``, a cnn encoder's
+    module also has the ``input_grad`` signature."""
     f = metadata.features
     head = {k: np.asarray(head_weights[k], np.float32) for k in head_names(_layers(head_weights))}
     frozen = encoder
@@ -410,8 +474,25 @@ def build_trainable_module(encoder, head_weights: dict, metadata: ModelMetadata,
         head = deep_head_weights(encoder, head)
     graph_def, inp, out = freeze_encoder(frozen, f.max_frames, f.n_features)
     split = adapter_split(encoder, f.max_frames, f.n_features) if adapter else None
-    return _make_module(graph_def, inp, out, head, f.max_frames, f.n_features, metadata.num_classes,
-                        metadata.train_batch_size, split, deep=trainable_embedding)
+    layers = input_cut_layers(encoder) if split is not None and input_grad else None
+    module = _make_module(graph_def, inp, out, head, f.max_frames, f.n_features, metadata.num_classes,
+                          metadata.train_batch_size, split, deep=trainable_embedding, input_layers=layers)
+    if layers is not None:
+        _check_builtin_cut(module, layers, f.max_frames, f.n_features)
+    return module
+
+
+def _check_builtin_cut(module, layers, frames: int, n_features: int) -> None:
+    """ModelError unless ``input_grad``'s encoder (:func:`_builtin_cut`) computes what the frozen one does, on an
+    utterance of random features followed by zero padding (as the SDK's features are)."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((1, frames, n_features), np.float32)
+    x[0, : max(1, frames * 2 // 3)] = rng.normal(size=(max(1, frames * 2 // 3), n_features))
+    ref = module.frames(x)["frames"].numpy()
+    mine = _builtin_cut(x, layers).numpy()
+    diff = float(np.max(np.abs(mine - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
+    if not diff < 1e-4:
+        raise ModelError(f"input_grad's encoder differs from the frozen one (max relative difference {diff:.2e})")
 
 
 def cut_metadata(encoder, head_weights: dict, metadata: ModelMetadata, *, trainable_embedding: bool,
@@ -438,11 +519,12 @@ def cut_metadata(encoder, head_weights: dict, metadata: ModelMetadata, *, traina
 
 
 def convert_module(module) -> bytes:
-    """SavedModel with the five signatures (and the adapter's five when the module has them), converted with
-    builtin ops only and checked."""
+    """SavedModel with the five signatures (the adapter's five and ``input_grad`` when the module has them),
+    converted with builtin ops only and checked."""
     import tensorflow as tf
 
-    names = BASE_SIGNATURES + (ADAPTER_SIGNATURES if hasattr(module, "adapter_train") else ())
+    names = (BASE_SIGNATURES + (ADAPTER_SIGNATURES if hasattr(module, "adapter_train") else ())
+             + (INPUT_SIGNATURES if hasattr(module, "input_grad") else ()))
     signatures = {name: getattr(module, name).get_concrete_function() for name in names}
     with tempfile.TemporaryDirectory(prefix="fedser-export-") as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
@@ -461,9 +543,11 @@ DEEP_HEAD_DEVICE_LEARNING_RATE = 0.01
 
 def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir: str | Path,
                   *, name: str = "model", adapter: bool = True, trainable_embedding: bool = False,
-                  replay_inputs: tuple | None = None, device_learning_rate: float | None = None) -> ExportResult:
+                  replay_inputs: tuple | None = None, device_learning_rate: float | None = None,
+                  input_grad: bool = True) -> ExportResult:
     """Write ``<name>.tflite`` and ``<name>.json`` (metadata) into ``out_dir``; ``adapter=False`` leaves the
-    adapter signatures out (the file older SDKs knew). ``trainable_embedding`` (cnn, dnn) puts the encoder's
+    adapter signatures out (the file older SDKs knew), ``input_grad=False`` the input gradient (the files before it).
+    ``trainable_embedding`` (cnn, dnn) puts the encoder's
     embedding layer into the trainable head and rewrites the metadata's cut (:func:`cut_metadata`; give
     ``replay_inputs`` to keep a replay set). ``device_learning_rate`` (else ``metadata``'s, else
     :data:`DEEP_HEAD_DEVICE_LEARNING_RATE` with ``trainable_embedding``) goes into the metadata: the SGD rate
@@ -478,7 +562,7 @@ def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir:
     metadata = cut_metadata(encoder, head_weights, metadata, trainable_embedding=trainable_embedding,
                             replay_inputs=replay_inputs)
     module = build_trainable_module(encoder, head_weights, metadata, adapter=adapter,
-                                    trainable_embedding=trainable_embedding)
+                                    trainable_embedding=trainable_embedding, input_grad=input_grad)
     tflite = convert_module(module)
     out_dir = Path(out_dir)
     sha = hashlib.sha256(tflite).hexdigest()
@@ -591,3 +675,141 @@ def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -
     replay = (arrays["replay_x"], arrays["replay_y"]) if "replay_x" in arrays else None
     return export_tflite(encoder, head, metadata, out_dir if out_dir is not None else trained_dir,
                          trainable_embedding=bool(info.get("trainable_embedding")), replay_inputs=replay)
+
+
+def _tflite_constants(tflite_bytes: bytes, signature: str) -> tuple[list, list]:
+    """The constant weights of the ``CONV_2D`` and ``FULLY_CONNECTED`` operators of one signature's subgraph, in
+    the order they run: ``([(filter [out, 1, k, in], bias [out]), ...], [(weights [out, in], bias [out]), ...])``
+    (a fully connected layer whose weights are variables, the head's, is left out)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_bytes, 0))
+    index = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}
+    if signature not in index:
+        raise ModelError(f"the model has no {signature!r} signature (has {sorted(index)})")
+    graph = model.subgraphs[index[signature]]
+
+    def constant(i: int) -> np.ndarray | None:
+        if i < 0:
+            return None
+        tensor = graph.tensors[i]
+        data = model.buffers[tensor.buffer].data
+        if data is None or len(data) == 0 or tensor.type != schema.TensorType.FLOAT32:
+            return None
+        return np.frombuffer(bytes(np.asarray(data, np.uint8)), np.float32).reshape(list(tensor.shape)).copy()
+
+    convs, dense = [], []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        kind = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        if kind not in (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED):
+            continue
+        weights = constant(int(op.inputs[1]))
+        bias = constant(int(op.inputs[2])) if len(op.inputs) > 2 else None
+        if weights is None:
+            continue
+        (convs if kind == schema.BuiltinOperator.CONV_2D else dense).append((weights, bias))
+    return convs, dense
+
+
+def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, out_dir: str | Path, *,
+                    name: str = "model", check_inputs: int = 8) -> ExportResult:
+    """Rebuild an exported ``cnn`` model from its ``.tflite`` alone and export it again with every signature this
+    version of :func:`export_tflite` writes (``input_grad`` among them), the metadata kept (its ``tflite_sha256``
+    renewed, ``extra.reexported_from`` the old one).
+
+    The file's frozen convolutions (batch norm folded in by the converter), its embedding layer and its head (read
+    through ``get_weights``) go into a Keras encoder of the metadata's architecture whose batch norms are the
+    identity. The new file must give the old one's probabilities and embeddings on ``check_inputs`` random
+    utterances (1e-4), else ModelError; so must anything else that does not fit (another architecture, masked
+    pooling, a file without the adapter's ``frames`` signature)."""
+    import keras
+
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+    from edge_sdk.storage import atomic_write
+    from models.architectures import ArchitectureConfig, build_encoder
+
+    if keras.backend.backend() != "tensorflow":
+        raise ModelError(f"the TFLite export needs the TensorFlow Keras backend, not {keras.backend.backend()!r}")
+    tflite_path = Path(tflite_path)
+    metadata_path = Path(metadata_path) if metadata_path is not None else tflite_path.with_suffix(".json")
+    for path in (tflite_path, metadata_path):
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file")
+    metadata = ModelMetadata.load(metadata_path)
+    blob = tflite_path.read_bytes()
+    arch_dict = metadata.extra.get("architecture")
+    if not isinstance(arch_dict, dict):
+        raise ModelError(f"{metadata_path} names no architecture (extra.architecture)")
+    arch = ArchitectureConfig.from_dict(arch_dict)
+    if arch.name != "cnn" or arch.masked_pooling:
+        raise ModelError(f"only a cnn encoder with plain pooling can be rebuilt from its .tflite, not {arch.name}"
+                         + (" with masked pooling" if arch.masked_pooling else ""))
+    old = TFLiteModel(tflite_path, metadata)
+    if not old.has_adapter:
+        raise ModelError(f"{tflite_path} has no adapter signatures: its encoder cannot be cut where the adapter is")
+    deep = bool(metadata.extra.get("trainable_embedding"))
+    convs, dense = _tflite_constants(blob, "frames")
+    _, infer_dense = _tflite_constants(blob, "adapted")
+    f = metadata.features
+    encoder = build_encoder(arch, f.max_frames, f.n_features)
+    if len(convs) != len(arch.channels):
+        raise ModelError(f"{tflite_path}: {len(convs)} convolutions in its frames signature, the architecture has "
+                         f"{len(arch.channels)}")
+    eps_var = None
+    for i, (filt, bias) in enumerate(convs):
+        conv, bn = encoder.get_layer(f"conv{i}"), encoder.get_layer(f"bn{i}")
+        kernel = filt[:, 0, :, :].transpose(1, 2, 0)  # [out, 1, k, in] -> Keras's [k, in, out]
+        want = tuple(conv.kernel.shape)
+        if kernel.shape != want or bias is None or bias.shape != (want[2],):
+            raise ModelError(f"{tflite_path}: convolution {i} is {kernel.shape}, the architecture's {want}")
+        conv.set_weights([kernel, bias])
+        eps_var = np.full(want[2], 1.0 - bn.epsilon, np.float32)  # sqrt(var + epsilon) = 1: the identity
+        bn.set_weights([np.ones(want[2], np.float32), np.zeros(want[2], np.float32), np.zeros(want[2], np.float32),
+                        eps_var])
+    head = old.get_weights()
+    emb_layer = encoder.get_layer("embedding")
+    if deep:
+        emb_w, emb_b = head["w0"], head["b0"]
+        layers = sum(1 for k in head if k.startswith("w"))
+        head_weights = {f"{k}{i - 1}": head[f"{k}{i}"] for i in range(1, layers) for k in ("w", "b")}
+    else:
+        pooled = 2 * arch.channels[-1]
+        found = [(w, b) for w, b in infer_dense if w.shape == (arch.embedding_dim, pooled) and b is not None]
+        if len(found) != 1:
+            raise ModelError(f"{tflite_path}: no single embedding layer [{arch.embedding_dim}, {pooled}] in its "
+                             "adapted signature")
+        emb_w, emb_b = found[0][0].T, found[0][1]
+        head_weights = head
+    if tuple(emb_w.shape) != tuple(emb_layer.kernel.shape):
+        raise ModelError(f"{tflite_path}: embedding layer {emb_w.shape}, the architecture's {emb_layer.kernel.shape}")
+    emb_layer.set_weights([emb_w, emb_b])
+    module = build_trainable_module(encoder, head_weights, metadata, adapter=True, trainable_embedding=deep)
+    tflite = convert_module(module)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256(tflite).hexdigest()
+    tflite_out, meta_out = out_dir / f"{name}.tflite", out_dir / f"{name}.json"
+    with tempfile.TemporaryDirectory(prefix="fedser-reexport-") as tmp:
+        candidate = Path(tmp) / "model.tflite"
+        candidate.write_bytes(tflite)
+        new = TFLiteModel(candidate, metadata)
+        rng = np.random.default_rng(0)
+        worst = 0.0
+        for _ in range(check_inputs):
+            x = np.zeros(new.input_shape[1:], np.float32)
+            n = int(rng.integers(f.max_frames // 4, f.max_frames + 1))
+            x[:n] = rng.normal(size=(n, f.n_features))
+            (p0, e0), (p1, e1) = old.infer(x), new.infer(x)
+            worst = max(worst, float(np.max(np.abs(p0 - p1))),
+                        float(np.max(np.abs(e0 - e1)) / max(float(np.max(np.abs(e0))), 1.0)))
+        if not worst < 1e-4:
+            raise ModelError(f"the rebuilt model differs from {tflite_path} (largest difference {worst:.2e})")
+    meta = metadata.to_dict()
+    previous = metadata.extra.get("tflite_sha256") or hashlib.sha256(blob).hexdigest()
+    meta["extra"] = {**meta.get("extra", {}), "tflite_sha256": sha, "reexported_from": previous}
+    atomic_write(tflite_out, tflite)
+    atomic_write(meta_out, json.dumps(meta, indent=2, sort_keys=True).encode())
+    log.info("re-exported %s as %s (%d bytes, sha256 %s; largest difference %.1e)", tflite_path, tflite_out,
+             len(tflite), sha[:12], worst)
+    return ExportResult(tflite_out, meta_out, sha, len(tflite), ModelMetadata.from_dict(meta))

@@ -184,7 +184,7 @@ def parse_policy(text: str) -> tuple[str, dict]:
 
 
 def run_study(args) -> dict:
-    from edge_sdk.device import Device, TrainPolicy
+    from edge_sdk.device import Device, TrainPolicy, apply_input_affine
     from edge_sdk.model import ModelMetadata, TFLiteModel
 
     model_files = ((args.model, args.model.with_suffix(".json")) if args.model.suffix == ".tflite"
@@ -253,8 +253,14 @@ def run_study(args) -> dict:
                                 trial[f"status:{name}"] = report.status
                                 trial[f"guard:{name}"] = {k: report.to_dict()[k] for k in
                                                           ("reason", "score_before", "score_after", "guard",
-                                                                   "confirmed_flipped", "confirmed_flipped_fit")}
-                                trial[name] = acc(dev.model.get_weights())
+                                                           "confirmed_flipped", "confirmed_flipped_fit",
+                                                           "input_affine_score", "input_affine")}
+                                if dev.input_affine is not None:  # what the device shows: the moved features
+                                    moved = apply_input_affine(feats[scored], dev.input_affine)
+                                    shown = [int(np.argmax(dev.model.infer(x)[0])) for x in moved]
+                                    trial[name] = float(np.mean(np.array(shown) == y[scored]))
+                                else:
+                                    trial[name] = acc(dev.model.get_weights())
                                 dev.store.close()
                             trials.append(trial)
                 print(f"  {spk} done", flush=True)

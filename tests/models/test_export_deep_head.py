@@ -251,3 +251,26 @@ def test_fedser_train_trainable_embedding_writes_a_deep_head_with_its_replay_set
                         "--trainable-embedding", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "trainable_embedding needs a cnn or dnn" in r.stderr
+
+
+def test_a_deep_head_export_has_input_grad_and_reexports_with_the_same_predictions(deep, tmp_path, rng):
+    """The deep head's input gradient runs through the encoder's embedding layer as a head variable; the rebuild
+    reads that layer from the head (w0, b0), not from a frozen constant."""
+    from models.export import reexport_tflite
+
+    export, _ = deep
+    model = TFLiteModel(export.tflite_path, export.metadata)
+    assert model.has_input_grad
+    again = reexport_tflite(export.tflite_path, None, tmp_path)
+    new = TFLiteModel(again.tflite_path, again.metadata)
+    f = export.metadata.features
+    for _ in range(3):
+        x = rng.normal(size=(f.max_frames, f.n_features)).astype(np.float32)
+        np.testing.assert_allclose(new.infer(x)[0], model.infer(x)[0], rtol=0, atol=1e-5)
+    x = rng.normal(size=(3, f.max_frames, f.n_features)).astype(np.float32)
+    targets = np.eye(export.metadata.num_classes, dtype=np.float32)[[0, 1, 2]]
+    g0, l0, _ = model.input_gradient(x, targets, np.ones(3, np.float32))
+    g1, l1, _ = new.input_gradient(x, targets, np.ones(3, np.float32))
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    np.testing.assert_allclose(g1, g0, rtol=0, atol=1e-4 * np.abs(g0).max())
+    assert again.metadata.replay_set() is not None

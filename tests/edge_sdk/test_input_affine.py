@@ -1,0 +1,165 @@
+"""The per-user input-feature affine (TrainPolicy.input_affine_from): fitted through the model's input_grad
+signature, judged by the cross-validated guard beside the head's fit, persisted with its sha256, applied to what
+the device shows while the store keeps the features as they are, range-checked when read back, dropped when a head
+fit wins. Real TFLite model (a small CNN) and feedback store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_sdk.device import (INPUT_AFFINE_LIMITS, Device, TrainPolicy, apply_input_affine, check_input_affine,
+                             input_affine_layout)
+from edge_sdk.errors import ParameterError
+from edge_sdk.wire import pack_arrays
+
+# The head's fit can never pass (margin beyond all answers, no waiver), so the affine is kept exactly when it shows
+# more answers right out of fold than the global head.
+AFFINE_ONLY = dict(min_examples=4, guard_folds=3, guard_margin=10.0, adapt_below=0.0, adapt_all_from=0,
+                   trust_corrections=False, replay_weight=0.0, input_affine_from=4, input_affine_steps=60,
+                   input_affine_learning_rate=0.1)
+
+
+def _files(trained_model):
+    return trained_model.tflite_path, trained_model.metadata_path
+
+
+def _shifted_answers(dev: Device, rng, n: int = 12) -> tuple[str, list[np.ndarray]]:
+    """``n`` utterances (zero padding after each) all corrected to the label the global model gives least."""
+    meta = dev.metadata
+    t, f = meta.features.max_frames, meta.features.n_features
+    xs = []
+    for _ in range(n):
+        x = np.zeros((t, f), np.float32)
+        k = int(rng.integers(t // 2, t + 1))
+        x[:k] = rng.normal(size=(k, f))
+        xs.append(x)
+    chosen = [int(np.argmax(dev.model.infer(x)[0])) for x in xs]
+    label = meta.labels[int(np.argmin(np.bincount(chosen, minlength=meta.num_classes)))]
+    for j, x in enumerate(xs):
+        probs, emb = dev.model.infer(x)
+        pid = f"p{j:03d}"
+        dev.store.add_prediction(prediction_id=pid, model_version=0, label=meta.labels[int(np.argmax(probs))],
+                                 probs=probs, embedding=emb, features=x, latency_ms=0.0)
+        dev.feedback(pid, label)
+    return label, xs
+
+
+def test_apply_input_affine_moves_speech_frames_only():
+    x = np.zeros((5, 3), np.float32)
+    x[:3] = [[1, 2, 3], [0, 1, 0], [-1, 0, 2]]
+    affine = {"gain": np.array([0.5, 0.0, -0.5], np.float32), "offset": np.array([1, 2, 3], np.float32)}
+    out = apply_input_affine(x, affine)
+    np.testing.assert_allclose(out[:3], x[:3] * [1.5, 1.0, 0.5] + [1, 2, 3])
+    np.testing.assert_array_equal(out[3:], 0.0)  # padding stays zero
+    zero = {"gain": np.zeros(3, np.float32), "offset": np.zeros(3, np.float32)}
+    np.testing.assert_array_equal(apply_input_affine(x, zero), x)
+
+
+def test_check_input_affine_refuses_out_of_range_or_non_finite_values():
+    ok = {"gain": np.zeros(4), "offset": np.full(4, INPUT_AFFINE_LIMITS["offset"])}
+    assert check_input_affine(ok)["offset"].dtype == np.float32
+    for bad, name in (({"gain": np.full(4, 1.5), "offset": np.zeros(4)}, "gain"),
+                      ({"gain": np.zeros(4), "offset": np.array([0, 0, np.nan, 0])}, "offset"),
+                      ({"gain": np.zeros(4)}, "offset")):
+        with pytest.raises(ParameterError, match=name):
+            check_input_affine(bad)
+    with pytest.raises(ParameterError, match="one value per feature band"):
+        check_input_affine({"gain": np.zeros(4), "offset": np.zeros(3)})
+
+
+@pytest.mark.parametrize("field,value", [("input_affine_from", -1), ("input_affine_from", True),
+                                         ("input_affine_steps", 0), ("input_affine_learning_rate", 0.0),
+                                         ("input_affine_learning_rate", float("nan"))])
+def test_policy_refuses_bad_input_affine_settings(field, value):
+    with pytest.raises(ParameterError, match=field):
+        TrainPolicy(**{field: value})
+
+
+def test_an_input_affine_is_kept_applied_persisted_and_reloaded(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    global_head = dev.model.get_weights()
+    label, xs = _shifted_answers(dev, rng)
+    report = dev.personalize()
+    assert report.status == "kept" and report.input_affine, report.to_dict()
+    assert report.input_affine_score > report.score_before
+    assert "input affine" in report.guard
+    affine = dev.input_affine
+    assert affine is not None and np.abs(affine["offset"]).max() > 1e-3
+    for k, v in global_head.items():  # the head in use stays the global one
+        np.testing.assert_array_equal(dev.model.get_weights()[k], v)
+    assert (tmp_path / "dev" / "personal.input").exists()
+    # classify: the prediction comes from the moved features; the store keeps the features and embedding as they are
+    audio = (0.1 * rng.normal(size=dev.metadata.features.sample_rate)).astype(np.float32)
+    pred = dev.classify(audio)
+    feats = dev.store.features_of([pred.id])[pred.id].reshape(dev.model.input_shape[1:])
+    probs_raw, emb_raw = dev.model.infer(feats)
+    moved = dev.model.infer(apply_input_affine(feats, affine))[0]
+    np.testing.assert_allclose([pred.probs[lab] for lab in dev.metadata.labels], moved, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pred.embedding, emb_raw, rtol=0, atol=1e-6)
+    assert not np.allclose(moved, probs_raw, atol=1e-4)  # the affine does move what the user is shown
+    dev.store.close()
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert again.input_affine is not None and not again.problems
+    np.testing.assert_array_equal(again.input_affine["gain"], affine["gain"])
+    again.store.close()
+
+
+def test_a_damaged_or_out_of_range_input_affine_file_is_moved_aside(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    bands = dev.metadata.features.n_features
+    dev.store.close()
+    path = tmp_path / "dev" / "personal.input"
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\1")
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert [p["file"] for p in again.problems] == ["personal.input"] and again.input_affine is None
+    assert again.personalized  # the personal head still serves
+    assert list((tmp_path / "dev").glob("personal.input.corrupt-*"))
+    # a file whose sha256 matches but whose values are out of range (written by something else than the SDK)
+    import hashlib
+
+    data = pack_arrays(input_affine_layout(bands), {"gain": np.full(bands, 5.0, np.float32),
+                                                    "offset": np.zeros(bands, np.float32)})
+    path.write_bytes(data)
+    again.store.set("personal_input_sha256", hashlib.sha256(data).hexdigest())
+    again.store.close()
+    third = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert [p["file"] for p in third.problems] == ["personal.input"] and third.input_affine is None
+    assert "gain" in third.problems[0]["problem"]
+    third.store.close()
+
+
+def test_a_head_fit_that_wins_later_drops_the_input_affine(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    # the head's fit is always kept (no guard), no affine tried
+    report = dev.personalize(TrainPolicy(holdout_every=0, min_examples=4, replay_weight=0.0))
+    assert report.status == "kept" and not report.input_affine
+    assert dev.input_affine is None and not (tmp_path / "dev" / "personal.input").exists()
+    dev.store.close()
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert again.input_affine is None and not again.problems
+    again.store.close()
+
+
+def test_no_affine_without_the_signature_features_or_enough_corrections(tmp_path, trained_model, rng):
+    from models.export import export_tflite
+
+    r = trained_model.result
+    older = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path / "older", input_grad=False)
+    dev = Device(tmp_path / "old", model_files=(older.tflite_path, older.metadata_path),
+                 train_policy=TrainPolicy(**AFFINE_ONLY))
+    assert not dev.model.has_input_grad
+    _shifted_answers(dev, rng)
+    report = dev.personalize()
+    assert report.input_affine_score is None and not report.input_affine
+    dev.store.close()
+    # too few answers for input_affine_from
+    dev = Device(tmp_path / "few", model_files=_files(trained_model),
+                 train_policy=TrainPolicy(**{**AFFINE_ONLY, "input_affine_from": 13}))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine_score is None
+    dev.store.close()
