@@ -209,9 +209,12 @@ class TrainPolicy:
     # full-batch Adam steps at input_affine_learning_rate, gradients read from input_grad), is cross-validated in
     # the same folds as the head's fit. It is kept in place of a head fit, with the global head, when its
     # out-of-fold answers are shown right more often than the global head's and than a kept head fit's.
+    # Each step of the affine's fit takes at most input_affine_max_rows answers (a random draw, seeded by ``seed``,
+    # when there are more): the cost of a personalisation stays bounded however many answers a user gives.
     input_affine_from: int = 0
     input_affine_steps: int = 100
     input_affine_learning_rate: float = 0.01
+    input_affine_max_rows: int = 64
 
     def __post_init__(self) -> None:
         if self.learning_rate is not None and (
@@ -240,14 +243,12 @@ class TrainPolicy:
                 or not 0.0 <= self.thumbs_min_up_share <= 1.0):
             raise ParameterError(
                 f"TrainPolicy.thumbs_min_up_share must be within 0..1, got {self.thumbs_min_up_share!r}")
-        if isinstance(self.input_affine_from, bool) or not isinstance(self.input_affine_from, numbers.Integral) \
-                or self.input_affine_from < 0:
-            raise ParameterError(
-                f"TrainPolicy.input_affine_from must be an integer >= 0, got {self.input_affine_from!r}")
-        if isinstance(self.input_affine_steps, bool) or not isinstance(self.input_affine_steps, numbers.Integral) \
-                or not 1 <= self.input_affine_steps <= 10_000:
-            raise ParameterError(f"TrainPolicy.input_affine_steps must be an integer in 1..10000, got "
-                                 f"{self.input_affine_steps!r}")
+        for name, low, high in (("input_affine_from", 0, None), ("input_affine_steps", 1, 10_000),
+                                ("input_affine_max_rows", 1, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
+                    or (high is not None and value > high):
+                raise ParameterError(f"TrainPolicy.{name} must be an integer in {low}..{high or ''}, got {value!r}")
         rate = self.input_affine_learning_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or not 0 < rate <= 1:
             raise ParameterError(f"TrainPolicy.input_affine_learning_rate must be within (0, 1], got {rate!r}")
@@ -1318,17 +1319,21 @@ class Device:
 
     def _fit_input_affine(self, model: TFLiteModel, features: np.ndarray, targets: np.ndarray, sign: np.ndarray,
                           policy: TrainPolicy) -> dict[str, np.ndarray]:
-        """``policy.input_affine_steps`` full-batch Adam steps of a per-band gain and offset from zero (the
-        identity), through the model as it is (its head and adapter), every answer weighted alike; each step kept
-        within :data:`INPUT_AFFINE_LIMITS`."""
+        """``policy.input_affine_steps`` Adam steps of a per-band gain and offset from zero (the identity), through
+        the model as it is (its head and adapter), every answer weighted alike, each on all answers or on a random
+        draw of ``policy.input_affine_max_rows`` of them; each step kept within :data:`INPUT_AFFINE_LIMITS`."""
         bands = features.shape[2]
         speech = np.any(features != 0, axis=2, keepdims=True).astype(np.float32)
         affine = {"gain": np.zeros(bands, np.float64), "offset": np.zeros(bands, np.float64)}
         adam = Adam(learning_rate=policy.input_affine_learning_rate)
+        rng = np.random.default_rng(policy.seed)
         for _ in range(policy.input_affine_steps):
-            grad, _, _ = model.input_gradient(apply_input_affine(features, affine, speech), targets, sign)
-            grad = grad.astype(np.float64) * speech
-            affine = adam.step(affine, {"gain": np.einsum("ntf,ntf->f", grad, features),
+            rows = (slice(None) if len(features) <= policy.input_affine_max_rows
+                    else np.sort(rng.choice(len(features), policy.input_affine_max_rows, replace=False)))
+            x, mask = features[rows], speech[rows]
+            grad, _, _ = model.input_gradient(apply_input_affine(x, affine, mask), targets[rows], sign[rows])
+            grad = grad.astype(np.float64) * mask
+            affine = adam.step(affine, {"gain": np.einsum("ntf,ntf->f", grad, x),
                                         "offset": grad.sum(axis=(0, 1))})
             affine = {k: np.clip(v, -INPUT_AFFINE_LIMITS[k], INPUT_AFFINE_LIMITS[k]) for k, v in affine.items()}
         return {k: v.astype(np.float32) for k, v in affine.items()}

@@ -9,8 +9,9 @@ Prints, for the bundled model on one core:
   * features + inference of a 3 s utterance (median of repeated runs);
   * fine-tuning the head on 500 feedback items for 10 epochs;
   * one personalisation (``Device.personalize``: cross-validated guard, then the kept fit) after 5, 20 and 40
-    answers with stored features, with the default ``TrainPolicy`` and with ``adapter=True`` (models with the
-    adapter signatures);
+    answers with stored features, with the default ``TrainPolicy``, with ``adapter=True`` (models with the
+    adapter signatures) and with ``input_affine_from=20`` (models with ``input_grad``: the affine's 5-fold
+    cross-validation and fit come on top of the head's);
 and the same steps on the naive path (librosa MFCC/log-mel + a Keras model of the same architecture,
 ``model.predict``), as ratios measured in the same run. A Raspberry Pi 4 core is roughly 6x slower than
 this machine's, so multiply the absolute times by about 6 for a Pi.
@@ -96,20 +97,25 @@ def _median_ms(fn, repeat: int) -> float:
 
 def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3) -> list[dict]:
     """Seconds of one ``Device.personalize`` after ``n`` answers (thumbs-up when the model is right, else the
-    correction; features of noise shifted per class, stored with each prediction), for the default policy and
-    ``adapter=True``; median of ``repeat``."""
+    correction; features of noise shifted per class, stored with each prediction), for the default policy,
+    ``adapter=True`` and ``input_affine_from=20``; median of ``repeat``."""
     from edge_sdk.device import Device, TrainPolicy
 
     files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, policy in (("default", TrainPolicy()), ("adapter", TrainPolicy(adapter=True))):
+        for name, policy in (("default", TrainPolicy()), ("adapter", TrainPolicy(adapter=True)),
+                             ("input affine", TrainPolicy(input_affine_from=20))):
             for n in answers:
                 secs, status = [], ""
                 for r in range(repeat):
                     dev = Device(Path(tmp) / f"{name}-{n}-{r}", model_files=files)
                     if name == "adapter" and not dev.model.has_adapter:
                         status = "no adapter signatures: head only"
+                    if name == "input affine" and not dev.model.has_input_grad:
+                        status = "no input_grad signature: head only"
+                    elif name == "input affine" and n < policy.input_affine_from:
+                        status = "fewer answers than input_affine_from: head only"
                     rng = np.random.default_rng(r)
                     labels = list(dev.metadata.labels)
                     offsets = rng.normal(size=(len(labels), dev.model.input_shape[2])).astype(np.float32)
@@ -125,7 +131,7 @@ def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat
                     t0 = time.perf_counter()
                     rep = dev.personalize(policy)
                     secs.append(time.perf_counter() - t0)
-                    status = status or rep.status
+                    status = status or (rep.status + (", input affine kept" if rep.input_affine else ""))
                     dev.store.close()
                 rows.append({"policy": name, "answers": n, "seconds": statistics.median(secs), "status": status})
     return rows

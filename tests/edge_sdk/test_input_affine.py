@@ -8,8 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_sdk.device import (INPUT_AFFINE_LIMITS, Device, TrainPolicy, apply_input_affine, check_input_affine,
-                             input_affine_layout)
+from edge_sdk.device import (
+    INPUT_AFFINE_LIMITS,
+    Device,
+    TrainPolicy,
+    apply_input_affine,
+    check_input_affine,
+    input_affine_layout,
+)
 from edge_sdk.errors import ParameterError
 from edge_sdk.wire import pack_arrays
 
@@ -69,7 +75,8 @@ def test_check_input_affine_refuses_out_of_range_or_non_finite_values():
 
 
 @pytest.mark.parametrize("field,value", [("input_affine_from", -1), ("input_affine_from", True),
-                                         ("input_affine_steps", 0), ("input_affine_learning_rate", 0.0),
+                                         ("input_affine_steps", 0), ("input_affine_steps", 10_001),
+                                         ("input_affine_max_rows", 0), ("input_affine_learning_rate", 0.0),
                                          ("input_affine_learning_rate", float("nan"))])
 def test_policy_refuses_bad_input_affine_settings(field, value):
     with pytest.raises(ParameterError, match=field):
@@ -162,4 +169,22 @@ def test_no_affine_without_the_signature_features_or_enough_corrections(tmp_path
                  train_policy=TrainPolicy(**{**AFFINE_ONLY, "input_affine_from": 13}))
     _shifted_answers(dev, rng)
     assert dev.personalize().input_affine_score is None
+    dev.store.close()
+
+
+def test_a_fit_on_more_answers_than_max_rows_draws_them_per_step(tmp_path, trained_model, rng):
+    """With input_affine_max_rows below the answers, each step takes a seeded draw: the fit still moves the features
+    toward the answers (its loss falls) and is the same for the same seed."""
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng, n=14)
+    model = dev.model
+    feats = dev._input_features(model, dev._examples())
+    _, targets, sign = dev._arrays(dev._examples())
+    policy = TrainPolicy(**{**AFFINE_ONLY, "input_affine_max_rows": 5})
+    a = dev._fit_input_affine(model, feats, targets, sign, policy)
+    b = dev._fit_input_affine(model, feats, targets, sign, policy)
+    np.testing.assert_array_equal(a["offset"], b["offset"])
+    loss0 = model.input_gradient(feats, targets, sign)[1]
+    loss1 = model.input_gradient(apply_input_affine(feats, a), targets, sign)[1]
+    assert loss1 < loss0
     dev.store.close()
