@@ -54,7 +54,7 @@ from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, canonical_json,
 log = logging.getLogger("edge_sdk")
 
 __all__ = ["Device", "Prediction", "TrainPolicy", "TrainReport", "PrivacyPolicy", "SyncReport",
-           "ManifestDowngradeError"]
+           "ManifestDowngradeError", "apply_input_affine", "labels_with_input_affine"]
 
 _MODEL_FILES = ("manifest.json", "manifest.previous.json", "personal.head")
 NO_MODEL = "no model installed: enroll this device or run `fedser-edge sync`"
@@ -207,8 +207,10 @@ class TrainPolicy:
     # per-user affine transform of the input features, x' = x * (1 + gain) + offset per feature band on speech
     # frames (padding stays zero), fitted through the frozen encoder and the global head (input_affine_steps
     # full-batch Adam steps at input_affine_learning_rate, gradients read from input_grad), is cross-validated in
-    # the same folds as the head's fit. It is kept in place of a head fit, with the global head, when its
-    # out-of-fold answers are shown right more often than the global head's and than a kept head fit's.
+    # the same folds as the head's fit (so only with guard_folds > 1, holdout_every > 0 and the accuracy guard).
+    # It is kept in place of a head fit, with the global head, when its out-of-fold answers are shown right more
+    # often than the global head's and than a kept head fit's: guard_margin does not apply to it (margin 0, as
+    # emulated and validated in docs/results/personalisation-study/stop21 and stop22).
     # Each step of the affine's fit takes at most input_affine_max_rows answers (a random draw, seeded by ``seed``,
     # when there are more): the cost of a personalisation stays bounded however many answers a user gives.
     input_affine_from: int = 0
@@ -530,10 +532,8 @@ class Device:
         personal = self.state_dir / "personal.head"
         if personal.exists() and self.store.get("personal_base_version") == str(self.model_version):
             try:
-                data = personal.read_bytes()
-                expected = {self.store.get(k) for k in ("personal_head_sha256", "personal_head_sha256_prev")}
-                if expected != {None} and hashlib.sha256(data).hexdigest() not in expected:
-                    raise WireFormatError("its sha256 is not the one written with it")
+                data = self._verified_bytes(personal, ("personal_head_sha256", "personal_head_sha256_prev"),
+                                            unrecorded_ok=True)
                 model.set_weights(unpack_arrays(model.metadata.head_layout, data))
                 self.personalized = True
             except (OSError, WireFormatError) as exc:
@@ -544,9 +544,7 @@ class Device:
             adapter = self.state_dir / "personal.adapter"
             if model.has_adapter and adapter.exists():
                 try:
-                    data = adapter.read_bytes()
-                    if hashlib.sha256(data).hexdigest() != self.store.get("personal_adapter_sha256"):
-                        raise WireFormatError("its sha256 is not the one written with it")
+                    data = self._verified_bytes(adapter, ("personal_adapter_sha256",))
                     model.set_adapter(unpack_arrays(_adapter_layout(model), data))
                 except (OSError, WireFormatError) as exc:
                     os.replace(adapter, adapter.with_name(f"personal.adapter.corrupt-{int(time.time())}"))
@@ -554,11 +552,10 @@ class Device:
                     self._problem("personal.adapter", exc, "moved aside; the personal head is used without its "
                                                            "adapter until the next personalisation")
             affine = self.state_dir / "personal.input"
-            if affine.exists() and self.store.get("personal_input_sha256"):
+            keys = ("personal_input_sha256", "personal_input_sha256_prev")
+            if affine.exists() and any(self.store.get(k) for k in keys):  # else a head fit dropped it
                 try:
-                    data = affine.read_bytes()
-                    if hashlib.sha256(data).hexdigest() != self.store.get("personal_input_sha256"):
-                        raise WireFormatError("its sha256 is not the one written with it")
+                    data = self._verified_bytes(affine, keys)
                     self.input_affine = check_input_affine(
                         unpack_arrays(input_affine_layout(model.metadata.features.n_features), data))
                 except (OSError, WireFormatError, ParameterError) as exc:
@@ -566,6 +563,15 @@ class Device:
                     self.input_affine = None
                     self._problem("personal.input", exc, "moved aside; predictions use the input features as they "
                                                          "are until the next personalisation")
+
+    def _verified_bytes(self, path: Path, keys: tuple[str, ...], *, unrecorded_ok: bool = False) -> bytes:
+        """The bytes of a personal file whose sha256 is one the store recorded under ``keys`` (or any, when none is
+        recorded and ``unrecorded_ok``: files of SDKs before the digest); WireFormatError otherwise."""
+        data = path.read_bytes()
+        expected = {self.store.get(k) for k in keys} - {None, ""}
+        if (expected or not unrecorded_ok) and hashlib.sha256(data).hexdigest() not in expected:
+            raise WireFormatError("its sha256 is not the one written with it")
+        return data
 
     def _load_installed(self) -> bool:
         """Load the newest installed model whose files all verify: ``manifest.json``, else the one before it.
@@ -762,6 +768,7 @@ class Device:
                     raise ModelError(NO_MODEL)
                 weights = serving.get_weights()
                 adapter = serving.get_adapter() if serving.has_adapter else None
+                self._local.in_use_affine = self.input_affine  # the input affine served with those weights
             if self._trainer is None or self._trainer[0] is not serving:
                 self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.num_threads,
                                                       runtime=self.runtime))
@@ -777,6 +784,7 @@ class Device:
                 self._local.frames = None
                 self._local.adapted = False
                 self._local.affine_fit = None
+                self._local.in_use_affine = None
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -1043,9 +1051,7 @@ class Device:
         corrected label for a thumbs-up or a correction; for a bare thumbs-down, ``down_credit`` when anything but
         the rejected label is chosen."""
         _, targets, sign = self._arrays(examples)
-        chosen = np.argmax(self._probs(examples), axis=1)
-        hit = targets[np.arange(len(examples)), chosen] > 0
-        return np.where(sign > 0, hit, (~hit) * down_credit).astype(np.float64)
+        return _score_chosen(np.argmax(self._probs(examples), axis=1), targets, sign, down_credit)
 
     def _measure(self, examples: list[FeedbackExample], policy: TrainPolicy) -> float:
         """The guard's measure of the head in the model on ``examples``; higher is better."""
@@ -1127,6 +1133,15 @@ class Device:
                 if self.model is not serving:  # a new model was installed meanwhile: this fit is for the old one
                     report.status, report.reason = "discarded", "the model changed during training"
                 else:
+                    # Write order: a crash between any two steps leaves a pair that was validated together. A head
+                    # fit drops the affine before its head is written (never the new head on moved features); an
+                    # affine comes after its global head (a crash between: the global head with the affine before,
+                    # whose digest stays accepted as the previous one).
+                    affine = getattr(self._local, "affine_fit", None)
+                    if affine is None:
+                        self.store.set("personal_input_sha256", "")
+                        self.store.set("personal_input_sha256_prev", "")
+                        (self.state_dir / "personal.input").unlink(missing_ok=True)
                     data = pack_arrays(model.metadata.head_layout, weights)
                     # The digest first, the one before kept: a crash between the two writes leaves a match.
                     self.store.set("personal_head_sha256_prev", self.store.get("personal_head_sha256") or "")
@@ -1137,14 +1152,11 @@ class Device:
                         self.store.set("personal_adapter_sha256", hashlib.sha256(adata).hexdigest())
                         atomic_write(self.state_dir / "personal.adapter", adata)
                         serving.set_adapter(adapter)
-                    affine = getattr(self._local, "affine_fit", None)
                     if affine is not None:
                         idata = pack_arrays(input_affine_layout(len(affine["gain"])), affine)
+                        self.store.set("personal_input_sha256_prev", self.store.get("personal_input_sha256") or "")
                         self.store.set("personal_input_sha256", hashlib.sha256(idata).hexdigest())
                         atomic_write(self.state_dir / "personal.input", idata)
-                    else:  # a head fit was kept: the input features are used as they are
-                        self.store.set("personal_input_sha256", "")
-                        (self.state_dir / "personal.input").unlink(missing_ok=True)
                     self.input_affine = affine
                     self.store.set("personal_base_version", str(self.model_version))
                     serving.set_weights(weights)
@@ -1243,13 +1255,17 @@ class Device:
                 report.guard += ", kept although cross-validation shows it worse (trust_keeps_worse)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
         # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
-        if affine_wins:
+        if affine_wins:  # the global head and the identity adapter (as cross-validated), the features moved
             model.set_weights(self.global_head)
+            if model.has_adapter:
+                model.set_adapter(None)
+            self._local.adapted = False
             features = self._input_features(model, examples)
             _, targets, sign = self._arrays(examples)
             self._local.affine_fit = self._fit_input_affine(model, features, targets, sign, policy)
-            report.input_affine, report.score_after = True, report.input_affine_score
-            report.guard += ", input affine (global head)"
+            report.input_affine, report.score_after, report.loss_after = True, report.input_affine_score, None
+            report.guard = (f"{policy.guard}, {folds}-fold, input affine (global head) against the head fit's "
+                            f"{after:.2f} of the answers")
             report.confirmed_flipped = int(np.sum(confirmed & (affine_right <= 0)))
         elif short and not (trusted and policy.trust_keeps_worse):
             report.status, report.reason = "discarded", (
@@ -1279,6 +1295,11 @@ class Device:
                 model.set_adapter(in_use_adapter)
             self._local.adapted = bool(in_use_adapter is not None and getattr(self._local, "frames", None))
             personal = self._shown_right(examples)
+            affine = getattr(self._local, "in_use_affine", None)
+            features = self._input_features(model, examples) if affine is not None else None
+            if features is not None:  # the kept input affine serves: score what it shows
+                _, targets, sign = self._arrays(examples)
+                personal = _affine_right(model, features, affine, targets, sign)
         else:
             personal = global_right
         self.store.set("personal_cv_report", json.dumps({
@@ -1308,13 +1329,15 @@ class Device:
             model.set_adapter(None)
         _, targets, sign = self._arrays(examples)
         right = np.zeros(len(examples))
-        for f in range(folds):
-            train, held = fold_of != f, fold_of == f
-            affine = self._fit_input_affine(model, features[train], targets[train], sign[train], policy)
-            moved = apply_input_affine(features[held], affine)
-            chosen = np.array([int(np.argmax(model.infer(x)[0])) for x in moved], np.int64)
-            hit = targets[np.flatnonzero(held), chosen] > 0
-            right[held] = np.where(sign[held] > 0, hit, (~hit) * policy.down_credit)
+        try:
+            for f in range(folds):
+                train, held = fold_of != f, fold_of == f
+                affine = self._fit_input_affine(model, features[train], targets[train], sign[train], policy)
+                right[held] = _affine_right(model, features[held], affine, targets[held], sign[held],
+                                            policy.down_credit)
+        except ModelError as exc:  # a non-finite gradient: the affine is not tried, the head's fit goes on
+            log.warning("input affine not tried: %s", exc)
+            return None
         return right
 
     def _fit_input_affine(self, model: TFLiteModel, features: np.ndarray, targets: np.ndarray, sign: np.ndarray,
@@ -1532,6 +1555,7 @@ class Device:
             "labels": list(self.metadata.labels) if self.model else [],
             "runtime": self.model.runtime if self.model else None,
             "personalized": self.personalized,
+            "input_affine": self.input_affine is not None,
             "problems": list(self.problems),
             "manifest_replacements": self.manifest_replacements(),
             **self.store.counts(),
@@ -1635,6 +1659,25 @@ def apply_input_affine(features: np.ndarray, affine: dict[str, np.ndarray], spee
         speech = np.any(x != 0, axis=-1, keepdims=True)
     moved = x * (1.0 + np.asarray(affine["gain"], np.float32)) + np.asarray(affine["offset"], np.float32)
     return (moved * speech).astype(np.float32)
+
+
+def labels_with_input_affine(model: TFLiteModel, features: np.ndarray, affine: dict[str, np.ndarray]) -> np.ndarray:
+    """The class index the model (its head and adapter in use) chooses for each utterance of ``features [n, T, F]``
+    moved by ``affine``: what a device with that personal affine shows."""
+    return np.array([int(np.argmax(model.infer(x)[0])) for x in apply_input_affine(features, affine)], np.int64)
+
+
+def _score_chosen(chosen: np.ndarray, targets: np.ndarray, sign: np.ndarray, down_credit: float) -> np.ndarray:
+    """Per answer, 1.0 where the ``chosen`` class is the confirmed or corrected label (``sign`` +1); for a bare
+    thumbs-down (-1), ``down_credit`` when anything but the rejected label is chosen."""
+    hit = targets[np.arange(len(chosen)), chosen] > 0
+    return np.where(sign > 0, hit, (~hit) * down_credit).astype(np.float64)
+
+
+def _affine_right(model: TFLiteModel, features: np.ndarray, affine: dict[str, np.ndarray], targets: np.ndarray,
+                  sign: np.ndarray, down_credit: float = 1.0) -> np.ndarray:
+    """:meth:`Device._shown_right`'s score of what the model shows for ``features`` moved by ``affine``."""
+    return _score_chosen(labels_with_input_affine(model, features, affine), targets, sign, down_credit)
 
 
 def class_balance_weights(targets: np.ndarray) -> np.ndarray:

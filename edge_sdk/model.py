@@ -493,7 +493,15 @@ class TFLiteModel:
         if x.ndim != 3 or x.shape[1:] != self.input_shape[1:]:
             raise ParameterError(f"features must have shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
                                  f"got {np.shape(features)}")
-        n, batch = len(x), self.metadata.train_batch_size
+        n, batch, classes = len(x), self.metadata.train_batch_size, self.metadata.num_classes
+        if n == 0:
+            raise ParameterError("input_gradient takes at least one utterance")
+        targets = np.asarray(targets, np.float32)
+        if targets.shape != (n, classes):
+            raise ParameterError(f"targets must have shape {(n, classes)}, got {targets.shape}")
+        feedback_sign = np.asarray(feedback_sign, np.float32)
+        if feedback_sign.shape != (n,):
+            raise ParameterError(f"feedback_sign must be {n} values of +1 or -1, got shape {feedback_sign.shape}")
         weight = np.ones(n, np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
         if weight.shape != (n,) or not np.all(np.isfinite(weight)) or np.any(weight < 0):
             raise ParameterError(f"sample_weight must be {n} finite values >= 0")
@@ -502,8 +510,7 @@ class TFLiteModel:
         total, loss = float(weight.sum()), 0.0
         for start in range(0, n, batch):
             sl = slice(start, min(n, start + batch))
-            pf, pt, pw, ps = self._padded_step("input_gradient", x[sl], np.asarray(targets)[sl],
-                                               np.asarray(feedback_sign).reshape(-1)[sl], weight[sl])
+            pf, pt, pw, ps = self._padded_step("input_gradient", x[sl], targets[sl], feedback_sign[sl], weight[sl])
             with self._lock:
                 out = self._runners["input_grad"](features=pf, targets=pt, sample_weight=pw, feedback_sign=ps)
             share = float(weight[sl].sum()) / total if total > 0 else 0.0

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import ModelError
-from edge_sdk.model import ModelMetadata
+from edge_sdk.model import INPUT_SIGNATURES, ModelMetadata
 from edge_sdk.wire import ArraySpec, HeadLayout
 
 log = logging.getLogger("models")
@@ -60,7 +60,6 @@ __all__ = ["head_layout", "layout_of", "head_names", "deep_cut", "deep_head_weig
 HEAD_NAMES = ("w0", "b0", "w1", "b1")  # the default head: hidden and logits layers
 BASE_SIGNATURES = ("infer", "head", "train", "get_weights", "set_weights")
 ADAPTER_SIGNATURES = ("frames", "adapted", "adapter_train", "get_adapter", "set_adapter")
-INPUT_SIGNATURES = ("input_grad",)
 
 
 def head_layout(embedding_dim: int, head_units: int, num_classes: int) -> HeadLayout:
@@ -738,6 +737,11 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
             raise ModelError(f"{path}: no such file")
     metadata = ModelMetadata.load(metadata_path)
     blob = tflite_path.read_bytes()
+    previous = hashlib.sha256(blob).hexdigest()
+    claimed = metadata.extra.get("tflite_sha256")
+    if claimed is not None and claimed != previous:
+        raise ModelError(f"{metadata_path} describes another file (its tflite_sha256 {str(claimed)[:12]}..., "
+                         f"{tflite_path} is {previous[:12]}...)")
     arch_dict = metadata.extra.get("architecture")
     if not isinstance(arch_dict, dict):
         raise ModelError(f"{metadata_path} names no architecture (extra.architecture)")
@@ -756,7 +760,6 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
     if len(convs) != len(arch.channels):
         raise ModelError(f"{tflite_path}: {len(convs)} convolutions in its frames signature, the architecture has "
                          f"{len(arch.channels)}")
-    eps_var = None
     for i, (filt, bias) in enumerate(convs):
         conv, bn = encoder.get_layer(f"conv{i}"), encoder.get_layer(f"bn{i}")
         kernel = filt[:, 0, :, :].transpose(1, 2, 0)  # [out, 1, k, in] -> Keras's [k, in, out]
@@ -764,9 +767,8 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
         if kernel.shape != want or bias is None or bias.shape != (want[2],):
             raise ModelError(f"{tflite_path}: convolution {i} is {kernel.shape}, the architecture's {want}")
         conv.set_weights([kernel, bias])
-        eps_var = np.full(want[2], 1.0 - bn.epsilon, np.float32)  # sqrt(var + epsilon) = 1: the identity
         bn.set_weights([np.ones(want[2], np.float32), np.zeros(want[2], np.float32), np.zeros(want[2], np.float32),
-                        eps_var])
+                        np.full(want[2], 1.0 - bn.epsilon, np.float32)])  # sqrt(var + epsilon) = 1: the identity
     head = old.get_weights()
     emb_layer = encoder.get_layer("embedding")
     if deep:
@@ -806,7 +808,6 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
         if not worst < 1e-4:
             raise ModelError(f"the rebuilt model differs from {tflite_path} (largest difference {worst:.2e})")
     meta = metadata.to_dict()
-    previous = metadata.extra.get("tflite_sha256") or hashlib.sha256(blob).hexdigest()
     meta["extra"] = {**meta.get("extra", {}), "tflite_sha256": sha, "reexported_from": previous}
     atomic_write(tflite_out, tflite)
     atomic_write(meta_out, json.dumps(meta, indent=2, sort_keys=True).encode())

@@ -184,7 +184,7 @@ def parse_policy(text: str) -> tuple[str, dict]:
 
 
 def run_study(args) -> dict:
-    from edge_sdk.device import Device, TrainPolicy, apply_input_affine
+    from edge_sdk.device import Device, TrainPolicy, labels_with_input_affine
     from edge_sdk.model import ModelMetadata, TFLiteModel
 
     model_files = ((args.model, args.model.with_suffix(".json")) if args.model.suffix == ".tflite"
@@ -256,9 +256,8 @@ def run_study(args) -> dict:
                                                            "confirmed_flipped", "confirmed_flipped_fit",
                                                            "input_affine_score", "input_affine")}
                                 if dev.input_affine is not None:  # what the device shows: the moved features
-                                    moved = apply_input_affine(feats[scored], dev.input_affine)
-                                    shown = [int(np.argmax(dev.model.infer(x)[0])) for x in moved]
-                                    trial[name] = float(np.mean(np.array(shown) == y[scored]))
+                                    shown = labels_with_input_affine(dev.model, feats[scored], dev.input_affine)
+                                    trial[name] = float(np.mean(shown == y[scored]))
                                 else:
                                     trial[name] = acc(dev.model.get_weights())
                                 dev.store.close()

@@ -96,6 +96,7 @@ def test_an_input_affine_is_kept_applied_persisted_and_reloaded(tmp_path, traine
     for k, v in global_head.items():  # the head in use stays the global one
         np.testing.assert_array_equal(dev.model.get_weights()[k], v)
     assert (tmp_path / "dev" / "personal.input").exists()
+    assert dev.status()["input_affine"] and dev.status()["personalized"]
     # classify: the prediction comes from the moved features; the store keeps the features and embedding as they are
     audio = (0.1 * rng.normal(size=dev.metadata.features.sample_rate)).astype(np.float32)
     pred = dev.classify(audio)
@@ -188,3 +189,77 @@ def test_a_fit_on_more_answers_than_max_rows_draws_them_per_step(tmp_path, train
     loss1 = model.input_gradient(apply_input_affine(feats, a), targets, sign)[1]
     assert loss1 < loss0
     dev.store.close()
+
+
+def test_with_the_adapter_policy_the_kept_affine_serves_with_the_identity_adapter(tmp_path, trained_model, rng):
+    """The adapter candidate trains the trainer's adapter fold by fold; an affine that wins was cross-validated with
+    the identity adapter, so that is what must be stored and served with it."""
+    policy = TrainPolicy(**{**AFFINE_ONLY, "adapter": True, "adapter_margin": -1.0, "adapter_learning_rate": 0.5})
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=policy)
+    _shifted_answers(dev, rng)
+    report = dev.personalize()
+    assert report.input_affine and report.loss_after is None and "adapter" not in report.guard
+    np.testing.assert_array_equal(dev.model.get_adapter()["scale"], 1.0)
+    np.testing.assert_array_equal(dev.model.get_adapter()["shift"], 0.0)
+    dev.store.close()
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    np.testing.assert_array_equal(again.model.get_adapter()["scale"], 1.0)
+    assert again.input_affine is not None
+    again.store.close()
+
+
+def test_no_affine_for_answers_without_features_or_mostly_bare_thumbs_down(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "nofeat", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    with dev.store._lock:  # the features of one answer lost (an older SDK stored none)
+        dev.store._conn.execute("UPDATE predictions SET features = NULL WHERE id = 'p000'")
+    assert dev.personalize().input_affine_score is None
+    dev.store.close()
+    dev = Device(tmp_path / "downs", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    label, _ = _shifted_answers(dev, rng)
+    for j in range(7):  # 7 of the 12 corrections become bare thumbs-down: more rejections than corrections
+        dev.feedback(f"p{j:03d}", "down")
+    assert [e.kind for e in dev._examples()].count("down") == 7
+    assert dev.personalize().input_affine_score is None
+    # the same answers with their corrections back: the affine is tried
+    for j in range(7):
+        dev.feedback(f"p{j:03d}", label)
+    assert dev.personalize().input_affine_score is not None
+    dev.store.close()
+
+
+def test_a_discarded_fit_reports_what_the_kept_affine_shows(tmp_path, trained_model, rng):
+    import json
+
+    from edge_sdk.device import labels_with_input_affine
+
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    label, xs = _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    affine = dev.input_affine
+    report = dev.personalize(TrainPolicy(**{**AFFINE_ONLY, "input_affine_from": 0}))  # no fit can pass
+    assert report.status == "discarded" and dev.input_affine is affine  # the affine in use stays
+    shown = labels_with_input_affine(dev.model, np.stack(xs), affine)
+    saved = json.loads(dev.store.get("personal_cv_report"))
+    assert saved["personal_correct"] == int(np.sum(shown == dev.metadata.labels.index(label)))
+    dev.store.close()
+
+
+def test_a_crash_while_writing_a_new_affine_leaves_the_one_before(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    before = dev.input_affine
+    # the store already names the next affine's digest, the file is still the one before (killed in between)
+    dev.store.set("personal_input_sha256_prev", dev.store.get("personal_input_sha256"))
+    dev.store.set("personal_input_sha256", "0" * 64)
+    dev.store.close()
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert not again.problems and again.input_affine is not None
+    np.testing.assert_array_equal(again.input_affine["offset"], before["offset"])
+    # a new model version: the personal head and its affine are not used with it
+    again.store.set("personal_base_version", "7")
+    again.store.close()
+    third = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert third.input_affine is None and not third.personalized
+    third.store.close()
