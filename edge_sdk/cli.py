@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 _out(d)
             return 0
         train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
-                                   learning_rate=cfg.training.learning_rate)
+                                   learning_rate=cfg.training.learning_rate,
+                                   input_affine_from=cfg.training.input_affine_from)
         device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_policy=train_policy)
         for problem in device.problems:  # damaged local files: the device runs on what still verifies
             print(f"fedser-edge: warning: {problem['file']}: {problem['problem']} ({problem['action']})",
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             policy = TrainPolicy(epochs=args.epochs or train_policy.epochs,
                                  min_examples=args.min_examples or train_policy.min_examples,
-                                 learning_rate=train_policy.learning_rate)
+                                 learning_rate=train_policy.learning_rate,
+                                 input_affine_from=train_policy.input_affine_from)
             _out(device.personalize(policy).to_dict())
         elif args.command == "sync":
             if args.clip_norm is not None or args.noise_multiplier is not None:

@@ -35,6 +35,7 @@ Example ``config.toml``::
     min_new_feedback = 8
     epochs = 10
     # learning_rate = 0.05  # SGD rate; unset: the model's device_learning_rate, else 0.05
+    # input_affine_from = 20  # personal input affine from this many answers (0: never); unset: the model's
     idle_seconds = 30       # train only after this long without speech
 
     [sync]
@@ -99,6 +100,7 @@ class TrainingConfig:
     min_new_feedback: int = 8
     epochs: int = 10
     learning_rate: float | None = None  # None: the model's metadata device_learning_rate, else 0.05
+    input_affine_from: int | None = None  # None: the model's metadata input_affine_from, else off
     idle_seconds: float = 30.0
 
 
@@ -174,7 +176,10 @@ def _apply(cfg: EdgeConfig, data: dict, origin: str) -> None:
                 if sub not in known:
                     raise ParameterError(f"{origin}: unknown setting {key}.{sub} (known: {sorted(known)})")
                 default = getattr(current, sub)
-                target = float if default is None else type(default)  # None defaults (learning_rate) are floats
+                if default is None:  # None defaults: the annotation's type (learning_rate float, input_affine_from int)
+                    target = int if str(known[sub].type).startswith("int") else float
+                else:
+                    target = type(default)
                 setattr(current, sub, _coerce(v, target, f"{origin}: {key}.{sub}"))
         else:
             setattr(cfg, key, _coerce(value, type(current), f"{origin}: {key}"))

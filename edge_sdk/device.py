@@ -211,9 +211,11 @@ class TrainPolicy:
     # It is kept in place of a head fit, with the global head, when its out-of-fold answers are shown right more
     # often than the global head's and than a kept head fit's: guard_margin does not apply to it (margin 0, as
     # emulated and validated in docs/results/personalisation-study/stop21 and stop22).
-    # Each step of the affine's fit takes at most input_affine_max_rows answers (a random draw, seeded by ``seed``,
-    # when there are more): the cost of a personalisation stays bounded however many answers a user gives.
-    input_affine_from: int = 0
+    # None: the model's metadata input_affine_from (set by a publisher who validated it for that model: the bundled
+    # model carries 20), else 0 (off); a value given wins (:meth:`affine_from`). Each step of the affine's fit takes
+    # at most input_affine_max_rows answers (a random draw, seeded by ``seed``, when there are more): the cost of a
+    # personalisation stays bounded however many answers a user gives.
+    input_affine_from: int | None = None
     input_affine_steps: int = 100
     input_affine_learning_rate: float = 0.01
     input_affine_max_rows: int = 64
@@ -248,6 +250,8 @@ class TrainPolicy:
         for name, low, high in (("input_affine_from", 0, None), ("input_affine_steps", 1, 10_000),
                                 ("input_affine_max_rows", 1, None)):
             value = getattr(self, name)
+            if value is None and name == "input_affine_from":
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
                     or (high is not None and value > high):
                 raise ParameterError(f"TrainPolicy.{name} must be an integer in {low}..{high or ''}, got {value!r}")
@@ -258,6 +262,13 @@ class TrainPolicy:
             raise ParameterError(f"TrainPolicy.adam_max_rows must be at least 1, got {self.adam_max_rows!r}")
         if not 0.0 <= self.down_credit <= 1.0:
             raise ParameterError(f"TrainPolicy.down_credit must be within 0..1, got {self.down_credit!r}")
+
+    def affine_from(self, metadata: ModelMetadata | None = None) -> int:
+        """From how many answers the input affine is tried on a model with ``metadata`` (0: never): this policy's
+        ``input_affine_from``, else the model's, else 0."""
+        if self.input_affine_from is not None:
+            return int(self.input_affine_from)
+        return int(getattr(metadata, "input_affine_from", None) or 0)
 
     def sgd_learning_rate(self, metadata: ModelMetadata | None = None) -> float:
         """The SGD rate for a fit on a model with ``metadata``: this policy's, else the model's
@@ -1204,7 +1215,7 @@ class Device:
             candidates.append(replace(policy, adapter=False, replay_weight=0.0))
             margin = policy.replay_margin
         affine_right = None  # the input affine (input_affine_from): out of fold, in the same folds
-        if (0 < policy.input_affine_from <= len(examples) and mostly_corrections and not thumbs_only
+        if (0 < policy.affine_from(model.metadata) <= len(examples) and mostly_corrections and not thumbs_only
                 and policy.guard == "accuracy" and model.has_input_grad):
             affine_right = self._cross_validate_input_affine(model, examples, fold_of, folds, policy)
         scores, losses, rights = [], [], []

@@ -63,10 +63,16 @@ class ModelMetadata:
     # The SGD learning rate the device's federated updates (and SGD personal fits) should use when the operator
     # set none (TrainPolicy.learning_rate None); None: the device's default. Deep-head exports carry 0.01.
     device_learning_rate: float | None = None
+    # From how many answers devices fit a per-user input affine when their TrainPolicy sets nothing (None: off),
+    # for a model whose publisher validated it (edge_sdk.device.TrainPolicy.input_affine_from).
+    input_affine_from: int | None = None
 
     def __post_init__(self) -> None:
         if self.device_learning_rate is not None:
             object.__setattr__(self, "device_learning_rate", check_device_learning_rate(self.device_learning_rate))
+        value = self.input_affine_from
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000):
+            raise ModelError(f"model metadata input_affine_from must be an integer in 0..100000, got {value!r}")
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +90,7 @@ class ModelMetadata:
             "architecture": self.architecture,
             "extra": self.extra,
             **({"device_learning_rate": self.device_learning_rate} if self.device_learning_rate is not None else {}),
+            **({"input_affine_from": self.input_affine_from} if self.input_affine_from is not None else {}),
         }
 
     def replay_set(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -131,6 +138,7 @@ class ModelMetadata:
                 architecture=str(data.get("architecture", "")),
                 extra=dict(data.get("extra", {})),
                 device_learning_rate=data.get("device_learning_rate"),
+                input_affine_from=data.get("input_affine_from"),
             )
         except KeyError as exc:
             raise ModelError(f"model metadata lacks the field {exc.args[0]!r}") from exc

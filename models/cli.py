@@ -358,7 +358,7 @@ def cmd_reexport(args) -> int:
 
     if args.out.resolve() == args.model.parent.resolve() and args.name == args.model.stem:
         raise SystemExit("reexport: --out and --name would overwrite --model; write elsewhere and compare first")
-    result = reexport_tflite(args.model, None, args.out, name=args.name)
+    result = reexport_tflite(args.model, None, args.out, name=args.name, input_affine_from=args.input_affine_from)
     print(f"re-exported {args.model} -> {result.tflite_path} ({result.size} bytes, sha256 {result.sha256})")
     return 0
 
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model.tflite (model.json beside it)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write model.tflite and model.json into")
     p.add_argument("--name", default="model", help="file names in --out (default model)")
+    p.add_argument("--input-affine-from", type=int, default=None,
+                   help="write into the metadata: devices fit the per-user input affine from this many answers "
+                        "unless their policy says otherwise (only for a model you validated it on)")
     p.set_defaults(func=cmd_reexport)
     return parser
 

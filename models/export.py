@@ -712,7 +712,7 @@ def _tflite_constants(tflite_bytes: bytes, signature: str) -> tuple[list, list]:
 
 
 def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, out_dir: str | Path, *,
-                    name: str = "model", check_inputs: int = 8) -> ExportResult:
+                    name: str = "model", check_inputs: int = 8, input_affine_from: int | None = None) -> ExportResult:
     """Rebuild an exported ``cnn`` model from its ``.tflite`` alone and export it again with every signature this
     version of :func:`export_tflite` writes (``input_grad`` among them), the metadata kept (its ``tflite_sha256``
     renewed, ``extra.reexported_from`` the old one).
@@ -721,7 +721,8 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
     through ``get_weights``) go into a Keras encoder of the metadata's architecture whose batch norms are the
     identity. The new file must give the old one's probabilities and embeddings on ``check_inputs`` random
     utterances (1e-4), else ModelError; so must anything else that does not fit (another architecture, masked
-    pooling, a file without the adapter's ``frames`` signature)."""
+    pooling, a file without the adapter's ``frames`` signature). ``input_affine_from`` (given) goes into the metadata:
+    from how many answers devices fit the per-user input affine when their policy sets nothing."""
     import keras
 
     from edge_sdk.model import ModelMetadata, TFLiteModel
@@ -807,6 +808,8 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
                         float(np.max(np.abs(e0 - e1)) / max(float(np.max(np.abs(e0))), 1.0)))
         if not worst < 1e-4:
             raise ModelError(f"the rebuilt model differs from {tflite_path} (largest difference {worst:.2e})")
+    if input_affine_from is not None:
+        metadata = replace(metadata, input_affine_from=input_affine_from)
     meta = metadata.to_dict()
     meta["extra"] = {**meta.get("extra", {}), "tflite_sha256": sha, "reexported_from": previous}
     atomic_write(tflite_out, tflite)

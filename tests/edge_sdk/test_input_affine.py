@@ -263,3 +263,40 @@ def test_a_crash_while_writing_a_new_affine_leaves_the_one_before(tmp_path, trai
     third = Device(tmp_path / "dev", model_files=_files(trained_model))
     assert third.input_affine is None and not third.personalized
     third.store.close()
+
+
+def test_the_models_metadata_turns_the_affine_on_unless_the_policy_says_otherwise(tmp_path, trained_model, rng):
+    import shutil
+    from dataclasses import replace
+
+    from edge_sdk.config import load_config
+    from edge_sdk.errors import ModelError
+    from edge_sdk.model import ModelMetadata
+
+    meta = ModelMetadata.load(trained_model.metadata_path)
+    assert meta.input_affine_from is None and TrainPolicy().affine_from(meta) == 0
+    on = replace(meta, input_affine_from=4)
+    assert ModelMetadata.from_dict(on.to_dict()).input_affine_from == 4
+    assert TrainPolicy().affine_from(on) == 4 and TrainPolicy(input_affine_from=0).affine_from(on) == 0
+    for bad in (-1, True, 2.5, "20"):
+        with pytest.raises(ModelError, match="input_affine_from"):
+            ModelMetadata.from_dict({**meta.to_dict(), "input_affine_from": bad})
+    shutil.copy(trained_model.tflite_path, tmp_path / "m.tflite")
+    on.save(tmp_path / "m.json")
+    policy = {k: v for k, v in AFFINE_ONLY.items() if k != "input_affine_from"}
+    dev = Device(tmp_path / "dev", model_files=(tmp_path / "m.tflite", tmp_path / "m.json"),
+                 train_policy=TrainPolicy(**policy))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine_score is not None  # on through the metadata
+    assert dev.personalize(TrainPolicy(**policy, input_affine_from=0)).input_affine_score is None
+    dev.store.close()
+    cfg = load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "0"})
+    assert cfg.training.input_affine_from == 0 and isinstance(cfg.training.input_affine_from, int)
+    assert load_config(environ={}).training.input_affine_from is None
+
+
+def test_the_bundled_model_has_input_grad_and_turns_the_affine_on_from_20_answers(tmp_path):
+    dev = Device(tmp_path / "dev")
+    assert dev.model_source == "bundled" and dev.model.has_input_grad and dev.model.has_adapter
+    assert dev.metadata.input_affine_from == 20 and TrainPolicy().affine_from(dev.metadata) == 20
+    dev.store.close()
