@@ -1,7 +1,7 @@
 """Edge benchmarks: the device path (numpy features + TFLite) against the naive one (librosa + Keras).
 
     taskset -c 0 python -m tools.bench_edge [--clip FILE] [--out bench-edge.json]
-    taskset -c 0 python -m tools.bench_edge --only personalise [--model DIR]   # the personalisation times only
+    taskset -c 0 python -m tools.bench_edge --only personalise [--model DIR]   # personalisation and classify times
 
 Prints, for the bundled model on one core:
   * process start to the first prediction of a 3 s clip (a fresh interpreter, as `fedser-edge classify`);
@@ -97,14 +97,15 @@ def _median_ms(fn, repeat: int) -> float:
 
 def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3) -> list[dict]:
     """Seconds of one ``Device.personalize`` after ``n`` answers (thumbs-up when the model is right, else the
-    correction; features of noise shifted per class, stored with each prediction), for the default policy,
-    ``adapter=True`` and ``input_affine_from=20``; median of ``repeat``."""
+    correction; features of noise shifted per class, stored with each prediction), for the default policy, the head
+    only, ``adapter=True`` and ``input_affine_from=20``; median of ``repeat``."""
     from edge_sdk.device import Device, TrainPolicy
 
     files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, policy in (("default", TrainPolicy()), ("adapter", TrainPolicy(adapter=True)),
+        for name, policy in (("default", TrainPolicy()), ("head only", TrainPolicy(input_affine_from=0)),
+                             ("adapter", TrainPolicy(adapter=True, input_affine_from=0)),
                              ("input affine", TrainPolicy(input_affine_from=20))):
             for n in answers:
                 secs, status = [], ""
@@ -137,6 +138,23 @@ def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat
     return rows
 
 
+def classify_times(model_dir: Path | None, *, repeat: int = 30) -> dict:
+    """Milliseconds of ``Device.classify`` on 3 s of noise (median of ``repeat``) without and with a personal input
+    affine in use (the affine's prediction costs one more inference: the store keeps the unmoved embedding)."""
+    from edge_sdk.device import Device
+
+    files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        dev = Device(Path(tmp) / "dev", model_files=files)
+        rate, bands = dev.metadata.features.sample_rate, dev.model.input_shape[2]
+        audio = (0.1 * np.random.default_rng(0).normal(size=3 * rate)).astype(np.float32)
+        plain = _median_ms(lambda: dev.classify(audio), repeat)
+        dev.input_affine = {"gain": np.full(bands, 0.1, np.float32), "offset": np.full(bands, 0.1, np.float32)}
+        moved = _median_ms(lambda: dev.classify(audio), repeat)
+        dev.store.close()
+    return {"classify_ms": plain, "classify_with_affine_ms": moved, "ratio": moved / plain}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_edge", description=__doc__.split("\n")[0])
     parser.add_argument("--clip", type=Path, default=None, help="a ~3 s speech clip (default: a RAVDESS clip)")
@@ -152,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | --- | --- | --- |")
         for row in times:
             print(f"| {row['policy']} | {row['answers']} | {row['seconds']:.3f} | {row['status']} |")
-        args.out.write_text(json.dumps({"personalise": times}, indent=2))
+        classify = classify_times(args.model)
+        print(f"classify 3 s: {classify['classify_ms']:.1f} ms; with a personal input affine "
+              f"{classify['classify_with_affine_ms']:.1f} ms ({classify['ratio']:.2f}x)")
+        args.out.write_text(json.dumps({"personalise": times, "classify": classify}, indent=2))
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from edge_sdk.audio import load_audio
