@@ -1214,10 +1214,18 @@ class Device:
               and model.metadata.replay_set() is not None):
             candidates.append(replace(policy, adapter=False, replay_weight=0.0))
             margin = policy.replay_margin
-        affine_right = None  # the input affine (input_affine_from): out of fold, in the same folds
+        affine_right, affine_features = None, None  # the input affine (input_affine_from): out of fold, same folds
         if (0 < policy.affine_from(model.metadata) <= len(examples) and mostly_corrections and not thumbs_only
-                and policy.guard == "accuracy" and model.has_input_grad):
-            affine_right = self._cross_validate_input_affine(model, examples, fold_of, folds, policy)
+                and policy.guard == "accuracy"):
+            if not model.has_input_grad:
+                log.warning("the policy or the model asks for the input affine from %d answers, but the model has no "
+                            "input_grad signature (re-export it: fedser-train reexport): head only",
+                            policy.affine_from(model.metadata))
+            else:
+                affine_features = self._input_features(model, examples)
+                if affine_features is not None:
+                    affine_right = self._cross_validate_input_affine(model, examples, affine_features, fold_of,
+                                                                     folds, policy)
         scores, losses, rights = [], [], []
         for cand in candidates:
             right, loss = np.zeros(len(examples)), np.zeros(len(examples))
@@ -1257,6 +1265,18 @@ class Device:
         # kept head fit (strictly: a tie keeps the head's decision)
         affine_wins = affine_right is not None and report.input_affine_score > before and (
             not head_kept or report.input_affine_score > after)
+        if affine_wins:  # the fit on all answers: the global head and the identity adapter, as cross-validated
+            model.set_weights(self.global_head)
+            if model.has_adapter:
+                model.set_adapter(None)
+            self._local.adapted = False
+            _, targets, sign = self._arrays(examples)
+            try:
+                self._local.affine_fit = check_input_affine(
+                    self._fit_input_affine(model, affine_features, targets, sign, policy))
+            except (ModelError, ParameterError) as exc:  # the head's decision stands
+                log.warning("input affine not kept: %s", exc)
+                affine_wins = False
         if thumbs_only:
             report.guard += ", thumbs only"
         if trusted:
@@ -1266,14 +1286,7 @@ class Device:
                 report.guard += ", kept although cross-validation shows it worse (trust_keeps_worse)"
         # trusted: the margin is waived (needed <= 0 for these unlike users), a fit shown worse is still discarded
         # unless the policy keeps trusted fits whatever cross-validation shows (trust_keeps_worse)
-        if affine_wins:  # the global head and the identity adapter (as cross-validated), the features moved
-            model.set_weights(self.global_head)
-            if model.has_adapter:
-                model.set_adapter(None)
-            self._local.adapted = False
-            features = self._input_features(model, examples)
-            _, targets, sign = self._arrays(examples)
-            self._local.affine_fit = self._fit_input_affine(model, features, targets, sign, policy)
+        if affine_wins:
             report.input_affine, report.score_after, report.loss_after = True, report.input_affine_score, None
             report.guard = (f"{policy.guard}, {folds}-fold, input affine (global head) against the head fit's "
                             f"{after:.2f} of the answers")
@@ -1328,13 +1341,10 @@ class Device:
             return None
         return np.stack([np.asarray(feats[e.prediction_id], np.float32).reshape(shape) for e in examples])
 
-    def _cross_validate_input_affine(self, model: TFLiteModel, examples: list[FeedbackExample], fold_of: np.ndarray,
-                                     folds: int, policy: TrainPolicy) -> np.ndarray | None:
-        """Per answer, out of fold: 1.0 where the input affine fitted on the other folds (with the global head)
-        shows what the user said was right (:meth:`_shown_right`'s rule); None without every answer's features."""
-        features = self._input_features(model, examples)
-        if features is None:
-            return None
+    def _cross_validate_input_affine(self, model: TFLiteModel, examples: list[FeedbackExample], features: np.ndarray,
+                                     fold_of: np.ndarray, folds: int, policy: TrainPolicy) -> np.ndarray | None:
+        """Per answer, out of fold: 1.0 where the input affine fitted on the other folds of ``features`` (with the
+        global head) shows what the user said was right (:meth:`_shown_right`'s rule); None when a fit fails."""
         model.set_weights(self.global_head)
         if model.has_adapter:
             model.set_adapter(None)

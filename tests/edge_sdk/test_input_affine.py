@@ -182,8 +182,20 @@ def test_a_fit_on_more_answers_than_max_rows_draws_them_per_step(tmp_path, train
     feats = dev._input_features(model, dev._examples())
     _, targets, sign = dev._arrays(dev._examples())
     policy = TrainPolicy(**{**AFFINE_ONLY, "input_affine_max_rows": 5})
-    a = dev._fit_input_affine(model, feats, targets, sign, policy)
-    b = dev._fit_input_affine(model, feats, targets, sign, policy)
+    sizes = []
+    real = type(model).input_gradient
+
+    def counting(self, features, *args, **kwargs):
+        sizes.append(len(features))
+        return real(self, features, *args, **kwargs)
+
+    type(model).input_gradient = counting
+    try:
+        a = dev._fit_input_affine(model, feats, targets, sign, policy)
+        b = dev._fit_input_affine(model, feats, targets, sign, policy)
+    finally:
+        type(model).input_gradient = real
+    assert sizes and max(sizes) == 5  # every step a draw of 5 of the 14 answers
     np.testing.assert_array_equal(a["offset"], b["offset"])
     loss0 = model.input_gradient(feats, targets, sign)[1]
     loss1 = model.input_gradient(apply_input_affine(feats, a), targets, sign)[1]
@@ -300,3 +312,51 @@ def test_the_bundled_model_has_input_grad_and_turns_the_affine_on_from_20_answer
     assert dev.model_source == "bundled" and dev.model.has_input_grad and dev.model.has_adapter
     assert dev.metadata.input_affine_from == 20 and TrainPolicy().affine_from(dev.metadata) == 20
     dev.store.close()
+
+
+def test_a_failing_affine_fit_leaves_the_heads_decision(tmp_path, trained_model, rng, monkeypatch):
+    """A non-finite gradient in the cross-validation, or in the final fit, is logged and the personalisation goes on
+    with the head's decision instead of failing (listen would otherwise exit and restart on the same answers)."""
+    from edge_sdk.errors import ModelError
+    from edge_sdk.model import TFLiteModel
+
+    keep_head = {**AFFINE_ONLY, "guard_margin": -10.0}  # the head's fit is kept whatever it shows
+    dev = Device(tmp_path / "cv", model_files=_files(trained_model), train_policy=TrainPolicy(**keep_head))
+    _shifted_answers(dev, rng)
+
+    def broken(self, *args, **kwargs):
+        raise ModelError("input_grad produced a non-finite loss or gradient")
+
+    with monkeypatch.context() as m:
+        m.setattr(TFLiteModel, "input_gradient", broken)
+        report = dev.personalize()
+    assert report.status == "kept" and report.input_affine_score is None and not report.input_affine
+    dev.store.close()
+    dev = Device(tmp_path / "final", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    calls = []
+    real = Device._fit_input_affine
+
+    def fails_last(self, *args, **kwargs):  # the folds' fits work, the fit on all answers does not
+        calls.append(1)
+        if len(calls) > 3:
+            raise ModelError("input_grad produced a non-finite loss or gradient")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Device, "_fit_input_affine", fails_last)
+    report = dev.personalize()
+    assert len(calls) == 4 and report.input_affine_score is not None and not report.input_affine
+    assert report.status == "discarded" and dev.input_affine is None  # AFFINE_ONLY: the head cannot pass
+    dev.store.close()
+
+
+def test_the_config_option_reads_toml_and_is_range_checked(tmp_path):
+    from edge_sdk.config import load_config
+
+    (tmp_path / "edge.toml").write_text("[training]\ninput_affine_from = 20\n")
+    cfg = load_config(tmp_path / "edge.toml", environ={})
+    assert cfg.training.input_affine_from == 20
+    with pytest.raises(ParameterError, match="training.input_affine_from"):
+        load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "-3"})
+    with pytest.raises(ParameterError, match="training.input_affine_from"):
+        load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "20.5"})

@@ -122,6 +122,12 @@ def test_reexport_refuses_what_it_cannot_rebuild(older_export, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="only a cnn encoder"):
         reexport_tflite(tmp_path / "m.tflite", None, tmp_path / "out")
+    meta["extra"]["architecture"]["name"] = "cnn"
+    meta["extra"]["tflite_sha256"] = "0" * 64  # the metadata of another file
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="describes another file"):
+        reexport_tflite(tmp_path / "m.tflite", None, tmp_path / "out")
+    del meta["extra"]["tflite_sha256"]
     del meta["extra"]["architecture"]
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="names no architecture"):
@@ -131,7 +137,11 @@ def test_reexport_refuses_what_it_cannot_rebuild(older_export, tmp_path):
 def test_reexport_cli_writes_elsewhere_only(older_export, tmp_path):
     from models.cli import main
 
-    assert main(["reexport", "--model", str(older_export.tflite_path), "--out", str(tmp_path)]) == 0
+    assert main(["reexport", "--model", str(older_export.tflite_path), "--out", str(tmp_path),
+                 "--input-affine-from", "20"]) == 0
     assert TFLiteModel(tmp_path / "model.tflite", older_export.metadata).has_input_grad
+    from edge_sdk.model import ModelMetadata
+
+    assert ModelMetadata.load(tmp_path / "model.json").input_affine_from == 20
     with pytest.raises(SystemExit, match="overwrite"):
         main(["reexport", "--model", str(older_export.tflite_path), "--out", str(older_export.tflite_path.parent)])
