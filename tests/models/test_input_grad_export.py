@@ -5,12 +5,15 @@ device's per-user input affine): builtin ops only, equal to TensorFlow's own gra
 from __future__ import annotations
 
 import json
+import subprocess
+import textwrap
 
 import numpy as np
 import pytest
 
 from edge_sdk.errors import ModelError
 from edge_sdk.model import INPUT_SIGNATURES, TFLiteModel
+from tests.conftest import REPO
 
 
 def _batch(meta, rng, n):
@@ -145,3 +148,30 @@ def test_reexport_cli_writes_elsewhere_only(older_export, tmp_path):
     assert ModelMetadata.load(tmp_path / "model.json").input_affine_from == 20
     with pytest.raises(SystemExit, match="overwrite"):
         main(["reexport", "--model", str(older_export.tflite_path), "--out", str(older_export.tflite_path.parent)])
+
+
+@pytest.mark.skipif(not (REPO / ".venv-tflite-runtime" / "bin" / "python").exists(),
+                    reason="no .venv-tflite-runtime (scripts/test.sh makes it where tflite-runtime installs)")
+def test_input_grad_runs_under_tflite_runtime(trained_model, rng):
+    """tflite-runtime 2.14 (the only cp311 aarch64 wheel older Pis get) runs input_grad (TRANSPOSE_CONV among its
+    operators) and gives ai-edge-litert's gradient."""
+    meta = trained_model.metadata
+    x, targets, sign = _batch(meta, rng, 3)
+    path = trained_model.tflite_path.parent / "input-grad-x.npz"
+    np.savez(path, x=x, targets=targets, sign=sign)
+    script = textwrap.dedent(f"""
+        import json, numpy as np
+        from edge_sdk.model import ModelMetadata, TFLiteModel
+        meta = ModelMetadata.load({str(trained_model.metadata_path)!r})
+        m = TFLiteModel({str(trained_model.tflite_path)!r}, meta, runtime="tflite_runtime")
+        d = np.load({str(path)!r})
+        grad, loss, _ = m.input_gradient(d["x"], d["targets"], d["sign"])
+        print(json.dumps({{"runtime": m.runtime, "loss": loss, "grad": grad.ravel()[::97].tolist()}}))
+    """)
+    out = subprocess.run([str(REPO / ".venv-tflite-runtime" / "bin" / "python"), "-c", script], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    grad, loss, _ = TFLiteModel(trained_model.tflite_path, meta).input_gradient(x, targets, sign)
+    assert got["runtime"] == "tflite_runtime" and got["loss"] == pytest.approx(loss, rel=1e-5)
+    np.testing.assert_allclose(got["grad"], grad.ravel()[::97], rtol=0, atol=1e-5 * max(1.0, np.abs(grad).max()))
