@@ -943,11 +943,10 @@ class Device:
         self._local.frames, self._local.adapted = None, False
         if not model.has_adapter or not examples:
             return examples
-        feats = self.store.features_of([e.prediction_id for e in examples])
-        size = int(np.prod(model.input_shape))
-        if any(e.prediction_id not in feats or feats[e.prediction_id].size != size for e in examples):
+        feats = self._input_features(model, examples)
+        if feats is None:
             return examples
-        frames = {pid: model.frames(f) for pid, f in feats.items()}
+        frames = {e.prediction_id: model.frames(f) for e, f in zip(examples, feats, strict=True)}
         saved = model.get_adapter()
         model.set_adapter(None)
         emb = model.adapted(np.stack([frames[e.prediction_id] for e in examples]))[1]
@@ -977,10 +976,8 @@ class Device:
         replay examples drawn at random, weighted so that they carry ``replay_weight / (1 + replay_weight)`` of
         the batch's loss.
         """
-        model.set_weights(self.global_head)
+        self._to_global(model)
         frozen = _frozen_layers(self.global_head, policy.personal_layers)  # kept as they are (personal_layers)
-        if model.has_adapter:
-            model.set_adapter(None)
         emb, targets, sign = self._arrays(examples)
         weight = class_balance_weights(targets) if policy.balance_classes else np.ones(len(examples), np.float32)
         rng = np.random.default_rng(policy.seed)
@@ -1184,9 +1181,7 @@ class Device:
         ``adaptive_replay``, the fit without the replay set is judged too and the better one is kept."""
         folds = min(policy.guard_folds, len(examples))
         fold_of = np.arange(len(examples)) % folds
-        model.set_weights(self.global_head)
-        if model.has_adapter:
-            model.set_adapter(None)
+        self._to_global(model)
         self._local.adapted = False
         loss_before = self._loss(examples)
         global_right = self._shown_right(examples)
@@ -1266,9 +1261,7 @@ class Device:
         affine_wins = affine_right is not None and report.input_affine_score > before and (
             not head_kept or report.input_affine_score > after)
         if affine_wins:  # the fit on all answers: the global head and the identity adapter, as cross-validated
-            model.set_weights(self.global_head)
-            if model.has_adapter:
-                model.set_adapter(None)
+            self._to_global(model)
             self._local.adapted = False
             _, targets, sign = self._arrays(examples)
             try:
@@ -1320,7 +1313,8 @@ class Device:
             self._local.adapted = bool(in_use_adapter is not None and getattr(self._local, "frames", None))
             personal = self._shown_right(examples)
             affine = getattr(self._local, "in_use_affine", None)
-            features = self._input_features(model, examples) if affine is not None else None
+            features = (None if affine is None else affine_features if affine_features is not None
+                        else self._input_features(model, examples))
             if features is not None:  # the kept input affine serves: score what it shows
                 _, targets, sign = self._arrays(examples)
                 personal = _affine_right(model, features, affine, targets, sign)
@@ -1331,6 +1325,12 @@ class Device:
             "answers_scored": int(known.sum()), "personal_correct": int(personal[known].sum()),
             "global_correct": int(global_right[known].sum())}))
         return report
+
+    def _to_global(self, model: TFLiteModel) -> None:
+        """The global head and the identity adapter in ``model`` (the trainer): where every fit starts."""
+        model.set_weights(self.global_head)
+        if model.has_adapter:
+            model.set_adapter(None)
 
     def _input_features(self, model: TFLiteModel, examples: list[FeedbackExample]) -> np.ndarray | None:
         """The answers' stored input features ``[n, T, F]`` (as the global encoder saw them), or None when any is
@@ -1345,9 +1345,7 @@ class Device:
                                      fold_of: np.ndarray, folds: int, policy: TrainPolicy) -> np.ndarray | None:
         """Per answer, out of fold: 1.0 where the input affine fitted on the other folds of ``features`` (with the
         global head) shows what the user said was right (:meth:`_shown_right`'s rule); None when a fit fails."""
-        model.set_weights(self.global_head)
-        if model.has_adapter:
-            model.set_adapter(None)
+        self._to_global(model)
         _, targets, sign = self._arrays(examples)
         right = np.zeros(len(examples))
         try:

@@ -514,7 +514,7 @@ class TFLiteModel:
         if weight.shape != (n,) or not np.all(np.isfinite(weight)) or np.any(weight < 0):
             raise ParameterError(f"sample_weight must be {n} finite values >= 0")
         grad = np.zeros(x.shape, np.float32)
-        probs = np.zeros((n, self.metadata.num_classes), np.float32)
+        probs = np.zeros((n, classes), np.float32)
         total, loss = float(weight.sum()), 0.0
         for start in range(0, n, batch):
             sl = slice(start, min(n, start + batch))

@@ -649,13 +649,10 @@ def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -
     """Rebuild the encoder of a :func:`save_trained` folder, load its weights and export it as
     :func:`export_tflite` would have at the end of training (into ``out_dir``, default the same folder). Needs the
     TensorFlow Keras backend; ModelError names what is missing or does not fit."""
-    import keras
 
     from models.architectures import build_encoder
 
-    if keras.backend.backend() != "tensorflow":
-        raise ModelError(f"the TFLite export needs the TensorFlow Keras backend, not {keras.backend.backend()!r}: "
-                         "unset KERAS_BACKEND (or set it to tensorflow)")
+    _require_tensorflow_backend()
     trained_dir = Path(trained_dir)
     info, metadata, arrays = _load_trained(trained_dir)
     arch = info["architecture"]
@@ -676,17 +673,31 @@ def export_trained(trained_dir: str | Path, out_dir: str | Path | None = None) -
                          trainable_embedding=bool(info.get("trainable_embedding")), replay_inputs=replay)
 
 
-def _tflite_constants(tflite_bytes: bytes, signature: str) -> tuple[list, list]:
-    """The constant weights of the ``CONV_2D`` and ``FULLY_CONNECTED`` operators of one signature's subgraph, in
+def _require_tensorflow_backend() -> None:
+    """ModelError unless Keras runs on TensorFlow (the TFLite converter needs it)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ModelError(f"the TFLite export needs the TensorFlow Keras backend, not {keras.backend.backend()!r}: "
+                         "unset KERAS_BACKEND (or set it to tensorflow)")
+
+
+def _tflite_constants(tflite_bytes: bytes, signatures: tuple[str, ...]) -> dict[str, tuple[list, list]]:
+    """Per signature, the constant weights of the ``CONV_2D`` and ``FULLY_CONNECTED`` operators of its subgraph, in
     the order they run: ``([(filter [out, 1, k, in], bias [out]), ...], [(weights [out, in], bias [out]), ...])``
-    (a fully connected layer whose weights are variables, the head's, is left out)."""
+    (a fully connected layer whose weights are variables, the head's, is left out). The flatbuffer is read once."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_bytes, 0))
     index = {s.signatureKey.decode(): s.subgraphIndex for s in model.signatureDefs}
-    if signature not in index:
-        raise ModelError(f"the model has no {signature!r} signature (has {sorted(index)})")
-    graph = model.subgraphs[index[signature]]
+    missing = [s for s in signatures if s not in index]
+    if missing:
+        raise ModelError(f"the model has no {missing} signature (has {sorted(index)})")
+    return {s: _subgraph_constants(model, model.subgraphs[index[s]], schema) for s in signatures}
+
+
+def _subgraph_constants(model, graph, schema) -> tuple[list, list]:
+    """:func:`_tflite_constants` of one subgraph."""
 
     def constant(i: int) -> np.ndarray | None:
         if i < 0:
@@ -723,14 +734,12 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
     utterances (1e-4), else ModelError; so must anything else that does not fit (another architecture, masked
     pooling, a file without the adapter's ``frames`` signature). ``input_affine_from`` (given) goes into the metadata:
     from how many answers devices fit the per-user input affine when their policy sets nothing."""
-    import keras
 
     from edge_sdk.model import ModelMetadata, TFLiteModel
     from edge_sdk.storage import atomic_write
     from models.architectures import ArchitectureConfig, build_encoder
 
-    if keras.backend.backend() != "tensorflow":
-        raise ModelError(f"the TFLite export needs the TensorFlow Keras backend, not {keras.backend.backend()!r}")
+    _require_tensorflow_backend()
     tflite_path = Path(tflite_path)
     metadata_path = Path(metadata_path) if metadata_path is not None else tflite_path.with_suffix(".json")
     for path in (tflite_path, metadata_path):
@@ -754,8 +763,8 @@ def reexport_tflite(tflite_path: str | Path, metadata_path: str | Path | None, o
     if not old.has_adapter:
         raise ModelError(f"{tflite_path} has no adapter signatures: its encoder cannot be cut where the adapter is")
     deep = bool(metadata.extra.get("trainable_embedding"))
-    convs, dense = _tflite_constants(blob, "frames")
-    _, infer_dense = _tflite_constants(blob, "adapted")
+    constants = _tflite_constants(blob, ("frames", "adapted"))
+    convs, infer_dense = constants["frames"][0], constants["adapted"][1]
     f = metadata.features
     encoder = build_encoder(arch, f.max_frames, f.n_features)
     if len(convs) != len(arch.channels):

@@ -9,9 +9,10 @@ Prints, for the bundled model on one core:
   * features + inference of a 3 s utterance (median of repeated runs);
   * fine-tuning the head on 500 feedback items for 10 epochs;
   * one personalisation (``Device.personalize``: cross-validated guard, then the kept fit) after 5, 20 and 40
-    answers with stored features, with the default ``TrainPolicy``, with ``adapter=True`` (models with the
-    adapter signatures) and with ``input_affine_from=20`` (models with ``input_grad``: the affine's 5-fold
-    cross-validation and fit come on top of the head's);
+    answers with stored features, with the default ``TrainPolicy`` (on the bundled model: the input affine from
+    20 answers, its metadata's setting), the head only (``input_affine_from=0``), ``adapter=True`` (models with
+    the adapter signatures) and ``input_affine_from=20`` (models with ``input_grad``: the affine's 5-fold
+    cross-validation and fit come on top of the head's); and classify with and without a personal affine;
 and the same steps on the naive path (librosa MFCC/log-mel + a Keras model of the same architecture,
 ``model.predict``), as ratios measured in the same run. A Raspberry Pi 4 core is roughly 6x slower than
 this machine's, so multiply the absolute times by about 6 for a Pi.
