@@ -332,7 +332,9 @@ def publish_version(
 
 
 def initial_head(tflite: bytes, metadata: ModelMetadata) -> dict[str, np.ndarray]:
-    """The head weights stored in a ``.tflite`` (its ``get_weights`` signature); ModelError if it won't load."""
+    """The head weights stored in a ``.tflite`` (its ``get_weights`` signature); ModelError if it won't load, or if
+    its metadata turns the per-user input affine on (``input_affine_from``) for a file without the ``input_grad``
+    signature the devices would need (they would log it and fit the head only: a publishing mistake)."""
     import tempfile
 
     from edge_sdk.model import TFLiteModel
@@ -341,7 +343,12 @@ def initial_head(tflite: bytes, metadata: ModelMetadata) -> dict[str, np.ndarray
         tmp.write(tflite)
         tmp.flush()
         try:
-            return TFLiteModel(tmp.name, metadata).get_weights()
+            model = TFLiteModel(tmp.name, metadata)
+            if metadata.input_affine_from and not model.has_input_grad:
+                raise ModelError(f"the metadata turns the input affine on from {metadata.input_affine_from} answers "
+                                 "(input_affine_from), but the model has no input_grad signature: re-export it "
+                                 "(fedser-train reexport) or leave input_affine_from out")
+            return model.get_weights()
         except ModelError:
             raise
         except Exception as exc:

@@ -18,6 +18,7 @@ talks to the person instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -126,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                                  min_examples=args.min_examples or train_policy.min_examples,
                                  learning_rate=train_policy.learning_rate,
                                  input_affine_from=train_policy.input_affine_from)
-            _out(device.personalize(policy).to_dict())
+            stop = _Stop()
+            previous = _stop_on_signals(stop)
+            try:
+                with stop.personalising():
+                    report = device.personalize(policy, cancel=stop.event)
+            finally:
+                _restore_signals(previous)
+            _out(report.to_dict())
+            if report.status == "cancelled":
+                return 130
         elif args.command == "sync":
             if args.clip_norm is not None or args.noise_multiplier is not None:
                 privacy = PrivacyPolicy(args.clip_norm if args.clip_norm is not None else privacy.clip_norm,
@@ -147,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("fedser-edge: wipe-data deletes every prediction, answer and pending update of this device; "
                       "run it again with --yes", file=sys.stderr)
                 return 2
-            removed = device.store.wipe()
-            (Path(args.state) / "personal.head").unlink(missing_ok=True)
-            _out({"wiped": removed})
+            _out({"wiped": device.wipe_data()})
     except FedserError as exc:
         print(f"fedser-edge: error: {exc}", file=sys.stderr)
         return 2
@@ -169,11 +177,12 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     mode = args.feedback or cfg.feedback.mode
     if device.model is None:
         raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
+    stop = _Stop()  # SIGINT, SIGTERM or the terminal's q: the loop ends, a personalisation under way is cancelled
     terminal = None
     if mode == "terminal":
         from edge_sdk.terminal import TerminalFeedback
 
-        terminal = TerminalFeedback(device)
+        terminal = TerminalFeedback(device, stop=stop.event)
 
     def on_prediction(pred, audio):
         _retention(device, cfg)
@@ -190,15 +199,15 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
 
         cfg.audio.sample_rate, file_blocks = stream_audio(args.file, block_seconds=cfg.audio.block_seconds)
     listener = Listener(device, cfg, on_prediction)
-    previous = _stop_on_signals()  # before anything starts: a signal during start-up still closes what started
+    previous = _stop_on_signals(stop)  # first: a signal during start-up still closes what started
     try:
-        _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks)
+        _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop)
     finally:
         _restore_signals(previous)
     return 0
 
 
-def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks) -> None:
+def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop) -> None:
     web = None
     try:
         if mode == "web":
@@ -223,7 +232,7 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
         while True:
             if args.seconds and time.monotonic() - started >= args.seconds:
                 break
-            if terminal is not None and terminal.quit_requested:
+            if stop.event.is_set():  # a signal, or the terminal's q
                 break
             if args.file is not None and not args.seconds and listener.queue.empty() and terminal is None:
                 break
@@ -231,10 +240,13 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             answered = device.store.counts()["feedback"]
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
             if answered - trained_at >= cfg.training.min_new_feedback and idle:
-                report = device.personalize(train_policy)
+                with stop.personalising():
+                    report = device.personalize(train_policy, cancel=stop.event)
+                print(json.dumps({"trained": report.to_dict()}), flush=True)
+                if report.status == "cancelled":  # the answers count as untrained: the next start fits them
+                    break
                 trained_at = answered
                 device.store.set("trained_feedback", str(answered))
-                print(json.dumps({"trained": report.to_dict()}), flush=True)
             if device.enrolled and time.monotonic() - last_sync >= cfg.sync.interval_seconds:
                 last_sync = time.monotonic()
                 try:
@@ -254,17 +266,43 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _stop_on_signals() -> dict:
+class _Stop:
+    """A request to stop: ``event`` is set by SIGINT, SIGTERM (:func:`_stop_on_signals`) or the terminal's q. While
+    a personalisation runs (inside :meth:`personalising`) a signal only sets it, and the personalisation, which
+    looks at it before every step, returns cancelled with nothing changed; at any other moment a signal also raises
+    KeyboardInterrupt where the main thread is."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._depth = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._depth > 0
+
+    @contextlib.contextmanager
+    def personalising(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+
+def _stop_on_signals(stop: _Stop) -> dict:
     """SIGINT (Ctrl-C) and SIGTERM (systemd's stop) both end a listening session the same way: the input stream
     closed, the stats printed. Installed explicitly: a process started as a shell's background job begins with
     SIGINT ignored, and Python leaves it ignored (such a listener ran on 60 s after SIGINT in a CI run); and
-    SIGTERM's default would end the process without closing anything. Returns the handlers it replaced (none when
-    not on the main thread, where handlers cannot be set)."""
+    SIGTERM's default would end the process without closing anything. A signal during a personalisation cancels it
+    at its next step instead of interrupting it wherever it is (``stop``). Returns the handlers it replaced (none
+    when not on the main thread, where handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        stop.event.set()
+        if not stop.busy:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
     return {s: signal.signal(s, interrupt) for s in _SIGNALS}
 

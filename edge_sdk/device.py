@@ -65,6 +65,11 @@ class ManifestDowngradeError(FedserError):
     """A validly signed manifest older than one this device already installed (a replay): not installed."""
 
 
+class _Cancelled(Exception):
+    """A personalisation stopped by its caller's ``cancel`` event (internal: :meth:`Device.personalize` returns a
+    ``cancelled`` report)."""
+
+
 @dataclass(frozen=True)
 class Prediction:
     id: str
@@ -294,7 +299,7 @@ class PrivacyPolicy:
 
 @dataclass
 class TrainReport:
-    status: str  # "kept", "discarded" or "skipped"
+    status: str  # "kept", "discarded", "skipped" or "cancelled" (stopped by the caller: nothing changed)
     reason: str = ""
     examples: int = 0
     held_back: int = 0
@@ -989,6 +994,7 @@ class Device:
             for _ in range(epochs):
                 order = rng.permutation(len(examples))
                 for start in range(0, len(order), batch):
+                    self._check_cancel("head and adapter fit")
                     idx = order[start : start + batch]
                     model.adapter_train_step(frames[idx], targets[idx], sign[idx], weight[idx],
                                              learning_rate=policy.sgd_learning_rate(model.metadata),
@@ -1009,6 +1015,7 @@ class Device:
         for _ in range(epochs):
             order = rng.permutation(len(examples))
             for start in range(0, len(order), per_batch):
+                self._check_cancel("head fit")
                 idx = order[start : start + per_batch]
                 x, t, s, w = emb[idx], targets[idx], sign[idx], weight[idx]
                 if slots:
@@ -1040,6 +1047,7 @@ class Device:
         replay_rows = min(batch, len(replay[0])) if replay is not None else 0
         draw = max(1, policy.adam_max_rows - replay_rows)
         for _ in range(policy.adam_steps):
+            self._check_cancel("head fit")
             if len(emb) + replay_rows > policy.adam_max_rows:  # a random draw of the answers (cost capped)
                 rows = rng.choice(len(emb), size=min(draw, len(emb)), replace=False)
                 grad, _ = head_gradient(model, weights, emb[rows], targets[rows], sign[rows], weight[rows])
@@ -1067,7 +1075,8 @@ class Device:
             return -self._loss(examples)
         return float(np.mean(self._shown_right(examples)))
 
-    def personalize(self, policy: TrainPolicy | None = None) -> TrainReport:
+    def personalize(self, policy: TrainPolicy | None = None, *,
+                    cancel: threading.Event | None = None) -> TrainReport:
         """Fine-tune the head from the global head on all stored feedback, guarded by what the user would see.
 
         Training runs on a second interpreter; predictions meanwhile use the weights in use, and kept weights
@@ -1079,9 +1088,30 @@ class Device:
         new weights are discarded. With ``guard_folds > 1`` every answer is judged instead, by cross-validation
         (a fit from the global head on the other folds against the global head), and the kept head is then
         fitted on all answers.
+
+        ``cancel``: an event another thread (or a signal handler) may set to stop a personalisation under way. It is
+        looked at before every training step and every fold, so the call returns within one step; it then returns
+        status ``cancelled`` and nothing has changed (the fits run on the trainer, and nothing is written before
+        the last of them). An event already set cancels before any fit. The answers stay for the next call.
         """
+        started = time.perf_counter()
         with self._training() as (serving, _):
-            return self._personalize(serving, policy or self.train_policy)
+            self._local.cancel = cancel
+            try:
+                return self._personalize(serving, policy or self.train_policy)
+            except _Cancelled as exc:
+                report = TrainReport("cancelled", f"stopped before it ended ({exc}): nothing changed, the answers "
+                                     "stay for the next personalisation", seconds=time.perf_counter() - started)
+                log.info("personalisation cancelled: %s", report.to_dict())
+                return report
+            finally:
+                self._local.cancel = None
+
+    def _check_cancel(self, where: str) -> None:
+        """Raise :class:`_Cancelled` when the caller of :meth:`personalize` set its ``cancel`` event."""
+        cancel = getattr(self._local, "cancel", None)
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled(where)
 
     def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
         model = self._require_model()  # the trainer
@@ -1105,6 +1135,7 @@ class Device:
             rate, steps = policy.thumbs_adam_learning_rate, policy.thumbs_adam_steps
             policy = replace(policy, adam_learning_rate=policy.adam_learning_rate if rate is None else float(rate),
                              adam_steps=policy.adam_steps if steps is None else int(steps))
+        log.info("personalising on %d answers", len(examples))
         in_use = model.get_weights()
         in_use_adapter = model.get_adapter() if model.has_adapter else None
         if policy.adapter:
@@ -1370,6 +1401,7 @@ class Device:
         adam = Adam(learning_rate=policy.input_affine_learning_rate)
         rng = np.random.default_rng(policy.seed)
         for _ in range(policy.input_affine_steps):
+            self._check_cancel("input affine fit")
             rows = (slice(None) if len(features) <= policy.input_affine_max_rows
                     else np.sort(rng.choice(len(features), policy.input_affine_max_rows, replace=False)))
             x, mask = features[rows], speech[rows]
@@ -1563,6 +1595,28 @@ class Device:
         report.problems = list(self.problems)
         report.repaired = [p for p in found if p not in self.problems]
         return report
+
+    def wipe_data(self) -> dict:
+        """Delete everything learned from this device's user: every prediction, answer and pending update
+        (:meth:`FeedbackStore.wipe`, which rewrites the file so nothing lingers) and the personal files fitted on
+        them (``personal.head``, ``personal.adapter``, ``personal.input`` and any copy of them moved aside as
+        corrupt), with their digests. The device then serves the global head on its input features as they are.
+        Waits for a personalisation under way. Returns the counts removed and the files' names."""
+        with self._training_lock, self._serving_lock:
+            for key in ("personal_head_sha256", "personal_head_sha256_prev", "personal_adapter_sha256",
+                        "personal_input_sha256", "personal_input_sha256_prev", "personal_cv_report"):
+                self.store.set(key, "")
+            files = []
+            for path in sorted(self.state_dir.glob("personal.*")):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    files.append(path.name)
+            removed = self.store.wipe()
+            if self.model is not None:
+                self._to_global(self.model)
+            self.input_affine = None
+            self.personalized = False
+        return {**removed, "personal_files": files}
 
     def status(self) -> dict:
         return {

@@ -26,14 +26,16 @@ def key_map(labels) -> dict[str, str]:
 
 
 class TerminalFeedback:
-    def __init__(self, device, *, stdin=None, stdout=None) -> None:
+    def __init__(self, device, *, stdin=None, stdout=None, stop: threading.Event | None = None) -> None:
+        """``stop``: the event q (or Ctrl-C, Ctrl-D) sets; the caller's, so that the same event
+        can also cancel a personalisation under way (``Device.personalize(cancel=...)``)."""
         self.device = device
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self._latest: str | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
         self.answers = 0
 
     def prompt(self, prediction, _audio=None) -> None:

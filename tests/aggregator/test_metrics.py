@@ -6,6 +6,7 @@ anything a Prometheus server could not read fails here.
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import time
 
@@ -196,3 +197,29 @@ def test_refused_rounds_carry_the_gate_figures(tmp_path):
         (row,) = refused_rounds(s)
     assert row["candidate_uar"] == 0.5 and row["current_uar"] == 0.8 and row["margin"] == 0.02
     assert row["num_updates"] == 3 and row["validation_examples"] == 24 and "drop" in row["reason"]
+
+
+def test_a_base_whose_metadata_asks_for_the_input_affine_needs_input_grad(tmp_path, trained_model):
+    """A model that turns the device's input affine on (input_affine_from) without the input_grad signature is
+    refused with 422 naming both; the same file without the switch, or a file with the signature, is published."""
+    import json
+
+    from models.export import export_tflite
+
+    r = trained_model.result
+    older = export_tflite(r.encoder, r.head_weights, r.metadata, tmp_path / "older", input_grad=False)
+    meta = json.loads(older.metadata_path.read_text())
+    app, client, auth = _app(tmp_path)
+
+    def upload(path, metadata):
+        with open(path, "rb") as t:
+            return client.post("/api/v1/admin/models", headers=auth,
+                               data={"tflite": (t, "m.tflite"), "metadata": (io.BytesIO(json.dumps(metadata).encode()),
+                                                                            "m.json")})
+
+    refused = upload(older.tflite_path, {**meta, "input_affine_from": 20})
+    assert refused.status_code == 422 and refused.json["error"] == "bad_model", refused.json
+    assert "input_grad" in refused.json["detail"] and "input_affine_from" in refused.json["detail"]
+    assert upload(older.tflite_path, meta).status_code == 201
+    with_grad = json.loads(trained_model.metadata_path.read_text())
+    assert upload(trained_model.tflite_path, {**with_grad, "input_affine_from": 20}).status_code == 201

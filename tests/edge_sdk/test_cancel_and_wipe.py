@@ -1,0 +1,158 @@
+"""Stopping a personalisation under way (``Device.personalize(cancel=...)``, SIGTERM to ``fedser-edge train`` and
+``listen``) changes nothing and loses no answer; ``wipe-data`` removes every personal file fitted on the user's
+answers. Real TFLite models, real feedback store, real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_sdk.device import Device, TrainPolicy
+from edge_sdk.model import TFLiteModel
+from tests.conftest import REPO
+from tests.edge_sdk.test_input_affine import AFFINE_ONLY, _files, _shifted_answers
+
+
+def _unchanged(dev: Device, global_head: dict) -> None:
+    assert dev.input_affine is None and not dev.personalized
+    for k, v in global_head.items():
+        np.testing.assert_array_equal(dev.model.get_weights()[k], v)
+    assert not any((dev.state_dir / name).exists() for name in ("personal.head", "personal.input"))
+
+
+def test_a_cancel_set_before_the_call_changes_nothing_and_keeps_the_answers(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    global_head = dev.model.get_weights()
+    _shifted_answers(dev, rng)
+    stop = threading.Event()
+    stop.set()
+    report = dev.personalize(cancel=stop)
+    assert report.status == "cancelled" and "nothing changed" in report.reason, report.to_dict()
+    _unchanged(dev, global_head)
+    assert len(dev.store.examples()) == 12
+    again = dev.personalize()  # the same answers, no cancel: the fit happens
+    assert again.status == "kept" and again.input_affine, again.to_dict()
+    dev.store.close()
+
+
+@pytest.mark.parametrize("signature,fit", [("input_gradient", {"input_affine_steps": 10_000}),
+                                           ("train_step", {"input_affine_from": 0, "adam_steps": 10_000})])
+def test_a_cancel_during_a_fit_stops_it_before_the_next_step(tmp_path, trained_model, rng, monkeypatch, signature,
+                                                             fit):
+    """The event is set from inside the 3rd call of the affine's gradient, or of the head's ``train`` signature
+    (fits of 10,000 steps: minutes if they ran on): no further call is made, and nothing is written."""
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model),
+                 train_policy=TrainPolicy(**{**AFFINE_ONLY, **fit}))
+    global_head = dev.model.get_weights()
+    _shifted_answers(dev, rng)
+    stop, calls = threading.Event(), []
+    real = getattr(TFLiteModel, signature)
+
+    def counted(self, *args, **kwargs):  # the real signature, counted
+        calls.append(signature)
+        if len(calls) == 3:
+            stop.set()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TFLiteModel, signature, counted)
+    report = dev.personalize(cancel=stop)
+    assert report.status == "cancelled", report.to_dict()
+    assert len(calls) == 3
+    _unchanged(dev, global_head)
+    dev.store.close()
+
+
+def _answered_state(state, n: int = 40) -> None:
+    """A device on the bundled model (its input affine from 20 answers) with ``n`` corrected answers."""
+    dev = Device(state)
+    if dev.model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    rng = np.random.default_rng(0)
+    labels = dev.metadata.labels
+    for i in range(n):
+        t = np.arange(dev.metadata.features.sample_rate) / dev.metadata.features.sample_rate
+        audio = (0.2 * np.sin(2 * np.pi * (120 + 15 * i) * t) + 0.02 * rng.normal(size=len(t))).astype(np.float32)
+        pred = dev.classify(audio)
+        dev.feedback(pred.id, labels[(labels.index(pred.label) + 1) % len(labels)])
+    dev.store.close()
+
+
+def _signal_when_personalising(proc: subprocess.Popen, deadline: float) -> str:
+    """Read stderr until the personalisation has started, then SIGTERM; returns what stderr said."""
+    err = ""
+    while "personalising on" not in err:
+        line = proc.stderr.readline()
+        assert line and time.time() < deadline, f"no personalisation started: {err}"
+        err += line
+    proc.send_signal(signal.SIGTERM)
+    return err
+
+
+def test_sigterm_cancels_fedser_edge_train_and_loses_nothing(tmp_path):
+    state = tmp_path / "dev"
+    _answered_state(state)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "train"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _signal_when_personalising(proc, time.time() + 120)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["status"] == "cancelled" and report["examples"] == 0
+    assert not (state / "personal.head").exists() and not (state / "personal.input").exists()
+    dev = Device(state)
+    assert len(dev.store.examples()) == 40 and not dev.personalized
+    dev.store.close()
+
+
+def test_sigterm_cancels_a_personalisation_in_listen_which_then_stops(tmp_path, synthetic_clips):
+    state = tmp_path / "dev"
+    _answered_state(state)
+    config = tmp_path / "edge.toml"
+    config.write_text("[training]\nmin_new_feedback = 1\nidle_seconds = 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "--config",
+                             str(config), "listen", "--feedback", "none", "--file", str(synthetic_clips[0].path),
+                             "--seconds", "300"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _signal_when_personalising(proc, time.time() + 120)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    trained = [line["trained"] for line in lines if "trained" in line]
+    assert [t["status"] for t in trained] == ["cancelled"], out
+    assert "listen_stats" in lines[-1]
+    dev = Device(state)
+    assert dev.store.get("trained_feedback") in (None, "0") and not dev.personalized  # fitted at the next start
+    dev.store.close()
+
+
+def test_wipe_data_removes_the_personal_files_and_serves_the_global_head(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    global_head = dev.model.get_weights()
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    (dev.state_dir / "personal.head.corrupt-1").write_bytes(b"old")  # a copy moved aside earlier
+    assert (dev.state_dir / "personal.input").exists()
+    removed = dev.wipe_data()
+    assert removed["predictions"] == 12
+    assert {"personal.head", "personal.input", "personal.head.corrupt-1"} <= set(removed["personal_files"])
+    assert not list(dev.state_dir.glob("personal.*"))
+    _unchanged(dev, global_head)
+    assert dev.store.get("personal_input_sha256") == ""
+    dev.store.close()
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert again.input_affine is None and not again.personalized and not again.problems
+    again.store.close()
