@@ -18,7 +18,6 @@ talks to the person instead).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -127,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                                  min_examples=args.min_examples or train_policy.min_examples,
                                  learning_rate=train_policy.learning_rate,
                                  input_affine_from=train_policy.input_affine_from)
-            stop = _Stop()
+            stop = _Stop(device)
             previous = _stop_on_signals(stop)
             try:
-                with stop.personalising():
-                    report = device.personalize(policy, cancel=stop.event)
+                report = device.personalize(policy, cancel=stop.event)
             finally:
                 _restore_signals(previous)
             _out(report.to_dict())
@@ -177,7 +175,7 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     mode = args.feedback or cfg.feedback.mode
     if device.model is None:
         raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
-    stop = _Stop()  # SIGINT, SIGTERM or the terminal's q: the loop ends, a personalisation under way is cancelled
+    stop = _Stop(device)  # SIGINT, SIGTERM or the terminal's q: the loop ends, a personalisation under way is cancelled
     terminal = None
     if mode == "terminal":
         from edge_sdk.terminal import TerminalFeedback
@@ -222,6 +220,9 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
         started = time.monotonic()
         last_sync = 0.0
         trained_at = int(device.store.get("trained_feedback", "0"))
+        # answers not yet personalised on this model (a new version, or a personalisation cancelled or cut short):
+        # fitted at the first idle moment, whatever their number
+        due = device.personalisation_due()
         if file_blocks is not None:
             for block in file_blocks:
                 listener.push(block, wait=True)  # a file waits for the classifier: no block is dropped
@@ -239,18 +240,18 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             time.sleep(0.2)
             answered = device.store.counts()["feedback"]
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
-            if answered - trained_at >= cfg.training.min_new_feedback and idle:
-                with stop.personalising():
-                    report = device.personalize(train_policy, cancel=stop.event)
+            if (due or answered - trained_at >= cfg.training.min_new_feedback) and idle:
+                report = device.personalize(train_policy, cancel=stop.event)
                 print(json.dumps({"trained": report.to_dict()}), flush=True)
                 if report.status == "cancelled":  # the answers count as untrained: the next start fits them
                     break
-                trained_at = answered
+                trained_at, due = answered, False
                 device.store.set("trained_feedback", str(answered))
             if device.enrolled and time.monotonic() - last_sync >= cfg.sync.interval_seconds:
                 last_sync = time.monotonic()
                 try:
-                    print(json.dumps({"sync": device.sync(privacy=privacy).to_dict()}, default=str), flush=True)
+                    synced = device.sync(privacy=privacy, cancel=stop.event)
+                    print(json.dumps({"sync": synced.to_dict()}, default=str), flush=True)
                 except FedserError as exc:  # offline: the outbox keeps everything
                     logging.getLogger("edge_sdk").warning("sync failed, will retry: %s", exc)
     except KeyboardInterrupt:
@@ -268,25 +269,17 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class _Stop:
     """A request to stop: ``event`` is set by SIGINT, SIGTERM (:func:`_stop_on_signals`) or the terminal's q. While
-    a personalisation runs (inside :meth:`personalising`) a signal only sets it, and the personalisation, which
-    looks at it before every step, returns cancelled with nothing changed; at any other moment a signal also raises
-    KeyboardInterrupt where the main thread is."""
+    ``device`` personalises (:attr:`Device.personalising`: by itself, or after a sync brought a new model) a signal
+    only sets it, and the personalisation, which looks at it before every step, returns cancelled with nothing
+    changed; at any other moment a signal also raises KeyboardInterrupt where the main thread is."""
 
-    def __init__(self) -> None:
+    def __init__(self, device) -> None:
+        self.device = device
         self.event = threading.Event()
-        self._depth = 0
 
     @property
     def busy(self) -> bool:
-        return self._depth > 0
-
-    @contextlib.contextmanager
-    def personalising(self):
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
+        return bool(self.device.personalising)
 
 
 def _stop_on_signals(stop: _Stop) -> dict:

@@ -387,6 +387,7 @@ class Device:
         # change only under this lock; training runs on a private interpreter (see _training).
         self._serving_lock = threading.RLock()
         self._training_lock = threading.Lock()
+        self.personalising = False  # a personalisation is under way (in any thread; they run one at a time)
         self._local = threading.local()
         self._trainer: tuple[TFLiteModel, TFLiteModel] | None = None
         self._manifest_bytes: bytes | None = None
@@ -1096,9 +1097,12 @@ class Device:
         """
         started = time.perf_counter()
         with self._training() as (serving, _):
+            self.personalising = True
             self._local.cancel = cancel
             try:
-                return self._personalize(serving, policy or self.train_policy)
+                report = self._personalize(serving, policy or self.train_policy)
+                self.store.set("personalised_on", self._answers_state())
+                return report
             except _Cancelled as exc:
                 report = TrainReport("cancelled", f"stopped before it ended ({exc}): nothing changed, the answers "
                                      "stay for the next personalisation", seconds=time.perf_counter() - started)
@@ -1106,6 +1110,18 @@ class Device:
                 return report
             finally:
                 self._local.cancel = None
+                self.personalising = False
+
+    def _answers_state(self) -> str:
+        """The model version and a fingerprint of every stored answer: what a personalisation is made from."""
+        return json.dumps({"version": self.model_version, "answers": _answers_fingerprint(self._examples())})
+
+    def personalisation_due(self) -> bool:
+        """True when the stored answers were not personalised on the model in use: a new version was installed, or
+        the personalisation after it (or after the last answers) was cancelled or cut short by a crash. A device
+        with no answers is never due."""
+        return self.model is not None and bool(self._examples()) and \
+            self.store.get("personalised_on") != self._answers_state()
 
     def _check_cancel(self, where: str) -> None:
         """Raise :class:`_Cancelled` when the caller of :meth:`personalize` set its ``cancel`` event."""
@@ -1541,8 +1557,9 @@ class Device:
         report.still_pending = len(self.store.pending())
         return report
 
-    def pull_model(self) -> bool:
-        """Fetch the current manifest; install it if it is newer. Re-personalises on a new head.
+    def pull_model(self, *, cancel: threading.Event | None = None) -> bool:
+        """Fetch the current manifest; install it if it is newer. Re-personalises on a new head (``cancel``: as
+        :meth:`personalize`'s; a cancelled one leaves :meth:`personalisation_due` true).
 
         A device with a damaged model file asks without its ETag and reinstalls what is missing or wrong.
         Raises :class:`ManifestDowngradeError` for a signed manifest older than one already installed.
@@ -1557,11 +1574,12 @@ class Device:
         if new_etag:
             self.store.set("manifest_etag", new_etag)
         if (updated or "personal.head" in damaged) and self._examples():
-            self.personalize()
+            self.personalize(cancel=cancel)
         return updated
 
-    def sync(self, *, privacy: PrivacyPolicy = PrivacyPolicy()) -> SyncReport:
+    def sync(self, *, privacy: PrivacyPolicy = PrivacyPolicy(), cancel: threading.Event | None = None) -> SyncReport:
         """Pull the newest model (repairing damaged files), make an update if there is one to make, post the outbox.
+        ``cancel`` reaches the personalisation a new model brings (:meth:`pull_model`).
 
         Pulling first sends this device's answers to the round that is open now rather than to a version that
         has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync. When
@@ -1571,7 +1589,7 @@ class Device:
         found = list(self.problems)
         for _ in range(2):
             try:
-                report.model_updated = self.pull_model() or report.model_updated
+                report.model_updated = self.pull_model(cancel=cancel) or report.model_updated
                 # in touch with the server and the model verified: a store moved aside at start-up is reported
                 self.problems = [p for p in self.problems if p["file"] != "fedser.db"]
             except FedserError as exc:  # offline, a replayed manifest, a bad download: the outbox keeps everything
@@ -1588,7 +1606,7 @@ class Device:
         published = max((int(r.get("published_version") or 0) for r in report.accepted), default=0)
         if published > self.model_version:  # this device's update closed a round: take its result now
             try:
-                report.model_updated = self.pull_model() or report.model_updated
+                report.model_updated = self.pull_model(cancel=cancel) or report.model_updated
             except FedserError as exc:
                 report.error = report.error or str(exc)
         report.model_version = self.model_version

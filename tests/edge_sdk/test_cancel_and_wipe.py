@@ -136,6 +136,43 @@ def test_sigterm_cancels_a_personalisation_in_listen_which_then_stops(tmp_path, 
     assert "listen_stats" in lines[-1]
     dev = Device(state)
     assert dev.store.get("trained_feedback") in (None, "0") and not dev.personalized  # fitted at the next start
+    assert dev.personalisation_due()
+    dev.store.close()
+
+
+def test_personalisation_due_until_the_answers_are_fitted_on_the_model_in_use(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    assert not dev.personalisation_due()  # no answers
+    _shifted_answers(dev, rng)
+    assert dev.personalisation_due()
+    stop = threading.Event()
+    stop.set()
+    assert dev.personalize(cancel=stop).status == "cancelled" and dev.personalisation_due()
+    assert dev.personalize().status == "kept" and not dev.personalisation_due()
+    pred = dev.classify(np.zeros(dev.metadata.features.sample_rate, np.float32) + 0.01)
+    dev.feedback(pred.id, "up")  # a new answer
+    assert dev.personalisation_due()
+    dev.store.close()
+
+
+def test_listen_fits_answers_due_at_start_whatever_their_number(tmp_path, synthetic_clips):
+    """Answers counted as trained (as after a sync whose new model's personalisation was cancelled) but never
+    personalised on the model in use are fitted at the first idle moment, with no new answer."""
+    state = tmp_path / "dev"
+    _answered_state(state, n=6)  # below the bundled model's input_affine_from: a head fit, fast
+    dev = Device(state)
+    dev.store.set("trained_feedback", "6")
+    dev.store.close()
+    config = tmp_path / "edge.toml"
+    config.write_text("[training]\nmin_new_feedback = 4\nidle_seconds = 0\n")
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "--config", str(config),
+                          "listen", "--feedback", "none", "--file", str(synthetic_clips[0].path), "--seconds", "8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    trained = [json.loads(line)["trained"] for line in out.stdout.splitlines() if line.startswith('{"trained"')]
+    assert len(trained) == 1 and trained[0]["status"] in ("kept", "discarded"), out.stdout
+    dev = Device(state)
+    assert not dev.personalisation_due()
     dev.store.close()
 
 

@@ -357,3 +357,20 @@ def test_other_content_signed_under_the_installed_version_is_reinstalled(aggrega
         finally:
             dev.set_server_url(agg.base_url)
             proxy.close()
+
+
+def test_a_cancelled_personalisation_after_a_new_model_leaves_it_due(aggregator, tmp_path):
+    """sync(cancel=...) reaches the personalisation a new version brings: cancelled, the device serves the new
+    global head and says the answers are due; the next personalisation fits them on the new version."""
+    agg = aggregator(min_updates=1)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    _answer(dev, 5, seed=0)
+    dev.personalize()
+    assert dev.personalized and not dev.personalisation_due()
+    stop = threading.Event()
+    stop.set()
+    report = dev.sync(cancel=stop)  # its update closes the round: version 2, pulled, its personalisation cancelled
+    assert report.accepted[0]["published_version"] == 2 and dev.model_version == 2 and report.model_updated
+    assert not dev.personalized and dev.personalisation_due()
+    assert dev.personalize().status == "kept" and not dev.personalisation_due()
+    assert dev.store.get("personal_base_version") == "2"
