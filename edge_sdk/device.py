@@ -224,6 +224,11 @@ class TrainPolicy:
     input_affine_steps: int = 100
     input_affine_learning_rate: float = 0.01
     input_affine_max_rows: int = 64
+    # The input affine also for users whose bare thumbs-down outnumber their corrections (thumbs-only users
+    # included; their answers train it with the complementary loss): kept only when, besides the rule above, no
+    # thumbs-up answer the global head shows right is shown otherwise, out of fold or after the fit on all answers.
+    # Off: measured in docs/results/personalisation-study/stop23.
+    input_affine_thumbs: bool = False
 
     def __post_init__(self) -> None:
         if self.learning_rate is not None and (
@@ -1257,8 +1262,9 @@ class Device:
             candidates.append(replace(policy, adapter=False, replay_weight=0.0))
             margin = policy.replay_margin
         affine_right, affine_features = None, None  # the input affine (input_affine_from): out of fold, same folds
-        if (0 < policy.affine_from(model.metadata) <= len(examples) and mostly_corrections and not thumbs_only
-                and policy.guard == "accuracy"):
+        affine_thumbs = policy.input_affine_thumbs and not mostly_corrections  # judged by the thumbs rule too
+        if (0 < policy.affine_from(model.metadata) <= len(examples) and policy.guard == "accuracy"
+                and ((mostly_corrections and not thumbs_only) or affine_thumbs)):
             if not model.has_input_grad:
                 log.warning("the policy or the model asks for the input affine from %d answers, but the model has no "
                             "input_grad signature (re-export it: fedser-train reexport): head only",
@@ -1307,6 +1313,8 @@ class Device:
         # kept head fit (strictly: a tie keeps the head's decision)
         affine_wins = affine_right is not None and report.input_affine_score > before and (
             not head_kept or report.input_affine_score > after)
+        if affine_wins and affine_thumbs and int(np.sum(confirmed & (affine_right <= 0))) > max(policy.thumbs_flips, 0):
+            affine_wins = False  # a confirmed answer shown otherwise out of fold
         if affine_wins:  # the fit on all answers: the global head and the identity adapter, as cross-validated
             self._to_global(model)
             self._local.adapted = False
@@ -1317,6 +1325,10 @@ class Device:
             except (ModelError, ParameterError) as exc:  # the head's decision stands
                 log.warning("input affine not kept: %s", exc)
                 affine_wins = False
+            if affine_wins and affine_thumbs and np.any(confirmed & (_affine_right(
+                    model, affine_features, self._local.affine_fit, targets, sign) <= 0)):
+                log.info("input affine not kept: the fit on all answers shows a confirmed answer otherwise")
+                self._local.affine_fit, affine_wins = None, False
         if thumbs_only:
             report.guard += ", thumbs only"
         if trusted:

@@ -240,6 +240,35 @@ def test_no_affine_for_answers_without_features_or_mostly_bare_thumbs_down(tmp_p
     dev.store.close()
 
 
+def test_input_affine_thumbs_tries_the_affine_for_bare_thumbs_down_and_keeps_confirmed_answers(
+        tmp_path, trained_model, rng):
+    """With ``input_affine_thumbs`` a user of bare thumbs-down (and thumbs-up) answers gets the affine tried; it is
+    kept only when no confirmed answer is shown otherwise, out of fold and after the fit on all answers."""
+    policy = TrainPolicy(**{**AFFINE_ONLY, "thumbs_min_answers": 0, "input_affine_thumbs": True})
+
+    def thumbs_user(name, ups, train_policy=policy):
+        dev = Device(tmp_path / name, model_files=_files(trained_model), train_policy=train_policy)
+        _shifted_answers(dev, np.random.default_rng(5))
+        for j in range(12):  # a bare thumbs-down of what the model said, the first ``ups`` confirmed instead
+            dev.feedback(f"p{j:03d}", "up" if j < ups else "down")
+        return dev
+
+    dev = thumbs_user("downs", ups=0)  # nothing confirmed to lose: kept when it moves away from the rejections
+    report = dev.personalize()
+    assert report.status == "kept" and report.input_affine and report.input_affine_score > report.score_before, \
+        report.to_dict()
+    assert "input affine" in report.guard and dev.input_affine is not None
+    dev.store.close()
+    dev = thumbs_user("ups", ups=2)  # it scores better out of fold, but shows confirmed answers otherwise
+    report = dev.personalize()
+    assert report.input_affine_score > report.score_before and report.confirmed_flipped > 0, report.to_dict()
+    assert not report.input_affine and dev.input_affine is None
+    dev.store.close()
+    dev = thumbs_user("off", ups=0, train_policy=TrainPolicy(**{**AFFINE_ONLY, "thumbs_min_answers": 0}))
+    assert dev.personalize().input_affine_score is None  # without the option: never tried
+    dev.store.close()
+
+
 def test_a_discarded_fit_reports_what_the_kept_affine_shows(tmp_path, trained_model, rng):
     import json
 
