@@ -132,9 +132,12 @@ class EdgeConfig:
         s = self.segmenter
         if not 0 < s.min_seconds < s.max_seconds:
             raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
-        if self.training.input_affine_from is not None and self.training.input_affine_from < 0:
-            raise ParameterError(f"training.input_affine_from must be unset or an integer >= 0, got "
-                                 f"{self.training.input_affine_from}")
+        from edge_sdk.model import MAX_INPUT_AFFINE_FROM  # here: the doctor reads a config on a broken install
+
+        value = self.training.input_affine_from
+        if value is not None and not 0 <= value <= MAX_INPUT_AFFINE_FROM:
+            raise ParameterError(f"training.input_affine_from must be unset or an integer in "
+                                 f"0..{MAX_INPUT_AFFINE_FROM}, got {value}")
         if self.audio.block_seconds <= 0 or self.audio.queue_blocks < 1:
             raise ParameterError("audio.block_seconds must be positive and audio.queue_blocks at least 1")
         return self

@@ -44,7 +44,7 @@ from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
 from edge_sdk.features import MAX_CLIP_SECONDS, SpeakerStats, extract, fit_frames, raw_features, trim_silence
 from edge_sdk.manifest import Manifest, SignedManifest
-from edge_sdk.model import ModelMetadata, TFLiteModel, bundled_model_paths
+from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata, TFLiteModel, bundled_model_paths
 from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
@@ -257,7 +257,7 @@ class TrainPolicy:
                 or not 0.0 <= self.thumbs_min_up_share <= 1.0):
             raise ParameterError(
                 f"TrainPolicy.thumbs_min_up_share must be within 0..1, got {self.thumbs_min_up_share!r}")
-        for name, low, high in (("input_affine_from", 0, None), ("input_affine_steps", 1, 10_000),
+        for name, low, high in (("input_affine_from", 0, MAX_INPUT_AFFINE_FROM), ("input_affine_steps", 1, 10_000),
                                 ("input_affine_max_rows", 1, None)):
             value = getattr(self, name)
             if value is None and name == "input_affine_from":
@@ -265,6 +265,9 @@ class TrainPolicy:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
                     or (high is not None and value > high):
                 raise ParameterError(f"TrainPolicy.{name} must be an integer in {low}..{high or ''}, got {value!r}")
+        if not isinstance(self.input_affine_thumbs, bool):
+            raise ParameterError(
+                f"TrainPolicy.input_affine_thumbs must be true or false, got {self.input_affine_thumbs!r}")
         rate = self.input_affine_learning_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or not 0 < rate <= 1:
             raise ParameterError(f"TrainPolicy.input_affine_learning_rate must be within (0, 1], got {rate!r}")

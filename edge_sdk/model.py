@@ -48,6 +48,10 @@ INPUT_SIGNATURES = ("input_grad",)
 METADATA_FORMAT_VERSION = 1
 
 
+# The largest input_affine_from a model's metadata, a TrainPolicy or the config may give (answers).
+MAX_INPUT_AFFINE_FROM = 100_000
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """What a device must know about a model besides its bytes."""
@@ -71,8 +75,10 @@ class ModelMetadata:
         if self.device_learning_rate is not None:
             object.__setattr__(self, "device_learning_rate", check_device_learning_rate(self.device_learning_rate))
         value = self.input_affine_from
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000):
-            raise ModelError(f"model metadata input_affine_from must be an integer in 0..100000, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= MAX_INPUT_AFFINE_FROM):
+            raise ModelError(f"model metadata input_affine_from must be an integer in 0..{MAX_INPUT_AFFINE_FROM}, "
+                             f"got {value!r}")
 
     @property
     def num_classes(self) -> int:

@@ -389,3 +389,9 @@ def test_the_config_option_reads_toml_and_is_range_checked(tmp_path):
         load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "-3"})
     with pytest.raises(ParameterError, match="training.input_affine_from"):
         load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "20.5"})
+    with pytest.raises(ParameterError, match="0..100000"):
+        load_config(environ={"FEDSER_EDGE_TRAINING_INPUT_AFFINE_FROM": "100001"})
+    with pytest.raises(ParameterError, match="input_affine_from"):
+        TrainPolicy(input_affine_from=100_001)
+    with pytest.raises(ParameterError, match="input_affine_thumbs"):
+        TrainPolicy(input_affine_thumbs="yes")
