@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
                                    learning_rate=cfg.training.learning_rate,
                                    input_affine_from=cfg.training.input_affine_from)
-        device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_policy=train_policy)
+        device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_threads=cfg.training.threads,
+                        train_policy=train_policy)
         for problem in device.problems:  # damaged local files: the device runs on what still verifies
             print(f"fedser-edge: warning: {problem['file']}: {problem['problem']} ({problem['action']})",
                   file=sys.stderr)

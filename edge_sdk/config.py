@@ -37,6 +37,7 @@ Example ``config.toml``::
     # learning_rate = 0.05  # SGD rate; unset: the model's device_learning_rate, else 0.05
     # input_affine_from = 20  # personal input affine from this many answers (0: never); unset: the model's
     idle_seconds = 30       # train only after this long without speech
+    # threads = 3           # interpreter threads of a personalisation (unset: threads); a Pi 4 has 4 cores
 
     [sync]
     interval_seconds = 3600
@@ -102,6 +103,7 @@ class TrainingConfig:
     learning_rate: float | None = None  # None: the model's metadata device_learning_rate, else 0.05
     input_affine_from: int | None = None  # None: the model's metadata input_affine_from, else off
     idle_seconds: float = 30.0
+    threads: int | None = None  # interpreter threads of personalisations (None: the top-level threads)
 
 
 @dataclass
@@ -132,6 +134,9 @@ class EdgeConfig:
         s = self.segmenter
         if not 0 < s.min_seconds < s.max_seconds:
             raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
+        for name, value in (("threads", self.threads), ("training.threads", self.training.threads)):
+            if value is not None and not 1 <= value <= 64:
+                raise ParameterError(f"{name} must be an integer in 1..64, got {value}")
         from edge_sdk.model import MAX_INPUT_AFFINE_FROM  # here: the doctor reads a config on a broken install
 
         value = self.training.input_affine_from

@@ -360,6 +360,9 @@ class Device:
         TFLite runtime: ``auto``, ``ai_edge_litert`` or ``tflite_runtime``.
     num_threads : int
         Interpreter threads.
+    train_threads : int, optional
+        Threads of the interpreter personalisations and updates train on (None: ``num_threads``). A personalisation
+        runs when the room is idle, so a Pi can give it the cores classification leaves free.
     client : ServerClient, optional
         Overrides the client built from the enrolled server URL.
     clock : callable
@@ -378,6 +381,7 @@ class Device:
         *,
         runtime: str = "auto",
         num_threads: int = 1,
+        train_threads: int | None = None,
         client: ServerClient | None = None,
         clock: Callable[[], float] = time.time,
         train_policy: TrainPolicy | None = None,
@@ -387,7 +391,11 @@ class Device:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime
+        for name, value in (("num_threads", num_threads), ("train_threads", train_threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64):
+                raise ParameterError(f"{name} must be an integer in 1..64, got {value!r}")
         self.num_threads = num_threads
+        self.train_threads = train_threads or num_threads
         self.clock = clock
         self.train_policy = train_policy or TrainPolicy()
         self.problems: list[dict] = []  # damaged local files found (and what was done about each)
@@ -795,7 +803,7 @@ class Device:
                 adapter = serving.get_adapter() if serving.has_adapter else None
                 self._local.in_use_affine = self.input_affine  # the input affine served with those weights
             if self._trainer is None or self._trainer[0] is not serving:
-                self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.num_threads,
+                self._trainer = (serving, TFLiteModel(serving.path, serving.metadata, num_threads=self.train_threads,
                                                       runtime=self.runtime))
             trainer = self._trainer[1]
             trainer.set_weights(weights)

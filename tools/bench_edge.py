@@ -2,6 +2,7 @@
 
     taskset -c 0 python -m tools.bench_edge [--clip FILE] [--out bench-edge.json]
     taskset -c 0 python -m tools.bench_edge --only personalise [--model DIR]   # personalisation and classify times
+    python -m tools.bench_edge --only personalise --train-threads 1,2          # the trainer on 1 and 2 threads
 
 Prints, for the bundled model on one core:
   * process start to the first prediction of a 3 s clip (a fresh interpreter, as `fedser-edge classify`);
@@ -96,22 +97,27 @@ def _median_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3) -> list[dict]:
+def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat: int = 3,
+                          train_threads: int = 1, policies: tuple[str, ...] | None = None) -> list[dict]:
     """Seconds of one ``Device.personalize`` after ``n`` answers (thumbs-up when the model is right, else the
     correction; features of noise shifted per class, stored with each prediction), for the default policy, the head
-    only, ``adapter=True`` and ``input_affine_from=20``; median of ``repeat``."""
+    only, ``adapter=True`` and ``input_affine_from=20`` (or those named in ``policies``), on a trainer of
+    ``train_threads`` interpreter threads; median of ``repeat``."""
     from edge_sdk.device import Device, TrainPolicy
 
     files = None if model_dir is None else (model_dir / "model.tflite", model_dir / "model.json")
     rows = []
+    every = (("default", TrainPolicy()), ("head only", TrainPolicy(input_affine_from=0)),
+             ("adapter", TrainPolicy(adapter=True, input_affine_from=0)),
+             ("input affine", TrainPolicy(input_affine_from=20)))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, policy in (("default", TrainPolicy()), ("head only", TrainPolicy(input_affine_from=0)),
-                             ("adapter", TrainPolicy(adapter=True, input_affine_from=0)),
-                             ("input affine", TrainPolicy(input_affine_from=20))):
+        for name, policy in every:
+            if policies is not None and name not in policies:
+                continue
             for n in answers:
                 secs, status = [], ""
                 for r in range(repeat):
-                    dev = Device(Path(tmp) / f"{name}-{n}-{r}", model_files=files)
+                    dev = Device(Path(tmp) / f"{name}-{n}-{r}", model_files=files, train_threads=train_threads)
                     if name == "adapter" and not dev.model.has_adapter:
                         status = "no adapter signatures: head only"
                     if name == "input affine" and not dev.model.has_input_grad:
@@ -135,7 +141,8 @@ def personalisation_times(model_dir: Path | None, *, answers=(5, 20, 40), repeat
                     secs.append(time.perf_counter() - t0)
                     status = status or (rep.status + (", input affine kept" if rep.input_affine else ""))
                     dev.store.close()
-                rows.append({"policy": name, "answers": n, "seconds": statistics.median(secs), "status": status})
+                rows.append({"policy": name, "answers": n, "train_threads": train_threads,
+                             "seconds": statistics.median(secs), "status": status})
     return rows
 
 
@@ -164,13 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("all", "personalise"), default="all")
     parser.add_argument("--model", type=Path, default=None,
                         help="for --only personalise: a folder with model.tflite + model.json (default: bundled)")
+    parser.add_argument("--train-threads", default="1",
+                        help="for --only personalise: comma-separated trainer thread counts (Device train_threads), "
+                             "e.g. 1,2: the default policy is timed with each, as ratios to the first")
     args = parser.parse_args(argv)
     if args.only == "personalise":
-        times = personalisation_times(args.model)
-        print("| policy | answers | personalise s (median of 3) | status |")
-        print("| --- | --- | --- | --- |")
+        counts = [int(t) for t in args.train_threads.split(",")]
+        times = personalisation_times(args.model, train_threads=counts[0])
+        for threads in counts[1:]:  # the default policy (the affine on the bundled model) on more threads
+            times += personalisation_times(args.model, train_threads=threads, policies=("default",))
+        first = {row["answers"]: row["seconds"] for row in times if row["policy"] == "default"
+                 and row["train_threads"] == counts[0]}
+        print("| policy | answers | trainer threads | personalise s (median of 3) | against the first count | status |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for row in times:
-            print(f"| {row['policy']} | {row['answers']} | {row['seconds']:.3f} | {row['status']} |")
+            ratio = (f"{row['seconds'] / first[row['answers']]:.2f}x" if row["policy"] == "default" else "")
+            print(f"| {row['policy']} | {row['answers']} | {row['train_threads']} | {row['seconds']:.3f} | {ratio} | "
+                  f"{row['status']} |")
         classify = classify_times(args.model)
         print(f"classify 3 s: {classify['classify_ms']:.1f} ms; with a personal input affine "
               f"{classify['classify_with_affine_ms']:.1f} ms ({classify['ratio']:.2f}x)")

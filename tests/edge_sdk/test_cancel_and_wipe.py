@@ -193,3 +193,29 @@ def test_wipe_data_removes_the_personal_files_and_serves_the_global_head(tmp_pat
     again = Device(tmp_path / "dev", model_files=_files(trained_model))
     assert again.input_affine is None and not again.personalized and not again.problems
     again.store.close()
+
+
+def test_a_trainer_on_more_threads_fits_the_same_and_bad_counts_are_refused(tmp_path, trained_model, rng):
+    """``train_threads`` (config ``training.threads``) gives the trainer interpreter its own thread count: the same
+    personalisation, a different speed (tools.bench_edge --train-threads 1,2 measures it)."""
+    from edge_sdk.config import load_config
+    from edge_sdk.errors import ParameterError
+
+    fits = []
+    for threads in (1, 2):
+        dev = Device(tmp_path / f"t{threads}", model_files=_files(trained_model), train_threads=threads,
+                     train_policy=TrainPolicy(**AFFINE_ONLY))
+        assert dev.train_threads == threads and dev.num_threads == 1
+        _shifted_answers(dev, np.random.default_rng(3))
+        report = dev.personalize()
+        fits.append((report.status, report.input_affine, dev.input_affine))
+        dev.store.close()
+    assert fits[0][:2] == fits[1][:2] == ("kept", True)
+    for k in ("gain", "offset"):
+        np.testing.assert_allclose(fits[0][2][k], fits[1][2][k], atol=1e-4)
+    for bad in (0, 65, True, 1.5):
+        with pytest.raises(ParameterError, match="train_threads"):
+            Device(tmp_path / "bad", model_files=_files(trained_model), train_threads=bad)
+    assert load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "3"}).training.threads == 3
+    with pytest.raises(ParameterError, match="training.threads"):
+        load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "0"})
