@@ -36,7 +36,7 @@ __all__ = ["JobError", "start_job", "log_tail", "job_dir", "reap"]
 ALLOWED = {
     "architecture": str, "corpus": str, "data": str, "synthetic": bool, "epochs": int, "patience": int,
     "seed": int, "test_speakers": str, "val_speakers": str, "folds": int, "fold": int, "augment": int,
-    "calm_as_neutral": bool, "features": str, "max_frames": int, "publish": bool,
+    "calm_as_neutral": bool, "features": str, "max_frames": int, "publish": bool, "input_affine_from": int,
 }
 
 
@@ -104,6 +104,12 @@ def _check(params: dict) -> dict:
         raise JobError(f"corpus must be one of {sorted(CORPORA)}, got {out['corpus']!r}")
     if not 1 <= out.get("epochs", 40) <= 1000:
         raise JobError("epochs must be in 1..1000")
+    from edge_sdk.model import MAX_INPUT_AFFINE_FROM
+
+    if out.get("input_affine_from", 0) > MAX_INPUT_AFFINE_FROM:
+        raise JobError(f"input_affine_from must be in 0..{MAX_INPUT_AFFINE_FROM}")
+    if "input_affine_from" in out and out.get("architecture", "cnn") != "cnn":
+        raise JobError("input_affine_from needs architecture cnn (the input_grad signature)")
     if "data" in out and not Path(out["data"]).exists():
         raise JobError(f"data not found on the server: {out['data']}")
     return out

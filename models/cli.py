@@ -297,7 +297,8 @@ def cmd_train(args) -> int:
                             progress=False if args.no_progress else None,
                             reference_clips=_calm_reference(args, clips),
                             trainable_embedding=args.trainable_embedding,
-                            device_learning_rate=args.device_learning_rate)
+                            device_learning_rate=args.device_learning_rate,
+                            input_affine_from=args.input_affine_from)
     print(report_markdown(result.report))
     made = "model.tflite, model.json" if result.export is not None else "trained.npz, trained.json"
     print(f"wrote {args.out}/{made}, report.json, report.md, report-confusion.png")
@@ -386,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-learning-rate", type=float, default=None,
                    help="SGD rate written into the model's metadata for devices' federated updates (a device policy "
                         "that sets one wins); default 0.01 with --trainable-embedding, none otherwise (devices: 0.05)")
+    p.add_argument("--input-affine-from", type=int, default=None,
+                   help="cnn: devices fit a per-user input affine from this many answers (metadata "
+                        "input_affine_from; validated for the bundled recipe, on both corpora, at 20: "
+                        "docs/results/personalisation-study/stop22); default: off")
     _add_corpus_args(p)
     _add_split_args(p)
     _add_train_args(p)

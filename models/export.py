@@ -562,6 +562,9 @@ def export_tflite(encoder, head_weights: dict, metadata: ModelMetadata, out_dir:
                             replay_inputs=replay_inputs)
     module = build_trainable_module(encoder, head_weights, metadata, adapter=adapter,
                                     trainable_embedding=trainable_embedding, input_grad=input_grad)
+    if metadata.input_affine_from and not hasattr(module, "input_grad"):
+        raise ModelError(f"the metadata turns the input affine on (input_affine_from {metadata.input_affine_from}), "
+                         "but this export has no input_grad signature (a cnn encoder with the adapter only)")
     tflite = convert_module(module)
     out_dir = Path(out_dir)
     sha = hashlib.sha256(tflite).hexdigest()

@@ -244,6 +244,7 @@ def train_baseline(
     trainable_embedding: bool = False,
     device_learning_rate: float | None = None,
     precomputed: tuple[dict, FeatureConfig] | None = None,
+    input_affine_from: int | None = None,
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
@@ -255,6 +256,8 @@ def train_baseline(
     (``models.export.export_tflite``).
     ``device_learning_rate``: the SGD rate the metadata tells devices to use for federated updates (default: 0.01
     with ``trainable_embedding``, none otherwise: the device's own default, 0.05).
+    ``input_affine_from`` (cnn without masked pooling: the encoders with the ``input_grad`` signature) goes into
+    the metadata: devices then fit a per-user input affine from that many answers (``edge_sdk.device.TrainPolicy``).
     ``precomputed``: ``(parts, feature config)`` as :func:`models.features.load_feature_pack` returns them (parts:
     "train", "val", optional "test" and "reference" :class:`~models.features.FeatureSet` s), e.g. on a GPU host
     without the audio or librosa; used instead of computing features of the clip arguments, which are then ignored.
@@ -285,6 +288,9 @@ def train_baseline(
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
         if shared:
             raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
+    if input_affine_from is not None and (architecture.name != "cnn" or architecture.masked_pooling):
+        raise ValueError(f"input_affine_from needs a cnn encoder without masked pooling (the input_grad signature), "
+                         f"not {architecture.name!r}{' with masked pooling' if architecture.masked_pooling else ''}")
     if trainable_embedding and architecture.name not in ("cnn", "dnn"):
         raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not "
                          f"{architecture.name}")
@@ -471,6 +477,7 @@ def train_baseline(
                                   for corpus, t in report.get("test_by_corpus", {}).items()},
                **replay},
         device_learning_rate=device_learning_rate,
+        input_affine_from=input_affine_from,
     )
     result = TrainResult(encoder, head, metadata, report, head_weights=head_weights, history=history)
     if out_dir is not None:

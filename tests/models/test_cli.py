@@ -179,3 +179,37 @@ def test_corpus_list_and_data_roots_are_checked(tmp_path):
     assert r.returncode != 0 and "unknown corpus 'savee'" in r.stderr
     r = _train_cli("train", "--out", str(tmp_path), "--corpus", "ravdess,nemo", "--data", str(tmp_path))
     assert r.returncode != 0 and "1 folders for 2 corpora" in r.stderr
+
+
+def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encoders(synthetic_clips, tmp_path):
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+
+    csv = _manifest(tmp_path, synthetic_clips)
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    split = ["--test-speakers", speakers[-1], "--val-speakers", speakers[-2]]
+    out = tmp_path / "run"
+    r = _train_cli("train", "--out", str(out), "--corpus", "manifest", "--data", csv, *split, "--epochs", "1",
+                   "--max-frames", "120", "--cache", str(tmp_path / "cache"), "--input-affine-from", "20",
+                   "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ModelMetadata.load(out / "model.json")
+    assert meta.input_affine_from == 20 and TFLiteModel(out / "model.tflite", meta).has_input_grad
+    r = _train_cli("train", "--out", str(tmp_path / "dnn"), "--corpus", "manifest", "--data", csv, *split,
+                   "--architecture", "dnn", "--epochs", "1", "--input-affine-from", "20", "--no-progress")
+    assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "dnn" / "model.tflite").exists()
+
+
+def test_a_baseline_job_takes_input_affine_from_range_checked():
+    from aggregator.jobs import JobError, _check, _train_argv
+
+    assert _check({"input_affine_from": 20})["input_affine_from"] == 20
+    assert "--input-affine-from" in _train_argv(_check({"input_affine_from": 20}), REPO / "out")
+    for bad, why in (({"input_affine_from": 100_001}, "0..100000"), ({"input_affine_from": -1}, "non-negative"),
+                     ({"input_affine_from": 20, "architecture": "lstm"}, "needs architecture cnn")):
+        try:
+            _check(bad)
+        except JobError as exc:
+            assert why in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
