@@ -191,12 +191,20 @@ if ref:
     result["host_loss_after"] = host["personalize"]["loss_after"]
     if not result["same_predictions_as_host"]:
         result["status"] = "failed: predictions differ from the host's"
+    if "input_grad" in host:  # the input affine's gradient: the host's loss, and its gradient's size, to 1e-4
+        mine, theirs = result.get("input_grad", {}), host["input_grad"]
+        result["input_grad_same_as_host"] = bool(mine) and all(
+            abs(mine[k] - theirs[k]) <= 1e-4 * max(1.0, abs(theirs[k])) for k in ("loss", "grad_abs_sum"))
+        if not result["input_grad_same_as_host"]:
+            result["status"] = f"failed: input_grad {mine} differs from the host's {theirs}"
 json.dump(result, open(out, "w"), indent=1)
 p = result["personalize"]
 print(f"[pi-check] {result['python']} {result['runtime']['module']} {result['runtime']['version']}: "
       f"{result['wheels']} wheels ({result['wheels_kb'] / 1024:.0f} MB), installed {result['installed_kb'] / 1024:.0f} MB "
       f"in {result['install_s']} s; {result['clips']} clips right {result['right']}/{result['total']}"
-      f"{' (= host)' if result.get('same_predictions_as_host') else ''}; personalize {p['status']} "
+      f"{' (= host)' if result.get('same_predictions_as_host') else ''}; "
+      f"input_grad {result.get('input_grad', {}).get('loss')}{' (= host)' if result.get('input_grad_same_as_host') else ''}; "
+      f"personalize {p['status']} "
       f"(loss {p['loss_before']:.4f} -> {p['loss_after']:.4f}, host {result.get('host_loss_after')}); "
       f"max RSS {result['max_rss_mb']} MB; {result['status']}")
 sys.exit(0 if result["status"] == "passed" else 1)

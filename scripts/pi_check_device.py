@@ -6,8 +6,10 @@ arm64 Debian (and on the host, as the x86 reference it is compared with).
 1. ``import edge_sdk`` (device, CLI, web page) without tensorflow, librosa, numba or keras loaded or installed;
 2. a ``Device`` on the bundled model classifies the clips (RAVDESS files by their names' labels; without
    clips, synthetic tones, whose labels mean nothing);
-3. every prediction is answered (thumbs-up when right, else the right label), then ``personalize()`` and
-   a second pass over the clips with the personal head;
+3. every prediction is answered (thumbs-up when right, else the right label), then one call of the
+   ``input_grad`` signature (the per-user input affine's gradient) on the first 16 answers, ``personalize()``
+   with the head only (the affine's full fit, hundreds of those calls, takes hours under qemu-user: stop 22 ran
+   one for 70 minutes without an end) and a second pass over the clips with the personal head;
 4. ``fedser-edge --help`` and ``fedser-edge --state DIR status`` as subprocesses.
 
 Prints one line per step (so a crash shows where) and writes a JSON summary. Exit status 0 when every step
@@ -104,9 +106,24 @@ def main() -> int:
     for p, (_, label) in zip(preds, clips, strict=True):
         device.feedback(p.id, "up" if p.label == label else label)
 
-    step("personalize()")
+    import numpy as np
+
+    from edge_sdk.device import TrainPolicy
+
+    if device.model.has_input_grad:
+        step("input_grad on the first 16 answers")
+        examples = device._examples()[:16]
+        feats = device._input_features(device.model, examples)
+        _, targets, sign = device._arrays(examples)
+        t0 = time.perf_counter()
+        grad, loss, _ = device.model.input_gradient(feats, targets, sign)
+        result["input_grad"] = {"loss": loss, "grad_abs_sum": float(np.abs(grad).sum()),
+                                "seconds": round(time.perf_counter() - t0, 2)}
+        step(f"input_grad: {result['input_grad']}")
+
+    step("personalize() (head only)")
     t0 = time.perf_counter()
-    report = device.personalize()
+    report = device.personalize(TrainPolicy(input_affine_from=0))
     result["personalize"] = {"status": report.status, "examples": report.examples, "held_back": report.held_back,
                              "loss_before": report.loss_before, "loss_after": report.loss_after,
                              "seconds": round(time.perf_counter() - t0, 2)}
