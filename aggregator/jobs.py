@@ -108,7 +108,7 @@ def _check(params: dict) -> dict:
 
     if out.get("input_affine_from", 0) > MAX_INPUT_AFFINE_FROM:
         raise JobError(f"input_affine_from must be in 0..{MAX_INPUT_AFFINE_FROM}")
-    if "input_affine_from" in out and out.get("architecture", "cnn") != "cnn":
+    if out.get("input_affine_from") and out.get("architecture", "cnn") != "cnn":
         raise JobError("input_affine_from needs architecture cnn (the input_grad signature)")
     if "data" in out and not Path(out["data"]).exists():
         raise JobError(f"data not found on the server: {out['data']}")

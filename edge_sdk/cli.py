@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             previous = _stop_on_signals(stop)
             try:
                 report = device.personalize(policy, cancel=stop.event)
+            except KeyboardInterrupt:  # a signal before or after the personalisation ran (nothing it fitted is kept)
+                return 130
             finally:
                 _restore_signals(previous)
             _out(report.to_dict())
@@ -221,8 +223,8 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
         started = time.monotonic()
         last_sync = 0.0
         trained_at = int(device.store.get("trained_feedback", "0"))
-        # answers not yet personalised on this model (a new version, or a personalisation cancelled or cut short):
-        # fitted at the first idle moment, whatever their number
+        # answers not yet personalised on this model (a new version, a personalisation cancelled or cut short, a
+        # personal file found damaged): fitted at the first idle moment, without waiting for min_new_feedback new ones
         due = device.personalisation_due()
         if file_blocks is not None:
             for block in file_blocks:
@@ -240,6 +242,7 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
                 break
             time.sleep(0.2)
             answered = device.store.counts()["feedback"]
+            trained_at = min(trained_at, answered)  # answers removed (retention, wipe-data): count from what is left
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
             if (due or answered - trained_at >= cfg.training.min_new_feedback) and idle:
                 report = device.personalize(train_policy, cancel=stop.event)
@@ -248,11 +251,15 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
                     break
                 trained_at, due = answered, False
                 device.store.set("trained_feedback", str(answered))
+            if stop.event.is_set():  # a signal during a personalisation that had already ended its fits
+                break
             if device.enrolled and time.monotonic() - last_sync >= cfg.sync.interval_seconds:
                 last_sync = time.monotonic()
                 try:
                     synced = device.sync(privacy=privacy, cancel=stop.event)
                     print(json.dumps({"sync": synced.to_dict()}, default=str), flush=True)
+                    if stop.event.is_set():
+                        break
                 except FedserError as exc:  # offline: the outbox keeps everything
                     logging.getLogger("edge_sdk").warning("sync failed, will retry: %s", exc)
     except KeyboardInterrupt:

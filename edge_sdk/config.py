@@ -135,8 +135,8 @@ class EdgeConfig:
         if not 0 < s.min_seconds < s.max_seconds:
             raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
         for name, value in (("threads", self.threads), ("training.threads", self.training.threads)):
-            if value is not None and not 1 <= value <= 64:
-                raise ParameterError(f"{name} must be an integer in 1..64, got {value}")
+            if value is not None and not (value == -1 or 1 <= value <= 64):
+                raise ParameterError(f"{name} must be -1 (the runtime's choice) or an integer in 1..64, got {value}")
         from edge_sdk.model import MAX_INPUT_AFFINE_FROM  # here: the doctor reads a config on a broken install
 
         value = self.training.input_affine_from

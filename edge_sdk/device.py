@@ -392,10 +392,11 @@ class Device:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime
         for name, value in (("num_threads", num_threads), ("train_threads", train_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64):
-                raise ParameterError(f"{name} must be an integer in 1..64, got {value!r}")
-        self.num_threads = num_threads
-        self.train_threads = train_threads or num_threads
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or not (value == -1 or 1 <= value <= 64)):
+                raise ParameterError(f"{name} must be -1 (the runtime's choice) or an integer in 1..64, got {value!r}")
+        self.num_threads = int(num_threads)
+        self.train_threads = int(train_threads if train_threads is not None else num_threads)
         self.clock = clock
         self.train_policy = train_policy or TrainPolicy()
         self.problems: list[dict] = []  # damaged local files found (and what was done about each)
@@ -571,6 +572,7 @@ class Device:
                 self.personalized = True
             except (OSError, WireFormatError) as exc:
                 os.replace(personal, personal.with_name(f"personal.head.corrupt-{int(time.time())}"))
+                self.store.set("personalised_on", "")  # due: the next idle moment fits the answers again
                 self._problem("personal.head", exc, "moved aside; the global head is in use until the next "
                                                     "personalisation (sync or train redoes it)")
                 return
@@ -594,6 +596,7 @@ class Device:
                 except (OSError, WireFormatError, ParameterError) as exc:
                     os.replace(affine, affine.with_name(f"personal.input.corrupt-{int(time.time())}"))
                     self.input_affine = None
+                    self.store.set("personalised_on", "")
                     self._problem("personal.input", exc, "moved aside; predictions use the input features as they "
                                                          "are until the next personalisation")
 
@@ -750,7 +753,7 @@ class Device:
         caller re-personalises), the cross-validated answer report is dropped, and pending updates made on the old
         head are withdrawn (the server would average them into a head they were not trained on: an update names
         only the version number) and remade on the new head from the same answers."""
-        for key in ("personal_base_version", "personal_cv_report"):
+        for key in ("personal_base_version", "personal_cv_report", "personalised_on"):
             if self.store.get(key) is not None:
                 self.store.set(key, "")
         for item in self.store.pending():
@@ -925,6 +928,7 @@ class Device:
             model.set_adapter(None)
         try:
             for e in stale:
+                self._check_cancel("re-embedding answers")
                 f = feats.get(e.prediction_id)
                 if f is not None and f.size == size:
                     fresh[e.prediction_id] = model.infer(f.reshape(model.input_shape[1:]))[1]
@@ -968,7 +972,10 @@ class Device:
         feats = self._input_features(model, examples)
         if feats is None:
             return examples
-        frames = {e.prediction_id: model.frames(f) for e, f in zip(examples, feats, strict=True)}
+        frames = {}
+        for e, f in zip(examples, feats, strict=True):
+            self._check_cancel("encoder frames")
+            frames[e.prediction_id] = model.frames(f)
         saved = model.get_adapter()
         model.set_adapter(None)
         emb = model.adapted(np.stack([frames[e.prediction_id] for e in examples]))[1]
@@ -1107,17 +1114,21 @@ class Device:
         fitted on all answers.
 
         ``cancel``: an event another thread (or a signal handler) may set to stop a personalisation under way. It is
-        looked at before every training step and every fold, so the call returns within one step; it then returns
-        status ``cancelled`` and nothing has changed (the fits run on the trainer, and nothing is written before
-        the last of them). An event already set cancels before any fit. The answers stay for the next call.
+        looked at before every training step (and every answer embedded anew), so the call returns within one step;
+        it then returns status ``cancelled`` and nothing it fitted is in use or written (the fits run on the trainer,
+        and nothing is written before the last of them; answers embedded anew for this base may have been stored,
+        a cache). An event already set cancels before any fit. The answers stay for the next call
+        (:meth:`personalisation_due`).
         """
         started = time.perf_counter()
         with self._training() as (serving, _):
             self.personalising = True
             self._local.cancel = cancel
             try:
+                state = self._answers_state()  # what this fit is made from (answers arriving meanwhile are not)
                 report = self._personalize(serving, policy or self.train_policy)
-                self.store.set("personalised_on", self._answers_state())
+                if report.reason != "the model changed during training":
+                    self.store.set("personalised_on", state)
                 return report
             except _Cancelled as exc:
                 report = TrainReport("cancelled", f"stopped before it ended ({exc}): nothing changed, the answers "
@@ -1129,8 +1140,10 @@ class Device:
                 self.personalising = False
 
     def _answers_state(self) -> str:
-        """The model version and a fingerprint of every stored answer: what a personalisation is made from."""
-        return json.dumps({"version": self.model_version, "answers": _answers_fingerprint(self._examples())})
+        """The model (version and base file) and a fingerprint of every stored answer: what a personalisation is
+        made from."""
+        return json.dumps({"version": self.model_version, "base": self.base_sha256,
+                           "answers": _answers_fingerprint(self._examples())})
 
     def personalisation_due(self) -> bool:
         """True when the stored answers were not personalised on the model in use: a new version was installed, or
@@ -1324,8 +1337,10 @@ class Device:
         # kept head fit (strictly: a tie keeps the head's decision)
         affine_wins = affine_right is not None and report.input_affine_score > before and (
             not head_kept or report.input_affine_score > after)
-        if affine_wins and affine_thumbs and int(np.sum(confirmed & (affine_right <= 0))) > max(policy.thumbs_flips, 0):
-            affine_wins = False  # a confirmed answer shown otherwise out of fold
+        flipped = int(np.sum(confirmed & (affine_right <= 0))) if affine_right is not None else 0
+        if affine_wins and affine_thumbs and flipped > max(policy.thumbs_flips, 0):
+            log.info("input affine not kept: %d confirmed answers shown otherwise out of fold", flipped)
+            affine_wins = False
         if affine_wins:  # the fit on all answers: the global head and the identity adapter, as cross-validated
             self._to_global(model)
             self._local.adapted = False
@@ -1617,6 +1632,10 @@ class Device:
                 self.problems = [p for p in self.problems if p["file"] != "fedser.db"]
             except FedserError as exc:  # offline, a replayed manifest, a bad download: the outbox keeps everything
                 report.error = str(exc)
+            if cancel is not None and cancel.is_set():  # stopping: the update and the posts wait for the next sync
+                report.error = report.error or "cancelled"
+                report.model_version = self.model_version
+                return report
             seq = self.make_update(privacy) if self.model is not None else None
             report.enqueued_seq = seq if seq is not None else report.enqueued_seq
             flushed = self.flush_outbox()
@@ -1645,8 +1664,10 @@ class Device:
         Waits for a personalisation under way. Returns the counts removed and the files' names."""
         with self._training_lock, self._serving_lock:
             for key in ("personal_head_sha256", "personal_head_sha256_prev", "personal_adapter_sha256",
-                        "personal_input_sha256", "personal_input_sha256_prev", "personal_cv_report"):
+                        "personal_input_sha256", "personal_input_sha256_prev", "personal_cv_report",
+                        "personalised_on"):
                 self.store.set(key, "")
+            self.store.set("trained_feedback", "0")  # listen's count of answers fitted
             files = []
             for path in sorted(self.state_dir.glob("personal.*")):
                 if path.is_file():

@@ -346,10 +346,13 @@ class FeedbackStore:
         }
 
     def wipe(self) -> dict:
-        """Delete every prediction, answer and pending update, and rewrite the file so nothing lingers."""
+        """Delete every prediction, answer and pending update, and the weight deltas of updates already sent (their
+        sequence, state and the server's reply stay: what was sent, not what it held), and rewrite the file so
+        nothing lingers."""
         with self._tx() as c:
             preds = c.execute("DELETE FROM predictions").rowcount
             pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
+            c.execute("UPDATE outbox SET envelope = x'' WHERE state != 'pending'")
             # 'personal_examples' was written by SDKs before the update counted all answers; wiped if present
             c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
                       " OR key LIKE 'speaker_stats:%'")

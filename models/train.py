@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_sdk.errors import ParameterError
 from edge_sdk.features import FeatureConfig
-from edge_sdk.model import ModelMetadata
+from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip, corpus_of, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout, save_trained
@@ -288,7 +288,11 @@ def train_baseline(
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
         if shared:
             raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
-    if input_affine_from is not None and (architecture.name != "cnn" or architecture.masked_pooling):
+    if input_affine_from is not None and (isinstance(input_affine_from, bool) or not isinstance(input_affine_from, int)
+                                          or not 0 <= input_affine_from <= MAX_INPUT_AFFINE_FROM):
+        raise ValueError(f"input_affine_from must be an integer in 0..{MAX_INPUT_AFFINE_FROM}, "
+                         f"got {input_affine_from!r}")
+    if input_affine_from and (architecture.name != "cnn" or architecture.masked_pooling):
         raise ValueError(f"input_affine_from needs a cnn encoder without masked pooling (the input_grad signature), "
                          f"not {architecture.name!r}{' with masked pooling' if architecture.masked_pooling else ''}")
     if trainable_embedding and architecture.name not in ("cnn", "dnn"):

@@ -70,6 +70,40 @@ def test_a_cancel_during_a_fit_stops_it_before_the_next_step(tmp_path, trained_m
     dev.store.close()
 
 
+def test_a_cancel_leaves_a_personalised_device_exactly_as_it_was(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().input_affine
+    files = {p.name: p.read_bytes() for p in dev.state_dir.glob("personal.*")}
+    digests = {k: dev.store.get(k) for k in ("personal_head_sha256", "personal_input_sha256")}
+    serving, affine = dev.model.get_weights(), {k: v.copy() for k, v in dev.input_affine.items()}
+    pred = dev.classify(np.zeros(dev.metadata.features.sample_rate, np.float32) + 0.01)
+    dev.feedback(pred.id, dev.metadata.labels[0])  # a new answer: due
+    stop = threading.Event()
+    stop.set()
+    assert dev.personalize(cancel=stop).status == "cancelled"
+    assert {p.name: p.read_bytes() for p in dev.state_dir.glob("personal.*")} == files
+    assert {k: dev.store.get(k) for k in digests} == digests
+    for k, v in serving.items():
+        np.testing.assert_array_equal(dev.model.get_weights()[k], v)
+    for k, v in affine.items():
+        np.testing.assert_array_equal(dev.input_affine[k], v)
+    assert dev.personalisation_due()
+    dev.store.close()
+
+
+def test_a_damaged_personal_file_makes_the_answers_due(tmp_path, trained_model, rng):
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
+    _shifted_answers(dev, rng)
+    assert dev.personalize().status == "kept" and not dev.personalisation_due()
+    dev.store.close()
+    (tmp_path / "dev" / "personal.head").write_bytes(b"damaged")
+    again = Device(tmp_path / "dev", model_files=_files(trained_model))
+    assert [p["file"] for p in again.problems] == ["personal.head"] and not again.personalized
+    assert again.personalisation_due()  # listen fits them at its first idle moment
+    again.store.close()
+
+
 def _answered_state(state, n: int = 40) -> None:
     """A device on the bundled model (its input affine from 20 answers) with ``n`` corrected answers."""
     dev = Device(state)
@@ -155,7 +189,7 @@ def test_personalisation_due_until_the_answers_are_fitted_on_the_model_in_use(tm
     dev.store.close()
 
 
-def test_listen_fits_answers_due_at_start_whatever_their_number(tmp_path, synthetic_clips):
+def test_listen_fits_answers_due_at_start_with_no_new_answer(tmp_path, synthetic_clips):
     """Answers counted as trained (as after a sync whose new model's personalisation was cancelled) but never
     personalised on the model in use are fitted at the first idle moment, with no new answer."""
     state = tmp_path / "dev"
@@ -183,8 +217,14 @@ def test_wipe_data_removes_the_personal_files_and_serves_the_global_head(tmp_pat
     assert dev.personalize().input_affine
     (dev.state_dir / "personal.head.corrupt-1").write_bytes(b"old")  # a copy moved aside earlier
     assert (dev.state_dir / "personal.input").exists()
+    dev.store.set("trained_feedback", "12")
+    seq = dev.store.next_sequence()
+    dev.store.enqueue(seq, 0, b"a delta fitted on the answers")
+    dev.store.mark_done(seq, "accepted", {"ok": True})
     removed = dev.wipe_data()
     assert removed["predictions"] == 12
+    assert dev.store.get("trained_feedback") == "0" and not dev.personalisation_due()
+    assert [(i.seq, i.state, bytes(i.envelope)) for i in dev.store.outbox_items()] == [(seq, "accepted", b"")]
     assert {"personal.head", "personal.input", "personal.head.corrupt-1"} <= set(removed["personal_files"])
     assert not list(dev.state_dir.glob("personal.*"))
     _unchanged(dev, global_head)
@@ -213,9 +253,12 @@ def test_a_trainer_on_more_threads_fits_the_same_and_bad_counts_are_refused(tmp_
     assert fits[0][:2] == fits[1][:2] == ("kept", True)
     for k in ("gain", "offset"):
         np.testing.assert_allclose(fits[0][2][k], fits[1][2][k], atol=1e-4)
-    for bad in (0, 65, True, 1.5):
+    for bad in (0, -2, 65, True, 1.5):
         with pytest.raises(ParameterError, match="train_threads"):
             Device(tmp_path / "bad", model_files=_files(trained_model), train_threads=bad)
+    auto = Device(tmp_path / "auto", model_files=_files(trained_model), num_threads=np.int64(2), train_threads=-1)
+    assert (auto.num_threads, auto.train_threads) == (2, -1)  # -1: the runtime's choice
+    auto.store.close()
     assert load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "3"}).training.threads == 3
     with pytest.raises(ParameterError, match="training.threads"):
         load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "0"})
