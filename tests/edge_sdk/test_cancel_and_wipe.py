@@ -119,28 +119,29 @@ def _answered_state(state, n: int = 40) -> None:
     dev.store.close()
 
 
-def _signal_when_personalising(proc: subprocess.Popen, deadline: float) -> str:
-    """Read stderr until the personalisation has started, then SIGTERM; returns what stderr said."""
-    err = ""
-    while "personalising on" not in err:
-        line = proc.stderr.readline()
-        assert line and time.time() < deadline, f"no personalisation started: {err}"
-        err += line
-    proc.send_signal(signal.SIGTERM)
-    return err
+def _sigterm_while_personalising(*args: str) -> tuple[int, str, str]:
+    """Run ``fedser-edge -v ARGS``, read its stderr until a personalisation has started, send SIGTERM; returns the
+    exit status, stdout and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        err, deadline = "", time.time() + 120
+        while "personalising on" not in err:
+            line = proc.stderr.readline()
+            assert line and time.time() < deadline, f"no personalisation started: {err}"
+            err += line
+        proc.send_signal(signal.SIGTERM)
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err + rest
 
 
 def test_sigterm_cancels_fedser_edge_train_and_loses_nothing(tmp_path):
     state = tmp_path / "dev"
     _answered_state(state)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "train"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _signal_when_personalising(proc, time.time() + 120)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    rc, out, err = _sigterm_while_personalising("--state", str(state), "train")
+    assert rc == 130, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["status"] == "cancelled" and report["examples"] == 0
     assert not (state / "personal.head").exists() and not (state / "personal.input").exists()
@@ -154,16 +155,10 @@ def test_sigterm_cancels_a_personalisation_in_listen_which_then_stops(tmp_path, 
     _answered_state(state)
     config = tmp_path / "edge.toml"
     config.write_text("[training]\nmin_new_feedback = 1\nidle_seconds = 0\n")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "--config",
-                             str(config), "listen", "--feedback", "none", "--file", str(synthetic_clips[0].path),
-                             "--seconds", "300"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        _signal_when_personalising(proc, time.time() + 120)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    rc, out, err = _sigterm_while_personalising("--state", str(state), "--config", str(config), "listen",
+                                                "--feedback", "none", "--file", str(synthetic_clips[0].path),
+                                                "--seconds", "300")
+    assert rc == 0, err
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     trained = [line["trained"] for line in lines if "trained" in line]
     assert [t["status"] for t in trained] == ["cancelled"], out

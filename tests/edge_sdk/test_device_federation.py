@@ -363,14 +363,17 @@ def test_a_cancelled_personalisation_after_a_new_model_leaves_it_due(aggregator,
     """sync(cancel=...) reaches the personalisation a new version brings: cancelled, the device serves the new
     global head and says the answers are due; the next personalisation fits them on the new version."""
     agg = aggregator(min_updates=1)
-    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    dev, other = (agg.enroll(tmp_path / n, train_policy=POLICY) for n in ("dev", "other"))
     _answer(dev, 5, seed=0)
     dev.personalize()
     assert dev.personalized and not dev.personalisation_due()
+    _answer(other, 5, seed=20)
+    assert other.sync().accepted[0]["published_version"] == 2  # another device's update closes the round
     stop = threading.Event()
     stop.set()
-    report = dev.sync(cancel=stop)  # its update closes the round: version 2, pulled, its personalisation cancelled
-    assert report.accepted[0]["published_version"] == 2 and dev.model_version == 2 and report.model_updated
+    report = dev.sync(cancel=stop)  # version 2 pulled, its personalisation cancelled; nothing posted meanwhile
+    assert dev.model_version == 2 and report.model_updated and report.accepted == [] and report.error == "cancelled"
     assert not dev.personalized and dev.personalisation_due()
+    assert dev.store.pending() == []  # the update waits for the next sync
     assert dev.personalize().status == "kept" and not dev.personalisation_due()
     assert dev.store.get("personal_base_version") == "2"
