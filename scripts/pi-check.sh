@@ -5,6 +5,8 @@
 #   scripts/pi-check.sh --suites bookworm         one Debian release
 #   scripts/pi-check.sh --runtimes ai-edge-litert one runtime (ai-edge-litert, tflite-runtime)
 #   scripts/pi-check.sh --build-only              only build (or find) the cached root file systems
+#   scripts/pi-check.sh --affine                  personalize() with the bundled model's input affine, not the
+#                                                 head only (about 40 minutes more under emulation on 2 cores)
 #   scripts/pi-check.sh --wheel-from REV          check the wheel of a git revision (e.g. one before a fix, to see
 #                                                 the check fail) instead of the working tree's
 #
@@ -30,12 +32,14 @@ SUITES="bookworm trixie"
 RUNTIMES="ai-edge-litert tflite-runtime"
 BUILD_ONLY=0
 WHEEL_FROM=""
+AFFINE_ARG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --suites) SUITES=$2; shift 2 ;;
     --runtimes) RUNTIMES=$2; shift 2 ;;
     --build-only) BUILD_ONLY=1; shift ;;
     --wheel-from) WHEEL_FROM=$2; shift 2 ;;
+    --affine) AFFINE_ARG=--affine; shift ;;
     -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -101,7 +105,7 @@ say "clips: $(ls "$CLIPS" | wc -l) RAVDESS files (none: synthetic tones)"
 REFERENCE=""
 if "$PY" -c "import edge_sdk" 2>/dev/null; then
   rm -rf "$CACHE/host-state"
-  "$PY" scripts/pi_check_device.py --reference --state "$CACHE/host-state" --clips "$CLIPS" \
+  "$PY" scripts/pi_check_device.py --reference --state "$CACHE/host-state" --clips "$CLIPS" $AFFINE_ARG \
     --out "$CACHE/results/host-reference.json" > "$CACHE/results/host-reference.log" 2>&1 \
     && REFERENCE="$CACHE/results/host-reference.json"
 fi
@@ -161,7 +165,7 @@ run_one() {  # $1 = suite, $2 = runtime; prints a summary line, returns 0 (passe
       echo installed_kb \$((\$(du -sk $venv | cut -f1) - base))
       echo install_s \$((\$(date +%s) - $(date +%s)))
       cd /tmp && $venv/bin/python /opt/check/pi_check_device.py --state /tmp/state-$rt --clips /opt/check/clips \
-        --out /opt/check/result.json
+        --out /opt/check/result.json $AFFINE_ARG
     " > "$log" 2>&1 || rc=$?
   cleanup
   local secs=$((SECONDS - t0))
@@ -191,6 +195,11 @@ if ref:
     result["host_loss_after"] = host["personalize"]["loss_after"]
     if not result["same_predictions_as_host"]:
         result["status"] = "failed: predictions differ from the host's"
+    mine_p, host_p = result["personalize"], host["personalize"]
+    result["personalize_same_as_host"] = (mine_p["status"], mine_p.get("input_affine")) == \
+        (host_p["status"], host_p.get("input_affine"))
+    if not result["personalize_same_as_host"]:
+        result["status"] = f"failed: personalize {mine_p} differs from the host's {host_p}"
     if "input_grad" in host:  # the input affine's gradient: the host's loss, and its gradient's size, to 1e-4
         mine, theirs = result.get("input_grad", {}), host["input_grad"]
         result["input_grad_same_as_host"] = bool(mine) and all(
@@ -204,8 +213,9 @@ print(f"[pi-check] {result['python']} {result['runtime']['module']} {result['run
       f"in {result['install_s']} s; {result['clips']} clips right {result['right']}/{result['total']}"
       f"{' (= host)' if result.get('same_predictions_as_host') else ''}; "
       f"input_grad {result.get('input_grad', {}).get('loss')}{' (= host)' if result.get('input_grad_same_as_host') else ''}; "
-      f"personalize {p['status']} "
-      f"(loss {p['loss_before']:.4f} -> {p['loss_after']:.4f}, host {result.get('host_loss_after')}); "
+      f"personalize {p['status']}{' (input affine)' if p.get('input_affine') else ''} "
+      f"(loss {p['loss_before']:.4f} -> {p['loss_after'] if p['loss_after'] is None else round(p['loss_after'], 4)}, "
+      f"host {result.get('host_loss_after')}; affine score {p.get('input_affine_score')}); "
       f"max RSS {result['max_rss_mb']} MB; {result['status']}")
 sys.exit(0 if result["status"] == "passed" else 1)
 EOF
