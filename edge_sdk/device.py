@@ -1146,9 +1146,9 @@ class Device:
                            "answers": _answers_fingerprint(self._examples())})
 
     def personalisation_due(self) -> bool:
-        """True when the stored answers were not personalised on the model in use: a new version was installed, or
-        the personalisation after it (or after the last answers) was cancelled or cut short by a crash. A device
-        with no answers is never due."""
+        """True when the stored answers were not personalised on the model in use: a new version or base file was
+        installed, a personal file was found damaged, or the personalisation after it (or after the last answers)
+        was cancelled or cut short by a crash. A device with no answers is never due."""
         return self.model is not None and bool(self._examples()) and \
             self.store.get("personalised_on") != self._answers_state()
 
