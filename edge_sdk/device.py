@@ -1139,18 +1139,20 @@ class Device:
                 self._local.cancel = None
                 self.personalising = False
 
-    def _answers_state(self) -> str:
-        """The model (version and base file) and a fingerprint of every stored answer: what a personalisation is
-        made from."""
+    def _answers_state(self, examples: list[FeedbackExample] | None = None) -> str:
+        """The model (version and base file) and a fingerprint of every stored answer (``examples``, when already
+        read): what a personalisation is made from."""
         return json.dumps({"version": self.model_version, "base": self.base_sha256,
-                           "answers": _answers_fingerprint(self._examples())})
+                           "answers": _answers_fingerprint(self._examples() if examples is None else examples)})
 
     def personalisation_due(self) -> bool:
         """True when the stored answers were not personalised on the model in use: a new version or base file was
         installed, a personal file was found damaged, or the personalisation after it (or after the last answers)
         was cancelled or cut short by a crash. A device with no answers is never due."""
-        return self.model is not None and bool(self._examples()) and \
-            self.store.get("personalised_on") != self._answers_state()
+        if self.model is None:
+            return False
+        examples = self._examples()
+        return bool(examples) and self.store.get("personalised_on") != self._answers_state(examples)
 
     def _check_cancel(self, where: str) -> None:
         """Raise :class:`_Cancelled` when the caller of :meth:`personalize` set its ``cancel`` event."""
@@ -1337,7 +1339,7 @@ class Device:
         # kept head fit (strictly: a tie keeps the head's decision)
         affine_wins = affine_right is not None and report.input_affine_score > before and (
             not head_kept or report.input_affine_score > after)
-        flipped = int(np.sum(confirmed & (affine_right <= 0))) if affine_right is not None else 0
+        flipped = int(np.sum(confirmed & (affine_right <= 0))) if affine_right is not None else 0  # out of fold
         if affine_wins and affine_thumbs and flipped > max(policy.thumbs_flips, 0):
             log.info("input affine not kept: %d confirmed answers shown otherwise out of fold", flipped)
             affine_wins = False
@@ -1368,7 +1370,7 @@ class Device:
             report.input_affine, report.score_after, report.loss_after = True, report.input_affine_score, None
             report.guard = (f"{policy.guard}, {folds}-fold, input affine (global head) against the head fit's "
                             f"{after:.2f} of the answers")
-            report.confirmed_flipped = int(np.sum(confirmed & (affine_right <= 0)))
+            report.confirmed_flipped = flipped
         elif short and not (trusted and policy.trust_keeps_worse):
             report.status, report.reason = "discarded", (
                 f"cross-validated answers got worse ({policy.guard})" if after < before - policy.tolerance
