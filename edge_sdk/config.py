@@ -37,7 +37,7 @@ Example ``config.toml``::
     # learning_rate = 0.05  # SGD rate; unset: the model's device_learning_rate, else 0.05
     # input_affine_from = 20  # personal input affine from this many answers (0: never); unset: the model's
     idle_seconds = 30       # train only after this long without speech
-    # threads = 3           # interpreter threads of a personalisation (unset: threads); a Pi 4 has 4 cores
+    # threads = 2           # interpreter threads of a personalisation (unset: threads); a Pi 4 has 4 cores
 
     [sync]
     interval_seconds = 3600
