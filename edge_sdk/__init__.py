@@ -17,6 +17,8 @@ Overview
     The versioned contracts shared with the aggregator: update envelope, signed manifest, Ed25519 keys.
 ``edge_sdk.store``
     ``FeedbackStore``: predictions, feedback and the durable outbox in one SQLite file.
+``edge_sdk.storage``
+    ``atomic_write`` and ``StateLock`` (one process at a time changes a state folder).
 ``edge_sdk.errors``
     ``FedserError`` and its subclasses.
 """

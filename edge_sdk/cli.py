@@ -8,6 +8,11 @@
     fedser-edge [--state DIR] doctor [--json] [--no-audio]   checks the install, says how to fix each problem
     fedser-edge [--state DIR] export-data [--out FILE] | wipe-data --yes
 
+One process at a time changes a state folder: ``enroll``, ``listen``, ``classify``, ``train``, ``sync`` and
+``wipe-data`` hold its lock while they run (``edge_sdk.storage.StateLock``); another of them started meanwhile
+exits with status 75 naming the holder, or waits ``--wait SECONDS`` for it. ``status``, ``export-data`` and
+``feedback`` work beside a running ``listen``.
+
 The state folder defaults to ``$FEDSER_STATE_DIR`` or ``~/.local/share/fedser``;
 the configuration is ``--config``, ``$FEDSER_EDGE_CONFIG`` or ``<state>/config.toml``
 with ``FEDSER_EDGE_*`` overrides (``edge_sdk.config``). Output is JSON, one
@@ -27,9 +32,12 @@ import threading
 import time
 from pathlib import Path
 
-from edge_sdk.errors import FedserError
+from edge_sdk.errors import FedserError, StateBusyError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_BUSY", "LOCKED_COMMANDS"]
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: the state folder is in use by another process; try again when it is free
+LOCKED_COMMANDS = ("enroll", "listen", "classify", "train", "sync", "wipe-data")  # hold the state folder's lock
 
 
 def _default_state() -> str:
@@ -42,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="TOML config (default: <state>/config.toml if present)")
     parser.add_argument("--runtime", default=None, choices=("auto", "ai_edge_litert", "tflite_runtime"))
     parser.add_argument("--threads", type=int, default=None, help="interpreter threads")
+    parser.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS",
+                        help="wait this long for another process using the state folder to finish (default: 0, "
+                             "exit 75 at once)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("enroll", help="register with an aggregator using a one-time token")
@@ -78,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_seconds(text: str) -> float:
+    from edge_sdk.storage import MAX_LOCK_WAIT
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= MAX_LOCK_WAIT:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_LOCK_WAIT:.0f} seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -86,82 +109,97 @@ def main(argv: list[str] | None = None) -> int:
         from edge_sdk import doctor
 
         return doctor.main(args)
-    from edge_sdk.config import load_config
-    from edge_sdk.device import Device, PrivacyPolicy, TrainPolicy
+    from edge_sdk.storage import StateLock
 
+    if args.command == "wipe-data" and not args.yes:
+        print("fedser-edge: wipe-data deletes every prediction, answer and pending update of this device; "
+              "run it again with --yes", file=sys.stderr)
+        return 2
+    lock = StateLock(args.state, command=f"fedser-edge {args.command}")
     try:
-        cfg = load_config(args.config, state_dir=args.state)
-        if args.runtime:
-            cfg.runtime = args.runtime
-        if args.threads:
-            cfg.threads = args.threads
-        if args.command == "devices":
-            from edge_sdk.listen import list_input_devices
-
-            for d in list_input_devices():
-                _out(d)
-            return 0
-        train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
-                                   learning_rate=cfg.training.learning_rate,
-                                   input_affine_from=cfg.training.input_affine_from)
-        device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_threads=cfg.training.threads,
-                        train_policy=train_policy)
-        for problem in device.problems:  # damaged local files: the device runs on what still verifies
-            print(f"fedser-edge: warning: {problem['file']}: {problem['problem']} ({problem['action']})",
-                  file=sys.stderr)
-        privacy = PrivacyPolicy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier)
-        if args.command == "enroll":
-            device_id = device.enroll(args.server, args.token, name=args.name)
-            _out({"device_id": device_id, "model_version": device.model_version})
-        elif args.command == "listen":
-            return _listen(device, cfg, args, train_policy, privacy)
-        elif args.command == "classify":
-            for path in args.files:
-                _out({"file": str(path), **device.classify_file(path).to_dict()})
-            _retention(device, cfg)
-        elif args.command == "feedback":
-            device.feedback(args.prediction_id, args.answer)
-            _out({"prediction_id": args.prediction_id, "answer": args.answer, "stored": True})
-        elif args.command == "train":
-            policy = TrainPolicy(epochs=args.epochs or train_policy.epochs,
-                                 min_examples=args.min_examples or train_policy.min_examples,
-                                 learning_rate=train_policy.learning_rate,
-                                 input_affine_from=train_policy.input_affine_from)
-            stop = _Stop(device)
-            previous = _stop_on_signals(stop)
-            try:
-                report = device.personalize(policy, cancel=stop.event)
-            except KeyboardInterrupt:  # a signal before or after the personalisation ran (nothing it fitted is kept)
-                return 130
-            finally:
-                _restore_signals(previous)
-            _out(report.to_dict())
-            if report.status == "cancelled":
-                return 130
-        elif args.command == "sync":
-            if args.clip_norm is not None or args.noise_multiplier is not None:
-                privacy = PrivacyPolicy(args.clip_norm if args.clip_norm is not None else privacy.clip_norm,
-                                        args.noise_multiplier if args.noise_multiplier is not None
-                                        else privacy.noise_multiplier)
-            _out(device.sync(privacy=privacy).to_dict())
-        elif args.command == "status":
-            _out({**device.status(), "personal_accuracy": device.store.personal_accuracy()})
-        elif args.command == "export-data":
-            data = json.dumps(device.store.export(), indent=1)
-            if args.out:
-                args.out.write_text(data)
-                _out({"exported": str(args.out), "bytes": len(data)})
-            else:
-                print(data)
-        elif args.command == "wipe-data":
-            if not args.yes:
-                print("fedser-edge: wipe-data deletes every prediction, answer and pending update of this device; "
-                      "run it again with --yes", file=sys.stderr)
-                return 2
-            _out({"wiped": device.wipe_data()})
+        if args.command in LOCKED_COMMANDS:
+            lock.acquire(wait=args.wait)
+        return _run(args, lock)
+    except StateBusyError as exc:
+        print(f"fedser-edge: error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except FedserError as exc:
         print(f"fedser-edge: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        lock.release()
+
+
+def _run(args, lock) -> int:
+    from edge_sdk.config import load_config
+    from edge_sdk.device import Device, PrivacyPolicy, TrainPolicy
+
+    cfg = load_config(args.config, state_dir=args.state)
+    if args.runtime:
+        cfg.runtime = args.runtime
+    if args.threads:
+        cfg.threads = args.threads
+    if args.command == "devices":
+        from edge_sdk.listen import list_input_devices
+
+        for d in list_input_devices():
+            _out(d)
+        return 0
+    train_policy = TrainPolicy(min_examples=cfg.training.min_new_feedback, epochs=cfg.training.epochs,
+                               learning_rate=cfg.training.learning_rate,
+                               input_affine_from=cfg.training.input_affine_from)
+    device = Device(args.state, runtime=cfg.runtime, num_threads=cfg.threads, train_threads=cfg.training.threads,
+                    train_policy=train_policy)
+    for problem in device.problems:  # damaged local files: the device runs on what still verifies
+        print(f"fedser-edge: warning: {problem['file']}: {problem['problem']} ({problem['action']})",
+              file=sys.stderr)
+    privacy = PrivacyPolicy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier)
+    if args.command == "enroll":
+        device_id = device.enroll(args.server, args.token, name=args.name)
+        _out({"device_id": device_id, "model_version": device.model_version})
+    elif args.command == "listen":
+        return _listen(device, cfg, args, train_policy, privacy)
+    elif args.command == "classify":
+        for path in args.files:
+            _out({"file": str(path), **device.classify_file(path).to_dict()})
+        _retention(device, cfg)
+    elif args.command == "feedback":
+        device.feedback(args.prediction_id, args.answer)
+        _out({"prediction_id": args.prediction_id, "answer": args.answer, "stored": True})
+    elif args.command == "train":
+        policy = TrainPolicy(epochs=args.epochs or train_policy.epochs,
+                             min_examples=args.min_examples or train_policy.min_examples,
+                             learning_rate=train_policy.learning_rate,
+                             input_affine_from=train_policy.input_affine_from)
+        stop = _Stop(device)
+        previous = _stop_on_signals(stop)
+        try:
+            report = device.personalize(policy, cancel=stop.event)
+        except KeyboardInterrupt:  # a signal before or after the personalisation ran (nothing it fitted is kept)
+            return 130
+        finally:
+            _restore_signals(previous)
+        _out(report.to_dict())
+        if report.status == "cancelled":
+            return 130
+    elif args.command == "sync":
+        if args.clip_norm is not None or args.noise_multiplier is not None:
+            privacy = PrivacyPolicy(args.clip_norm if args.clip_norm is not None else privacy.clip_norm,
+                                    args.noise_multiplier if args.noise_multiplier is not None
+                                    else privacy.noise_multiplier)
+        _out(device.sync(privacy=privacy).to_dict())
+    elif args.command == "status":
+        _out({**device.status(), "personal_accuracy": device.store.personal_accuracy(),
+              "in_use_by": lock.busy()})
+    elif args.command == "export-data":
+        data = json.dumps(device.store.export(), indent=1)
+        if args.out:
+            args.out.write_text(data)
+            _out({"exported": str(args.out), "bytes": len(data)})
+        else:
+            print(data)
+    elif args.command == "wipe-data":
+        _out({"wiped": device.wipe_data()})
     return 0
 
 
@@ -277,9 +315,10 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class _Stop:
     """A request to stop: ``event`` is set by SIGINT, SIGTERM (:func:`_stop_on_signals`) or the terminal's q. While
-    ``device`` personalises (:attr:`Device.personalising`: by itself, or after a sync brought a new model) a signal
-    only sets it, and the personalisation, which looks at it before every step, returns cancelled with nothing
-    changed; at any other moment a signal also raises KeyboardInterrupt where the main thread is."""
+    ``device`` personalises (:attr:`Device.personalising`: by itself, or after a sync brought a new model) or fits
+    an update in a sync (:attr:`Device.making_update`) a signal only sets it, and the fit, which looks at it before
+    every step, returns cancelled with nothing changed; at any other moment a signal also raises KeyboardInterrupt
+    where the main thread is."""
 
     def __init__(self, device) -> None:
         self.device = device
@@ -287,7 +326,7 @@ class _Stop:
 
     @property
     def busy(self) -> bool:
-        return bool(self.device.personalising)
+        return bool(self.device.personalising or self.device.making_update)
 
 
 def _stop_on_signals(stop: _Stop) -> dict:

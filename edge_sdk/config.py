@@ -134,10 +134,10 @@ class EdgeConfig:
         s = self.segmenter
         if not 0 < s.min_seconds < s.max_seconds:
             raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
+        from edge_sdk.model import MAX_INPUT_AFFINE_FROM, check_threads  # here: the doctor reads a broken install's
+
         for name, value in (("threads", self.threads), ("training.threads", self.training.threads)):
-            if value is not None and not (value == -1 or 1 <= value <= 64):
-                raise ParameterError(f"{name} must be -1 (the runtime's choice) or an integer in 1..64, got {value}")
-        from edge_sdk.model import MAX_INPUT_AFFINE_FROM  # here: the doctor reads a config on a broken install
+            check_threads(name, value)
 
         value = self.training.input_affine_from
         if value is not None and not 0 <= value <= MAX_INPUT_AFFINE_FROM:

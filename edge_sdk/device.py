@@ -11,6 +11,7 @@ State lives in one folder (``state_dir``)::
     personal.head         personalised head weights (atomic write; sha256 kept in the store)
     personal.adapter      the personal adapter, when an adapter fit was kept
     personal.input        the personal input-feature affine (gain, offset per band), when one was kept
+    device.lock           held by the process that changes the folder (edge_sdk.storage.StateLock; the CLI takes it)
 
 A damaged file never stops the device: start-up falls back to the last model whose files verify (or the
 bundled one), lists what it found in :attr:`Device.problems` (``status`` shows them), and ``sync`` repairs it.
@@ -44,7 +45,7 @@ from edge_sdk.client import ServerClient
 from edge_sdk.errors import FedserError, ModelError, ParameterError, ServerError, WireFormatError
 from edge_sdk.features import MAX_CLIP_SECONDS, SpeakerStats, extract, fit_frames, raw_features, trim_silence
 from edge_sdk.manifest import Manifest, SignedManifest
-from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata, TFLiteModel, bundled_model_paths
+from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata, TFLiteModel, bundled_model_paths, check_threads
 from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write
@@ -392,9 +393,7 @@ class Device:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime
         for name, value in (("num_threads", num_threads), ("train_threads", train_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                      or not (value == -1 or 1 <= value <= 64)):
-                raise ParameterError(f"{name} must be -1 (the runtime's choice) or an integer in 1..64, got {value!r}")
+            check_threads(name, value)
         self.num_threads = int(num_threads)
         self.train_threads = int(train_threads if train_threads is not None else num_threads)
         self.clock = clock
@@ -405,6 +404,7 @@ class Device:
         self._serving_lock = threading.RLock()
         self._training_lock = threading.Lock()
         self.personalising = False  # a personalisation is under way (in any thread; they run one at a time)
+        self.making_update = False  # make_update is fitting (cancellable like a personalisation)
         self._local = threading.local()
         self._trainer: tuple[TFLiteModel, TFLiteModel] | None = None
         self._manifest_bytes: bytes | None = None
@@ -1480,7 +1480,7 @@ class Device:
     # -- federation -----------------------------------------------------------------------
     def make_update(
         self, privacy: PrivacyPolicy = PrivacyPolicy(), *, rng: np.random.Generator | None = None,
-        policy: TrainPolicy | None = None,
+        policy: TrainPolicy | None = None, cancel: threading.Event | None = None,
     ) -> int | None:
         """Sign a FedAvg client update and put it in the outbox. Returns its sequence, or None.
 
@@ -1492,7 +1492,11 @@ class Device:
         answers. So a device sends again on the same version once its user has answered more (after a round
         the server's validation gate refused, the next round on that version still gets updates), and an
         update refused as stale is remade on the new version (:meth:`flush_outbox` forgets it, :meth:`sync`
-        remakes it). A new update supersedes every pending one (it holds all of their answers, on the newest base).
+        remakes it). A new update supersedes every pending one (it holds all of their answers, on the newest base):
+        the new item, the superseded ones and the record of the last update are written in one transaction.
+
+        ``cancel``: as :meth:`personalize`'s, looked at before every answer embedded anew and every training step;
+        a cancelled call makes nothing and returns None (the next sync makes it).
         """
         self._require_model()
         policy = policy or self.train_policy
@@ -1514,22 +1518,30 @@ class Device:
             if (has_retry and self.clock() < retry_at) or (not has_retry and last.get("answers") == answers):
                 return None
         with self._training() as (_, model):  # a private interpreter: predictions meanwhile are unaffected
-            version, global_head = self.model_version, self.global_head
-            layout = model.metadata.head_layout
-            examples, _ = self._current_examples(model)  # embedded by this base's encoder
-            if len(examples) < policy.min_examples:
+            self.making_update, self._local.cancel = True, cancel
+            try:
+                version, global_head = self.model_version, self.global_head
+                layout = model.metadata.head_layout
+                examples, _ = self._current_examples(model)  # embedded by this base's encoder
+                if len(examples) < policy.min_examples:
+                    return None
+                examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
+                # The federation shares head deltas only, made by SGD (epochs x learning_rate, what the server's
+                # aggregation is tuned for): the optimizer setting is the personal head's.
+                policy = replace(policy, adapter=False, optimizer="sgd", personal_layers=0)
+                if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
+                    report = self._cv_answer_report(examples)
+                else:  # personal vs global on held-back answers
+                    report = answer_report(model, global_head, examples, holdout_every=policy.holdout_every,
+                                           refit_on_all=policy.refit_on_all)
+                self._fit(model, examples, policy)
+                fitted = model.get_weights()
+            except _Cancelled as exc:
+                log.info("update not made: cancelled (%s); the next sync makes it", exc)
                 return None
-            examples = self._prepare_frames(model, examples)  # the global (identity) adapter's embeddings
-            # The federation shares head deltas only, made by SGD (epochs x learning_rate, what the server's
-            # aggregation is tuned for): the optimizer setting is the personal head's.
-            policy = replace(policy, adapter=False, optimizer="sgd", personal_layers=0)
-            if policy.guard_folds > 1 and policy.holdout_every:  # the personal head trained on every answer
-                report = self._cv_answer_report(examples)
-            else:  # personal vs global on held-back answers
-                report = answer_report(model, global_head, examples, holdout_every=policy.holdout_every,
-                                       refit_on_all=policy.refit_on_all)
-            self._fit(model, examples, policy)
-            fitted = model.get_weights()
+            finally:
+                self._local.cancel = None
+                self.making_update = False
         deltas = {n: fitted[n] - global_head[n] for n in layout.names}
         if privacy.clip_norm > 0:
             norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
@@ -1544,11 +1556,9 @@ class Device:
             num_examples=len(examples), sequence=seq, sign=self.key.sign,
             privacy=privacy.describe(), report=report,
         )
-        superseded = [i.seq for i in self.store.pending()]
-        self.store.enqueue(seq, version, envelope.to_bytes())
-        for old in superseded:  # not accepted yet; this one holds all of its answers and more, on the newest base
-            self.store.mark_done(old, "rejected", {"reason": "superseded", "by": seq})
-        self.store.set("last_update", json.dumps({"seq": seq, "base_version": version, "answers": answers}))
+        # Pending ones are not accepted yet; this one holds all of their answers and more, on the newest base.
+        self.store.enqueue_update(seq, version, envelope.to_bytes(),
+                                  json.dumps({"seq": seq, "base_version": version, "answers": answers}))
         log.info("update %d for base version %d is in the outbox", seq, version)
         return seq
 
@@ -1619,7 +1629,8 @@ class Device:
 
     def sync(self, *, privacy: PrivacyPolicy = PrivacyPolicy(), cancel: threading.Event | None = None) -> SyncReport:
         """Pull the newest model (repairing damaged files), make an update if there is one to make, post the outbox.
-        ``cancel`` reaches the personalisation a new model brings (:meth:`pull_model`).
+        ``cancel`` reaches the personalisation a new model brings (:meth:`pull_model`) and the update's fit
+        (:meth:`make_update`); once it is set, sync returns without posting (the outbox keeps everything).
 
         Pulling first sends this device's answers to the round that is open now rather than to a version that
         has moved on; an update refused as stale meanwhile is remade on the newest model in the same sync. When
@@ -1638,8 +1649,12 @@ class Device:
                 report.error = report.error or "cancelled"
                 report.model_version = self.model_version
                 return report
-            seq = self.make_update(privacy) if self.model is not None else None
+            seq = self.make_update(privacy, cancel=cancel) if self.model is not None else None
             report.enqueued_seq = seq if seq is not None else report.enqueued_seq
+            if cancel is not None and cancel.is_set():  # the posts wait for the next sync; the outbox keeps them
+                report.error = report.error or "cancelled"
+                report.model_version = self.model_version
+                return report
             flushed = self.flush_outbox()
             report.accepted += flushed.accepted
             report.rejected += flushed.rejected

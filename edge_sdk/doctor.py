@@ -244,14 +244,25 @@ class _Doctor:
                 fixes.append(f"chmod 600 {path}")
             if path.exists() and not os.access(path, os.R_OK):
                 problems.append(f"{secret} is not readable by this user")
+        from edge_sdk.storage import LOCK_FILE, StateLock
+
+        lock = state / LOCK_FILE
+        if lock.exists() and not os.access(lock, os.R_OK | os.W_OK):  # made by another user (sudo fedser-edge ...)
+            problems.append(f"{LOCK_FILE} is not writable by this user: listen, train and sync cannot start")
+            fixes.append(f"sudo chown $(id -un) {lock}")
+        holder = StateLock(state).busy()
+        in_use = ""
+        if holder is not None:
+            in_use = (f"; in use by {holder['command']} (pid {holder['pid']})" if holder
+                      else "; in use by another process")
         if problems:
-            self.add("state folder", "fail", f"{state}: " + "; ".join(problems),
+            self.add("state folder", "fail", f"{state}: " + "; ".join(problems) + in_use,
                      "; ".join(dict.fromkeys(fixes)) or f"sudo chown -R $(id -un) {state} && chmod 700 {state}")
         elif mode & 0o077:
             self.add("state folder", "warn", f"{state}: mode {mode:04o}: other users can list it and read what is not "
-                     "private by mode (the feedback store holds the user's answers)", f"chmod 700 {state}")
+                     f"private by mode (the feedback store holds the user's answers){in_use}", f"chmod 700 {state}")
         else:
-            self.add("state folder", "ok", f"{state} (mode {mode:04o}, owned by this user)")
+            self.add("state folder", "ok", f"{state} (mode {mode:04o}, owned by this user{in_use})")
 
     # -- server -----------------------------------------------------------------------------------------
     def server(self) -> None:

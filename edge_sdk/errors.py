@@ -36,6 +36,20 @@ class SignatureError(WireFormatError):
     """A signature does not verify against the pinned or registered key."""
 
 
+class StateBusyError(FedserError):
+    """Another process holds the device's state folder (:class:`edge_sdk.storage.StateLock`).
+
+    Attributes
+    ----------
+    holder : dict or None
+        What the holder wrote about itself (``pid``, ``command``, ``since``), ``None`` when it could not be read.
+    """
+
+    def __init__(self, message: str, *, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class ServerError(FedserError):
     """The aggregator refused a request or could not be reached.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Mapping
@@ -35,7 +36,8 @@ from edge_sdk.wire import HeadLayout
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["ModelMetadata", "TFLiteModel", "load_interpreter_class", "REQUIRED_SIGNATURES", "ADAPTER_SIGNATURES",
+__all__ = ["ModelMetadata", "TFLiteModel", "check_threads", "MAX_THREADS",
+           "load_interpreter_class", "REQUIRED_SIGNATURES", "ADAPTER_SIGNATURES",
            "INPUT_SIGNATURES"]
 
 REQUIRED_SIGNATURES = ("infer", "train", "get_weights", "set_weights", "head")
@@ -50,6 +52,16 @@ METADATA_FORMAT_VERSION = 1
 
 # The largest input_affine_from a model's metadata, a TrainPolicy or the config may give (answers).
 MAX_INPUT_AFFINE_FROM = 100_000
+MAX_THREADS = 64  # interpreter and trainer threads; -1 leaves the count to the runtime
+
+
+def check_threads(name: str, value: object) -> None:
+    """``value`` is a thread count the runtime takes: -1 (its own choice) or an integer in 1..MAX_THREADS;
+    ParameterError naming ``name`` otherwise. ``None`` (unset) passes."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or not (value == -1 or 1 <= value <= MAX_THREADS)):
+        raise ParameterError(f"{name} must be -1 (the runtime's choice) or an integer in 1..{MAX_THREADS}, "
+                             f"got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -375,6 +375,20 @@ class FeedbackStore:
             c.execute("INSERT INTO outbox(seq, base_version, envelope, created_at) VALUES (?, ?, ?, ?)",
                       (seq, base_version, envelope, time.time()))
 
+    def enqueue_update(self, seq: int, base_version: int, envelope: bytes, last_update: str) -> list[int]:
+        """Put a new update in the outbox, mark every other pending one superseded by it and record it as the
+        device's ``last_update``, in one transaction: an interruption leaves all of it or none. Returns the
+        sequences superseded."""
+        with self._tx() as c:
+            superseded = [r[0] for r in c.execute("SELECT seq FROM outbox WHERE state = 'pending' ORDER BY seq")]
+            c.execute("INSERT INTO outbox(seq, base_version, envelope, created_at) VALUES (?, ?, ?, ?)",
+                      (seq, base_version, envelope, time.time()))
+            for old in superseded:
+                c.execute("UPDATE outbox SET state = 'rejected', server_reply = ?, attempts = attempts + 1 "
+                          "WHERE seq = ?", (json.dumps({"reason": "superseded", "by": seq}), old))
+            c.execute(_UPSERT_KV, ("last_update", last_update))
+        return superseded
+
     def pending(self, now: float | None = None) -> list[OutboxItem]:
         """Pending items due at ``now`` (all pending when ``now`` is None), in sequence order."""
         query = "SELECT seq, base_version, envelope, attempts, next_attempt_at, state, last_error FROM outbox" \

@@ -377,3 +377,32 @@ def test_a_cancelled_personalisation_after_a_new_model_leaves_it_due(aggregator,
     assert dev.store.pending() == []  # the update waits for the next sync
     assert dev.personalize().status == "kept" and not dev.personalisation_due()
     assert dev.store.get("personal_base_version") == "2"
+
+
+def test_a_cancel_during_an_updates_fit_makes_nothing_and_the_next_sync_makes_it(aggregator, tmp_path, monkeypatch):
+    """make_update(cancel=...) looks at the event before every training step: set from inside the fit's 2nd
+    step (as listen's SIGTERM handler sets it), nothing reaches the outbox and last_update is unchanged; the
+    next sync makes and posts the update from the same answers."""
+    from edge_sdk.model import TFLiteModel
+
+    agg = aggregator(min_updates=2)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    _answer(dev, 5, seed=0)
+    stop, calls = threading.Event(), []
+    real_train = TFLiteModel.train_step
+
+    def counted(self, *args, **kwargs):  # the real signature, counted
+        calls.append(1)
+        if len(calls) == 2:
+            stop.set()
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(TFLiteModel, "train_step", counted)
+    assert dev.make_update(cancel=stop) is None
+    assert 2 <= len(calls) <= 3 and not dev.making_update  # stopped at the step after the one that set it
+    assert list(dev.store.outbox_items()) == [] and dev.store.get("last_update") in (None, "null")
+    report = dev.sync(cancel=stop)  # still set: the sync returns before making or posting anything
+    assert report.error == "cancelled" and report.enqueued_seq is None and list(dev.store.outbox_items()) == []
+    stop.clear()
+    report = dev.sync()
+    assert report.enqueued_seq is not None and [a["seq"] for a in report.accepted] == [report.enqueued_seq]

@@ -52,3 +52,21 @@ def test_outbox_and_sequence_survive_reopening(tmp_path):
     assert store.pending(now=50.0) == [] and len(store.pending(now=150.0)) == 1
     store.mark_done(2, "accepted", {"status": "accepted"})
     assert store.pending() == [] and store.counts()["outbox_accepted"] == 1
+
+
+def test_a_new_update_supersedes_the_pending_ones_in_one_transaction(tmp_path):
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "fedser.db")
+    store.enqueue(1, 1, b"first")
+    store.enqueue(2, 1, b"second")
+    store.set("last_update", '{"seq": 2}')
+    with pytest.raises(sqlite3.Error):  # the last write fails, after the insert and the marks: all rolled back
+        store.enqueue_update(3, 2, b"third", object())
+    assert [i.seq for i in store.outbox_items()] == [1, 2] and [i.seq for i in store.pending()] == [1, 2]
+    assert store.get("last_update") == '{"seq": 2}'  # nothing half-written
+    assert store.enqueue_update(3, 2, b"third", '{"seq": 3}') == [1, 2]
+    assert [i.seq for i in store.pending()] == [3] and store.get("last_update") == '{"seq": 3}'
+    replies = {i.seq: (i.state, i.attempts) for i in store.outbox_items()}
+    assert replies == {1: ("rejected", 1), 2: ("rejected", 1), 3: ("pending", 0)}
+    store.close()
