@@ -279,6 +279,8 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             if args.file is not None and not args.seconds and listener.queue.empty() and terminal is None:
                 break
             time.sleep(0.2)
+            for event in listener.watch():  # a microphone that stopped (unplugged): reopened until it is back
+                print(json.dumps(event), flush=True)
             answered = device.store.counts()["feedback"]
             trained_at = min(trained_at, answered)  # answers removed (retention, wipe-data): count from what is left
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds

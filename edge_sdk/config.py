@@ -10,6 +10,7 @@ Example ``config.toml``::
     [audio]
     device = "USB"          # name substring or index; "" = the system default input
     block_seconds = 0.05
+    stall_seconds = 10      # no audio this long, or the stream ended (unplugged): listen reopens the input
 
     [segmenter]
     threshold_db = 12.0     # speech = this far above the running noise floor
@@ -61,6 +62,7 @@ class AudioConfig:
     sample_rate: int = 16000
     block_seconds: float = 0.05
     queue_blocks: int = 400  # about 20 s of audio may wait for the worker before blocks are dropped
+    stall_seconds: float = 10.0  # no block from the input this long (or its stream ended): reopen it
 
 
 @dataclass
@@ -145,6 +147,8 @@ class EdgeConfig:
                                  f"0..{MAX_INPUT_AFFINE_FROM}, got {value}")
         if self.audio.block_seconds <= 0 or self.audio.queue_blocks < 1:
             raise ParameterError("audio.block_seconds must be positive and audio.queue_blocks at least 1")
+        if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
+            raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
         return self
 
 

@@ -15,6 +15,12 @@ dropped (and counted) when shorter than ``min_seconds``, and starts with
 The stream runs at ``audio.sample_rate`` (what the microphone offers, 8 to 192 kHz); each
 utterance is resampled to the model's rate before it is classified, so a 48 kHz USB
 microphone and a 16 kHz model agree.
+
+An input that stops (a USB microphone pulled out, the sound server restarted: PortAudio ends the
+stream, or no block arrives for ``audio.stall_seconds``) is reopened, found again by its configured
+name, every 1, 2, 4 ... 30 s until it is back, by a keeper thread of its own (a hung sound server
+blocks whoever touches its stream); :meth:`Listener.watch` hands the listen loop its reports of the
+loss and the return, and ``stats`` counts them.
 """
 
 from __future__ import annotations
@@ -167,9 +173,19 @@ class Listener:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._stream = None
+        self._stream_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._microphone = False
+        self.last_block = time.monotonic()  # the newest block from the input (the callback sets it)
+        self.input_losses = self.input_restarts = 0
+        self._lost_since: float | None = None  # the input is lost (being reopened) since
+        self._reopen_at = 0.0
+        self._reopen_tries = 0
 
     # -- the audio side: copy and enqueue only ------------------------------------------------
     def _callback(self, indata, frames, time_info, status) -> None:
+        self.last_block = time.monotonic()
         if status and getattr(status, "input_overflow", False):
             self.overflows += 1
         self.push(indata[:, 0] if indata.ndim == 2 else indata)
@@ -229,30 +245,127 @@ class Listener:
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name="fedser-listen", daemon=True)
         self._worker.start()
+        self._microphone = microphone
         if microphone:
-            sd = import_sounddevice()
-            device = resolve_input_device(self.cfg.audio.device)
             try:
-                self._stream = sd.InputStream(samplerate=self.sample_rate, channels=1, dtype="float32",
-                                              blocksize=self.blocksize, device=device, callback=self._callback)
-                self._stream.start()
-            except Exception as exc:
+                self._open_stream()
+            except Exception:
                 self.stop()
-                raise AudioError(f"cannot open the input device {self.cfg.audio.device or '(default)'} at "
-                                 f"{self.sample_rate} Hz: {exc} (set audio.sample_rate to a rate it offers; "
-                                 f"`fedser-edge devices` lists them)") from exc
+                raise
             log.info("listening on %s at %d Hz", self.cfg.audio.device or "the default input", self.sample_rate)
+            self._keeper = threading.Thread(target=self._keep_input, name="fedser-input", daemon=True)
+            self._keeper.start()
         return self
 
+    def _open_stream(self, *, rescan: bool = False) -> None:
+        """Open and start the input stream, the device found again by its configured name (a USB microphone
+        plugged back in may have another index); AudioError naming the device and the rate when it does not.
+        ``rescan``: re-initialise PortAudio first, whose device list is otherwise the one it saw at start (the
+        way sounddevice's author gives for hot-plugging; safe here, no stream of this process is open)."""
+        sd = import_sounddevice()
+        if rescan and hasattr(sd, "_terminate") and hasattr(sd, "_initialize"):
+            try:
+                sd._terminate()
+                sd._initialize()
+            except Exception as exc:  # the open below then says what is wrong
+                log.debug("re-initialising PortAudio: %s", exc)
+        device = resolve_input_device(self.cfg.audio.device)
+        stream = None
+        try:
+            stream = sd.InputStream(samplerate=self.sample_rate, channels=1, dtype="float32",
+                                    blocksize=self.blocksize, device=device, callback=self._callback)
+            self.last_block = time.monotonic()
+            stream.start()
+        except Exception as exc:
+            if stream is not None:
+                _close(stream)
+            raise AudioError(f"cannot open the input device {self.cfg.audio.device or '(default)'} at "
+                             f"{self.sample_rate} Hz: {exc} (set audio.sample_rate to a rate it offers; "
+                             f"`fedser-edge devices` lists them)") from exc
+        with self._stream_lock:
+            if self._stop.is_set():  # stopped meanwhile: nobody would close it
+                stream, keep = None, stream
+            else:
+                keep = None
+                self._stream = stream
+        if keep is not None:
+            _close(keep)
+
+    def _take_stream(self):
+        with self._stream_lock:
+            stream, self._stream = self._stream, None
+        return stream
+
+    def _keep_input(self) -> None:
+        """The input keeper's thread: :meth:`check_input` every 0.2 s (its reports wait for :meth:`watch`). Its
+        own thread, since closing or opening a stream on a sound server that hangs can block for as long as it
+        hangs (measured: a stopped PulseAudio held ``abort`` until it went on), and listen must not."""
+        while not self._stop.wait(0.2):
+            try:
+                self.check_input()
+            except Exception:  # never the end of the keeper: the next round tries again
+                log.exception("checking the input")
+
+    def check_input(self, now: float | None = None) -> dict | None:
+        """One round of keeping the microphone open (the keeper thread calls it; tests may too).
+
+        The input is lost when its stream ended (PortAudio ends it when the device goes away) or no block came
+        for ``audio.stall_seconds``: the stream is dropped (closed in the background) and reopened every 1, 2,
+        4 ... 30 s until it opens. Reports ``{"input": "lost", "reason": ...}`` at the loss and ``{"input":
+        "restored", "after_seconds": ...}`` at the return to :meth:`watch` (and returns the report, else None).
+        Nothing to do for a file source."""
+        if not self._microphone or self._stop.is_set():
+            return None
+        now = time.monotonic() if now is None else now
+        if self._lost_since is None:
+            stream = self._stream
+            quiet = now - self.last_block
+            if stream is not None and stream.active and quiet < self.cfg.audio.stall_seconds:
+                return None
+            reason = (f"no audio from the input for {quiet:.0f} s" if stream is not None and stream.active
+                      else "the input stream ended (device unplugged or the sound server stopped?)")
+            self._lost_since, self._reopen_at, self._reopen_tries = now, now + 1.0, 0
+            self.input_losses += 1
+            log.warning("%s: reopening %s", reason, self.cfg.audio.device or "the default input")
+            event = {"input": "lost", "reason": reason}
+            self._events.put(event)  # before the close, which may block
+            lost = self._take_stream()
+            if lost is not None:
+                _close(lost)
+            return event
+        if now < self._reopen_at:
+            return None
+        try:
+            self._open_stream(rescan=True)
+        except Exception as exc:  # AudioError mostly; PortAudio's own errors while it re-initialises too
+            self._reopen_tries += 1
+            self._reopen_at = time.monotonic() + min(30.0, 2.0 ** self._reopen_tries)
+            log.info("input still missing (%s); next try in %.0f s", exc, self._reopen_at - now)
+            return None
+        after, self._lost_since = time.monotonic() - self._lost_since, None
+        self.input_restarts += 1
+        log.warning("input %s is back after %.0f s", self.cfg.audio.device or "(default)", after)
+        event = {"input": "restored", "after_seconds": round(after, 1)}
+        self._events.put(event)
+        return event
+
+    def watch(self) -> list[dict]:
+        """What the input keeper reported since the last call (the input lost, the input back), oldest first;
+        the listen loop prints them. Never blocks."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
     def stop(self, timeout: float = 30.0) -> dict:
-        if self._stream is not None:
-            # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and an
-            # input stream has nothing pending worth waiting for. (A CI run's `listen` still running 60 s after
-            # SIGINT was first blamed on that wait; the cause was SIGINT ignored from the start: edge_sdk/cli.py.)
-            self._stream.abort()
-            self._stream.close()
-            self._stream = None
         self._stop.set()
+        stream = self._take_stream()
+        if stream is not None:
+            _close(stream, wait=5.0)
+        if self._keeper is not None:
+            self._keeper.join(5.0)  # a keeper blocked on a hung sound server is a daemon thread: not waited for
         if self._worker is not None:
             self._worker.join(timeout)
         return self.stats()
@@ -260,4 +373,32 @@ class Listener:
     def stats(self) -> dict:
         return {"blocks": self.blocks, "dropped_blocks": self.dropped_blocks, "input_overflows": self.overflows,
                 "utterances": self.segmenter.utterances, "too_short": self.segmenter.too_short,
-                "predictions": self.predictions, "errors": self.errors, "queued": self.queue.qsize()}
+                "predictions": self.predictions, "errors": self.errors, "queued": self.queue.qsize(),
+                "input_losses": self.input_losses, "input_restarts": self.input_restarts,
+                "input_lost": self._lost_since is not None}
+
+
+def _close(stream, wait: float | None = None) -> None:
+    """Abort and close a PortAudio stream; with ``wait``, in a daemon thread waited for at most that long (a
+    stream on a hung sound server can block in abort until the server goes on)."""
+    def close():
+        try:
+            # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and an
+            # input stream has nothing pending worth waiting for. (A CI run's `listen` still running 60 s after
+            # SIGINT was first blamed on that wait; the cause was SIGINT ignored from the start: edge_sdk/cli.py.)
+            stream.abort()
+        except Exception as exc:  # a device already gone may refuse; the stream is dropped either way
+            log.debug("aborting the input stream: %s", exc)
+        try:
+            stream.close()
+        except Exception as exc:
+            log.debug("closing the input stream: %s", exc)
+
+    if wait is None:
+        close()
+        return
+    closer = threading.Thread(target=close, name="fedser-input-close", daemon=True)
+    closer.start()
+    closer.join(wait)
+    if closer.is_alive():
+        log.warning("the input stream did not close within %.0f s (the sound server hangs?); left behind", wait)

@@ -30,6 +30,9 @@ def test_toml_then_environment_overrides(tmp_path):
     ("[feedback]\nmode = 'email'\n", {}, "feedback.mode"),
     ("[segmenter]\nmin_seconds = 9.0\n", {}, "min_seconds < max_seconds"),
     ("not toml [", {}, "not valid TOML"),
+    ("[audio]\nstall_seconds = 0.5\n", {}, "audio.stall_seconds must be 1 to 3600, got 0.5"),
+    ("", {"FEDSER_EDGE_AUDIO_STALL_SECONDS": "nan"}, "audio.stall_seconds must be 1 to 3600, got nan"),
+    ("[training]\nthreads = 0\n", {}, "training.threads must be -1 .* or an integer in 1..64, got 0"),
     ("", {"FEDSER_EDGE_TRAINING_EPOCHS": "many"}, "FEDSER_EDGE_TRAINING_EPOCHS: training.epochs must be int"),
 ])
 def test_bad_config_names_what_is_wrong(tmp_path, text, env, message):

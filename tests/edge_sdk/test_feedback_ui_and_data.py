@@ -369,3 +369,38 @@ def test_answers_stored_by_older_sdks_are_read_as_thumbs_up(tmp_path):
     assert store.personal_accuracy()["right"] == 1
     assert {e.prediction_id: (e.kind, e.target) for e in store.examples()} == {"a": ("up", "happy"),
                                                                                "b": ("label", "sad")}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_says_when_the_microphone_is_lost_and_when_it_is_back(device, clips, tmp_path):
+    """The listener's stats (``input_lost``, set by the input keeper: tests/edge_sdk/test_microphone.py) reach the
+    page: a banner while the microphone is being reopened, gone once it is back; the list is untouched."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    pred = device.classify_file(clips[0])
+    state = {"input_lost": True, "input_losses": 1, "input_restarts": 0}
+    server = FeedbackServer(device, port=free_port(), stats=lambda: dict(state)).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True).new_page()
+            page.goto(server.url)
+            page.wait_for_selector(f'.pred[data-id="{pred.id}"]')
+            page.wait_for_selector("#mic:not(:empty)")
+            assert "microphone stopped" in page.inner_text("#mic")
+            assert _tofu_free(page.inner_text("#mic"))
+            page.screenshot(path=str(tmp_path / "feedback-mic-lost.png"))
+            state.update(input_lost=False, input_restarts=1)
+            page.wait_for_selector("#mic:empty", state="attached", timeout=10_000)  # (the CSP forbids eval)
+            assert page.locator(f'.pred[data-id="{pred.id}"]').count() == 1
+            browser.close()
+    finally:
+        server.stop()
+    assert (tmp_path / "feedback-mic-lost.png").stat().st_size > 10_000
+    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copy(tmp_path / "feedback-mic-lost.png", artifacts)

@@ -133,3 +133,83 @@ def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, 
         assert heard["label"] == read["label"], (rate, heard["probs"], read["probs"])
         diff = max(abs(heard["probs"][k] - read["probs"][k]) for k in read["probs"])
         assert diff < 0.1, (heard["probs"], read["probs"])
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_listen_reopens_an_input_that_went_away_and_hears_again(null_sink, synthetic_clips, tmp_path, how):
+    """The sound server (standing in for a USB microphone pulled out) dies under a running listen (``killed``:
+    PortAudio ends the stream) or stops delivering (``frozen``, SIGSTOP: the stream stays open, no block comes for
+    audio.stall_seconds): listen says the input is lost and retries; the server comes back (a new one, or the same
+    one continued) with the same source, listen reopens it by name and classifies the next utterance. Without the
+    watchdog listen ran on, deaf."""
+    from edge_sdk.device import Device
+
+    if Device(tmp_path / "probe").model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor", "FEDSER_EDGE_AUDIO_STALL_SECONDS": "3"}
+    err_file = open(tmp_path / "listen.stderr", "w")  # noqa: SIM115 - closed below
+    listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
+                               "--input-device", "pulse", "--feedback", "none", "--seconds", "300"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout], daemon=True).start()
+    seen: list[dict] = []
+
+    def wait_for(pred, what: str, seconds: float = 90) -> dict:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
+                continue
+            if line.startswith("{"):
+                seen.append(json.loads(line))
+                if pred(seen[-1]):
+                    return seen[-1]
+        pytest.fail(f"no {what} within {seconds} s; printed {seen[-6:]}; stderr "
+                    + (tmp_path / "listen.stderr").read_text()[-2000:])
+
+    try:
+        deadline = time.monotonic() + 90
+        while not _recording(null_sink):
+            assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the listener never opened its input stream"
+            time.sleep(0.1)
+        server = int(subprocess.run([PULSEAUDIO, "--check", "-v"], env=null_sink, capture_output=True, text=True,
+                                    timeout=30).stderr.rsplit("PID", 1)[-1].strip(" .\n")) if how == "frozen" else 0
+        if how == "killed":
+            subprocess.run([PULSEAUDIO, "--kill"], env=null_sink, capture_output=True, timeout=30)
+        else:
+            os.kill(server, signal.SIGSTOP)
+        lost = wait_for(lambda x: x.get("input") == "lost", "loss report", 30)
+        assert ("ended" if how == "killed" else "no audio from the input for") in lost["reason"], lost
+        time.sleep(2)  # gone for a while: at least one reopen fails
+        if how == "killed":
+            start = subprocess.run([PULSEAUDIO, "--daemonize=yes", "--exit-idle-time=-1", "-n",
+                                    "--load=module-native-protocol-unix",
+                                    "--load=module-null-sink sink_name=fedser_null", "--load=module-always-sink"],
+                                   env=null_sink, capture_output=True, text=True, timeout=30)
+            assert start.returncode == 0, start.stderr
+        else:
+            os.kill(server, signal.SIGCONT)
+        back = wait_for(lambda x: x.get("input") == "restored", "restored report", 90)
+        assert back["after_seconds"] >= 2
+        deadline = time.monotonic() + 30
+        while not _recording(null_sink):
+            assert time.monotonic() < deadline, "the reopened stream never ran"
+            time.sleep(0.1)
+        subprocess.run([PAPLAY, "--device=fedser_null", str(synthetic_clips[0].path)], env=null_sink, check=True,
+                       timeout=30)
+        time.sleep(1.5)
+        wait_for(lambda x: "label" in x, "prediction after the input came back", 60)
+        listen.send_signal(signal.SIGINT)
+        stats = wait_for(lambda x: "listen_stats" in x, "listen_stats", 60)["listen_stats"]
+        assert listen.wait(timeout=60) == 0
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.wait()
+        err_file.close()
+    assert stats["input_losses"] == 1 and stats["input_restarts"] == 1 and not stats["input_lost"], stats
+    assert "reopening" in (tmp_path / "listen.stderr").read_text()
