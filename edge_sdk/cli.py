@@ -285,7 +285,13 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             trained_at = min(trained_at, answered)  # answers removed (retention, wipe-data): count from what is left
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
             if (due or answered - trained_at >= cfg.training.min_new_feedback) and idle:
-                report = device.personalize(train_policy, cancel=stop.event)
+                try:
+                    report = device.personalize(train_policy, cancel=stop.event)
+                except FedserError as exc:  # a full disk: listening goes on; tried again after new answers
+                    logging.getLogger("edge_sdk").error("personalisation failed: %s", exc)
+                    print(json.dumps({"trained": {"status": "failed", "reason": str(exc)}}), flush=True)
+                    trained_at, due = answered, False
+                    continue
                 print(json.dumps({"trained": report.to_dict()}), flush=True)
                 if report.status == "cancelled":  # the answers count as untrained: the next start fits them
                     break

@@ -1680,21 +1680,21 @@ class Device:
         corrupt), with their digests. The device then serves the global head on its input features as they are.
         Waits for a personalisation under way. Returns the counts removed and the files' names."""
         with self._training_lock, self._serving_lock:
+            files = []  # first: removing them needs no room, and frees some on a full disk
+            for path in sorted(self.state_dir.glob("personal.*")):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    files.append(path.name)
+            if self.model is not None:
+                self._to_global(self.model)
+            self.input_affine = None
+            self.personalized = False
             for key in ("personal_head_sha256", "personal_head_sha256_prev", "personal_adapter_sha256",
                         "personal_input_sha256", "personal_input_sha256_prev", "personal_cv_report",
                         "personalised_on"):
                 self.store.set(key, "")
             self.store.set("trained_feedback", "0")  # listen's count of answers fitted
-            files = []
-            for path in sorted(self.state_dir.glob("personal.*")):
-                if path.is_file():
-                    path.unlink(missing_ok=True)
-                    files.append(path.name)
             removed = self.store.wipe()
-            if self.model is not None:
-                self._to_global(self.model)
-            self.input_affine = None
-            self.personalized = False
         return {**removed, "personal_files": files}
 
     def status(self) -> dict:

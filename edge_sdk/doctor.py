@@ -5,9 +5,9 @@
 Checks, in order: the configuration; the TFLite runtime and its version; the model the device would run
 (loaded in that runtime); PortAudio; the input devices and whether the configured one opens at the sample
 rate ``listen`` opens it at (and whether the model's rate would open); the state folder's owner and
-permissions; then, for an enrolled device, the aggregator reachable, the clock against the server's
-``Date`` header, and the current manifest fetched with a signed request and verified with the pinned
-server key (and the local copy against it). Nothing is written to the state folder.
+permissions, and the free space on its disk; then, for an enrolled device, the aggregator reachable, the
+clock against the server's ``Date`` header, and the current manifest fetched with a signed request and
+verified with the pinned server key (and the local copy against it). Nothing is written to the state folder.
 
 Each check is ``ok``, ``warn``, ``fail`` or ``skip``, with a one-line detail and, unless ok, a ``fix``.
 Exit status: 0 when nothing failed, 1 when a check failed, 2 on a usage error.
@@ -32,6 +32,9 @@ __all__ = ["Check", "run_checks", "add_parser", "main"]
 MIN_VERSIONS = {"ai_edge_litert": (2, 0), "tflite_runtime": (2, 14)}
 DISTRIBUTIONS = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}
 
+
+DISK_FAIL_BYTES = 5_000_000  # below this the state folder's file system fails the check (a model is ~2 MB)
+DISK_WARN_BYTES = 50_000_000
 
 @dataclass
 class Check:
@@ -264,6 +267,26 @@ class _Doctor:
         else:
             self.add("state folder", "ok", f"{state} (mode {mode:04o}, owned by this user{in_use})")
 
+    def disk_space(self) -> None:
+        """Room on the state folder's file system: the store grows with every prediction (no audio unless opted
+        in), personal files and models are rewritten whole. A full disk stops fedser storing answers."""
+        where = self.state if self.state.exists() else next((p for p in self.state.parents if p.exists()), Path("/"))
+        try:
+            st = os.statvfs(where)
+        except OSError as exc:
+            self.add("disk space", "warn", f"cannot read the free space of {where}: {exc}")
+            return
+        free = st.f_bavail * st.f_frsize
+        detail = f"{free / 1e6:.0f} MB free on the file system of {where}"
+        fix = ("free space there (old logs: journalctl --vacuum-size=50M; apt-get clean), or lower [privacy] "
+               "max_predictions")
+        if free < DISK_FAIL_BYTES:
+            self.add("disk space", "fail", detail + ": new predictions and answers cannot be stored", fix)
+        elif free < DISK_WARN_BYTES:
+            self.add("disk space", "warn", detail + ": nearly full", fix)
+        else:
+            self.add("disk space", "ok", detail)
+
     # -- server -----------------------------------------------------------------------------------------
     def server(self) -> None:
         import requests
@@ -386,6 +409,7 @@ class _Doctor:
             if sd is not None:
                 self.input_devices(sd)
         self.state_folder()
+        self.disk_space()
         self.server()
         return self.checks
 

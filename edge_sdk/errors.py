@@ -36,6 +36,11 @@ class SignatureError(WireFormatError):
     """A signature does not verify against the pinned or registered key."""
 
 
+class StorageFullError(FedserError):
+    """The disk holding the device's state is full: what was being written was not (and nothing was half-written).
+    The message names the folder, the space left and what to do."""
+
+
 class StateBusyError(FedserError):
     """Another process holds the device's state folder (:class:`edge_sdk.storage.StateLock`).
 

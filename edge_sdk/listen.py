@@ -36,7 +36,7 @@ import numpy as np
 
 from edge_sdk.audio import check_sample_rate, resample
 from edge_sdk.config import EdgeConfig, SegmenterConfig
-from edge_sdk.errors import AudioError, ParameterError, RuntimeUnavailableError
+from edge_sdk.errors import AudioError, FedserError, ParameterError, RuntimeUnavailableError
 
 log = logging.getLogger("edge_sdk")
 
@@ -233,6 +233,10 @@ class Listener:
             audio = resample(audio, self.sample_rate, self.model_rate())  # utterances are at most max_seconds
             pred = self.device.classify(audio, source="microphone",
                                         keep_audio=self.cfg.privacy.store_audio)
+        except FedserError as exc:  # a full disk, say: one line that says what to do, not a traceback
+            self.errors += 1
+            log.error("classification failed: %s", exc)
+            return
         except Exception:  # one bad utterance must not stop listening
             self.errors += 1
             log.exception("classification failed")

@@ -3,6 +3,7 @@ lock (:class:`StateLock`: one process at a time changes it)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,7 +11,36 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write", "StateLock", "LOCK_FILE", "MAX_LOCK_WAIT"]
+__all__ = ["atomic_write", "StateLock", "LOCK_FILE", "MAX_LOCK_WAIT", "storage_full", "is_full_error"]
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_full_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full: an OSError's ENOSPC/EDQUOT, or SQLite's
+    SQLITE_FULL ("database or disk is full")."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code == 13  # SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
+def storage_full(folder: str | os.PathLike, what: str, exc: BaseException | None = None):
+    """The :class:`~edge_sdk.errors.StorageFullError` for ``what`` not written to ``folder``: it names the
+    folder, the space left there and what to do."""
+    from edge_sdk.errors import StorageFullError
+
+    try:
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        left = f"{free / 1e6:.1f} MB free"
+    except OSError:
+        left = "free space unknown"
+    return StorageFullError(
+        f"the disk holding {folder} is full ({left}): {what} was not saved. Free some space on it (other files, "
+        "old logs; a lower [privacy] max_predictions keeps the store smaller); fedser goes on once there is room"
+        + (f" [{exc}]" if exc is not None else ""))
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:
@@ -29,11 +59,13 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if is_full_error(exc):
+            raise storage_full(path.parent, path.name, exc) from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -92,6 +124,8 @@ class StateLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as exc:
+            if is_full_error(exc):
+                raise storage_full(self.path.parent, f"the state folder's lock {LOCK_FILE}", exc) from exc
             raise FedserError(f"cannot open the state folder's lock {self.path}: {exc.strerror or exc}") from exc
         deadline = time.monotonic() + max(wait, _GRACE)
         while True:
@@ -108,8 +142,11 @@ class StateLock:
                 os.close(fd)
                 raise FedserError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         note = json.dumps({"pid": os.getpid(), "command": self.command, "since": round(time.time(), 3)}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, note, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
+        except OSError:  # a full disk: the lock holds without its note (a second process's message is vaguer)
+            pass
         self._fd = fd
         return self
 
@@ -121,6 +158,9 @@ class StateLock:
             return
         try:
             os.ftruncate(fd, 0)  # no note outlives its holder
+        except OSError:
+            pass
+        try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

@@ -115,12 +115,12 @@ class FeedbackStore:
             if self._conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                 self._migrate()
             elif self._conn.execute(f"SELECT EXISTS (SELECT 1 {_OLD_THUMBS_UP})").fetchone()[0]:
-                with _Transaction(self._conn, self._lock) as c:  # written by an older SDK since: a write, rarely
+                with self._tx() as c:  # written by an older SDK since: a write, rarely
                     c.execute(f"UPDATE feedback SET kind = 'up', label = NULL WHERE rowid IN (SELECT feedback.rowid "
                               f"{_OLD_THUMBS_UP})")
 
     def _migrate(self) -> None:
-        with _Transaction(self._conn, self._lock) as c:  # one write transaction; a second opener waits, then sees it
+        with self._tx() as c:  # one write transaction; a second opener waits, then sees it
             if c.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
                 return
             for statement in _SCHEMA.split(";"):
@@ -140,7 +140,7 @@ class FeedbackStore:
             self._conn.close()
 
     def _tx(self):
-        return _Transaction(self._conn, self._lock)
+        return _Transaction(self._conn, self._lock, self.path)
 
     # -- key/value state ------------------------------------------------------------------
     def get(self, key: str, default: str | None = None) -> str | None:
@@ -347,17 +347,27 @@ class FeedbackStore:
 
     def wipe(self) -> dict:
         """Delete every prediction, answer and pending update, and the weight deltas of updates already sent (their
-        sequence, state and the server's reply stay: what was sent, not what it held), and rewrite the file so
-        nothing lingers."""
-        with self._tx() as c:
-            preds = c.execute("DELETE FROM predictions").rowcount
-            pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
-            c.execute("UPDATE outbox SET envelope = x'' WHERE state != 'pending'")
-            # 'personal_examples' was written by SDKs before the update counted all answers; wiped if present
-            c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
-                      " OR key LIKE 'speaker_stats:%'")
+        sequence, state and the server's reply stay: what was sent, not what it held), with the deleted content
+        zeroed (``secure_delete``) and the file rewritten (VACUUM, skipped on a full disk: the zeroing holds)."""
         with self._lock:
-            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA secure_delete = ON")  # deleted content is zeroed, whether VACUUM runs or not
+            try:
+                with self._tx() as c:
+                    preds = c.execute("DELETE FROM predictions").rowcount
+                    pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
+                    c.execute("UPDATE outbox SET envelope = x'' WHERE state != 'pending'")
+                    # 'personal_examples' was written by SDKs before the update counted all answers
+                    c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
+                              " OR key LIKE 'speaker_stats:%'")
+            finally:
+                self._conn.execute("PRAGMA secure_delete = OFF")
+            try:
+                self._conn.execute("VACUUM")  # needs room for a copy of what is left: skipped on a full disk
+            except sqlite3.OperationalError as exc:
+                from edge_sdk.storage import is_full_error
+
+                if not is_full_error(exc):
+                    raise
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"predictions": preds, "pending_updates": pending}
 
@@ -420,16 +430,48 @@ class FeedbackStore:
 
 
 class _Transaction:
-    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
-        self._conn, self._lock = conn, lock
+    """One write transaction under the store's lock. A full disk (SQLITE_FULL, at any statement or the commit)
+    rolls it back and raises :class:`~edge_sdk.errors.StorageFullError` naming the folder and the space left."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock, path: Path | None = None) -> None:
+        self._conn, self._lock, self._path = conn, lock, path
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
-        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            self._lock.release()
+            self._full(exc)
+            raise
         return self._conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is not None:
+                self._rollback()
+                if isinstance(exc, sqlite3.OperationalError):
+                    self._full(exc)
+                return
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as commit_exc:
+                self._rollback()
+                self._full(commit_exc)
+                raise
         finally:
             self._lock.release()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.OperationalError:  # SQLite may have rolled back by itself (a full disk can)
+                pass
+
+    def _full(self, exc: sqlite3.OperationalError) -> None:
+        from edge_sdk.storage import is_full_error, storage_full
+
+        if is_full_error(exc):
+            folder = self._path.parent if self._path is not None else Path(".")
+            raise storage_full(folder, "a change to the device's store", exc) from exc

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge_sdk.errors import FedserError, ParameterError
+from edge_sdk.errors import FedserError, ParameterError, StorageFullError
 
 log = logging.getLogger("edge_sdk")
 
@@ -327,6 +327,8 @@ class FeedbackServer:
                                        f"{MAX_FIELD} characters), nothing else")
                     try:
                         server.device.feedback(data["id"], data["answer"])
+                    except StorageFullError as exc:  # not the request's fault: nothing stored, try again later
+                        raise _Refusal(507, "storage_full", str(exc)[:500]) from None
                     except FedserError as exc:
                         raise _Refusal(400, "refused", str(exc)[:500]) from None
                     self._json(200, {"stored": True, "accuracy": server.device.store.personal_accuracy()})
