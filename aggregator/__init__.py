@@ -16,7 +16,7 @@ from pathlib import Path
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["create_app", "ConfigError", "DEFAULTS"]
+__all__ = ["create_app", "ConfigError", "DEFAULTS", "storage_full"]
 
 log = logging.getLogger("aggregator")
 
@@ -223,7 +223,41 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
             audit_refusal(get_session(), 413, reason, f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
         return jsonify(error=reason, detail=exc.description), exc.code
 
+    from sqlalchemy.exc import DBAPIError
+
+    @app.errorhandler(DBAPIError)
+    def database_error(exc: DBAPIError):
+        """The database's disk is full (SQLite: SQLITE_FULL; PostgreSQL: SQLSTATE 53100 disk_full, or 53000
+        insufficient_resources): 507 with Retry-After, which devices treat as transient (their outbox keeps the
+        update and tries again with backoff); the transaction was rolled back, so nothing is half-stored. Counted
+        as ``fedser_http_requests_total{status="507"}`` (not in the refusals table: that write would fail too) and
+        logged. Any other database error stays a 500."""
+        if not storage_full(exc):
+            raise exc
+        from aggregator.db import get_session
+
+        try:
+            get_session().rollback()
+        except Exception:  # noqa: BLE001 - the session may be gone with the connection; the answer stands
+            pass
+        log.error("the database's disk is full: %s", str(exc.orig)[:300])
+        resp = jsonify(error="storage_full", detail="the server's database is out of disk space: nothing was "
+                       "stored; try again later (operators: free space on the database's disk)")
+        resp.headers["Retry-After"] = "300"
+        return resp, 507
+
     return app
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether a database error (SQLAlchemy's, or the driver's own) says its disk is full."""
+    orig = getattr(exc, "orig", exc)
+    if getattr(orig, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return True
+    if getattr(orig, "sqlstate", None) in ("53100", "53000"):  # psycopg: disk_full, insufficient_resources
+        return True
+    text = str(orig)
+    return "database or disk is full" in text or "No space left on device" in text
 
 
 def _import_legacy_blobs(store, folder: Path) -> None:
