@@ -213,6 +213,8 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     register_flask_commands(app)  # `flask --app aggregator status` and the rest of fedser-aggregator's commands
     openapi.install(app)
 
+    from sqlalchemy.exc import DBAPIError
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         reason = {413: "too_large"}.get(exc.code, exc.name.lower().replace(" ", "_"))
@@ -220,15 +222,18 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
             from aggregator.api.updates import audit_refusal
             from aggregator.db import get_session
 
-            audit_refusal(get_session(), 413, reason, f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
+            try:
+                audit_refusal(get_session(), 413, reason,
+                              f"body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
+            except DBAPIError as db_exc:  # a full disk: the refusal stands, unaudited (logged)
+                get_session().rollback()
+                log.error("413 not audited: %s", str(getattr(db_exc, "orig", db_exc))[:300])
         return jsonify(error=reason, detail=exc.description), exc.code
-
-    from sqlalchemy.exc import DBAPIError
 
     @app.errorhandler(DBAPIError)
     def database_error(exc: DBAPIError):
-        """The database's disk is full (SQLite: SQLITE_FULL; PostgreSQL: SQLSTATE 53100 disk_full, or 53000
-        insufficient_resources): 507 with Retry-After, which devices treat as transient (their outbox keeps the
+        """The database's disk is full (SQLite: SQLITE_FULL; PostgreSQL: SQLSTATE 53100 disk_full): 507 with
+        Retry-After, which devices treat as transient (their outbox keeps the
         update and tries again with backoff); the transaction was rolled back, so nothing is half-stored. Counted
         as ``fedser_http_requests_total{status="507"}`` (not in the refusals table: that write would fail too) and
         logged. Any other database error stays a 500."""
@@ -254,7 +259,7 @@ def storage_full(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
     if getattr(orig, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
         return True
-    if getattr(orig, "sqlstate", None) in ("53100", "53000"):  # psycopg: disk_full, insufficient_resources
+    if getattr(orig, "sqlstate", None) == "53100":  # psycopg: disk_full
         return True
     text = str(orig)
     return "database or disk is full" in text or "No space left on device" in text

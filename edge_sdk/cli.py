@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     lock = StateLock(args.state, command=f"fedser-edge {args.command}")
     try:
         if args.command in LOCKED_COMMANDS:
-            lock.acquire(wait=args.wait)
+            try:
+                lock.acquire(wait=args.wait)
+            except KeyboardInterrupt:  # Ctrl-C while waiting for the folder (--wait)
+                return 130
         return _run(args, lock)
     except StateBusyError as exc:
         print(f"fedser-edge: error: {exc}", file=sys.stderr)
@@ -194,7 +197,10 @@ def _run(args, lock) -> int:
     elif args.command == "export-data":
         data = json.dumps(device.store.export(), indent=1)
         if args.out:
-            args.out.write_text(data)
+            from edge_sdk.storage import atomic_write
+
+            # whole or not at all (a full disk: StorageFullError), readable by this user only: it is their data
+            atomic_write(args.out, data.encode(), mode=0o600)
             _out({"exported": str(args.out), "bytes": len(data)})
         else:
             print(data)

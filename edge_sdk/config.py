@@ -136,7 +136,7 @@ class EdgeConfig:
         s = self.segmenter
         if not 0 < s.min_seconds < s.max_seconds:
             raise ParameterError(f"segmenter needs 0 < min_seconds < max_seconds, got {s.min_seconds}, {s.max_seconds}")
-        from edge_sdk.model import MAX_INPUT_AFFINE_FROM, check_threads  # here: the doctor reads a broken install's
+        from edge_sdk.model import MAX_INPUT_AFFINE_FROM, check_threads  # here: doctor reads a broken install
 
         for name, value in (("threads", self.threads), ("training.threads", self.training.threads)):
             check_threads(name, value)

@@ -48,7 +48,7 @@ from edge_sdk.manifest import Manifest, SignedManifest
 from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata, TFLiteModel, bundled_model_paths, check_threads
 from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
-from edge_sdk.storage import atomic_write
+from edge_sdk.storage import atomic_write, is_full_error, storage_full
 from edge_sdk.store import FeedbackExample, FeedbackStore
 from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, canonical_json, pack_arrays, unpack_arrays
 
@@ -464,6 +464,8 @@ class Device:
             # Busy ("database is locked": another fedser process is writing), unable to open, disk full, I/O:
             # the file is not damaged, and moving it aside would split the device between two stores.
             _close_quietly(store)
+            if is_full_error(exc) or _disk_full(path.parent):  # SQLite says "disk I/O error" when -shm cannot grow
+                raise storage_full(path.parent, f"opening the store {path.name}", exc) from exc
             raise FedserError(f"the store {path} cannot be used now ({exc}); it was left as it is: if another "
                               "fedser-edge process is writing to it, try again in a moment") from exc
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", failed quick_check
@@ -1722,6 +1724,16 @@ def manifest_digest(manifest: Manifest) -> str:
 def _model_of(manifest: Manifest) -> tuple:
     """What the served weights depend on: the base and head files and the metadata (not created_at or metrics)."""
     return manifest.base.sha256, manifest.head.sha256, canonical_json(manifest.metadata.to_dict())
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has no block left for this user (SQLite reports a full disk at open
+    as SQLITE_IOERR when its shared-memory file cannot grow)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def _close_quietly(store: FeedbackStore | None) -> None:

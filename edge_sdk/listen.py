@@ -25,9 +25,11 @@ loss and the return, and ``stats`` counts them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -158,9 +160,15 @@ class Listener:
     ``on_prediction(prediction, audio)`` is called from the worker for each utterance.
     """
 
-    def __init__(self, device, cfg: EdgeConfig, on_prediction: Callable | None = None) -> None:
+    def __init__(self, device, cfg: EdgeConfig, on_prediction: Callable | None = None, *,
+                 rescan_devices: bool = True) -> None:
+        """``rescan_devices``: before each reopen of a lost input, re-initialise PortAudio so that a microphone
+        plugged back in is seen (PortAudio's device list is otherwise the one it read at start). That closes
+        every PortAudio stream of the process: a program with streams of its own passes False (and then finds a
+        replugged microphone only at its next start)."""
         self.device, self.cfg = device, cfg
         self.on_prediction = on_prediction
+        self.rescan_devices = bool(rescan_devices)
         try:
             self.sample_rate = check_sample_rate(cfg.audio.sample_rate, "audio.sample_rate")
         except ParameterError as exc:
@@ -233,20 +241,19 @@ class Listener:
             audio = resample(audio, self.sample_rate, self.model_rate())  # utterances are at most max_seconds
             pred = self.device.classify(audio, source="microphone",
                                         keep_audio=self.cfg.privacy.store_audio)
+            self.predictions += 1
+            if self.on_prediction is not None:  # (the CLI's enforces retention: a write too)
+                self.on_prediction(pred, audio)
         except FedserError as exc:  # a full disk, say: one line that says what to do, not a traceback
             self.errors += 1
             log.error("classification failed: %s", exc)
-            return
         except Exception:  # one bad utterance must not stop listening
             self.errors += 1
             log.exception("classification failed")
-            return
-        self.predictions += 1
-        if self.on_prediction is not None:
-            self.on_prediction(pred, audio)
 
     def start(self, *, microphone: bool = True) -> Listener:
         self._stop.clear()
+        self._lost_since = None  # a stop while the input was lost does not carry over
         self._worker = threading.Thread(target=self._run, name="fedser-listen", daemon=True)
         self._worker.start()
         self._microphone = microphone
@@ -264,15 +271,11 @@ class Listener:
     def _open_stream(self, *, rescan: bool = False) -> None:
         """Open and start the input stream, the device found again by its configured name (a USB microphone
         plugged back in may have another index); AudioError naming the device and the rate when it does not.
-        ``rescan``: re-initialise PortAudio first, whose device list is otherwise the one it saw at start (the
-        way sounddevice's author gives for hot-plugging; safe here, no stream of this process is open)."""
+        ``rescan``: re-initialise PortAudio first (unless ``rescan_devices`` is off), whose device list is
+        otherwise the one it saw at start (the way sounddevice's author gives for hot-plugging)."""
         sd = import_sounddevice()
-        if rescan and hasattr(sd, "_terminate") and hasattr(sd, "_initialize"):
-            try:
-                sd._terminate()
-                sd._initialize()
-            except Exception as exc:  # the open below then says what is wrong
-                log.debug("re-initialising PortAudio: %s", exc)
+        if rescan and self.rescan_devices:
+            _rescan_portaudio(sd)
         device = resolve_input_device(self.cfg.audio.device)
         stream = None
         try:
@@ -370,6 +373,10 @@ class Listener:
             _close(stream, wait=5.0)
         if self._keeper is not None:
             self._keeper.join(5.0)  # a keeper blocked on a hung sound server is a daemon thread: not waited for
+        if self._microphone:
+            # This process's streams are closed (or left behind, stuck): PortAudio's exit handler has nothing left
+            # to do but could hang on a stuck one (Pa_Terminate joins its thread), after the stats were printed.
+            _skip_portaudio_exit_handler(stuck=self._keeper is not None and self._keeper.is_alive())
         if self._worker is not None:
             self._worker.join(timeout)
         return self.stats()
@@ -406,3 +413,32 @@ def _close(stream, wait: float | None = None) -> None:
     closer.join(wait)
     if closer.is_alive():
         log.warning("the input stream did not close within %.0f s (the sound server hangs?); left behind", wait)
+        _skip_portaudio_exit_handler(stuck=True)
+
+
+def _skip_portaudio_exit_handler(*, stuck: bool = False) -> None:
+    """sounddevice's exit handler (Pa_Terminate, which closes every stream and joins its thread) would hang the
+    process at exit on a stream stuck on a hung sound server, after listen printed its stats, until systemd kills
+    it. Once the listener's streams are closed (or given up on) the process ends without it; the OS frees what
+    PortAudio held."""
+    sd = sys.modules.get("sounddevice")
+    handler = getattr(sd, "_exit_handler", None)
+    if handler is not None:
+        atexit.unregister(handler)
+        if stuck:
+            log.warning("PortAudio is not terminated at exit: a stream is stuck on the sound server")
+
+
+def _rescan_portaudio(sd) -> None:
+    """Terminate and initialise PortAudio again (every nested initialisation), so its device list is read anew.
+    Each step on its own: an initialise that failed once is tried again at the next reopen, not skipped forever."""
+    try:
+        while getattr(sd, "_initialized", 0) > 0:
+            sd._terminate()
+    except Exception as exc:  # noqa: BLE001 - PortAudio's own errors; the initialise below is still tried
+        log.debug("terminating PortAudio: %s", exc)
+    if getattr(sd, "_initialized", 0) <= 0:
+        try:
+            sd._initialize()
+        except Exception as exc:  # noqa: BLE001 - the open after it says what is wrong
+            log.debug("initialising PortAudio: %s", exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import tempfile
 import time
@@ -50,8 +49,13 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> 
     never readable by others, not even for an instant.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_full_error(exc):
+            raise storage_full(path.parent, path.name, exc) from exc
+        raise
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
@@ -77,6 +81,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> 
 LOCK_FILE = "device.lock"
 _HOLDER_MAX = 4096  # bytes read of the holder's note: it is a file on the device's disk, read within bounds
 MAX_LOCK_WAIT = 86400.0  # seconds a caller may wait for the folder
+_YEAR_2100 = 4102444800.0  # the note's start time is a Unix time before this (a Pi's clock may be far off)
 _GRACE = 0.5  # seconds even wait=0 retries: StateLock.busy() (status, doctor) holds a shared lock for an instant
 
 
@@ -191,8 +196,8 @@ class StateLock:
             return None
         if not isinstance(command, str) or not command.isprintable() or len(command) > 200:
             return None
-        if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
-            return None
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or not 0 <= since < _YEAR_2100:
+            return None  # (NaN fails too)
         return {"pid": pid, "command": command, "since": float(since)}
 
     def busy(self) -> dict | None:

@@ -109,6 +109,9 @@ class FeedbackStore:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            # What is deleted (retention, wipe-data) is zeroed in the file, not only unlinked from its b-tree:
+            # the user's answers and features do not linger in free pages until a VACUUM that may never run.
+            self._conn.execute("PRAGMA secure_delete=ON")
             self._conn.execute("PRAGMA foreign_keys=ON")
             # Schema and migrations write only when the file is behind _SCHEMA_VERSION: opening an up-to-date
             # store (every CLI command, while `listen` runs) only reads, so it never waits for the write lock.
@@ -348,19 +351,17 @@ class FeedbackStore:
     def wipe(self) -> dict:
         """Delete every prediction, answer and pending update, and the weight deltas of updates already sent (their
         sequence, state and the server's reply stay: what was sent, not what it held), with the deleted content
-        zeroed (``secure_delete``) and the file rewritten (VACUUM, skipped on a full disk: the zeroing holds)."""
+        zeroed (``secure_delete``, on for every deletion) and the file rewritten and shrunk (VACUUM; skipped on a
+        full disk, ``"vacuumed": false``: the zeroing holds)."""
         with self._lock:
-            self._conn.execute("PRAGMA secure_delete = ON")  # deleted content is zeroed, whether VACUUM runs or not
-            try:
-                with self._tx() as c:
-                    preds = c.execute("DELETE FROM predictions").rowcount
-                    pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
-                    c.execute("UPDATE outbox SET envelope = x'' WHERE state != 'pending'")
-                    # 'personal_examples' was written by SDKs before the update counted all answers
-                    c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
-                              " OR key LIKE 'speaker_stats:%'")
-            finally:
-                self._conn.execute("PRAGMA secure_delete = OFF")
+            with self._tx() as c:  # secure_delete (on since open): what is deleted is zeroed
+                preds = c.execute("DELETE FROM predictions").rowcount
+                pending = c.execute("DELETE FROM outbox WHERE state = 'pending'").rowcount
+                c.execute("UPDATE outbox SET envelope = x'' WHERE state != 'pending'")
+                # 'personal_examples' was written by SDKs before the update counted all answers
+                c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
+                          " OR key LIKE 'speaker_stats:%'")
+            vacuumed = True
             try:
                 self._conn.execute("VACUUM")  # needs room for a copy of what is left: skipped on a full disk
             except sqlite3.OperationalError as exc:
@@ -368,8 +369,9 @@ class FeedbackStore:
 
                 if not is_full_error(exc):
                     raise
+                vacuumed = False
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return {"predictions": preds, "pending_updates": pending}
+        return {"predictions": preds, "pending_updates": pending, "vacuumed": vacuumed}
 
     # -- outbox ---------------------------------------------------------------------------
     def next_sequence(self) -> int:

@@ -61,6 +61,9 @@ def test_an_update_to_a_server_whose_disk_is_full_waits_in_the_outbox_and_lands_
                           headers={"Content-Type": "application/octet-stream"}, timeout=60)
         assert r.status_code == 507 and r.headers["Retry-After"] == "300", r.text
         assert r.json()["error"] == "storage_full"
+        big = requests.post(f"{agg.base_url}/api/v1/updates", data=b"\0" * (8 * 1024 * 1024 + 1),
+                            headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert big.status_code in (413, 507), big.text  # refused either way (too large, or no room), never a 500
         metrics = requests.get(f"{agg.base_url}/metrics", headers=agg.auth, timeout=60)
         if metrics.status_code == 200:  # what an operator's alert reads (it may be refused on a full disk itself)
             assert 'status="507"' in metrics.text

@@ -154,6 +154,7 @@ def test_listen_reopens_an_input_that_went_away_and_hears_again(null_sink, synth
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout], daemon=True).start()
     seen: list[dict] = []
+    server = 0
 
     def wait_for(pred, what: str, seconds: float = 90) -> dict:
         deadline = time.monotonic() + seconds
@@ -176,8 +177,7 @@ def test_listen_reopens_an_input_that_went_away_and_hears_again(null_sink, synth
             assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
             assert time.monotonic() < deadline, "the listener never opened its input stream"
             time.sleep(0.1)
-        server = int(subprocess.run([PULSEAUDIO, "--check", "-v"], env=null_sink, capture_output=True, text=True,
-                                    timeout=30).stderr.rsplit("PID", 1)[-1].strip(" .\n")) if how == "frozen" else 0
+        server = _server_pid(null_sink) if how == "frozen" else 0
         if how == "killed":
             subprocess.run([PULSEAUDIO, "--kill"], env=null_sink, capture_output=True, timeout=30)
         else:
@@ -207,9 +207,56 @@ def test_listen_reopens_an_input_that_went_away_and_hears_again(null_sink, synth
         stats = wait_for(lambda x: "listen_stats" in x, "listen_stats", 60)["listen_stats"]
         assert listen.wait(timeout=60) == 0
     finally:
+        if server:
+            os.kill(server, signal.SIGCONT)  # never leave a stopped server behind (a failure above)
         if listen.poll() is None:
             listen.kill()
             listen.wait()
         err_file.close()
     assert stats["input_losses"] == 1 and stats["input_restarts"] == 1 and not stats["input_lost"], stats
     assert "reopening" in (tmp_path / "listen.stderr").read_text()
+
+
+def _server_pid(env) -> int:
+    out = subprocess.run([PULSEAUDIO, "--check", "-v"], env=env, capture_output=True, text=True, timeout=30).stderr
+    return int(out.rsplit("PID", 1)[-1].strip(" .\n"))
+
+
+@pytest.mark.parametrize("when", ["before the loss is seen", "while reopening"])
+def test_listen_stops_at_once_even_on_a_hung_sound_server(null_sink, tmp_path, when):
+    """SIGINT to listen while the sound server is frozen (SIGSTOP): closing its stream blocks, so it is left behind
+    after 5 s, and the process must still end (it hung in PortAudio's exit handler before: review finding)."""
+    from edge_sdk.device import Device
+
+    if Device(tmp_path / "probe").model is None:
+        pytest.skip("no bundled model in edge_sdk/data")
+    env = {**null_sink, "PULSE_SOURCE": "fedser_null.monitor", "FEDSER_EDGE_AUDIO_STALL_SECONDS": "2",
+           "PYTHONFAULTHANDLER": "1"}  # a hang is ended with SIGABRT below: every thread's stack
+    listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "dev"), "listen",
+                               "--input-device", "pulse", "--feedback", "none", "--seconds", "300"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = _server_pid(null_sink)
+    try:
+        deadline = time.monotonic() + 90
+        while not _recording(null_sink):
+            assert listen.poll() is None and time.monotonic() < deadline, "the listener never opened its stream"
+            time.sleep(0.1)
+        os.kill(server, signal.SIGSTOP)
+        time.sleep(0.5 if when.startswith("before") else 5)  # 5 s: lost after 2, the keeper blocked closing it
+        listen.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            out, err = listen.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            listen.send_signal(signal.SIGABRT)
+            out, err = listen.communicate(timeout=30)
+            pytest.fail(f"listen still ran 30 s after SIGINT with the sound server frozen; printed {out[-500:]}; "
+                        f"its stacks and stderr:\n{err[-6000:]}")
+        assert time.monotonic() - started < 20
+        assert listen.returncode == 0, err[-2000:]
+        assert "listen_stats" in out.strip().splitlines()[-1]
+    finally:
+        os.kill(server, signal.SIGCONT)
+        if listen.poll() is None:
+            listen.kill()
+            listen.communicate()

@@ -70,3 +70,32 @@ def test_a_new_update_supersedes_the_pending_ones_in_one_transaction(tmp_path):
     replies = {i.seq: (i.state, i.attempts) for i in store.outbox_items()}
     assert replies == {1: ("rejected", 1), 2: ("rejected", 1), 3: ("pending", 0)}
     store.close()
+
+
+def test_what_retention_deletes_is_zeroed_in_the_file_without_a_vacuum(tmp_path):
+    """secure_delete is on for every deletion: a prediction retention removed leaves none of its bytes in the
+    store's files (the WAL checkpointed), though no VACUUM ran."""
+    import sqlite3
+
+    store = FeedbackStore(tmp_path / "fedser.db")
+    marks = []
+    for i in range(6):
+        mark = np.frombuffer(f"feature-of-user-{i:04d}".encode().ljust(64, b"#"), np.float32).copy()
+        marks.append(mark.tobytes())
+        store.add_prediction(prediction_id=f"p{i:04d}", model_version=0, label="sad", probs=np.ones(4) / 4,
+                             embedding=np.tile(mark, 4), features=None, latency_ms=1.0)
+    assert store.enforce_retention(max_predictions=2) == 4
+    with store._lock:
+        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("fedser.db*"))
+    assert all(m not in raw for m in marks[:4]) and all(m in raw for m in marks[4:])
+    store.close()
+    off = sqlite3.connect(str(tmp_path / "plain.db"))  # the control: without secure_delete the bytes stay
+    off.execute("PRAGMA secure_delete=OFF")
+    off.execute("CREATE TABLE t (b BLOB)")
+    off.execute("INSERT INTO t VALUES (?)", (marks[0] * 4,))
+    off.commit()
+    off.execute("DELETE FROM t")
+    off.commit()
+    off.close()
+    assert marks[0] in (tmp_path / "plain.db").read_bytes()
