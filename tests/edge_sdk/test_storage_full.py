@@ -109,6 +109,13 @@ def test_the_cli_the_page_listen_and_doctor_on_a_full_disk(small_disk, synthetic
     classified = subprocess.run([*cli, "classify", clip], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert classified.returncode == 2 and "Traceback" not in classified.stderr, classified.stderr[-2000:]
     assert f"error: the disk holding {state} is full" in classified.stderr
+    for command in (["status"], ["export-data"]):  # reading works on a full disk (the store is open here)
+        run = subprocess.run([*cli, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (command, run.stderr[-2000:])
+    export = subprocess.run([*cli, "export-data", "--out", str(where / "mine.json")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert export.returncode == 2 and "is full" in export.stderr and "Traceback" not in export.stderr, export.stderr
+    assert not (where / "mine.json").exists() and not list(where.glob(".mine.json*"))  # nothing partial
     listened = subprocess.run([*cli, "-v", "listen", "--feedback", "none", "--file", clip], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert listened.returncode == 0, listened.stderr[-2000:]
@@ -155,3 +162,22 @@ def test_wipe_data_on_a_full_disk_removes_what_it_can_and_finishes_once_there_is
     assert wiped["predictions"] in (0, 25) and set(wiped["personal_files"]) <= set(personal)
     raw = (state / "fedser.db").read_bytes()
     assert ids[0].encode() not in raw  # zeroed, not only unlinked from the b-tree
+
+
+def test_a_store_closed_before_the_disk_filled_cannot_open_and_says_the_disk_is_full(small_disk):
+    """Opening needs room for SQLite's -wal and -shm files; it reports SQLITE_IOERR, which is not the store's
+    damage: the device says the disk is full and leaves the store as it is (review finding)."""
+    where, fill, free = small_disk
+    state = where / "dev"
+    dev, ids = _answered(state, n=3)
+    dev.store.close()
+    fill()
+    with pytest.raises(StorageFullError, match="is full"):
+        Device(state)
+    run = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "status"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "is full" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert not list(state.glob("fedser.db.corrupt*"))  # not taken for damage
+    free()
+    again = Device(state)
+    assert len(again.store.examples()) == 3 and again.problems == []
