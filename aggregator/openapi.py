@@ -33,7 +33,10 @@ def _errors(*codes: int) -> dict:
             413: "Body larger than MAX_CONTENT_LENGTH (8 MiB by default; also when sent chunked)",
             416: "Range not satisfiable",
             422: "Well-formed but refused (layout, values, norm, model, validation gate)",
-            429: "Rate limited (RATE_LIMIT_PER_HOUR posts a device an hour)"}
+            429: "Rate limited (RATE_LIMIT_PER_HOUR posts a device an hour)",
+            503: "The round's lock was not had in INTAKE_LOCK_TIMEOUT_SECONDS (`lock_timeout`, with Retry-After): post "
+                 "again",
+            507: "The database's disk is full (`storage_full`, with Retry-After): nothing stored; post again later"}
     return {str(c): _resp(text[c], _ERROR) for c in codes}
 
 
@@ -117,7 +120,7 @@ def document() -> dict:
                 "responses": {"202": _resp("Accepted and committed", {"$ref": "#/components/schemas/Accepted"}),
                               "200": _resp("Already accepted earlier (idempotent retry)",
                                            {"$ref": "#/components/schemas/Accepted"}),
-                              **_errors(400, 401, 403, 409, 413, 422, 429)}}},
+                              **_errors(400, 401, 403, 409, 413, 422, 429, 503, 507)}}},
             "/api/v1/manifest": {"get": {"summary": "Current signed manifest", **manifest_get}},
             "/api/v1/manifest/{version}": {"get": {
                 "summary": "Signed manifest of any version",

@@ -40,21 +40,28 @@ def _fill(where) -> None:
                 pass
 
 
+def _refused_for_a_full_disk(agg, tmp_path, disk):
+    """The bundled model published, a device enrolled (its own disk is not the server's) with 5 answers, the
+    server's disk filled, one sync: its update is refused 507 storage_full and stays in the outbox."""
+    assert agg.publish(ModelFiles(*bundled_model_paths())) == 1
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    for i in range(5):
+        pred = dev.classify(clip(i))
+        dev.feedback(pred.id, LABELS[i % 4])
+    _fill(disk)
+    report = dev.sync()
+    assert report.accepted == [] and report.still_pending == 1, report.to_dict()
+    assert "507" in report.error and "storage_full" in report.error, report.error
+    return dev
+
+
 def test_an_update_to_a_server_whose_disk_is_full_waits_in_the_outbox_and_lands_later(tmp_path):
     disk = tmp_path / "disk"
     _mount(disk, "24m")
     agg = None
     try:
         agg = start_live_aggregator(disk / "srv", min_updates=2, workers=0)
-        assert agg.publish(ModelFiles(*bundled_model_paths())) == 1
-        dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)  # the device's own disk is not the server's
-        for i in range(5):
-            pred = dev.classify(clip(i))
-            dev.feedback(pred.id, LABELS[i % 4])
-        _fill(disk)
-        report = dev.sync()
-        assert report.accepted == [] and report.still_pending == 1, report.to_dict()
-        assert "507" in report.error and "storage_full" in report.error, report.error
+        dev = _refused_for_a_full_disk(agg, tmp_path, disk)
         pending = dev.store.pending()
         assert len(pending) == 1 and pending[0].attempts == 1  # kept, with a later retry
         r = requests.post(f"{agg.base_url}/api/v1/updates", data=pending[0].envelope,
@@ -128,15 +135,7 @@ def test_the_same_on_postgresql_with_the_database_on_a_full_disk(tmp_path):
         admin.execute(f'CREATE DATABASE "{name}" TABLESPACE {space}')
         url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
         agg = start_live_aggregator(tmp_path / "srv", min_updates=2, workers=0, database_url=url)
-        assert agg.publish(ModelFiles(*bundled_model_paths())) == 1
-        dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
-        for i in range(5):
-            pred = dev.classify(clip(i))
-            dev.feedback(pred.id, LABELS[i % 4])
-        _fill(disk)
-        report = dev.sync()
-        assert report.accepted == [] and report.still_pending == 1, report.to_dict()
-        assert "507" in report.error and "storage_full" in report.error, report.error
+        dev = _refused_for_a_full_disk(agg, tmp_path, disk)
         assert agg.process.poll() is None
         (disk / "filler").unlink()
         for item in dev.store.pending():

@@ -38,6 +38,15 @@ def null_sink(tmp_path):
     subprocess.run([PULSEAUDIO, "--kill"], env=env, capture_output=True, timeout=30)
 
 
+def _wait_recording(env, listen, stderr=None, seconds: float = 90) -> None:
+    """Until PulseAudio has the listener's recording stream on the monitor, running (not corked)."""
+    deadline = time.monotonic() + seconds
+    while not _recording(env):
+        assert listen.poll() is None, stderr.read_text()[-2000:] if stderr else "listen ended"
+        assert time.monotonic() < deadline, "the listener never opened its input stream"
+        time.sleep(0.1)
+
+
 def _recording(env) -> bool:
     """Whether a client records from the null sink's monitor and its stream is running."""
     out = subprocess.run([PACTL, "list", "source-outputs"], env=env, capture_output=True, text=True,
@@ -64,12 +73,7 @@ def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, 
     reader = threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout], daemon=True)
     reader.start()
     try:
-        # ready when PulseAudio has the listener's recording stream on the monitor, running (not corked)
-        deadline = time.monotonic() + 90
-        while not _recording(null_sink):
-            assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the listener never opened its input stream"
-            time.sleep(0.1)
+        _wait_recording(null_sink, listen, tmp_path / "listen.stderr")
         root = default_ravdess_root()
         clips = ([root / "Actor_01" / "03-01-05-01-01-01-01.flac", root / "Actor_02" / "03-01-04-01-01-01-02.flac"]
                  if root else [synthetic_clips[0].path, synthetic_clips[-1].path])
@@ -172,11 +176,7 @@ def test_listen_reopens_an_input_that_went_away_and_hears_again(null_sink, synth
                     + (tmp_path / "listen.stderr").read_text()[-2000:])
 
     try:
-        deadline = time.monotonic() + 90
-        while not _recording(null_sink):
-            assert listen.poll() is None, (tmp_path / "listen.stderr").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the listener never opened its input stream"
-            time.sleep(0.1)
+        _wait_recording(null_sink, listen, tmp_path / "listen.stderr")
         server = _server_pid(null_sink) if how == "frozen" else 0
         if how == "killed":
             subprocess.run([PULSEAUDIO, "--kill"], env=null_sink, capture_output=True, timeout=30)
@@ -237,10 +237,7 @@ def test_listen_stops_at_once_even_on_a_hung_sound_server(null_sink, tmp_path, w
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     server = _server_pid(null_sink)
     try:
-        deadline = time.monotonic() + 90
-        while not _recording(null_sink):
-            assert listen.poll() is None and time.monotonic() < deadline, "the listener never opened its stream"
-            time.sleep(0.1)
+        _wait_recording(null_sink, listen)
         os.kill(server, signal.SIGSTOP)
         time.sleep(0.5 if when.startswith("before") else 5)  # 5 s: lost after 2, the keeper blocked closing it
         listen.send_signal(signal.SIGINT)
