@@ -6,7 +6,8 @@
 #   scripts/pi-check.sh --runtimes ai-edge-litert one runtime (ai-edge-litert, tflite-runtime)
 #   scripts/pi-check.sh --build-only              only build (or find) the cached root file systems
 #   scripts/pi-check.sh --affine                  personalize() with the bundled model's input affine, not the
-#                                                 head only (about 40 minutes more under emulation on 2 cores)
+#                                                 head only (about 90 minutes more under emulation on 2 shared
+#                                                 cores: measured in stop 24, docs/raspberry-pi.md)
 #   scripts/pi-check.sh --wheel-from REV          check the wheel of a git revision (e.g. one before a fix, to see
 #                                                 the check fail) instead of the working tree's
 #
