@@ -79,7 +79,8 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path):
 @pytest.mark.parametrize("note", [b"x" * 1_000_000, b"\xff\xfe not utf-8", b"[1, 2]", b'{"pid": "1", "command": "x"}',
                                   b'{"pid": 0, "command": "x", "since": 1}',
                                   b'{"pid": 12, "command": "a\\u001b[2Jb", "since": 1}',
-                                  b'{"pid": 12, "command": "x", "since": NaN}'])
+                                  b'{"pid": 12, "command": "x", "since": NaN}',
+                                  b'{"pid": 12, "command": "x", "since": 1e20}'])
 def test_a_damaged_note_only_makes_the_message_vaguer(tmp_path, note):
     import fcntl
 
