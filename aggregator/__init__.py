@@ -255,14 +255,12 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
 
 
 def storage_full(exc: BaseException) -> bool:
-    """Whether a database error (SQLAlchemy's, or the driver's own) says its disk is full."""
+    """Whether a database error (SQLAlchemy's, or the driver's own) says its disk is full: PostgreSQL's SQLSTATE
+    53100 (disk_full), else what :func:`edge_sdk.storage.is_full_error` recognises (SQLite's SQLITE_FULL, ENOSPC)."""
+    from edge_sdk.storage import is_full_error
+
     orig = getattr(exc, "orig", exc)
-    if getattr(orig, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
-        return True
-    if getattr(orig, "sqlstate", None) == "53100":  # psycopg: disk_full
-        return True
-    text = str(orig)
-    return "database or disk is full" in text or "No space left on device" in text
+    return getattr(orig, "sqlstate", None) == "53100" or is_full_error(orig)
 
 
 def _import_legacy_blobs(store, folder: Path) -> None:

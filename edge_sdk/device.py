@@ -48,7 +48,7 @@ from edge_sdk.manifest import Manifest, SignedManifest
 from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata, TFLiteModel, bundled_model_paths, check_threads
 from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
-from edge_sdk.storage import atomic_write, is_full_error, storage_full
+from edge_sdk.storage import atomic_write, free_bytes, is_full_error, storage_full
 from edge_sdk.store import FeedbackExample, FeedbackStore
 from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, canonical_json, pack_arrays, unpack_arrays
 
@@ -1729,11 +1729,8 @@ def _model_of(manifest: Manifest) -> tuple:
 def _disk_full(folder: Path) -> bool:
     """Whether the file system of ``folder`` has no block left for this user (SQLite reports a full disk at open
     as SQLITE_IOERR when its shared-memory file cannot grow)."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 64 * 1024
+    free = free_bytes(folder)
+    return free is not None and free < 64 * 1024
 
 
 def _close_quietly(store: FeedbackStore | None) -> None:

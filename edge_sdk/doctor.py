@@ -271,12 +271,12 @@ class _Doctor:
         """Room on the state folder's file system: the store grows with every prediction (no audio unless opted
         in), personal files and models are rewritten whole. A full disk stops fedser storing answers."""
         where = self.state if self.state.exists() else next((p for p in self.state.parents if p.exists()), Path("/"))
-        try:
-            st = os.statvfs(where)
-        except OSError as exc:
-            self.add("disk space", "warn", f"cannot read the free space of {where}: {exc}")
+        from edge_sdk.storage import free_bytes
+
+        free = free_bytes(where)
+        if free is None:
+            self.add("disk space", "warn", f"cannot read the free space of {where}")
             return
-        free = st.f_bavail * st.f_frsize
         detail = f"{free / 1e6:.0f} MB free on the file system of {where}"
         fix = ("free space there (old logs: journalctl --vacuum-size=50M; apt-get clean), or lower [privacy] "
                "max_predictions")

@@ -369,14 +369,13 @@ class Listener:
     def stop(self, timeout: float = 30.0) -> dict:
         self._stop.set()
         stream = self._take_stream()
-        if stream is not None:
-            _close(stream, wait=5.0)
+        closed = stream is None or _close(stream, wait=5.0)
         if self._keeper is not None:
             self._keeper.join(5.0)  # a keeper blocked on a hung sound server is a daemon thread: not waited for
         if self._microphone:
             # This process's streams are closed (or left behind, stuck): PortAudio's exit handler has nothing left
             # to do but could hang on a stuck one (Pa_Terminate joins its thread), after the stats were printed.
-            _skip_portaudio_exit_handler(stuck=self._keeper is not None and self._keeper.is_alive())
+            _skip_portaudio_exit_handler(stuck=not closed or (self._keeper is not None and self._keeper.is_alive()))
         if self._worker is not None:
             self._worker.join(timeout)
         return self.stats()
@@ -389,9 +388,9 @@ class Listener:
                 "input_lost": self._lost_since is not None}
 
 
-def _close(stream, wait: float | None = None) -> None:
+def _close(stream, wait: float | None = None) -> bool:
     """Abort and close a PortAudio stream; with ``wait``, in a daemon thread waited for at most that long (a
-    stream on a hung sound server can block in abort until the server goes on)."""
+    stream on a hung sound server can block in abort until the server goes on). False when it was left behind."""
     def close():
         try:
             # abort, not stop: stop waits for PortAudio's callback thread to finish its pending buffers, and an
@@ -407,13 +406,14 @@ def _close(stream, wait: float | None = None) -> None:
 
     if wait is None:
         close()
-        return
+        return True
     closer = threading.Thread(target=close, name="fedser-input-close", daemon=True)
     closer.start()
     closer.join(wait)
     if closer.is_alive():
         log.warning("the input stream did not close within %.0f s (the sound server hangs?); left behind", wait)
-        _skip_portaudio_exit_handler(stuck=True)
+        return False
+    return True
 
 
 def _skip_portaudio_exit_handler(*, stuck: bool = False) -> None:

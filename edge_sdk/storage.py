@@ -10,20 +10,31 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write", "StateLock", "LOCK_FILE", "MAX_LOCK_WAIT", "storage_full", "is_full_error"]
+__all__ = ["atomic_write", "StateLock", "LOCK_FILE", "MAX_LOCK_WAIT", "storage_full", "is_full_error",
+           "free_bytes"]
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_full_error(exc: BaseException) -> bool:
-    """Whether ``exc`` says the disk (or the user's quota) is full: an OSError's ENOSPC/EDQUOT, or SQLite's
-    SQLITE_FULL ("database or disk is full")."""
+    """Whether ``exc`` says the disk (or the user's quota) is full: an OSError's ENOSPC/EDQUOT, SQLite's
+    SQLITE_FULL ("database or disk is full"), or a database driver's message naming ENOSPC."""
     if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
         return True
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code == 13  # SQLITE_FULL
-    return "database or disk is full" in str(exc)
+    text = str(exc)
+    return "database or disk is full" in text or "No space left on device" in text
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes this user may still write on the file system of ``folder`` (None when it cannot be read)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def storage_full(folder: str | os.PathLike, what: str, exc: BaseException | None = None):
@@ -31,11 +42,8 @@ def storage_full(folder: str | os.PathLike, what: str, exc: BaseException | None
     folder, the space left there and what to do."""
     from edge_sdk.errors import StorageFullError
 
-    try:
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-        left = f"{free / 1e6:.1f} MB free"
-    except OSError:
-        left = "free space unknown"
+    free = free_bytes(folder)
+    left = "free space unknown" if free is None else f"{free / 1e6:.1f} MB free"
     return StorageFullError(
         f"the disk holding {folder} is full ({left}): {what} was not saved. Free some space on it (other files, "
         "old logs; a lower [privacy] max_predictions keeps the store smaller); fedser goes on once there is room"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.errors import ParameterError
+from edge_sdk.storage import is_full_error, storage_full
 
 __all__ = ["FeedbackStore", "FeedbackExample", "OutboxItem", "FEEDBACK_KINDS"]
 
@@ -69,6 +70,8 @@ _OLD_THUMBS_UP = ("FROM feedback JOIN predictions p ON p.id = feedback.predictio
 _SCHEMA_VERSION = 2  # PRAGMA user_version of a store that has _SCHEMA and every migration below
 
 
+_INSERT_OUTBOX = "INSERT INTO outbox(seq, base_version, envelope, created_at) VALUES (?, ?, ?, ?)"
+_MARK_DONE = "UPDATE outbox SET state = ?, server_reply = ?, attempts = attempts + 1 WHERE seq = ?"
 _UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 
 
@@ -365,8 +368,6 @@ class FeedbackStore:
             try:
                 self._conn.execute("VACUUM")  # needs room for a copy of what is left: skipped on a full disk
             except sqlite3.OperationalError as exc:
-                from edge_sdk.storage import is_full_error
-
                 if not is_full_error(exc):
                     raise
                 vacuumed = False
@@ -384,8 +385,7 @@ class FeedbackStore:
 
     def enqueue(self, seq: int, base_version: int, envelope: bytes) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO outbox(seq, base_version, envelope, created_at) VALUES (?, ?, ?, ?)",
-                      (seq, base_version, envelope, time.time()))
+            c.execute(_INSERT_OUTBOX, (seq, base_version, envelope, time.time()))
 
     def enqueue_update(self, seq: int, base_version: int, envelope: bytes, last_update: str) -> list[int]:
         """Put a new update in the outbox, mark every other pending one superseded by it and record it as the
@@ -393,11 +393,9 @@ class FeedbackStore:
         sequences superseded."""
         with self._tx() as c:
             superseded = [r[0] for r in c.execute("SELECT seq FROM outbox WHERE state = 'pending' ORDER BY seq")]
-            c.execute("INSERT INTO outbox(seq, base_version, envelope, created_at) VALUES (?, ?, ?, ?)",
-                      (seq, base_version, envelope, time.time()))
+            c.execute(_INSERT_OUTBOX, (seq, base_version, envelope, time.time()))
             for old in superseded:
-                c.execute("UPDATE outbox SET state = 'rejected', server_reply = ?, attempts = attempts + 1 "
-                          "WHERE seq = ?", (json.dumps({"reason": "superseded", "by": seq}), old))
+                c.execute(_MARK_DONE, ("rejected", json.dumps({"reason": "superseded", "by": seq}), old))
             c.execute(_UPSERT_KV, ("last_update", last_update))
         return superseded
 
@@ -422,8 +420,7 @@ class FeedbackStore:
 
     def mark_done(self, seq: int, state: str, reply: dict) -> None:
         with self._tx() as c:
-            c.execute("UPDATE outbox SET state = ?, server_reply = ?, attempts = attempts + 1 WHERE seq = ?",
-                      (state, json.dumps(reply), seq))
+            c.execute(_MARK_DONE, (state, json.dumps(reply), seq))
 
     def mark_retry(self, seq: int, error: str, next_attempt_at: float) -> None:
         with self._tx() as c:
@@ -435,7 +432,7 @@ class _Transaction:
     """One write transaction under the store's lock. A full disk (SQLITE_FULL, at any statement or the commit)
     rolls it back and raises :class:`~edge_sdk.errors.StorageFullError` naming the folder and the space left."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock, path: Path | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock, path: Path) -> None:
         self._conn, self._lock, self._path = conn, lock, path
 
     def __enter__(self) -> sqlite3.Connection:
@@ -472,8 +469,5 @@ class _Transaction:
                 pass
 
     def _full(self, exc: sqlite3.OperationalError) -> None:
-        from edge_sdk.storage import is_full_error, storage_full
-
         if is_full_error(exc):
-            folder = self._path.parent if self._path is not None else Path(".")
-            raise storage_full(folder, "a change to the device's store", exc) from exc
+            raise storage_full(self._path.parent, "a change to the device's store", exc) from exc
