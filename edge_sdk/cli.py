@@ -256,10 +256,15 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
     web = None
     try:
         if mode == "web":
+            from edge_sdk.i18n import load_languages
             from edge_sdk.web import FeedbackServer, configured_allowed_hosts
 
+            languages, problems = load_languages(cfg.web.translations)
+            for problem in problems:  # the page goes on in the other languages; doctor names these too
+                logging.getLogger("edge_sdk").warning("feedback page translation left out: %s", problem)
             web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
-                                 allowed_hosts=configured_allowed_hosts(cfg.web)).start()
+                                 allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.web.language,
+                                 languages=languages).start()
             print(json.dumps({"feedback_page": web.page_url}), flush=True)
         listener.start(microphone=args.file is None)
         if terminal is not None:

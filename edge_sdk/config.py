@@ -24,6 +24,8 @@ Example ``config.toml``::
     [web]
     host = "127.0.0.1"
     port = 8090
+    language = "auto"       # the page's language: "auto" (the browser's), or "pl", "en", ... (its user can switch)
+    translations = ""       # a folder of <language>.json catalogues of your own (edge_sdk/static/i18n/en.json)
 
     [privacy]
     store_audio = false     # keep raw audio of predictions (opt-in)
@@ -87,6 +89,12 @@ class WebConfig:
     # Extra host names (comma-separated) the page answers to besides its defaults (loopback; beyond loopback
     # the device's hostname, hostname.local and the address a client reached): e.g. a name your router gives it.
     allowed_hosts: str = ""
+    # The page's language: "auto" (the first of the browser's languages with a catalogue, else English) or a
+    # language tag with a catalogue (bundled: en, pl); its user can switch on the page (edge_sdk/i18n.py).
+    language: str = "auto"
+    # A folder of <language>.json catalogues (the format of edge_sdk/static/i18n/en.json): languages of your own,
+    # or bundled ones reworded. A file that fails its checks is left out (logged; doctor names it).
+    translations: str = ""
 
 
 @dataclass
@@ -147,6 +155,9 @@ class EdgeConfig:
                                  f"0..{MAX_INPUT_AFFINE_FROM}, got {value}")
         if self.audio.block_seconds <= 0 or self.audio.queue_blocks < 1:
             raise ParameterError("audio.block_seconds must be positive and audio.queue_blocks at least 1")
+        from edge_sdk.i18n import check_language_setting
+
+        check_language_setting(self.web.language)
         if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
             raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
         return self

@@ -5,8 +5,9 @@
 Checks, in order: the configuration; the TFLite runtime and its version; the model the device would run
 (loaded in that runtime); PortAudio; the input devices and whether the configured one opens at the sample
 rate ``listen`` opens it at (and whether the model's rate would open); the state folder's owner and
-permissions, and the free space on its disk; then, for an enrolled device, the aggregator reachable, the
-clock against the server's ``Date`` header, and the current manifest fetched with a signed request and
+permissions, and the free space on its disk; the feedback page's languages (the bundled catalogues and those
+in ``[web] translations``, and a catalogue for ``[web] language``); then, for an enrolled device, the aggregator
+reachable, the clock against the server's ``Date`` header, and the current manifest fetched with a signed request and
 verified with the pinned server key (and the local copy against it). Nothing is written to the state folder.
 
 Each check is ``ok``, ``warn``, ``fail`` or ``skip``, with a one-line detail and, unless ok, a ``fix``.
@@ -287,6 +288,31 @@ class _Doctor:
         else:
             self.add("disk space", "ok", detail)
 
+    def page_languages(self) -> None:
+        """The feedback page's catalogues (edge_sdk/i18n.py): the bundled ones and the [web] translations folder's,
+        each checked as ``listen`` checks it; the configured ``[web] language`` must have one."""
+        from edge_sdk.i18n import load_languages
+
+        catalogues, problems = load_languages(self.cfg.web.translations)
+        names = ", ".join(sorted(catalogues))
+        wanted = self.cfg.web.language
+        fix = ("fix the files named (the format of edge_sdk/static/i18n/en.json; `fedser-edge doctor` checks them "
+               "again), or remove them")
+        if wanted != "auto" and wanted not in catalogues:
+            self.add("page languages", "fail", f"web.language {wanted!r} has no catalogue (there are: {names})"
+                     + ("; left out: " + "; ".join(problems) if problems else ""),
+                     "add <language>.json to the [web] translations folder, or set web.language = \"auto\"; "
+                     "listen refuses to start the page until then")
+            return
+        starts = "the browser's language" if wanted == "auto" else wanted
+        partial = [f"{c.language} shows {len(c.missing)} messages in English ({', '.join(c.missing[:3])}"
+                   + (", ..." if len(c.missing) > 3 else "") + ")" for c in catalogues.values() if c.missing]
+        detail = f"{names}; the page starts in {starts}" + ("; " + "; ".join(partial) if partial else "")
+        if problems:
+            self.add("page languages", "warn", detail + "; left out: " + "; ".join(problems), fix)
+        else:
+            self.add("page languages", "ok", detail)
+
     # -- server -----------------------------------------------------------------------------------------
     def server(self) -> None:
         import requests
@@ -410,6 +436,7 @@ class _Doctor:
                 self.input_devices(sd)
         self.state_folder()
         self.disk_space()
+        self.page_languages()
         self.server()
         return self.checks
 

@@ -16,6 +16,9 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
   ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
+
+The page speaks its user's language (:mod:`edge_sdk.i18n`: the catalogues, checked, are embedded in it once at
+start); it posts the model's own labels whatever the language shown.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edge_sdk.errors import FedserError, ParameterError, StorageFullError
+from edge_sdk.i18n import bundled_catalogues, check_language_setting, page_json
 
 log = logging.getLogger("edge_sdk")
 
@@ -43,6 +47,7 @@ __all__ = ["FeedbackServer", "MAX_BODY", "configured_allowed_hosts", "default_al
 MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
 MAX_FIELD = 200  # characters of id and answer
 MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unless it is being answered
+_I18N_SLOT = b"/*I18N*/null"  # in static/feedback.html: the catalogues go here
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
         "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -163,11 +168,16 @@ class FeedbackServer:
         ``<state>/web-token`` (made on first use). "" disables it (only for a network you fully trust).
     timeout
         Seconds a client has to send its request line, headers and body in all.
+    language
+        ``auto`` (the browser's languages choose) or the tag of a catalogue the page starts in (``[web]
+        language``); its user can switch on the page.
+    languages
+        The page's catalogues (:func:`edge_sdk.i18n.load_languages`); None: the bundled ones.
     """
 
     def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None,
                  allowed_hosts: set[str] | list[str] | None = None, token: str | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, language: str = "auto", languages: dict | None = None) -> None:
         self.device, self.stats = device, stats
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
@@ -175,7 +185,12 @@ class FeedbackServer:
         if self.token is not None and not (16 <= len(self.token) <= 200 and self.token.isascii()
                                            and self.token.isprintable()):
             raise ParameterError("the web token must be 16 to 200 printable ASCII characters")
+        check_language_setting(language)
         page = resources.files("edge_sdk").joinpath("static/feedback.html").read_bytes()
+        if page.count(_I18N_SLOT) != 1:
+            raise FedserError("edge_sdk/static/feedback.html has lost its I18N placeholder: reinstall fedser")
+        self.languages = bundled_catalogues() if languages is None else dict(languages)
+        page = page.replace(_I18N_SLOT, page_json(self.languages, language).encode("ascii"))
         server = self
         self.refusals: dict[str, int] = {}
         self._refusals_lock = threading.Lock()

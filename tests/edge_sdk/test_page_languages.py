@@ -1,0 +1,277 @@
+"""The feedback page in its user's language: the catalogues (bundled and a deployer's, checked as input from the
+device's disk), the language a page picks, what it posts, and the page itself in Chromium (screenshots looked at)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edge_sdk.errors import ParameterError
+from edge_sdk.i18n import MAX_CATALOGUE_BYTES, bundled_catalogues, load_catalogue, load_languages, page_json
+from tests.conftest import REPO
+from tests.edge_sdk.test_doctor import doctor
+from tests.edge_sdk.test_feedback_ui_and_data import CHROMIUM, _tofu_free
+
+ENGLISH = bundled_catalogues()["en"]
+# characters every font fedser's pages rely on has (DejaVu, Liberation, Noto, a phone's system font): Latin-1 and
+# Latin Extended-A, which holds Polish (and Czech, Hungarian, Turkish ...)
+LATIN = set(map(chr, range(0x20, 0x7F))) | set(map(chr, range(0xA0, 0x180)))
+
+
+def _catalogue(**changes) -> bytes:
+    doc = {"format": 1, "language": "de", "name": "Deutsch", "dir": "ltr",
+           "messages": {"right": "Richtig", "wrong": "Falsch",
+                        "accuracy": "{right} von {answered} richtig ({percent} %)"},
+           "labels": {"angry": "Wut"}}
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key)
+        else:
+            doc[key] = value
+    return json.dumps(doc).encode()
+
+
+def test_every_bundled_language_says_everything_english_says_with_the_same_placeholders():
+    from models.datasets import FOUR_CLASSES, NEMO_EMOTIONS, RAVDESS_EMOTIONS
+
+    catalogues = bundled_catalogues()
+    assert set(catalogues) >= {"en", "pl"}
+    for code, cat in catalogues.items():
+        assert cat.missing == (), code  # a bundled catalogue is complete
+        assert set(cat.messages) == set(ENGLISH.messages), code
+        for text in [*cat.messages.values(), *cat.labels.values(), cat.name]:
+            assert set(text) <= LATIN, (code, text)
+    polish = catalogues["pl"]
+    # every class label a bundled recipe trains (the 4 classes; RAVDESS's and nEMO's 8 and 6) has a Polish name
+    for label in {*FOUR_CLASSES, *RAVDESS_EMOTIONS.values(), *NEMO_EMOTIONS.values()}:
+        assert label in polish.labels, label
+    assert polish.messages["right"] == "Dobrze" and polish.labels["sad"] == "smutek"
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"{", ["not JSON"]),
+    (b"\xff\xfe{}", ["not UTF-8"]),
+    (b"[]", ["must be a JSON object"]),
+    (b" " * (MAX_CATALOGUE_BYTES + 1), [f"at most {MAX_CATALOGUE_BYTES}"]),
+    (_catalogue(format=2), ["format must be 1"]),
+    (_catalogue(format=True), ["format must be 1"]),
+    (_catalogue(language="pl"), ["says language 'pl'", "file name says 'de'"]),
+    (_catalogue(language="Deutsch"), ["language must be a tag"]),
+    (_catalogue(name=""), ["name must be 1 to"]),
+    (_catalogue(name="x" * 41), ["name must be at most 40"]),
+    (_catalogue(dir="up"), ["dir must be 'ltr' or 'rtl'"]),
+    (_catalogue(extra=1), ["unknown fields ['extra']"]),
+    (_catalogue(messages=["Richtig"]), ["messages must be an object"]),
+    (_catalogue(messages={"rigth": "Richtig"}), ["unknown message 'rigth'"]),
+    (_catalogue(messages={"accuracy": "{right} von {total}"}), ["messages.accuracy", "placeholders", "'answered'"]),
+    (_catalogue(messages={"accuracy": "{right} von {answered"}), ["messages.accuracy", "unbalanced braces"]),
+    (_catalogue(messages={"right": 1}), ["messages.right must be a string"]),
+    (_catalogue(messages={"right": "x" * 401}), ["messages.right must be 1 to 400"]),
+    (_catalogue(messages={"right": "Rich\x1b[31mtig"}), ["messages.right holds a control character"]),
+    (_catalogue(labels={"<b>": "Wut"}), ["is not a class label"]),
+    (_catalogue(labels={"angry": ""}), ["labels.angry must be 1 to"]),
+    (_catalogue(labels={f"l{i}": "x" for i in range(65)}), ["at most 64 names"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_bad_catalogue_is_refused_with_what_is_wrong_and_where(data, words):
+    with pytest.raises(ParameterError) as info:
+        load_catalogue(data, source="/etc/fedser/i18n/de.json", expect_language="de", reference=ENGLISH)
+    message = str(info.value)
+    assert message.startswith("/etc/fedser/i18n/de.json"), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_a_deployers_folder_adds_languages_and_leaves_out_bad_files_naming_each(tmp_path):
+    folder = tmp_path / "i18n"
+    folder.mkdir()
+    (folder / "de.json").write_bytes(_catalogue())  # partial: the rest shows in English
+    (folder / "fr.json").write_bytes(b'{"format": 1')
+    (folder / "it.json").write_bytes(_catalogue(language="it", messages={"right": "Giusto {x}"}))
+    (folder / "es.json").symlink_to("/dev/zero")  # not a regular file: never read (it would never end)
+    (folder / "en.json").write_bytes(_catalogue(language="en", name="English", messages={"right": "Correct"}))
+    (folder / "notes.txt").write_text("not a catalogue: ignored")
+    big = folder / "cs.json"
+    with big.open("wb") as f:  # a file far over the bound: read only up to it
+        f.truncate(50 * 1024 * 1024)
+    catalogues, problems = load_languages(folder)
+    assert set(catalogues) == {"en", "pl", "de"}
+    assert catalogues["en"] == ENGLISH  # a partial English override would leave the page without words
+    de = catalogues["de"]
+    assert de.messages["right"] == "Richtig" and de.messages["waiting"] == ENGLISH.messages["waiting"]
+    assert "waiting" in de.missing and "right" not in de.missing
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    for name, words in (("fr.json", "not JSON"), ("it.json", "placeholders"), ("es.json", "not a regular file"),
+                        ("en.json", "English override"), ("cs.json", "at most")):
+        assert any(str(folder / name) in p and words in p for p in problems), (name, text)
+    catalogues, problems = load_languages(tmp_path / "missing")
+    assert set(catalogues) == {"en", "pl"} and "cannot be read" in problems[0]
+
+
+def test_the_embedded_catalogues_cannot_close_the_script_element():
+    hostile = load_catalogue(_catalogue(messages={"right": "</script><script>alert(1)</script>&amp;"}),
+                             source="de.json", expect_language="de", reference=ENGLISH)
+    text = page_json({"en": ENGLISH, "de": hostile}, "de")
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text)["languages"]["de"]["messages"]["right"].startswith("</script>")
+    with pytest.raises(ParameterError, match="web.language 'fr' has no catalogue"):
+        page_json({"en": ENGLISH}, "fr")
+
+
+def test_the_language_setting_is_checked_with_the_rest_of_the_config(tmp_path):
+    from edge_sdk.config import load_config
+
+    assert load_config(environ={}).web.language == "auto"
+    assert load_config(environ={"FEDSER_EDGE_WEB_LANGUAGE": "pl"}).web.language == "pl"
+    for bad in ("polish", "PL", "pl_PL", "pl-PL-x", "", "pl;rm -rf"):
+        with pytest.raises(ParameterError, match="web.language must be 'auto' or a language tag"):
+            load_config(environ={"FEDSER_EDGE_WEB_LANGUAGE": bad})
+
+
+def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_which(tmp_path):
+    state = tmp_path / "state"
+    folder = tmp_path / "i18n"
+    folder.mkdir()
+    (folder / "fr.json").write_bytes(b"nope")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
+           "FEDSER_EDGE_WEB_LANGUAGE": "de", "FEDSER_EDGE_WEB_TRANSLATIONS": str(folder),
+           "FEDSER_EDGE_FEEDBACK_MODE": "web", "FEDSER_EDGE_WEB_PORT": "0"}
+    wav = tmp_path / "silence.wav"
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(wav, np.zeros(8000, "float32"), 16000)
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--file", str(wav)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "web.language 'de' has no catalogue (there are: en, pl" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    code, checks = doctor(state, "--no-audio", env={k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")})
+    assert code == 1
+    c = checks["page languages"]
+    assert c["status"] == "fail" and "'de' has no catalogue" in c["detail"] and str(folder / "fr.json") in c["detail"]
+    (folder / "de.json").write_bytes(_catalogue())
+    code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")}})
+    c = checks["page languages"]
+    assert c["status"] == "warn", c  # fr.json still left out
+    assert "de, en, pl" in c["detail"], c
+    assert "the page starts in de" in c["detail"] and "de shows" in c["detail"] and "fr.json" in c["detail"]
+
+
+def _answers(device) -> dict:
+    return {e.prediction_id: (e.kind, e.target) for e in device.store.examples()}
+
+
+def _save(tmp_path, page, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000
+    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copy(path, artifacts)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switches(device, synthetic_clips, tmp_path):
+    """A Polish phone gets the page in Polish and its corrections store the model's labels; the user can switch
+    to English (kept on reload); a device set to Polish shows Polish to an English browser; a deployer's
+    catalogue with markup in it shows the markup as text. Screenshots go to FEDSER_TEST_ARTIFACTS (looked at)."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    clips = [c.path for c in synthetic_clips[::5]][:3]
+    preds = [device.classify_file(p) for p in clips]
+    hostile = load_catalogue(_catalogue(messages={"right": "<img src=x onerror=alert(1)>Richtig"}),
+                             source="de.json", expect_language="de", reference=ENGLISH)
+    languages = {**bundled_catalogues(), "de": hostile}
+    auto = FeedbackServer(device, port=free_port(), languages=languages).start()
+    polish = FeedbackServer(device, port=free_port(), language="pl").start()
+    polish_names = bundled_catalogues()["pl"].labels
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            ctx = browser.new_context(locale="pl-PL", viewport={"width": 390, "height": 844}, is_mobile=True,
+                                      has_touch=True, device_scale_factor=2)
+            page = ctx.new_page()
+            dialogs = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(auto.url)
+            page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
+            assert page.evaluate("document.documentElement.lang") == "pl"
+            assert page.title() == "fedser: jak mu poszło?"
+            assert page.inner_text("#accuracy") == "jeszcze bez odpowiedzi"
+            card = page.locator(f'.pred[data-id="{preds[-1].id}"]')
+            assert card.locator("button.up").inner_text().strip() == "Dobrze"
+            assert card.locator("button.down").inner_text().strip() == "Źle"
+            assert card.locator(".fixlabel").inner_text().strip() == "To było:"
+            chips = {b.get_attribute("data-label"): b.text_content().strip()
+                     for b in card.locator(".fix button").all()}
+            assert chips == {lab: polish_names[lab] for lab in device.metadata.labels}
+            assert card.locator(".label").text_content() == polish_names[preds[-1].label]
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390  # longer words: no sideways scroll
+            for b in page.locator("button").all():
+                box = b.bounding_box()
+                assert box["width"] >= 44 and box["height"] >= 44, (b.inner_text(), box)
+            assert set(page.inner_text("body")) <= LATIN | {"\n", "\t"}
+            _save(tmp_path, page, "feedback-pl-phone.png")
+            # a correction picked by its Polish name stores the model's own label
+            other = next(lab for lab in device.metadata.labels if lab != preds[-1].label)
+            page.tap(f'.fix button[data-id="{preds[-1].id}"][data-label="{other}"]')
+            page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"] .answered[data-answer="label"]')
+            assert card.locator(".answered").inner_text().strip() == f"to było: {polish_names[other]}"
+            assert page.inner_text("#accuracy").startswith("dobrze 0 z 1")
+            page.tap(f'button.up[data-id="{preds[0].id}"]')
+            page.wait_for_selector(f'.pred[data-id="{preds[0].id}"] .answered[data-answer="up"]')
+            _save(tmp_path, page, "feedback-pl-phone-answered.png")
+            # switching to English: the page and, after a reload, the choice kept
+            page.select_option("#lang", "en")
+            page.wait_for_selector("#accuracy:has-text('right 1 of 2')")  # (the page's CSP forbids eval)
+            assert card.locator("button.up").inner_text().strip() == "Right"
+            page.reload()
+            page.wait_for_selector(f'.pred[data-id="{preds[0].id}"] .answered')
+            assert page.evaluate("document.documentElement.lang") == "en"
+            assert _tofu_free(page.inner_text("body"))
+            # the deployer's German, picked by the link: its markup is text, never run
+            page.goto(auto.url + "?lang=de")
+            page.wait_for_selector(f'.pred[data-id="{preds[1].id}"]')
+            up = page.locator(f'button.up[data-id="{preds[1].id}"]')
+            assert up.inner_text().strip() == "<img src=x onerror=alert(1)>Richtig"
+            assert page.locator("img").count() == 0
+            assert page.locator(".fix button[data-label=angry]").first.text_content().strip() == "Wut"
+            assert page.locator(".fix button[data-label=sad]").first.text_content().strip() == "sad"  # as it is
+            # a device set to Polish, an English browser
+            en = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}).new_page()
+            en.goto(polish.url)
+            en.wait_for_selector(f'.pred[data-id="{preds[1].id}"]')
+            assert en.evaluate("document.documentElement.lang") == "pl"
+            assert en.locator(f'button.down[data-id="{preds[1].id}"]').inner_text().strip() == "Źle"
+            _save(tmp_path, en, "feedback-pl-desktop.png")
+            assert dialogs == []
+            browser.close()
+    finally:
+        auto.stop()
+        polish.stop()
+    assert _answers(device) == {preds[-1].id: ("label", other), preds[0].id: ("up", preds[0].label)}
+
+
+def test_the_page_and_its_catalogues_ship_in_the_package():
+    """An install from the wheel (a Pi) has what the page reads: every file under edge_sdk/static and edge_sdk/data
+    matches pyproject's package-data (a catalogue left out would leave a Polish user's page in English)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edge_sdk"]
+    files = [str(p.relative_to(REPO)) for folder in ("static", "data") for p in (REPO / "edge_sdk" / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    assert any(f.endswith("i18n/pl.json") for f in files), files
+    for f in files:
+        inside = f.removeprefix("edge_sdk/")
+        assert any(fnmatch.fnmatch(inside, g) for g in globs), (f, globs)
