@@ -158,6 +158,8 @@ class EdgeConfig:
         from edge_sdk.i18n import check_language_setting
 
         check_language_setting(self.web.language)
+        if not self.web.translations.isprintable():  # a NUL or a newline in a path is a mistake, not a folder
+            raise ParameterError(f"web.translations must be a folder's path, got {self.web.translations!r:.200}")
         if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
             raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
         return self

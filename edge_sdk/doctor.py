@@ -299,10 +299,13 @@ class _Doctor:
         fix = ("fix the files named (the format of edge_sdk/static/i18n/en.json; `fedser-edge doctor` checks them "
                "again), or remove them")
         if wanted != "auto" and wanted not in catalogues:
-            self.add("page languages", "fail", f"web.language {wanted!r} has no catalogue (there are: {names})"
+            web = self.cfg.feedback.mode == "web"  # only the page reads them
+            self.add("page languages", "fail" if web else "warn",
+                     f"web.language {wanted!r} has no catalogue (there are: {names})"
                      + ("; left out: " + "; ".join(problems) if problems else ""),
-                     "add <language>.json to the [web] translations folder, or set web.language = \"auto\"; "
-                     "listen refuses to start the page until then")
+                     "add <language>.json to the [web] translations folder, or set web.language = \"auto\""
+                     + ("; listen refuses to start the page until then" if web else
+                        "; listen --feedback web would refuse to start the page"))
             return
         starts = "the browser's language" if wanted == "auto" else wanted
         partial = [f"{c.language} shows {len(c.missing)} messages in English ({', '.join(c.missing[:3])}"

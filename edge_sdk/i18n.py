@@ -3,22 +3,26 @@
 The people who answer a device's predictions are often the people the model was not trained on: another language.
 The page speaks theirs. Catalogues are JSON files (never code): the bundled ones in ``edge_sdk/static/i18n/`` and
 a deployer's own in the folder ``[web] translations`` names (one ``<code>.json`` per language: a new language, or
-a bundled one overridden). Each looks like ``en.json``::
+a bundled one reworded). Each looks like ``en.json``::
 
     {"format": 1, "language": "pl", "name": "Polski", "dir": "ltr",
-     "messages": {"right": "Dobrze", "accuracy": "dobrze {right} z {answered} ({percent} %)", ...},
+     "messages": {"right": "Dobrze", "accuracy": "trafnie: {right} z {answered} ({percent} %)", ...},
      "labels": {"angry": "złość", ...}}
 
 What a catalogue must be (a deployer's file is input from the device's disk): at most :data:`MAX_CATALOGUE_BYTES`
 of UTF-8 JSON; ``language`` the file's name, a language tag such as ``pl`` or ``pt-BR``; ``messages`` only keys
-English has, each with exactly English's ``{placeholders}`` (a missing key is shown in English); ``labels``
-display names for the model's class labels (a label without one is shown as it is); every string printable, at
-most :data:`MAX_TEXT` characters. The page escapes every string it shows, and the catalogues are embedded in it as
-JSON with ``<``, ``>`` and ``&`` escaped, so no catalogue can inject markup or script.
+English has, each with exactly English's ``{placeholders}`` (``{name}`` only: no format specs, no other brace);
+``labels`` display names for the model's class labels (a label without one is shown as it is); every string at
+most :data:`MAX_TEXT` characters, without control, unassigned or bidi-override characters (spaces such as NBSP,
+joiners and direction marks are fine). A deployer's file for a bundled language rewords it: what the file leaves
+out stays as bundled; a key no catalogue of that language has is shown in English. The page escapes every string
+it shows, and the catalogues are embedded in it as JSON with ``<``, ``>`` and ``&`` escaped, so no catalogue can
+inject markup or script.
 
-Which language a page shows: the one its user picked on it (kept in the browser), else ``[web] language`` when it
-is not ``auto``, else the first of the browser's languages that has a catalogue (``pl-PL`` finds ``pl``), else
-English. The class labels the page posts back are the model's own, whatever the language.
+Which language a page shows: the one named in its link (``?lang=pl``), else the one its user picked on it (kept in
+the browser; picking one also drops ``lang`` from the link), else ``[web] language`` when it is not ``auto``, else
+the first of the browser's languages that has a catalogue (``pl-PL`` finds ``pl``), else English. The class labels
+the page posts back are the model's own, whatever the language.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import string
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,9 +47,15 @@ MAX_CATALOGUE_BYTES = 64 * 1024
 MAX_TEXT = 400  # characters of a message or a label's name
 MAX_LABELS = 64
 MAX_LANGUAGES = 32  # catalogues on one page (bundled and a deployer's): the page stays small
+MAX_FILES = 2 * MAX_LANGUAGES  # *.json files of a translations folder examined at most (bad ones count too)
+MAX_PROBLEMS = 10  # problems reported one by one; the rest are counted
 # A BCP 47 subset: a 2-3 letter language, optionally a region (pt-BR, es-419) or a script (zh-Hant)
 LANGUAGE_TAG = re.compile(r"[a-z]{2,3}(-([A-Z]{2}|[0-9]{3}|[A-Z][a-z]{3}))?")
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .-]{0,63}")  # a class label as models name them
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # what the page fills (feedback.html's t())
+# bidi embeddings, overrides and isolates: they reorder the text around them (the "Trojan Source" characters)
+_BIDI_CONTROLS = set(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+_FORMAT_OK = {"\u00ad", "\u200c", "\u200d", "\u200e", "\u200f", "\u2060"}  # soft hyphen, ZWNJ, ZWJ, LRM, RLM, WJ
 _REFERENCE = "en"
 
 
@@ -65,11 +75,19 @@ class Catalogue:
         return {"name": self.name, "dir": self.direction, "messages": self.messages, "labels": self.labels}
 
 
+def shown(text: object, limit: int = 200) -> str:
+    """``text`` (a file name, a key from a file) safe to put in a log line or a terminal: at most ``limit``
+    characters, every non-printable one (an escape, a newline, an undecodable byte of a file name) escaped."""
+    text = str(text)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _placeholders(text: str) -> set[str]:
-    try:
-        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
-    except ValueError as exc:  # an unmatched brace
-        raise ValueError(f"unbalanced braces ({exc})") from None
+    """The ``{name}`` placeholders of ``text``; a brace that is not part of one is a ValueError."""
+    rest = _PLACEHOLDER.sub("", text)
+    if "{" in rest or "}" in rest:
+        raise ValueError("a brace that is not a {name} placeholder (no format specs, no stray braces)")
+    return set(_PLACEHOLDER.findall(text))
 
 
 def _check_text(value, where: str) -> str:
@@ -77,15 +95,23 @@ def _check_text(value, where: str) -> str:
         raise ParameterError(f"{where} must be a string, got {type(value).__name__}")
     if not 0 < len(value) <= MAX_TEXT:
         raise ParameterError(f"{where} must be 1 to {MAX_TEXT} characters, got {len(value)}")
-    if not value.isprintable():
-        raise ParameterError(f"{where} holds a control character: {value[:60]!r}")
+    for ch in value:
+        kind = unicodedata.category(ch)
+        if (kind in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp") or ch in _BIDI_CONTROLS
+                or (kind == "Cf" and ch not in _FORMAT_OK)):
+            raise ParameterError(f"{where} holds a non-printable character U+{ord(ch):04X}: {shown(value, 60)}")
     return value
 
 
 def load_catalogue(data: bytes, *, source: str, expect_language: str | None = None,
-                   reference: Catalogue | None = None) -> Catalogue:
-    """Check one catalogue's bytes (from ``source``, named in every error) and return it with English filling its
-    missing messages. ``reference``: English (None: this is English, which must be complete)."""
+                   reference: Catalogue | None = None, base: Catalogue | None = None,
+                   fallback: Catalogue | None = None) -> Catalogue:
+    """Check one catalogue's bytes (from ``source``, named in every error) and return it complete.
+
+    ``reference``: the bundled English, whose keys and placeholders every other catalogue must keep (None: this is
+    the bundled English). ``base``: the catalogue of the same language the file rewords (its messages and labels
+    stay where the file has none). ``fallback``: fills the messages still missing (default ``reference``)."""
+    source = shown(source)
     if len(data) > MAX_CATALOGUE_BYTES:
         raise ParameterError(f"{source}: {len(data)} bytes; a catalogue may have at most {MAX_CATALOGUE_BYTES}")
     try:
@@ -98,9 +124,9 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
         raise ParameterError(f"{source}: must be a JSON object, got {type(doc).__name__}")
     unknown = set(doc) - {"format", "language", "name", "dir", "messages", "labels"}
     if unknown:
-        raise ParameterError(f"{source}: unknown fields {sorted(unknown)[:10]}")
+        raise ParameterError(f"{source}: unknown fields {[shown(k, 40) for k in sorted(unknown)[:10]]}")
     if doc.get("format") != FORMAT or isinstance(doc.get("format"), bool):
-        raise ParameterError(f"{source}: format must be {FORMAT}, got {doc.get('format')!r}")
+        raise ParameterError(f"{source}: format must be {FORMAT}, got {doc.get('format')!r:.80}")
     language = doc.get("language")
     if not isinstance(language, str) or not LANGUAGE_TAG.fullmatch(language):
         raise ParameterError(f"{source}: language must be a tag such as 'pl' or 'pt-BR', got {language!r:.80}")
@@ -118,29 +144,32 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
     labels = doc.get("labels", {})
     if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
         raise ParameterError(f"{source}: labels must be an object of at most {MAX_LABELS} names")
+    if reference is not None:  # the keys first: no key from the file reaches a message before it is known
+        unknown = sorted(set(messages) - set(reference.messages))
+        if unknown:
+            raise ParameterError(f"{source}: unknown message '{shown(unknown[0], 40)}' "
+                                 f"(known: {sorted(reference.messages)})")
     for key, value in messages.items():
-        where = f"{source}: messages.{key[:40]}"
+        where = f"{source}: messages.{shown(key, 40)}"
         _check_text(value, where)
         try:
             have = _placeholders(value)
         except ValueError as exc:
             raise ParameterError(f"{where}: {exc}") from None
-        if reference is None:
-            continue
-        if key not in reference.messages:
-            raise ParameterError(f"{source}: unknown message {key[:40]!r} (known: {sorted(reference.messages)})")
-        want = _placeholders(reference.messages[key])
-        if have != want:
+        if reference is not None and have != (want := _placeholders(reference.messages[key])):
             raise ParameterError(f"{where} must use exactly the placeholders {sorted(want)} (as English does), "
                                  f"got {sorted(have)}")
     for key, value in labels.items():
-        if not _LABEL.fullmatch(key):
-            raise ParameterError(f"{source}: labels: {key[:40]!r} is not a class label")
+        if not _LABEL.fullmatch(key) or key == "__proto__":  # (a page's object literal would take it as its prototype)
+            raise ParameterError(f"{source}: labels: '{shown(key, 40)}' is not a class label")
         _check_text(value, f"{source}: labels.{key}")
     missing: tuple[str, ...] = ()
+    if base is not None:
+        messages, labels = {**base.messages, **messages}, {**base.labels, **labels}
     if reference is not None:
+        fill = fallback or reference
         missing = tuple(sorted(set(reference.messages) - set(messages)))
-        messages = {**reference.messages, **messages}
+        messages = {**{k: fill.messages[k] for k in missing}, **messages}
     return Catalogue(language, name, direction, dict(messages), dict(labels), source, missing)
 
 
@@ -159,47 +188,46 @@ def bundled_catalogues() -> dict[str, Catalogue]:
 
 
 def load_languages(translations: str | Path | None = None) -> tuple[dict[str, Catalogue], list[str]]:
-    """The bundled catalogues, then each ``<code>.json`` in the folder ``translations`` (a deployer's; it may
-    override a bundled language, English included). A file that fails its checks is left out and its problem
-    returned (one line naming the file and what is wrong), never raised: the page works in the other languages.
-    The folder itself missing or unreadable is a problem too."""
+    """The bundled catalogues, then each ``<code>.json`` in the folder ``translations`` (a deployer's): a new
+    language, or a bundled one reworded (English first, so that the other languages fall back to the deployer's
+    English). A file that fails its checks is left out and its problem returned (one line naming the file and
+    what is wrong), never raised: the page works in the other languages. At most :data:`MAX_FILES` files are
+    examined and :data:`MAX_PROBLEMS` problems named. The folder missing or unreadable is a problem too."""
     catalogues = bundled_catalogues()
+    english = catalogues[_REFERENCE]
     problems: list[str] = []
     if not translations:
         return catalogues, problems
     folder = Path(translations)
     try:
-        entries = sorted(p for p in folder.iterdir() if p.suffix == ".json")
-    except OSError as exc:
-        return catalogues, [f"{folder}: the translations folder cannot be read ({exc.strerror or exc})"]
+        entries = sorted((p for p in folder.iterdir() if p.name.endswith(".json")),
+                         key=lambda p: (p.name != f"{_REFERENCE}.json", p.name))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        return catalogues, [f"{shown(folder)}: the translations folder cannot be read "
+                            f"({shown(getattr(exc, 'strerror', None) or exc)})"]
+    if len(entries) > MAX_FILES:
+        problems.append(f"{shown(folder)}: {len(entries)} catalogues; only the first {MAX_FILES} are examined")
+        entries = entries[:MAX_FILES]
     for path in entries:
-        if len(catalogues) >= MAX_LANGUAGES and path.stem not in catalogues:
-            problems.append(f"{path}: left out: a page holds at most {MAX_LANGUAGES} languages")
-            continue
+        code = path.name.removesuffix(".json")
         try:
+            if len(catalogues) >= MAX_LANGUAGES and code not in catalogues:
+                raise ParameterError(f"{shown(path)}: left out: a page holds at most {MAX_LANGUAGES} languages")
             if not path.is_file():
-                raise ParameterError(f"{path}: not a regular file")
+                raise ParameterError(f"{shown(path)}: not a regular file")
             with path.open("rb") as f:  # bounded: a huge or endless file costs at most this much
                 data = f.read(MAX_CATALOGUE_BYTES + 1)
-            reference = catalogues[_REFERENCE] if path.stem != _REFERENCE else None
-            catalogue = load_catalogue(data, source=str(path), expect_language=path.stem, reference=reference)
-            if reference is None:  # a deployer's English replaces the reference: it must keep every message
-                english = catalogues[_REFERENCE]
-                gaps = set(english.messages) - set(catalogue.messages)
-                wrong = [k for k in catalogue.messages if k in english.messages
-                         and _placeholders(catalogue.messages[k]) != _placeholders(english.messages[k])]
-                extra = set(catalogue.messages) - set(english.messages)
-                if gaps or wrong or extra:
-                    raise ParameterError(f"{path}: an English override must have exactly the bundled messages "
-                                         f"and placeholders (missing {sorted(gaps)[:5]}, unknown {sorted(extra)[:5]}, "
-                                         f"other placeholders {wrong[:5]})")
+            catalogue = load_catalogue(data, source=str(path), expect_language=code, reference=english,
+                                       base=catalogues.get(code), fallback=catalogues[_REFERENCE])
         except ParameterError as exc:
             problems.append(str(exc))
             continue
         except OSError as exc:
-            problems.append(f"{path}: cannot be read ({exc.strerror or exc})")
+            problems.append(f"{shown(path)}: cannot be read ({shown(exc.strerror or exc)})")
             continue
         catalogues[catalogue.language] = catalogue
+    if len(problems) > MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS], f"and {len(problems) - MAX_PROBLEMS} more"]
     return catalogues, problems
 
 

@@ -69,10 +69,15 @@ def test_every_bundled_language_says_everything_english_says_with_the_same_place
     (_catalogue(messages=["Richtig"]), ["messages must be an object"]),
     (_catalogue(messages={"rigth": "Richtig"}), ["unknown message 'rigth'"]),
     (_catalogue(messages={"accuracy": "{right} von {total}"}), ["messages.accuracy", "placeholders", "'answered'"]),
-    (_catalogue(messages={"accuracy": "{right} von {answered"}), ["messages.accuracy", "unbalanced braces"]),
+    (_catalogue(messages={"accuracy": "{right} von {answered"}), ["messages.accuracy", "a brace that is not"]),
+    (_catalogue(messages={"accuracy": "{right!r} von {answered} ({percent:>3} %)"}), ["a brace that is not"]),
     (_catalogue(messages={"right": 1}), ["messages.right must be a string"]),
     (_catalogue(messages={"right": "x" * 401}), ["messages.right must be 1 to 400"]),
-    (_catalogue(messages={"right": "Rich\x1b[31mtig"}), ["messages.right holds a control character"]),
+    (_catalogue(messages={"right": "Rich\x1b[31mtig"}), ["messages.right holds a non-printable character U+001B"]),
+    (_catalogue(messages={"right": "Rich\u202etig"}), ["U+202E"]),  # a bidi override reorders what follows
+    (_catalogue(messages={"right": "Rich\u2028tig"}), ["U+2028"]),
+    (_catalogue(messages={"\x1b[31m\nforged line": "x"}), ["unknown message '\\x1b[31m\\nforged line'"]),
+    (_catalogue(labels={"__proto__": "Wut"}), ["is not a class label"]),
     (_catalogue(labels={"<b>": "Wut"}), ["is not a class label"]),
     (_catalogue(labels={"angry": ""}), ["labels.angry must be 1 to"]),
     (_catalogue(labels={f"l{i}": "x" for i in range(65)}), ["at most 64 names"]),
@@ -82,35 +87,66 @@ def test_a_bad_catalogue_is_refused_with_what_is_wrong_and_where(data, words):
         load_catalogue(data, source="/etc/fedser/i18n/de.json", expect_language="de", reference=ENGLISH)
     message = str(info.value)
     assert message.startswith("/etc/fedser/i18n/de.json"), message
+    assert message.isprintable(), message  # nothing from the file reaches a log line or a terminal raw
     for word in words:
         assert word in message, (word, message)
 
 
-def test_a_deployers_folder_adds_languages_and_leaves_out_bad_files_naming_each(tmp_path):
+def test_spaces_joiners_and_direction_marks_are_fine():
+    text = "Rich\u00a0tig\u202f!\u200d\u200c\u200f\u00ad"  # NBSP, narrow NBSP, ZWJ, ZWNJ, RLM, soft hyphen
+    cat = load_catalogue(_catalogue(messages={"right": text}, dir="rtl"), source="de.json", expect_language="de",
+                         reference=ENGLISH)
+    assert cat.messages["right"] == text and cat.direction == "rtl"
+
+
+def test_a_deployers_folder_adds_and_rewords_languages_and_leaves_out_bad_files_naming_each(tmp_path):
     folder = tmp_path / "i18n"
     folder.mkdir()
-    (folder / "de.json").write_bytes(_catalogue())  # partial: the rest shows in English
+    (folder / "de.json").write_bytes(_catalogue())  # partial: the rest in (the deployer's) English
+    (folder / "en.json").write_bytes(_catalogue(language="en", name="English", messages={"waiting": "Listening..."}))
+    (folder / "pl.json").write_bytes(_catalogue(language="pl", name="Polski", messages={"right": "Tak"},
+                                                labels={"neutral": "bez emocji"}))
     (folder / "fr.json").write_bytes(b'{"format": 1')
     (folder / "it.json").write_bytes(_catalogue(language="it", messages={"right": "Giusto {x}"}))
     (folder / "es.json").symlink_to("/dev/zero")  # not a regular file: never read (it would never end)
-    (folder / "en.json").write_bytes(_catalogue(language="en", name="English", messages={"right": "Correct"}))
     (folder / "notes.txt").write_text("not a catalogue: ignored")
+    (folder / os.fsdecode(b"\xff\n.json")).write_bytes(b"{}")  # a name that is no UTF-8, with a newline
     big = folder / "cs.json"
     with big.open("wb") as f:  # a file far over the bound: read only up to it
         f.truncate(50 * 1024 * 1024)
     catalogues, problems = load_languages(folder)
+    bundled_pl = bundled_catalogues()["pl"]
     assert set(catalogues) == {"en", "pl", "de"}
-    assert catalogues["en"] == ENGLISH  # a partial English override would leave the page without words
-    de = catalogues["de"]
-    assert de.messages["right"] == "Richtig" and de.messages["waiting"] == ENGLISH.messages["waiting"]
+    en, pl, de = catalogues["en"], catalogues["pl"], catalogues["de"]
+    assert en.messages["waiting"] == "Listening..." and en.messages["right"] == ENGLISH.messages["right"]
+    assert en.missing == ()
+    # a reworded bundled language keeps what the file does not say
+    assert pl.messages["right"] == "Tak" and pl.messages["wrong"] == bundled_pl.messages["wrong"]
+    assert pl.labels["neutral"] == "bez emocji" and pl.labels["sad"] == bundled_pl.labels["sad"] and pl.missing == ()
+    assert de.messages["right"] == "Richtig" and de.messages["waiting"] == "Listening..."  # the deployer's English
     assert "waiting" in de.missing and "right" not in de.missing
     text = "\n".join(problems)
-    assert len(problems) == 5, text
+    assert len(problems) == 5 and all(p.isprintable() for p in problems), text
     for name, words in (("fr.json", "not JSON"), ("it.json", "placeholders"), ("es.json", "not a regular file"),
-                        ("en.json", "English override"), ("cs.json", "at most")):
-        assert any(str(folder / name) in p and words in p for p in problems), (name, text)
+                        ("cs.json", "at most"), ("\\udcff\\n.json", "must be 1")):
+        assert any(f"{folder}/{name}" in p and words in p for p in problems), (name, text)
     catalogues, problems = load_languages(tmp_path / "missing")
     assert set(catalogues) == {"en", "pl"} and "cannot be read" in problems[0]
+
+
+def test_a_folder_of_many_catalogues_costs_bounded_work(tmp_path):
+    from edge_sdk.i18n import MAX_FILES, MAX_LANGUAGES, MAX_PROBLEMS
+
+    folder = tmp_path / "i18n"
+    folder.mkdir()
+    codes = [f"{a}{b}" for a in "abcdfghjkm" for b in "abcdefghjk"][:MAX_FILES + 20]
+    for code in codes:
+        (folder / f"{code}.json").write_bytes(_catalogue(language=code))
+    catalogues, problems = load_languages(folder)
+    assert len(catalogues) == MAX_LANGUAGES
+    assert f"{len(codes)} catalogues; only the first {MAX_FILES} are examined" in problems[0]
+    assert len(problems) == MAX_PROBLEMS + 1 and problems[-1].startswith("and ")
+    assert f"at most {MAX_LANGUAGES} languages" in problems[1]
 
 
 def test_the_embedded_catalogues_cannot_close_the_script_element():
@@ -131,6 +167,10 @@ def test_the_language_setting_is_checked_with_the_rest_of_the_config(tmp_path):
     for bad in ("polish", "PL", "pl_PL", "pl-PL-x", "", "pl;rm -rf"):
         with pytest.raises(ParameterError, match="web.language must be 'auto' or a language tag"):
             load_config(environ={"FEDSER_EDGE_WEB_LANGUAGE": bad})
+    config = tmp_path / "edge.toml"
+    config.write_text('[web]\ntranslations = "/etc/fedser/i18n\\u0000"\n')  # valid TOML, not a path
+    with pytest.raises(ParameterError, match="web.translations must be a folder's path"):
+        load_config(config, environ={})
 
 
 def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_which(tmp_path):
@@ -138,6 +178,7 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     folder = tmp_path / "i18n"
     folder.mkdir()
     (folder / "fr.json").write_bytes(b"nope")
+    (folder / os.fsdecode(b"\xff.json")).write_bytes(b"nope")  # printed by doctor to a strict UTF-8 stdout
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
            "FEDSER_EDGE_WEB_LANGUAGE": "de", "FEDSER_EDGE_WEB_TRANSLATIONS": str(folder),
            "FEDSER_EDGE_FEEDBACK_MODE": "web", "FEDSER_EDGE_WEB_PORT": "0"}
@@ -151,10 +192,16 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     assert out.returncode == 2, out.stdout + out.stderr
     assert "web.language 'de' has no catalogue (there are: en, pl" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
-    code, checks = doctor(state, "--no-audio", env={k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")})
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")},
+                                                    **strict})
     assert code == 1
     c = checks["page languages"]
     assert c["status"] == "fail" and "'de' has no catalogue" in c["detail"] and str(folder / "fr.json") in c["detail"]
+    assert "\\udcff.json" in c["detail"]
+    _, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")},
+                                                 "FEDSER_EDGE_FEEDBACK_MODE": "terminal"})
+    assert checks["page languages"]["status"] == "warn"  # the page is not used: listen would start
     (folder / "de.json").write_bytes(_catalogue())
     code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")}})
     c = checks["page languages"]
@@ -189,7 +236,9 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
 
     clips = [c.path for c in synthetic_clips[::5]][:3]
     preds = [device.classify_file(p) for p in clips]
-    hostile = load_catalogue(_catalogue(messages={"right": "<img src=x onerror=alert(1)>Richtig"}),
+    hostile = load_catalogue(_catalogue(name="<i>Deutsch</i>",
+                                        messages={"right": "<img src=x onerror=alert(1)>Richtig"},
+                                        labels={"angry": "<img src=y onerror=alert(2)>Wut"}),
                              source="de.json", expect_language="de", reference=ENGLISH)
     languages = {**bundled_catalogues(), "de": hostile}
     auto = FeedbackServer(device, port=free_port(), languages=languages).start()
@@ -207,7 +256,7 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
             assert page.evaluate("document.documentElement.lang") == "pl"
             assert page.title() == "fedser: jak mu poszło?"
-            assert page.inner_text("#accuracy") == "jeszcze bez odpowiedzi"
+            assert page.inner_text("#accuracy") == "nie ma jeszcze odpowiedzi"
             card = page.locator(f'.pred[data-id="{preds[-1].id}"]')
             assert card.locator("button.up").inner_text().strip() == "Dobrze"
             assert card.locator("button.down").inner_text().strip() == "Źle"
@@ -227,7 +276,7 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             page.tap(f'.fix button[data-id="{preds[-1].id}"][data-label="{other}"]')
             page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"] .answered[data-answer="label"]')
             assert card.locator(".answered").inner_text().strip() == f"to było: {polish_names[other]}"
-            assert page.inner_text("#accuracy").startswith("dobrze 0 z 1")
+            assert page.inner_text("#accuracy").startswith("trafnie: 0 z 1")
             page.tap(f'button.up[data-id="{preds[0].id}"]')
             page.wait_for_selector(f'.pred[data-id="{preds[0].id}"] .answered[data-answer="up"]')
             _save(tmp_path, page, "feedback-pl-phone-answered.png")
@@ -245,8 +294,17 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             up = page.locator(f'button.up[data-id="{preds[1].id}"]')
             assert up.inner_text().strip() == "<img src=x onerror=alert(1)>Richtig"
             assert page.locator("img").count() == 0
-            assert page.locator(".fix button[data-label=angry]").first.text_content().strip() == "Wut"
+            assert page.locator(".fix button[data-label=angry]").first.text_content().strip() == \
+                "<img src=y onerror=alert(2)>Wut"
+            assert page.locator("#lang option[value=de]").text_content() == "<i>Deutsch</i>"
+            assert page.locator("i").count() == 0
             assert page.locator(".fix button[data-label=sad]").first.text_content().strip() == "sad"  # as it is
+            # picking a language on the page wins over the link's, a reload included
+            page.select_option("#lang", "pl")
+            page.wait_for_selector(f'button.up[data-id="{preds[1].id}"]:has-text("Dobrze")')
+            assert "lang=" not in page.url
+            page.reload()
+            page.wait_for_selector(f'button.up[data-id="{preds[1].id}"]:has-text("Dobrze")')
             # a device set to Polish, an English browser
             en = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}).new_page()
             en.goto(polish.url)
@@ -265,13 +323,15 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
 def test_the_page_and_its_catalogues_ship_in_the_package():
     """An install from the wheel (a Pi) has what the page reads: every file under edge_sdk/static and edge_sdk/data
     matches pyproject's package-data (a catalogue left out would leave a Polish user's page in English)."""
-    import fnmatch
+    import glob
     import tomllib
 
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edge_sdk"]
     files = [str(p.relative_to(REPO)) for folder in ("static", "data") for p in (REPO / "edge_sdk" / folder).rglob("*")
              if p.is_file() and "__pycache__" not in p.parts]
     assert any(f.endswith("i18n/pl.json") for f in files), files
+    # setuptools' globs: "*" stops at a "/" (fnmatch's would not, and would pass a catalogue the wheel leaves out)
+    shipped = {m for g in globs for m in glob.glob(g, root_dir=REPO / "edge_sdk")}
     for f in files:
         inside = f.removeprefix("edge_sdk/")
-        assert any(fnmatch.fnmatch(inside, g) for g in globs), (f, globs)
+        assert inside in shipped, (f, globs)
