@@ -223,11 +223,21 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     if device.model is None:
         raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
     stop = _Stop(device)  # SIGINT, SIGTERM or the terminal's q: the loop ends, a personalisation under way is cancelled
-    terminal = None
+    terminal = languages = None
+    if mode in ("terminal", "web"):  # their language (edge_sdk/i18n.py): a deployer's catalogues checked first
+        from edge_sdk.i18n import check_available, load_languages
+
+        languages, problems = load_languages(cfg.feedback.translations)
+        for problem in problems:  # the page and prompt go on in the other languages; doctor names these too
+            logging.getLogger("edge_sdk").warning("feedback translation left out: %s", problem)
+        check_available(languages, cfg.feedback.language)
     if mode == "terminal":
+        from edge_sdk.i18n import terminal_catalogue
         from edge_sdk.terminal import TerminalFeedback
 
-        terminal = TerminalFeedback(device, stop=stop.event)
+        catalogue = terminal_catalogue(languages, cfg.feedback.language,
+                                       encoding=getattr(sys.stdout, "encoding", None))
+        terminal = TerminalFeedback(device, stop=stop.event, catalogue=catalogue)
 
     def on_prediction(pred, audio):
         _retention(device, cfg)
@@ -246,24 +256,21 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     listener = Listener(device, cfg, on_prediction)
     previous = _stop_on_signals(stop)  # first: a signal during start-up still closes what started
     try:
-        _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop)
+        _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop, languages)
     finally:
         _restore_signals(previous)
     return 0
 
 
-def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop) -> None:
+def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, mode, file_blocks, stop,
+                 languages) -> None:
     web = None
     try:
         if mode == "web":
-            from edge_sdk.i18n import load_languages
             from edge_sdk.web import FeedbackServer, configured_allowed_hosts
 
-            languages, problems = load_languages(cfg.web.translations)
-            for problem in problems:  # the page goes on in the other languages; doctor names these too
-                logging.getLogger("edge_sdk").warning("feedback page translation left out: %s", problem)
             web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
-                                 allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.web.language,
+                                 allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.feedback.language,
                                  languages=languages).start()
             print(json.dumps({"feedback_page": web.page_url}), flush=True)
         listener.start(microphone=args.file is None)

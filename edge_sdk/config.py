@@ -20,12 +20,12 @@ Example ``config.toml``::
 
     [feedback]
     mode = "web"            # "terminal", "web" or "none"
+    language = "auto"       # "auto" (the page: the browser's; the terminal: the locale), or "pl", "en", ...
+    translations = ""       # a folder of <language>.json catalogues of your own (edge_sdk/static/i18n/en.json)
 
     [web]
     host = "127.0.0.1"
     port = 8090
-    language = "auto"       # the page's language: "auto" (the browser's), or "pl", "en", ... (its user can switch)
-    translations = ""       # a folder of <language>.json catalogues of your own (edge_sdk/static/i18n/en.json)
 
     [privacy]
     store_audio = false     # keep raw audio of predictions (opt-in)
@@ -80,6 +80,13 @@ class SegmenterConfig:
 @dataclass
 class FeedbackConfig:
     mode: str = "terminal"
+    # The language of the terminal prompt and the page: "auto" (the page: the first of the browser's languages with
+    # a catalogue; the terminal: the locale, $LC_ALL, $LC_MESSAGES or $LANG; else English) or a language tag with a
+    # catalogue (bundled: en, pl); the page's user can switch on it (edge_sdk/i18n.py).
+    language: str = "auto"
+    # A folder of <language>.json catalogues (the format of edge_sdk/static/i18n/en.json): languages of your own,
+    # or bundled ones reworded. A file that fails its checks is left out (logged; doctor names it).
+    translations: str = ""
 
 
 @dataclass
@@ -89,12 +96,6 @@ class WebConfig:
     # Extra host names (comma-separated) the page answers to besides its defaults (loopback; beyond loopback
     # the device's hostname, hostname.local and the address a client reached): e.g. a name your router gives it.
     allowed_hosts: str = ""
-    # The page's language: "auto" (the first of the browser's languages with a catalogue, else English) or a
-    # language tag with a catalogue (bundled: en, pl); its user can switch on the page (edge_sdk/i18n.py).
-    language: str = "auto"
-    # A folder of <language>.json catalogues (the format of edge_sdk/static/i18n/en.json): languages of your own,
-    # or bundled ones reworded. A file that fails its checks is left out (logged; doctor names it).
-    translations: str = ""
 
 
 @dataclass
@@ -157,9 +158,10 @@ class EdgeConfig:
             raise ParameterError("audio.block_seconds must be positive and audio.queue_blocks at least 1")
         from edge_sdk.i18n import check_language_setting
 
-        check_language_setting(self.web.language)
-        if not self.web.translations.isprintable():  # a NUL or a newline in a path is a mistake, not a folder
-            raise ParameterError(f"web.translations must be a folder's path, got {self.web.translations!r:.200}")
+        check_language_setting(self.feedback.language)
+        if not self.feedback.translations.isprintable():  # a NUL or a newline in a path is a mistake, not a folder
+            raise ParameterError(f"feedback.translations must be a folder's path, "
+                                 f"got {self.feedback.translations!r:.200}")
         if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
             raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
         return self

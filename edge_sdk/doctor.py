@@ -5,10 +5,11 @@
 Checks, in order: the configuration; the TFLite runtime and its version; the model the device would run
 (loaded in that runtime); PortAudio; the input devices and whether the configured one opens at the sample
 rate ``listen`` opens it at (and whether the model's rate would open); the state folder's owner and
-permissions, and the free space on its disk; the feedback page's languages (the bundled catalogues and those
-in ``[web] translations``, and a catalogue for ``[web] language``); then, for an enrolled device, the aggregator
-reachable, the clock against the server's ``Date`` header, and the current manifest fetched with a signed request and
-verified with the pinned server key (and the local copy against it). Nothing is written to the state folder.
+permissions, and the free space on its disk; the languages of the feedback page and prompt (the bundled
+catalogues and those in ``[feedback] translations``, and a catalogue for ``[feedback] language``); then, for an
+enrolled device, the aggregator reachable, the clock against the server's ``Date`` header, and the current
+manifest fetched with a signed request and verified with the pinned server key (and the local copy against
+it). Nothing is written to the state folder.
 
 Each check is ``ok``, ``warn``, ``fail`` or ``skip``, with a one-line detail and, unless ok, a ``fix``.
 Exit status: 0 when nothing failed, 1 when a check failed, 2 on a usage error.
@@ -289,32 +290,32 @@ class _Doctor:
             self.add("disk space", "ok", detail)
 
     def page_languages(self) -> None:
-        """The feedback page's catalogues (edge_sdk/i18n.py): the bundled ones and the [web] translations folder's,
-        each checked as ``listen`` checks it; the configured ``[web] language`` must have one."""
+        """The catalogues of the feedback page and prompt (edge_sdk/i18n.py): the bundled ones and the [feedback]
+        translations folder's, each checked as ``listen`` checks it; ``[feedback] language`` must have one."""
         from edge_sdk.i18n import load_languages
 
-        catalogues, problems = load_languages(self.cfg.web.translations)
+        catalogues, problems = load_languages(self.cfg.feedback.translations)
         names = ", ".join(sorted(catalogues))
-        wanted = self.cfg.web.language
+        wanted = self.cfg.feedback.language
         fix = ("fix the files named (the format of edge_sdk/static/i18n/en.json; `fedser-edge doctor` checks them "
                "again), or remove them")
         if wanted != "auto" and wanted not in catalogues:
-            web = self.cfg.feedback.mode == "web"  # only the page reads them
-            self.add("page languages", "fail" if web else "warn",
-                     f"web.language {wanted!r} has no catalogue (there are: {names})"
+            used = self.cfg.feedback.mode in ("web", "terminal")  # the page and the prompt read them
+            self.add("feedback languages", "fail" if used else "warn",
+                     f"feedback.language {wanted!r} has no catalogue (there are: {names})"
                      + ("; left out: " + "; ".join(problems) if problems else ""),
-                     "add <language>.json to the [web] translations folder, or set web.language = \"auto\""
-                     + ("; listen refuses to start the page until then" if web else
-                        "; listen --feedback web would refuse to start the page"))
+                     "add <language>.json to the [feedback] translations folder, or set feedback.language = \"auto\""
+                     + ("; listen refuses to start until then" if used else
+                        "; listen --feedback web or terminal would refuse to start"))
             return
         starts = "the browser's language" if wanted == "auto" else wanted
         partial = [f"{c.language} shows {len(c.missing)} messages in English ({', '.join(c.missing[:3])}"
                    + (", ..." if len(c.missing) > 3 else "") + ")" for c in catalogues.values() if c.missing]
         detail = f"{names}; the page starts in {starts}" + ("; " + "; ".join(partial) if partial else "")
         if problems:
-            self.add("page languages", "warn", detail + "; left out: " + "; ".join(problems), fix)
+            self.add("feedback languages", "warn", detail + "; left out: " + "; ".join(problems), fix)
         else:
-            self.add("page languages", "ok", detail)
+            self.add("feedback languages", "ok", detail)
 
     # -- server -----------------------------------------------------------------------------------------
     def server(self) -> None:

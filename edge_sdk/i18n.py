@@ -1,9 +1,9 @@
-"""The feedback page's languages: message catalogues, checked before they reach a page.
+"""The languages of the feedback page and the terminal prompt: message catalogues, checked before they are used.
 
 The people who answer a device's predictions are often the people the model was not trained on: another language.
-The page speaks theirs. Catalogues are JSON files (never code): the bundled ones in ``edge_sdk/static/i18n/`` and
-a deployer's own in the folder ``[web] translations`` names (one ``<code>.json`` per language: a new language, or
-a bundled one reworded). Each looks like ``en.json``::
+The page and the prompt speak theirs. Catalogues are JSON files (never code): the bundled ones in
+``edge_sdk/static/i18n/`` and a deployer's own in the folder ``[feedback] translations`` names (one ``<code>.json``
+per language: a new language, or a bundled one reworded). Each looks like ``en.json``::
 
     {"format": 1, "language": "pl", "name": "Polski", "dir": "ltr",
      "messages": {"right": "Dobrze", "accuracy": "trafnie: {right} z {answered} ({percent} %)", ...},
@@ -20,15 +20,20 @@ it shows, and the catalogues are embedded in it as JSON with ``<``, ``>`` and ``
 inject markup or script.
 
 Which language a page shows: the one named in its link (``?lang=pl``), else the one its user picked on it (kept in
-the browser; picking one also drops ``lang`` from the link), else ``[web] language`` when it is not ``auto``, else
+the browser; picking one also drops ``lang`` from the link), else ``[feedback] language`` when it is not ``auto``, else
 the first of the browser's languages that has a catalogue (``pl-PL`` finds ``pl``), else English. The class labels
 the page posts back are the model's own, whatever the language.
+
+The terminal prompt: ``[feedback] language``, else (``auto``) the locale (``$LC_ALL``, ``$LC_MESSAGES``, ``$LANG``:
+``pl_PL.UTF-8`` finds ``pl``), else English; English too when the terminal's encoding cannot show the language's
+letters (a Pi's console with ``LANG=C``). The keys stay ``u``, ``d``, ``1``-``9``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -39,8 +44,9 @@ from edge_sdk.errors import ParameterError
 
 log = logging.getLogger("edge_sdk")
 
-__all__ = ["Catalogue", "LANGUAGE_TAG", "MAX_CATALOGUE_BYTES", "MAX_LANGUAGES", "MAX_TEXT", "bundled_catalogues",
-           "check_language_setting", "load_catalogue", "load_languages", "page_json"]
+__all__ = ["Catalogue", "LANGUAGE_TAG", "MAX_CATALOGUE_BYTES", "MAX_LANGUAGES", "MAX_TEXT", "best_match",
+           "bundled_catalogues", "check_available", "check_language_setting", "load_catalogue", "load_languages",
+           "locale_tags", "page_json", "terminal_catalogue"]
 
 FORMAT = 1
 MAX_CATALOGUE_BYTES = 64 * 1024
@@ -73,6 +79,14 @@ class Catalogue:
 
     def to_page(self) -> dict:
         return {"name": self.name, "dir": self.direction, "messages": self.messages, "labels": self.labels}
+
+    def text(self, key: str, **values) -> str:
+        """The message ``key`` with its ``{placeholders}`` filled (as the page fills them)."""
+        return _PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), m.group(0))), self.messages[key])
+
+    def label(self, label: str) -> str:
+        """The name this language shows for the model's class ``label`` (the label itself when it has none)."""
+        return self.labels.get(label, label)
 
 
 def shown(text: object, limit: int = 200) -> str:
@@ -232,19 +246,68 @@ def load_languages(translations: str | Path | None = None) -> tuple[dict[str, Ca
 
 
 def check_language_setting(value: str) -> str:
-    """``[web] language``: ``auto`` or a language tag (whether a catalogue exists is checked where they load)."""
+    """``[feedback] language``: ``auto`` or a language tag (whether a catalogue exists is checked where they load)."""
     if value != "auto" and not (isinstance(value, str) and LANGUAGE_TAG.fullmatch(value)):
-        raise ParameterError(f"web.language must be 'auto' or a language tag such as 'pl' or 'pt-BR', "
+        raise ParameterError(f"feedback.language must be 'auto' or a language tag such as 'pl' or 'pt-BR', "
                              f"got {value!r:.80}")
     return value
+
+
+def check_available(catalogues: dict[str, Catalogue], language: str) -> None:
+    """A ``[feedback] language`` other than ``auto`` needs a catalogue: else an error naming what there is."""
+    if language != "auto" and language not in catalogues:
+        raise ParameterError(f"feedback.language {language!r} has no catalogue (there are: "
+                             f"{', '.join(sorted(catalogues))}; add {language}.json to the [feedback] translations "
+                             "folder, or use 'auto')")
+
+
+def best_match(catalogues: dict[str, Catalogue], tags) -> str | None:
+    """The first of ``tags`` (preferences, best first) with a catalogue: the tag itself (any case), else its
+    language (``pl-PL`` finds ``pl``); None when none has one. The page's rule (feedback.html's ``known``)."""
+    lower = {code.lower(): code for code in catalogues}
+    for tag in tags:
+        if not tag:
+            continue
+        tag = str(tag)
+        found = lower.get(tag.lower()) or lower.get(tag.split("-")[0].lower())
+        if found:
+            return found
+    return None
+
+
+def locale_tags(environ=None) -> list[str]:
+    """The process locale's language as tags, best first: the first set of ``$LC_ALL``, ``$LC_MESSAGES``,
+    ``$LANG`` (POSIX's order), ``pl_PL.UTF-8@euro`` -> ``["pl-PL"]``; ``C`` and ``POSIX`` name none."""
+    environ = os.environ if environ is None else environ
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = (environ.get(name) or "").strip()
+        if value:
+            code = value.split(".")[0].split("@")[0].replace("_", "-")
+            return [] if code in ("C", "POSIX") else [code]
+    return []
+
+
+def terminal_catalogue(catalogues: dict[str, Catalogue], language: str = "auto", *, environ=None,
+                       encoding: str | None = None) -> Catalogue:
+    """The catalogue of the terminal prompt: ``language``, else (``auto``) the locale's, else English; English also
+    when ``encoding`` (the terminal's) cannot encode the language's strings."""
+    check_available(catalogues, language)
+    code = language if language != "auto" else best_match(catalogues, locale_tags(environ)) or _REFERENCE
+    chosen = catalogues[code]
+    if encoding:
+        try:
+            for text in (*chosen.messages.values(), *chosen.labels.values()):
+                text.encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            log.info("the terminal's encoding %s cannot show %s: the prompt is in English", encoding, chosen.name)
+            return catalogues[_REFERENCE]
+    return chosen
 
 
 def page_json(catalogues: dict[str, Catalogue], default: str = "auto") -> str:
     """The page's ``I18N`` object: ``{"default": ..., "languages": {code: {...}}}``, as JSON that is safe inside a
     ``<script>`` element (``<``, ``>``, ``&`` and the line separators escaped)."""
-    if default != "auto" and default not in catalogues:
-        raise ParameterError(f"web.language {default!r} has no catalogue (there are: {', '.join(sorted(catalogues))}; "
-                             "add <code>.json to the [web] translations folder, or use 'auto')")
+    check_available(catalogues, default)
     text = json.dumps({"default": default, "languages": {k: c.to_page() for k, c in catalogues.items()}},
                       ensure_ascii=True, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -1,9 +1,12 @@
 """Single-keypress feedback in a terminal: after each prediction, one key answers it.
 
-    angry (83 %)   [u] right  [d] wrong  [1] angry [2] happy [3] neutral [4] sad  [space] skip
+    angry (83 %)   [u] right  [d] wrong  [1] angry  [2] happy  [3] neutral  [4] sad  [space] skip
 
 In a real terminal the key is read without Enter (raw mode, restored on
-exit); on a pipe, one line per answer works the same.
+exit); on a pipe, one line per answer works the same. The prompt speaks the catalogue it is given
+(:func:`edge_sdk.i18n.terminal_catalogue`: ``[feedback] language`` or the locale), the keys stay the same:
+
+    złość (83 %)   [u] dobrze  [d] źle  [1] złość  [2] radość  [3] neutralnie  [4] smutek  [spacja] pomiń
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import threading
 
 from edge_sdk.errors import FedserError
+from edge_sdk.i18n import Catalogue, bundled_catalogues
 
 __all__ = ["TerminalFeedback", "key_map"]
 
@@ -26,12 +30,15 @@ def key_map(labels) -> dict[str, str]:
 
 
 class TerminalFeedback:
-    def __init__(self, device, *, stdin=None, stdout=None, stop: threading.Event | None = None) -> None:
+    def __init__(self, device, *, stdin=None, stdout=None, stop: threading.Event | None = None,
+                 catalogue: Catalogue | None = None) -> None:
         """``stop``: the event q (or Ctrl-C, Ctrl-D) sets; the caller's, so that the same event
-        can also cancel a personalisation under way (``Device.personalize(cancel=...)``)."""
+        can also cancel a personalisation under way (``Device.personalize(cancel=...)``). ``catalogue``: the
+        language of the prompt (default English)."""
         self.device = device
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
+        self.catalogue = catalogue or bundled_catalogues()["en"]
         self._latest: str | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -40,12 +47,12 @@ class TerminalFeedback:
 
     def prompt(self, prediction, _audio=None) -> None:
         labels = list(self.device.metadata.labels)
-        keys = "  ".join(f"[{k}] {v}" for k, v in key_map(labels).items() if k not in "ud")
+        cat = self.catalogue
+        keys = "  ".join(f"[{k}] {cat.label(v)}" for k, v in key_map(labels).items() if k not in "ud")
         conf = round(100 * max(prediction.probs.values()))
         with self._lock:
             self._latest = prediction.id
-        self.stdout.write(f"\r\n{prediction.label} ({conf} %)   [u] right  [d] wrong  {keys}  [space] skip\r\n")
-        self.stdout.flush()
+        self._say(cat.text("terminal_prompt", label=cat.label(prediction.label), percent=conf, labels=keys))
 
     def handle_key(self, key: str) -> str | None:
         """Apply one key to the latest prediction; returns the stored answer, or None."""
@@ -58,13 +65,25 @@ class TerminalFeedback:
         try:
             self.device.feedback(pid, answer)
         except FedserError as exc:
-            self.stdout.write(f"\r\nnot stored: {exc}\r\n")
+            self._say(self.catalogue.text("terminal_not_stored", error=exc))
             return None
         self.answers += 1
         acc = self.device.store.personal_accuracy()
-        self.stdout.write(f"\r\nstored {answer}: right {acc['right']} of {acc['answered']}\r\n")
-        self.stdout.flush()
+        cat = self.catalogue
+        shown = (cat.text("terminal_up") if answer == "up" else cat.text("terminal_down") if answer == "down"
+                 else cat.label(answer))
+        self._say(cat.text("terminal_stored", answer=shown, right=acc["right"], answered=acc["answered"]))
         return answer
+
+    def _say(self, line: str) -> None:
+        """One line, on its own line even in raw mode; a letter the terminal's encoding lacks becomes "?"."""
+        text = f"\r\n{line}\r\n"
+        try:
+            self.stdout.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self.stdout, "encoding", None) or "ascii"
+            self.stdout.write(text.encode(encoding, "replace").decode(encoding))
+        self.stdout.flush()
 
     def _read_loop(self) -> None:
         fd = self.stdin.fileno() if hasattr(self.stdin, "fileno") else None

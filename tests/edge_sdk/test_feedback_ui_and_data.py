@@ -85,28 +85,34 @@ def test_the_page_refuses_cross_site_posts(device, clips):
         server.stop()
 
 
-def test_single_keypress_in_a_terminal(tmp_path, clips):
-    """``fedser-edge listen --file ... --feedback terminal`` in a pseudo-terminal; one key answers, no Enter."""
+@pytest.mark.parametrize("lang, prompt, key, stored", [
+    ("C.UTF-8", b"[u] right  [d] wrong", b"u", b"stored up: right 1 of 1"),
+    ("pl_PL.UTF-8", "[u] dobrze  [d] źle".encode(), b"4", b"zapisano (smutek): trafnie"),
+], ids=["english", "polish-locale"])
+def test_single_keypress_in_a_terminal(tmp_path, clips, lang, prompt, key, stored):
+    """``fedser-edge listen --file ... --feedback terminal`` in a pseudo-terminal; one key answers, no Enter. The
+    prompt speaks the locale's language (edge_sdk/i18n.py); the key stores the model's label (4: sad)."""
     state = tmp_path / "dev"
     if Device(state).model is None:
         pytest.skip("no bundled model in edge_sdk/data")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FEDSER_EDGE_", "LC_", "LANG"))}, "LANG": lang}
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen",
-                                  "--file", str(clips[0]), "--feedback", "terminal", "--seconds", "60"])
+        os.execve(sys.executable, [sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen",
+                                   "--file", str(clips[0]), "--feedback", "terminal", "--seconds", "60"], env)
     out = b""
     try:
         deadline = time.time() + 60
-        while b"[space] skip" not in out and time.time() < deadline:
+        while prompt not in out and time.time() < deadline:
             if select.select([fd], [], [], 0.5)[0]:
                 out += os.read(fd, 4096)
-        assert b"[u] right" in out, out.decode(errors="replace")
-        os.write(fd, b"u")  # one key, no Enter
-        while b"stored up" not in out and time.time() < deadline:
+        assert prompt in out, out.decode(errors="replace")
+        os.write(fd, key)  # one key, no Enter
+        while stored not in out and time.time() < deadline:
             if select.select([fd], [], [], 0.5)[0]:
                 out += os.read(fd, 4096)
-        assert b"stored up: right 1 of 1" in out, out.decode(errors="replace")
+        assert stored in out, out.decode(errors="replace")
         os.write(fd, b"q")
         while time.time() < deadline:
             if select.select([fd], [], [], 0.5)[0]:
@@ -125,7 +131,11 @@ def test_single_keypress_in_a_terminal(tmp_path, clips):
         os.waitpid(pid, 0)
     assert b"listen_stats" in out
     dev = Device(state)
-    assert [e.kind for e in dev.store.examples()] == ["up"]
+    (answer,) = dev.store.examples()
+    if key == b"u":
+        assert answer.kind == "up"
+    else:  # the model's label, whatever the prompt called it (a thumbs-up when the model had said sad)
+        assert answer.target == "sad" and answer.kind in ("label", "up")
 
 
 def test_export_wipe_and_retention(device, clips, tmp_path):

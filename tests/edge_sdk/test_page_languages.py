@@ -3,6 +3,7 @@ device's disk), the language a page picks, what it posts, and the page itself in
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -155,21 +156,21 @@ def test_the_embedded_catalogues_cannot_close_the_script_element():
     text = page_json({"en": ENGLISH, "de": hostile}, "de")
     assert "<" not in text and ">" not in text and "&" not in text
     assert json.loads(text)["languages"]["de"]["messages"]["right"].startswith("</script>")
-    with pytest.raises(ParameterError, match="web.language 'fr' has no catalogue"):
+    with pytest.raises(ParameterError, match="feedback.language 'fr' has no catalogue"):
         page_json({"en": ENGLISH}, "fr")
 
 
 def test_the_language_setting_is_checked_with_the_rest_of_the_config(tmp_path):
     from edge_sdk.config import load_config
 
-    assert load_config(environ={}).web.language == "auto"
-    assert load_config(environ={"FEDSER_EDGE_WEB_LANGUAGE": "pl"}).web.language == "pl"
+    assert load_config(environ={}).feedback.language == "auto"
+    assert load_config(environ={"FEDSER_EDGE_FEEDBACK_LANGUAGE": "pl"}).feedback.language == "pl"
     for bad in ("polish", "PL", "pl_PL", "pl-PL-x", "", "pl;rm -rf"):
-        with pytest.raises(ParameterError, match="web.language must be 'auto' or a language tag"):
-            load_config(environ={"FEDSER_EDGE_WEB_LANGUAGE": bad})
+        with pytest.raises(ParameterError, match="feedback.language must be 'auto' or a language tag"):
+            load_config(environ={"FEDSER_EDGE_FEEDBACK_LANGUAGE": bad})
     config = tmp_path / "edge.toml"
-    config.write_text('[web]\ntranslations = "/etc/fedser/i18n\\u0000"\n')  # valid TOML, not a path
-    with pytest.raises(ParameterError, match="web.translations must be a folder's path"):
+    config.write_text('[feedback]\ntranslations = "/etc/fedser/i18n\\u0000"\n')  # valid TOML, not a path
+    with pytest.raises(ParameterError, match="feedback.translations must be a folder's path"):
         load_config(config, environ={})
 
 
@@ -180,7 +181,7 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     (folder / "fr.json").write_bytes(b"nope")
     (folder / os.fsdecode(b"\xff.json")).write_bytes(b"nope")  # printed by doctor to a strict UTF-8 stdout
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
-           "FEDSER_EDGE_WEB_LANGUAGE": "de", "FEDSER_EDGE_WEB_TRANSLATIONS": str(folder),
+           "FEDSER_EDGE_FEEDBACK_LANGUAGE": "de", "FEDSER_EDGE_FEEDBACK_TRANSLATIONS": str(folder),
            "FEDSER_EDGE_FEEDBACK_MODE": "web", "FEDSER_EDGE_WEB_PORT": "0"}
     wav = tmp_path / "silence.wav"
     import numpy as np
@@ -190,24 +191,57 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--file", str(wav)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "web.language 'de' has no catalogue (there are: en, pl" in out.stderr, out.stderr
+    assert "feedback.language 'de' has no catalogue (there are: en, pl" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     strict = {"PYTHONIOENCODING": "utf-8:strict"}
     code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")},
                                                     **strict})
     assert code == 1
-    c = checks["page languages"]
+    c = checks["feedback languages"]
     assert c["status"] == "fail" and "'de' has no catalogue" in c["detail"] and str(folder / "fr.json") in c["detail"]
     assert "\\udcff.json" in c["detail"]
     _, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")},
-                                                 "FEDSER_EDGE_FEEDBACK_MODE": "terminal"})
-    assert checks["page languages"]["status"] == "warn"  # the page is not used: listen would start
+                                                 "FEDSER_EDGE_FEEDBACK_MODE": "none"})
+    assert checks["feedback languages"]["status"] == "warn"  # no page, no prompt: listen would start
     (folder / "de.json").write_bytes(_catalogue())
     code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")}})
-    c = checks["page languages"]
+    c = checks["feedback languages"]
     assert c["status"] == "warn", c  # fr.json still left out
     assert "de, en, pl" in c["detail"], c
     assert "the page starts in de" in c["detail"] and "de shows" in c["detail"] and "fr.json" in c["detail"]
+
+
+def test_the_terminal_speaks_the_locale_unless_it_cannot_show_its_letters():
+    from edge_sdk.i18n import locale_tags, terminal_catalogue
+    from edge_sdk.terminal import TerminalFeedback
+
+    catalogues = bundled_catalogues()
+    assert locale_tags({"LANG": "pl_PL.UTF-8@euro"}) == ["pl-PL"]
+    assert locale_tags({"LC_ALL": "C", "LANG": "pl_PL.UTF-8"}) == []  # LC_ALL wins, and C names no language
+    assert locale_tags({"LC_MESSAGES": "pl_PL", "LANG": "en_GB.UTF-8"}) == ["pl-PL"]
+    assert terminal_catalogue(catalogues, environ={"LANG": "pl_PL.UTF-8"}).language == "pl"
+    assert terminal_catalogue(catalogues, environ={"LANG": "de_DE.UTF-8"}).language == "en"
+    assert terminal_catalogue(catalogues, "pl", environ={"LANG": "en_US.UTF-8"}).language == "pl"
+    # a console that cannot show "ź" gets English, not a traceback
+    assert terminal_catalogue(catalogues, "pl", environ={}, encoding="ascii").language == "en"
+    with pytest.raises(ParameterError, match="feedback.language 'de' has no catalogue"):
+        terminal_catalogue(catalogues, "de", environ={})
+
+    class Ascii(io.TextIOWrapper):
+        pass
+
+    class Metadata:
+        labels = ("angry", "happy", "neutral", "sad")
+
+    class Prediction:
+        id, label, probs = "p1", "angry", {"angry": 0.83, "happy": 0.1, "neutral": 0.05, "sad": 0.02}
+
+    device = type("D", (), {"metadata": Metadata()})()
+    out = Ascii(io.BytesIO(), encoding="ascii", newline="")
+    TerminalFeedback(device, stdout=out, catalogue=catalogues["pl"]).prompt(Prediction())
+    out.seek(0)
+    assert out.buffer.getvalue().decode("ascii").strip() == (
+        "z?o?? (83 %)   [u] dobrze  [d] ?le  [1] z?o??  [2] rado??  [3] neutralnie  [4] smutek  [spacja] pomi?")
 
 
 def _answers(device) -> dict:
