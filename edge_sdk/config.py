@@ -21,7 +21,7 @@ Example ``config.toml``::
     [feedback]
     mode = "web"            # "terminal", "web" or "none"
     language = "auto"       # "auto" (the page: the browser's; the terminal: the locale), or "pl", "en", ...
-    translations = ""       # a folder of <language>.json catalogues of your own (edge_sdk/static/i18n/en.json)
+    translations = ""       # a folder of <language>.json catalogues of yours, e.g. /etc/fedser/i18n (format: en.json)
 
     [web]
     host = "127.0.0.1"
@@ -85,7 +85,8 @@ class FeedbackConfig:
     # catalogue (bundled: en, pl); the page's user can switch on it (edge_sdk/i18n.py).
     language: str = "auto"
     # A folder of <language>.json catalogues (the format of edge_sdk/static/i18n/en.json): languages of your own,
-    # or bundled ones reworded. A file that fails its checks is left out (logged; doctor names it).
+    # or bundled ones reworded. An absolute path the service can read (not under /home: the unit has ProtectHome).
+    # A file that fails its checks is left out (logged; doctor names it).
     translations: str = ""
 
 
@@ -159,9 +160,12 @@ class EdgeConfig:
         from edge_sdk.i18n import check_language_setting
 
         check_language_setting(self.feedback.language)
-        if not self.feedback.translations.isprintable():  # a NUL or a newline in a path is a mistake, not a folder
-            raise ParameterError(f"feedback.translations must be a folder's path, "
-                                 f"got {self.feedback.translations!r:.200}")
+        folder = self.feedback.translations
+        # a NUL or a newline is a mistake, not a folder; a relative path would depend on where listen starts (/ under
+        # systemd)
+        if folder and not (folder.isprintable() and os.path.isabs(folder)):
+            raise ParameterError(f"feedback.translations must be a folder's absolute path (e.g. /etc/fedser/i18n), "
+                                 f"got {folder!r:.200}")
         if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
             raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
         return self

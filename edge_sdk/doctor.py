@@ -292,9 +292,15 @@ class _Doctor:
     def page_languages(self) -> None:
         """The catalogues of the feedback page and prompt (edge_sdk/i18n.py): the bundled ones and the [feedback]
         translations folder's, each checked as ``listen`` checks it; ``[feedback] language`` must have one."""
+        from edge_sdk.errors import FedserError
         from edge_sdk.i18n import load_languages
 
-        catalogues, problems = load_languages(self.cfg.feedback.translations)
+        try:
+            catalogues, problems = load_languages(self.cfg.feedback.translations)
+        except FedserError as exc:  # the bundled ones damaged: a broken install
+            self.add("feedback languages", "fail", str(exc), "pip install --force-reinstall fedser in the venv the "
+                     "service runs")
+            return
         names = ", ".join(sorted(catalogues))
         wanted = self.cfg.feedback.language
         fix = ("fix the files named (the format of edge_sdk/static/i18n/en.json; `fedser-edge doctor` checks them "
@@ -308,10 +314,11 @@ class _Doctor:
                      + ("; listen refuses to start until then" if used else
                         "; listen --feedback web or terminal would refuse to start"))
             return
-        starts = "the browser's language" if wanted == "auto" else wanted
+        starts = ("the page starts in the browser's language, the prompt in the locale's" if wanted == "auto"
+                  else f"the page and the prompt start in {wanted}")
         partial = [f"{c.language} shows {len(c.missing)} messages in English ({', '.join(c.missing[:3])}"
                    + (", ..." if len(c.missing) > 3 else "") + ")" for c in catalogues.values() if c.missing]
-        detail = f"{names}; the page starts in {starts}" + ("; " + "; ".join(partial) if partial else "")
+        detail = f"{names}; {starts}" + ("; " + "; ".join(partial) if partial else "")
         if problems:
             self.add("feedback languages", "warn", detail + "; left out: " + "; ".join(problems), fix)
         else:

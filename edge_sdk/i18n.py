@@ -26,7 +26,8 @@ the page posts back are the model's own, whatever the language.
 
 The terminal prompt: ``[feedback] language``, else (``auto``) the locale (``$LC_ALL``, ``$LC_MESSAGES``, ``$LANG``:
 ``pl_PL.UTF-8`` finds ``pl``), else English; English too when the terminal's encoding cannot show the language's
-letters (a Pi's console with ``LANG=C``). The keys stay ``u``, ``d``, ``1``-``9``.
+letters (a locale such as ``pl_PL.ISO-8859-2`` shows Polish; ``en_US.ISO-8859-1`` would not). The keys stay ``u``,
+``d``, ``1``-``9`` (a catalogue must keep English's ``[u]``, ``[d]`` hints).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from edge_sdk.errors import ParameterError
+from edge_sdk.errors import FedserError, ParameterError
 
 log = logging.getLogger("edge_sdk")
 
@@ -61,7 +62,9 @@ _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .-]{0,63}")  # a class label as mo
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # what the page fills (feedback.html's t())
 # bidi embeddings, overrides and isolates: they reorder the text around them (the "Trojan Source" characters)
 _BIDI_CONTROLS = set(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
-_FORMAT_OK = {"\u00ad", "\u200c", "\u200d", "\u200e", "\u200f", "\u2060"}  # soft hyphen, ZWNJ, ZWJ, LRM, RLM, WJ
+# soft hyphen, ZWSP (Thai, Khmer, Lao and Burmese break words with it), ZWNJ, ZWJ, LRM, RLM, WJ, the Arabic letter mark
+_FORMAT_OK = {"\u00ad", "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u2060", "\u061c"}
+_KEY_HINT = re.compile(r"\[([a-z0-9])\]")  # "[u]": a key the terminal reads, the same in every language
 _REFERENCE = "en"
 
 
@@ -129,7 +132,7 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
     if len(data) > MAX_CATALOGUE_BYTES:
         raise ParameterError(f"{source}: {len(data)} bytes; a catalogue may have at most {MAX_CATALOGUE_BYTES}")
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = json.loads(data.decode("utf-8-sig"))  # a byte-order mark (some editors write one) is fine
     except UnicodeDecodeError as exc:
         raise ParameterError(f"{source}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except (ValueError, RecursionError) as exc:
@@ -146,13 +149,14 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
         raise ParameterError(f"{source}: language must be a tag such as 'pl' or 'pt-BR', got {language!r:.80}")
     if expect_language is not None and language != expect_language:
         raise ParameterError(f"{source}: says language {language!r}, but its file name says {expect_language!r}")
-    name = _check_text(doc.get("name"), f"{source}: name")
+    # a file that rewords a bundled language may leave out its name, direction and messages (they stay as bundled)
+    name = _check_text(doc.get("name", base.name if base else None), f"{source}: name")
     if len(name) > 40:
         raise ParameterError(f"{source}: name must be at most 40 characters, got {len(name)}")
-    direction = doc.get("dir", "ltr")
+    direction = doc.get("dir", base.direction if base else "ltr")
     if direction not in ("ltr", "rtl"):
         raise ParameterError(f"{source}: dir must be 'ltr' or 'rtl', got {direction!r:.40}")
-    messages = doc.get("messages")
+    messages = doc.get("messages", {} if base else None)
     if not isinstance(messages, dict):
         raise ParameterError(f"{source}: messages must be an object of strings")
     labels = doc.get("labels", {})
@@ -173,6 +177,11 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
         if reference is not None and have != (want := _placeholders(reference.messages[key])):
             raise ParameterError(f"{where} must use exactly the placeholders {sorted(want)} (as English does), "
                                  f"got {sorted(have)}")
+        if reference is not None and set(_KEY_HINT.findall(value)) != (
+                keys := set(_KEY_HINT.findall(reference.messages[key]))):
+            hints = ", ".join(f"[{k}]" for k in sorted(keys))
+            raise ParameterError(f"{where} must name the same keys as English ({hints}): the terminal reads those "
+                                 "keys in every language")
     for key, value in labels.items():
         if not _LABEL.fullmatch(key) or key == "__proto__":  # (a page's object literal would take it as its prototype)
             raise ParameterError(f"{source}: labels: '{shown(key, 40)}' is not a class label")
@@ -188,16 +197,21 @@ def load_catalogue(data: bytes, *, source: str, expect_language: str | None = No
 
 
 def bundled_catalogues() -> dict[str, Catalogue]:
-    """The catalogues shipped in ``edge_sdk/static/i18n`` (English first)."""
-    folder = resources.files("edge_sdk").joinpath("static/i18n")
-    english = load_catalogue(folder.joinpath(f"{_REFERENCE}.json").read_bytes(), source=f"edge_sdk/static/i18n/"
-                             f"{_REFERENCE}.json", expect_language=_REFERENCE)
-    found = {_REFERENCE: english}
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        code = entry.name.removesuffix(".json")
-        if entry.name.endswith(".json") and code != _REFERENCE:
-            found[code] = load_catalogue(entry.read_bytes(), source=f"edge_sdk/static/i18n/{entry.name}",
-                                         expect_language=code, reference=english)
+    """The catalogues shipped in ``edge_sdk/static/i18n`` (English first); a damaged install is a FedserError
+    that says to reinstall."""
+    try:
+        folder = resources.files("edge_sdk").joinpath("static/i18n")
+        english = load_catalogue(folder.joinpath(f"{_REFERENCE}.json").read_bytes(), source=f"edge_sdk/static/i18n/"
+                                 f"{_REFERENCE}.json", expect_language=_REFERENCE)
+        found = {_REFERENCE: english}
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            code = entry.name.removesuffix(".json")
+            if entry.name.endswith(".json") and code != _REFERENCE:
+                found[code] = load_catalogue(entry.read_bytes(), source=f"edge_sdk/static/i18n/{entry.name}",
+                                             expect_language=code, reference=english)
+    except (OSError, ParameterError) as exc:
+        raise FedserError(f"fedser's own catalogues are damaged or missing ({shown(exc, 300)}): reinstall fedser "
+                          "(pip install --force-reinstall fedser)") from None
     return found
 
 
@@ -295,10 +309,11 @@ def terminal_catalogue(catalogues: dict[str, Catalogue], language: str = "auto",
     code = language if language != "auto" else best_match(catalogues, locale_tags(environ)) or _REFERENCE
     chosen = catalogues[code]
     if encoding:
-        try:
-            for text in (*chosen.messages.values(), *chosen.labels.values()):
+        try:  # what the prompt prints: its messages and the labels (the page's messages do not matter here)
+            shown_there = [v for k, v in chosen.messages.items() if k.startswith("terminal_")]
+            for text in (*shown_there, *chosen.labels.values()):
                 text.encode(encoding)
-        except (UnicodeEncodeError, LookupError):
+        except (UnicodeError, LookupError):
             log.info("the terminal's encoding %s cannot show %s: the prompt is in English", encoding, chosen.name)
             return catalogues[_REFERENCE]
     return chosen

@@ -169,7 +169,7 @@ class FeedbackServer:
     timeout
         Seconds a client has to send its request line, headers and body in all.
     language
-        ``auto`` (the browser's languages choose) or the tag of a catalogue the page starts in (``[web]
+        ``auto`` (the browser's languages choose) or the tag of a catalogue the page starts in (``[feedback]
         language``); its user can switch on the page.
     languages
         The page's catalogues (:func:`edge_sdk.i18n.load_languages`); None: the bundled ones.

@@ -22,6 +22,15 @@ from tests.conftest import REPO
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def keep_screenshot(path) -> None:
+    """A screenshot that was drawn (not blank), copied to $FEDSER_TEST_ARTIFACTS when set (to be looked at)."""
+    assert os.path.getsize(path) > 10_000, path
+    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copy(path, artifacts)
+
+
 @pytest.fixture(scope="module")
 def clips(synthetic_clips):
     """Audio files to classify (the labelled synthetic corpus: these tests are about the UI and the data)."""
@@ -57,11 +66,7 @@ def test_local_page_in_headless_chromium_click_thumbs_and_pick_a_label(device, c
     answers = {e.prediction_id: (e.kind, e.target) for e in device.store.examples()}
     assert answers == {preds[0].id: ("up", preds[0].label), preds[1].id: ("down", preds[1].label),
                        preds[2].id: ("label", other)}
-    assert (tmp_path / "feedback-page.png").stat().st_size > 10_000
-    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
-    if artifacts:
-        os.makedirs(artifacts, exist_ok=True)
-        shutil.copy(tmp_path / "feedback-page.png", artifacts)
+    keep_screenshot(tmp_path / "feedback-page.png")
 
 
 def test_the_page_refuses_cross_site_posts(device, clips):
@@ -297,11 +302,7 @@ def test_the_page_on_a_phone_and_a_desktop_svg_and_text_only_big_targets(device,
     counts = device.store.counts()
     assert (counts["feedback_up"], counts["feedback_label"]) == (1, 1)
     for shot in shots.values():
-        assert shot.stat().st_size > 10_000
-        artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
-        if artifacts:
-            os.makedirs(artifacts, exist_ok=True)
-            shutil.copy(shot, artifacts)
+        keep_screenshot(shot)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
@@ -409,8 +410,4 @@ def test_the_page_says_when_the_microphone_is_lost_and_when_it_is_back(device, c
             browser.close()
     finally:
         server.stop()
-    assert (tmp_path / "feedback-mic-lost.png").stat().st_size > 10_000
-    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
-    if artifacts:
-        os.makedirs(artifacts, exist_ok=True)
-        shutil.copy(tmp_path / "feedback-mic-lost.png", artifacts)
+    keep_screenshot(tmp_path / "feedback-mic-lost.png")

@@ -16,7 +16,7 @@ from edge_sdk.errors import ParameterError
 from edge_sdk.i18n import MAX_CATALOGUE_BYTES, bundled_catalogues, load_catalogue, load_languages, page_json
 from tests.conftest import REPO
 from tests.edge_sdk.test_doctor import doctor
-from tests.edge_sdk.test_feedback_ui_and_data import CHROMIUM, _tofu_free
+from tests.edge_sdk.test_feedback_ui_and_data import CHROMIUM, _tofu_free, keep_screenshot
 
 ENGLISH = bundled_catalogues()["en"]
 # characters every font fedser's pages rely on has (DejaVu, Liberation, Noto, a phone's system font): Latin-1 and
@@ -79,6 +79,10 @@ def test_every_bundled_language_says_everything_english_says_with_the_same_place
     (_catalogue(messages={"right": "Rich\u2028tig"}), ["U+2028"]),
     (_catalogue(messages={"\x1b[31m\nforged line": "x"}), ["unknown message '\\x1b[31m\\nforged line'"]),
     (_catalogue(labels={"__proto__": "Wut"}), ["is not a class label"]),
+    (_catalogue(messages={"terminal_prompt": "{label} ({percent} %)  [j] ja  [n] nein  {labels}  [leer] weiter"}),
+     ["messages.terminal_prompt must name the same keys as English ([d], [u])"]),
+    (_catalogue(name=None), ["name must be a string"]),  # a new language needs its name
+    (_catalogue(messages=None), ["messages must be an object"]),
     (_catalogue(labels={"<b>": "Wut"}), ["is not a class label"]),
     (_catalogue(labels={"angry": ""}), ["labels.angry must be 1 to"]),
     (_catalogue(labels={f"l{i}": "x" for i in range(65)}), ["at most 64 names"]),
@@ -93,10 +97,11 @@ def test_a_bad_catalogue_is_refused_with_what_is_wrong_and_where(data, words):
         assert word in message, (word, message)
 
 
-def test_spaces_joiners_and_direction_marks_are_fine():
-    text = "Rich\u00a0tig\u202f!\u200d\u200c\u200f\u00ad"  # NBSP, narrow NBSP, ZWJ, ZWNJ, RLM, soft hyphen
-    cat = load_catalogue(_catalogue(messages={"right": text}, dir="rtl"), source="de.json", expect_language="de",
-                         reference=ENGLISH)
+def test_spaces_joiners_direction_marks_and_a_byte_order_mark_are_fine():
+    # NBSP, narrow NBSP, ZWJ, ZWNJ, RLM, soft hyphen, ZWSP, the Arabic letter mark
+    text = "Rich\u00a0tig\u202f!\u200d\u200c\u200f\u00ad\u200b\u061c"
+    cat = load_catalogue(b"\xef\xbb\xbf" + _catalogue(messages={"right": text}, dir="rtl"), source="de.json",
+                         expect_language="de", reference=ENGLISH)
     assert cat.messages["right"] == text and cat.direction == "rtl"
 
 
@@ -105,7 +110,8 @@ def test_a_deployers_folder_adds_and_rewords_languages_and_leaves_out_bad_files_
     folder.mkdir()
     (folder / "de.json").write_bytes(_catalogue())  # partial: the rest in (the deployer's) English
     (folder / "en.json").write_bytes(_catalogue(language="en", name="English", messages={"waiting": "Listening..."}))
-    (folder / "pl.json").write_bytes(_catalogue(language="pl", name="Polski", messages={"right": "Tak"},
+    # rewording a bundled language: only what changes (its name, direction and other messages stay)
+    (folder / "pl.json").write_bytes(_catalogue(language="pl", name=None, dir=None, messages={"right": "Tak"},
                                                 labels={"neutral": "bez emocji"}))
     (folder / "fr.json").write_bytes(b'{"format": 1')
     (folder / "it.json").write_bytes(_catalogue(language="it", messages={"right": "Giusto {x}"}))
@@ -124,6 +130,7 @@ def test_a_deployers_folder_adds_and_rewords_languages_and_leaves_out_bad_files_
     # a reworded bundled language keeps what the file does not say
     assert pl.messages["right"] == "Tak" and pl.messages["wrong"] == bundled_pl.messages["wrong"]
     assert pl.labels["neutral"] == "bez emocji" and pl.labels["sad"] == bundled_pl.labels["sad"] and pl.missing == ()
+    assert pl.name == "Polski"
     assert de.messages["right"] == "Richtig" and de.messages["waiting"] == "Listening..."  # the deployer's English
     assert "waiting" in de.missing and "right" not in de.missing
     text = "\n".join(problems)
@@ -169,9 +176,11 @@ def test_the_language_setting_is_checked_with_the_rest_of_the_config(tmp_path):
         with pytest.raises(ParameterError, match="feedback.language must be 'auto' or a language tag"):
             load_config(environ={"FEDSER_EDGE_FEEDBACK_LANGUAGE": bad})
     config = tmp_path / "edge.toml"
-    config.write_text('[feedback]\ntranslations = "/etc/fedser/i18n\\u0000"\n')  # valid TOML, not a path
-    with pytest.raises(ParameterError, match="feedback.translations must be a folder's path"):
-        load_config(config, environ={})
+    for bad in ("/etc/fedser/i18n\\u0000", "i18n", "~/i18n"):  # valid TOML; no path, or one that depends on the cwd
+        config.write_text(f'[feedback]\ntranslations = "{bad}"\n')
+        with pytest.raises(ParameterError, match="feedback.translations must be a folder's absolute path"):
+            load_config(config, environ={})
+    assert load_config(environ={"FEDSER_EDGE_FEEDBACK_TRANSLATIONS": "/etc/fedser/i18n"}).feedback.translations
 
 
 def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_which(tmp_path):
@@ -208,7 +217,26 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     c = checks["feedback languages"]
     assert c["status"] == "warn", c  # fr.json still left out
     assert "de, en, pl" in c["detail"], c
-    assert "the page starts in de" in c["detail"] and "de shows" in c["detail"] and "fr.json" in c["detail"]
+    assert "the page and the prompt start in de" in c["detail"] and "de shows" in c["detail"]
+    assert "fr.json" in c["detail"]
+
+
+def test_doctor_and_listen_on_an_install_whose_own_catalogues_are_damaged(tmp_path):
+    """A copy of the package with its Polish catalogue cut short: doctor fails the check and says to reinstall,
+    listen exits 2 saying the same (no traceback)."""
+    shutil.copytree(REPO / "edge_sdk", tmp_path / "edge_sdk", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "edge_sdk" / "static" / "i18n" / "pl.json").write_bytes(b'{"format": 1, "lang')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")}
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "s"), "doctor", "--json",
+                          "--no-audio"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    checks = {c["name"]: c for c in map(json.loads, (line for line in out.stdout.splitlines() if line[:1] == "{"))}
+    c = checks["feedback languages"]
+    assert out.returncode == 1 and c["status"] == "fail", out.stdout + out.stderr
+    assert "edge_sdk/static/i18n/pl.json" in c["detail"] and "reinstall" in c["detail"] + c["fix"]
+    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(tmp_path / "s"), "listen", "--file",
+                          str(tmp_path / "none.wav"), "--feedback", "terminal"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "reinstall fedser" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_the_terminal_speaks_the_locale_unless_it_cannot_show_its_letters():
@@ -249,13 +277,8 @@ def _answers(device) -> dict:
 
 
 def _save(tmp_path, page, name: str) -> None:
-    path = tmp_path / name
-    page.screenshot(path=str(path))
-    assert path.stat().st_size > 10_000
-    artifacts = os.environ.get("FEDSER_TEST_ARTIFACTS")
-    if artifacts:
-        os.makedirs(artifacts, exist_ok=True)
-        shutil.copy(path, artifacts)
+    page.screenshot(path=str(tmp_path / name))
+    keep_screenshot(tmp_path / name)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
@@ -283,6 +306,9 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             ctx = browser.new_context(locale="pl-PL", viewport={"width": 390, "height": 844}, is_mobile=True,
                                       has_touch=True, device_scale_factor=2)
+            # a phone browser of 2020 (iOS 13.4-15.3): none of these (the page used to need them)
+            ctx.add_init_script("delete Object.hasOwn; delete Element.prototype.replaceChildren; "
+                                "delete Array.prototype.at; delete String.prototype.replaceAll;")
             page = ctx.new_page()
             dialogs = []
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
