@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p = sub.add_parser("listen", help="classify speech from the microphone and take feedback")
     p.add_argument("--feedback", choices=("terminal", "web", "none"), default=None)
+    p.add_argument("--language", default=None, metavar="TAG",
+                   help="language of the page and prompt: auto, en, pl, ... (default: [feedback] language)")
     p.add_argument("--input-device", default=None, help="input device name (substring) or index")
     p.add_argument("--port", type=int, default=None, help="port of the feedback page (web)")
     p.add_argument("--file", type=Path, default=None, help="stream this audio file instead of the microphone")
@@ -220,6 +222,10 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
     if args.input_device is not None:
         cfg.audio.device = args.input_device
     mode = args.feedback or cfg.feedback.mode
+    if args.language is not None:
+        from edge_sdk.i18n import check_language_setting
+
+        cfg.feedback.language = check_language_setting(args.language)
     if device.model is None:
         raise FedserError("no model: enroll this device (or install fedser with its bundled model)")
     stop = _Stop(device)  # SIGINT, SIGTERM or the terminal's q: the loop ends, a personalisation under way is cancelled

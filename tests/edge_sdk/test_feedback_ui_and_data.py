@@ -90,11 +90,12 @@ def test_the_page_refuses_cross_site_posts(device, clips):
         server.stop()
 
 
-@pytest.mark.parametrize("lang, prompt, key, stored", [
-    ("C.UTF-8", b"[u] right  [d] wrong", b"u", b"stored up: right 1 of 1"),
-    ("pl_PL.UTF-8", "[u] dobrze  [d] źle".encode(), b"4", b"zapisano (smutek): trafnie"),
-], ids=["english", "polish-locale"])
-def test_single_keypress_in_a_terminal(tmp_path, clips, lang, prompt, key, stored):
+@pytest.mark.parametrize("lang, flags, prompt, key, stored", [
+    ("C.UTF-8", (), b"[u] right  [d] wrong", b"u", b"stored up: right 1 of 1"),
+    ("pl_PL.UTF-8", (), "[u] dobrze  [d] źle".encode(), b"4", b"zapisano (smutek): trafnie"),
+    ("C.UTF-8", ("--language", "pl"), "[u] dobrze  [d] źle".encode(), b"u", b"zapisano (dobrze): trafnie 1 z 1"),
+], ids=["english", "polish-locale", "polish-flag"])
+def test_single_keypress_in_a_terminal(tmp_path, clips, lang, flags, prompt, key, stored):
     """``fedser-edge listen --file ... --feedback terminal`` in a pseudo-terminal; one key answers, no Enter. The
     prompt speaks the locale's language (edge_sdk/i18n.py); the key stores the model's label (4: sad)."""
     state = tmp_path / "dev"
@@ -105,7 +106,8 @@ def test_single_keypress_in_a_terminal(tmp_path, clips, lang, prompt, key, store
     if pid == 0:
         os.chdir(REPO)
         os.execve(sys.executable, [sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen",
-                                   "--file", str(clips[0]), "--feedback", "terminal", "--seconds", "60"], env)
+                                   "--file", str(clips[0]), "--feedback", "terminal", "--seconds", "60", *flags],
+                  env)
     out = b""
     try:
         deadline = time.time() + 60

@@ -202,6 +202,11 @@ def test_listen_refuses_a_page_language_without_a_catalogue_and_doctor_says_whic
     assert out.returncode == 2, out.stdout + out.stderr
     assert "feedback.language 'de' has no catalogue (there are: en, pl" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    for flag, words in (("de", "has no catalogue"), ("Polish", "feedback.language must be 'auto' or a language tag")):
+        out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--file",
+                              str(wav), "--language", flag], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**env, "FEDSER_EDGE_FEEDBACK_LANGUAGE": "pl"})  # the flag wins
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
     strict = {"PYTHONIOENCODING": "utf-8:strict"}
     code, checks = doctor(state, "--no-audio", env={**{k: v for k, v in env.items() if k.startswith("FEDSER_EDGE_")},
                                                     **strict})
