@@ -302,7 +302,13 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
                                         messages={"right": "<img src=x onerror=alert(1)>Richtig"},
                                         labels={"angry": "<img src=y onerror=alert(2)>Wut"}),
                              source="de.json", expect_language="de", reference=ENGLISH)
-    languages = {**bundled_catalogues(), "de": hostile}
+    # a deployer's right-to-left language: the page mirrors (dir="rtl") and still fits a phone
+    arabic = load_catalogue(json.dumps({
+        "format": 1, "language": "ar", "name": "العربية", "dir": "rtl",
+        "messages": {"right": "صحيح", "wrong": "خطأ", "it_was": "كان:", "no_answers": "لا إجابات بعد"},
+        "labels": {"angry": "غضب", "happy": "سعادة", "neutral": "محايد", "sad": "حزن"}}).encode(),
+        source="ar.json", expect_language="ar", reference=ENGLISH)
+    languages = {**bundled_catalogues(), "de": hostile, "ar": arabic}
     auto = FeedbackServer(device, port=free_port(), languages=languages).start()
     polish = FeedbackServer(device, port=free_port(), language="pl").start()
     polish_names = bundled_catalogues()["pl"].labels
@@ -334,7 +340,8 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             for b in page.locator("button").all():
                 box = b.bounding_box()
                 assert box["width"] >= 44 and box["height"] >= 44, (b.inner_text(), box)
-            assert set(page.inner_text("body")) <= LATIN | {"\n", "\t"}
+            shown = page.inner_text("main") + page.inner_text("header h1") + page.inner_text("#accuracy")
+            assert set(shown) <= LATIN | {"\n", "\t"}  # (the menu names each language in its own script)
             _save(tmp_path, page, "feedback-pl-phone.png")
             # a correction picked by its Polish name stores the model's own label
             other = next(lab for lab in device.metadata.labels if lab != preds[-1].label)
@@ -352,7 +359,7 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             page.reload()
             page.wait_for_selector(f'.pred[data-id="{preds[0].id}"] .answered')
             assert page.evaluate("document.documentElement.lang") == "en"
-            assert _tofu_free(page.inner_text("body"))
+            assert _tofu_free(page.inner_text("main") + page.inner_text("header h1"))
             # the deployer's German, picked by the link: its markup is text, never run
             page.goto(auto.url + "?lang=de")
             page.wait_for_selector(f'.pred[data-id="{preds[1].id}"]')
@@ -370,6 +377,17 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             assert "lang=" not in page.url
             page.reload()
             page.wait_for_selector(f'button.up[data-id="{preds[1].id}"]:has-text("Dobrze")')
+            # right to left: mirrored, no sideways scroll, the verdict buttons still side by side
+            rtl = browser.new_context(locale="ar-EG", viewport={"width": 390, "height": 844}, is_mobile=True,
+                                      has_touch=True, device_scale_factor=2).new_page()
+            rtl.goto(auto.url)
+            rtl.wait_for_selector(f'.pred[data-id="{preds[1].id}"]')
+            assert rtl.evaluate("[document.documentElement.lang, document.documentElement.dir]") == ["ar", "rtl"]
+            assert rtl.evaluate("document.documentElement.scrollWidth") <= 390
+            up, down = (rtl.locator(f'button.{v}[data-id="{preds[1].id}"]').bounding_box() for v in ("up", "down"))
+            assert up["x"] > down["x"] and abs(up["y"] - down["y"]) < 1  # "right" first in reading order: on the right
+            assert rtl.locator(f'button.up[data-id="{preds[1].id}"]').inner_text().strip() == "صحيح"
+            _save(tmp_path, rtl, "feedback-ar-phone.png")
             # a device set to Polish, an English browser
             en = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}).new_page()
             en.goto(polish.url)
