@@ -277,7 +277,7 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
 
             web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
                                  allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.feedback.language,
-                                 languages=languages).start()
+                                 languages=languages, allow_wipe=cfg.web.allow_wipe).start()
             print(json.dumps({"feedback_page": web.page_url}), flush=True)
         listener.start(microphone=args.file is None)
         if terminal is not None:

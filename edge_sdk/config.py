@@ -26,6 +26,7 @@ Example ``config.toml``::
     [web]
     host = "127.0.0.1"
     port = 8090
+    allow_wipe = true       # the page's "Your data" panel may delete what the device learned from its user
 
     [privacy]
     store_audio = false     # keep raw audio of predictions (opt-in)
@@ -97,6 +98,10 @@ class WebConfig:
     # Extra host names (comma-separated) the page answers to besides its defaults (loopback; beyond loopback
     # the device's hostname, hostname.local and the address a client reached): e.g. a name your router gives it.
     allowed_hosts: str = ""
+    # The page's "Your data" panel offers its user to delete everything the device learned from them (what
+    # fedser-edge wipe-data does, done by the running listen). false: the panel only shows what is kept and shared
+    # (a shared kiosk whose keeper alone decides).
+    allow_wipe: bool = True
 
 
 @dataclass

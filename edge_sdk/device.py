@@ -850,23 +850,25 @@ class Device:
             if self.input_affine is not None:  # the store keeps the features and embedding as they are (training
                 probs = model.infer(apply_input_affine(feats, self.input_affine))[0]  # starts from them)
             version, personalized, base = self.model_version, self.personalized, self.base_sha256
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        labels = model.metadata.labels
-        pred = Prediction(
-            id=uuid.uuid4().hex,
-            label=labels[int(np.argmax(probs))],
-            probs={lab: float(p) for lab, p in zip(labels, probs, strict=False)},
-            model_version=version,
-            latency_ms=latency_ms,
-            personalized=personalized,
-            embedding=embedding,
-        )
-        self.store.add_prediction(
-            prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
-            embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
-            audio=audio if keep_audio else None,
-            sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state, base=base,
-        )
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            labels = model.metadata.labels
+            pred = Prediction(
+                id=uuid.uuid4().hex,
+                label=labels[int(np.argmax(probs))],
+                probs={lab: float(p) for lab, p in zip(labels, probs, strict=False)},
+                model_version=version,
+                latency_ms=latency_ms,
+                personalized=personalized,
+                embedding=embedding,
+            )
+            # stored under the same lock as the user's running statistics were read: a wipe_data (the page's, in
+            # this process) comes before or after, never between (else the statistics it deleted came back)
+            self.store.add_prediction(
+                prediction_id=pred.id, model_version=pred.model_version, label=pred.label, probs=probs,
+                embedding=embedding, features=feats, latency_ms=latency_ms, source=source,
+                audio=audio if keep_audio else None,
+                sample_rate=model.metadata.features.sample_rate if keep_audio else None, state=state, base=base,
+            )
         return pred
 
     def _model_input(self, audio: np.ndarray, meta: ModelMetadata) -> tuple[np.ndarray, dict[str, str]]:

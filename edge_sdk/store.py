@@ -274,11 +274,12 @@ class FeedbackStore:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            preds = self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+            preds, audio = self._conn.execute("SELECT COUNT(*), COUNT(audio) FROM predictions").fetchone()
             by_kind = dict(self._conn.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind").fetchall())
             outbox = dict(self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
         return {
             "predictions": preds,
+            "audio_kept": audio,  # recordings kept (privacy store_audio, opt-in)
             "feedback": sum(by_kind.values()),
             **{f"feedback_{k}": by_kind.get(k, 0) for k in FEEDBACK_KINDS},
             **{f"outbox_{k}": outbox.get(k, 0) for k in ("pending", "accepted", "rejected")},

@@ -13,7 +13,8 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
   the page takes it from its URL's fragment (``/#token=...``, never sent to the server) and keeps it in the tab.
 - **Body**: ``application/json`` (415), a ``Content-Length`` of 1 to :data:`MAX_BODY` bytes (411, 400, 413),
   read within ``timeout`` seconds in all (408, then the connection is closed), a flat object
-  ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included).
+  ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included); ``POST /api/wipe`` exactly
+  ``{"confirm": "wipe"}`` (and 403 ``wipe_disabled`` with ``allow_wipe`` off).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
 
@@ -173,12 +174,17 @@ class FeedbackServer:
         language``); its user can switch on the page.
     languages
         The page's catalogues (:func:`edge_sdk.i18n.load_languages`); None: the bundled ones.
+    allow_wipe
+        Whether the page's user may delete what the device learned from them (``POST /api/wipe``, the "Your data"
+        panel; ``[web] allow_wipe``). Off: 403 ``wipe_disabled``, and the panel only shows what is kept.
     """
 
     def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None,
                  allowed_hosts: set[str] | list[str] | None = None, token: str | None = None,
-                 timeout: float = 10.0, language: str = "auto", languages: dict | None = None) -> None:
+                 timeout: float = 10.0, language: str = "auto", languages: dict | None = None,
+                 allow_wipe: bool = True) -> None:
         self.device, self.stats = device, stats
+        self.allow_wipe, self.wipes = bool(allow_wipe), 0
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -319,15 +325,34 @@ class FeedbackServer:
                 except _Refusal as r:
                     self._refuse(r)
 
+            def _wipe(self, data) -> None:
+                if data != {"confirm": "wipe"}:  # a deliberate request, never a stray or replayed feedback body
+                    raise _Refusal(400, "malformed", 'send {"confirm": "wipe"}, nothing else')
+                try:
+                    removed = server.device.wipe_data()  # waits for a personalisation under way
+                except FedserError as exc:  # (a full disk still wipes: only the VACUUM is skipped)
+                    raise _Refusal(503, "not_wiped", str(exc)[:500]) from None
+                with server._refusals_lock:
+                    server.wipes += 1
+                log.warning("the page's user deleted what this device learned from them: %d predictions, %d pending "
+                            "updates, personal files %s", removed["predictions"], removed["pending_updates"],
+                            removed["personal_files"] or "none")
+                self._json(200, {"wiped": removed})
+
             def do_POST(self):  # noqa: N802
                 try:
                     self._check_host()
-                    if urlsplit(self.path).path != "/api/feedback":
+                    path = urlsplit(self.path).path
+                    if path not in ("/api/feedback", "/api/wipe"):
                         raise _Refusal(404, "not_found", self.path[:200], close=True)
                     origin = self.headers.get("Origin")
                     if origin is not None and urlsplit(origin).netloc.lower() != self.headers["Host"].lower():
                         raise _Refusal(403, "cross_origin", f"origin {origin[:200]} is not this page", close=True)
                     self._check_token()
+                    if path == "/api/wipe" and not server.allow_wipe:
+                        raise _Refusal(403, "wipe_disabled", "this device's keeper has turned deleting from the page "
+                                       "off ([web] allow_wipe = false); they can run fedser-edge wipe-data",
+                                       close=True)
                     if not (self.headers.get("Content-Type") or "").startswith("application/json"):
                         raise _Refusal(415, "not_json", "send application/json", close=True)
                     body = self._read_body()
@@ -336,6 +361,8 @@ class FeedbackServer:
                         data = json.loads(body)
                     except (ValueError, RecursionError) as exc:
                         raise _Refusal(400, "malformed", f"not JSON: {str(exc)[:200]}") from None
+                    if path == "/api/wipe":
+                        return self._wipe(data)
                     if not (isinstance(data, dict) and set(data) == {"id", "answer"}
                             and all(isinstance(v, str) and 0 < len(v) <= MAX_FIELD for v in data.values())):
                         raise _Refusal(400, "malformed", f"send {{\"id\": str, \"answer\": str}} (strings of 1 to "
@@ -389,10 +416,16 @@ class FeedbackServer:
 
     def state(self) -> dict:
         d = self.device
+        counts = d.store.counts()
         return {"labels": list(d.metadata.labels) if d.model else [], "model_version": d.model_version,
                 "model_source": d.model_source, "personalized": d.personalized,
                 "predictions": d.store.recent(20), "accuracy": d.store.personal_accuracy(),
-                "listener": self.stats() if self.stats else None}
+                "listener": self.stats() if self.stats else None,
+                # the "Your data" panel: what stays on the device, what left it (weight changes, never audio)
+                "data": {"predictions": counts["predictions"], "answers": counts["feedback"],
+                         "recordings": counts["audio_kept"], "updates_sent": counts["outbox_accepted"],
+                         "updates_waiting": counts["outbox_pending"], "enrolled": bool(d.enrolled),
+                         "allow_wipe": self.allow_wipe}}
 
     def start(self) -> FeedbackServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fedser-web", daemon=True)

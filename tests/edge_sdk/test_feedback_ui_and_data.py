@@ -269,7 +269,7 @@ def test_the_page_on_a_phone_and_a_desktop_svg_and_text_only_big_targets(device,
             assert page.evaluate("document.querySelector('meta[name=viewport]').content").startswith(
                 "width=device-width")
             assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]  # no sideways scroll
-            buttons = page.locator("button")
+            buttons = page.locator("main button")  # (the "Your data" panel: test_page_data_panel.py)
             assert buttons.count() == 4 * (2 + len(device.metadata.labels))
             for i in range(buttons.count()):
                 b = buttons.nth(i)

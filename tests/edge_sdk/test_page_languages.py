@@ -337,7 +337,7 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             assert chips == {lab: polish_names[lab] for lab in device.metadata.labels}
             assert card.locator(".label").text_content() == polish_names[preds[-1].label]
             assert page.evaluate("document.documentElement.scrollWidth") <= 390  # longer words: no sideways scroll
-            for b in page.locator("button").all():
+            for b in page.locator("main button").all():
                 box = b.bounding_box()
                 assert box["width"] >= 44 and box["height"] >= 44, (b.inner_text(), box)
             shown = page.inner_text("main") + page.inner_text("header h1") + page.inner_text("#accuracy")
