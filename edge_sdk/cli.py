@@ -17,7 +17,8 @@ The state folder defaults to ``$FEDSER_STATE_DIR`` or ``~/.local/share/fedser``;
 the configuration is ``--config``, ``$FEDSER_EDGE_CONFIG`` or ``<state>/config.toml``
 with ``FEDSER_EDGE_*`` overrides (``edge_sdk.config``). Output is JSON, one
 object per line, so scripts can read it (``listen`` with terminal feedback
-talks to the person instead).
+talks to the person instead; with the page, it prints each prediction's id only: a label printed under systemd
+would stay in the journal, beyond retention and ``wipe-data``).
 """
 
 from __future__ import annotations
@@ -249,6 +250,8 @@ def _listen(device, cfg, args, train_policy, privacy) -> int:
         _retention(device, cfg)
         if terminal is not None:
             terminal.prompt(pred)
+        elif mode == "web":  # shown on the page; printed, it would stay in the system journal beyond wipe-data
+            _out({"prediction": pred.id, "model_version": pred.model_version})
         else:
             _out(pred.to_dict())
 
@@ -277,7 +280,8 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
 
             web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
                                  allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.feedback.language,
-                                 languages=languages, allow_wipe=cfg.web.allow_wipe).start()
+                                 languages=languages, allow_wipe=cfg.web.allow_wipe,
+                                 keeps_audio=cfg.privacy.store_audio).start()
             print(json.dumps({"feedback_page": web.page_url}), flush=True)
         listener.start(microphone=args.file is None)
         if terminal is not None:

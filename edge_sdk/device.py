@@ -403,6 +403,10 @@ class Device:
         # change only under this lock; training runs on a private interpreter (see _training).
         self._serving_lock = threading.RLock()
         self._training_lock = threading.Lock()
+        # Held while one outbox item is posted and marked: a wipe_data waits for a post under way (then it counts as
+        # sent) and no post starts from an item it deleted. Order: _training_lock, _outbox_lock, _serving_lock.
+        self._outbox_lock = threading.Lock()
+        self.wipes = 0  # wipe_data calls: an update made from answers read before one is dropped (make_update)
         self.personalising = False  # a personalisation is under way (in any thread; they run one at a time)
         self.making_update = False  # make_update is fitting (cancellable like a personalisation)
         self._local = threading.local()
@@ -1504,6 +1508,7 @@ class Device:
         """
         self._require_model()
         policy = policy or self.train_policy
+        wipes = self.wipes  # a wipe_data from here on drops this update (its answers were deleted)
         if not self.enrolled:
             raise FedserError("cannot make an update before enrolling")
         if self.manifest is None:  # the bundled model is not federated
@@ -1554,15 +1559,19 @@ class Device:
             sigma = privacy.noise_multiplier * privacy.clip_norm
             deltas = {n: (d * scale + (rng.normal(0.0, sigma, d.shape) if sigma > 0 else 0)).astype(np.float32)
                       for n, d in deltas.items()}
-        seq = self.store.next_sequence()
-        envelope = UpdateEnvelope.create(
-            device_id=self.device_id, base_version=version, layout=layout, deltas=deltas,
-            num_examples=len(examples), sequence=seq, sign=self.key.sign,
-            privacy=privacy.describe(), report=report,
-        )
-        # Pending ones are not accepted yet; this one holds all of their answers and more, on the newest base.
-        self.store.enqueue_update(seq, version, envelope.to_bytes(),
-                                  json.dumps({"seq": seq, "base_version": version, "answers": answers}))
+        with self._training_lock:  # wipe_data holds it: it comes wholly before this check or after the enqueue
+            if self.wipes != wipes:
+                log.warning("update not made: the user's data was deleted while it was being made")
+                return None
+            seq = self.store.next_sequence()
+            envelope = UpdateEnvelope.create(
+                device_id=self.device_id, base_version=version, layout=layout, deltas=deltas,
+                num_examples=len(examples), sequence=seq, sign=self.key.sign,
+                privacy=privacy.describe(), report=report,
+            )
+            # Pending ones are not accepted yet; this one holds all of their answers and more, on the newest base.
+            self.store.enqueue_update(seq, version, envelope.to_bytes(),
+                                      json.dumps({"seq": seq, "base_version": version, "answers": answers}))
         log.info("update %d for base version %d is in the outbox", seq, version)
         return seq
 
@@ -1583,33 +1592,44 @@ class Device:
         report = SyncReport()
         jitter = jitter or random.Random()
         for item in self.store.pending(now=self.clock()):
-            try:
-                reply = self.client.post_update(item.envelope)
-            except ServerError as exc:
-                transient = exc.status is None or exc.status >= 500 or exc.status in (408, 429)
-                if transient:
-                    delay = min(max_delay, base_delay * 2 ** item.attempts) * (0.5 + jitter.random())
-                    self.store.mark_retry(item.seq, str(exc), self.clock() + delay)
-                    report.error = str(exc)
-                    break  # keep order: later updates wait behind this one
-                self.store.mark_done(item.seq, "rejected", {"status": exc.status, "reason": exc.reason,
-                                                            "detail": str(exc)})
-                refused = {"seq": item.seq, "reason": exc.reason}
-                last = self._last_update()
-                if exc.reason == "stale_base" and last and last.get("seq") == item.seq:
-                    self.store.set("last_update", "null")  # remade on the newest model
-                    refused["remake"] = True
-                elif exc.reason == "already_contributed" and last and last.get("seq") == item.seq:
-                    # The open round has an earlier update of this device; its newer answers are tried again in
-                    # an hour (a later round on the same version, after a refusal), or with the next version.
-                    self.store.set("last_update", json.dumps({**last, "retry_at": self.clock() + RESEND_AFTER}))
-                report.rejected.append(refused)
-                log.warning("update %d was refused: %s", item.seq, exc)
-                continue
-            self.store.mark_done(item.seq, "accepted", reply)
-            report.accepted.append({"seq": item.seq, **reply})
+            with self._outbox_lock:  # a wipe_data waits for this post; none starts from an item it deleted
+                if not self.store.is_pending(item.seq):
+                    continue
+                stop = self._post_one(item, report, base_delay, max_delay, jitter)
+            if stop:
+                break  # keep order: later updates wait behind this one
         report.still_pending = len(self.store.pending())
         return report
+
+    def _post_one(self, item, report: SyncReport, base_delay: float, max_delay: float, jitter: random.Random) -> bool:
+        """Post one outbox item and record the reply in the store and ``report``; True when it is to be tried again
+        later (a transient failure: the items after it wait)."""
+        try:
+            reply = self.client.post_update(item.envelope)
+        except ServerError as exc:
+            transient = exc.status is None or exc.status >= 500 or exc.status in (408, 429)
+            if transient:
+                delay = min(max_delay, base_delay * 2 ** item.attempts) * (0.5 + jitter.random())
+                self.store.mark_retry(item.seq, str(exc), self.clock() + delay)
+                report.error = str(exc)
+                return True
+            self.store.mark_done(item.seq, "rejected", {"status": exc.status, "reason": exc.reason,
+                                                        "detail": str(exc)})
+            refused = {"seq": item.seq, "reason": exc.reason}
+            last = self._last_update()
+            if exc.reason == "stale_base" and last and last.get("seq") == item.seq:
+                self.store.set("last_update", "null")  # remade on the newest model
+                refused["remake"] = True
+            elif exc.reason == "already_contributed" and last and last.get("seq") == item.seq:
+                # The open round has an earlier update of this device; its newer answers are tried again in
+                # an hour (a later round on the same version, after a refusal), or with the next version.
+                self.store.set("last_update", json.dumps({**last, "retry_at": self.clock() + RESEND_AFTER}))
+            report.rejected.append(refused)
+            log.warning("update %d was refused: %s", item.seq, exc)
+            return False
+        self.store.mark_done(item.seq, "accepted", reply)
+        report.accepted.append({"seq": item.seq, **reply})
+        return False
 
     def pull_model(self, *, cancel: threading.Event | None = None) -> bool:
         """Fetch the current manifest; install it if it is newer. Re-personalises on a new head (``cancel``: as
@@ -1682,8 +1702,11 @@ class Device:
         (:meth:`FeedbackStore.wipe`, which rewrites the file so nothing lingers) and the personal files fitted on
         them (``personal.head``, ``personal.adapter``, ``personal.input`` and any copy of them moved aside as
         corrupt), with their digests. The device then serves the global head on its input features as they are.
-        Waits for a personalisation under way. Returns the counts removed and the files' names."""
-        with self._training_lock, self._serving_lock:
+        Waits for a personalisation or an update fit under way (an update made from the deleted answers is then
+        dropped, not queued) and for an update being posted (it then counts as sent). Returns the counts removed
+        and the files' names."""
+        with self._training_lock, self._outbox_lock, self._serving_lock:  # (a post under way finishes first)
+            self.wipes += 1  # an update being made from what is deleted now is dropped (make_update)
             files = []  # first: removing them needs no room, and frees some on a full disk
             for path in sorted(self.state_dir.glob("personal.*")):
                 if path.is_file():

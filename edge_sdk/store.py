@@ -419,6 +419,12 @@ class FeedbackStore:
                 " ORDER BY seq").fetchall()
         return iter([OutboxItem(*r) for r in rows])
 
+    def is_pending(self, seq: int) -> bool:
+        """Whether outbox item ``seq`` is still there and pending (a wipe deletes pending items)."""
+        with self._lock:
+            row = self._conn.execute("SELECT state FROM outbox WHERE seq = ?", (int(seq),)).fetchone()
+        return row is not None and row[0] == "pending"
+
     def mark_done(self, seq: int, state: str, reply: dict) -> None:
         with self._tx() as c:
             c.execute(_MARK_DONE, (state, json.dumps(reply), seq))

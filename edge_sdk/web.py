@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -177,14 +178,16 @@ class FeedbackServer:
     allow_wipe
         Whether the page's user may delete what the device learned from them (``POST /api/wipe``, the "Your data"
         panel; ``[web] allow_wipe``). Off: 403 ``wipe_disabled``, and the panel only shows what is kept.
+    keeps_audio
+        Whether new predictions keep their recording (``[privacy] store_audio``): the panel says so.
     """
 
     def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None,
                  allowed_hosts: set[str] | list[str] | None = None, token: str | None = None,
                  timeout: float = 10.0, language: str = "auto", languages: dict | None = None,
-                 allow_wipe: bool = True) -> None:
+                 allow_wipe: bool = True, keeps_audio: bool = False) -> None:
         self.device, self.stats = device, stats
-        self.allow_wipe, self.wipes = bool(allow_wipe), 0
+        self.allow_wipe, self.keeps_audio, self.wipes = bool(allow_wipe), bool(keeps_audio), 0
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -329,9 +332,13 @@ class FeedbackServer:
                 if data != {"confirm": "wipe"}:  # a deliberate request, never a stray or replayed feedback body
                     raise _Refusal(400, "malformed", 'send {"confirm": "wipe"}, nothing else')
                 try:
-                    removed = server.device.wipe_data()  # waits for a personalisation under way
-                except FedserError as exc:  # (a full disk still wipes: only the VACUUM is skipped)
-                    raise _Refusal(503, "not_wiped", str(exc)[:500]) from None
+                    removed = server.device.wipe_data()  # waits for a personalisation or a post under way
+                except (FedserError, sqlite3.OperationalError) as exc:  # (a full disk still wipes, without VACUUM;
+                    # "database is locked": a CLI writing beside listen)
+                    raise _Refusal(503, "not_wiped", f"not deleted, try again: {str(exc)[:500]}") from None
+                except Exception as exc:  # a bug: answered (and logged), never a dropped connection
+                    log.exception("the page's wipe failed")
+                    raise _Refusal(500, "not_wiped", f"not deleted: {type(exc).__name__}: {str(exc)[:300]}") from None
                 with server._refusals_lock:
                     server.wipes += 1
                 log.warning("the page's user deleted what this device learned from them: %d predictions, %d pending "
@@ -423,7 +430,8 @@ class FeedbackServer:
                 "listener": self.stats() if self.stats else None,
                 # the "Your data" panel: what stays on the device, what left it (weight changes, never audio)
                 "data": {"predictions": counts["predictions"], "answers": counts["feedback"],
-                         "recordings": counts["audio_kept"], "updates_sent": counts["outbox_accepted"],
+                         "recordings": counts["audio_kept"], "keeps_audio": self.keeps_audio,
+                         "updates_sent": counts["outbox_accepted"] + counts["outbox_rejected"],  # (refused: sent too)
                          "updates_waiting": counts["outbox_pending"], "enrolled": bool(d.enrolled),
                          "allow_wipe": self.allow_wipe}}
 

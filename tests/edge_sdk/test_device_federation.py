@@ -406,3 +406,64 @@ def test_a_cancel_during_an_updates_fit_makes_nothing_and_the_next_sync_makes_it
     stop.clear()
     report = dev.sync()
     assert report.enqueued_seq is not None and [a["seq"] for a in report.accepted] == [report.enqueued_seq]
+
+
+def test_a_wipe_while_an_update_is_made_drops_it(aggregator, tmp_path):
+    """The page's wipe runs inside listen, beside a sync: an update whose answers are deleted while it is being
+    made (here: between its fit and its signing, where the differential-privacy noise is drawn) is dropped, never
+    queued, so it is never sent."""
+    from edge_sdk.device import PrivacyPolicy
+
+    agg = aggregator(min_updates=2)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    _answer(dev, 5, seed=0)
+    drawing, go, result = threading.Event(), threading.Event(), []
+
+    class PausedNoise:  # the update's own noise source, paused once the fit is done
+        def normal(self, loc, scale, size):
+            drawing.set()
+            go.wait(30)
+            return np.random.default_rng(0).normal(loc, scale, size)
+
+    maker = threading.Thread(target=lambda: result.append(dev.make_update(
+        PrivacyPolicy(clip_norm=1.0, noise_multiplier=0.5), rng=PausedNoise())))
+    maker.start()
+    assert drawing.wait(60)
+    removed = dev.wipe_data()  # the fit is over: nothing to wait for
+    go.set()
+    maker.join(60)
+    assert removed["predictions"] == 5 and removed["pending_updates"] == 0
+    assert result == [None] and list(dev.store.outbox_items()) == []
+    assert dev.sync().accepted == []  # nothing left to send
+
+
+def test_a_wipe_waits_for_an_update_being_posted_which_then_counts_as_sent(aggregator, tmp_path, monkeypatch):
+    from edge_sdk.client import ServerClient
+
+    agg = aggregator(min_updates=2)
+    dev = agg.enroll(tmp_path / "dev", train_policy=POLICY)
+    _answer(dev, 5, seed=0)
+    seq = dev.make_update()
+    posting, go, wiped, flushed = threading.Event(), threading.Event(), [], []
+    real_post = ServerClient.post_update
+
+    def slow_post(self, envelope):  # the real post over HTTP, after the test lets it go
+        posting.set()
+        go.wait(30)
+        return real_post(self, envelope)
+
+    monkeypatch.setattr(ServerClient, "post_update", slow_post)
+    poster = threading.Thread(target=lambda: flushed.append(dev.flush_outbox()))
+    poster.start()
+    assert posting.wait(60)
+    wiper = threading.Thread(target=lambda: wiped.append(dev.wipe_data()))
+    wiper.start()
+    wiper.join(0.5)
+    assert wiper.is_alive()  # waiting for the post under way
+    go.set()
+    poster.join(60)
+    wiper.join(60)
+    assert [a["seq"] for a in flushed[0].accepted] == [seq]
+    assert wiped[0]["pending_updates"] == 0 and wiped[0]["predictions"] == 5  # it was sent, not deleted unsent
+    (item,) = dev.store.outbox_items()
+    assert item.state == "accepted" and item.envelope == b""  # what was sent is recorded; its deltas are gone

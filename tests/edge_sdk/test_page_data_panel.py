@@ -33,8 +33,8 @@ def test_the_panel_says_what_is_kept_and_shared_and_the_wipe_is_guarded(device, 
     locked = FeedbackServer(device, port=free_port(), allow_wipe=False).start()
     try:
         state = requests.get(with_token.url + "api/state", headers={"X-Fedser-Token": "t" * 24}, timeout=10).json()
-        assert state["data"] == {"predictions": 6, "answers": 4, "recordings": 0, "updates_sent": 0,
-                                 "updates_waiting": 0, "enrolled": False, "allow_wipe": True}
+        assert state["data"] == {"predictions": 6, "answers": 4, "recordings": 0, "keeps_audio": False,
+                                 "updates_sent": 0, "updates_waiting": 0, "enrolled": False, "allow_wipe": True}
 
         def wipe(server, body, **headers):
             return requests.post(server.url + "api/wipe", data=body, timeout=10,
@@ -76,7 +76,7 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
     stats_keys = [k for k in device.store.export()["speaker_statistics"]]
     assert stats_keys  # the user's voice statistics, which the wipe deletes too
     server = FeedbackServer(device, port=free_port(), language="pl").start()
-    locked = FeedbackServer(device, port=free_port(), allow_wipe=False).start()
+    locked = FeedbackServer(device, port=free_port(), allow_wipe=False, keeps_audio=True).start()
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -87,11 +87,13 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             page.tap("#data summary")
             page.wait_for_selector("#data-kept:has-text('9')")
             assert page.locator("#wipe").is_hidden()
+            assert "opiekun urządzenia włączył nagrywanie" in page.inner_text("#data-recordings")  # store_audio on
             page.goto(server.url)
             page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
             page.tap("#data summary")
             page.wait_for_selector("#data-kept:has-text('rozpoznania: 9, odpowiedzi: 8')")
             assert "nic go nie opuszcza" in page.inner_text("#data-shared")  # not enrolled: nothing leaves
+            assert page.inner_text("#data-recordings") == ""  # store_audio off, nothing recorded
             page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
             dock = page.locator(".pred.current").bounding_box()
             button = page.locator("#wipe").bounding_box()
@@ -102,7 +104,8 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             assert page.inner_text("#wipe").strip() == "Dotknij ponownie, aby usunąć wszystko"
             assert device.store.counts()["predictions"] == 9  # one tap deletes nothing
             page.tap("#wipe")
-            page.wait_for_selector("#data-done:has-text('Usunięto')")
+            page.wait_for_selector("#data-done:has-text('Usunięto rozpoznania z odpowiedziami (9)')")
+            assert page.locator("#wipe").is_enabled()
             page.wait_for_selector(".empty")
             assert page.inner_text("#accuracy") == "nie ma jeszcze odpowiedzi"
             assert page.locator(".pred").count() == 0

@@ -340,7 +340,10 @@ def test_the_page_speaks_the_browsers_language_posts_the_models_labels_and_switc
             for b in page.locator("main button").all():
                 box = b.bounding_box()
                 assert box["width"] >= 44 and box["height"] >= 44, (b.inner_text(), box)
-            shown = page.inner_text("main") + page.inner_text("header h1") + page.inner_text("#accuracy")
+            page.tap("#data summary")  # the "Your data" panel's text too
+            page.wait_for_selector("#data-kept:not(:empty)")
+            shown = (page.inner_text("main") + page.inner_text("header h1") + page.inner_text("#accuracy")
+                     + page.inner_text("#data"))
             assert set(shown) <= LATIN | {"\n", "\t"}  # (the menu names each language in its own script)
             _save(tmp_path, page, "feedback-pl-phone.png")
             # a correction picked by its Polish name stores the model's own label
