@@ -125,3 +125,44 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
 def keep_screenshot_of(page, path) -> None:
     page.screenshot(path=str(path))
     keep_screenshot(path)
+
+
+def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthetic_clips):
+    """``fedser-edge listen --feedback web`` as the service runs it: its page's wipe deletes what the running
+    process stored, the process goes on, and its output (the journal, under systemd) holds prediction ids only."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    state, port = tmp_path / "dev", free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
+           "FEDSER_EDGE_WEB_PORT": str(port)}
+    listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--feedback",
+                               "web", "--file", str(synthetic_clips[0].path), "--seconds", "10"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/api/"
+    try:
+        deadline, data = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and not data.get("predictions"):
+            try:
+                data = requests.get(url + "state", timeout=5).json()["data"]
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        assert data.get("predictions"), "listen classified nothing"
+        r = requests.post(url + "wipe", json={"confirm": "wipe"}, timeout=60)
+        assert r.status_code == 200 and r.json()["wiped"]["predictions"] == data["predictions"], r.text
+        assert requests.get(url + "state", timeout=5).json()["data"]["predictions"] == 0
+    finally:
+        out, err = listen.communicate(timeout=90)
+    assert listen.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    printed = [line for line in lines if "prediction" in line]
+    assert printed and all(set(line) == {"prediction", "model_version"} for line in printed), out
+    assert "the page's user deleted" in err
+    reopened = Device(state)
+    assert reopened.store.counts()["predictions"] == 0
