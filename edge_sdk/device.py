@@ -1504,7 +1504,8 @@ class Device:
         the new item, the superseded ones and the record of the last update are written in one transaction.
 
         ``cancel``: as :meth:`personalize`'s, looked at before every answer embedded anew and every training step;
-        a cancelled call makes nothing and returns None (the next sync makes it).
+        a cancelled call makes nothing and returns None (the next sync makes it). None too when :meth:`wipe_data`
+        deleted the answers while the update was being made (it is dropped, never queued).
         """
         self._require_model()
         policy = policy or self.train_policy

@@ -277,12 +277,17 @@ class FeedbackStore:
             preds, audio = self._conn.execute("SELECT COUNT(*), COUNT(audio) FROM predictions").fetchone()
             by_kind = dict(self._conn.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind").fetchall())
             outbox = dict(self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+            # updates that left the device: accepted, or refused by the server (its reply has a status); not the
+            # ones withdrawn here (superseded by a newer update, or made on a base that was replaced)
+            sent = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'accepted' OR (state = 'rejected'"
+                                      " AND instr(server_reply, '\"status\"') > 0)").fetchone()[0]
         return {
             "predictions": preds,
             "audio_kept": audio,  # recordings kept (privacy store_audio, opt-in)
             "feedback": sum(by_kind.values()),
             **{f"feedback_{k}": by_kind.get(k, 0) for k in FEEDBACK_KINDS},
             **{f"outbox_{k}": outbox.get(k, 0) for k in ("pending", "accepted", "rejected")},
+            "outbox_sent": sent,
         }
 
     def recent(self, limit: int = 20) -> list[dict]:

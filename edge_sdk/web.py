@@ -188,6 +188,7 @@ class FeedbackServer:
                  allow_wipe: bool = True, keeps_audio: bool = False) -> None:
         self.device, self.stats = device, stats
         self.allow_wipe, self.keeps_audio, self.wipes = bool(allow_wipe), bool(keeps_audio), 0
+        self._wiping = threading.Lock()  # held while a wipe runs
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -332,13 +333,15 @@ class FeedbackServer:
                 if data != {"confirm": "wipe"}:  # a deliberate request, never a stray or replayed feedback body
                     raise _Refusal(400, "malformed", 'send {"confirm": "wipe"}, nothing else')
                 try:
-                    removed = server.device.wipe_data()  # waits for a personalisation or a post under way
+                    with server._wiping:  # stop() waits for it (bounded)
+                        removed = server.device.wipe_data()  # waits for a personalisation or a post under way
                 except (FedserError, sqlite3.OperationalError) as exc:  # (a full disk still wipes, without VACUUM;
                     # "database is locked": a CLI writing beside listen)
-                    raise _Refusal(503, "not_wiped", f"not deleted, try again: {str(exc)[:500]}") from None
+                    raise _Refusal(503, "not_wiped", f"perhaps partly deleted; try again: {str(exc)[:500]}") from None
                 except Exception as exc:  # a bug: answered (and logged), never a dropped connection
                     log.exception("the page's wipe failed")
-                    raise _Refusal(500, "not_wiped", f"not deleted: {type(exc).__name__}: {str(exc)[:300]}") from None
+                    raise _Refusal(500, "not_wiped", f"perhaps partly deleted: {type(exc).__name__}: "
+                                   f"{str(exc)[:300]}") from None
                 with server._refusals_lock:
                     server.wipes += 1
                 log.warning("the page's user deleted what this device learned from them: %d predictions, %d pending "
@@ -431,7 +434,7 @@ class FeedbackServer:
                 # the "Your data" panel: what stays on the device, what left it (weight changes, never audio)
                 "data": {"predictions": counts["predictions"], "answers": counts["feedback"],
                          "recordings": counts["audio_kept"], "keeps_audio": self.keeps_audio,
-                         "updates_sent": counts["outbox_accepted"] + counts["outbox_rejected"],  # (refused: sent too)
+                         "updates_sent": counts["outbox_sent"],  # accepted or refused by the server
                          "updates_waiting": counts["outbox_pending"], "enrolled": bool(d.enrolled),
                          "allow_wipe": self.allow_wipe}}
 
@@ -451,6 +454,11 @@ class FeedbackServer:
             log.info("feedback page on %s", self.url)
         return self
 
-    def stop(self) -> None:
+    def stop(self, wipe_wait: float = 60.0) -> None:
+        """Stop serving; a wipe under way is given ``wipe_wait`` seconds to finish (it may be waiting for a post)."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        if self._wiping.acquire(timeout=wipe_wait):
+            self._wiping.release()
+        else:
+            log.warning("stopping with the page's wipe still under way (waiting for a personalisation or a post)")

@@ -158,7 +158,11 @@ def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthet
         assert r.status_code == 200 and r.json()["wiped"]["predictions"] == data["predictions"], r.text
         assert requests.get(url + "state", timeout=5).json()["data"]["predictions"] == 0
     finally:
-        out, err = listen.communicate(timeout=90)
+        try:
+            out, err = listen.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            listen.kill()
+            out, err = listen.communicate()
     assert listen.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     printed = [line for line in lines if "prediction" in line]

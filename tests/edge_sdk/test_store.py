@@ -69,6 +69,12 @@ def test_a_new_update_supersedes_the_pending_ones_in_one_transaction(tmp_path):
     assert [i.seq for i in store.pending()] == [3] and store.get("last_update") == '{"seq": 3}'
     replies = {i.seq: (i.state, i.attempts) for i in store.outbox_items()}
     assert replies == {1: ("rejected", 1), 2: ("rejected", 1), 3: ("pending", 0)}
+    # withdrawn here, never sent: the page's "sent" counts only what the server accepted or refused
+    assert store.counts()["outbox_sent"] == 0 and store.counts()["outbox_rejected"] == 2
+    store.mark_done(3, "rejected", {"status": 409, "reason": "stale_base", "detail": "..."})
+    store.enqueue(4, 2, b"fourth")
+    store.mark_done(4, "accepted", {"round_id": 2})
+    assert store.counts()["outbox_sent"] == 2
     store.close()
 
 
