@@ -289,7 +289,7 @@ class _Doctor:
         else:
             self.add("disk space", "ok", detail)
 
-    def page_languages(self) -> None:
+    def feedback_languages(self) -> None:
         """The catalogues of the feedback page and prompt (edge_sdk/i18n.py): the bundled ones and the [feedback]
         translations folder's, each checked as ``listen`` checks it; ``[feedback] language`` must have one."""
         from edge_sdk.errors import FedserError
@@ -447,7 +447,7 @@ class _Doctor:
                 self.input_devices(sd)
         self.state_folder()
         self.disk_space()
-        self.page_languages()
+        self.feedback_languages()
         self.server()
         return self.checks
 

@@ -276,18 +276,18 @@ class FeedbackStore:
         with self._lock:
             preds, audio = self._conn.execute("SELECT COUNT(*), COUNT(audio) FROM predictions").fetchone()
             by_kind = dict(self._conn.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind").fetchall())
-            outbox = dict(self._conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
-            # updates that left the device: accepted, or refused by the server (its reply has a status); not the
-            # ones withdrawn here (superseded by a newer update, or made on a base that was replaced)
-            sent = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'accepted' OR (state = 'rejected'"
-                                      " AND instr(server_reply, '\"status\"') > 0)").fetchone()[0]
+            # per state: the items, and those the server answered (a refusal's reply has its status; an update
+            # withdrawn here, superseded or made on a base that was replaced, never left the device)
+            outbox = {state: (n, answered) for state, n, answered in self._conn.execute(
+                "SELECT state, COUNT(*), SUM(instr(server_reply, '\"status\"') > 0) FROM outbox GROUP BY state")}
         return {
             "predictions": preds,
             "audio_kept": audio,  # recordings kept (privacy store_audio, opt-in)
             "feedback": sum(by_kind.values()),
             **{f"feedback_{k}": by_kind.get(k, 0) for k in FEEDBACK_KINDS},
-            **{f"outbox_{k}": outbox.get(k, 0) for k in ("pending", "accepted", "rejected")},
-            "outbox_sent": sent,
+            **{f"outbox_{k}": outbox.get(k, (0, 0))[0] for k in ("pending", "accepted", "rejected")},
+            # updates that left the device: accepted, or refused by the server
+            "outbox_sent": outbox.get("accepted", (0, 0))[0] + (outbox.get("rejected", (0, 0))[1] or 0),
         }
 
     def recent(self, limit: int = 20) -> list[dict]:
