@@ -198,15 +198,17 @@ def _run(args, lock) -> int:
         _out({**device.status(), "personal_accuracy": device.store.personal_accuracy(),
               "in_use_by": lock.busy()})
     elif args.command == "export-data":
-        data = json.dumps(device.store.export(), indent=1)
+        pieces = device.store.iter_export()  # written as it is read: memory bounded whatever the store holds
         if args.out:
             from edge_sdk.storage import atomic_write
 
             # whole or not at all (a full disk: StorageFullError), readable by this user only: it is their data
-            atomic_write(args.out, data.encode(), mode=0o600)
-            _out({"exported": str(args.out), "bytes": len(data)})
+            written = atomic_write(args.out, (p.encode() for p in pieces), mode=0o600)
+            _out({"exported": str(args.out), "bytes": written})
         else:
-            print(data)
+            for piece in pieces:
+                sys.stdout.write(piece)
+            sys.stdout.flush()
     elif args.command == "wipe-data":
         _out({"wiped": device.wipe_data()})
     return 0
@@ -281,7 +283,7 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             web = FeedbackServer(device, host=cfg.web.host, port=args.port or cfg.web.port, stats=listener.stats,
                                  allowed_hosts=configured_allowed_hosts(cfg.web), language=cfg.feedback.language,
                                  languages=languages, allow_wipe=cfg.web.allow_wipe,
-                                 keeps_audio=cfg.privacy.store_audio).start()
+                                 allow_export=cfg.web.allow_export, keeps_audio=cfg.privacy.store_audio).start()
             print(json.dumps({"feedback_page": web.page_url}), flush=True)
         listener.start(microphone=args.file is None)
         if terminal is not None:

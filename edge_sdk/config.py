@@ -27,6 +27,7 @@ Example ``config.toml``::
     host = "127.0.0.1"
     port = 8090
     allow_wipe = true       # the page's "Your data" panel may delete what the device learned from its user
+    allow_export = true     # ... and download a copy of everything the device keeps about them (JSON)
 
     [privacy]
     store_audio = false     # keep raw audio of predictions (opt-in)
@@ -102,6 +103,9 @@ class WebConfig:
     # fedser-edge wipe-data does, done by the running listen). false: the panel only shows what is kept and shared
     # (a shared kiosk whose keeper alone decides).
     allow_wipe: bool = True
+    # The panel offers its user a copy of everything the device keeps about them (what fedser-edge export-data
+    # writes; their recordings too when [privacy] store_audio is on). false: a kiosk whose keeper hands copies out.
+    allow_export: bool = True
 
 
 @dataclass

@@ -407,6 +407,8 @@ class Device:
         # sent) and no post starts from an item it deleted. Order: _training_lock, _outbox_lock, _serving_lock.
         self._outbox_lock = threading.Lock()
         self.wipes = 0  # wipe_data calls: an update made from answers read before one is dropped (make_update)
+        self._wipes_waiting = 0  # wipe_data calls waiting for the locks: a fit under way stops at its next step
+        self._wipes_waiting_lock = threading.Lock()
         self.personalising = False  # a personalisation is under way (in any thread; they run one at a time)
         self.making_update = False  # make_update is fitting (cancellable like a personalisation)
         self._local = threading.local()
@@ -1163,10 +1165,14 @@ class Device:
         return bool(examples) and self.store.get("personalised_on") != self._answers_state(examples)
 
     def _check_cancel(self, where: str) -> None:
-        """Raise :class:`_Cancelled` when the caller of :meth:`personalize` set its ``cancel`` event."""
+        """Raise :class:`_Cancelled` when the caller of :meth:`personalize` set its ``cancel`` event, or a
+        :meth:`wipe_data` waits for this fit (what it fits is about to be deleted: it stops instead of keeping the
+        user waiting for it, half a minute on a Pi)."""
         cancel = getattr(self._local, "cancel", None)
         if cancel is not None and cancel.is_set():
             raise _Cancelled(where)
+        if self._wipes_waiting:
+            raise _Cancelled(f"{where}; the user's data is being deleted")
 
     def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
         model = self._require_model()  # the trainer
@@ -1703,9 +1709,18 @@ class Device:
         (:meth:`FeedbackStore.wipe`, which rewrites the file so nothing lingers) and the personal files fitted on
         them (``personal.head``, ``personal.adapter``, ``personal.input`` and any copy of them moved aside as
         corrupt), with their digests. The device then serves the global head on its input features as they are.
-        Waits for a personalisation or an update fit under way (an update made from the deleted answers is then
-        dropped, not queued) and for an update being posted (it then counts as sent). Returns the counts removed
-        and the files' names."""
+        A personalisation or an update's fit under way stops at its next step (it returns ``cancelled`` / None,
+        nothing of it kept; an update made from the deleted answers is dropped, not queued); an update being posted
+        is waited for (it then counts as sent). Returns the counts removed and the files' names."""
+        with self._wipes_waiting_lock:
+            self._wipes_waiting += 1
+        try:
+            return self._wipe_data()
+        finally:
+            with self._wipes_waiting_lock:
+                self._wipes_waiting -= 1
+
+    def _wipe_data(self) -> dict:
         with self._training_lock, self._outbox_lock, self._serving_lock:  # (a post under way finishes first)
             self.wipes += 1  # an update being made from what is deleted now is dropped (make_update)
             files = []  # first: removing them needs no room, and frees some on a full disk

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["atomic_write", "StateLock", "LOCK_FILE", "MAX_LOCK_WAIT", "storage_full", "is_full_error",
@@ -50,8 +51,9 @@ def storage_full(folder: str | os.PathLike, what: str, exc: BaseException | None
         + (f" [{exc}]" if exc is not None else ""))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old file or the new one, never half.
+def atomic_write(path: str | os.PathLike, data: bytes | Iterable[bytes], *, mode: int = 0o644) -> int:
+    """Replace ``path`` with ``data`` (bytes, or pieces of it written as they come) so a crash leaves the old file or
+    the new one, never half. Returns the bytes written.
 
     The temporary file is created with ``mode`` from the start, so a private key is
     never readable by others, not even for an instant.
@@ -66,8 +68,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> 
         raise
     try:
         os.fchmod(fd, mode)
+        written = 0
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for piece in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                written += fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -84,6 +88,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return written
 
 
 LOCK_FILE = "device.lock"

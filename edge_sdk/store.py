@@ -75,6 +75,14 @@ _MARK_DONE = "UPDATE outbox SET state = ?, server_reply = ?, attempts = attempts
 _UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 
 
+def _json_or_none(text):
+    """A JSON field as stored, or None where the file holds something else (an export still gives the rest)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
 @dataclass(frozen=True, eq=False)
 class FeedbackExample:
     """One training example derived from a prediction and its feedback."""
@@ -328,34 +336,65 @@ class FeedbackStore:
                     " LIMIT -1 OFFSET ?)", (int(max_predictions),)).rowcount
         return removed
 
+    EXPORT_FORMAT = "fedser-edge-export/1"
+    EXPORT_BATCH = 16  # predictions read per lock hold: memory bounded by 16 rows (with audio, 16 recordings)
+
     def export(self) -> dict:
-        """Everything stored about the user, as JSON-ready data (arrays as base64 little-endian)."""
+        """Everything stored about the user, as JSON-ready data (arrays as base64 little-endian): the document
+        :meth:`iter_export` writes, read back. Holds all of it in memory: a caller writing it out uses that."""
+        return json.loads("".join(self.iter_export()))
+
+    def iter_export(self, batch: int = EXPORT_BATCH) -> Iterator[str]:
+        """Everything stored about the user as one JSON document (:data:`EXPORT_FORMAT`), in pieces of text: its
+        predictions with their answers, embedding, features and recording (when kept), one per line, its outbox
+        (what was sent, not the weights) and its voice statistics. Memory is bounded by ``batch`` predictions
+        whatever the store holds; the lock is taken per batch, so the device goes on classifying and storing
+        answers meanwhile (a prediction stored while the export runs may or may not be in it; one deleted meanwhile,
+        by retention or a wipe, is left out from the batch after its deletion)."""
         import base64
 
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source, p.embedding,"
-                " p.features, p.audio, p.sample_rate, f.kind, f.label, f.created_at FROM predictions p"
-                " LEFT JOIN feedback f ON f.prediction_id = p.id ORDER BY p.created_at, p.id").fetchall()
-            outbox = self._conn.execute("SELECT seq, base_version, created_at, attempts, state FROM outbox"
-                                        " ORDER BY seq").fetchall()
-            stats = self._conn.execute("SELECT key, value FROM kv WHERE key LIKE 'speaker_stats:%'").fetchall()
         def b64(b):
-            return (base64.b64encode(b).decode() if b is not None else None)
-        return {
-            "format": "fedser-edge-export/1",
-            "exported_at": time.time(),
-            "arrays": "base64 of little-endian float32 (embedding, features) or int16 PCM (audio)",
-            "predictions": [
-                {"id": r[0], "created_at": r[1], "model_version": r[2], "label": r[3], "probs": json.loads(r[4]),
-                 "latency_ms": r[5], "source": r[6], "embedding": b64(r[7]), "features": b64(r[8]),
-                 "audio": b64(r[9]), "sample_rate": r[10],
-                 "feedback": None if r[11] is None else {"kind": r[11], "label": r[12], "created_at": r[13]}}
-                for r in rows],
-            "outbox": [{"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3], "state": r[4]}
-                       for r in outbox],
-            "speaker_statistics": {k.split(":", 1)[1]: json.loads(v) for k, v in stats},
-        }
+            return base64.b64encode(b).decode() if b is not None else None
+
+        arrays = "base64 of little-endian float32 (embedding, features) or int16 PCM (audio)"
+        yield (f'{{"format": {json.dumps(self.EXPORT_FORMAT)}, "exported_at": {json.dumps(time.time())},\n'
+               f' "arrays": {json.dumps(arrays)},\n "predictions": [')
+        after, first = (-float("inf"), ""), True
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source,"
+                    " p.embedding, p.features, p.audio, p.sample_rate, f.kind, f.label, f.created_at"
+                    " FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id"
+                    " WHERE (p.created_at, p.id) > (?, ?) ORDER BY p.created_at, p.id LIMIT ?",
+                    (*after, max(1, int(batch)))).fetchall()
+            if not rows:
+                break
+            after = (rows[-1][1], rows[-1][0])
+            for r in rows:
+                item = {"id": r[0], "created_at": r[1], "model_version": r[2], "label": r[3],
+                        "probs": _json_or_none(r[4]), "latency_ms": r[5], "source": r[6], "embedding": b64(r[7]),
+                        "features": b64(r[8]), "audio": b64(r[9]), "sample_rate": r[10],
+                        "feedback": None if r[11] is None else {"kind": r[11], "label": r[12], "created_at": r[13]}}
+                yield ("\n  " if first else ",\n  ") + json.dumps(item)
+                first = False
+        yield '\n ],\n "outbox": ['
+        seq, first = 0, True
+        while True:  # every update this device made (kept after it is sent): paged too
+            with self._lock:
+                rows = self._conn.execute("SELECT seq, base_version, created_at, attempts, state FROM outbox"
+                                          " WHERE seq > ? ORDER BY seq LIMIT 256", (seq,)).fetchall()
+            if not rows:
+                break
+            seq = rows[-1][0]
+            for r in rows:
+                yield ("\n  " if first else ",\n  ") + json.dumps(
+                    {"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3], "state": r[4]})
+                first = False
+        with self._lock:  # one entry per feature setting the device has used (a few): read at once
+            stats = self._conn.execute("SELECT key, value FROM kv WHERE key LIKE 'speaker_stats:%'").fetchall()
+        stats = json.dumps({k.split(":", 1)[1]: _json_or_none(v) for k, v in stats})
+        yield f'\n ],\n "speaker_statistics": {stats}}}\n'
 
     def wipe(self) -> dict:
         """Delete every prediction, answer and pending update, and the weight deltas of updates already sent (their

@@ -15,6 +15,9 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
   read within ``timeout`` seconds in all (408, then the connection is closed), a flat object
   ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included); ``POST /api/wipe`` exactly
   ``{"confirm": "wipe"}`` (and 403 ``wipe_disabled`` with ``allow_wipe`` off).
+- **Download**: ``GET /api/export`` streams everything the device keeps about its user in HTTP/1.1 chunks (505 to an
+  HTTP/1.0 request), one download at a time (429 ``busy``), each piece sent within ``timeout`` s, memory bounded
+  whatever the store holds (403 ``export_disabled`` with ``allow_export`` off).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
 
@@ -49,6 +52,8 @@ __all__ = ["FeedbackServer", "MAX_BODY", "configured_allowed_hosts", "default_al
 MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
 MAX_FIELD = 200  # characters of id and answer
 MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unless it is being answered
+_SAFE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                 ("Referrer-Policy", "no-referrer"))  # on every response
 _I18N_SLOT = b"/*I18N*/null"  # in static/feedback.html: the catalogues go here
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
         "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -180,15 +185,20 @@ class FeedbackServer:
         panel; ``[web] allow_wipe``). Off: 403 ``wipe_disabled``, and the panel only shows what is kept.
     keeps_audio
         Whether new predictions keep their recording (``[privacy] store_audio``): the panel says so.
+    allow_export
+        Whether the page's user may download a copy of everything the device keeps about them (``GET /api/export``,
+        what ``fedser-edge export-data`` writes; ``[web] allow_export``). Off: 403 ``export_disabled``, no button.
     """
 
     def __init__(self, device, *, host: str = "127.0.0.1", port: int = 8090, stats=None,
                  allowed_hosts: set[str] | list[str] | None = None, token: str | None = None,
                  timeout: float = 10.0, language: str = "auto", languages: dict | None = None,
-                 allow_wipe: bool = True, keeps_audio: bool = False) -> None:
+                 allow_wipe: bool = True, keeps_audio: bool = False, allow_export: bool = True) -> None:
         self.device, self.stats = device, stats
         self.allow_wipe, self.keeps_audio, self.wipes = bool(allow_wipe), bool(keeps_audio), 0
+        self.allow_export, self.exports = bool(allow_export), 0
         self._wiping = threading.Lock()  # held while a wipe runs
+        self._exporting = threading.Lock()  # held while a download of the user's data runs
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -240,10 +250,8 @@ class FeedbackServer:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("X-Frame-Options", "DENY")
-                self.send_header("Referrer-Policy", "no-referrer")
+                for name, value in _SAFE_HEADERS:
+                    self.send_header(name, value)
                 self.send_header("Content-Security-Policy", _CSP if ctype.startswith("text/html")
                                  else "default-src 'none'; frame-ancestors 'none'")
                 self.end_headers()
@@ -325,16 +333,75 @@ class FeedbackServer:
                     if path == "/api/state":
                         self._check_token()
                         return self._json(200, server.state())
+                    if path == "/api/export":
+                        self._check_token()
+                        return self._export()
                     raise _Refusal(404, "not_found", path[:200])
                 except _Refusal as r:
                     self._refuse(r)
+
+            def _export(self) -> None:
+                """Everything stored about the user (:meth:`FeedbackStore.iter_export`), streamed as it is read:
+                HTTP/1.1 chunks, so a download cut short (the device's disk failing mid-read, say) ends without the
+                last chunk and the browser reports it failed instead of saving half a file as whole."""
+                if not server.allow_export:
+                    raise _Refusal(403, "export_disabled", "this device's keeper has turned downloading from the page "
+                                   "off ([web] allow_export = false); they can run fedser-edge export-data")
+                if self.request_version != "HTTP/1.1":
+                    raise _Refusal(505, "http_1_1_required", "the download is sent in HTTP/1.1 chunks", close=True)
+                if not server._exporting.acquire(blocking=False):  # one at a time: reading it all competes with
+                    # the microphone's classifications on a Pi
+                    raise _Refusal(429, "busy", "a download of this device's data is under way; try again when it "
+                                   "ends")
+                try:
+                    self.protocol_version = "HTTP/1.1"
+                    self.close_connection = True
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    stamp = time.strftime("%Y%m%d-%H%M%S")
+                    self.send_header("Content-Disposition", f'attachment; filename="fedser-my-data-{stamp}.json"')
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("Connection", "close")
+                    for name, value in _SAFE_HEADERS:
+                        self.send_header(name, value)
+                    self.send_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+                    self.end_headers()
+                    # each piece must leave within `timeout` s: a reader that stops frees its thread
+                    self.connection.settimeout(timeout)
+                    sent, pending = 0, []
+                    try:
+                        for piece in server.device.store.iter_export():
+                            pending.append(piece.encode())
+                            if sum(map(len, pending)) >= 16384 or len(pending) >= 64:
+                                sent += self._chunk(b"".join(pending))
+                                pending = []
+                        sent += self._chunk(b"".join(pending)) if pending else 0
+                        self.wfile.write(b"0\r\n\r\n")
+                    except Exception as exc:  # the reader went, or the store failed mid-read: the body is cut
+                        with server._refusals_lock:
+                            server.refusals["export_cut"] = server.refusals.get("export_cut", 0) + 1
+                        if isinstance(exc, (OSError, sqlite3.Error)):
+                            log.warning("the page's download of the user's data stopped after %d bytes: %s", sent,
+                                        exc)
+                        else:  # a bug: logged with its traceback, the client still sees a failed download
+                            log.exception("the page's download of the user's data failed after %d bytes", sent)
+                        return
+                    with server._refusals_lock:
+                        server.exports += 1
+                    log.info("the page's user downloaded what this device keeps about them (%d bytes)", sent)
+                finally:
+                    server._exporting.release()
+
+            def _chunk(self, data: bytes) -> int:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                return len(data)
 
             def _wipe(self, data) -> None:
                 if data != {"confirm": "wipe"}:  # a deliberate request, never a stray or replayed feedback body
                     raise _Refusal(400, "malformed", 'send {"confirm": "wipe"}, nothing else')
                 try:
                     with server._wiping:  # stop() waits for it (bounded)
-                        removed = server.device.wipe_data()  # waits for a personalisation or a post under way
+                        removed = server.device.wipe_data()  # a fit under way stops; a post under way finishes
                 except (FedserError, sqlite3.OperationalError) as exc:  # (a full disk still wipes, without VACUUM;
                     # "database is locked": a CLI writing beside listen)
                     raise _Refusal(503, "not_wiped", f"perhaps partly deleted; try again: {str(exc)[:500]}") from None
@@ -436,7 +503,7 @@ class FeedbackServer:
                          "recordings": counts["audio_kept"], "keeps_audio": self.keeps_audio,
                          "updates_sent": counts["outbox_sent"],  # accepted or refused by the server
                          "updates_waiting": counts["outbox_pending"], "enrolled": bool(d.enrolled),
-                         "allow_wipe": self.allow_wipe}}
+                         "allow_wipe": self.allow_wipe, "allow_export": self.allow_export}}
 
     def start(self) -> FeedbackServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fedser-web", daemon=True)
@@ -461,4 +528,4 @@ class FeedbackServer:
         if self._wiping.acquire(timeout=wipe_wait):
             self._wiping.release()
         else:
-            log.warning("stopping with the page's wipe still under way (waiting for a personalisation or a post)")
+            log.warning("stopping with the page's wipe still under way (waiting for a post under way)")

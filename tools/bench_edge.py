@@ -3,6 +3,7 @@
     taskset -c 0 python -m tools.bench_edge [--clip FILE] [--out bench-edge.json]
     taskset -c 0 python -m tools.bench_edge --only personalise [--model DIR]   # personalisation and classify times
     python -m tools.bench_edge --only personalise --train-threads 1,2          # the trainer on 1 and 2 threads
+    python -m tools.bench_edge --only export [--predictions 1000]              # export-data's memory and time
 
 Prints, for the bundled model on one core:
   * process start to the first prediction of a 3 s clip (a fresh interpreter, as `fedser-edge classify`);
@@ -163,18 +164,85 @@ def classify_times(model_dir: Path | None, *, repeat: int = 30) -> dict:
     return {"classify_ms": plain, "classify_with_affine_ms": moved, "ratio": moved / plain}
 
 
+_EXPORT = """
+import json, resource, sys, time
+from edge_sdk.store import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+t0 = time.perf_counter()
+with open(sys.argv[3], "w") as f:
+    if sys.argv[2] == "streamed":  # what export-data and the page do now
+        for piece in store.iter_export():
+            f.write(piece)
+    else:  # what export-data did before: the document built in memory, then written
+        f.write(json.dumps(store.export(), indent=1))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak}))
+"""
+_BARE = """
+import json, resource, sys
+from edge_sdk.store import FeedbackStore
+FeedbackStore(sys.argv[1]).counts()
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def export_memory(predictions: int, *, seconds_of_audio: float = 3.0) -> list[dict]:
+    """Peak RSS and time of writing a store's export (a fresh process each), streamed against built in memory,
+    for a store of ``predictions`` with a kept recording each ([privacy] store_audio) and one without."""
+    from edge_sdk.store import FeedbackStore
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for audio in (True, False):
+            db = tmp / f"store-{audio}.db"
+            store = FeedbackStore(db)
+            rng = np.random.default_rng(0)
+            for i in range(predictions):
+                store.add_prediction(prediction_id=f"{i:032x}", model_version=1, label="sad", probs=np.full(4, 0.25),
+                                     embedding=rng.normal(size=128).astype(np.float32),
+                                     features=rng.normal(size=(300, 40)).astype(np.float32), latency_ms=3.0,
+                                     audio=rng.uniform(-0.5, 0.5, int(16000 * seconds_of_audio)) if audio else None,
+                                     sample_rate=16000 if audio else None)
+                if i % 2:
+                    store.add_feedback(f"{i:032x}", "up")
+            store.close()
+            bare = json.loads(subprocess.run([sys.executable, "-c", _BARE, str(db)], cwd=REPO, check=True,
+                                             capture_output=True, text=True).stdout)["peak_rss_mb"]
+            for how in ("in memory", "streamed"):
+                out = tmp / "export.json"
+                got = json.loads(subprocess.run([sys.executable, "-c", _EXPORT, str(db), how.split()[0], str(out)],
+                                                cwd=REPO, check=True, capture_output=True, text=True).stdout)
+                rows.append({"predictions": predictions, "audio": audio, "how": how,
+                             "store_mb": db.stat().st_size / 2**20, "export_mb": out.stat().st_size / 2**20,
+                             "bare_rss_mb": bare, **got})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_edge", description=__doc__.split("\n")[0])
     parser.add_argument("--clip", type=Path, default=None, help="a ~3 s speech clip (default: a RAVDESS clip)")
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("bench-edge.json"))
-    parser.add_argument("--only", choices=("all", "personalise"), default="all")
+    parser.add_argument("--only", choices=("all", "personalise", "export"), default="all")
+    parser.add_argument("--predictions", type=int, default=1000, help="for --only export: the store's predictions")
     parser.add_argument("--model", type=Path, default=None,
                         help="for --only personalise: a folder with model.tflite + model.json (default: bundled)")
     parser.add_argument("--train-threads", default="1",
                         help="for --only personalise: comma-separated trainer thread counts (Device train_threads), "
                              "e.g. 1,2: the default policy is timed with each, as ratios to the first")
     args = parser.parse_args(argv)
+    if args.only == "export":
+        rows = export_memory(args.predictions)
+        print("| predictions | recordings kept | store MB | export MB | how | peak RSS MB | over opening the store | "
+              "seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['predictions']} | {'yes' if r['audio'] else 'no'} | {r['store_mb']:.0f} | "
+                  f"{r['export_mb']:.0f} | {r['how']} | {r['peak_rss_mb']:.0f} | "
+                  f"+{r['peak_rss_mb'] - r['bare_rss_mb']:.0f} | {r['seconds']:.2f} |")
+        args.out.write_text(json.dumps({"export": rows}, indent=2))
+        return 0
     if args.only == "personalise":
         counts = [int(t) for t in args.train_threads.split(",")]
         times = personalisation_times(args.model, train_threads=counts[0])

@@ -257,3 +257,38 @@ def test_a_trainer_on_more_threads_fits_the_same_and_bad_counts_are_refused(tmp_
     assert load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "3"}).training.threads == 3
     with pytest.raises(ParameterError, match="training.threads"):
         load_config(environ={"FEDSER_EDGE_TRAINING_THREADS": "0"})
+
+
+def test_a_wipe_stops_a_personalisation_under_way_instead_of_waiting_for_it(tmp_path, trained_model, rng,
+                                                                           monkeypatch):
+    """The page's user deletes their data while the device fits their answers (10,000 steps: minutes if it ran on):
+    the fit stops at its next step, keeps nothing, and the wipe goes through at once."""
+    dev = Device(tmp_path / "dev", model_files=_files(trained_model),
+                 train_policy=TrainPolicy(**{**AFFINE_ONLY, "input_affine_steps": 10_000}))
+    global_head = dev.model.get_weights()
+    _shifted_answers(dev, rng)
+    calls, wiped = [], {}
+    real = TFLiteModel.input_gradient
+
+    def counted(self, *args, **kwargs):  # the real signature, counted; the 3rd call starts the wipe
+        calls.append(1)
+        if len(calls) == 3:
+            threading.Thread(target=lambda: wiped.update(dev.wipe_data())).start()
+            deadline = time.monotonic() + 10
+            while not dev._wipes_waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if len(calls) > 50:
+            raise AssertionError("the fit went on while a wipe waited for it")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TFLiteModel, "input_gradient", counted)
+    report = dev.personalize()
+    assert report.status == "cancelled" and "being deleted" in report.reason, report.to_dict()
+    assert len(calls) <= 4
+    deadline = time.monotonic() + 30
+    while not wiped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert wiped["predictions"] == 12 and dev.store.examples() == []
+    _unchanged(dev, global_head)
+    assert dev.personalize().status != "cancelled"  # a later personalisation is not stopped (nothing to fit now)
+    dev.store.close()

@@ -3,6 +3,8 @@ everything it learned from them, from a phone, while ``listen`` runs (real HTTP 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import requests
@@ -34,7 +36,8 @@ def test_the_panel_says_what_is_kept_and_shared_and_the_wipe_is_guarded(device, 
     try:
         state = requests.get(with_token.url + "api/state", headers={"X-Fedser-Token": "t" * 24}, timeout=10).json()
         assert state["data"] == {"predictions": 6, "answers": 4, "recordings": 0, "keeps_audio": False,
-                                 "updates_sent": 0, "updates_waiting": 0, "enrolled": False, "allow_wipe": True}
+                                 "updates_sent": 0, "updates_waiting": 0, "enrolled": False, "allow_wipe": True,
+                                 "allow_export": True}
 
         def wipe(server, body, **headers):
             return requests.post(server.url + "api/wipe", data=body, timeout=10,
@@ -76,7 +79,7 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
     stats_keys = [k for k in device.store.export()["speaker_statistics"]]
     assert stats_keys  # the user's voice statistics, which the wipe deletes too
     server = FeedbackServer(device, port=free_port(), language="pl").start()
-    locked = FeedbackServer(device, port=free_port(), allow_wipe=False, keeps_audio=True).start()
+    locked = FeedbackServer(device, port=free_port(), allow_wipe=False, keeps_audio=True, allow_export=False).start()
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -86,7 +89,7 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
             page.tap("#data summary")
             page.wait_for_selector("#data-kept:has-text('9')")
-            assert page.locator("#wipe").is_hidden()
+            assert page.locator("#wipe").is_hidden() and page.locator("#export").is_hidden()
             assert "opiekun urządzenia włączył nagrywanie" in page.inner_text("#data-recordings")  # store_audio on
             page.goto(server.url)
             page.wait_for_selector(f'.pred[data-id="{preds[-1].id}"]')
@@ -100,6 +103,17 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             assert button["y"] + button["height"] <= dock["y"], (button, dock)  # above the docked card, reachable
             assert button["height"] >= 44 and page.locator("#data summary").bounding_box()["height"] >= 44
             keep_screenshot_of(page, tmp_path / "data-panel-pl.png")
+            assert page.inner_text("#export").strip() == "Pobierz kopię wszystkiego (JSON)"
+            with page.expect_download() as got:  # a copy first: what the device keeps, saved by the browser
+                page.tap("#export")
+            saved = got.value
+            assert saved.suggested_filename.startswith("fedser-my-data-") and saved.failure() is None
+            copy = json.loads(open(saved.path(), encoding="utf-8").read())
+            assert {p["id"] for p in copy["predictions"]} == {p.id for p in preds}
+            assert sum(p["feedback"] is not None for p in copy["predictions"]) == 8
+            assert copy["speaker_statistics"] and set(copy["speaker_statistics"]) == {k for k in stats_keys}
+            page.wait_for_selector("#data-done:has-text('Zapisano jako fedser-my-data-')")
+            assert server.exports == 1
             page.tap("#wipe")
             assert page.inner_text("#wipe").strip() == "Dotknij ponownie, aby usunąć wszystko"
             assert device.store.counts()["predictions"] == 9  # one tap deletes nothing
@@ -130,7 +144,6 @@ def keep_screenshot_of(page, path) -> None:
 def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthetic_clips):
     """``fedser-edge listen --feedback web`` as the service runs it: its page's wipe deletes what the running
     process stored, the process goes on, and its output (the journal, under systemd) holds prediction ids only."""
-    import json
     import os
     import subprocess
     import sys
