@@ -68,7 +68,11 @@ class ManifestDowngradeError(FedserError):
 
 class _Cancelled(Exception):
     """A personalisation stopped by its caller's ``cancel`` event (internal: :meth:`Device.personalize` returns a
-    ``cancelled`` report)."""
+    ``cancelled`` report), or by a :meth:`Device.wipe_data` waiting for it (``wiped``: a ``skipped`` report)."""
+
+    def __init__(self, where: str, wiped: bool = False) -> None:
+        super().__init__(where)
+        self.wiped = wiped
 
 
 @dataclass(frozen=True)
@@ -308,7 +312,8 @@ class PrivacyPolicy:
 
 @dataclass
 class TrainReport:
-    status: str  # "kept", "discarded", "skipped" or "cancelled" (stopped by the caller: nothing changed)
+    status: str  # "kept", "discarded", "skipped" (too few answers; or a wipe_data stopped it) or "cancelled"
+    # (stopped by the caller: nothing changed)
     reason: str = ""
     examples: int = 0
     held_back: int = 0
@@ -1141,6 +1146,11 @@ class Device:
                     self.store.set("personalised_on", state)
                 return report
             except _Cancelled as exc:
+                if exc.wiped:  # not the caller's stop: what it fitted is being deleted (listen goes on)
+                    report = TrainReport("skipped", f"stopped before it ended ({exc}): the user's data is being "
+                                         "deleted, nothing of this fit is kept", seconds=time.perf_counter() - started)
+                    log.info("personalisation stopped for a wipe: %s", report.to_dict())
+                    return report
                 report = TrainReport("cancelled", f"stopped before it ended ({exc}): nothing changed, the answers "
                                      "stay for the next personalisation", seconds=time.perf_counter() - started)
                 log.info("personalisation cancelled: %s", report.to_dict())
@@ -1172,7 +1182,7 @@ class Device:
         if cancel is not None and cancel.is_set():
             raise _Cancelled(where)
         if self._wipes_waiting:
-            raise _Cancelled(f"{where}; the user's data is being deleted")
+            raise _Cancelled(where, wiped=True)
 
     def _personalize(self, serving: TFLiteModel, policy: TrainPolicy) -> TrainReport:
         model = self._require_model()  # the trainer
@@ -1709,7 +1719,7 @@ class Device:
         (:meth:`FeedbackStore.wipe`, which rewrites the file so nothing lingers) and the personal files fitted on
         them (``personal.head``, ``personal.adapter``, ``personal.input`` and any copy of them moved aside as
         corrupt), with their digests. The device then serves the global head on its input features as they are.
-        A personalisation or an update's fit under way stops at its next step (it returns ``cancelled`` / None,
+        A personalisation or an update's fit under way stops at its next step (it returns ``skipped`` / None,
         nothing of it kept; an update made from the deleted answers is dropped, not queued); an update being posted
         is waited for (it then counts as sent). Returns the counts removed and the files' names."""
         with self._wipes_waiting_lock:

@@ -397,8 +397,9 @@ class FeedbackStore:
         yield f'\n ],\n "speaker_statistics": {stats}}}\n'
 
     def wipe(self) -> dict:
-        """Delete every prediction, answer and pending update, and the weight deltas of updates already sent (their
-        sequence, state and the server's reply stay: what was sent, not what it held), with the deleted content
+        """Delete every prediction, answer and pending update, the weight deltas of updates already sent (their
+        sequence, state and the server's reply stay: what was sent, not what it held) and the fingerprint of the
+        answers the last update was made from, with the deleted content
         zeroed (``secure_delete``, on for every deletion) and the file rewritten and shrunk (VACUUM; skipped on a
         full disk, ``"vacuumed": false``: the zeroing holds)."""
         with self._lock:
@@ -409,6 +410,13 @@ class FeedbackStore:
                 # 'personal_examples' was written by SDKs before the update counted all answers
                 c.execute("DELETE FROM kv WHERE key IN ('personal_base_version', 'personal_examples')"
                           " OR key LIKE 'speaker_stats:%'")
+                # the last update's record keeps its base and retry time (when this device may send again on that
+                # version), not the fingerprint of the answers it was made from
+                row = c.execute("SELECT value FROM kv WHERE key = 'last_update'").fetchone()
+                last = _json_or_none(row[0]) if row else None
+                if row and (not isinstance(last, dict) or "answers" in last):
+                    kept = {k: v for k, v in last.items() if k != "answers"} if isinstance(last, dict) else {}
+                    c.execute(_UPSERT_KV, ("last_update", json.dumps(kept)))
             vacuumed = True
             try:
                 self._conn.execute("VACUUM")  # needs room for a copy of what is left: skipped on a full disk

@@ -15,9 +15,13 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
   read within ``timeout`` seconds in all (408, then the connection is closed), a flat object
   ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included); ``POST /api/wipe`` exactly
   ``{"confirm": "wipe"}`` (and 403 ``wipe_disabled`` with ``allow_wipe`` off).
-- **Download**: ``GET /api/export`` streams everything the device keeps about its user in HTTP/1.1 chunks (505 to an
-  HTTP/1.0 request), one download at a time (429 ``busy``), each piece sent within ``timeout`` s, memory bounded
-  whatever the store holds (403 ``export_disabled`` with ``allow_export`` off).
+- **Download**: everything the device keeps about its user, streamed in HTTP/1.1 chunks (505 to an HTTP/1.0
+  request), one download at a time (429 ``busy``), each piece sent within ``timeout`` s, memory bounded whatever
+  the store holds (403 ``export_disabled`` with ``allow_export`` off). A script sends ``GET /api/export`` with the
+  token. The page posts ``{"confirm": "export"}`` to ``/api/export`` (the POST checks above) for a one-time link
+  ``/download/<ticket>``, good for :data:`TICKET_SECONDS` (404 ``no_such_download`` after), which the browser then
+  saves to disk itself, with its own progress, instead of the page holding it all in the phone's memory; a
+  request another site started (``Sec-Fetch-Site``) is refused (403 ``cross_origin``).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
 
@@ -51,6 +55,8 @@ __all__ = ["FeedbackServer", "MAX_BODY", "configured_allowed_hosts", "default_al
 
 MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
 MAX_FIELD = 200  # characters of id and answer
+TICKET_SECONDS = 60.0  # a one-time download link (POST /api/export) is good for this long
+MAX_TICKETS = 4  # outstanding at once; a fifth replaces the oldest
 MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unless it is being answered
 _SAFE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                  ("Referrer-Policy", "no-referrer"))  # on every response
@@ -199,6 +205,7 @@ class FeedbackServer:
         self.allow_export, self.exports = bool(allow_export), 0
         self._wiping = threading.Lock()  # held while a wipe runs
         self._exporting = threading.Lock()  # held while a download of the user's data runs
+        self._tickets: dict[str, float] = {}  # the page's one-time download links: ticket -> expiry (monotonic)
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -333,20 +340,61 @@ class FeedbackServer:
                     if path == "/api/state":
                         self._check_token()
                         return self._json(200, server.state())
-                    if path == "/api/export":
+                    if path == "/api/export":  # a script's download, with the token header
+                        self._check_fetch_site()
                         self._check_token()
                         return self._export()
+                    if path.startswith("/download/"):  # the page's: a one-time ticket the browser saves natively
+                        self._check_fetch_site()
+                        self._use_ticket(path[len("/download/"):])
+                        return self._export(ticketed=True)
                     raise _Refusal(404, "not_found", path[:200])
                 except _Refusal as r:
                     self._refuse(r)
 
-            def _export(self) -> None:
-                """Everything stored about the user (:meth:`FeedbackStore.iter_export`), streamed as it is read:
-                HTTP/1.1 chunks, so a download cut short (the device's disk failing mid-read, say) ends without the
-                last chunk and the browser reports it failed instead of saving half a file as whole."""
+            def _check_fetch_site(self) -> None:
+                # a browser says where a request came from: another site may not even start a download (its page
+                # could not read it, but it would take the one download slot and the Pi's time)
+                if (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none"):
+                    raise _Refusal(403, "cross_origin", f"Sec-Fetch-Site {self.headers['Sec-Fetch-Site'][:50]}")
+
+            def _use_ticket(self, ticket: str) -> None:
+                now = time.monotonic()
+                with server._refusals_lock:
+                    for known, expires in list(server._tickets.items()):
+                        if expires < now:
+                            del server._tickets[known]
+                    match = next((k for k in server._tickets
+                                  if hmac.compare_digest(k.encode(), ticket.encode("utf-8", "surrogateescape"))), None)
+                    if match is None:
+                        raise _Refusal(404, "no_such_download", "this download link was used or is over "
+                                       f"{TICKET_SECONDS:.0f} s old: tap the download button again")
+                    del server._tickets[match]  # one use
+
+            def _ticket(self, data) -> None:
+                if data != {"confirm": "export"}:
+                    raise _Refusal(400, "malformed", 'send {"confirm": "export"}, nothing else')
+                self._export_allowed()
+                if server._exporting.locked():
+                    raise _Refusal(429, "busy", "a download of this device's data is under way; try again when it "
+                                   "ends")
+                ticket = secrets.token_urlsafe(24)
+                with server._refusals_lock:
+                    while len(server._tickets) >= MAX_TICKETS:  # the oldest goes
+                        del server._tickets[min(server._tickets, key=server._tickets.get)]
+                    server._tickets[ticket] = time.monotonic() + TICKET_SECONDS
+                self._json(200, {"url": f"/download/{ticket}", "expires_in": TICKET_SECONDS})
+
+            def _export_allowed(self) -> None:
                 if not server.allow_export:
                     raise _Refusal(403, "export_disabled", "this device's keeper has turned downloading from the page "
                                    "off ([web] allow_export = false); they can run fedser-edge export-data")
+
+            def _export(self, ticketed: bool = False) -> None:
+                """Everything stored about the user (:meth:`FeedbackStore.iter_export`), streamed as it is read:
+                HTTP/1.1 chunks, so a download cut short (the device's disk failing mid-read, say) ends inside a
+                chunk it announced and the browser reports it failed instead of saving half a file as whole."""
+                self._export_allowed()
                 if self.request_version != "HTTP/1.1":
                     raise _Refusal(505, "http_1_1_required", "the download is sent in HTTP/1.1 chunks", close=True)
                 if not server._exporting.acquire(blocking=False):  # one at a time: reading it all competes with
@@ -365,6 +413,7 @@ class FeedbackServer:
                     for name, value in _SAFE_HEADERS:
                         self.send_header(name, value)
                     self.send_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+                    self.send_header("Cross-Origin-Resource-Policy", "same-origin")
                     self.end_headers()
                     # each piece must leave within `timeout` s: a reader that stops frees its thread
                     self.connection.settimeout(timeout)
@@ -376,8 +425,15 @@ class FeedbackServer:
                                 sent += self._chunk(b"".join(pending))
                                 pending = []
                         sent += self._chunk(b"".join(pending)) if pending else 0
+                        with server._refusals_lock:  # counted before the client can see the end
+                            server.exports += 1
                         self.wfile.write(b"0\r\n\r\n")
                     except Exception as exc:  # the reader went, or the store failed mid-read: the body is cut
+                        try:  # inside a chunk it announced: every client sees that it is cut, even a lenient one
+                            self.wfile.write(b"1000\r\n")  # (that ends a body on a chunk's edge as if whole)
+                            self.wfile.flush()
+                        except OSError:
+                            pass
                         with server._refusals_lock:
                             server.refusals["export_cut"] = server.refusals.get("export_cut", 0) + 1
                         if isinstance(exc, (OSError, sqlite3.Error)):
@@ -386,9 +442,8 @@ class FeedbackServer:
                         else:  # a bug: logged with its traceback, the client still sees a failed download
                             log.exception("the page's download of the user's data failed after %d bytes", sent)
                         return
-                    with server._refusals_lock:
-                        server.exports += 1
-                    log.info("the page's user downloaded what this device keeps about them (%d bytes)", sent)
+                    log.info("%s downloaded what this device keeps about its user (%d bytes)",
+                             "the page's user" if ticketed else "a client with the page's token", sent)
                 finally:
                     server._exporting.release()
 
@@ -420,7 +475,7 @@ class FeedbackServer:
                 try:
                     self._check_host()
                     path = urlsplit(self.path).path
-                    if path not in ("/api/feedback", "/api/wipe"):
+                    if path not in ("/api/feedback", "/api/wipe", "/api/export"):
                         raise _Refusal(404, "not_found", self.path[:200], close=True)
                     origin = self.headers.get("Origin")
                     if origin is not None and urlsplit(origin).netloc.lower() != self.headers["Host"].lower():
@@ -440,6 +495,8 @@ class FeedbackServer:
                         raise _Refusal(400, "malformed", f"not JSON: {str(exc)[:200]}") from None
                     if path == "/api/wipe":
                         return self._wipe(data)
+                    if path == "/api/export":
+                        return self._ticket(data)
                     if not (isinstance(data, dict) and set(data) == {"id", "answer"}
                             and all(isinstance(v, str) and 0 < len(v) <= MAX_FIELD for v in data.values())):
                         raise _Refusal(400, "malformed", f"send {{\"id\": str, \"answer\": str}} (strings of 1 to "

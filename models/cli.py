@@ -13,6 +13,7 @@ subcommand) means ``train``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -244,6 +245,20 @@ def _split(args, clips):
     return train, val, test
 
 
+def split_summary(train, val, test) -> dict:
+    """Who trains, validates and tests, with clip counts in all and per corpus (``train --dry-run``; the names
+    match the training report's ``split``)."""
+    from models.datasets import corpus_of
+
+    parts = {"train": train, "val": val, "test": test}
+    out = {f"{part}_speakers": sorted({c.speaker for c in clips}) for part, clips in parts.items()}
+    out.update({f"{part}_clips": len(clips) for part, clips in parts.items()})
+    corpora = sorted({corpus_of(c.speaker) for clips in parts.values() for c in clips})
+    out["clips_by_corpus"] = {corpus: {part: sum(corpus_of(c.speaker) == corpus for c in clips)
+                                       for part, clips in parts.items()} for corpus in corpora}
+    return out
+
+
 def _pair(text: str) -> tuple[float, float]:
     lo, hi = (float(v) for v in text.split(","))
     return lo, hi
@@ -287,8 +302,20 @@ def cmd_train(args) -> int:
     from models.report import report_markdown
     from models.train import train_baseline
 
+    # refused before the corpus is read and its features computed (train_baseline checks them too)
+    if args.input_affine_from and (args.architecture != "cnn" or args.masked_pooling):
+        raise SystemExit(f"--input-affine-from: input_affine_from needs a cnn encoder without masked pooling (the "
+                         f"input_grad signature), not {args.architecture}"
+                         f"{' with masked pooling' if args.masked_pooling else ''}")
+    if args.trainable_embedding and args.architecture not in ("cnn", "dnn"):
+        raise SystemExit(f"--trainable-embedding: trainable_embedding needs a cnn or dnn encoder (a ReLU embedding "
+                         f"layer), not "
+                         f"{args.architecture}")
     clips, name, label_map = corpus_clips(args, args.out)
     train, val, test = _split(args, clips)
+    if args.dry_run:  # the split a run would use, before minutes of training
+        print(json.dumps(split_summary(train, val, test), indent=1))
+        return 0
     features, config = _configs(args)
     arch = preset(args.architecture, **({"masked_pooling": True} if args.masked_pooling else {}))
     result = train_baseline(train, val, test, features=features, architecture=arch,
@@ -380,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one architecture on a speaker-independent split and export it")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the split (speakers and clips of train, validation and test, per corpus) and stop")
     p.add_argument("--architecture", default="cnn", choices=ARCHITECTURES)
     p.add_argument("--trainable-embedding", action="store_true",
                    help="cnn/dnn: the exported head includes the encoder's embedding layer, so devices fine-tune "

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 
+import edge_sdk.web
 from edge_sdk.store import FeedbackStore
 from edge_sdk.web import FeedbackServer
 from tests.conftest import REPO
@@ -79,7 +80,7 @@ def test_paging_takes_every_prediction_once_even_with_equal_times_and_changes_me
         c.execute("UPDATE predictions SET probs = 'not json' WHERE id = ?", (ids[6],))  # a damaged field
     pieces = store.iter_export(batch=2)
     head = next(pieces) + next(pieces)  # the start and the first prediction
-    store.enforce_retention(max_predictions=5)  # deletes the two oldest meanwhile (ids[2:4]: created at 1000)
+    store.enforce_retention(max_predictions=5)  # deletes two of the oldest meanwhile (ids[3], ids[4]: ties by id)
     _fill(store, 1, audio=False, start=100)  # a new one meanwhile: newest, so it comes at the end
     data = json.loads(head + "".join(pieces))
     got = [p["id"] for p in data["predictions"]]
@@ -130,8 +131,45 @@ def test_the_page_download_is_checked_streamed_one_at_a_time_and_counted(filled)
         assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["Cache-Control"] == "no-store"
         busy = _get(server.url, "t" * 24)  # while the first is under way (13 MB: more than the sockets buffer)
         assert (busy.status_code, busy.json()["error"]) == (429, "busy")
+        busy = requests.post(server.url + "api/export", json={"confirm": "export"}, timeout=10,
+                             headers={"X-Fedser-Token": "t" * 24})
+        assert (busy.status_code, busy.json()["error"]) == (429, "busy")  # no link while one runs
         data = json.loads(r.content)
         assert len(data["predictions"]) == 100 and server.exports == 1
+
+        # the page's way: a POST (its checks: token, Origin, JSON body) for a one-time link the browser saves itself
+        def ticket(server, body=b'{"confirm": "export"}', **headers):
+            return requests.post(server.url + "api/export", data=body, timeout=10,
+                                 headers={"Content-Type": "application/json", **headers})
+
+        token = {"X-Fedser-Token": "t" * 24}
+        assert ticket(server).status_code == 401
+        assert ticket(server, Origin="http://evil.example", **token).json()["error"] == "cross_origin"
+        for body in (b'{"confirm": "wipe"}', b'{}', b'{"confirm": "export", "x": 1}'):
+            assert ticket(server, body, **token).json()["error"] == "malformed", body
+        assert ticket(off).json()["error"] == "export_disabled"
+        got = ticket(server, **token).json()
+        assert got["url"].startswith("/download/") and got["expires_in"] == 60
+        link = server.url + got["url"][1:]
+        cross = requests.get(link, headers={"Sec-Fetch-Site": "cross-site"}, timeout=10)
+        assert (cross.status_code, cross.json()["error"]) == (403, "cross_origin")  # and the link is still good
+        r = requests.get(link, headers={"Sec-Fetch-Site": "same-origin"}, timeout=30)  # no token: the link is it
+        assert r.status_code == 200 and r.headers["Content-Disposition"].startswith("attachment")
+        assert r.headers["Cross-Origin-Resource-Policy"] == "same-origin"
+        assert len(json.loads(r.content)["predictions"]) == 100 and server.exports == 2
+        again = requests.get(link, timeout=10)
+        assert (again.status_code, again.json()["error"]) == (404, "no_such_download")  # one use
+        assert requests.get(server.url + "download/" + "x" * 32, timeout=10).status_code == 404
+        links = [ticket(server, **token).json()["url"] for _ in range(5)]  # at most 4 outstanding: the 1st goes
+        assert requests.get(server.url + links[0][1:], timeout=10).status_code == 404
+        assert requests.get(server.url + links[4][1:], timeout=30).status_code == 200 and server.exports == 3
+        old, edge_sdk.web.TICKET_SECONDS = edge_sdk.web.TICKET_SECONDS, 0.05
+        try:
+            late = ticket(server, **token).json()["url"]
+        finally:
+            edge_sdk.web.TICKET_SECONDS = old
+        threading.Event().wait(0.2)
+        assert requests.get(server.url + late[1:], timeout=10).json()["error"] == "no_such_download"  # expired
 
         # an HTTP/1.0 client cannot take chunks: refused, not sent as a body it could not tell cut from whole
         with socket.create_connection(("127.0.0.1", off.httpd.server_address[1]), timeout=10) as s:
@@ -158,7 +196,7 @@ def test_the_page_download_is_checked_streamed_one_at_a_time_and_counted(filled)
                 break
             done.wait(0.1)
         assert done.is_set() and server.refusals.get("export_cut") == 1, server.refusals
-        assert len(json.loads(_get(server.url, "t" * 24).content)["predictions"]) == 100 and server.exports == 2
+        assert len(json.loads(_get(server.url, "t" * 24).content)["predictions"]) == 100 and server.exports == 4
     finally:
         server.stop()
         off.stop()

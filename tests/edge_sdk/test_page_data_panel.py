@@ -112,8 +112,8 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             assert {p["id"] for p in copy["predictions"]} == {p.id for p in preds}
             assert sum(p["feedback"] is not None for p in copy["predictions"]) == 8
             assert copy["speaker_statistics"] and set(copy["speaker_statistics"]) == {k for k in stats_keys}
-            page.wait_for_selector("#data-done:has-text('Zapisano jako fedser-my-data-')")
-            assert server.exports == 1
+            page.wait_for_selector("#data-done:has-text('Pobieranie się rozpoczęło')")
+            assert server.exports == 1 and server._tickets == {}  # the link was used
             page.tap("#wipe")
             assert page.inner_text("#wipe").strip() == "Dotknij ponownie, aby usunąć wszystko"
             assert device.store.counts()["predictions"] == 9  # one tap deletes nothing

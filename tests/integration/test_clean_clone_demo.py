@@ -10,6 +10,7 @@ built), with ``PYTHONPATH`` set to the copy; the test first checks that the copy
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,14 @@ def test_the_demo_exits_0_on_a_clean_copy_with_no_corpus(stranger_copy):
     manifest = (copy / "demo-output" / "validation.csv").read_text().splitlines()
     assert manifest[0] == "path,speaker,label" and len(manifest) > 1
     assert all(line.startswith("synthetic-audio/") for line in manifest[1:]), manifest[:3]
+    # the federated round ran end to end (test_cli_and_demo runs --synthetic only where a corpus is found)
+    assert "round 1 closed" in out.stdout
+    summary = json.loads((copy / "demo-output" / "summary.json").read_text())
+    if "validation gate refused" in out.stdout:  # the gate may refuse a round that lowers validation UAR
+        assert summary["rejected"] and "still version 1" in out.stdout
+    else:
+        assert "pulled version 2" in out.stdout and "gate passed" in out.stdout
+        assert summary["round"]["published_version"] == 2 and len(summary["devices"]) == 2
 
 
 def test_fedser_train_says_where_each_corpus_comes_from(stranger_copy):

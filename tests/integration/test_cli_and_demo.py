@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, start_live_aggregator
 
 
@@ -49,7 +51,16 @@ def test_edge_and_aggregator_clis(trained_model, synthetic_clips, tmp_path):
         agg.process.wait(timeout=30)
 
 
+def _no_corpus() -> bool:
+    from models.datasets import default_nemo_root, default_ravdess_root
+
+    return default_ravdess_root() is None and default_nemo_root() is None
+
+
+@pytest.mark.skipif(_no_corpus(), reason="with no corpus --synthetic is the demo's default run, which "
+                    "test_clean_clone_demo runs (with these checks)")
 def test_the_demo_runs_end_to_end_on_the_synthetic_fallback(tmp_path):
+    """``--synthetic`` with a corpus beside the checkout: the synthetic run, not the corpus's."""
     out = _run("tools.demo", "--synthetic", "--devices", "2", "--epochs", "3", "--out", str(tmp_path / "demo"),
                timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

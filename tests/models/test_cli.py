@@ -157,15 +157,26 @@ def test_two_corpora_at_once_with_figures_per_corpus(tmp_path):
     md = (out / "report.md").read_text()
     assert "Per corpus" in md and "| nemo | 8 |" in md and "| ravdess | 16 |" in md
 
-    # leave-one-corpus-out: every nEMO speaker tests; evaluate splits its figures by corpus too
-    r = _train_cli("train", "--out", str(tmp_path / "loco"), "--corpus", "ravdess,nemo", "--data",
-                   f"{rav},{nemo}", "--test-corpora", "nemo", "--epochs", "1", "--max-frames", "100", "--cache",
-                   str(tmp_path / "cache"), "--no-progress")
+    # --dry-run prints the split a run would use (the one this run used) and trains nothing
+    r = _train_cli("train", "--out", str(tmp_path / "dry"), "--corpus", "ravdess,nemo", "--data",
+                   f"nemo={nemo},ravdess={rav}", "--test-speakers", "1", "--dry-run")
     assert r.returncode == 0, r.stderr[-3000:]
-    loco = json.loads((tmp_path / "loco" / "report.json").read_text())["split"]
+    dry = json.loads(r.stdout)
+    keys = ("train_speakers", "val_speakers", "test_speakers", "train_clips", "val_clips", "test_clips")
+    assert {k: dry[k] for k in keys} == {k: split[k] for k in keys}
+    assert dry["clips_by_corpus"]["nemo"]["test"] == 8 and dry["clips_by_corpus"]["ravdess"]["test"] == 16
+    assert not (tmp_path / "dry" / "model.tflite").exists()
+
+    # leave-one-corpus-out: every nEMO speaker tests (the split, as --dry-run shows it: the training run itself is
+    # the one above); evaluate splits its figures by corpus too
+    r = _train_cli("train", "--out", str(tmp_path / "loco"), "--corpus", "ravdess,nemo", "--data", f"{rav},{nemo}",
+                   "--test-corpora", "nemo", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    loco = json.loads(r.stdout)
     assert {s for s in loco["test_speakers"] if s.startswith("nemo-")} == {f"nemo-{s}" for s in ("EB0", "KD0", "KS0",
                                                                                                   "IC0")}
     assert all(s.startswith("ravdess-") for s in loco["train_speakers"] + loco["val_speakers"])
+    assert loco["clips_by_corpus"]["nemo"] == {"train": 0, "val": 0, "test": 32}
     ev = tmp_path / "eval"
     r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "nemo,ravdess", "--data",
                    f"{nemo},{rav}", "--speakers", "IC0,21", "--out", str(ev))
