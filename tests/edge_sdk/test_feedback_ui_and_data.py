@@ -59,6 +59,9 @@ def test_local_page_in_headless_chromium_click_thumbs_and_pick_a_label(device, c
             page.click(f'.fix button[data-id="{preds[2].id}"][data-label="{other}"]')
             page.locator(".answered").nth(2).wait_for()
             assert page.inner_text("#accuracy").startswith("right 1 of 3")
+            # a bare "wrong" asks for the emotion (what personalises); the other answers do not
+            assert page.locator(".hint").count() == 1
+            assert page.inner_text(f'.pred[data-id="{preds[1].id}"] .hint').startswith("Which was it?")
             page.screenshot(path=str(tmp_path / "feedback-page.png"), full_page=True)
             browser.close()
     finally:
