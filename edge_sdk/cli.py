@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_doctor_parser(sub)
     p = sub.add_parser("export-data", help="write everything stored about you as JSON")
-    p.add_argument("--out", type=Path, default=None, help="file (default: standard output)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="file, written whole or not at all, readable by you only (default: standard output, streamed)")
     p = sub.add_parser("wipe-data", help="delete your predictions, answers and pending updates")
     p.add_argument("--yes", action="store_true", help="really delete")
     return parser
@@ -315,6 +316,7 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
             trained_at = min(trained_at, answered)  # answers removed (retention, wipe-data): count from what is left
             idle = time.monotonic() - listener.last_speech >= cfg.training.idle_seconds
             if (due or answered - trained_at >= cfg.training.min_new_feedback) and idle:
+                wipes = device.wipes
                 try:
                     report = device.personalize(train_policy, cancel=stop.event)
                 except FedserError as exc:  # a full disk: listening goes on; tried again after new answers
@@ -325,6 +327,9 @@ def _listen_loop(device, cfg, args, train_policy, privacy, listener, terminal, m
                 print(json.dumps({"trained": report.to_dict()}), flush=True)
                 if report.status == "cancelled":  # the answers count as untrained: the next start fits them
                     break
+                if device.wipes != wipes:  # the page's user deleted the answers meanwhile (the fit stopped): the
+                    trained_at, due = 0, False  # wipe's count (none fitted) stands
+                    continue
                 trained_at, due = answered, False
                 device.store.set("trained_feedback", str(answered))
             if stop.event.is_set():  # a signal during a personalisation that had already ended its fits

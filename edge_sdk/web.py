@@ -18,8 +18,9 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
 - **Download**: everything the device keeps about its user, streamed in HTTP/1.1 chunks (505 to an HTTP/1.0
   request), one download at a time (429 ``busy``), each piece sent within ``timeout`` s, memory bounded whatever
   the store holds (403 ``export_disabled`` with ``allow_export`` off). A script sends ``GET /api/export`` with the
-  token. The page posts ``{"confirm": "export"}`` to ``/api/export`` (the POST checks above) for a one-time link
-  ``/download/<ticket>``, good for :data:`TICKET_SECONDS` (404 ``no_such_download`` after), which the browser then
+  token. The page posts ``{"confirm": "export"}`` to ``/api/export`` (the POST checks above) for a link
+  ``/download/<ticket>``, good for :data:`TICKET_SECONDS` and :data:`TICKET_USES` downloads started (404
+  ``no_such_download`` after; a refused request uses none), which the browser then
   saves to disk itself, with its own progress, instead of the page holding it all in the phone's memory; a
   request another site started (``Sec-Fetch-Site``) is refused (403 ``cross_origin``).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
@@ -55,7 +56,8 @@ __all__ = ["FeedbackServer", "MAX_BODY", "configured_allowed_hosts", "default_al
 
 MAX_BODY = 4096  # bytes of a feedback POST: {"id": 32 hex, "answer": a label} needs well under 200
 MAX_FIELD = 200  # characters of id and answer
-TICKET_SECONDS = 60.0  # a one-time download link (POST /api/export) is good for this long
+TICKET_SECONDS = 60.0  # a download link (POST /api/export) is good for this long
+TICKET_USES = 3  # downloads it may start (some phone browsers fetch a download twice: a try, then their own)
 MAX_TICKETS = 4  # outstanding at once; a fifth replaces the oldest
 MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unless it is being answered
 _SAFE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
@@ -205,7 +207,7 @@ class FeedbackServer:
         self.allow_export, self.exports = bool(allow_export), 0
         self._wiping = threading.Lock()  # held while a wipe runs
         self._exporting = threading.Lock()  # held while a download of the user's data runs
-        self._tickets: dict[str, float] = {}  # the page's one-time download links: ticket -> expiry (monotonic)
+        self._tickets: dict[str, tuple[float, int]] = {}  # the page's download links: ticket -> (expiry, uses left)
         if token is None and not is_loopback(host):
             token = self._stored_token(Path(device.state_dir))
         self.token = token or None
@@ -344,10 +346,9 @@ class FeedbackServer:
                         self._check_fetch_site()
                         self._check_token()
                         return self._export()
-                    if path.startswith("/download/"):  # the page's: a one-time ticket the browser saves natively
+                    if path.startswith("/download/"):  # the page's: a short-lived ticket the browser saves natively
                         self._check_fetch_site()
-                        self._use_ticket(path[len("/download/"):])
-                        return self._export(ticketed=True)
+                        return self._export(ticket=self._find_ticket(path[len("/download/"):]))
                     raise _Refusal(404, "not_found", path[:200])
                 except _Refusal as r:
                     self._refuse(r)
@@ -358,18 +359,32 @@ class FeedbackServer:
                 if (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none"):
                     raise _Refusal(403, "cross_origin", f"Sec-Fetch-Site {self.headers['Sec-Fetch-Site'][:50]}")
 
-            def _use_ticket(self, ticket: str) -> None:
+            def _find_ticket(self, ticket: str) -> str:
                 now = time.monotonic()
                 with server._refusals_lock:
-                    for known, expires in list(server._tickets.items()):
+                    for known, (expires, _) in list(server._tickets.items()):
                         if expires < now:
                             del server._tickets[known]
                     match = next((k for k in server._tickets
                                   if hmac.compare_digest(k.encode(), ticket.encode("utf-8", "surrogateescape"))), None)
-                    if match is None:
-                        raise _Refusal(404, "no_such_download", "this download link was used or is over "
-                                       f"{TICKET_SECONDS:.0f} s old: tap the download button again")
-                    del server._tickets[match]  # one use
+                if match is None:
+                    raise _Refusal(404, "no_such_download", f"this download link was used {TICKET_USES} times or "
+                                   f"is over {TICKET_SECONDS:.0f} s old: tap the download button again")
+                return match
+
+            def _use_ticket(self, ticket: str) -> None:
+                """One of the ticket's uses, taken when its download starts (a refusal before, busy or HTTP/1.0,
+                costs none); gone after the last, or if it expired meanwhile."""
+                with server._refusals_lock:
+                    expires, left = server._tickets.get(ticket, (0.0, 0))
+                    if expires < time.monotonic() or left <= 0:
+                        server._tickets.pop(ticket, None)
+                        raise _Refusal(404, "no_such_download", "this download link was used up or expired: tap the "
+                                       "download button again")
+                    if left == 1:
+                        del server._tickets[ticket]
+                    else:
+                        server._tickets[ticket] = (expires, left - 1)
 
             def _ticket(self, data) -> None:
                 if data != {"confirm": "export"}:
@@ -381,16 +396,16 @@ class FeedbackServer:
                 ticket = secrets.token_urlsafe(24)
                 with server._refusals_lock:
                     while len(server._tickets) >= MAX_TICKETS:  # the oldest goes
-                        del server._tickets[min(server._tickets, key=server._tickets.get)]
-                    server._tickets[ticket] = time.monotonic() + TICKET_SECONDS
-                self._json(200, {"url": f"/download/{ticket}", "expires_in": TICKET_SECONDS})
+                        del server._tickets[min(server._tickets, key=lambda k: server._tickets[k][0])]
+                    server._tickets[ticket] = (time.monotonic() + TICKET_SECONDS, TICKET_USES)
+                self._json(200, {"url": f"/download/{ticket}", "expires_in": int(TICKET_SECONDS)})
 
             def _export_allowed(self) -> None:
                 if not server.allow_export:
                     raise _Refusal(403, "export_disabled", "this device's keeper has turned downloading from the page "
                                    "off ([web] allow_export = false); they can run fedser-edge export-data")
 
-            def _export(self, ticketed: bool = False) -> None:
+            def _export(self, ticket: str | None = None) -> None:
                 """Everything stored about the user (:meth:`FeedbackStore.iter_export`), streamed as it is read:
                 HTTP/1.1 chunks, so a download cut short (the device's disk failing mid-read, say) ends inside a
                 chunk it announced and the browser reports it failed instead of saving half a file as whole."""
@@ -402,6 +417,8 @@ class FeedbackServer:
                     raise _Refusal(429, "busy", "a download of this device's data is under way; try again when it "
                                    "ends")
                 try:
+                    if ticket is not None:
+                        self._use_ticket(ticket)
                     self.protocol_version = "HTTP/1.1"
                     self.close_connection = True
                     self.send_response(200)
@@ -417,35 +434,44 @@ class FeedbackServer:
                     self.end_headers()
                     # each piece must leave within `timeout` s: a reader that stops frees its thread
                     self.connection.settimeout(timeout)
-                    sent, pending = 0, []
+                    sent, pending, pieces = 0, [], server.device.store.iter_export()
                     try:
-                        for piece in server.device.store.iter_export():
+                        while True:
+                            try:
+                                piece = next(pieces)
+                            except StopIteration:
+                                break
+                            except Exception as exc:  # the store failed mid-read: end inside a chunk it announces,
+                                # so every client sees the body is cut, even a lenient one (that takes a body ending
+                                # on a chunk's edge as whole); the socket itself is fine
+                                self.wfile.write(b"1000\r\n")
+                                self.wfile.flush()
+                                self._cut(sent, exc)
+                                return
                             pending.append(piece.encode())
                             if sum(map(len, pending)) >= 16384 or len(pending) >= 64:
                                 sent += self._chunk(b"".join(pending))
                                 pending = []
                         sent += self._chunk(b"".join(pending)) if pending else 0
-                        with server._refusals_lock:  # counted before the client can see the end
-                            server.exports += 1
                         self.wfile.write(b"0\r\n\r\n")
-                    except Exception as exc:  # the reader went, or the store failed mid-read: the body is cut
-                        try:  # inside a chunk it announced: every client sees that it is cut, even a lenient one
-                            self.wfile.write(b"1000\r\n")  # (that ends a body on a chunk's edge as if whole)
-                            self.wfile.flush()
-                        except OSError:
-                            pass
-                        with server._refusals_lock:
-                            server.refusals["export_cut"] = server.refusals.get("export_cut", 0) + 1
-                        if isinstance(exc, (OSError, sqlite3.Error)):
-                            log.warning("the page's download of the user's data stopped after %d bytes: %s", sent,
-                                        exc)
-                        else:  # a bug: logged with its traceback, the client still sees a failed download
-                            log.exception("the page's download of the user's data failed after %d bytes", sent)
+                        self.wfile.flush()
+                    except OSError as exc:  # the reader went or stopped reading: nothing more can reach it
+                        self._cut(sent, exc)
                         return
+                    with server._refusals_lock:
+                        server.exports += 1
                     log.info("%s downloaded what this device keeps about its user (%d bytes)",
-                             "the page's user" if ticketed else "a client with the page's token", sent)
+                             "the page's user" if ticket else "a client of the page's API", sent)
                 finally:
                     server._exporting.release()
+
+            def _cut(self, sent: int, exc: BaseException) -> None:
+                with server._refusals_lock:
+                    server.refusals["export_cut"] = server.refusals.get("export_cut", 0) + 1
+                if isinstance(exc, (OSError, sqlite3.Error)):
+                    log.warning("the page's download of the user's data stopped after %d bytes: %s", sent, exc)
+                else:  # a bug: logged with its traceback, the client sees a failed download
+                    log.error("the page's download of the user's data failed after %d bytes", sent, exc_info=exc)
 
             def _chunk(self, data: bytes) -> int:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one architecture on a speaker-independent split and export it")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true",
-                   help="print the split (speakers and clips of train, validation and test, per corpus) and stop")
+                   help="print the split (speakers and clips of train, validation and test, per corpus) and stop "
+                        "(clips as listed: one whose audio cannot be read is skipped later, in training)")
     p.add_argument("--architecture", default="cnn", choices=ARCHITECTURES)
     p.add_argument("--trainable-embedding", action="store_true",
                    help="cnn/dnn: the exported head includes the encoder's embedding layer, so devices fine-tune "

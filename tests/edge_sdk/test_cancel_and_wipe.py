@@ -169,6 +169,51 @@ def test_sigterm_cancels_a_personalisation_in_listen_which_then_stops(tmp_path, 
     dev.store.close()
 
 
+def test_a_wipe_from_the_page_stops_listens_personalisation_and_listen_goes_on(tmp_path, synthetic_clips):
+    """The page's user deletes their data while ``listen --feedback web`` fits their 40 answers: the fit stops
+    ("skipped", not "cancelled", on which listen would stop), the page keeps answering, and listen ends only when
+    told to (SIGTERM), with nothing of the user's left."""
+    import requests
+
+    from tools.demo import free_port
+
+    state, port = tmp_path / "dev", free_port()
+    _answered_state(state)
+    config = tmp_path / "edge.toml"
+    config.write_text("[training]\nmin_new_feedback = 1\nidle_seconds = 0\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
+           "FEDSER_EDGE_WEB_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "--config",
+                             str(config), "listen", "--feedback", "web", "--file", str(synthetic_clips[0].path),
+                             "--seconds", "300"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        err, deadline = "", time.time() + 120
+        while "personalising on" not in err:
+            line = proc.stderr.readline()
+            assert line and time.time() < deadline, f"no personalisation started: {err}"
+            err += line
+        wiped = requests.post(f"http://127.0.0.1:{port}/api/wipe", json={"confirm": "wipe"}, timeout=60)
+        assert wiped.status_code == 200 and wiped.json()["wiped"]["predictions"] >= 40, wiped.text
+        time.sleep(1.0)
+        assert proc.poll() is None  # listen goes on
+        state_now = requests.get(f"http://127.0.0.1:{port}/api/state", timeout=10).json()
+        assert state_now["data"]["answers"] == 0 and not state_now["personalized"]
+        proc.send_signal(signal.SIGTERM)
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err + rest
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    trained = [line["trained"] for line in lines if "trained" in line]
+    assert [t["status"] for t in trained] == ["skipped"] and "being deleted" in trained[0]["reason"], out
+    assert "listen_stats" in lines[-1]
+    dev = Device(state)
+    assert dev.store.counts()["feedback"] == 0 and not dev.personalized
+    assert dev.store.get("trained_feedback") == "0" and not dev.personalisation_due()
+    dev.store.close()
+
+
 def test_personalisation_due_until_the_answers_are_fitted_on_the_model_in_use(tmp_path, trained_model, rng):
     dev = Device(tmp_path / "dev", model_files=_files(trained_model), train_policy=TrainPolicy(**AFFINE_ONLY))
     assert not dev.personalisation_due()  # no answers

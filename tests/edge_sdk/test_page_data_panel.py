@@ -113,7 +113,7 @@ def test_a_polish_user_deletes_what_the_device_learned_from_them_from_a_phone(de
             assert sum(p["feedback"] is not None for p in copy["predictions"]) == 8
             assert copy["speaker_statistics"] and set(copy["speaker_statistics"]) == {k for k in stats_keys}
             page.wait_for_selector("#data-done:has-text('Pobieranie się rozpoczęło')")
-            assert server.exports == 1 and server._tickets == {}  # the link was used
+            assert server.exports == 1 and page.url == server.url  # the page stayed; the browser saved the file
             page.tap("#wipe")
             assert page.inner_text("#wipe").strip() == "Dotknij ponownie, aby usunąć wszystko"
             assert device.store.counts()["predictions"] == 9  # one tap deletes nothing

@@ -209,6 +209,10 @@ def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encod
                    "--architecture", "dnn", "--epochs", "1", "--input-affine-from", "20", "--no-progress")
     assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "dnn" / "model.tflite").exists()
+    # refused before the corpus is read (minutes of features on a real one): a missing corpus is not reached
+    r = _train_cli("train", "--out", str(tmp_path / "early"), "--corpus", "manifest", "--data",
+                   str(tmp_path / "no-such.csv"), "--architecture", "lstm", "--input-affine-from", "20")
+    assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_baseline_job_takes_input_affine_from_range_checked():
