@@ -434,7 +434,7 @@ class FeedbackServer:
                     self.end_headers()
                     # each piece must leave within `timeout` s: a reader that stops frees its thread
                     self.connection.settimeout(timeout)
-                    sent, pending, pieces = 0, [], server.device.store.iter_export()
+                    sent, pending, pieces, counted = 0, [], server.device.store.iter_export(), False
                     try:
                         while True:
                             try:
@@ -453,13 +453,17 @@ class FeedbackServer:
                                 sent += self._chunk(b"".join(pending))
                                 pending = []
                         sent += self._chunk(b"".join(pending)) if pending else 0
+                        with server._refusals_lock:  # counted before the client can see the end (taken back if
+                            server.exports += 1  # the end cannot be sent)
+                        counted = True
                         self.wfile.write(b"0\r\n\r\n")
                         self.wfile.flush()
                     except OSError as exc:  # the reader went or stopped reading: nothing more can reach it
+                        if counted:
+                            with server._refusals_lock:
+                                server.exports -= 1
                         self._cut(sent, exc)
                         return
-                    with server._refusals_lock:
-                        server.exports += 1
                     log.info("%s downloaded what this device keeps about its user (%d bytes)",
                              "the page's user" if ticket else "a client of the page's API", sent)
                 finally:
