@@ -59,7 +59,11 @@ class TerminalFeedback:
         labels = list(self.device.metadata.labels)
         answer = key_map(labels).get(key.lower())
         with self._lock:
-            pid, self._latest = self._latest, (None if answer else self._latest)
+            # after a bare "down" the prediction stays open for its label (which replaces the "down"): a named
+            # emotion is what personalises; any other answer closes it
+            pid = self._latest
+            if answer is not None and answer != "down":
+                self._latest = None
         if answer is None or pid is None:
             return None
         try:
@@ -73,6 +77,8 @@ class TerminalFeedback:
         shown = (cat.text("terminal_up") if answer == "up" else cat.text("terminal_down") if answer == "down"
                  else cat.label(answer))
         self._say(cat.text("terminal_stored", answer=shown, right=acc["right"], answered=acc["answered"]))
+        if answer == "down":
+            self._say(cat.text("terminal_name_it"))
         return answer
 
     def _say(self, line: str) -> None:

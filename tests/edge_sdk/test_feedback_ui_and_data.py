@@ -93,6 +93,27 @@ def test_the_page_refuses_cross_site_posts(device, clips):
         server.stop()
 
 
+def test_after_a_bare_down_the_terminal_asks_for_the_emotion_and_its_key_replaces_the_down(device, clips):
+    import io
+
+    from edge_sdk.terminal import TerminalFeedback
+
+    out = io.StringIO()
+    term = TerminalFeedback(device, stdout=out)
+    pred = device.classify_file(clips[0])
+    term.prompt(pred)
+    assert term.handle_key("d") == "down" and "which was it? press its number" in out.getvalue()
+    assert [(e.kind, e.target) for e in device.store.examples()] == [("down", pred.label)]
+    other = next(i for i, lab in enumerate(device.metadata.labels) if lab != pred.label)
+    assert term.handle_key(str(other + 1)) == device.metadata.labels[other]  # replaces the bare down
+    assert [(e.kind, e.target) for e in device.store.examples()] == [("label", device.metadata.labels[other])]
+    assert term.handle_key("u") is None  # answered: the next key waits for the next prediction
+    assert out.getvalue().count("which was it?") == 1
+    term.prompt(device.classify_file(clips[1]))
+    assert term.handle_key("u") == "up" and term.handle_key("1") is None  # a thumbs-up closes it at once
+    assert device.store.counts()["feedback"] == 2
+
+
 @pytest.mark.parametrize("lang, flags, prompt, key, stored", [
     ("C.UTF-8", (), b"[u] right  [d] wrong", b"u", b"stored up: right 1 of 1"),
     ("pl_PL.UTF-8", (), "[u] dobrze  [d] źle".encode(), b"4", b"zapisano (smutek): trafnie"),
