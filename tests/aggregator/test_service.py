@@ -277,6 +277,8 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     assert srv.status()["current_version"] == 1
 
 
+@pytest.mark.slow  # 30 s: JAX trains, TensorFlow exports (scripts/test.sh --slow); the default suite trains on JAX
+# in tests/models/test_training_backends.py and runs a baseline job on TensorFlow above
 def test_a_baseline_job_on_the_jax_backend_is_exported_with_tensorflow_and_published(tmp_path, trained_model,
                                                                                        monkeypatch):
     """An aggregator whose environment says KERAS_BACKEND=jax (a GPU host where TensorFlow has no GPU build) trains

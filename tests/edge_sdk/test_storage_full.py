@@ -144,7 +144,7 @@ def test_the_cli_the_page_listen_and_doctor_on_a_full_disk(small_disk, synthetic
 def test_wipe_data_on_a_full_disk_removes_what_it_can_and_finishes_once_there_is_room(small_disk):
     where, fill, free = small_disk
     state = where / "dev"
-    dev, ids = _answered(state, n=25)
+    dev, ids = _answered(state, n=12)  # below the bundled model's input affine (20 answers): a quick head fit
     assert dev.personalize().status in ("kept", "discarded")
     personal = sorted(p.name for p in state.glob("personal.*"))
     fill()
@@ -159,7 +159,7 @@ def test_wipe_data_on_a_full_disk_removes_what_it_can_and_finishes_once_there_is
         free()
     assert dev.store.counts()["predictions"] == 0 and dev.store.examples() == []
     assert not list(state.glob("personal.*")) and not dev.personalized
-    assert wiped["predictions"] in (0, 25) and set(wiped["personal_files"]) <= set(personal)
+    assert wiped["predictions"] in (0, 12) and set(wiped["personal_files"]) <= set(personal)
     raw = (state / "fedser.db").read_bytes()
     assert ids[0].encode() not in raw  # zeroed, not only unlinked from the b-tree
 

@@ -240,6 +240,7 @@ def test_a_model_trained_elsewhere_does_not_fit_another_architecture(trained_fol
     assert FeatureConfig.from_dict(info["metadata"]["features"]).kind == "logmel"
 
 
+@pytest.mark.slow  # 20 s (scripts/test.sh --slow): a refusal after a training on JAX
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax (pip install 'fedser[dev]')")
 def test_keras_on_jax_with_tensorflow_installed_saves_the_weights_and_refuses_to_export(a0_pack, tmp_path):
     """TensorFlow importable but the models are JAX's: tf.function cannot trace them, so training saves
