@@ -119,17 +119,19 @@ def _answered_state(state, n: int = 40) -> None:
     dev.store.close()
 
 
-def _sigterm_while_personalising(*args: str) -> tuple[int, str, str]:
-    """Run ``fedser-edge -v ARGS``, read its stderr until a personalisation has started, send SIGTERM; returns the
-    exit status, stdout and stderr."""
+def _sigterm_while_personalising(*args: str, env: dict | None = None, meanwhile=None) -> tuple[int, str, str]:
+    """Run ``fedser-edge -v ARGS``, read its stderr until a personalisation has started, call ``meanwhile(proc)``
+    when given, send SIGTERM; returns the exit status, stdout and stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
     try:
         err, deadline = "", time.time() + 120
         while "personalising on" not in err:
             line = proc.stderr.readline()
             assert line and time.time() < deadline, f"no personalisation started: {err}"
             err += line
+        if meanwhile is not None:
+            meanwhile(proc)
         proc.send_signal(signal.SIGTERM)
         out, rest = proc.communicate(timeout=60)
     finally:
@@ -182,28 +184,20 @@ def test_a_wipe_from_the_page_stops_listens_personalisation_and_listen_goes_on(t
     config = tmp_path / "edge.toml"
     config.write_text("[training]\nmin_new_feedback = 1\nidle_seconds = 0\n")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
-           "FEDSER_EDGE_WEB_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "-v", "--state", str(state), "--config",
-                             str(config), "listen", "--feedback", "web", "--file", str(synthetic_clips[0].path),
-                             "--seconds", "300"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        err, deadline = "", time.time() + 120
-        while "personalising on" not in err:
-            line = proc.stderr.readline()
-            assert line and time.time() < deadline, f"no personalisation started: {err}"
-            err += line
+           "FEDSER_EDGE_WEB_PORT": str(port)}
+
+    def wipe_from_the_page(proc):
         wiped = requests.post(f"http://127.0.0.1:{port}/api/wipe", json={"confirm": "wipe"}, timeout=60)
         assert wiped.status_code == 200 and wiped.json()["wiped"]["predictions"] >= 40, wiped.text
         time.sleep(1.0)
         assert proc.poll() is None  # listen goes on
         state_now = requests.get(f"http://127.0.0.1:{port}/api/state", timeout=10).json()
         assert state_now["data"]["answers"] == 0 and not state_now["personalized"]
-        proc.send_signal(signal.SIGTERM)
-        out, rest = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err + rest
+
+    rc, out, err = _sigterm_while_personalising("--state", str(state), "--config", str(config), "listen",
+                                                "--feedback", "web", "--file", str(synthetic_clips[0].path),
+                                                "--seconds", "300", env=env, meanwhile=wipe_from_the_page)
+    assert rc == 0, err
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     trained = [line["trained"] for line in lines if "trained" in line]
     assert [t["status"] for t in trained] == ["skipped"] and "being deleted" in trained[0]["reason"], out
