@@ -233,12 +233,24 @@ def test_listen_fits_answers_due_at_start_with_no_new_answer(tmp_path, synthetic
     dev.store.close()
     config = tmp_path / "edge.toml"
     config.write_text("[training]\nmin_new_feedback = 4\nidle_seconds = 0\n")
-    out = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "--config", str(config),
-                          "listen", "--feedback", "none", "--file", str(synthetic_clips[0].path), "--seconds", "8"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    trained = [json.loads(line)["trained"] for line in out.stdout.splitlines() if line.startswith('{"trained"')]
-    assert len(trained) == 1 and trained[0]["status"] in ("kept", "discarded"), out.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "--config", str(config),
+                             "listen", "--feedback", "none", "--file", str(synthetic_clips[0].path), "--seconds",
+                             "60"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, deadline = "", time.time() + 60
+        while '{"trained"' not in out:  # the fit, at the first idle moment; then systemd's stop
+            line = proc.stdout.readline()
+            assert line and time.time() < deadline, f"no personalisation: {out}"
+            out += line
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    out += rest
+    trained = [json.loads(line)["trained"] for line in out.splitlines() if line.startswith('{"trained"')]
+    assert len(trained) == 1 and trained[0]["status"] in ("kept", "discarded"), out
     dev = Device(state)
     assert not dev.personalisation_due()
     dev.store.close()

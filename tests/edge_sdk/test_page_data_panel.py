@@ -145,6 +145,7 @@ def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthet
     """``fedser-edge listen --feedback web`` as the service runs it: its page's wipe deletes what the running
     process stored, the process goes on, and its output (the journal, under systemd) holds prediction ids only."""
     import os
+    import signal
     import subprocess
     import sys
     import time
@@ -155,7 +156,7 @@ def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthet
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSER_EDGE_")},
            "FEDSER_EDGE_WEB_PORT": str(port)}
     listen = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "--state", str(state), "listen", "--feedback",
-                               "web", "--file", str(synthetic_clips[0].path), "--seconds", "10"], cwd=REPO, env=env,
+                               "web", "--file", str(synthetic_clips[0].path), "--seconds", "60"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/api/"
     try:
@@ -170,6 +171,7 @@ def test_the_page_of_a_running_listen_wipes_and_listen_goes_on(tmp_path, synthet
         r = requests.post(url + "wipe", json={"confirm": "wipe"}, timeout=60)
         assert r.status_code == 200 and r.json()["wiped"]["predictions"] == data["predictions"], r.text
         assert requests.get(url + "state", timeout=5).json()["data"]["predictions"] == 0
+        listen.send_signal(signal.SIGTERM)  # systemd's stop (else it runs to --seconds)
     finally:
         try:
             out, err = listen.communicate(timeout=90)
