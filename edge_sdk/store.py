@@ -75,6 +75,12 @@ _MARK_DONE = "UPDATE outbox SET state = ?, server_reply = ?, attempts = attempts
 _UPSERT_KV = "INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 
 
+def _json_items(items) -> Iterator[str]:
+    """The items of a JSON array, one per line, as the export writes them (the brackets are the caller's)."""
+    for i, item in enumerate(items):
+        yield ("\n  " if i == 0 else ",\n  ") + json.dumps(item)
+
+
 def _json_or_none(text):
     """A JSON field as stored, or None where the file holds something else (an export still gives the rest)."""
     try:
@@ -359,42 +365,39 @@ class FeedbackStore:
         arrays = "base64 of little-endian float32 (embedding, features) or int16 PCM (audio)"
         yield (f'{{"format": {json.dumps(self.EXPORT_FORMAT)}, "exported_at": {json.dumps(time.time())},\n'
                f' "arrays": {json.dumps(arrays)},\n "predictions": [')
-        after, first = (-float("inf"), ""), True
-        while True:
-            with self._lock:
-                rows = self._conn.execute(
-                    "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source,"
-                    " p.embedding, p.features, p.audio, p.sample_rate, f.kind, f.label, f.created_at"
-                    " FROM predictions p LEFT JOIN feedback f ON f.prediction_id = p.id"
-                    " WHERE (p.created_at, p.id) > (?, ?) ORDER BY p.created_at, p.id LIMIT ?",
-                    (*after, max(1, int(batch)))).fetchall()
-            if not rows:
-                break
-            after = (rows[-1][1], rows[-1][0])
-            for r in rows:
-                item = {"id": r[0], "created_at": r[1], "model_version": r[2], "label": r[3],
-                        "probs": _json_or_none(r[4]), "latency_ms": r[5], "source": r[6], "embedding": b64(r[7]),
-                        "features": b64(r[8]), "audio": b64(r[9]), "sample_rate": r[10],
-                        "feedback": None if r[11] is None else {"kind": r[11], "label": r[12], "created_at": r[13]}}
-                yield ("\n  " if first else ",\n  ") + json.dumps(item)
-                first = False
+        predictions = self._pages(
+            "SELECT p.id, p.created_at, p.model_version, p.label, p.probs, p.latency_ms, p.source, p.embedding,"
+            " p.features, p.audio, p.sample_rate, f.kind, f.label, f.created_at FROM predictions p LEFT JOIN feedback f"
+            " ON f.prediction_id = p.id WHERE (p.created_at, p.id) > (?, ?) ORDER BY p.created_at, p.id LIMIT ?",
+            start=(-float("inf"), ""), key=lambda r: (r[1], r[0]), batch=batch)
+        yield from _json_items(
+            {"id": r[0], "created_at": r[1], "model_version": r[2], "label": r[3], "probs": _json_or_none(r[4]),
+             "latency_ms": r[5], "source": r[6], "embedding": b64(r[7]), "features": b64(r[8]), "audio": b64(r[9]),
+             "sample_rate": r[10],
+             "feedback": None if r[11] is None else {"kind": r[11], "label": r[12], "created_at": r[13]}}
+            for r in predictions)
         yield '\n ],\n "outbox": ['
-        seq, first = 0, True
-        while True:  # every update this device made (kept after it is sent): paged too
-            with self._lock:
-                rows = self._conn.execute("SELECT seq, base_version, created_at, attempts, state FROM outbox"
-                                          " WHERE seq > ? ORDER BY seq LIMIT 256", (seq,)).fetchall()
-            if not rows:
-                break
-            seq = rows[-1][0]
-            for r in rows:
-                yield ("\n  " if first else ",\n  ") + json.dumps(
-                    {"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3], "state": r[4]})
-                first = False
+        outbox = self._pages(  # every update this device made (kept after it is sent)
+            "SELECT seq, base_version, created_at, attempts, state FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            start=(0,), key=lambda r: (r[0],), batch=256)
+        yield from _json_items({"seq": r[0], "base_version": r[1], "created_at": r[2], "attempts": r[3],
+                                "state": r[4]} for r in outbox)
         with self._lock:  # one entry per feature setting the device has used (a few): read at once
             stats = self._conn.execute("SELECT key, value FROM kv WHERE key LIKE 'speaker_stats:%'").fetchall()
         stats = json.dumps({k.split(":", 1)[1]: _json_or_none(v) for k, v in stats})
         yield f'\n ],\n "speaker_statistics": {stats}}}\n'
+
+    def _pages(self, sql: str, *, start: tuple, key, batch: int) -> Iterator[tuple]:
+        """The rows of a keyset query (``sql`` takes the key to start after, then a LIMIT), ``batch`` per lock hold:
+        the lock is free between batches, and a row deleted meanwhile is left out from the batch after it."""
+        after = start
+        while True:
+            with self._lock:
+                rows = self._conn.execute(sql, (*after, max(1, int(batch)))).fetchall()
+            if not rows:
+                return
+            after = key(rows[-1])
+            yield from rows
 
     def wipe(self) -> dict:
         """Delete every prediction, answer and pending update, the weight deltas of updates already sent (their

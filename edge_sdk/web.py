@@ -434,7 +434,8 @@ class FeedbackServer:
                     self.end_headers()
                     # each piece must leave within `timeout` s: a reader that stops frees its thread
                     self.connection.settimeout(timeout)
-                    sent, pending, pieces, counted = 0, [], server.device.store.iter_export(), False
+                    sent, pending, size, counted = 0, [], 0, False
+                    pieces = server.device.store.iter_export()
                     try:
                         while True:
                             try:
@@ -449,9 +450,10 @@ class FeedbackServer:
                                 self._cut(sent, exc)
                                 return
                             pending.append(piece.encode())
-                            if sum(map(len, pending)) >= 16384 or len(pending) >= 64:
+                            size += len(pending[-1])
+                            if size >= 16384 or len(pending) >= 64:
                                 sent += self._chunk(b"".join(pending))
-                                pending = []
+                                pending, size = [], 0
                         sent += self._chunk(b"".join(pending)) if pending else 0
                         with server._refusals_lock:  # counted before the client can see the end (taken back if
                             server.exports += 1  # the end cannot be sent)
