@@ -300,17 +300,13 @@ def _calm_reference(args, clips) -> list:
 def cmd_train(args) -> int:
     from models.architectures import preset
     from models.report import report_markdown
-    from models.train import train_baseline
+    from models.train import check_device_options, train_baseline
 
-    # refused before the corpus is read and its features computed (train_baseline checks them too)
-    if args.input_affine_from and (args.architecture != "cnn" or args.masked_pooling):
-        raise SystemExit(f"--input-affine-from: input_affine_from needs a cnn encoder without masked pooling (the "
-                         f"input_grad signature), not {args.architecture}"
-                         f"{' with masked pooling' if args.masked_pooling else ''}")
-    if args.trainable_embedding and args.architecture not in ("cnn", "dnn"):
-        raise SystemExit(f"--trainable-embedding: trainable_embedding needs a cnn or dnn encoder (a ReLU embedding "
-                         f"layer), not "
-                         f"{args.architecture}")
+    try:  # refused before the corpus is read and its features computed
+        check_device_options(args.architecture, args.masked_pooling, input_affine_from=args.input_affine_from,
+                             trainable_embedding=args.trainable_embedding)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     clips, name, label_map = corpus_clips(args, args.out)
     train, val, test = _split(args, clips)
     if args.dry_run:  # the split a run would use, before minutes of training

@@ -30,7 +30,7 @@ from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
 
-__all__ = ["TrainConfig", "TrainResult", "train_baseline"]
+__all__ = ["TrainConfig", "TrainResult", "check_device_options", "train_baseline"]
 
 
 SPEAKER_REFERENCES = ("all", "neutral", "balanced")
@@ -225,6 +225,22 @@ def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: in
     return ds.prefetch(2)
 
 
+def check_device_options(name: str, masked_pooling: bool = False, *, input_affine_from=None,
+                         trainable_embedding: bool = False) -> None:
+    """The export options devices rely on, against the encoder ``name`` (with ``masked_pooling`` or not): a
+    ValueError naming what does not fit. :func:`train_baseline` checks them; ``fedser-train train`` too, before it
+    reads the corpus."""
+    if input_affine_from is not None and (isinstance(input_affine_from, bool) or not isinstance(input_affine_from, int)
+                                          or not 0 <= input_affine_from <= MAX_INPUT_AFFINE_FROM):
+        raise ValueError(f"input_affine_from must be an integer in 0..{MAX_INPUT_AFFINE_FROM}, "
+                         f"got {input_affine_from!r}")
+    if input_affine_from and (name != "cnn" or masked_pooling):
+        raise ValueError(f"input_affine_from needs a cnn encoder without masked pooling (the input_grad signature), "
+                         f"not {name!r}{' with masked pooling' if masked_pooling else ''}")
+    if trainable_embedding and name not in ("cnn", "dnn"):
+        raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not {name}")
+
+
 def train_baseline(
     train_clips: Sequence[Clip],
     val_clips: Sequence[Clip],
@@ -288,16 +304,8 @@ def train_baseline(
         shared = {c.speaker for c in train_clips} & {c.speaker for c in part}
         if shared:
             raise ValueError(f"{name} speakers also appear in training: {sorted(shared)}")
-    if input_affine_from is not None and (isinstance(input_affine_from, bool) or not isinstance(input_affine_from, int)
-                                          or not 0 <= input_affine_from <= MAX_INPUT_AFFINE_FROM):
-        raise ValueError(f"input_affine_from must be an integer in 0..{MAX_INPUT_AFFINE_FROM}, "
-                         f"got {input_affine_from!r}")
-    if input_affine_from and (architecture.name != "cnn" or architecture.masked_pooling):
-        raise ValueError(f"input_affine_from needs a cnn encoder without masked pooling (the input_grad signature), "
-                         f"not {architecture.name!r}{' with masked pooling' if architecture.masked_pooling else ''}")
-    if trainable_embedding and architecture.name not in ("cnn", "dnn"):
-        raise ValueError(f"trainable_embedding needs a cnn or dnn encoder (a ReLU embedding layer), not "
-                         f"{architecture.name}")
+    check_device_options(architecture.name, architecture.masked_pooling, input_affine_from=input_affine_from,
+                         trainable_embedding=trainable_embedding)
     if (config.spec_augment or config.mixup) and not _has_tensorflow():  # tf.data works under any backend
         raise ValueError("spec_augment and mixup run in a tf.data pipeline, which needs TensorFlow installed "
                          f"(Keras backend {keras.backend.backend()!r} without it cannot)")
