@@ -122,7 +122,8 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
                    help=f"held-out speakers (default RAVDESS {DEFAULT_TEST_SPEAKERS}, nEMO IC0,MK0,TP0; these "
                         "named test speakers are held out whatever is given)")
     g.add_argument("--val-speakers", default=None,
-                   help=f"speakers that pick the epoch (RAVDESS default {DEFAULT_VAL_SPEAKERS})")
+                   help=f"speakers that pick the epoch (RAVDESS default {DEFAULT_VAL_SPEAKERS}); 'none': every "
+                        "non-test speaker trains and all --epochs run (a refit once the recipe is chosen)")
     g.add_argument("--folds", type=int, default=0, help="k folds by speaker instead of named test speakers")
     g.add_argument("--fold", type=int, default=0, help="which fold to train (with --folds)")
     g.add_argument("--test-corpora", default=None,
@@ -220,6 +221,9 @@ def _split(args, clips):
     synthetic = all(c.speaker.startswith("synthetic-") for c in clips)
     named = named_test_speakers(clips)
     test_corpora = corpus_list(args.test_corpora) if getattr(args, "test_corpora", None) else []
+    no_validation = (args.val_speakers or "").strip().lower() == "none"
+    if no_validation:
+        args = argparse.Namespace(**{**vars(args), "val_speakers": None})
     if args.folds:
         if not 0 <= args.fold < args.folds:
             raise SystemExit(f"--fold must be in 0..{args.folds - 1}")
@@ -227,7 +231,8 @@ def _split(args, clips):
         train, test = speaker_folds(pool, args.folds, seed=args.seed)[args.fold]
         val_spk = _speakers(args.val_speakers, train) if args.val_speakers else validation_speakers(train)
     elif args.corpus == "manifest" and args.test_speakers is None and all(c.split for c in clips):
-        return manifest_split(clips)
+        train, val, test = manifest_split(clips)
+        return (train + val, [], test) if no_validation else (train, val, test)
     elif synthetic and args.test_speakers is None:
         speakers = sorted({c.speaker for c in clips})
         train, test = split_by_speaker(clips, speakers[-2:])
@@ -241,6 +246,8 @@ def _split(args, clips):
         if not train:
             raise SystemExit("every speaker is a test speaker: nothing left to train on")
         val_spk = _speakers(args.val_speakers, train) if args.val_speakers else _default_val(train, corpora, args.seed)
+    if no_validation:
+        return train, [], test
     train, val = split_by_speaker(train, val_spk)
     return train, val, test
 

@@ -119,7 +119,9 @@ def _configs(recipe: dict, seed: int):
     return features, TrainConfig(**train, seed=seed), arch
 
 
-def _split(task: str):
+def _split(task: str, refit: bool = False):
+    """(train, validation, test, calm reference clips); ``refit``: the validation speakers train too and there is
+    no validation (the recipe's epochs all run)."""
     from models.cross_corpus import _calm_clips, _clips
     from models.datasets import split_by_speaker
 
@@ -127,8 +129,11 @@ def _split(task: str):
     r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
     r_train, r_val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
     if task == "A":
-        return r_train, r_val, r_test + nemo, _calm_clips()
+        return (r_rest, [], r_test + nemo, _calm_clips()) if refit else (r_train, r_val, r_test + nemo,
+                                                                           _calm_clips())
     n_rest, n_test = split_by_speaker(nemo, list(NEMO_TEST))
+    if refit:
+        return r_rest + n_rest, [], r_test + n_test, _calm_clips()
     n_train, n_val = split_by_speaker(n_rest, ["nemo-WR0"])
     return r_train + n_train, r_val + n_val, r_test + n_test, _calm_clips()
 
@@ -142,13 +147,15 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
-            trainable_embedding: bool = False, save_logits: Path | None = None) -> dict:
+            trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False) -> dict:
     from models.features import compute_features
     from models.train import train_baseline
 
     recipe = RECIPES[name]
     features, config, arch = _configs(recipe, seed)
-    train, val, test, calm = _split(task)
+    train, val, test, calm = _split(task, refit)
+    if refit and config.patience and not config.swa_epochs:
+        log.info("refit: no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
     out_dir = export / f"{name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
@@ -170,10 +177,11 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
             if config.speaker_reference == "neutral" else None
         ref = val_fs.reference_stats(config.speaker_reference, extra)
     xv = val_fs.model_inputs(features, norm, ref)
-    val_logits = result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0)
+    val_logits = (result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0) if len(xv)
+                  else np.zeros((0, len(LABELS)), np.float32))
     pv = np.argmax(val_logits, axis=1)
     yv = val_fs.labels(list(LABELS))
-    final_val = _val_uar(yv, pv, [c.speaker for c in val_fs.clips])
+    final_val = _val_uar(yv, pv, [c.speaker for c in val_fs.clips]) if len(yv) else None
     spk = np.array([c.speaker for c in test_fs.clips])
     if save_logits is not None:  # per-clip logits of the test and validation clips, for ensembles (no pickle)
         save_logits.mkdir(parents=True, exist_ok=True)
@@ -182,7 +190,9 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
                  val_speakers=np.array([c.speaker for c in val_fs.clips]),
                  val_paths=np.array([str(c.path) for c in val_fs.clips]), val_labels=yv,
                  val_logits=val_logits)
-    row = {"task": task, "recipe": name, "seed": seed, "what": recipe["what"], "features": recipe["features"],
+    row = {"task": task, "recipe": f"{name}-refit" if refit else name, "seed": seed,
+           "what": recipe["what"] + ("; refit: validation speakers train too, all epochs run" if refit else ""),
+           "features": recipe["features"],
            "train": recipe["train"], "arch": recipe["arch"], "epochs_run": rep["epochs_run"],
            "best_val_uar": rep["best_val_uar"], "final_val_uar": final_val,
            "params": rep["encoder_params"] + rep["head_params"],
@@ -249,6 +259,8 @@ def _val(r: dict) -> float:
 
 
 def _mean_se(values) -> str:
+    if any(x is None for x in values):  # a refit has no validation
+        return "-"
     v = np.asarray(values, float)
     if len(v) < 2:
         return f"{v.mean():.3f}"
@@ -304,6 +316,9 @@ def main(argv=None) -> int:
                    help="run: write DIR/<recipe>-seed<N>.npz with every test and validation clip's logits; "
                         "ensemble: read them")
     p.add_argument("--size", type=int, default=3, help="ensemble: models per ensemble (disjoint groups of seeds)")
+    p.add_argument("--refit", action="store_true",
+                   help="run: the validation speakers train too, no validation, every epoch of the recipe runs "
+                        "(set them with a --define'd recipe); the row's recipe is NAME-refit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
@@ -332,10 +347,10 @@ def main(argv=None) -> int:
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
-                          args.save_logits)
+                          args.save_logits, args.refit)
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            logging.info("%s seed %d: val %.3f | %s", name, seed, row["final_val_uar"],
+            logging.info("%s seed %d: val %s | %s", row["recipe"], seed, _mean_se([row["final_val_uar"]]),
                          {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all", "ravdess_test")
                           if g in row})
     return 0

@@ -62,14 +62,17 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Baseline report: {arch['name']} on {report['dataset']}", ""]
     split = report["split"]
     hw = report["hardware"]
+    validation = (f"validation {', '.join(split['val_speakers'])} ({split['val_clips']})" if split["val_speakers"]
+                  else "no validation (fixed epochs)")
+    best = "" if report["best_val_uar"] is None else f" (best validation UAR {report['best_val_uar']:.3f})"
     lines += [f"- split (speaker-independent): {len(split['train_speakers'])} train speakers "
-              f"({split['train_clips']} clips), validation {', '.join(split['val_speakers'])} "
-              f"({split['val_clips']}), test {', '.join(split['test_speakers'])} ({split['test_clips']} clips)",
+              f"({split['train_clips']} clips), {validation}, "
+              f"test {', '.join(split['test_speakers'])} ({split['test_clips']} clips)",
               f"- classes: {', '.join(report['labels'])}; label map: {report.get('label_map', {})}",
               *([f"- export: {report['export']}"] if report.get("export") else []),
               f"- hardware: {hardware_line(hw)}"
               + (", mixed precision" if report.get("mixed_precision") else ""),
-              f"- epochs run: {report['epochs_run']} (best validation UAR {report['best_val_uar']:.3f}); "
+              f"- epochs run: {report['epochs_run']}{best}; "
               f"{report['seconds_per_epoch']:.2f} s/epoch; training {report['train_seconds']:.1f} s; "
               f"features {report['feature_seconds']:.1f} s",
               f"- augmentation: {report.get('augmentation') or 'off'}",

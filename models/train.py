@@ -264,7 +264,10 @@ def train_baseline(
 ) -> TrainResult:
     """Train, evaluate on ``test_clips`` (speakers never seen in training), export to ``out_dir``.
 
-    ``val_clips`` pick the best epoch; their speakers must not be in ``train_clips``.
+    ``val_clips`` pick the best epoch; their speakers must not be in ``train_clips``. With no validation clips
+    (a refit on every non-test speaker once the recipe and its epoch count are chosen) the model trains exactly
+    ``config.epochs`` epochs and keeps the last weights (with ``config.swa_epochs``: their average, as always);
+    the report's validation figures are then None.
     ``progress`` shows a bar on stderr (default: when stderr is a terminal).
     ``reference_clips`` (with ``config.speaker_reference == "neutral"``) add to their speaker's normalisation
     statistics only (never trained on or scored); those of speakers outside training and validation are ignored.
@@ -364,6 +367,10 @@ def train_baseline(
         sizes = {g: groups.count(g) for g in set(groups)}
         sample_w = np.array([len(groups) / (len(sizes) * sizes[g]) for g in groups], np.float32)
     val_corpora = {corpus_of(c.speaker) for c in val_fs.clips}
+    validating = bool(val_fs.clips)
+    if not validating:
+        log.info("no validation clips: %d epochs, the %s weights kept", config.epochs,
+                 f"last {config.swa_epochs} epochs' averaged" if config.swa_epochs else "last epoch's")
     plain = not (config.spec_augment or config.mixup)
     batches = None if plain or config.feature_augmented else _batches(x_train, y_train, sample_w, len(labels), config)
     aug_rng = np.random.default_rng([config.seed, 7919])
@@ -397,22 +404,33 @@ def train_baseline(
                                 class_weight={i: float(w) for i, w in enumerate(class_w) if w > 0}, shuffle=True)
         else:
             fit = model.fit(batches, epochs=1, verbose=verbose, shuffle=False)  # the pipeline shuffles
-        pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
-        if len(val_corpora) > 1:  # each corpus's validation speakers count the same
-            uar = float(np.mean([t["uar"] for t in by_corpus(val_fs.clips, y_val, pred, labels).values()]))
-        else:
-            uar = classification_report(y_val, pred, labels)["uar"]
+        uar = None
+        if validating:
+            pred = np.argmax(model.predict(x_val, batch_size=256, verbose=0), axis=1)
+            if len(val_corpora) > 1:  # each corpus's validation speakers count the same
+                uar = float(np.mean([t["uar"] for t in by_corpus(val_fs.clips, y_val, pred, labels).values()]))
+            else:
+                uar = classification_report(y_val, pred, labels)["uar"]
         history.append({"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "val_uar": uar,
                         "seconds": time.perf_counter() - epoch_started})
-        log.info("epoch %d/%d loss %.4f val UAR %.3f", epoch + 1, config.epochs, history[-1]["loss"], uar)
+        log.info("epoch %d/%d loss %.4f val UAR %s", epoch + 1, config.epochs, history[-1]["loss"],
+                 "-" if uar is None else f"{uar:.3f}")
         bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_uar=f"{uar:.3f}", best=f"{max(uar, best_uar):.3f}")
+        if uar is None:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_uar=f"{uar:.3f}",
+                            best=f"{max(uar, best_uar):.3f}")
         if config.swa_epochs:  # stochastic weight averaging over the last epochs; validation only reports
             if epoch >= config.epochs - config.swa_epochs:
                 w = model.get_weights()
                 swa_sum = w if swa_sum is None else [a + b for a, b in zip(swa_sum, w, strict=True)]
                 swa_count += 1
-            best_uar = max(best_uar, uar)
+            if uar is not None:
+                best_uar = max(best_uar, uar)
+            continue
+        if uar is None:  # no validation: every epoch runs, the last weights are kept
+            best_weights = None
             continue
         if uar > best_uar:
             best_uar, best_weights, waited = uar, model.get_weights(), 0
@@ -421,7 +439,10 @@ def train_baseline(
             if waited >= config.patience:
                 break
     bar.close()
-    model.set_weights([w / swa_count for w in swa_sum] if swa_count else best_weights)
+    if swa_count:
+        model.set_weights([w / swa_count for w in swa_sum])
+    elif best_weights is not None:
+        model.set_weights(best_weights)
     train_seconds = time.perf_counter() - train_started
     if mixed:  # export and evaluate in float32: rebuild and copy the trained weights
         f32_encoder = build_encoder(architecture, features.max_frames, features.n_features)
@@ -467,7 +488,7 @@ def train_baseline(
         "train_seconds": train_seconds,
         "seconds_per_epoch": train_seconds / max(1, len(history)),
         "epochs_run": len(history),
-        "best_val_uar": best_uar,
+        "best_val_uar": best_uar if validating else None,
         "history": history,
     }
     if test_fs is not None and test_fs.clips:

@@ -94,6 +94,48 @@ def test_training_with_feature_augmentation_and_cosine_schedule_runs(synthetic_c
     assert result.report["train_config"]["reference_blend"] == 1.0
 
 
+def test_training_without_validation_runs_every_epoch_and_keeps_the_last_weights(synthetic_clips, tmp_path):
+    """A refit (the recipe and its epoch count chosen, every non-test speaker trains): no validation clips, so
+    patience cannot stop it and no epoch is "best"; the model kept is the one after the last epoch."""
+    from models.architectures import ArchitectureConfig
+    from models.datasets import split_by_speaker
+    from models.report import report_markdown
+    from models.train import train_baseline
+
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    train, test = split_by_speaker(synthetic_clips, speakers[-1:])
+    config = TrainConfig(epochs=3, patience=1, batch_size=16, replay_per_class=0)
+    arch = ArchitectureConfig(channels=(8, 16), embedding_dim=16, head_units=8)
+    result = train_baseline(train, [], test, config=config, cache_dir=tmp_path, architecture=arch)
+    rep = result.report
+    assert rep["epochs_run"] == 3 and rep["best_val_uar"] is None
+    assert [h["val_uar"] for h in rep["history"]] == [None] * 3
+    assert rep["split"]["val_speakers"] == [] and rep["split"]["val_clips"] == 0
+    assert "test" in rep  # still scored on the held-out speaker
+    text = report_markdown(rep)
+    assert "no validation (fixed epochs)" in text and "epochs run: 3;" in text
+    # the last epoch's weights: one more epoch from the same seed changes them (nothing restored a "best" one)
+    again = train_baseline(train, [], test, config=TrainConfig(epochs=2, patience=1, batch_size=16,
+                                                                replay_per_class=0),
+                           cache_dir=tmp_path, architecture=arch)
+    w3, w2 = result.head.get_weights()[0], again.head.get_weights()[0]
+    assert w3.shape == w2.shape and not np.allclose(w3, w2)
+
+
+def test_val_speakers_none_trains_on_every_non_test_speaker():
+    from models.cli import _split, build_parser
+    from models.datasets import Clip
+
+    clips = [Clip(path=f"/x/{s}-{i}.wav", label=lab, speaker=f"ravdess-{s}")
+             for s in range(1, 25) for i, lab in enumerate(("angry", "happy", "neutral", "sad"))]
+    args = build_parser().parse_args(["train", "--out", "x", "--corpus", "ravdess", "--val-speakers", "none"])
+    train, val, test = _split(args, clips)
+    assert val == [] and {c.speaker for c in test} == {f"ravdess-{a}" for a in (21, 22, 23, 24)}
+    assert {c.speaker for c in train} == {f"ravdess-{a}" for a in range(1, 21)}
+    default = _split(build_parser().parse_args(["train", "--out", "x", "--corpus", "ravdess"]), clips)
+    assert {c.speaker for c in default[1]} == {"ravdess-19", "ravdess-20"}
+
+
 def test_fedser_train_flags_reach_the_train_config():
     from models.cli import _configs, build_parser
 
