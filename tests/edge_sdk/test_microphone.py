@@ -75,7 +75,10 @@ def test_listen_hears_clips_played_into_a_null_sink(null_sink, synthetic_clips, 
     try:
         _wait_recording(null_sink, listen, tmp_path / "listen.stderr")
         root = default_ravdess_root()
-        clips = ([root / "Actor_01" / "03-01-05-01-01-01-01.flac", root / "Actor_02" / "03-01-04-01-01-01-02.flac"]
+        # clips the bundled model is sure of (angry, strong happy: top probability 0.999 and 1.0 read from a file), so
+        # the comparison below checks the audio path, not a borderline decision: on a clip near the boundary the
+        # running speaker statistics, which differ by a few frames between the two paths, can move it by 0.2
+        clips = ([root / "Actor_01" / "03-01-05-01-01-01-01.flac", root / "Actor_02" / "03-01-03-02-01-01-02.flac"]
                  if root else [synthetic_clips[0].path, synthetic_clips[-1].path])
         for clip in clips:
             subprocess.run([PAPLAY, "--device=fedser_null", str(clip)], env=null_sink, check=True, timeout=30)
