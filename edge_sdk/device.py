@@ -154,9 +154,10 @@ class TrainPolicy:
     # Thumbs-up-only users and users with more bare thumbs-down than corrections keep the margin. 40: chosen on a
     # validation stand-in for the bundled model (nEMO MP0, WR0 after 40 corrections +2.5 +- 1.5 points against the
     # default, no run below -5; from 20 answers the waiver took the RAVDESS 17-20 users' runs below -5 from 4 to 8
-    # of 40, from 10 answers from 2 to 12), after the shipped bundled model's test users had shown the default 5.9
-    # points behind a plain fine-tune at 40 corrections; its test run: bundled nEMO IC0/MK0/TP0 after 40
-    # corrections +10.1 against +4.4 (paired +5.7 +- 1.3, no run below -5), the RAVDESS-only base unchanged.
+    # of 40, from 10 answers from 2 to 12), after the then bundled model's test users had shown the default 5.9
+    # points behind a plain fine-tune at 40 corrections; its test run: that bundled model (B-speed, replaced in
+    # stop 27), nEMO IC0/MK0/TP0 after 40 corrections +10.1 against +4.4 (paired +5.7 +- 1.3, no run below -5),
+    # the RAVDESS-only base unchanged. Stop 27's bundled model: docs/results/personalisation-study/stop27.
     # In-domain (RAVDESS) users after 40 answers are unmeasured: 28 clips per actor
     # (docs/results/personalisation-study/stop21). 0: off.
     adapt_all_from: int = 40

@@ -356,6 +356,8 @@ def cmd_compare(args) -> int:
     from models.compare import compare_architectures, compare_markdown, write_comparison
     from models.datasets import speaker_folds
 
+    if args.val_speakers:  # refused before the corpus is read
+        raise SystemExit("compare picks each fold's validation speakers itself; --val-speakers is for train")
     clips, name, label_map = corpus_clips(args, args.out)
     features, config = _configs(args)
     named = set(named_test_speakers(clips))  # RAVDESS 21-24, nEMO IC0/MK0/TP0: in no fold
@@ -423,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-affine-from", type=int, default=None,
                    help="cnn: devices fit a per-user input affine from this many answers (metadata "
                         "input_affine_from; validated for the bundled recipe, on both corpora, at 20: "
-                        "docs/results/personalisation-study/stop22); default: off")
+                        "docs/results/personalisation-study/stop22 and stop27); default: off")
     _add_corpus_args(p)
     _add_split_args(p)
     _add_train_args(p)

@@ -156,7 +156,8 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     train, val, test, calm = _split(task, refit)
     if refit and config.patience and not config.swa_epochs:
         log.info("refit: no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
-    out_dir = export / f"{name}-seed{seed}" if export else None
+    row_name = f"{name}-refit" if refit else name  # a refit's files and row never overwrite the recipe's own
+    out_dir = export / f"{row_name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
                             reference_clips=calm if config.speaker_reference == "neutral" else (),
@@ -185,12 +186,12 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     spk = np.array([c.speaker for c in test_fs.clips])
     if save_logits is not None:  # per-clip logits of the test and validation clips, for ensembles (no pickle)
         save_logits.mkdir(parents=True, exist_ok=True)
-        np.savez(save_logits / f"{name}-seed{seed}.npz", speakers=spk.astype(str), labels=y, logits=logits,
+        np.savez(save_logits / f"{row_name}-seed{seed}.npz", speakers=spk.astype(str), labels=y, logits=logits,
                  paths=np.array([str(c.path) for c in test_fs.clips]),
                  val_speakers=np.array([c.speaker for c in val_fs.clips]),
                  val_paths=np.array([str(c.path) for c in val_fs.clips]), val_labels=yv,
                  val_logits=val_logits)
-    row = {"task": task, "recipe": f"{name}-refit" if refit else name, "seed": seed,
+    row = {"task": task, "recipe": row_name, "seed": seed,
            "what": recipe["what"] + ("; refit: validation speakers train too, all epochs run" if refit else ""),
            "features": recipe["features"],
            "train": recipe["train"], "arch": recipe["arch"], "epochs_run": rep["epochs_run"],
@@ -222,11 +223,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir: Path) -> list[dict]:
+def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir: Path,
+                  refit: bool = False) -> list[dict]:
     """Rows for ensembles of ``size`` models of one recipe (disjoint groups of ``seeds``, in order; seeds left over
     are named in a warning): each clip's class probabilities averaged over the group's models, scored like a single
     run. The row's ``seed`` is the group's index (the table's seeds column shows these indices); ``members`` names
-    its seeds."""
+    its seeds. ``refit``: the logits of ``run --refit`` (``NAME-refit-seed<N>.npz``; no validation figure)."""
     if size < 1 or len(seeds) < size:
         raise ValueError(f"an ensemble of {size} needs at least {size} seeds, got {len(seeds)}")
     if len(seeds) % size:
@@ -236,18 +238,19 @@ def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir:
         members = seeds[g * size:(g + 1) * size]
         runs = []
         for s in members:
-            with np.load(logits_dir / f"{name}-seed{s}.npz") as f:  # strings are unicode arrays: no pickle
+            with np.load(logits_dir / f"{name}{'-refit' if refit else ''}-seed{s}.npz") as f:  # strings are unicode arrays: no pickle
                 runs.append({k: f[k] for k in f.files})
         for r in runs[1:]:
             if any(not np.array_equal(r[k], runs[0][k]) for k in ("paths", "val_paths", "labels", "val_labels")):
                 raise ValueError(f"{name}: the seeds' logits are of different clips")
         probs = np.mean([_softmax(r["logits"]) for r in runs], axis=0)
         val_probs = np.mean([_softmax(r["val_logits"]) for r in runs], axis=0)
-        row = {"task": task, "recipe": f"{name}-ens{size}", "seed": g, "members": members,
-               "what": f"{RECIPES[name]['what']}; ensemble of {size} seeds (probabilities averaged)",
+        row = {"task": task, "recipe": f"{name}{'-refit' if refit else ''}-ens{size}", "seed": g, "members": members,
+               "what": f"{RECIPES[name]['what']}{'; refit' if refit else ''}; ensemble of {size} seeds "
+                       "(probabilities averaged)",
                "features": RECIPES[name]["features"], "train": RECIPES[name]["train"], "arch": RECIPES[name]["arch"],
                "final_val_uar": _val_uar(runs[0]["val_labels"], np.argmax(val_probs, axis=1),
-                                         runs[0]["val_speakers"]),
+                                         runs[0]["val_speakers"]) if len(runs[0]["val_labels"]) else None,
                "params": None,
                **_group_scores(task, runs[0]["speakers"], runs[0]["labels"], np.argmax(probs, axis=1))}
         rows.append(row)
@@ -318,7 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=3, help="ensemble: models per ensemble (disjoint groups of seeds)")
     p.add_argument("--refit", action="store_true",
                    help="run: the validation speakers train too, no validation, every epoch of the recipe runs "
-                        "(set them with a --define'd recipe); the row's recipe is NAME-refit")
+                        "(set them with a --define'd recipe); the row's recipe, export folder and logits are "
+                        "NAME-refit; ensemble: of those logits")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
@@ -337,10 +341,10 @@ def main(argv=None) -> int:
             p.error("ensemble reads the logits of --save-logits DIR")
         for name in args.recipes.split(","):
             seeds = [int(s) for s in args.seeds.split(",")]
-            for row in ensemble_rows(args.task, name, seeds, args.size, args.save_logits):
+            for row in ensemble_rows(args.task, name, seeds, args.size, args.save_logits, args.refit):
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                logging.info("%s: val %.3f | %s", row["recipe"], row["final_val_uar"],
+                logging.info("%s: val %s | %s", row["recipe"], _mean_se([row["final_val_uar"]]),
                              {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
                                                                    "ravdess_test") if g in row})
         return 0

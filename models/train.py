@@ -368,6 +368,9 @@ def train_baseline(
         sample_w = np.array([len(groups) / (len(sizes) * sizes[g]) for g in groups], np.float32)
     val_corpora = {corpus_of(c.speaker) for c in val_fs.clips}
     validating = bool(val_fs.clips)
+    if not validating and val_clips:
+        raise ValueError(f"none of the {len(val_clips)} validation clips could be read (skipped: {val_fs.skipped}); "
+                         "name other validation speakers, or none to train every epoch without validation")
     if not validating:
         log.info("no validation clips: %d epochs, the %s weights kept", config.epochs,
                  f"last {config.swa_epochs} epochs' averaged" if config.swa_epochs else "last epoch's")

@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
            "first_epoch_seconds": round(secs[0], 3), "seconds_per_epoch": round(float(np.median(steady)), 3),
            "examples_per_second": round(examples / float(np.median(steady)), 1),
            "train_seconds": round(rep["train_seconds"], 2), "wall_seconds": round(wall, 2),
-           "best_val_uar": round(rep["best_val_uar"], 4),
+           "best_val_uar": None if rep["best_val_uar"] is None else round(rep["best_val_uar"], 4),
            "test_uar": round(rep["test"]["uar"], 4) if "test" in rep else None,
            "exported": "tflite_sha256" in rep}
     if args.out:

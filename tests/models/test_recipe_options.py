@@ -134,6 +134,20 @@ def test_val_speakers_none_trains_on_every_non_test_speaker():
     assert {c.speaker for c in train} == {f"ravdess-{a}" for a in range(1, 21)}
     default = _split(build_parser().parse_args(["train", "--out", "x", "--corpus", "ravdess"]), clips)
     assert {c.speaker for c in default[1]} == {"ravdess-19", "ravdess-20"}
+    # the bundled recipe's split: both corpora, each one's named test speakers held out, everyone else trains
+    nemo = [Clip(path=f"/n/{s}-{lab}.wav", label=lab, speaker=f"nemo-{s}")
+            for s in ("EB0", "IC0", "KD0", "KS0", "MK0", "MP0", "SM0", "TP0", "WR0") for lab in ("angry", "sad")]
+    args = build_parser().parse_args(["train", "--out", "x", "--corpus", "ravdess,nemo", "--val-speakers", "none"])
+    train, val, test = _split(args, clips + nemo)
+    assert val == [] and {c.speaker for c in test} == {f"ravdess-{a}" for a in (21, 22, 23, 24)} | {
+        "nemo-IC0", "nemo-MK0", "nemo-TP0"}
+    assert len(train) == 20 * 4 + 6 * 2
+    # --folds: a fold's test speakers, no validation
+    args = build_parser().parse_args(["train", "--out", "x", "--corpus", "ravdess", "--folds", "4", "--fold", "1",
+                                      "--val-speakers", "none"])
+    train, val, test = _split(args, clips)
+    assert val == [] and test and not {c.speaker for c in train} & {c.speaker for c in test}
+    assert len(train) + len(test) == 20 * 4  # the named test actors 21-24 are in no fold
 
 
 def test_fedser_train_flags_reach_the_train_config():
@@ -231,6 +245,28 @@ def test_ensemble_rows_average_the_seeds_probabilities(tmp_path):
         ensemble_rows("A", "A-swa-long", [2, 3], 2, tmp_path)
     with pytest.raises(ValueError, match="needs at least"):
         ensemble_rows("A", "A-swa-long", [0], 2, tmp_path)
+
+
+def test_refit_rows_have_no_validation_figure_and_the_table_says_so(tmp_path):
+    """A refit's logits hold no validation clips: its ensemble row's validation UAR is None (not NaN, which is not
+    JSON), and the table prints "-" where a validation figure would be."""
+    import json
+
+    from models.recipe_search import ensemble_rows, table
+
+    spk = np.array(["nemo-IC0"] * 4 + ["ravdess-21"] * 4)
+    y = np.array([0, 1, 2, 3] * 2)
+    for seed in (0, 1):
+        np.savez(tmp_path / f"B-speed-refit-seed{seed}.npz", speakers=spk, labels=y, logits=np.eye(4)[y],
+                 paths=np.array([f"c{i}.wav" for i in range(8)]), val_speakers=np.array([], str),
+                 val_paths=np.array([], str), val_labels=np.array([], int), val_logits=np.zeros((0, 4)))
+    (row,) = ensemble_rows("B", "B-speed", [0, 1], 2, tmp_path, refit=True)
+    assert row["recipe"] == "B-speed-refit-ens2" and row["final_val_uar"] is None
+    json.loads(json.dumps(row, allow_nan=False))
+    single = {**row, "recipe": "B-speed-refit", "seed": 0, "params": 1}
+    text = table([single, {**single, "seed": 1}], "B")
+    line = next(x for x in text.splitlines() if x.startswith("| B-speed-refit |"))
+    assert line.split(" | ")[3] == "-" and line.split(" | ")[4] == "1.000 ± 0.000"
 
 
 def test_the_personalisation_study_refuses_an_unknown_answer_mode_or_corpus(capsys):
