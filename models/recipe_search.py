@@ -237,8 +237,8 @@ def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir:
     for g in range(len(seeds) // size):
         members = seeds[g * size:(g + 1) * size]
         runs = []
-        for s in members:
-            with np.load(logits_dir / f"{name}{'-refit' if refit else ''}-seed{s}.npz") as f:  # strings are unicode arrays: no pickle
+        for s in members:  # strings are unicode arrays: no pickle
+            with np.load(logits_dir / f"{name}{'-refit' if refit else ''}-seed{s}.npz") as f:
                 runs.append({k: f[k] for k in f.files})
         for r in runs[1:]:
             if any(not np.array_equal(r[k], runs[0][k]) for k in ("paths", "val_paths", "labels", "val_labels")):

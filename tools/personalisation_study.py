@@ -363,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ravdess-orders", type=int, default=10, help="answer orders per RAVDESS actor")
     parser.add_argument("--modes", default="corrections,thumbs", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--nemo-users", help="nEMO speakers, comma-separated (default the test speakers "
-                        f"{','.join(NEMO_TEST)}; choose settings on others, e.g. EB0,KD0,KS0,MP0,SM0,WR0, with a model they did "
-                        "not train: since stop 27 every one of them trains the bundled model, so use a stand-in such "
-                        "as docs/results/personalisation-study/stop21/train_validation_bundled.py's)")
+                        f"{','.join(NEMO_TEST)}; choose settings on others, e.g. EB0,KD0,KS0,MP0,SM0,WR0, with a "
+                        "model they did not train: since stop 27 every one of them trains the bundled model, so use "
+                        "a stand-in such as docs/results/personalisation-study/stop21/train_validation_bundled.py's)")
     parser.add_argument("--ravdess-users", help="RAVDESS actors, comma-separated (default the test actors 21-24; "
                         "choose settings on actors the model did not train on: 19,20 for the RAVDESS-only base; the "
                         "bundled model trains on 1-20 since stop 27, so a stand-in's held-out actors)")
