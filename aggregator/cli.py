@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--data", default=None)
     job.add_argument("--synthetic", action="store_true")
     job.add_argument("--no-publish", action="store_true", help="train and report, but do not publish")
+    job.add_argument("--params", default=None, metavar="JSON",
+                     help='more job parameters as a JSON object, e.g. the bundled recipe\'s: \'{"corpus": '
+                          '"ravdess,nemo", "features": "logmel", "utterance_norm": "level", "augment": 2, '
+                          '"augment_speed": "0.8,1.25", "augment_gain_db": "0,0", "augment_snr_db": "90,90", '
+                          '"epochs": 20, "val_speakers": "none", "input_affine_from": 20}\'')
     job.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
     sub.add_parser("jobs", help="list baseline jobs")
     rb = sub.add_parser("rollback", help="republish an earlier version as the current one")
@@ -144,6 +149,16 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
                 params.update({k: v for k, v in (("corpus", args.corpus), ("data", args.data)) if v})
                 if args.synthetic:
                     params["synthetic"] = True
+                if args.params:
+                    try:
+                        extra = json.loads(args.params)
+                    except ValueError as exc:
+                        print(f"--params is not JSON: {exc}", file=sys.stderr)
+                        return 2
+                    if not isinstance(extra, dict):
+                        print("--params must be a JSON object", file=sys.stderr)
+                        return 2
+                    params.update(extra)
                 job = start_job(app, session, params)
                 print(json.dumps(job_dict(job)), flush=True)
                 while args.wait:

@@ -37,7 +37,12 @@ ALLOWED = {
     "architecture": str, "corpus": str, "data": str, "synthetic": bool, "epochs": int, "patience": int,
     "seed": int, "test_speakers": str, "val_speakers": str, "folds": int, "fold": int, "augment": int,
     "calm_as_neutral": bool, "features": str, "max_frames": int, "publish": bool, "input_affine_from": int,
+    "utterance_norm": str, "augment_speed": str, "augment_gain_db": str, "augment_snr_db": str,
 }
+# "lo,hi" ranges of the augmented copies (fedser-train's --augment-speed, --augment-gain-db, --augment-snr-db)
+RANGES = {"augment_speed": (0.5, 2.0), "augment_gain_db": (-24.0, 24.0), "augment_snr_db": (0.0, 90.0)}
+MAX_AUGMENT = 8  # augmented copies per clip: each one is another copy of the training set's features in memory
+UTTERANCE_NORMS = ("none", "mean", "meanvar", "level")
 
 
 class JobError(ValueError):
@@ -100,8 +105,23 @@ def _check(params: dict) -> dict:
         out[key] = value
     if out.get("architecture", "cnn") not in ARCHITECTURES:
         raise JobError(f"architecture must be one of {ARCHITECTURES}, got {out['architecture']!r}")
-    if out.get("corpus", "ravdess") not in CORPORA:
-        raise JobError(f"corpus must be one of {sorted(CORPORA)}, got {out['corpus']!r}")
+    corpora = out.get("corpus", "ravdess").split(",")  # several: "ravdess,nemo", each speaker-independent
+    bad = [c for c in corpora if c not in CORPORA]
+    if bad or len(set(corpora)) != len(corpora):
+        raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, "
+                       f"got {out['corpus']!r}")
+    if not 0 <= out.get("augment", 0) <= MAX_AUGMENT:
+        raise JobError(f"augment must be in 0..{MAX_AUGMENT} copies per clip")
+    if out.get("utterance_norm", "none") not in UTTERANCE_NORMS:
+        raise JobError(f"utterance_norm must be one of {UTTERANCE_NORMS}, got {out['utterance_norm']!r}")
+    for key, (low, high) in RANGES.items():
+        if key in out:
+            try:
+                lo, hi = (float(v) for v in out[key].split(","))
+            except ValueError:
+                raise JobError(f"{key} must be two numbers 'lo,hi', got {out[key]!r}") from None
+            if not low <= lo <= hi <= high:
+                raise JobError(f"{key} must be 'lo,hi' with {low:g} <= lo <= hi <= {high:g}, got {out[key]!r}")
     if not 1 <= out.get("epochs", 40) <= 1000:
         raise JobError("epochs must be in 1..1000")
     from edge_sdk.model import MAX_INPUT_AFFINE_FROM
@@ -110,8 +130,11 @@ def _check(params: dict) -> dict:
         raise JobError(f"input_affine_from must be in 0..{MAX_INPUT_AFFINE_FROM}")
     if out.get("input_affine_from") and out.get("architecture", "cnn") != "cnn":
         raise JobError("input_affine_from needs architecture cnn (the input_grad signature)")
-    if "data" in out and not Path(out["data"]).exists():
-        raise JobError(f"data not found on the server: {out['data']}")
+    if "data" in out:  # one folder, or one per corpus: DIR1,DIR2 or ravdess=DIR1,nemo=DIR2
+        for part in out["data"].split(",") if len(corpora) > 1 else [out["data"]]:
+            folder = part.split("=", 1)[1] if "=" in part and part.split("=", 1)[0] in CORPORA else part
+            if not Path(folder).exists():
+                raise JobError(f"data not found on the server: {folder}")
     return out
 
 

@@ -16,6 +16,19 @@ def _run(*args, cwd=REPO, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def test_train_baseline_params_are_checked_before_a_job_starts(tmp_path):
+    """`fedser-aggregator train-baseline --params JSON`: a value out of range, text that is not JSON or JSON that is
+    not an object is refused with the reason, exit status 2, and no job is recorded."""
+    inst = str(tmp_path / "srv")
+    for params, why in (('{"augment": 99}', "augment must be in 0..8"), ("nope", "--params is not JSON"),
+                        ("[1]", "--params must be a JSON object"),
+                        ('{"augment_speed": "2,1"}', "augment_speed must be 'lo,hi'")):
+        r = _run("aggregator.cli", "--instance", inst, "train-baseline", "--no-publish", "--params", params)
+        assert r.returncode == 2 and why in r.stderr, (params, r.stderr[-1000:])
+    r = _run("aggregator.cli", "--instance", inst, "jobs")
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
+
+
 def test_edge_and_aggregator_clis(trained_model, synthetic_clips, tmp_path):
     agg = start_live_aggregator(tmp_path / "srv", min_updates=1, workers=0)
     try:

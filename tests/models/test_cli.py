@@ -215,6 +215,38 @@ def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encod
     assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_checked(tmp_path):
+    """The bundled model's recipe (both corpora, level removal, speed-perturbed copies, no validation) as an admin's
+    baseline job: accepted, and it reaches fedser-train as the same configuration; out-of-range values are refused
+    with their name before a process starts."""
+    from aggregator.jobs import JobError, _check, _train_argv
+    from models.cli import _configs, build_parser
+    from models.features import Augmentation
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "n").mkdir()
+    recipe = {"corpus": "ravdess,nemo", "data": f"ravdess={tmp_path / 'r'},nemo={tmp_path / 'n'}",
+              "features": "logmel", "utterance_norm": "level", "augment": 2, "augment_speed": "0.8,1.25",
+              "augment_gain_db": "0,0", "augment_snr_db": "90,90", "epochs": 20, "val_speakers": "none",
+              "input_affine_from": 20}
+    args = build_parser().parse_args(_train_argv(_check(recipe), tmp_path / "out"))
+    features, config = _configs(args)
+    assert args.corpus == "ravdess,nemo" and args.val_speakers == "none" and features.utterance_norm == "level"
+    assert config.epochs == 20 and config.augmentation == Augmentation(copies=2, speed=(0.8, 1.25),
+                                                                       gain_db=(0.0, 0.0), snr_db=(90.0, 90.0))
+    for bad, why in (({"corpus": "ravdess,savee"}, "comma-separated"), ({"corpus": "nemo,nemo"}, "each once"),
+                     ({"augment": 9}, "0..8"), ({"utterance_norm": "loud"}, "utterance_norm must be one of"),
+                     ({"augment_speed": "0.8"}, "two numbers"), ({"augment_speed": "1.25,0.8"}, "lo <= hi"),
+                     ({"augment_snr_db": "0,120"}, "<= 90"), ({"augment_gain_db": "x,1"}, "two numbers"),
+                     ({"corpus": "ravdess,nemo", "data": f"{tmp_path / 'r'},{tmp_path / 'missing'}"}, "missing")):
+        try:
+            _check(bad)
+        except JobError as exc:
+            assert why in str(exc), (bad, str(exc))
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
 def test_a_baseline_job_takes_input_affine_from_range_checked():
     from aggregator.jobs import JobError, _check, _train_argv
 
