@@ -161,14 +161,18 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
                     params.update(extra)
                 job = start_job(app, session, params)
                 print(json.dumps(job_dict(job)), flush=True)
+                job_id = job.id
                 while args.wait:
+                    # each look is a transaction of its own, ended before the sleep: on SQLite a transaction
+                    # holds the host's write lock, and one left open kept the job from recording anything
+                    session.close()
                     time.sleep(2)
-                    session.expire_all()
-                    job = session.get(Job, job.id)
+                    job = session.get(Job, job_id)
                     reap(session, job)
                     if job.status in ("succeeded", "failed"):
                         print(json.dumps(job_dict(job)))
                         return 0 if job.status == "succeeded" else 1
+                    session.commit()
             elif args.command == "jobs":
                 print(json.dumps([job_dict(j) for j in session.query(Job).order_by(Job.id.desc()).limit(50)], indent=2))
             elif args.command == "rollback":

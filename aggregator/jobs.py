@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from flask import Flask
+from sqlalchemy.exc import OperationalError
 
 from aggregator.db import Job
 
@@ -53,6 +54,8 @@ def job_dir(instance_path: str | os.PathLike, job_id: int) -> Path:
     return Path(instance_path) / "jobs" / str(job_id)
 
 
+FINAL_WRITE_ATTEMPTS = 6  # recording a job's end: each attempt may wait the database's 30 s lock timeout
+FINAL_WRITE_PAUSE = 5.0
 HEARTBEAT_SECONDS = 10.0  # how often a job's process copies its log tail into the database
 HEARTBEAT_LOST = 120.0  # another host's job with no heartbeat this long is marked failed
 
@@ -193,14 +196,22 @@ def reap(session, job: Job) -> None:
         job.detail = job.detail or f"no heartbeat from host {job.host} for {HEARTBEAT_LOST:g} s (host down?)"
         session.commit()
         return
-    try:
-        os.kill(job.pid, 0)
-        return
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        return
+    try:  # a job this process started and that has exited stays a zombie, "alive" to kill(pid, 0), until waited
+        exited = os.waitpid(job.pid, os.WNOHANG)[0] == job.pid
+    except ChildProcessError:  # not our child (another worker's or host's job): kill(pid, 0) tells
+        exited = False
+    if not exited:
+        try:
+            os.kill(job.pid, 0)
+            return
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
     if time.time() - job.created_at < 5:
+        return
+    session.refresh(job)  # it may have recorded how it ended just before it exited
+    if job.status not in ("queued", "running"):
         return
     job.status, job.finished_at = "failed", time.time()
     job.detail = job.detail or "the job's process exited without reporting (killed?)"
@@ -274,12 +285,21 @@ def run_job(job_id: int) -> int:
     print(f"job {job_id}: {status}: {detail}", flush=True)
     stop.set()
     beat.join(timeout=30)
-    with maker() as session:
-        job = session.get(Job, job_id)
-        job.status, job.finished_at, job.detail, job.report = status, time.time(), detail[:4000], report
-        job.published_version = version
-        job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
-        session.commit()
+    for attempt in range(FINAL_WRITE_ATTEMPTS):  # minutes of training are not lost to one busy database moment
+        try:
+            with maker() as session:
+                job = session.get(Job, job_id)
+                job.status, job.finished_at, job.detail, job.report = status, time.time(), detail[:4000], report
+                job.published_version = version
+                job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
+                session.commit()
+            break
+        except OperationalError:
+            if attempt == FINAL_WRITE_ATTEMPTS - 1:
+                raise
+            log.exception("job %d: recording its end failed (attempt %d of %d); trying again in %g s", job_id,
+                          attempt + 1, FINAL_WRITE_ATTEMPTS, FINAL_WRITE_PAUSE)
+            time.sleep(FINAL_WRITE_PAUSE)
     return 0 if status == "succeeded" else 1
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -475,3 +476,40 @@ def test_unusable_aggregation_settings_are_refused_at_start(tmp_path, setting, v
 
     with pytest.raises(ConfigError, match=words):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), setting: value})
+
+
+def test_a_job_whose_process_exited_without_reporting_is_reaped_even_as_an_unwaited_child(tmp_path):
+    """The process that starts a job (a worker, or `train-baseline --wait`) is its parent: a job that died without
+    recording its end stays a zombie, which kill(pid, 0) calls alive, so the job showed "running" for ever. The
+    reaper now waits for it and marks the job failed; a live job is left alone."""
+    import subprocess
+    import sys
+
+    from aggregator.db import Job
+    from aggregator.jobs import host_name, reap
+
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{dead.pid}/stat").read_text().split()[2] != "Z":  # exited, not waited for
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        now = time.time()
+        with app.extensions["fedser_sessionmaker"]() as s:
+            s.add_all([Job(status="running", params="{}", created_at=now - 60, pid=p.pid, host=host_name())
+                       for p in (dead, alive)])
+            s.commit()
+        with app.extensions["fedser_sessionmaker"]() as s:
+            for job in s.query(Job).order_by(Job.id):
+                reap(s, job)
+            s.commit()
+        with app.extensions["fedser_sessionmaker"]() as s:
+            first, second = s.get(Job, 1), s.get(Job, 2)
+            assert first.status == "failed" and "exited without reporting" in first.detail
+            assert second.status == "running"
+        assert not Path(f"/proc/{dead.pid}").exists()  # waited for: no zombie left
+    finally:
+        alive.kill()
+        alive.wait()

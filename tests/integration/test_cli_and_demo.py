@@ -29,6 +29,20 @@ def test_train_baseline_params_are_checked_before_a_job_starts(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
 
 
+def test_train_baseline_wait_sees_the_job_end_on_sqlite(tmp_path):
+    """`train-baseline --wait` on the embedded SQLite default: its polling held the database's write lock between
+    looks, so the job could record neither heartbeats nor its end, died trying, and --wait (seeing its own unreaped
+    child as alive) waited for ever. Now each look is a short transaction and the job's end is recorded."""
+    inst = str(tmp_path / "srv")
+    r = _run("aggregator.cli", "--instance", inst, "train-baseline", "--synthetic", "--epochs", "2", "--no-publish",
+             "--wait", "--params", '{"max_frames": 120}', timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    end = json.loads(r.stdout.strip().splitlines()[-1])
+    assert end["status"] == "succeeded" and "not published" in end["detail"], end
+    log = (tmp_path / "srv" / "jobs" / str(end["id"]) / "log.txt").read_text()
+    assert "database is locked" not in log and "heartbeat failed" not in log, log[-3000:]
+
+
 def test_edge_and_aggregator_clis(trained_model, synthetic_clips, tmp_path):
     agg = start_live_aggregator(tmp_path / "srv", min_updates=1, workers=0)
     try:
