@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from flask import Flask, current_app
+from sqlalchemy.exc import OperationalError
 
 __all__ = ["main"]
 
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
                         print("--params must be a JSON object", file=sys.stderr)
                         return 2
                     params.update(extra)
+                    if args.no_publish:  # the flag wins over a "publish" in the JSON
+                        params["publish"] = False
                 job = start_job(app, session, params)
                 print(json.dumps(job_dict(job)), flush=True)
                 job_id = job.id
@@ -167,8 +170,13 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
                     # holds the host's write lock, and one left open kept the job from recording anything
                     session.close()
                     time.sleep(2)
-                    job = session.get(Job, job_id)
-                    reap(session, job)
+                    try:
+                        job = session.get(Job, job_id)
+                        reap(session, job)
+                    except OperationalError as exc:  # busy (a round closing): the job goes on, look again
+                        print(f"job {job_id}: {exc.orig}; looking again", file=sys.stderr)
+                        session.rollback()
+                        continue
                     if job.status in ("succeeded", "failed"):
                         print(json.dumps(job_dict(job)))
                         return 0 if job.status == "succeeded" else 1

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from flask import Flask
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func
+from sqlalchemy.exc import DBAPIError
 
 from aggregator.db import Job
 
@@ -43,6 +44,8 @@ ALLOWED = {
 # "lo,hi" ranges of the augmented copies (fedser-train's --augment-speed, --augment-gain-db, --augment-snr-db)
 RANGES = {"augment_speed": (0.5, 2.0), "augment_gain_db": (-24.0, 24.0), "augment_snr_db": (0.0, 90.0)}
 MAX_AUGMENT = 8  # augmented copies per clip: each one is another copy of the training set's features in memory
+MAX_FRAMES = 2000  # 20 s at 100 frames a second; with MAX_AUGMENT it bounds the features' memory
+FEATURES = ("mfcc", "logmel")
 UTTERANCE_NORMS = ("none", "mean", "meanvar", "level")
 
 
@@ -108,11 +111,20 @@ def _check(params: dict) -> dict:
         out[key] = value
     if out.get("architecture", "cnn") not in ARCHITECTURES:
         raise JobError(f"architecture must be one of {ARCHITECTURES}, got {out['architecture']!r}")
-    corpora = out.get("corpus", "ravdess").split(",")  # several: "ravdess,nemo", each speaker-independent
-    bad = [c for c in corpora if c not in CORPORA]
-    if bad or len(set(corpora)) != len(corpora):
-        raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, "
-                       f"got {out['corpus']!r}")
+    from models.cli import corpus_list, data_roots
+
+    try:  # several: "ravdess,nemo", each speaker-independent; parsed as fedser-train parses them
+        corpora = corpus_list(out.get("corpus", "ravdess"))
+        roots = data_roots(out.get("data"), corpora) if "data" in out else {}
+    except SystemExit as exc:
+        raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, with "
+                       f"data as one folder per corpus: {exc}") from None
+    if any(c not in CORPORA for c in corpora):
+        raise JobError(f"corpus must be one or several of {sorted(CORPORA)}, got {out['corpus']!r}")
+    if out.get("features", "mfcc") not in FEATURES:
+        raise JobError(f"features must be one of {FEATURES}, got {out['features']!r}")
+    if "max_frames" in out and not 1 <= out["max_frames"] <= MAX_FRAMES:
+        raise JobError(f"max_frames must be in 1..{MAX_FRAMES}")
     if not 0 <= out.get("augment", 0) <= MAX_AUGMENT:
         raise JobError(f"augment must be in 0..{MAX_AUGMENT} copies per clip")
     if out.get("utterance_norm", "none") not in UTTERANCE_NORMS:
@@ -133,11 +145,9 @@ def _check(params: dict) -> dict:
         raise JobError(f"input_affine_from must be in 0..{MAX_INPUT_AFFINE_FROM}")
     if out.get("input_affine_from") and out.get("architecture", "cnn") != "cnn":
         raise JobError("input_affine_from needs architecture cnn (the input_grad signature)")
-    if "data" in out:  # one folder, or one per corpus: DIR1,DIR2 or ravdess=DIR1,nemo=DIR2
-        for part in out["data"].split(",") if len(corpora) > 1 else [out["data"]]:
-            folder = part.split("=", 1)[1] if "=" in part and part.split("=", 1)[0] in CORPORA else part
-            if not Path(folder).exists():
-                raise JobError(f"data not found on the server: {folder}")
+    for corpus, folder in roots.items():  # "data": one folder, or one per corpus (DIR1,DIR2 or ravdess=DIR1,...)
+        if folder is None or str(folder) in ("", ".") or not folder.exists():
+            raise JobError(f"data for {corpus} not found on the server: {str(folder)!r}")
     return out
 
 
@@ -192,9 +202,9 @@ def reap(session, job: Job) -> None:
         beat = job.heartbeat_at or job.started_at or job.created_at
         if time.time() - beat < HEARTBEAT_LOST:
             return
-        job.status, job.finished_at = "failed", time.time()
-        job.detail = job.detail or f"no heartbeat from host {job.host} for {HEARTBEAT_LOST:g} s (host down?)"
-        session.commit()
+        _mark_failed(session, job, f"no heartbeat from host {job.host} for {HEARTBEAT_LOST:g} s (host down?)")
+        return
+    if time.time() - job.created_at < 5:
         return
     try:  # a job this process started and that has exited stays a zombie, "alive" to kill(pid, 0), until waited
         exited = os.waitpid(job.pid, os.WNOHANG)[0] == job.pid
@@ -208,14 +218,21 @@ def reap(session, job: Job) -> None:
             pass
         except PermissionError:
             return
-    if time.time() - job.created_at < 5:
-        return
-    session.refresh(job)  # it may have recorded how it ended just before it exited
-    if job.status not in ("queued", "running"):
-        return
-    job.status, job.finished_at = "failed", time.time()
-    job.detail = job.detail or "the job's process exited without reporting (killed?)"
+    _mark_failed(session, job, "the job's process exited without reporting (killed?)")
+
+
+def _mark_failed(session, job: Job, detail: str) -> None:
+    """Failed, only if the row still says queued or running: the job may have recorded its end since it was read
+    (a conditional update, so a reaper on another host cannot overwrite a success committed meanwhile)."""
+    from sqlalchemy import update
+
+    done = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(("queued", "running")))
+                           .values(status="failed", finished_at=time.time(),
+                                   detail=func.coalesce(func.nullif(Job.detail, ""), detail)))
     session.commit()
+    session.refresh(job)
+    if done.rowcount:
+        log.warning("job %d marked failed: %s", job.id, job.detail)
 
 
 def _train_argv(params: dict, out: Path) -> list[str]:
@@ -227,8 +244,8 @@ def _train_argv(params: dict, out: Path) -> list[str]:
         if isinstance(value, bool):
             if value:
                 argv.append(flag)
-        else:
-            argv += [flag, str(value)]
+        else:  # one token: a value starting with "-" ("-6,6") is not read as another option
+            argv.append(f"{flag}={value}")
     return argv
 
 
@@ -294,7 +311,7 @@ def run_job(job_id: int) -> int:
                 job.log_tail, job.heartbeat_at = _file_tail(log_path, 4000), time.time()
                 session.commit()
             break
-        except OperationalError:
+        except DBAPIError:  # a busy SQLite, a PostgreSQL connection dropped
             if attempt == FINAL_WRITE_ATTEMPTS - 1:
                 raise
             log.exception("job %d: recording its end failed (attempt %d of %d); trying again in %g s", job_id,

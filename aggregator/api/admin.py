@@ -171,6 +171,14 @@ def revoke(device_id: str):
     return jsonify(device_id=device_id, revoked=True)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @bp.post("/jobs")
 @admin_required
 def start_job():
@@ -182,6 +190,9 @@ def start_job():
     if refused is not None:
         return refused
     for key, value in body.items():  # aggregator.jobs checks names and types; the ranges here
+        if any(isinstance(v, str) and not _utf8(v) for v in (key, value)):  # a lone surrogate: not text
+            return refuse(400, "bad_job", "job parameter names and strings must be valid UTF-8 text",
+                          authenticated=True)
         if isinstance(value, str) and (len(value) > MAX_JOB_STRING or "\x00" in value):
             return refuse(400, "bad_job", f"{str(key)[:40]} must be a string of at most {MAX_JOB_STRING} "
                                           "characters without NUL", authenticated=True)

@@ -267,6 +267,10 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     assert (r.status_code, r.json["error"]) == (400, "bad_job")
     r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth, json={"shell": "rm -rf /"})
     assert r.status_code == 400 and "unknown job parameters" in r.json["detail"]
+    for body in ('{"data": "\\ud800"}', '{"\\udcff": 1}'):  # lone surrogates: not text (were a 500)
+        r = srv.client.post("/api/v1/admin/jobs", headers={**srv.auth, "Content-Type": "application/json"},
+                            data=body)
+        assert (r.status_code, r.json["error"]) == (400, "bad_job") and "UTF-8" in r.json["detail"], r.json
     r = srv.client.post("/api/v1/admin/jobs", headers=srv.auth,
                         json={"architecture": "dnn", "epochs": 2, "synthetic": True, "max_frames": 100})
     assert r.status_code == 202

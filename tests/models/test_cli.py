@@ -234,7 +234,16 @@ def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_ch
     assert args.corpus == "ravdess,nemo" and args.val_speakers == "none" and features.utterance_norm == "level"
     assert config.epochs == 20 and config.augmentation == Augmentation(copies=2, speed=(0.8, 1.25),
                                                                        gain_db=(0.0, 0.0), snr_db=(90.0, 90.0))
-    for bad, why in (({"corpus": "ravdess,savee"}, "comma-separated"), ({"corpus": "nemo,nemo"}, "each once"),
+    # a range starting with a minus sign is one argument, not another option
+    args = build_parser().parse_args(_train_argv(_check({"augment_gain_db": "-6,-3", "test_speakers": "-x"}),
+                                                 tmp_path / "out"))
+    assert _configs(args)[1].augmentation.gain_db == (-6.0, -3.0) and args.test_speakers == "-x"
+    for bad, why in (({"corpus": "ravdess,savee"}, "unknown corpus 'savee'"), ({"corpus": "nemo,nemo"}, "twice"),
+                     ({"features": "bogus"}, "features must be one of"), ({"max_frames": 0}, "1..2000"),
+                     ({"max_frames": 100_000}, "1..2000"),
+                     ({"corpus": "ravdess,nemo", "data": str(tmp_path / "r")}, "1 folders for 2 corpora"),
+                     ({"corpus": "ravdess,nemo", "data": "ravdess=,nemo="}, "not found"),
+                     ({"corpus": "nemo", "data": f"ravdess={tmp_path / 'r'}"}, "not found"),
                      ({"augment": 9}, "0..8"), ({"utterance_norm": "loud"}, "utterance_norm must be one of"),
                      ({"augment_speed": "0.8"}, "two numbers"), ({"augment_speed": "1.25,0.8"}, "lo <= hi"),
                      ({"augment_snr_db": "0,120"}, "<= 90"), ({"augment_gain_db": "x,1"}, "two numbers"),
@@ -251,7 +260,7 @@ def test_a_baseline_job_takes_input_affine_from_range_checked():
     from aggregator.jobs import JobError, _check, _train_argv
 
     assert _check({"input_affine_from": 20})["input_affine_from"] == 20
-    assert "--input-affine-from" in _train_argv(_check({"input_affine_from": 20}), REPO / "out")
+    assert "--input-affine-from=20" in _train_argv(_check({"input_affine_from": 20}), REPO / "out")
     for bad, why in (({"input_affine_from": 100_001}, "0..100000"), ({"input_affine_from": -1}, "non-negative"),
                      ({"input_affine_from": 20, "architecture": "lstm"}, "needs architecture cnn")):
         try:
