@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from flask import Flask
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.exc import DBAPIError
 
 from aggregator.db import Job
@@ -46,7 +46,6 @@ RANGES = {"augment_speed": (0.5, 2.0), "augment_gain_db": (-24.0, 24.0), "augmen
 MAX_AUGMENT = 8  # augmented copies per clip: each one is another copy of the training set's features in memory
 MAX_FRAMES = 2000  # 20 s at 100 frames a second; with MAX_AUGMENT it bounds the features' memory
 FEATURES = ("mfcc", "logmel")
-UTTERANCE_NORMS = ("none", "mean", "meanvar", "level")
 
 
 class JobError(ValueError):
@@ -111,7 +110,8 @@ def _check(params: dict) -> dict:
         out[key] = value
     if out.get("architecture", "cnn") not in ARCHITECTURES:
         raise JobError(f"architecture must be one of {ARCHITECTURES}, got {out['architecture']!r}")
-    from models.cli import corpus_list, data_roots
+    from edge_sdk.features import UTTERANCE_NORMS
+    from models.cli import _pair, corpus_list, data_roots
 
     try:  # several: "ravdess,nemo", each speaker-independent; parsed as fedser-train parses them
         corpora = corpus_list(out.get("corpus", "ravdess"))
@@ -119,8 +119,6 @@ def _check(params: dict) -> dict:
     except SystemExit as exc:
         raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, with "
                        f"data as one folder per corpus: {exc}") from None
-    if any(c not in CORPORA for c in corpora):
-        raise JobError(f"corpus must be one or several of {sorted(CORPORA)}, got {out['corpus']!r}")
     if out.get("features", "mfcc") not in FEATURES:
         raise JobError(f"features must be one of {FEATURES}, got {out['features']!r}")
     if "max_frames" in out and not 1 <= out["max_frames"] <= MAX_FRAMES:
@@ -132,7 +130,7 @@ def _check(params: dict) -> dict:
     for key, (low, high) in RANGES.items():
         if key in out:
             try:
-                lo, hi = (float(v) for v in out[key].split(","))
+                lo, hi = _pair(out[key])
             except ValueError:
                 raise JobError(f"{key} must be two numbers 'lo,hi', got {out[key]!r}") from None
             if not low <= lo <= hi <= high:
@@ -224,8 +222,6 @@ def reap(session, job: Job) -> None:
 def _mark_failed(session, job: Job, detail: str) -> None:
     """Failed, only if the row still says queued or running: the job may have recorded its end since it was read
     (a conditional update, so a reaper on another host cannot overwrite a success committed meanwhile)."""
-    from sqlalchemy import update
-
     done = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(("queued", "running")))
                            .values(status="failed", finished_at=time.time(),
                                    detail=func.coalesce(func.nullif(Job.detail, ""), detail)))

@@ -131,6 +131,8 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from edge_sdk.features import UTTERANCE_NORMS
+
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--patience", type=int, default=10)
@@ -162,7 +164,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "normalisation with all-clips normalisation, weight of the latter up to B; 0 = off")
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
-    g.add_argument("--utterance-norm", choices=("none", "mean", "meanvar", "level"), default="none",
+    g.add_argument("--utterance-norm", choices=UTTERANCE_NORMS, default="none",
                    help="per-utterance normalisation (level: remove the recording's gain only)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")

@@ -146,6 +146,11 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
             "recall": {k: rep["per_class"][k]["recall"] for k in LABELS}}
 
 
+def _row_name(name: str, refit: bool) -> str:
+    """A refit's rows, export folders and logits are NAME-refit: they never overwrite the recipe's own."""
+    return f"{name}-refit" if refit else name
+
+
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
             trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False) -> dict:
     from models.features import compute_features
@@ -156,7 +161,7 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     train, val, test, calm = _split(task, refit)
     if refit and config.patience and not config.swa_epochs:
         log.info("refit: no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
-    row_name = f"{name}-refit" if refit else name  # a refit's files and row never overwrite the recipe's own
+    row_name = _row_name(name, refit)
     out_dir = export / f"{row_name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
@@ -238,14 +243,14 @@ def ensemble_rows(task: str, name: str, seeds: list[int], size: int, logits_dir:
         members = seeds[g * size:(g + 1) * size]
         runs = []
         for s in members:  # strings are unicode arrays: no pickle
-            with np.load(logits_dir / f"{name}{'-refit' if refit else ''}-seed{s}.npz") as f:
+            with np.load(logits_dir / f"{_row_name(name, refit)}-seed{s}.npz") as f:
                 runs.append({k: f[k] for k in f.files})
         for r in runs[1:]:
             if any(not np.array_equal(r[k], runs[0][k]) for k in ("paths", "val_paths", "labels", "val_labels")):
                 raise ValueError(f"{name}: the seeds' logits are of different clips")
         probs = np.mean([_softmax(r["logits"]) for r in runs], axis=0)
         val_probs = np.mean([_softmax(r["val_logits"]) for r in runs], axis=0)
-        row = {"task": task, "recipe": f"{name}{'-refit' if refit else ''}-ens{size}", "seed": g, "members": members,
+        row = {"task": task, "recipe": f"{_row_name(name, refit)}-ens{size}", "seed": g, "members": members,
                "what": f"{RECIPES[name]['what']}{'; refit' if refit else ''}; ensemble of {size} seeds "
                        "(probabilities averaged)",
                "features": RECIPES[name]["features"], "train": RECIPES[name]["train"], "arch": RECIPES[name]["arch"],

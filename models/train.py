@@ -432,8 +432,7 @@ def train_baseline(
             if uar is not None:
                 best_uar = max(best_uar, uar)
             continue
-        if uar is None:  # no validation: every epoch runs, the last weights are kept
-            best_weights = None
+        if not validating:  # every epoch runs; best_weights stays None, so the last weights are kept
             continue
         if uar > best_uar:
             best_uar, best_weights, waited = uar, model.get_weights(), 0
