@@ -84,6 +84,10 @@ DEFAULTS = {
     "RETENTION_REFUSAL_DAYS": 30.0,  # audit rows older than this are pruned (0: kept forever); counts stay
     "RETENTION_UPDATE_BODY_DAYS": 7.0,  # bodies of accepted updates, this long after their round closed
     "RETENTION_BLOB_DAYS": 7.0,  # model files no version references, this long after they were written
+    "RETENTION_JOB_DAYS": 30.0,  # a baseline job's folder (log, model, report), this long after it ended; its row stays
+    # the features baseline jobs computed (<instance>/jobs/feature-cache), shared by this host's jobs; the oldest
+    # files go once it holds more (after every job, and in prune); 0: every job decodes its audio again
+    "JOB_FEATURE_CACHE_BYTES": 2 * 1024**3,
     "ENROLLMENT_TOKEN_TTL": 24 * 3600,
     # validation gate (aggregator.validation): a manifest CSV path,speaker,label on the server
     "VALIDATION_MANIFEST": None,
@@ -138,6 +142,9 @@ def _check_settings(config) -> None:
         raise ConfigError(f"SQLITE_SYNCHRONOUS={config.get('SQLITE_SYNCHRONOUS')!r}: expected one of "
                           f"{', '.join(SQLITE_SYNCHRONOUS)}")
     config["SQLITE_SYNCHRONOUS"] = sync
+    cache = config.get("JOB_FEATURE_CACHE_BYTES")
+    if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
+        raise ConfigError(f"JOB_FEATURE_CACHE_BYTES={cache!r}: expected a whole number of bytes, 0 or more")
     for key, low in (("INTAKE_LOCK_TIMEOUT_SECONDS", 0.001), ("CLOSE_IDLE_TIMEOUT_SECONDS", 0.0)):
         try:
             value = float(config[key])

@@ -8,6 +8,7 @@
     fedser-aggregator --instance DIR train-baseline [--architecture cnn] [--epochs 40] [--wait]
     fedser-aggregator --instance DIR jobs | rollback VERSION | revoke DEVICE | status | admin-token
     fedser-aggregator --instance DIR prune [--dry-run] [--refusal-days N] [--update-body-days N] [--blob-days N]
+        [--job-days N]
     fedser-aggregator gen-server-key PATH   (a new signing key for SERVER_KEY_FILE; docs/deploy-multihost.md)
 
 Configuration: ``<instance>/config.json`` and ``FEDSER_*`` environment variables
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "and print its public key; needs no instance or database")
     gk.add_argument("path", type=Path)
     pr = sub.add_parser("prune", help="apply the retention settings: old refusal audit rows, update bodies of "
-                                      "closed rounds, unreferenced model files (prints what it removed as JSON)")
+                                      "closed rounds, unreferenced model files, old baseline job folders, the "
+                                      "jobs' feature cache over its limit (prints what it removed as JSON)")
     pr.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
     pr.add_argument("--refusal-days", type=float, default=None,
                     help="audit rows of refusals older than this (default RETENTION_REFUSAL_DAYS; 0: keep)")
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="update bodies of rounds closed longer ago (default RETENTION_UPDATE_BODY_DAYS; 0: keep)")
     pr.add_argument("--blob-days", type=float, default=None,
                     help="unreferenced model files older than this (default RETENTION_BLOB_DAYS; 0: keep)")
+    pr.add_argument("--job-days", type=float, default=None,
+                    help="folders of baseline jobs that ended longer ago, on this host (default RETENTION_JOB_DAYS; "
+                         "0: keep)")
     return parser
 
 
@@ -209,14 +214,16 @@ def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:
                 from aggregator.retention import RetentionPolicy, prune
 
                 given = {"refusal_days": args.refusal_days, "update_body_days": args.update_body_days,
-                         "blob_days": args.blob_days}
+                         "blob_days": args.blob_days, "job_days": args.job_days}
                 try:  # the flags given override the app's settings; replace() checks the ranges again
                     policy = dataclasses.replace(RetentionPolicy.from_config(app.config),
                                                  **{k: v for k, v in given.items() if v is not None})
                 except ValueError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
-                print(json.dumps(prune(session, ext["fedser_blobs"], policy, dry_run=args.dry_run).to_dict()))
+                print(json.dumps(prune(session, ext["fedser_blobs"], policy, dry_run=args.dry_run,
+                                       instance_path=app.instance_path,
+                                       feature_cache_bytes=int(app.config["JOB_FEATURE_CACHE_BYTES"])).to_dict()))
         except (FedserError, OSError, JobError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

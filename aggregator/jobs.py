@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,14 +27,15 @@ import time
 from pathlib import Path
 
 from flask import Flask
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from aggregator.db import Job
 
 log = logging.getLogger("aggregator")
 
-__all__ = ["JobError", "start_job", "log_tail", "job_dir", "reap"]
+__all__ = ["JobError", "start_job", "log_tail", "job_dir", "reap", "feature_cache_dir", "trim_feature_cache",
+           "prune_job_folders"]
 
 ALLOWED = {
     "architecture": str, "corpus": str, "data": str, "synthetic": bool, "epochs": int, "patience": int,
@@ -54,6 +56,88 @@ class JobError(ValueError):
 
 def job_dir(instance_path: str | os.PathLike, job_id: int) -> Path:
     return Path(instance_path) / "jobs" / str(job_id)
+
+
+def feature_cache_dir(instance_path: str | os.PathLike) -> Path:
+    """The features this host's jobs computed (``fedser-train --cache``), shared by its jobs: a second job on the
+    same corpus and feature settings reads them instead of decoding the audio again. Bounded by
+    ``JOB_FEATURE_CACHE_BYTES`` (:func:`trim_feature_cache`, after every job and in ``fedser-aggregator prune``)."""
+    return Path(instance_path) / "jobs" / "feature-cache"
+
+
+TMP_GRACE_SECONDS = 3600.0  # a cache file still being written (".tmp.npz") younger than this is left alone
+
+
+def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bool = False,
+                       now: float | None = None) -> tuple[int, int]:
+    """Delete the cache's oldest files (by last write) until what is left holds at most ``max_bytes``
+    (0: delete it all); returns (files, bytes) deleted. Another job reading a file deleted under it recomputes that
+    clip (``models.features``); a file another job is writing stays until it is an hour old."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0, 0
+    now = time.time() if now is None else now
+    files = []
+    for path in folder.rglob("*"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if not path.is_file() or path.is_symlink():
+            continue
+        if path.name.endswith(".tmp.npz") and now - st.st_mtime < TMP_GRACE_SECONDS:
+            max_bytes = max(0, max_bytes - st.st_size)  # counts toward the limit, is not deleted
+            continue
+        files.append((st.st_mtime, str(path), st.st_size))
+    files.sort()
+    total = sum(size for _, _, size in files)
+    count = freed = 0
+    for _, path, size in files:
+        if total - freed <= max_bytes:
+            break
+        if not dry_run:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+        count += 1
+        freed += size
+    if not dry_run:
+        for sub in sorted(folder.iterdir()) if count else ():
+            if sub.is_dir() and not sub.is_symlink():
+                try:
+                    sub.rmdir()  # only when empty
+                except OSError:
+                    pass
+    if count:
+        log.info("feature cache %s: %s %d files, %d bytes (limit %d)", folder, "would delete" if dry_run else
+                 "deleted", count, freed, max_bytes)
+    return count, freed
+
+
+def prune_job_folders(session, instance_path: str | os.PathLike, days: float, *, dry_run: bool = False,
+                      now: float | None = None) -> tuple[int, int]:
+    """Delete the folders (log, trained model, report) of jobs that ended more than ``days`` ago, on this host;
+    returns (folders, bytes). The database keeps each job's row: parameters, outcome, report and log tail; a
+    published model is in the model store. Folders of jobs the database does not know are left alone."""
+    now = time.time() if now is None else now
+    root = Path(instance_path) / "jobs"
+    if days <= 0 or not root.is_dir():
+        return 0, 0
+    cutoff = now - days * 86400.0
+    ended = {str(i) for (i,) in session.execute(
+        select(Job.id).where(Job.status.in_(("succeeded", "failed")), Job.finished_at < cutoff))}
+    session.commit()  # SQLite: no read transaction held while deleting files
+    count = freed = 0
+    for sub in root.iterdir():
+        if sub.name not in ended or not sub.is_dir() or sub.is_symlink():
+            continue
+        size = sum(p.lstat().st_size for p in sub.rglob("*") if p.is_file() and not p.is_symlink())
+        if not dry_run:
+            shutil.rmtree(sub, ignore_errors=True)
+        count += 1
+        freed += size
+    return count, freed
 
 
 FINAL_WRITE_ATTEMPTS = 6  # recording a job's end: each attempt may wait the database's 30 s lock timeout
@@ -231,8 +315,8 @@ def _mark_failed(session, job: Job, detail: str) -> None:
         log.warning("job %d marked failed: %s", job.id, job.detail)
 
 
-def _train_argv(params: dict, out: Path) -> list[str]:
-    argv = ["train", "--out", str(out), "--no-progress"]
+def _train_argv(params: dict, out: Path, cache: Path) -> list[str]:
+    argv = ["train", "--out", str(out), "--no-progress", f"--cache={cache}"]
     for key, value in params.items():
         if key == "publish":
             continue
@@ -264,7 +348,8 @@ def run_job(job_id: int) -> int:
     beat = threading.Thread(target=_heartbeat, args=(maker, job_id, log_path, stop), daemon=True)
     beat.start()
     out = job_dir(app.instance_path, job_id) / "model"
-    argv = _train_argv(params, out)
+    cache = feature_cache_dir(app.instance_path)
+    argv = _train_argv(params, out, cache)
     print(f"job {job_id}: fedser-train {' '.join(argv)}", flush=True)
     status, detail, report, version = "failed", "", "", None
     try:
@@ -295,6 +380,10 @@ def run_job(job_id: int) -> int:
     except BaseException as exc:  # the job must always record how it ended
         detail = f"{type(exc).__name__}: {exc}"
         log.exception("job %d failed", job_id)
+    try:  # what this job added to the shared feature cache may take it over its limit
+        trim_feature_cache(cache, int(app.config["JOB_FEATURE_CACHE_BYTES"]))
+    except OSError as exc:
+        log.warning("job %d: trimming the feature cache %s failed: %s", job_id, cache, exc)
     print(f"job {job_id}: {status}: {detail}", flush=True)
     stop.set()
     beat.join(timeout=30)

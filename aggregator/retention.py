@@ -11,6 +11,12 @@ Three things grow with use and are not needed forever:
   a signed manifest), last written more than ``RETENTION_BLOB_DAYS`` ago (the age keeps a publish in
   progress on any host, which writes its files before its row commits, safe).
 
+On the host that runs it, with the app's instance folder, also
+
+* folders of baseline jobs (log, trained model, report) that ended more than ``RETENTION_JOB_DAYS`` ago: the job's
+  row, with its outcome, report and log tail, stays, and a published model is in the model store;
+* the baseline jobs' feature cache, trimmed (oldest first) to ``JOB_FEATURE_CACHE_BYTES`` (each job trims it too).
+
 A setting of 0 keeps that kind forever. Nothing here runs by itself: schedule ``fedser-aggregator
 prune`` (cron, a systemd timer) as often as suits.
 """
@@ -42,6 +48,7 @@ class RetentionPolicy:
     refusal_days: float = 30.0
     update_body_days: float = 7.0
     blob_days: float = 7.0
+    job_days: float = 30.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -52,7 +59,7 @@ class RetentionPolicy:
     def from_config(cls, config) -> RetentionPolicy:
         """The app's ``RETENTION_*`` settings (their defaults are in ``aggregator.DEFAULTS``)."""
         return cls(float(config["RETENTION_REFUSAL_DAYS"]), float(config["RETENTION_UPDATE_BODY_DAYS"]),
-                   float(config["RETENTION_BLOB_DAYS"]))
+                   float(config["RETENTION_BLOB_DAYS"]), float(config["RETENTION_JOB_DAYS"]))
 
 
 @dataclass
@@ -62,6 +69,10 @@ class PruneReport:
     update_body_bytes_freed: int = 0
     blobs_deleted: int = 0
     blob_bytes_freed: int = 0
+    job_folders_deleted: int = 0
+    job_folder_bytes_freed: int = 0
+    feature_cache_files_deleted: int = 0
+    feature_cache_bytes_freed: int = 0
     dry_run: bool = False
 
     def to_dict(self) -> dict:
@@ -69,8 +80,11 @@ class PruneReport:
 
 
 def prune(session: Session, blobs: BlobStore, policy: RetentionPolicy, *, now: float | None = None,
-          dry_run: bool = False) -> PruneReport:
-    """Apply ``policy``; with ``dry_run`` only count what it would remove."""
+          dry_run: bool = False, instance_path: str | None = None,
+          feature_cache_bytes: int | None = None) -> PruneReport:
+    """Apply ``policy``; with ``dry_run`` only count what it would remove. ``instance_path``: this host's instance
+    folder, whose job folders (``policy.job_days``) and job feature cache (``feature_cache_bytes``; None: left
+    alone) are pruned too."""
     now = time.time() if now is None else now
     report = PruneReport(dry_run=dry_run)
     if policy.refusal_days > 0:
@@ -81,6 +95,15 @@ def prune(session: Session, blobs: BlobStore, policy: RetentionPolicy, *, now: f
     if policy.blob_days > 0:
         report.blobs_deleted, report.blob_bytes_freed = _prune_blobs(session, blobs, now - policy.blob_days * _DAY,
                                                                      dry_run)
+    if instance_path is not None:
+        from aggregator.jobs import feature_cache_dir, prune_job_folders, trim_feature_cache
+
+        if policy.job_days > 0:
+            report.job_folders_deleted, report.job_folder_bytes_freed = prune_job_folders(
+                session, instance_path, policy.job_days, dry_run=dry_run, now=now)
+        if feature_cache_bytes is not None:
+            report.feature_cache_files_deleted, report.feature_cache_bytes_freed = trim_feature_cache(
+                feature_cache_dir(instance_path), feature_cache_bytes, dry_run=dry_run, now=now)
     log.info("prune: %s", report.to_dict())
     return report
 

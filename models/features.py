@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -269,6 +270,21 @@ def _clip_features(clip: Clip, cfg: FeatureConfig, aug: Augmentation | None) -> 
     return [], reason
 
 
+def _read_cache_entry(entry: Path) -> tuple[list, str | None] | None:
+    """A cached clip's (features, skip reason), or None when the entry is not there or cannot be read: a cache
+    trimmed meanwhile (``aggregator.jobs.trim_feature_cache``) or a file cut short (a full disk) is recomputed,
+    never an error."""
+    try:
+        with np.load(entry, allow_pickle=False) as data:  # never allow pickle
+            reason = str(data["reason"]) or None
+            return [data[f"f{i}"] for i in range(int(data["count"]))], reason
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        log.warning("feature cache entry %s unreadable (%s): recomputing it", entry, exc)
+        return None
+
+
 def compute_features(
     clips: Sequence[Clip], cfg: FeatureConfig, *, cache_dir: str | os.PathLike | None = None,
     augmentation: Augmentation | None = None,
@@ -294,10 +310,9 @@ def compute_features(
             skipped[reason] += 1
             continue
         entry = folder / f"{_clip_key(clip.path)}.npz" if folder is not None else None
-        if entry is not None and entry.exists():
-            with np.load(entry, allow_pickle=False) as data:  # never allow pickle
-                reason = str(data["reason"]) or None
-                feats = [data[f"f{i}"] for i in range(int(data["count"]))]
+        cached = _read_cache_entry(entry) if entry is not None else None
+        if cached is not None:
+            feats, reason = cached
             hits += 1
         else:
             feats, reason = _clip_features(clip, cfg, augmentation)

@@ -279,6 +279,8 @@ def test_baseline_job_runs_in_a_worker_process_and_publishes(tmp_path, trained_m
     assert job["published_version"] == 1 and job["report"]["architecture"]["name"] == "dnn"
     assert "job 1: succeeded" in job["log_tail"]  # the tail is the last 4000 bytes; the command is at the start
     assert "fedser-train train" in (tmp_path / "inst" / "jobs" / "1" / "log.txt").read_text()
+    # its features are cached in the instance (they were in the server's working folder, never pruned)
+    assert list((tmp_path / "inst" / "jobs" / "feature-cache").rglob("*.npz"))
     assert srv.status()["current_version"] == 1
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 
 from aggregator import create_app
-from aggregator.db import Blob, Refusal, RefusalCount, Round, Update
+from aggregator.db import Blob, Job, Refusal, RefusalCount, Round, Update
+from aggregator.jobs import feature_cache_dir, job_dir
 from edge_sdk.model import ModelMetadata
 from edge_sdk.signing import SigningKey
 from tests.conftest import signed_update
@@ -79,7 +80,9 @@ def test_prune_applies_the_retention_settings(tmp_path, database_url):
 
     dry = _prune(instance, url, "--dry-run")
     assert dry == {"refusals_deleted": 3, "update_bodies_emptied": 2, "update_body_bytes_freed": 2 * body_bytes,
-                   "blobs_deleted": 1, "blob_bytes_freed": len(b"old orphan"), "dry_run": True}
+                   "blobs_deleted": 1, "blob_bytes_freed": len(b"old orphan"), "job_folders_deleted": 0,
+                   "job_folder_bytes_freed": 0, "feature_cache_files_deleted": 0, "feature_cache_bytes_freed": 0,
+                   "dry_run": True}
     assert session.scalar(select(func.count()).select_from(Refusal)) == 4  # a dry run removes nothing
     session.commit()
     report = _prune(instance, url)
@@ -149,3 +152,76 @@ def test_prune_empties_the_bodies_of_superseded_rounds(tmp_path, database_url):
     assert session.scalar(select(func.length(Update.body)).where(Update.device_id == dev)) == 0
     session.close()
     app.extensions["fedser_engine"].dispose()
+
+
+def test_prune_removes_old_job_folders_and_trims_the_job_feature_cache(tmp_path, database_url):
+    """Baseline jobs wrote their features into the server's working folder and kept them, and every job's folder
+    (log, model, report), for ever. Now the cache lives in the instance and prune trims it, oldest first, to
+    JOB_FEATURE_CACHE_BYTES, and deletes the folders of jobs that ended RETENTION_JOB_DAYS ago (their rows stay)."""
+    instance = tmp_path / "inst"
+    app = create_app({"INSTANCE_PATH": str(instance), "DATABASE_URL": database_url})
+    url = app.config["DATABASE_URL"]
+    now = time.time()
+    session = app.extensions["fedser_sessionmaker"]()
+    jobs = {name: Job(kind="baseline", status=status, params="{}", created_at=now - 50 * DAY,
+                      finished_at=None if status == "running" else now - age * DAY)
+            for name, status, age in (("old", "succeeded", 40), ("old failed", "failed", 31), ("recent", "failed", 2),
+                                      ("running", "running", 0))}
+    session.add_all(jobs.values())
+    session.commit()
+    ids = {name: job.id for name, job in jobs.items()}
+    session.close()
+    for job_id in ids.values():
+        folder = job_dir(instance, job_id)
+        (folder / "model").mkdir(parents=True)
+        (folder / "log.txt").write_bytes(b"x" * 100)
+        (folder / "model" / "model.tflite").write_bytes(b"m" * 1000)
+    stray = instance / "jobs" / "notes"  # not a job's folder: left alone
+    stray.mkdir()
+    cache = feature_cache_dir(instance) / "features-abc"
+    cache.mkdir(parents=True)
+    for i in range(10):  # 10 files of 1,000 bytes, written a minute apart: the oldest go first
+        path = cache / f"{i}.npz"
+        path.write_bytes(b"f" * 1000)
+        os.utime(path, (now - 600 + 60 * i,) * 2)
+    writing = cache / "tmp1.tmp.npz"  # another job is writing it: it counts toward the limit, it stays
+    writing.write_bytes(b"t" * 1000)
+
+    env = {"FEDSER_JOB_FEATURE_CACHE_BYTES": "5500"}
+    dry = _prune_env(instance, url, env, "--dry-run")
+    assert (dry["job_folders_deleted"], dry["job_folder_bytes_freed"]) == (2, 2 * 1100)
+    assert (dry["feature_cache_files_deleted"], dry["feature_cache_bytes_freed"]) == (6, 6000)
+    assert len(list(cache.iterdir())) == 11
+    report = _prune_env(instance, url, env)
+    assert report == {**dry, "dry_run": False}
+    assert sorted(p.name for p in cache.iterdir()) == ["6.npz", "7.npz", "8.npz", "9.npz", "tmp1.tmp.npz"]
+    assert not job_dir(instance, ids["old"]).exists() and not job_dir(instance, ids["old failed"]).exists()
+    assert job_dir(instance, ids["recent"]).exists() and job_dir(instance, ids["running"]).exists()
+    assert stray.exists()
+    session = app.extensions["fedser_sessionmaker"]()
+    assert session.scalar(select(func.count()).select_from(Job)) == 4  # the rows stay
+    session.close()
+    # --job-days overrides the setting; JOB_FEATURE_CACHE_BYTES=0 empties the cache but what is being written
+    report = _prune_env(instance, url, {"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"}, "--job-days", "1")
+    assert (report["job_folders_deleted"], report["feature_cache_files_deleted"]) == (1, 4)
+    assert not job_dir(instance, ids["recent"]).exists() and job_dir(instance, ids["running"]).exists()
+    assert [p.name for p in cache.iterdir()] == ["tmp1.tmp.npz"]
+    os.utime(writing, (now - 7200,) * 2)  # abandoned two hours ago (a killed job): it goes too
+    assert _prune_env(instance, url, {"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"})["feature_cache_files_deleted"] == 1
+    assert not cache.exists()  # the emptied config folder is removed
+    app.extensions["fedser_engine"].dispose()
+
+
+def _prune_env(instance: Path, url: str, env: dict, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "--database-url", url, "prune", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, FEDSER_LOG_JSON="0", **env))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_bad_job_feature_cache_setting_is_refused_at_start(tmp_path):
+    cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(tmp_path / "inst"), "prune"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, FEDSER_JOB_FEATURE_CACHE_BYTES="-1"))
+    assert proc.returncode != 0 and "JOB_FEATURE_CACHE_BYTES" in proc.stderr

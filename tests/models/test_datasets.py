@@ -196,3 +196,14 @@ def test_any_rate_and_channels_and_skips_are_counted(tmp_path):
     again = compute_features(clips, FeatureConfig(), cache_dir=tmp_path / "cache")  # from the .npz cache
     assert again.skipped == fs.skipped
     np.testing.assert_array_equal(again.raw[0], fs.raw[0])
+    # a cache file cut short (a full disk) or not a zip at all is recomputed and rewritten, not an error
+    entries = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert len(entries) == 4  # the two kept clips, the corrupt and the short one (missing and empty: no entry)
+    for entry in entries[:2]:
+        entry.write_bytes(entry.read_bytes()[:50])
+    entries[2].write_bytes(b"not a zip")
+    third = compute_features(clips, FeatureConfig(), cache_dir=tmp_path / "cache")
+    assert third.skipped == fs.skipped
+    np.testing.assert_array_equal(third.raw[0], fs.raw[0])
+    np.testing.assert_array_equal(third.raw[1], fs.raw[1])
+    assert all(np.load(e, allow_pickle=False)["count"] is not None for e in entries)  # rewritten whole
