@@ -41,7 +41,7 @@ ALLOWED = {
     "architecture": str, "corpus": str, "data": str, "synthetic": bool, "epochs": int, "patience": int,
     "seed": int, "test_speakers": str, "val_speakers": str, "folds": int, "fold": int, "augment": int,
     "calm_as_neutral": bool, "features": str, "max_frames": int, "publish": bool, "input_affine_from": int,
-    "utterance_norm": str, "augment_speed": str, "augment_gain_db": str, "augment_snr_db": str,
+    "utterance_norm": str, "augment_speed": str, "augment_gain_db": str, "augment_snr_db": str, "pitch": bool,
 }
 # "lo,hi" ranges of the augmented copies (fedser-train's --augment-speed, --augment-gain-db, --augment-snr-db)
 RANGES = {"augment_speed": (0.5, 2.0), "augment_gain_db": (-24.0, 24.0), "augment_snr_db": (0.0, 90.0)}
@@ -315,8 +315,8 @@ def _mark_failed(session, job: Job, detail: str) -> None:
         log.warning("job %d marked failed: %s", job.id, job.detail)
 
 
-def _train_argv(params: dict, out: Path, cache: Path) -> list[str]:
-    argv = ["train", "--out", str(out), "--no-progress", f"--cache={cache}"]
+def _train_argv(params: dict, out: Path, cache: Path | None = None) -> list[str]:
+    argv = ["train", "--out", str(out), "--no-progress"] + ([f"--cache={cache}"] if cache is not None else [])
     for key, value in params.items():
         if key == "publish":
             continue

@@ -10,6 +10,7 @@ normalisation, the fixed frame count) is this module's on both sides.
 Pipeline for one utterance ``y`` (float32 mono at ``sample_rate``)::
 
     y -> trim_silence (first MAX_CLIP_SECONDS, then quiet ends) -> mfcc (or log-mel)  [T, n_features]
+      (with ``pitch``: two more columns, :func:`pitch_track`, numpy on both sides)
       -> normalise with the training split's mean/std
       -> fit_frames to [max_frames, n_features] (cut, or pad with zeros = the mean)
 """
@@ -30,6 +31,8 @@ __all__ = [
     "dct_matrix",
     "log_mel",
     "mfcc",
+    "pitch_track",
+    "with_pitch",
     "raw_features",
     "trim_silence",
     "utterance_normalize",
@@ -93,6 +96,13 @@ class FeatureConfig:
         shape and its changes over time stay. A recording's gain (microphone,
         distance, a corpus normalised per clip) then no longer moves the
         features.
+    pitch : bool
+        Two more columns after the spectral ones (:func:`pitch_track`): the
+        fundamental frequency in semitones (interpolated through unvoiced
+        frames) and the frame's periodicity. With ``speaker_norm`` the pitch is
+        then relative to the speaker's own: how high and how varied this
+        utterance is for this voice, a cue of arousal that a log-mel spectrum
+        resolves poorly and that does not depend on the language.
     """
 
     kind: str = "mfcc"
@@ -109,6 +119,7 @@ class FeatureConfig:
     max_frames: int = 300
     utterance_norm: str = "none"
     speaker_norm: bool = False
+    pitch: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("mfcc", "logmel"):
@@ -122,6 +133,8 @@ class FeatureConfig:
             )
         if self.kind == "mfcc" and not 0 < self.n_mfcc <= self.n_mels:
             raise ParameterError(f"n_mfcc={self.n_mfcc} must be in 1..n_mels={self.n_mels}")
+        if not isinstance(self.pitch, bool):
+            raise ParameterError(f"FeatureConfig.pitch must be true or false, got {self.pitch!r}")
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "max_frames"):
             if getattr(self, name) <= 0:
                 raise ParameterError(f"FeatureConfig.{name} must be positive, got {getattr(self, name)}")
@@ -129,6 +142,11 @@ class FeatureConfig:
     @property
     def n_features(self) -> int:
         """Width of one feature frame."""
+        return self.n_spectral + (2 if self.pitch else 0)
+
+    @property
+    def n_spectral(self) -> int:
+        """Width of the spectral part (MFCC or log-mel bands), the first columns of a frame."""
         return self.n_mfcc if self.kind == "mfcc" else self.n_mels
 
     @property
@@ -136,7 +154,10 @@ class FeatureConfig:
         return self.fmax if self.fmax > 0 else self.sample_rate / 2.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.pitch:  # configs without it serialise as before (model metadata, feature-cache keys)
+            del out["pitch"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FeatureConfig:
@@ -337,6 +358,76 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return log_mel(y, cfg) @ dct_matrix(cfg.n_mfcc, cfg.n_mels).T
 
 
+PITCH_FMIN, PITCH_FMAX = 60, 500  # Hz: the lags searched (speech F0, low male voices to shouting and children)
+PITCH_VOICED = 0.5  # a frame is voiced when its normalised autocorrelation peak reaches this
+
+
+def pitch_window(sample_rate: int) -> int:
+    """Samples of :func:`pitch_track`'s analysis window: 40 ms, two and a half periods of the lowest pitch."""
+    return 2 * int(round(0.02 * sample_rate))
+
+
+def pitch_track(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """``[T, 2]`` float32, one row per spectral frame (centred frames every ``hop_length`` samples, as
+    :func:`log_mel`): the fundamental frequency in semitones above 100 Hz, and the periodicity (0..1).
+
+    Per frame, the normalised cross-correlation of a 40 ms window with itself shifted by each lag between
+    ``1 / PITCH_FMAX`` and ``1 / PITCH_FMIN``; the period is the peak at or after the shortest lag whose value is
+    within 10 % of the best (which keeps an octave error from a period's multiples rare), refined between lags by a
+    parabola; the periodicity is the best value. Frames whose
+    periodicity is under ``PITCH_VOICED`` are unvoiced: their pitch is interpolated between the voiced frames around
+    them (the first and last voiced values held at the ends); an utterance with no voiced frame has pitch 0.
+    """
+    y = np.asarray(y, np.float64)
+    sr, hop = cfg.sample_rate, cfg.hop_length
+    win = pitch_window(sr)
+    n_frames = 1 + len(y) // hop
+    padded = np.pad(y, (win // 2, win // 2), mode="constant")
+    padded = np.pad(padded, (0, max(0, (n_frames - 1) * hop + win - len(padded))), mode="constant")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, win)[::hop][:n_frames]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    lmin, lmax = max(1, sr // PITCH_FMAX), min(win - 1, sr // PITCH_FMIN)
+    n_fft = 1 << int(np.ceil(np.log2(win + lmax + 1)))  # no circular wrap at the lags searched
+    spec = np.fft.rfft(frames, n=n_fft, axis=1)
+    acf = np.fft.irfft(spec.real**2 + spec.imag**2, n=n_fft, axis=1)[:, :win]
+    lags = np.arange(lmin, lmax + 1)
+    cs = np.cumsum(frames**2, axis=1)
+    head = cs[:, win - 1 - lags]  # energy of x[0 : win - lag]
+    tail = cs[:, -1:] - cs[:, lags - 1]  # energy of x[lag : win]
+    nccf = acf[:, lags] / np.sqrt(np.maximum(head * tail, 1e-20))
+    best = nccf.max(axis=1)
+    j = np.argmax(nccf >= 0.9 * np.maximum(best, 1e-9)[:, None], axis=1)
+    rows = np.arange(n_frames)
+    for _ in range(len(lags)):  # up to that lag's own peak
+        step = (j + 1 < len(lags)) & (nccf[rows, np.minimum(j + 1, len(lags) - 1)] > nccf[rows, j])
+        if not step.any():
+            break
+        j = j + step
+    inner = (j > 0) & (j < len(lags) - 1)  # parabolic interpolation between the lags around the peak
+    a, b, c = (nccf[rows, np.clip(j + d, 0, len(lags) - 1)] for d in (-1, 0, 1))
+    den = a - 2 * b + c
+    shift = np.where(inner & (den < 0), 0.5 * (a - c) / np.where(den < 0, den, -1.0), 0.0)
+    f0 = sr / (lags[j] + np.clip(shift, -0.5, 0.5))
+    semitones = 12.0 * np.log2(f0 / 100.0)
+    voiced = best >= PITCH_VOICED
+    if voiced.any():
+        idx = np.flatnonzero(voiced)
+        semitones = np.interp(np.arange(n_frames), idx, semitones[idx])
+    else:
+        semitones = np.zeros(n_frames)
+    return np.stack([semitones, np.clip(best, 0.0, 1.0)], axis=1).astype(np.float32)
+
+
+def with_pitch(feats: np.ndarray, y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """``feats`` (the spectral part of the trimmed utterance ``y``) with :func:`pitch_track` 's columns appended
+    when ``cfg.pitch``; training and the device share this."""
+    if not cfg.pitch:
+        return feats
+    track = pitch_track(y, cfg)
+    n = min(len(track), len(feats))  # the same count by construction; never more rows than the spectrum's
+    return np.concatenate([feats[:n], track[:n]], axis=1).astype(np.float32)
+
+
 def utterance_normalize(feats: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """``cfg.utterance_norm`` applied to ``[T, F]`` features (training and device share this)."""
     if cfg.utterance_norm == "none":
@@ -357,7 +448,7 @@ def raw_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """The features of ``cfg``, before the training-set normalisation: ``[T, n_features]`` float32."""
     y = _check_audio(y)
     feats = mfcc(y, cfg) if cfg.kind == "mfcc" else log_mel(y, cfg)
-    return utterance_normalize(feats, cfg)
+    return with_pitch(utterance_normalize(feats, cfg), y, cfg)
 
 
 def trim_silence(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:

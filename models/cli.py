@@ -166,6 +166,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc")
     g.add_argument("--utterance-norm", choices=UTTERANCE_NORMS, default="none",
                    help="per-utterance normalisation (level: remove the recording's gain only)")
+    g.add_argument("--pitch", action="store_true",
+                   help="two more feature columns: pitch in semitones and periodicity (numpy, on the device too)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
     g.add_argument("--speaker-reference", choices=("all", "neutral", "balanced"), default="all",
@@ -279,7 +281,7 @@ def _configs(args):
     from models.train import TrainConfig
 
     features = FeatureConfig(kind=args.features, utterance_norm=args.utterance_norm, max_frames=args.max_frames,
-                             speaker_norm=args.speaker_norm)
+                             speaker_norm=args.speaker_norm, pitch=args.pitch)
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,

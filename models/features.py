@@ -30,6 +30,7 @@ from edge_sdk.features import (
     speaker_inputs,
     trim_silence,
     utterance_normalize,
+    with_pitch,
 )
 from models.datasets import Clip
 
@@ -104,7 +105,7 @@ def _interpolate(x: np.ndarray, src: np.ndarray, axis: int) -> np.ndarray:
 
 
 def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float = 0.0, time_stretch: float = 0.0,
-                   spectral_tilt: float = 0.0) -> np.ndarray:
+                   spectral_tilt: float = 0.0, spectral: int | None = None) -> np.ndarray:
     """Altered copies of normalised model inputs ``x`` ``[N, T, F]`` (one per example; training only).
 
     ``freq_warp``: the feature axis (mel bands) is read at ``f * a``, ``a`` uniform in ``[1 - w, 1 + w]`` per
@@ -114,17 +115,20 @@ def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float 
     ``spectral_tilt``: adds ``g * (2 f / (F - 1) - 1)`` to every frame that is not padding, ``g`` uniform in
     ``[-t, t]`` (normalised units: a random tilt of the spectrum, like another microphone or voice effort).
     Zero rows (padding) stay zero rows. With every amount 0, ``x`` is returned unchanged.
+    ``spectral``: the warp and the tilt touch only the first ``spectral`` columns (the bands; the pitch columns of
+    ``FeatureConfig.pitch`` follow them); None: all.
     """
     if not (freq_warp or time_stretch or spectral_tilt):
         return x
     x = np.asarray(x, np.float32)
-    n, frames, feats = x.shape
+    n, frames, width = x.shape
+    feats = width if spectral is None else spectral
     pad = ~np.any(x != 0, axis=2)  # [N, T]
     out = x
     if freq_warp:
         a = rng.uniform(1 - freq_warp, 1 + freq_warp, size=(n, 1))
         src = np.minimum(np.arange(feats)[None, :] * a, feats - 1)
-        out = _interpolate(out, src, 2)
+        out = np.concatenate([_interpolate(out[..., :feats], src, 2), out[..., feats:]], axis=2)
     if time_stretch:
         r = rng.uniform(1 - time_stretch, 1 + time_stretch, size=(n, 1))
         src = np.arange(frames)[None, :] * r
@@ -133,7 +137,9 @@ def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float 
         out = out * ~pad[..., None]
     if spectral_tilt:
         g = rng.uniform(-spectral_tilt, spectral_tilt, size=(n, 1, 1)).astype(np.float32)
-        out = out + g * np.linspace(-1.0, 1.0, feats, dtype=np.float32)[None, None, :] * ~pad[..., None]
+        ramp = np.zeros(width, np.float32)
+        ramp[:feats] = np.linspace(-1.0, 1.0, feats, dtype=np.float32)
+        out = out + g * ramp[None, None, :] * ~pad[..., None]
     return out.astype(np.float32)
 
 
@@ -150,7 +156,8 @@ def load_clip_audio(path: str, sample_rate: int) -> np.ndarray:
 
 
 def librosa_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """The spectral features of ``cfg`` computed by librosa: ``[T, n_features]`` float32."""
+    """The features of ``cfg``, the spectral part computed by librosa (the pitch columns, when ``cfg.pitch``, by
+    ``edge_sdk.features.pitch_track`` as on the device): ``[T, n_features]`` float32."""
     import librosa
 
     mel = librosa.feature.melspectrogram(
@@ -160,8 +167,9 @@ def librosa_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     )
     db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=cfg.top_db if cfg.top_db > 0 else None)
     if cfg.kind == "logmel":
-        return utterance_normalize(db.T, cfg)
-    return utterance_normalize(librosa.feature.mfcc(S=db, n_mfcc=cfg.n_mfcc, dct_type=2, norm="ortho").T, cfg)
+        return with_pitch(utterance_normalize(db.T, cfg), y, cfg)
+    return with_pitch(utterance_normalize(librosa.feature.mfcc(S=db, n_mfcc=cfg.n_mfcc, dct_type=2, norm="ortho").T,
+                                          cfg), y, cfg)
 
 
 @dataclass

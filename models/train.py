@@ -395,7 +395,7 @@ def train_baseline(
             x_epoch = lam * x_train + (1.0 - lam) * x_train_all
         if config.feature_augmented:
             x_epoch = augment_inputs(x_epoch, aug_rng, freq_warp=config.freq_warp, time_stretch=config.time_stretch,
-                                     spectral_tilt=config.spectral_tilt)
+                                     spectral_tilt=config.spectral_tilt, spectral=features.n_spectral)
             if not plain:
                 batches = _batches(x_epoch, y_train, sample_w, len(labels), config)
         if plain:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_sdk.errors import ParameterError
-from edge_sdk.features import FeatureConfig, Normalization, extract, fit_frames, raw_features
+from edge_sdk.features import FeatureConfig, Normalization, extract, fit_frames, pitch_track, raw_features
 
 # librosa computes in float32, this module in float64: on real speech the MFCCs (magnitudes up
 # to about 650) differ by at most ~1e-4, so 2e-3 absolute is a tolerance with margin that still
@@ -79,7 +79,7 @@ def test_normalization_fit_and_apply(rng):
 
 @pytest.mark.parametrize("bad, match", [
     ({"kind": "mel"}, "kind"), ({"win_length": 800}, "win_length"), ({"n_mfcc": 80}, "n_mfcc"),
-    ({"hop_length": 0}, "hop_length"), ({"utterance_norm": "cmvn"}, "utterance_norm"),
+    ({"hop_length": 0}, "hop_length"), ({"utterance_norm": "cmvn"}, "utterance_norm"), ({"pitch": 1}, "pitch"),
 ])
 def test_bad_config_names_the_field(bad, match):
     with pytest.raises(ParameterError, match=match):
@@ -126,3 +126,80 @@ def test_speaker_statistics_shrink_toward_the_training_ones_and_match_training_w
     assert xs[0].shape == (50, 3) and np.all(xs[0][40:] == 0)
     np.testing.assert_allclose(xs[1][:40], norm.apply(raws[1]), rtol=1e-6)
     assert norm.mean[0] > 0.5  # 120 frames against 500 pseudo-frames: pulled from the training mean (0) toward 5
+
+
+def _semitones_to_hz(st: np.ndarray) -> np.ndarray:
+    return 100.0 * 2.0 ** (st / 12.0)
+
+
+@pytest.mark.parametrize("f0", [62.0, 95.0, 140.0, 220.0, 330.0, 480.0])
+def test_pitch_track_finds_the_fundamental_of_a_voice_like_tone(f0, rng):
+    """Harmonics falling off like a voice's (the fundamental not the strongest in every frame), a little noise:
+    the pitch within half a semitone's tenth, every frame voiced; one row per spectral frame."""
+    cfg = FeatureConfig(kind="logmel", pitch=True)
+    t = np.arange(24000) / 16000
+    y = sum(0.3 / k * np.sin(2 * np.pi * f0 * k * t + k) for k in range(1, 8)) + 0.01 * rng.standard_normal(len(t))
+    track = pitch_track(y.astype(np.float32), cfg)
+    assert track.shape == (raw_features(y.astype(np.float32), FeatureConfig(kind="logmel")).shape[0], 2)
+    assert track.dtype == np.float32
+    inner = track[5:-5]  # the first and last frames see the zero padding
+    np.testing.assert_allclose(_semitones_to_hz(inner[:, 0]), f0, rtol=0.003)
+    assert inner[:, 1].min() > 0.9
+
+
+def test_pitch_track_follows_a_glide_and_fills_unvoiced_frames(rng):
+    sr = 16000
+    f = np.linspace(110.0, 260.0, 32000)
+    phase = 2 * np.pi * np.cumsum(f) / sr
+    voiced = 0.3 * np.sin(phase) + 0.12 * np.sin(2 * phase) + 0.05 * np.sin(3 * phase)
+    gap = np.zeros(32000, bool)
+    gap[12000:20000] = True  # half a second of noise in the middle: unvoiced
+    y = np.where(gap, 0.05 * rng.standard_normal(32000), voiced).astype(np.float32)
+    track = pitch_track(y, FeatureConfig(kind="logmel", pitch=True))
+    frames = np.arange(len(track)) * 160
+    ok = (frames > 400) & (frames < 31600) & ~gap[np.minimum(frames, 31999)]
+    ok &= (np.abs(frames - 12000) > 400) & (np.abs(frames - 20000) > 400)
+    np.testing.assert_allclose(_semitones_to_hz(track[ok, 0]), f[frames[ok]], rtol=0.01)
+    inside = (frames > 12400) & (frames < 19600)
+    assert track[inside, 1].max() < 0.5  # noise is not voiced ...
+    lo, hi = 12.0 * np.log2(f[11600] / 100), 12.0 * np.log2(f[20400] / 100)
+    assert np.all((track[inside, 0] > lo - 0.2) & (track[inside, 0] < hi + 0.2))  # ... and its pitch interpolated
+
+
+def test_pitch_of_noise_or_silence_is_unvoiced_and_finite(rng):
+    cfg = FeatureConfig(kind="logmel", pitch=True)
+    for y in (0.1 * rng.standard_normal(16000), np.zeros(16000)):
+        track = pitch_track(y.astype(np.float32), cfg)
+        assert np.all(np.isfinite(track)) and np.all(track[:, 0] == 0.0) and track[:, 1].max() < 0.5
+
+
+def test_pitch_columns_follow_the_spectral_ones_untouched_by_the_level_norm(rng):
+    """n_features grows by 2; the spectral columns are what they were without pitch; the utterance's level is not
+    subtracted from the pitch; a config without pitch serialises as before (old metadata and caches stay valid)."""
+    t = np.arange(24000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 180 * t) + 0.1 * np.sin(2 * np.pi * 360 * t)
+         + 0.01 * rng.standard_normal(24000)).astype(np.float32)
+    for kind in ("logmel", "mfcc"):
+        plain = FeatureConfig(kind=kind, utterance_norm="level")
+        cfg = FeatureConfig(kind=kind, utterance_norm="level", pitch=True)
+        assert cfg.n_features == plain.n_features + 2 and cfg.n_spectral == plain.n_features
+        with_p, without = raw_features(y, cfg), raw_features(y, plain)
+        assert with_p.shape == (without.shape[0], plain.n_features + 2)
+        np.testing.assert_array_equal(with_p[:, :-2], without)
+        np.testing.assert_allclose(_semitones_to_hz(with_p[10:-10, -2]), 180.0, rtol=0.003)
+        np.testing.assert_allclose(raw_features(0.1 * y, cfg)[:, -2:], with_p[:, -2:], atol=1e-4)  # gain-free
+        assert "pitch" not in plain.to_dict() and cfg.to_dict()["pitch"] is True
+        assert FeatureConfig.from_dict(cfg.to_dict()) == cfg and FeatureConfig.from_dict(plain.to_dict()) == plain
+        assert extract(y, cfg).shape == (cfg.max_frames, cfg.n_features)
+
+
+def test_training_features_carry_the_same_pitch_columns(rng):
+    from models.features import librosa_features
+
+    t = np.arange(24000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 150 * t * (1 + 0.1 * t)) + 0.01 * rng.standard_normal(24000)).astype(np.float32)
+    cfg = FeatureConfig(kind="logmel", utterance_norm="level", pitch=True)
+    ours, ref = raw_features(y, cfg), librosa_features(y, cfg)
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(ours[:, -2:], ref[:, -2:])
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from tests.conftest import REPO
 
 
@@ -215,6 +217,33 @@ def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encod
     assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_model_with_pitch_columns_scores_the_same_through_the_device_path(synthetic_clips, tmp_path):
+    """``--pitch``: the model takes two more columns (pitch, periodicity), the metadata says so, and edge_sdk's
+    features and the TFLite runtime score the test speaker as training's evaluation did."""
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+
+    speakers = sorted({c.speaker for c in synthetic_clips})
+    parts = {speakers[-1]: "test", speakers[-2]: "val"}
+    csv = _manifest(tmp_path, synthetic_clips, split=lambda c: parts.get(c.speaker, "train"))
+    out = tmp_path / "run"
+    r = _train_cli("train", "--out", str(out), "--corpus", "manifest", "--data", csv, "--features", "logmel",
+                   "--utterance-norm", "level", "--pitch", "--epochs", "2", "--max-frames", "120",
+                   "--cache", str(tmp_path / "cache"), "--input-affine-from", "20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ModelMetadata.load(out / "model.json")
+    assert meta.features.pitch and meta.features.n_features == meta.features.n_mels + 2
+    assert json.loads((out / "model.json").read_text())["features"]["pitch"] is True
+    model = TFLiteModel(out / "model.tflite", meta)
+    assert model.infer(np.zeros((120, meta.features.n_features), np.float32))[0].shape == (meta.num_classes,)
+    report = json.loads((out / "report.json").read_text())
+    r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "manifest", "--data", csv,
+                   "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert got["test"]["num_examples"] == report["test"]["num_examples"]
+    assert abs(got["test"]["accuracy"] - report["test"]["accuracy"]) <= 1.0 / got["test"]["num_examples"] + 1e-9
+
+
 def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_checked(tmp_path):
     """The bundled model's recipe (both corpora, level removal, speed-perturbed copies, no validation) as an admin's
     baseline job: accepted, and it reaches fedser-train as the same configuration; out-of-range values are refused
@@ -232,6 +261,9 @@ def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_ch
     args = build_parser().parse_args(_train_argv(_check(recipe), tmp_path / "out"))
     features, config = _configs(args)
     assert args.corpus == "ravdess,nemo" and args.val_speakers == "none" and features.utterance_norm == "level"
+    assert not features.pitch
+    assert _configs(build_parser().parse_args(_train_argv(_check({**recipe, "pitch": True}), tmp_path / "out",
+                                                          tmp_path / "cache")))[0].pitch
     assert config.epochs == 20 and config.augmentation == Augmentation(copies=2, speed=(0.8, 1.25),
                                                                        gain_db=(0.0, 0.0), snr_db=(90.0, 90.0))
     # a range starting with a minus sign is one argument, not another option

@@ -57,6 +57,17 @@ def test_spectral_tilt_adds_a_ramp_to_speech_frames_only():
     assert np.abs(ramp).max() <= 2.0 + 1e-6 and np.abs(ramp).max() > 0.1
 
 
+def test_warp_and_tilt_leave_the_pitch_columns_alone():
+    """With FeatureConfig.pitch the last two columns are pitch and periodicity, not bands: a band warp or a
+    spectral tilt must not move them (time stretch does: it is time)."""
+    x = _inputs(n=50, feats=18)
+    y = augment_inputs(x, np.random.default_rng(4), freq_warp=0.3, spectral_tilt=2.0, spectral=16)
+    np.testing.assert_array_equal(y[..., 16:], x[..., 16:])
+    assert not np.allclose(y[..., :16], x[..., :16]) and not y[:, 24:].any()
+    z = augment_inputs(x, np.random.default_rng(4), time_stretch=0.3, spectral=16)
+    assert not np.allclose(z[..., 16:], x[..., 16:])
+
+
 def test_cosine_schedule_and_validation():
     c = TrainConfig(epochs=10, learning_rate=1e-3, lr_schedule="cosine")
     assert c.learning_rate_at(0) == pytest.approx(1e-3)

@@ -121,7 +121,8 @@ def main() -> int:
     text = table(rows)
     (args.out / "bias-rules.md").write_text(
         "# Bare thumbs answers fit as a class bias, emulated (validation speakers)\n\n"
-        f"`python docs/results/personalisation-study/stop28/thumbs_bias_emulation.py --model {args.model}`\n\n"
+        "`python docs/results/personalisation-study/stop28/thumbs_bias_emulation.py --model "
+        f"{args.model.resolve().relative_to(REPO) if args.model.resolve().is_relative_to(REPO) else args.model}`\n\n"
         "Mean gain in points ± SE over trials (runs below -5 points, worst run) and fits kept.\n\n" + text)
     print(text)
     return 0
