@@ -290,8 +290,8 @@ def reap(session, job: Job) -> None:
         return
     try:  # a job this process started and that has exited stays a zombie, "alive" to kill(pid, 0), until waited
         exited = os.waitpid(job.pid, os.WNOHANG)[0] == job.pid
-    except ChildProcessError:  # not our child (another worker's or host's job): kill(pid, 0) tells
-        exited = False
+    except ChildProcessError:  # not our child (another worker's job): a zombie there has exited all the same
+        exited = _is_zombie(job.pid)
     if not exited:
         try:
             os.kill(job.pid, 0)
@@ -301,6 +301,18 @@ def reap(session, job: Job) -> None:
         except PermissionError:
             return
     _mark_failed(session, job, "the job's process exited without reporting (killed?)")
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits for its parent to collect it (Linux: state Z in /proc/PID/stat; False
+    where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data.rsplit(b")", 1)[-1].split()  # after "(comm)", which may hold spaces and parentheses
+    return bool(fields) and fields[0] == b"Z"
 
 
 def _mark_failed(session, job: Job, detail: str) -> None:

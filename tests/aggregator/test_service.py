@@ -519,3 +519,41 @@ def test_a_job_whose_process_exited_without_reporting_is_reaped_even_as_an_unwai
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_job_that_died_as_another_workers_child_is_reaped_by_any_worker_on_the_host(tmp_path):
+    """Only the job's parent can wait for it; before, every other worker on the host saw its zombie as alive
+    (kill(pid, 0) succeeds), so the job stayed "running" until the parent happened to look. Now a zombie counts as
+    exited whoever looks."""
+    import subprocess
+    import sys
+
+    from aggregator.db import Job
+    from aggregator.jobs import host_name, reap
+
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
+    # a parent (standing for another worker) that starts a child which exits at once, and never waits for it
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "p = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+                               "print(p.pid, flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with app.extensions["fedser_sessionmaker"]() as s:
+            s.add_all([Job(status="running", params="{}", created_at=time.time() - 60, pid=p, host=host_name())
+                       for p in (pid, parent.pid)])
+            s.commit()
+        with app.extensions["fedser_sessionmaker"]() as s:
+            for job in s.query(Job).order_by(Job.id):
+                reap(s, job)
+            s.commit()
+        with app.extensions["fedser_sessionmaker"]() as s:
+            dead, alive = s.get(Job, 1), s.get(Job, 2)
+            assert dead.status == "failed" and "exited without reporting" in dead.detail
+            assert alive.status == "running"  # a live process that is not our child: left alone
+    finally:
+        parent.kill()
+        parent.wait()
