@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -112,8 +113,9 @@ def test_replay_adds_the_models_own_embeddings_of_the_named_speakers(trained_mod
     assert r.returncode != 0 and "not in the corpus" in r.stderr
 
 
-def _two_corpora(tmp_path):
-    """A RAVDESS tree (actors 1, 2, 19, 20, 21) and an nEMO tree (EB0, KD0, KS0, IC0), tones of the labels."""
+def _two_corpora(tmp_path, actors=(1, 2, 19, 20, 21), nemo_speakers=("EB0", "KD0", "KS0", "IC0")):
+    """A RAVDESS tree (by default actors 1, 2, 19, 20, 21) and an nEMO tree (EB0, KD0, KS0, IC0), tones of the
+    labels."""
     import numpy as np
     import soundfile
 
@@ -129,11 +131,11 @@ def _two_corpora(tmp_path):
         soundfile.write(path, 0.3 * np.sin(2 * np.pi * pitch.get(key, 200) * t * (1 + 0.05 * np.sin(5 * t))), 16000)
 
     rav = tmp_path / "ravdess"
-    for actor in (1, 2, 19, 20, 21):
+    for actor in actors:
         for emo in ("01", "03", "04", "05"):
             for rep in ("01", "02"):
                 tone(rav / f"Actor_{actor:02d}" / f"03-01-{emo}-01-01-{rep}-{actor:02d}.wav")
-    nemo = nemo_tree(tmp_path / "nemo", speakers=("EB0", "KD0", "KS0", "IC0"),
+    nemo = nemo_tree(tmp_path / "nemo", speakers=nemo_speakers,
                      emotions=("anger", "happiness", "neutral", "sadness"), tone=tone)
     return rav, nemo
 
@@ -301,3 +303,47 @@ def test_a_baseline_job_takes_input_affine_from_range_checked():
             assert why in str(exc)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+@pytest.mark.slow  # 40-60 s: three runs of the research tool (scripts/test.sh --slow)
+def test_recipe_search_runs_refits_and_ensembles_on_generated_corpora(tmp_path):
+    """``python -m models.recipe_search`` (the bundled model's recipe search, task B) on generated trees of both
+    corpora: a run validates on RAVDESS 19-20 and nEMO WR0; ``--refit`` trains those too, validates on nothing and
+    writes NAME-refit rows, exports and logits beside the run's, overwriting none; an ensemble of refit logits has no
+    validation figure (it was NaN); the table shows "-" for it. Named test speakers never train."""
+    import os
+
+    rav, nemo = _two_corpora(tmp_path, actors=(1, 2, 19, 20, 21, 22, 23, 24),
+                             nemo_speakers=("EB0", "KD0", "WR0", "IC0", "MK0", "TP0"))
+    env = dict(os.environ, FEDSER_RAVDESS=str(rav), FEDSER_NEMO=str(nemo))
+    define = 'T={"base": "B0", "features": {"max_frames": 60}, "train": {"epochs": 1, "patience": 0}}'
+    common = ["--task", "B", "--recipes", "T", "--define", define, "--seeds", "0", "--out", str(tmp_path / "rs"),
+              "--cache", str(tmp_path / "cache"), "--save-logits", str(tmp_path / "logits")]
+
+    def search(*args):
+        r = subprocess.run([sys.executable, "-m", "models.recipe_search", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    search("run", *common, "--export", str(tmp_path / "exp"))
+    search("run", *common, "--export", str(tmp_path / "exp"), "--refit")
+    search("ensemble", *common, "--refit", "--size", "1")
+    rows = [json.loads(x) for x in (tmp_path / "rs" / "results.jsonl").read_text().splitlines()]
+    run, refit, ens = rows
+    assert (run["recipe"], refit["recipe"], ens["recipe"]) == ("T", "T-refit", "T-refit-ens1")
+    assert run["val_speakers"] == ["nemo-WR0", "ravdess-19", "ravdess-20"] and run["final_val_uar"] is not None
+    assert refit["val_speakers"] == [] and refit["best_val_uar"] is None and refit["final_val_uar"] is None
+    assert ens["final_val_uar"] is None and ens["members"] == [0]
+    for row in rows:
+        assert row["nemo_test"]["n"] == 3 * 8 and row["ravdess_test"]["n"] == 4 * 8  # IC0/MK0/TP0, actors 21-24
+    assert ens["nemo_test"] == refit["nemo_test"]  # an ensemble of one is its member
+    for name in ("T-seed0", "T-refit-seed0"):
+        assert (tmp_path / "exp" / name / "model.tflite").stat().st_size > 0
+        assert (tmp_path / "logits" / f"{name}.npz").exists()
+    trained = json.loads((tmp_path / "exp" / "T-refit-seed0" / "report.json").read_text())["split"]["train_speakers"]
+    assert {"nemo-WR0", "ravdess-19", "ravdess-20"} <= set(trained)
+    assert not {"nemo-IC0", "nemo-MK0", "nemo-TP0", "ravdess-21", "ravdess-24"} & set(trained)
+    table = search("table", "--out", str(tmp_path / "rs")).stdout
+    assert "| T-refit | " in table and "| T-refit-ens1 | " in table
+    assert [line.split(" | ")[3] for line in table.splitlines() if line.startswith("| T-refit")] == ["-", "-"]
