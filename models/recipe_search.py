@@ -31,6 +31,11 @@ __all__ = ["RECIPES", "main"]
 NEMO_TEST = ("nemo-IC0", "nemo-MK0", "nemo-TP0")
 NEMO_DEV = ("nemo-EB0", "nemo-KD0", "nemo-KS0", "nemo-MP0", "nemo-SM0", "nemo-WR0")
 RAVDESS_TEST = tuple(f"ravdess-{a}" for a in (21, 22, 23, 24))
+# task B cross-validation (``--cv-fold K``): fold K holds out two of the six non-test nEMO speakers and RAVDESS 19-20
+# (those in every fold), scored after a fixed number of epochs: choosing a recipe for a refit on non-test speakers,
+# six nEMO speakers deep instead of WR0 alone. The named test speakers are not even scored.
+NEMO_CV_FOLDS = (("nemo-EB0", "nemo-KD0"), ("nemo-KS0", "nemo-MP0"), ("nemo-SM0", "nemo-WR0"))
+RAVDESS_CV = ("ravdess-19", "ravdess-20")
 LABELS = ("angry", "happy", "neutral", "sad")
 
 # two speed-perturbed audio copies per training clip (0.8-1.25, resampled; no gain change, no noise)
@@ -119,15 +124,23 @@ def _configs(recipe: dict, seed: int):
     return features, TrainConfig(**train, seed=seed), arch
 
 
-def _split(task: str, refit: bool = False):
+def _split(task: str, refit: bool = False, cv_fold: int | None = None):
     """(train, validation, test, calm reference clips); ``refit``: the validation speakers train too and there is
-    no validation (the recipe's epochs all run)."""
+    no validation (the recipe's epochs all run); ``cv_fold`` (task B): fold K of :data:`NEMO_CV_FOLDS` and RAVDESS
+    19-20 are the "test" part, the rest of the non-test speakers train, no validation."""
     from models.cross_corpus import _calm_clips, _clips
     from models.datasets import split_by_speaker
 
     ravdess, nemo = _clips()
     r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
-    r_train, r_val = split_by_speaker(r_rest, ["ravdess-19", "ravdess-20"])
+    r_train, r_val = split_by_speaker(r_rest, list(RAVDESS_CV))
+    if cv_fold is not None:
+        if task != "B" or refit or not 0 <= cv_fold < len(NEMO_CV_FOLDS):
+            raise ValueError(f"cv_fold is for task B without refit, 0..{len(NEMO_CV_FOLDS) - 1}; got task {task}, "
+                             f"refit {refit}, fold {cv_fold}")
+        n_rest, _ = split_by_speaker(nemo, list(NEMO_TEST))
+        n_train, n_held = split_by_speaker(n_rest, list(NEMO_CV_FOLDS[cv_fold]))
+        return r_train + n_train, [], r_val + n_held, _calm_clips()
     if task == "A":
         return (r_rest, [], r_test + nemo, _calm_clips()) if refit else (r_train, r_val, r_test + nemo,
                                                                            _calm_clips())
@@ -146,22 +159,24 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
             "recall": {k: rep["per_class"][k]["recall"] for k in LABELS}}
 
 
-def _row_name(name: str, refit: bool) -> str:
-    """A refit's rows, export folders and logits are NAME-refit: they never overwrite the recipe's own."""
-    return f"{name}-refit" if refit else name
+def _row_name(name: str, refit: bool, cv_fold: int | None = None) -> str:
+    """A refit's rows, export folders and logits are NAME-refit, a cross-validation fold's NAME-cvK: they never
+    overwrite the recipe's own."""
+    return f"{name}-refit" if refit else f"{name}-cv{cv_fold}" if cv_fold is not None else name
 
 
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
-            trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False) -> dict:
+            trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False,
+            cv_fold: int | None = None) -> dict:
     from models.features import compute_features
     from models.train import train_baseline
 
     recipe = RECIPES[name]
     features, config, arch = _configs(recipe, seed)
-    train, val, test, calm = _split(task, refit)
-    if refit and config.patience and not config.swa_epochs:
-        log.info("refit: no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
-    row_name = _row_name(name, refit)
+    train, val, test, calm = _split(task, refit, cv_fold)
+    if (refit or cv_fold is not None) and config.patience and not config.swa_epochs:
+        log.info("no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
+    row_name = _row_name(name, refit, cv_fold)
     out_dir = export / f"{row_name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
@@ -203,8 +218,49 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
            "best_val_uar": rep["best_val_uar"], "final_val_uar": final_val,
            "params": rep["encoder_params"] + rep["head_params"],
            "seconds_per_epoch": rep["seconds_per_epoch"], "val_speakers": rep["split"]["val_speakers"],
-           **_group_scores(task, spk, y, pred)}
+           **(_cv_scores(cv_fold, spk, y, pred) if cv_fold is not None else _group_scores(task, spk, y, pred))}
+    if cv_fold is not None:
+        row.update(base_recipe=name, cv_fold=cv_fold)
     return row
+
+
+def _cv_scores(fold: int, spk: np.ndarray, y: np.ndarray, pred: np.ndarray) -> dict:
+    """A cross-validation fold's scores: its two nEMO speakers and RAVDESS 19-20."""
+    groups = {"nemo_cv": np.isin(spk, NEMO_CV_FOLDS[fold]), "ravdess_cv": np.isin(spk, RAVDESS_CV)}
+    return {g: _scores(y[m], pred[m]) for g, m in groups.items()}
+
+
+def cv_table(rows: list[dict]) -> str:
+    """Cross-validated recipes side by side: per recipe and seed, the mean over folds of the held-out nEMO pair's
+    UAR and of RAVDESS 19-20's, and paired differences against the first recipe on the same folds and seeds."""
+    rows = [r for r in rows if "cv_fold" in r]
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(r["base_recipe"] for r in rows))
+    cell = {(r["base_recipe"], r["seed"], r["cv_fold"]): r for r in rows}
+    lines = ["| recipe | folds x seeds | nEMO held-out pair UAR | RAVDESS 19-20 UAR | mean of the two | "
+             f"paired vs {names[0]}: nEMO | RAVDESS | mean |", "| --- " * 8 + "|"]
+    for name in names:
+        keys = sorted(k for k in cell if k[0] == name)
+        shared = [k for k in keys if (names[0], *k[1:]) in cell]
+
+        def values(n, group, ks):
+            return np.array([cell[(n, *k[1:])][group]["uar"] for k in ks])
+
+        n, r = values(name, "nemo_cv", keys), values(name, "ravdess_cv", keys)
+        parts = [f"| {name} | {len(keys)} | {_mean_se(n)} | {_mean_se(r)} | {_mean_se((n + r) / 2)} |"]
+        for group in ("nemo_cv", "ravdess_cv", None):
+            if name == names[0] or len(shared) < 2:
+                parts.append(" - |")
+                continue
+            if group is None:
+                d = (values(name, "nemo_cv", shared) + values(name, "ravdess_cv", shared)
+                     - values(names[0], "nemo_cv", shared) - values(names[0], "ravdess_cv", shared)) / 2
+            else:
+                d = values(name, group, shared) - values(names[0], group, shared)
+            parts.append(f" {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} |")
+        lines.append("".join(parts))
+    return "\n".join(lines) + "\n"
 
 
 def _val_uar(y: np.ndarray, pred: np.ndarray, speakers) -> float:
@@ -276,7 +332,7 @@ def _mean_se(values) -> str:
 
 
 def table(rows: list[dict], task: str) -> str:
-    rows = [r for r in rows if r["task"] == task]
+    rows = [r for r in rows if r["task"] == task and "cv_fold" not in r]
     if task == "A":
         head = ("| recipe | what changes from A0 | seeds | selection: nEMO 6 dev speakers UAR "
                 "| lowest dev class recall (mean over seeds) | RAVDESS 19-20 val UAR | nEMO IC0/MK0/TP0 UAR "
@@ -328,7 +384,13 @@ def main(argv=None) -> int:
                    help="run: the validation speakers train too, no validation, every epoch of the recipe runs "
                         "(set them with a --define'd recipe); the row's recipe, export folder and logits are "
                         "NAME-refit; ensemble: of those logits")
+    p.add_argument("--cv-folds", default=None, metavar="K,K",
+                   help="run, task B: cross-validation folds (0-2) instead of the usual split: fold K's two nEMO "
+                        "speakers and RAVDESS 19-20 are scored after every epoch of the recipe has run on the rest of "
+                        "the non-test speakers (rows NAME-cvK); the named test speakers are not scored")
     args = p.parse_args(argv)
+    if args.cv_folds is not None and (args.command != "run" or args.task != "B" or args.refit):
+        p.error("--cv-folds is for run --task B, without --refit")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
         name, spec = d.split("=", 1)
@@ -338,6 +400,9 @@ def main(argv=None) -> int:
     if args.command == "table":
         rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
         text = "## Task A\n\n" + table(rows, "A") + "\n## Task B\n\n" + table(rows, "B")
+        cv = cv_table(rows)
+        if cv:
+            text += "\n## Task B, cross-validated on non-test speakers (--cv-fold)\n\n" + cv
         (args.out / "tables.md").write_text(text)
         print(text)
         return 0
@@ -353,15 +418,18 @@ def main(argv=None) -> int:
                              {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
                                                                    "ravdess_test") if g in row})
         return 0
+    folds = [None] if args.cv_folds is None else [int(k) for k in args.cv_folds.split(",")]
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
-                          args.save_logits, args.refit)
-            with open(results, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            logging.info("%s seed %d: val %s | %s", row["recipe"], seed, _mean_se([row["final_val_uar"]]),
-                         {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all", "ravdess_test")
-                          if g in row})
+            for fold in folds:
+                row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
+                              args.save_logits, args.refit, fold)
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                logging.info("%s seed %d: val %s | %s", row["recipe"], seed, _mean_se([row["final_val_uar"]]),
+                             {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
+                                                                   "ravdess_test", "nemo_cv", "ravdess_cv")
+                              if g in row})
     return 0
 
 
