@@ -314,7 +314,7 @@ def test_recipe_search_runs_refits_and_ensembles_on_generated_corpora(tmp_path):
     import os
 
     rav, nemo = _two_corpora(tmp_path, actors=(1, 2, 19, 20, 21, 22, 23, 24),
-                             nemo_speakers=("EB0", "KD0", "WR0", "IC0", "MK0", "TP0"))
+                             nemo_speakers=("EB0", "KD0", "KS0", "MP0", "SM0", "WR0", "IC0", "MK0", "TP0"))
     env = dict(os.environ, FEDSER_RAVDESS=str(rav), FEDSER_NEMO=str(nemo))
     define = 'T={"base": "B0", "features": {"max_frames": 60}, "train": {"epochs": 1, "patience": 0}}'
     common = ["--task", "B", "--recipes", "T", "--define", define, "--seeds", "0", "--out", str(tmp_path / "rs"),
@@ -347,3 +347,22 @@ def test_recipe_search_runs_refits_and_ensembles_on_generated_corpora(tmp_path):
     table = search("table", "--out", str(tmp_path / "rs")).stdout
     assert "| T-refit | " in table and "| T-refit-ens1 | " in table
     assert [line.split(" | ")[3] for line in table.splitlines() if line.startswith("| T-refit")] == ["-", "-"]
+
+    # cross-validation on non-test speakers: fold 2 scores nEMO SM0 + WR0 and RAVDESS 19-20, trains on the rest of
+    # the non-test speakers for the recipe's epochs, and scores no named test speaker
+    cv = ["--task", "B", "--recipes", "T,U", "--define", define, "--define", define.replace("T=", "U=", 1),
+          "--seeds", "0", "--out", str(tmp_path / "cv"), "--cache", str(tmp_path / "cache")]
+    search("run", *cv, "--cv-folds", "0,2", "--export", str(tmp_path / "cvexp"))
+    rows = [json.loads(x) for x in (tmp_path / "cv" / "results.jsonl").read_text().splitlines()]
+    assert [(r["recipe"], r["cv_fold"]) for r in rows] == [("T-cv0", 0), ("T-cv2", 2), ("U-cv0", 0), ("U-cv2", 2)]
+    for r in rows:
+        assert r["nemo_cv"]["n"] == 2 * 8 and r["ravdess_cv"]["n"] == 2 * 8 and "nemo_test" not in r
+    split = json.loads((tmp_path / "cvexp" / "T-cv2-seed0" / "report.json").read_text())["split"]
+    assert split["test_speakers"] == ["nemo-SM0", "nemo-WR0", "ravdess-19", "ravdess-20"] and not split["val_speakers"]
+    assert {"nemo-EB0", "nemo-MP0", "ravdess-01"} <= set(split["train_speakers"])
+    assert not {"nemo-IC0", "nemo-SM0", "ravdess-19", "ravdess-21"} & set(split["train_speakers"])
+    table = search("table", "--out", str(tmp_path / "cv")).stdout
+    assert "cross-validated" in table and "| T | 2 | " in table and "| U | 2 | " in table
+    r = subprocess.run([sys.executable, "-m", "models.recipe_search", "run", *cv, "--cv-folds", "0", "--refit"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "--cv-folds is for run --task B, without --refit" in r.stderr
