@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -77,19 +78,20 @@ def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bo
     if not folder.is_dir():
         return 0, 0
     now = time.time() if now is None else now
-    files = []
-    for path in folder.rglob("*"):
+    files, young = [], 0
+    for path in _walk_files(folder):  # another trim or a job may delete files under the walk: skipped
         try:
             st = path.lstat()
         except FileNotFoundError:
             continue
-        if not path.is_file() or path.is_symlink():
+        if not stat.S_ISREG(st.st_mode):
             continue
         if path.name.endswith(".tmp.npz") and now - st.st_mtime < TMP_GRACE_SECONDS:
-            max_bytes = max(0, max_bytes - st.st_size)  # counts toward the limit, is not deleted
+            young += st.st_size  # counts toward the limit, is not deleted
             continue
         files.append((st.st_mtime, str(path), st.st_size))
     files.sort()
+    max_bytes = max(0, max_bytes - young)
     total = sum(size for _, _, size in files)
     count = freed = 0
     for _, path, size in files:
@@ -102,17 +104,28 @@ def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bo
                 continue
         count += 1
         freed += size
-    if not dry_run:
-        for sub in sorted(folder.iterdir()) if count else ():
+    if not dry_run and count:
+        try:
+            subs = sorted(folder.iterdir())
+        except OSError:  # removed meanwhile by another trim
+            subs = []
+        for sub in subs:
             if sub.is_dir() and not sub.is_symlink():
                 try:
                     sub.rmdir()  # only when empty
                 except OSError:
                     pass
     if count:
-        log.info("feature cache %s: %s %d files, %d bytes (limit %d)", folder, "would delete" if dry_run else
-                 "deleted", count, freed, max_bytes)
+        log.info("feature cache %s: %s %d files, %d bytes (%d bytes of files being written kept)", folder,
+                 "would delete" if dry_run else "deleted", count, freed, young)
     return count, freed
+
+
+def _walk_files(folder: Path):
+    """Every file under ``folder`` (links not followed); folders that vanish or cannot be read are skipped."""
+    for root, _, names in os.walk(folder, onerror=lambda exc: None):
+        for name in names:
+            yield Path(root) / name
 
 
 def prune_job_folders(session, instance_path: str | os.PathLike, days: float, *, dry_run: bool = False,
@@ -132,9 +145,18 @@ def prune_job_folders(session, instance_path: str | os.PathLike, days: float, *,
     for sub in root.iterdir():
         if sub.name not in ended or not sub.is_dir() or sub.is_symlink():
             continue
-        size = sum(p.lstat().st_size for p in sub.rglob("*") if p.is_file() and not p.is_symlink())
+        size = 0
+        for path in _walk_files(sub):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
         if not dry_run:
             shutil.rmtree(sub, ignore_errors=True)
+            if sub.exists():  # not all of it could be deleted: not counted
+                log.warning("job folder %s: not all of it could be deleted", sub)
+                continue
         count += 1
         freed += size
     return count, freed
@@ -392,10 +414,6 @@ def run_job(job_id: int) -> int:
     except BaseException as exc:  # the job must always record how it ended
         detail = f"{type(exc).__name__}: {exc}"
         log.exception("job %d failed", job_id)
-    try:  # what this job added to the shared feature cache may take it over its limit
-        trim_feature_cache(cache, int(app.config["JOB_FEATURE_CACHE_BYTES"]))
-    except OSError as exc:
-        log.warning("job %d: trimming the feature cache %s failed: %s", job_id, cache, exc)
     print(f"job {job_id}: {status}: {detail}", flush=True)
     stop.set()
     beat.join(timeout=30)
@@ -414,6 +432,10 @@ def run_job(job_id: int) -> int:
             log.exception("job %d: recording its end failed (attempt %d of %d); trying again in %g s", job_id,
                           attempt + 1, FINAL_WRITE_ATTEMPTS, FINAL_WRITE_PAUSE)
             time.sleep(FINAL_WRITE_PAUSE)
+    try:  # after the job's end is recorded: what it added to the shared feature cache may take it over its limit
+        trim_feature_cache(cache, int(app.config["JOB_FEATURE_CACHE_BYTES"]))
+    except Exception:  # noqa: BLE001 - the job is over and recorded; a failed trim is retried by the next
+        log.exception("job %d: trimming the feature cache %s failed", job_id, cache)
     return 0 if status == "succeeded" else 1
 
 

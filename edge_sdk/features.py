@@ -135,6 +135,8 @@ class FeatureConfig:
             raise ParameterError(f"n_mfcc={self.n_mfcc} must be in 1..n_mels={self.n_mels}")
         if not isinstance(self.pitch, bool):
             raise ParameterError(f"FeatureConfig.pitch must be true or false, got {self.pitch!r}")
+        if self.pitch and self.sample_rate < 8000:
+            raise ParameterError(f"FeatureConfig.pitch needs a sample_rate of 8000 Hz or more, got {self.sample_rate}")
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "max_frames"):
             if getattr(self, name) <= 0:
                 raise ParameterError(f"FeatureConfig.{name} must be positive, got {getattr(self, name)}")
@@ -360,6 +362,7 @@ def mfcc(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
 PITCH_FMIN, PITCH_FMAX = 60, 500  # Hz: the lags searched (speech F0, low male voices to shouting and children)
 PITCH_VOICED = 0.5  # a frame is voiced when its normalised autocorrelation peak reaches this
+_PITCH_BLOCK = 256  # frames per block of pitch_track (about 6 MB of float64 work arrays at 16 kHz)
 
 
 def pitch_window(sample_rate: int) -> int:
@@ -374,9 +377,12 @@ def pitch_track(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     Per frame, the normalised cross-correlation of a 40 ms window with itself shifted by each lag between
     ``1 / PITCH_FMAX`` and ``1 / PITCH_FMIN``; the period is the peak at or after the shortest lag whose value is
     within 10 % of the best (which keeps an octave error from a period's multiples rare), refined between lags by a
-    parabola; the periodicity is the best value. Frames whose
-    periodicity is under ``PITCH_VOICED`` are unvoiced: their pitch is interpolated between the voiced frames around
-    them (the first and last voiced values held at the ends); an utterance with no voiced frame has pitch 0.
+    parabola; the periodicity is the best value (held just under ``PITCH_VOICED`` for a frame judged unvoiced below).
+    A frame is voiced when that reaches ``PITCH_VOICED`` at a peak
+    inside the searched lags: a correlation still falling at the shortest lag or rising at the longest (hum, rumble,
+    low-frequency noise) is not a pitch in the speech range. Unvoiced frames take the pitch interpolated between the
+    voiced frames around them (the first and last voiced values held at the ends); an utterance with no voiced frame
+    has pitch 0. Frames are processed in blocks, so memory stays a few MB whatever the clip's length.
     """
     y = np.asarray(y, np.float64)
     sr, hop = cfg.sample_rate, cfg.hop_length
@@ -384,38 +390,46 @@ def pitch_track(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     n_frames = 1 + len(y) // hop
     padded = np.pad(y, (win // 2, win // 2), mode="constant")
     padded = np.pad(padded, (0, max(0, (n_frames - 1) * hop + win - len(padded))), mode="constant")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, win)[::hop][:n_frames]
-    frames = frames - frames.mean(axis=1, keepdims=True)
+    all_frames = np.lib.stride_tricks.sliding_window_view(padded, win)[::hop][:n_frames]
     lmin, lmax = max(1, sr // PITCH_FMAX), min(win - 1, sr // PITCH_FMIN)
-    n_fft = 1 << int(np.ceil(np.log2(win + lmax + 1)))  # no circular wrap at the lags searched
-    spec = np.fft.rfft(frames, n=n_fft, axis=1)
-    acf = np.fft.irfft(spec.real**2 + spec.imag**2, n=n_fft, axis=1)[:, :win]
     lags = np.arange(lmin, lmax + 1)
-    cs = np.cumsum(frames**2, axis=1)
-    head = cs[:, win - 1 - lags]  # energy of x[0 : win - lag]
-    tail = cs[:, -1:] - cs[:, lags - 1]  # energy of x[lag : win]
-    nccf = acf[:, lags] / np.sqrt(np.maximum(head * tail, 1e-20))
-    best = nccf.max(axis=1)
-    j = np.argmax(nccf >= 0.9 * np.maximum(best, 1e-9)[:, None], axis=1)
-    rows = np.arange(n_frames)
-    for _ in range(len(lags)):  # up to that lag's own peak
-        step = (j + 1 < len(lags)) & (nccf[rows, np.minimum(j + 1, len(lags) - 1)] > nccf[rows, j])
-        if not step.any():
-            break
-        j = j + step
-    inner = (j > 0) & (j < len(lags) - 1)  # parabolic interpolation between the lags around the peak
-    a, b, c = (nccf[rows, np.clip(j + d, 0, len(lags) - 1)] for d in (-1, 0, 1))
-    den = a - 2 * b + c
-    shift = np.where(inner & (den < 0), 0.5 * (a - c) / np.where(den < 0, den, -1.0), 0.0)
-    f0 = sr / (lags[j] + np.clip(shift, -0.5, 0.5))
+    n_fft = 1 << int(np.ceil(np.log2(win + lmax + 1)))  # no circular wrap at the lags searched
+    f0 = np.empty(n_frames)
+    best = np.empty(n_frames)
+    peak_inside = np.empty(n_frames, bool)
+    for b0 in range(0, n_frames, _PITCH_BLOCK):
+        frames = all_frames[b0:b0 + _PITCH_BLOCK]
+        frames = frames - frames.mean(axis=1, keepdims=True)
+        spec = np.fft.rfft(frames, n=n_fft, axis=1)
+        acf = np.fft.irfft(spec.real**2 + spec.imag**2, n=n_fft, axis=1)[:, :win]
+        cs = np.cumsum(frames**2, axis=1)
+        head = cs[:, win - 1 - lags]  # energy of x[0 : win - lag]
+        tail = cs[:, -1:] - cs[:, lags - 1]  # energy of x[lag : win]
+        nccf = acf[:, lags] / np.sqrt(np.maximum(head * tail, 1e-20))
+        top = nccf.max(axis=1)
+        j = np.argmax(nccf >= 0.9 * np.maximum(top, 1e-9)[:, None], axis=1)
+        rows = np.arange(len(frames))
+        for _ in range(len(lags)):  # up to that lag's own peak
+            step = (j + 1 < len(lags)) & (nccf[rows, np.minimum(j + 1, len(lags) - 1)] > nccf[rows, j])
+            if not step.any():
+                break
+            j = j + step
+        inner = (j > 0) & (j < len(lags) - 1)
+        a, b, c = (nccf[rows, np.clip(j + d, 0, len(lags) - 1)] for d in (-1, 0, 1))
+        den = a - 2 * b + c  # parabolic interpolation between the lags around the peak
+        shift = np.where(inner & (den < 0), 0.5 * (a - c) / np.where(den < 0, den, -1.0), 0.0)
+        f0[b0:b0 + len(frames)] = sr / (lags[j] + np.clip(shift, -0.5, 0.5))
+        best[b0:b0 + len(frames)] = top
+        peak_inside[b0:b0 + len(frames)] = inner & (a <= b) & (c <= b)
     semitones = 12.0 * np.log2(f0 / 100.0)
-    voiced = best >= PITCH_VOICED
+    voiced = (best >= PITCH_VOICED) & peak_inside
     if voiced.any():
         idx = np.flatnonzero(voiced)
         semitones = np.interp(np.arange(n_frames), idx, semitones[idx])
     else:
         semitones = np.zeros(n_frames)
-    return np.stack([semitones, np.clip(best, 0.0, 1.0)], axis=1).astype(np.float32)
+    return np.stack([semitones, np.where(voiced, np.clip(best, 0.0, 1.0), np.minimum(best, PITCH_VOICED * 0.999))],
+                    axis=1).astype(np.float32)
 
 
 def with_pitch(feats: np.ndarray, y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:

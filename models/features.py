@@ -293,6 +293,28 @@ def _read_cache_entry(entry: Path) -> tuple[list, str | None] | None:
         return None
 
 
+def _write_cache_entry(entry: Path, feats: list, reason: str | None) -> None:
+    """Keep a clip's result in the cache, best effort: a full disk, or the folder removed meanwhile by a trim
+    (``aggregator.jobs.trim_feature_cache``), leaves the clip uncached, never fails the run."""
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)  # a trim may have removed it since the run began
+        # a unique temporary name: two runs sharing the cache may compute the same clip at once
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp.npz")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, reason=reason or "", count=len(feats), **{f"f{i}": f for i, f in enumerate(feats)})
+        os.replace(tmp, entry)
+        tmp = None
+    except OSError as exc:
+        log.warning("feature cache: %s not written (%s); the run goes on without it", entry, exc)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def compute_features(
     clips: Sequence[Clip], cfg: FeatureConfig, *, cache_dir: str | os.PathLike | None = None,
     augmentation: Augmentation | None = None,
@@ -309,7 +331,11 @@ def compute_features(
     """
     folder = Path(cache_dir) / f"features-{_config_key(cfg, augmentation)}" if cache_dir is not None else None
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the cache is an optimisation: without it every clip is computed
+            log.warning("feature cache %s unusable (%s): computing every clip", folder, exc)
+            folder = None
     kept, raw, skipped, hits = [], [], Counter(), 0
     for clip in clips:
         if not os.path.exists(clip.path) or os.path.getsize(clip.path) == 0:
@@ -325,11 +351,7 @@ def compute_features(
         else:
             feats, reason = _clip_features(clip, cfg, augmentation)
             if entry is not None:
-                # a unique temporary name: two runs sharing the cache may compute the same clip at once
-                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npz")
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(fh, reason=reason or "", count=len(feats), **{f"f{i}": f for i, f in enumerate(feats)})
-                os.replace(tmp, entry)
+                _write_cache_entry(entry, feats, reason)
         if reason is not None:
             skipped[reason] += 1
             continue

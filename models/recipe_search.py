@@ -31,7 +31,7 @@ __all__ = ["RECIPES", "main"]
 NEMO_TEST = ("nemo-IC0", "nemo-MK0", "nemo-TP0")
 NEMO_DEV = ("nemo-EB0", "nemo-KD0", "nemo-KS0", "nemo-MP0", "nemo-SM0", "nemo-WR0")
 RAVDESS_TEST = tuple(f"ravdess-{a}" for a in (21, 22, 23, 24))
-# task B cross-validation (``--cv-fold K``): fold K holds out two of the six non-test nEMO speakers and RAVDESS 19-20
+# task B cross-validation (``--cv-folds K``): fold K holds out two of the six non-test nEMO speakers and RAVDESS 19-20
 # (those in every fold), scored after a fixed number of epochs: choosing a recipe for a refit on non-test speakers,
 # six nEMO speakers deep instead of WR0 alone. The named test speakers are not even scored.
 NEMO_CV_FOLDS = (("nemo-EB0", "nemo-KD0"), ("nemo-KS0", "nemo-MP0"), ("nemo-SM0", "nemo-WR0"))
@@ -238,8 +238,8 @@ def cv_table(rows: list[dict]) -> str:
         return ""
     names = list(dict.fromkeys(r["base_recipe"] for r in rows))
     cell = {(r["base_recipe"], r["seed"], r["cv_fold"]): r for r in rows}
-    lines = ["| recipe | folds x seeds | nEMO held-out pair UAR | RAVDESS 19-20 UAR | mean of the two | "
-             f"paired vs {names[0]}: nEMO | RAVDESS | mean |", "| --- " * 8 + "|"]
+    lines = ["| recipe | folds x seeds | nEMO held-out pair UAR | RAVDESS 19-20 UAR* | mean of the two* | "
+             f"paired vs {names[0]}: nEMO | RAVDESS* | mean* |", "| --- " * 8 + "|"]
     for name in names:
         keys = sorted(k for k in cell if k[0] == name)
         shared = [k for k in keys if (names[0], *k[1:]) in cell]
@@ -260,7 +260,8 @@ def cv_table(rows: list[dict]) -> str:
                 d = values(name, group, shared) - values(names[0], group, shared)
             parts.append(f" {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} |")
         lines.append("".join(parts))
-    return "\n".join(lines) + "\n"
+    return ("\n".join(lines) + "\n\n* RAVDESS 19-20 are the same two actors in every fold: their standard errors over "
+            "folds are not over independent speakers and understate the uncertainty; the nEMO pairs differ by fold.\n")
 
 
 def _val_uar(y: np.ndarray, pred: np.ndarray, speakers) -> float:
@@ -391,6 +392,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cv_folds is not None and (args.command != "run" or args.task != "B" or args.refit):
         p.error("--cv-folds is for run --task B, without --refit")
+    if args.cv_folds is not None:
+        try:
+            folds = [int(k) for k in args.cv_folds.split(",")]
+        except ValueError:
+            folds = []
+        if not folds or any(not 0 <= k < len(NEMO_CV_FOLDS) for k in folds):
+            p.error(f"--cv-folds takes fold numbers 0..{len(NEMO_CV_FOLDS) - 1} separated by commas, "
+                    f"got {args.cv_folds!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for d in args.define:
         name, spec = d.split("=", 1)
@@ -402,7 +411,7 @@ def main(argv=None) -> int:
         text = "## Task A\n\n" + table(rows, "A") + "\n## Task B\n\n" + table(rows, "B")
         cv = cv_table(rows)
         if cv:
-            text += "\n## Task B, cross-validated on non-test speakers (--cv-fold)\n\n" + cv
+            text += "\n## Task B, cross-validated on non-test speakers (--cv-folds)\n\n" + cv
         (args.out / "tables.md").write_text(text)
         print(text)
         return 0

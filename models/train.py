@@ -184,15 +184,18 @@ def _hardware() -> dict:
     return out
 
 
-def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: int, config: TrainConfig):
+def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: int, config: TrainConfig,
+             spectral: int | None = None):
     """A shuffled tf.data pipeline of (features, one-hot targets, class-balancing weights), with optional
-    SpecAugment masks (masked values become 0, the training mean) and mixup."""
+    SpecAugment masks (masked values become 0, the training mean) and mixup. ``spectral``: frequency masks fall in
+    the first ``spectral`` columns only (the bands, not the pitch columns after them); None: any."""
     import tensorflow as tf
 
     onehot = np.eye(num_classes, dtype=np.float32)[y]
     ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), onehot, sample_w.astype(np.float32)))
     ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
-    frames, feats = x.shape[1], x.shape[2]
+    frames, feats = x.shape[1], (x.shape[2] if spectral is None else spectral)
+    width = x.shape[2]
 
     def spec_augment(xb, yb, wb):
         for _ in range(config.spec_augment):
@@ -201,7 +204,7 @@ def _batches(x: np.ndarray, y: np.ndarray, sample_w: np.ndarray, num_classes: in
             f = tf.random.uniform([], 0, max(1, feats // 8), tf.int32)
             f0 = tf.random.uniform([], 0, feats - f + 1, tf.int32)
             tmask = tf.logical_or(tf.range(frames) < t0, tf.range(frames) >= t0 + t)
-            fmask = tf.logical_or(tf.range(feats) < f0, tf.range(feats) >= f0 + f)
+            fmask = tf.logical_or(tf.range(width) < f0, tf.range(width) >= f0 + f)
             xb = xb * tf.cast(tmask, xb.dtype)[:, None] * tf.cast(fmask, xb.dtype)[None, :]
         return xb, yb, wb
 
@@ -375,7 +378,8 @@ def train_baseline(
         log.info("no validation clips: %d epochs, the %s weights kept", config.epochs,
                  f"last {config.swa_epochs} epochs' averaged" if config.swa_epochs else "last epoch's")
     plain = not (config.spec_augment or config.mixup)
-    batches = None if plain or config.feature_augmented else _batches(x_train, y_train, sample_w, len(labels), config)
+    batches = None if plain or config.feature_augmented else _batches(x_train, y_train, sample_w, len(labels),
+                                                                      config, features.n_spectral)
     aug_rng = np.random.default_rng([config.seed, 7919])
     onehot_train = np.eye(len(labels), dtype=np.float32)[y_train]
 
@@ -397,7 +401,7 @@ def train_baseline(
             x_epoch = augment_inputs(x_epoch, aug_rng, freq_warp=config.freq_warp, time_stretch=config.time_stretch,
                                      spectral_tilt=config.spectral_tilt, spectral=features.n_spectral)
             if not plain:
-                batches = _batches(x_epoch, y_train, sample_w, len(labels), config)
+                batches = _batches(x_epoch, y_train, sample_w, len(labels), config, features.n_spectral)
         if plain:
             if len(set(train_corpora.tolist())) > 1:
                 fit = model.fit(x_epoch, onehot_train, batch_size=config.batch_size, epochs=1, verbose=verbose,

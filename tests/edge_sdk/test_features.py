@@ -166,11 +166,36 @@ def test_pitch_track_follows_a_glide_and_fills_unvoiced_frames(rng):
     assert np.all((track[inside, 0] > lo - 0.2) & (track[inside, 0] < hi + 0.2))  # ... and its pitch interpolated
 
 
-def test_pitch_of_noise_or_silence_is_unvoiced_and_finite(rng):
+def test_pitch_of_noise_hum_or_silence_is_unvoiced_and_finite(rng):
+    """White noise, silence, and what a device hears between words: 50 Hz mains hum with a harmonic and brown
+    (rumble) noise, whose correlation is highest at the shortest lag searched (they were read as voiced at 500 Hz)."""
     cfg = FeatureConfig(kind="logmel", pitch=True)
-    for y in (0.1 * rng.standard_normal(16000), np.zeros(16000)):
+    t = np.arange(32000) / 16000
+    brown = np.cumsum(rng.standard_normal(32000))
+    for name, y in (("white", 0.1 * rng.standard_normal(32000)), ("silence", np.zeros(32000)),
+                    ("hum", 0.3 * np.sin(2 * np.pi * 50 * t) + 0.1 * np.sin(2 * np.pi * 150 * t)),
+                    ("brown", 0.3 * brown / np.abs(brown).max())):
         track = pitch_track(y.astype(np.float32), cfg)
-        assert np.all(np.isfinite(track)) and np.all(track[:, 0] == 0.0) and track[:, 1].max() < 0.5
+        assert np.all(np.isfinite(track)), name
+        assert np.mean(track[:, 1] >= 0.5) < 0.02, (name, np.mean(track[:, 1] >= 0.5))
+        if name in ("white", "silence", "hum"):
+            assert np.all(track[:, 0] == 0.0), name  # no voiced frame: pitch 0
+
+
+def test_pitch_track_memory_is_bounded_by_blocks(rng):
+    import tracemalloc
+
+    cfg = FeatureConfig(kind="logmel", pitch=True)
+    y = (0.1 * rng.standard_normal(30 * 16000)).astype(np.float32)  # MAX_CLIP_SECONDS
+    tracemalloc.start()
+    try:
+        track = pitch_track(y, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert track.shape == (3001, 2) and peak < 40e6, peak  # all frames at once took about 112 MB
+    with pytest.raises(ParameterError, match="8000"):
+        FeatureConfig(kind="logmel", pitch=True, sample_rate=4000, n_fft=256, win_length=256)
 
 
 def test_pitch_columns_follow_the_spectral_ones_untouched_by_the_level_norm(rng):

@@ -366,3 +366,7 @@ def test_recipe_search_runs_refits_and_ensembles_on_generated_corpora(tmp_path):
     r = subprocess.run([sys.executable, "-m", "models.recipe_search", "run", *cv, "--cv-folds", "0", "--refit"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--cv-folds is for run --task B, without --refit" in r.stderr
+    for bad in ("0,3", "0,,1"):  # refused before anything trains
+        r = subprocess.run([sys.executable, "-m", "models.recipe_search", "run", *cv, "--cv-folds", bad],
+                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 2 and "fold numbers 0..2" in r.stderr, (bad, r.stderr[-500:])

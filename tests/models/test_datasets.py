@@ -206,4 +206,18 @@ def test_any_rate_and_channels_and_skips_are_counted(tmp_path):
     assert third.skipped == fs.skipped
     np.testing.assert_array_equal(third.raw[0], fs.raw[0])
     np.testing.assert_array_equal(third.raw[1], fs.raw[1])
-    assert all(np.load(e, allow_pickle=False)["count"] is not None for e in entries)  # rewritten whole
+    for entry in entries:  # rewritten whole
+        with np.load(entry, allow_pickle=False) as data:
+            assert int(data["count"]) in (0, 1)
+    # the cache folder removed under a run (a trim) or unwritable: the clip is computed, the run goes on
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    fourth = compute_features(clips, FeatureConfig(), cache_dir=tmp_path / "cache")
+    assert fourth.skipped == fs.skipped and len(list((tmp_path / "cache").rglob("*.npz"))) == 4
+    folder = entries[0].parent
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")  # a file where the folder should be: nothing can be written (as root too)
+    fifth = compute_features(clips, FeatureConfig(), cache_dir=tmp_path / "cache")
+    assert fifth.skipped == fs.skipped
+    np.testing.assert_array_equal(fifth.raw[0], fs.raw[0])

@@ -5,8 +5,9 @@
 Stop 19 found that no guard tells a harmful fit of the whole head on bare thumbs answers from a helpful one
 (../stop19/rules.md). This emulation asks whether a smaller fit needs no such guard: four numbers, one added to each
 class's logit, fit on the user's thumbs answers (cross-entropy toward the shown label for a thumbs-up,
-``-log(1 - p)`` for a thumbs-down) with an L2 pull toward zero of strength ``lam`` (per answer), by gradient
-descent to convergence. A bias says "this user is rarely what the model calls X"; it cannot learn a new boundary,
+``-log(1 - p)`` for a thumbs-down) with an L2 pull toward zero of strength ``lam`` (per answer): 400 steps of
+gradient descent at rate 0.5 (with ``lam`` 0 and only thumbs-down answers the loss has no minimum; the steps bound
+the bias). A bias says "this user is rarely what the model calls X"; it cannot learn a new boundary,
 so it cannot learn one from noise either.
 
 Users, answer orders and answers as in ../stop19/thumbs_guard_emulation.py (the same trials): nEMO EB0, KD0, KS0,
@@ -34,7 +35,7 @@ USERS = (("nemo", ("EB0", "KD0", "KS0", "MP0", "SM0", "WR0"), 5, (10, 20, 40), 4
 
 def fit_bias(z: np.ndarray, target: np.ndarray, sign: np.ndarray, lam: float, *, steps: int = 400,
              lr: float = 0.5) -> np.ndarray:
-    """The bias b minimising mean(loss(softmax(z + b))) + lam * |b|^2 (gradient descent; the loss is convex in b)."""
+    """The bias b after ``steps`` of gradient descent on mean(loss(softmax(z + b))) + lam * |b|^2 (convex in b)."""
     from tools.personalisation_study import softmax
 
     b = np.zeros(z.shape[1])
