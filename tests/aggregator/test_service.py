@@ -484,6 +484,30 @@ def test_unusable_aggregation_settings_are_refused_at_start(tmp_path, setting, v
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), setting: value})
 
 
+def _reap_running_jobs(app, dead_pid: int, alive_pid: int) -> None:
+    """Once ``dead_pid`` is a zombie (exited, not waited for), record a running job for it and one for the live
+    ``alive_pid``, reap both, and check that the first is marked failed and the second left running."""
+    from aggregator.db import Job
+    from aggregator.jobs import host_name, reap
+
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{dead_pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with app.extensions["fedser_sessionmaker"]() as s:
+        s.add_all([Job(status="running", params="{}", created_at=time.time() - 60, pid=p, host=host_name())
+                   for p in (dead_pid, alive_pid)])
+        s.commit()
+    with app.extensions["fedser_sessionmaker"]() as s:
+        for job in s.query(Job).order_by(Job.id):
+            reap(s, job)
+        s.commit()
+    with app.extensions["fedser_sessionmaker"]() as s:
+        dead, alive = s.get(Job, 1), s.get(Job, 2)
+        assert dead.status == "failed" and "exited without reporting" in dead.detail
+        assert alive.status == "running"
+
+
 def test_a_job_whose_process_exited_without_reporting_is_reaped_even_as_an_unwaited_child(tmp_path):
     """The process that starts a job (a worker, or `train-baseline --wait`) is its parent: a job that died without
     recording its end stays a zombie, which kill(pid, 0) calls alive, so the job showed "running" for ever. The
@@ -491,30 +515,11 @@ def test_a_job_whose_process_exited_without_reporting_is_reaped_even_as_an_unwai
     import subprocess
     import sys
 
-    from aggregator.db import Job
-    from aggregator.jobs import host_name, reap
-
     app = create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{dead.pid}/stat").read_text().split()[2] != "Z":  # exited, not waited for
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        now = time.time()
-        with app.extensions["fedser_sessionmaker"]() as s:
-            s.add_all([Job(status="running", params="{}", created_at=now - 60, pid=p.pid, host=host_name())
-                       for p in (dead, alive)])
-            s.commit()
-        with app.extensions["fedser_sessionmaker"]() as s:
-            for job in s.query(Job).order_by(Job.id):
-                reap(s, job)
-            s.commit()
-        with app.extensions["fedser_sessionmaker"]() as s:
-            first, second = s.get(Job, 1), s.get(Job, 2)
-            assert first.status == "failed" and "exited without reporting" in first.detail
-            assert second.status == "running"
+        _reap_running_jobs(app, dead.pid, alive.pid)
         assert not Path(f"/proc/{dead.pid}").exists()  # waited for: no zombie left
     finally:
         alive.kill()
@@ -528,32 +533,13 @@ def test_a_job_that_died_as_another_workers_child_is_reaped_by_any_worker_on_the
     import subprocess
     import sys
 
-    from aggregator.db import Job
-    from aggregator.jobs import host_name, reap
-
     app = create_app({"INSTANCE_PATH": str(tmp_path / "inst")})
     # a parent (standing for another worker) that starts a child which exits at once, and never waits for it
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
                                "p = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
                                "print(p.pid, flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
-        pid = int(parent.stdout.readline())
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        with app.extensions["fedser_sessionmaker"]() as s:
-            s.add_all([Job(status="running", params="{}", created_at=time.time() - 60, pid=p, host=host_name())
-                       for p in (pid, parent.pid)])
-            s.commit()
-        with app.extensions["fedser_sessionmaker"]() as s:
-            for job in s.query(Job).order_by(Job.id):
-                reap(s, job)
-            s.commit()
-        with app.extensions["fedser_sessionmaker"]() as s:
-            dead, alive = s.get(Job, 1), s.get(Job, 2)
-            assert dead.status == "failed" and "exited without reporting" in dead.detail
-            assert alive.status == "running"  # a live process that is not our child: left alone
+        _reap_running_jobs(app, int(parent.stdout.readline()), parent.pid)  # a live non-child: left alone
     finally:
         parent.kill()
         parent.wait()
