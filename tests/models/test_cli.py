@@ -197,6 +197,8 @@ def test_corpus_list_and_data_roots_are_checked(tmp_path):
 
 
 def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encoders(synthetic_clips, tmp_path):
+    """Also ``--pitch`` (one training for both): the model takes two more columns (pitch, periodicity), the
+    metadata says so, and edge_sdk's features and the TFLite runtime score the test speaker as training did."""
     from edge_sdk.model import ModelMetadata, TFLiteModel
 
     csv = _manifest(tmp_path, synthetic_clips)
@@ -205,10 +207,21 @@ def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encod
     out = tmp_path / "run"
     r = _train_cli("train", "--out", str(out), "--corpus", "manifest", "--data", csv, *split, "--epochs", "1",
                    "--max-frames", "120", "--cache", str(tmp_path / "cache"), "--input-affine-from", "20",
-                   "--no-progress")
+                   "--features", "logmel", "--utterance-norm", "level", "--pitch", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     meta = ModelMetadata.load(out / "model.json")
-    assert meta.input_affine_from == 20 and TFLiteModel(out / "model.tflite", meta).has_input_grad
+    model = TFLiteModel(out / "model.tflite", meta)
+    assert meta.input_affine_from == 20 and model.has_input_grad
+    assert meta.features.pitch and meta.features.n_features == meta.features.n_mels + 2
+    assert json.loads((out / "model.json").read_text())["features"]["pitch"] is True
+    assert model.infer(np.zeros((120, meta.features.n_features), np.float32))[0].shape == (meta.num_classes,)
+    report = json.loads((out / "report.json").read_text())
+    r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "manifest", "--data", csv,
+                   "--speakers", speakers[-1], "--out", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert got["test"]["num_examples"] == report["test"]["num_examples"]
+    assert abs(got["test"]["accuracy"] - report["test"]["accuracy"]) <= 1.0 / got["test"]["num_examples"] + 1e-9
     r = _train_cli("train", "--out", str(tmp_path / "dnn"), "--corpus", "manifest", "--data", csv, *split,
                    "--architecture", "dnn", "--epochs", "1", "--input-affine-from", "20", "--no-progress")
     assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
@@ -217,33 +230,6 @@ def test_train_writes_input_affine_from_for_a_cnn_and_refuses_it_for_other_encod
     r = _train_cli("train", "--out", str(tmp_path / "early"), "--corpus", "manifest", "--data",
                    str(tmp_path / "no-such.csv"), "--architecture", "lstm", "--input-affine-from", "20")
     assert r.returncode != 0 and "input_affine_from needs a cnn encoder" in r.stderr, r.stderr[-2000:]
-
-
-def test_a_model_with_pitch_columns_scores_the_same_through_the_device_path(synthetic_clips, tmp_path):
-    """``--pitch``: the model takes two more columns (pitch, periodicity), the metadata says so, and edge_sdk's
-    features and the TFLite runtime score the test speaker as training's evaluation did."""
-    from edge_sdk.model import ModelMetadata, TFLiteModel
-
-    speakers = sorted({c.speaker for c in synthetic_clips})
-    parts = {speakers[-1]: "test", speakers[-2]: "val"}
-    csv = _manifest(tmp_path, synthetic_clips, split=lambda c: parts.get(c.speaker, "train"))
-    out = tmp_path / "run"
-    r = _train_cli("train", "--out", str(out), "--corpus", "manifest", "--data", csv, "--features", "logmel",
-                   "--utterance-norm", "level", "--pitch", "--epochs", "2", "--max-frames", "120",
-                   "--cache", str(tmp_path / "cache"), "--input-affine-from", "20")
-    assert r.returncode == 0, r.stderr[-3000:]
-    meta = ModelMetadata.load(out / "model.json")
-    assert meta.features.pitch and meta.features.n_features == meta.features.n_mels + 2
-    assert json.loads((out / "model.json").read_text())["features"]["pitch"] is True
-    model = TFLiteModel(out / "model.tflite", meta)
-    assert model.infer(np.zeros((120, meta.features.n_features), np.float32))[0].shape == (meta.num_classes,)
-    report = json.loads((out / "report.json").read_text())
-    r = _train_cli("evaluate", "--model", str(out / "model.tflite"), "--corpus", "manifest", "--data", csv,
-                   "--out", str(tmp_path / "eval"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    assert got["test"]["num_examples"] == report["test"]["num_examples"]
-    assert abs(got["test"]["accuracy"] - report["test"]["accuracy"]) <= 1.0 / got["test"]["num_examples"] + 1e-9
 
 
 def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_checked(tmp_path):
