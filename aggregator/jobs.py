@@ -79,13 +79,7 @@ def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bo
         return 0, 0
     now = time.time() if now is None else now
     files, young = [], 0
-    for path in _walk_files(folder):  # another trim or a job may delete files under the walk: skipped
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
+    for path, st in _regular_files(folder):
         if path.name.endswith(".tmp.npz") and now - st.st_mtime < TMP_GRACE_SECONDS:
             young += st.st_size  # counts toward the limit, is not deleted
             continue
@@ -121,11 +115,18 @@ def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bo
     return count, freed
 
 
-def _walk_files(folder: Path):
-    """Every file under ``folder`` (links not followed); folders that vanish or cannot be read are skipped."""
+def _regular_files(folder: Path):
+    """(path, lstat) of every regular file under ``folder`` (links not followed); files and folders that vanish
+    under the walk (another trim, a job) or cannot be read are skipped."""
     for root, _, names in os.walk(folder, onerror=lambda exc: None):
         for name in names:
-            yield Path(root) / name
+            path = Path(root) / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield path, st
 
 
 def prune_job_folders(session, instance_path: str | os.PathLike, days: float, *, dry_run: bool = False,
@@ -145,13 +146,7 @@ def prune_job_folders(session, instance_path: str | os.PathLike, days: float, *,
     for sub in root.iterdir():
         if sub.name not in ended or not sub.is_dir() or sub.is_symlink():
             continue
-        size = 0
-        for path in _walk_files(sub):
-            try:
-                st = path.lstat()
-            except FileNotFoundError:
-                continue
-            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        size = sum(st.st_size for _, st in _regular_files(sub))
         if not dry_run:
             shutil.rmtree(sub, ignore_errors=True)
             if sub.exists():  # not all of it could be deleted: not counted

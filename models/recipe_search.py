@@ -392,6 +392,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cv_folds is not None and (args.command != "run" or args.task != "B" or args.refit):
         p.error("--cv-folds is for run --task B, without --refit")
+    folds = [None]  # the usual split
     if args.cv_folds is not None:
         try:
             folds = [int(k) for k in args.cv_folds.split(",")]
@@ -427,7 +428,6 @@ def main(argv=None) -> int:
                              {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
                                                                    "ravdess_test") if g in row})
         return 0
-    folds = [None] if args.cv_folds is None else [int(k) for k in args.cv_folds.split(",")]
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for fold in folds:

@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 DAY = 86400.0
 
 
-def _prune(instance: Path, url: str, *args: str) -> dict:
+def _prune(instance: Path, url: str, *args: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "--database-url", url, "prune", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env=dict(os.environ, FEDSER_LOG_JSON="0"))
+                          env=dict(os.environ, FEDSER_LOG_JSON="0", **(env or {})))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -188,11 +188,11 @@ def test_prune_removes_old_job_folders_and_trims_the_job_feature_cache(tmp_path,
     writing.write_bytes(b"t" * 1000)
 
     env = {"FEDSER_JOB_FEATURE_CACHE_BYTES": "5500"}
-    dry = _prune_env(instance, url, env, "--dry-run")
+    dry = _prune(instance, url, "--dry-run", env=env)
     assert (dry["job_folders_deleted"], dry["job_folder_bytes_freed"]) == (2, 2 * 1100)
     assert (dry["feature_cache_files_deleted"], dry["feature_cache_bytes_freed"]) == (6, 6000)
     assert len(list(cache.iterdir())) == 11
-    report = _prune_env(instance, url, env)
+    report = _prune(instance, url, env=env)
     assert report == {**dry, "dry_run": False}
     assert sorted(p.name for p in cache.iterdir()) == ["6.npz", "7.npz", "8.npz", "9.npz", "tmp1.tmp.npz"]
     assert not job_dir(instance, ids["old"]).exists() and not job_dir(instance, ids["old failed"]).exists()
@@ -202,22 +202,14 @@ def test_prune_removes_old_job_folders_and_trims_the_job_feature_cache(tmp_path,
     assert session.scalar(select(func.count()).select_from(Job)) == 4  # the rows stay
     session.close()
     # --job-days overrides the setting; JOB_FEATURE_CACHE_BYTES=0 empties the cache but what is being written
-    report = _prune_env(instance, url, {"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"}, "--job-days", "1")
+    report = _prune(instance, url, "--job-days", "1", env={"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"})
     assert (report["job_folders_deleted"], report["feature_cache_files_deleted"]) == (1, 4)
     assert not job_dir(instance, ids["recent"]).exists() and job_dir(instance, ids["running"]).exists()
     assert [p.name for p in cache.iterdir()] == ["tmp1.tmp.npz"]
     os.utime(writing, (now - 7200,) * 2)  # abandoned two hours ago (a killed job): it goes too
-    assert _prune_env(instance, url, {"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"})["feature_cache_files_deleted"] == 1
+    assert _prune(instance, url, env={"FEDSER_JOB_FEATURE_CACHE_BYTES": "0"})["feature_cache_files_deleted"] == 1
     assert not cache.exists()  # the emptied config folder is removed
     app.extensions["fedser_engine"].dispose()
-
-
-def _prune_env(instance: Path, url: str, env: dict, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "aggregator.cli", "--instance", str(instance), "--database-url", url, "prune", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env=dict(os.environ, FEDSER_LOG_JSON="0", **env))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_a_bad_job_feature_cache_setting_is_refused_at_start(tmp_path):
