@@ -159,6 +159,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="feature augmentation: frames read at t * r, r in [1-S, 1+S]; 0 = off")
     g.add_argument("--spectral-tilt", type=float, default=0.0, metavar="T",
                    help="feature augmentation: a random tilt across the bands, up to +-T normalised units; 0 = off")
+    g.add_argument("--offset-shrink", type=float, default=0.0, metavar="O",
+                   help="feature augmentation: each clip's mean frame (its offset from the speaker's reference) "
+                        "times a in [1-O, 1], a weaker expression; 0 = off")
+    g.add_argument("--spread-shrink", type=float, default=0.0, metavar="P",
+                   help="feature augmentation: each band's spread over time pulled toward the speaker's by up to "
+                        "P; 0 = off")
     g.add_argument("--reference-blend", type=float, default=0.0, metavar="B",
                    help="with --speaker-reference other than all: training inputs blend the reference's "
                         "normalisation with all-clips normalisation, weight of the latter up to B; 0 = off")
@@ -291,6 +297,7 @@ def _configs(args):
                          speaker_reference=args.speaker_reference, lr_schedule=args.lr_schedule,
                          swa_epochs=args.swa_epochs,
                          freq_warp=args.freq_warp, time_stretch=args.time_stretch, spectral_tilt=args.spectral_tilt,
+                         offset_shrink=args.offset_shrink, spread_shrink=args.spread_shrink,
                          reference_blend=args.reference_blend)
     return features, config
 

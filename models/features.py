@@ -105,7 +105,8 @@ def _interpolate(x: np.ndarray, src: np.ndarray, axis: int) -> np.ndarray:
 
 
 def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float = 0.0, time_stretch: float = 0.0,
-                   spectral_tilt: float = 0.0, spectral: int | None = None) -> np.ndarray:
+                   spectral_tilt: float = 0.0, offset_shrink: float = 0.0, spread_shrink: float = 0.0,
+                   spectral: int | None = None) -> np.ndarray:
     """Altered copies of normalised model inputs ``x`` ``[N, T, F]`` (one per example; training only).
 
     ``freq_warp``: the feature axis (mel bands) is read at ``f * a``, ``a`` uniform in ``[1 - w, 1 + w]`` per
@@ -114,11 +115,17 @@ def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float 
     speech); frames past the end become padding (zero rows).
     ``spectral_tilt``: adds ``g * (2 f / (F - 1) - 1)`` to every frame that is not padding, ``g`` uniform in
     ``[-t, t]`` (normalised units: a random tilt of the spectrum, like another microphone or voice effort).
+    ``offset_shrink``: the example's mean frame ``m`` (per band, over the frames that are not padding: how far its
+    average spectrum sits from the speaker's reference, which is 0 in normalised units) becomes ``a * m``, ``a``
+    uniform in ``[1 - o, 1]``: a weaker expression of the same emotion (nEMO's classes sit about half as far apart
+    as RAVDESS's; docs/results/recipe-search/stop29).
+    ``spread_shrink``: each band's standard deviation over time ``s`` becomes ``1 + b * (s - 1)`` (toward the
+    speaker's, 1), ``b`` uniform in ``[1 - p, 1]``, drawn apart from ``a``.
     Zero rows (padding) stay zero rows. With every amount 0, ``x`` is returned unchanged.
-    ``spectral``: the warp and the tilt touch only the first ``spectral`` columns (the bands; the pitch columns of
-    ``FeatureConfig.pitch`` follow them); None: all.
+    ``spectral``: the warp, the tilt and the shrinks touch only the first ``spectral`` columns (the bands; the
+    pitch columns of ``FeatureConfig.pitch`` follow them); None: all.
     """
-    if not (freq_warp or time_stretch or spectral_tilt):
+    if not (freq_warp or time_stretch or spectral_tilt or offset_shrink or spread_shrink):
         return x
     x = np.asarray(x, np.float32)
     n, frames, width = x.shape
@@ -140,6 +147,19 @@ def augment_inputs(x: np.ndarray, rng: np.random.Generator, *, freq_warp: float 
         ramp = np.zeros(width, np.float32)
         ramp[:feats] = np.linspace(-1.0, 1.0, feats, dtype=np.float32)
         out = out + g * ramp[None, None, :] * ~pad[..., None]
+    if offset_shrink or spread_shrink:
+        live = (~pad)[..., None].astype(np.float32)  # [N, T, 1]
+        count = np.maximum(live.sum(axis=1, keepdims=True), 1.0)
+        band = out[..., :feats]
+        mean = (band * live).sum(axis=1, keepdims=True) / count  # [N, 1, F]
+        dev = (band - mean) * live
+        if spread_shrink:
+            sd = np.sqrt((dev * dev).sum(axis=1, keepdims=True) / count)
+            b = rng.uniform(1 - spread_shrink, 1, size=(n, 1, 1)).astype(np.float32)
+            dev = dev * ((1.0 + b * (sd - 1.0)) / np.maximum(sd, 1e-3))
+        if offset_shrink:
+            mean = mean * rng.uniform(1 - offset_shrink, 1, size=(n, 1, 1)).astype(np.float32)
+        out = np.concatenate([(mean + dev) * live, out[..., feats:]], axis=2)
     return out.astype(np.float32)
 
 

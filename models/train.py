@@ -62,6 +62,8 @@ class TrainConfig:
     freq_warp: float = 0.0  # mel axis read at f * a, a in [1 - w, 1 + w] (vocal-tract-length-like)
     time_stretch: float = 0.0  # frame axis read at t * r, r in [1 - s, 1 + s] (tempo)
     spectral_tilt: float = 0.0  # + g * (a ramp from -1 at the lowest band to +1 at the highest), g in [-t, t]
+    offset_shrink: float = 0.0  # the example's mean frame times a, a in [1 - o, 1] (a weaker expression)
+    spread_shrink: float = 0.0  # each band's std over time s -> 1 + b * (s - 1), b in [1 - p, 1]
     # with speaker_reference other than "all": every epoch each training example's input is
     # lam * (normalised by the reference) + (1 - lam) * (normalised by all the speaker's clips, as at test time),
     # lam uniform in [1 - reference_blend, 1]; 0: the reference only
@@ -78,11 +80,14 @@ class TrainConfig:
             raise ValueError(f"reference_blend must be in [0, 1], got {self.reference_blend}")
         if not (0.0 <= self.freq_warp < 1.0 and 0.0 <= self.time_stretch < 1.0 and self.spectral_tilt >= 0.0):
             raise ValueError("freq_warp and time_stretch must be in [0, 1), spectral_tilt >= 0")
+        if not (0.0 <= self.offset_shrink <= 1.0 and 0.0 <= self.spread_shrink <= 1.0):
+            raise ValueError(f"offset_shrink and spread_shrink must be in [0, 1], got {self.offset_shrink} and "
+                             f"{self.spread_shrink}")
 
     @property
     def feature_augmented(self) -> bool:
-        return bool(self.freq_warp or self.time_stretch or self.spectral_tilt
-                    or (self.reference_blend and self.speaker_reference != "all"))
+        return bool(self.freq_warp or self.time_stretch or self.spectral_tilt or self.offset_shrink
+                    or self.spread_shrink or (self.reference_blend and self.speaker_reference != "all"))
 
     def learning_rate_at(self, epoch: int) -> float:
         """The learning rate of (0-based) ``epoch``."""
@@ -399,7 +404,8 @@ def train_baseline(
             x_epoch = lam * x_train + (1.0 - lam) * x_train_all
         if config.feature_augmented:
             x_epoch = augment_inputs(x_epoch, aug_rng, freq_warp=config.freq_warp, time_stretch=config.time_stretch,
-                                     spectral_tilt=config.spectral_tilt, spectral=features.n_spectral)
+                                     spectral_tilt=config.spectral_tilt, offset_shrink=config.offset_shrink,
+                                     spread_shrink=config.spread_shrink, spectral=features.n_spectral)
             if not plain:
                 batches = _batches(x_epoch, y_train, sample_w, len(labels), config, features.n_spectral)
         if plain:

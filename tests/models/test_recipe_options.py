@@ -68,6 +68,37 @@ def test_warp_and_tilt_leave_the_pitch_columns_alone():
     assert not np.allclose(z[..., 16:], x[..., 16:])
 
 
+def test_offset_shrink_pulls_each_clips_mean_frame_toward_the_reference_and_keeps_its_movement():
+    x = _inputs(n=300) + 0.0
+    x[:, :24] += np.random.default_rng(5).normal(size=(300, 1, 16)) * 2.0  # a mean frame per clip
+    y = augment_inputs(x, np.random.default_rng(6), offset_shrink=0.5)
+    assert not y[:, 24:].any()  # padding stays zero
+    m_x, m_y = x[:, :24].mean(axis=1), y[:, :24].mean(axis=1)
+    a = (m_y * m_x).sum(axis=1) / (m_x * m_x).sum(axis=1)  # one factor per clip, the same on every band
+    np.testing.assert_allclose(m_y, a[:, None] * m_x, atol=1e-4)
+    assert 0.5 - 1e-4 <= a.min() < 0.6 and 0.9 < a.max() <= 1.0 + 1e-4
+    # the movement around the mean is untouched
+    np.testing.assert_allclose(y[:, :24] - m_y[:, None], x[:, :24] - m_x[:, None], atol=1e-4)
+    assert np.allclose(augment_inputs(x, np.random.default_rng(6), offset_shrink=1e-9), x, atol=1e-5)
+
+
+def test_spread_shrink_pulls_each_bands_spread_toward_one_and_keeps_the_mean():
+    x = _inputs(n=300) * 3.0  # spread 3 in every band
+    y = augment_inputs(x, np.random.default_rng(7), spread_shrink=1.0, spectral=12)
+    assert not y[:, 24:].any()
+    np.testing.assert_allclose(y[:, :24].mean(axis=1), x[:, :24].mean(axis=1), atol=1e-4)
+    s_x, s_y = x[:, :24, :12].std(axis=1), y[:, :24, :12].std(axis=1)
+    b = (s_y - 1.0) / (s_x - 1.0)  # 1 + b (s - 1), b in [0, 1], one per clip
+    assert b.min() >= -1e-3 and b.max() <= 1.0 + 1e-3 and b.std(axis=1).max() < 1e-3
+    assert b.mean() == pytest.approx(0.5, abs=0.08)
+    np.testing.assert_array_equal(y[..., 12:], x[..., 12:])  # columns past `spectral` (pitch) untouched
+    # a band that does not move (spread 0) stays put rather than dividing by zero
+    flat = _inputs(n=3)
+    flat[:, :24, 0] = 0.7
+    out = augment_inputs(flat, np.random.default_rng(8), spread_shrink=0.5)
+    assert np.isfinite(out).all() and np.allclose(out[:, :24, 0], 0.7, atol=1e-4)
+
+
 def test_cosine_schedule_and_validation():
     c = TrainConfig(epochs=10, learning_rate=1e-3, lr_schedule="cosine")
     assert c.learning_rate_at(0) == pytest.approx(1e-3)
@@ -80,6 +111,10 @@ def test_cosine_schedule_and_validation():
         TrainConfig(freq_warp=1.5)
     with pytest.raises(ValueError):
         TrainConfig(reference_blend=1.5)
+    for bad in ({"offset_shrink": -0.1}, {"spread_shrink": 1.5}, {"offset_shrink": float("nan")}):
+        with pytest.raises(ValueError, match="shrink"):
+            TrainConfig(**bad)
+    assert TrainConfig(offset_shrink=0.5).feature_augmented and TrainConfig(spread_shrink=0.5).feature_augmented
     # the blend only augments when a reference other than "all" is used
     assert not TrainConfig(reference_blend=0.5).feature_augmented
     assert TrainConfig(reference_blend=0.5, speaker_reference="neutral").feature_augmented
@@ -96,11 +131,13 @@ def test_training_with_feature_augmentation_and_cosine_schedule_runs(synthetic_c
     train, test = split_by_speaker(synthetic_clips, speakers[-1:])
     train, val = split_by_speaker(train, speakers[-2:-1])
     config = TrainConfig(epochs=2, batch_size=16, freq_warp=0.1, time_stretch=0.2, spectral_tilt=0.5,
-                         lr_schedule="cosine", replay_per_class=0, speaker_reference="neutral", reference_blend=1.0)
+                         offset_shrink=0.5, spread_shrink=0.5, lr_schedule="cosine", replay_per_class=0,
+                         speaker_reference="neutral", reference_blend=1.0)
     result = train_baseline(train, val, test, config=config, cache_dir=tmp_path,
                             architecture=ArchitectureConfig(channels=(8, 16), embedding_dim=16, head_units=8))
     assert result.report["epochs_run"] == 2
     assert result.report["train_config"]["freq_warp"] == 0.1
+    assert result.report["train_config"]["offset_shrink"] == 0.5
     assert result.report["train_config"]["lr_schedule"] == "cosine"
     assert result.report["train_config"]["reference_blend"] == 1.0
 
@@ -166,10 +203,12 @@ def test_fedser_train_flags_reach_the_train_config():
 
     args = build_parser().parse_args(["train", "--out", "x", "--lr-schedule", "cosine", "--freq-warp", "0.15",
                                       "--time-stretch", "0.2", "--spectral-tilt", "1", "--speaker-reference",
-                                      "neutral", "--reference-blend", "0.5", "--swa-epochs", "10"])
+                                      "neutral", "--reference-blend", "0.5", "--swa-epochs", "10",
+                                      "--offset-shrink", "0.5", "--spread-shrink", "0.25"])
     _, config = _configs(args)
     assert (config.lr_schedule, config.freq_warp, config.time_stretch, config.spectral_tilt,
             config.reference_blend, config.swa_epochs) == ("cosine", 0.15, 0.2, 1.0, 0.5, 10)
+    assert (config.offset_shrink, config.spread_shrink) == (0.5, 0.25)
     _, default = _configs(build_parser().parse_args(["train", "--out", "x"]))
     assert default.lr_schedule == "constant" and not default.feature_augmented
 
