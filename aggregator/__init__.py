@@ -85,8 +85,8 @@ DEFAULTS = {
     "RETENTION_UPDATE_BODY_DAYS": 7.0,  # bodies of accepted updates, this long after their round closed
     "RETENTION_BLOB_DAYS": 7.0,  # model files no version references, this long after they were written
     "RETENTION_JOB_DAYS": 30.0,  # a baseline job's folder (log, model, report), this long after it ended; its row stays
-    # the features baseline jobs computed (<instance>/jobs/feature-cache), shared by this host's jobs; the oldest
-    # files go once it holds more (after every job, and in prune); 0: every job decodes its audio again
+    # the features baseline jobs computed (<instance>/jobs/feature-cache), shared by this host's jobs; the least
+    # recently used files go once it holds more (after every job, and in prune); 0: every job decodes its audio again
     "JOB_FEATURE_CACHE_BYTES": 2 * 1024**3,
     "ENROLLMENT_TOKEN_TTL": 24 * 3600,
     # validation gate (aggregator.validation): a manifest CSV path,speaker,label on the server

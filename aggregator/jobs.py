@@ -71,7 +71,8 @@ TMP_GRACE_SECONDS = 3600.0  # a cache file still being written (".tmp.npz") youn
 
 def trim_feature_cache(folder: str | os.PathLike, max_bytes: int, *, dry_run: bool = False,
                        now: float | None = None) -> tuple[int, int]:
-    """Delete the cache's oldest files (by last write) until what is left holds at most ``max_bytes``
+    """Delete the cache's least recently used files (by modification time, which a read sets to now:
+    ``models.features``) until what is left holds at most ``max_bytes``
     (0: delete it all); returns (files, bytes) deleted. Another job reading a file deleted under it recomputes that
     clip (``models.features``); a file another job is writing stays until it is an hour old."""
     folder = Path(folder)

@@ -15,7 +15,8 @@ On the host that runs it, with the app's instance folder, also
 
 * folders of baseline jobs (log, trained model, report) that ended more than ``RETENTION_JOB_DAYS`` ago: the job's
   row, with its outcome, report and log tail, stays, and a published model is in the model store;
-* the baseline jobs' feature cache, trimmed (oldest first) to ``JOB_FEATURE_CACHE_BYTES`` (each job trims it too).
+* the baseline jobs' feature cache, trimmed (least recently used first) to ``JOB_FEATURE_CACHE_BYTES`` (each job
+  trims it too).
 
 A setting of 0 keeps that kind forever. Nothing here runs by itself: schedule ``fedser-aggregator
 prune`` (cron, a systemd timer) as often as suits.

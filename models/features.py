@@ -313,6 +313,16 @@ def _read_cache_entry(entry: Path) -> tuple[list, str | None] | None:
         return None
 
 
+def _mark_used(entry: Path) -> None:
+    """Set a cache entry's modification time to now when it is read, so that the trim, which deletes the oldest
+    modification times first (``aggregator.jobs.trim_feature_cache``), deletes the least recently used entries,
+    not the earliest written. Best effort: an entry trimmed meanwhile or a read-only cache stays as it is."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
 def _write_cache_entry(entry: Path, feats: list, reason: str | None) -> None:
     """Keep a clip's result in the cache, best effort: a full disk, or the folder removed meanwhile by a trim
     (``aggregator.jobs.trim_feature_cache``), leaves the clip uncached, never fails the run."""
@@ -368,6 +378,7 @@ def compute_features(
         if cached is not None:
             feats, reason = cached
             hits += 1
+            _mark_used(entry)
         else:
             feats, reason = _clip_features(clip, cfg, augmentation)
             if entry is not None:

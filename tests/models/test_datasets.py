@@ -221,3 +221,27 @@ def test_any_rate_and_channels_and_skips_are_counted(tmp_path):
     fifth = compute_features(clips, FeatureConfig(), cache_dir=tmp_path / "cache")
     assert fifth.skipped == fs.skipped
     np.testing.assert_array_equal(fifth.raw[0], fs.raw[0])
+
+
+def test_the_job_cache_trim_deletes_the_least_recently_used_entries(tmp_path):
+    """A read marks a cache entry used: a trim to the size of one entry keeps the clip read last, although it was
+    written first (before, the trim went by write time and deleted the entry that every job still read)."""
+    import os
+
+    from aggregator.jobs import trim_feature_cache
+    from edge_sdk.features import FeatureConfig
+    from models.datasets import Clip
+    from models.features import compute_features
+
+    cache = tmp_path / "cache"
+    entries = []
+    for name in ("first.wav", "second.wav"):
+        _tone(tmp_path / name, seconds=1.0)
+        compute_features([Clip(str(tmp_path / name), "s", "angry")], FeatureConfig(), cache_dir=cache)
+        entries.append(next(e for e in cache.rglob("*.npz") if e not in entries))
+    for age, entry in zip((2000, 1000), entries, strict=True):  # first written first
+        os.utime(entry, (entry.stat().st_atime, entry.stat().st_mtime - age))
+    again = compute_features([Clip(str(tmp_path / "first.wav"), "s", "angry")], FeatureConfig(), cache_dir=cache)
+    assert len(again.raw) == 1
+    deleted, _ = trim_feature_cache(cache, max(e.stat().st_size for e in entries))
+    assert deleted == 1 and entries[0].exists() and not entries[1].exists()
