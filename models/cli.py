@@ -25,6 +25,7 @@ DEFAULT_VAL_SPEAKERS = "19,20"
 # named test speakers of each corpus: never trained on, never validating, whatever the command
 CORPUS_TEST_SPEAKERS = {"ravdess": ("21", "22", "23", "24"), "nemo": ("IC0", "MK0", "TP0")}
 CORPUS_VAL_SPEAKERS = {"ravdess": ("19", "20")}
+SPEAKER_REFERENCES = ("all", "neutral", "balanced", "neutral-mean")  # models.features.SPEAKER_REFERENCES (tested)
 
 
 def corpus_list(corpus: str) -> list[str]:
@@ -176,10 +177,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="two more feature columns: pitch in semitones and periodicity (numpy, on the device too)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
-    g.add_argument("--speaker-reference", choices=("all", "neutral", "balanced"), default="all",
+    g.add_argument("--speaker-reference", choices=SPEAKER_REFERENCES, default="all",
                    help="training and validation speakers' normalisation statistics from all their clips, their "
-                        "neutral clips only (RAVDESS: and calm), or all with every class weighing the same (test "
-                        "speakers and devices: always all their clips)")
+                        "neutral clips only (RAVDESS: and calm), all with every class weighing the same, or the "
+                        "neutral clips' mean with all clips' spread (test speakers and devices: always all their "
+                        "clips)")
     g.add_argument("--max-frames", type=int, default=300)
     g.add_argument("--masked-pooling", action="store_true",
                    help="cnn/dnn: pool over the utterance's frames only, not the zero padding")
@@ -306,8 +308,9 @@ def _calm_reference(args, clips) -> list:
     """With ``--speaker-reference neutral`` and RAVDESS among the corpora: RAVDESS's calm clips, which join
     their actor's normalisation statistics only (RAVDESS has 4 neutral clips per actor, too few alone)."""
     from models.datasets import LabelMap, load_corpus
+    from models.features import NEUTRAL_REFERENCES
 
-    if args.speaker_reference != "neutral" or args.synthetic or "ravdess" not in corpus_list(args.corpus):
+    if args.speaker_reference not in NEUTRAL_REFERENCES or args.synthetic or "ravdess" not in corpus_list(args.corpus):
         return []
     root = data_roots(args.data, corpus_list(args.corpus))["ravdess"]
     if root is None or not any(c.speaker.startswith("ravdess-") for c in clips):

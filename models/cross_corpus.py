@@ -127,13 +127,13 @@ def _train(train, val, test, features, config, arch, cache, out_dir=None, name="
     """The training report, with ``calibrated`` (per corpus, the UAR after an unsupervised prior correction
     fitted on each test speaker's own clips: :func:`prior_correction`), ``calibrated_recall`` and
     ``mean_probs``."""
-    from models.features import compute_features
+    from models.features import NEUTRAL_REFERENCES, compute_features
     from models.metrics import by_corpus
     from models.train import train_baseline
 
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, dataset_name=name, progress=False,
-                            reference_clips=_calm_clips() if config.speaker_reference == "neutral" else ())
+                            reference_clips=_calm_clips() if config.speaker_reference in NEUTRAL_REFERENCES else ())
     report = result.report
     train_fs = compute_features(train, features, cache_dir=cache)
     test_fs = compute_features(test, features, cache_dir=cache)

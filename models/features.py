@@ -36,6 +36,11 @@ from models.datasets import Clip
 
 log = logging.getLogger("models")
 
+# where a training or validation speaker's normalisation statistics come from (TrainConfig.speaker_reference,
+# FeatureSet.reference_stats), and those of them that read the neutral (and reference) clips
+SPEAKER_REFERENCES = ("all", "neutral", "balanced", "neutral-mean")
+NEUTRAL_REFERENCES = ("neutral", "neutral-mean")
+
 __all__ = ["librosa_features", "load_clip_audio", "FeatureSet", "compute_features", "Augmentation", "augment_audio",
            "augment_inputs"]
 
@@ -233,7 +238,22 @@ class FeatureSet:
     def reference_stats(self, kind: str, extra: FeatureSet | None = None) -> dict[str, SpeakerStats]:
         """Per speaker, the statistics ``TrainConfig.speaker_reference`` asks for: "neutral", from their
         neutral clips plus ``extra``'s clips of the same speakers (e.g. RAVDESS calm, loaded only for this);
-        "balanced", from all their clips with every class weighing the same (frames weighted)."""
+        "balanced", from all their clips with every class weighing the same (frames weighted); "neutral-mean", the
+        mean of "neutral" with the spread (around their own mean) of all their clips in this set, the scale a device
+        sees."""
+        if kind == "neutral-mean":
+            neutral, every = self.reference_stats("neutral", extra), self._all_clip_stats()
+            out = {}
+            for speaker, n in neutral.items():
+                a = every.get(speaker)
+                if a is None or a.count <= 0 or n.count <= 0:
+                    out[speaker] = n
+                    continue
+                mean_n, mean_a = n.sum / n.count, a.sum / a.count
+                var_a = np.maximum(a.sumsq / a.count - mean_a * mean_a, 0.0)
+                stats = out.setdefault(speaker, SpeakerStats(len(mean_n)))
+                stats.count, stats.sum, stats.sumsq = a.count, a.count * mean_n, a.count * (var_a + mean_n * mean_n)
+            return out
         if kind not in ("neutral", "balanced"):
             raise ValueError(f"unknown speaker reference {kind!r}")
         speakers = {c.speaker for c in self.clips}
@@ -255,6 +275,12 @@ class FeatureSet:
             stats.count += w * f.shape[0]
             stats.sum += w * f.sum(axis=0)
             stats.sumsq += w * (f * f).sum(axis=0)
+        return out
+
+    def _all_clip_stats(self) -> dict[str, SpeakerStats]:
+        out: dict[str, SpeakerStats] = {}
+        for c, r in zip(self.clips, self.raw, strict=True):
+            out.setdefault(c.speaker, SpeakerStats(r.shape[1])).add(r)
         return out
 
     def labels(self, label_names: Sequence[str]) -> np.ndarray:

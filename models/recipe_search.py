@@ -168,7 +168,7 @@ def _row_name(name: str, refit: bool, cv_fold: int | None = None) -> str:
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
             trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False,
             cv_fold: int | None = None) -> dict:
-    from models.features import compute_features
+    from models.features import NEUTRAL_REFERENCES, compute_features
     from models.train import train_baseline
 
     recipe = RECIPES[name]
@@ -180,7 +180,7 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     out_dir = export / f"{row_name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
-                            reference_clips=calm if config.speaker_reference == "neutral" else (),
+                            reference_clips=calm if config.speaker_reference in NEUTRAL_REFERENCES else (),
                             trainable_embedding=trainable_embedding)
     rep = result.report
     norm = result.metadata.normalization  # what the model trained with (augmented copies included)
@@ -195,7 +195,7 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
     if config.speaker_reference != "all":
         own = {c.speaker for c in train} | {c.speaker for c in val}
         extra = compute_features([c for c in calm if c.speaker in own], features, cache_dir=cache) \
-            if config.speaker_reference == "neutral" else None
+            if config.speaker_reference in NEUTRAL_REFERENCES else None
         ref = val_fs.reference_stats(config.speaker_reference, extra)
     xv = val_fs.model_inputs(features, norm, ref)
     val_logits = (result.head.predict(result.encoder.predict(xv, batch_size=256, verbose=0), verbose=0) if len(xv)

@@ -25,7 +25,14 @@ from edge_sdk.model import MAX_INPUT_AFFINE_FROM, ModelMetadata
 from models.architectures import ArchitectureConfig, build_encoder, build_head
 from models.datasets import FOUR_CLASSES, Clip, corpus_of, per_class_sample
 from models.export import ExportResult, export_tflite, head_layout, save_trained
-from models.features import Augmentation, FeatureSet, augment_inputs, compute_features
+from models.features import (
+    NEUTRAL_REFERENCES,
+    SPEAKER_REFERENCES,
+    Augmentation,
+    FeatureSet,
+    augment_inputs,
+    compute_features,
+)
 from models.metrics import by_corpus, classification_report
 
 log = logging.getLogger("models")
@@ -33,7 +40,6 @@ log = logging.getLogger("models")
 __all__ = ["TrainConfig", "TrainResult", "check_device_options", "train_baseline"]
 
 
-SPEAKER_REFERENCES = ("all", "neutral", "balanced")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -55,7 +61,8 @@ class TrainConfig:
     # "all": a training or validation speaker's normalisation statistics come from all of that speaker's clips;
     # "neutral": from that speaker's neutral clips (and the reference clips given to train_baseline, e.g.
     # RAVDESS calm) only; "balanced": from all their clips, every class weighing the same (RAVDESS has half as
-    # many neutral clips as of each other class). Test clips and the device always use all of a speaker's clips.
+    # many neutral clips as of each other class); "neutral-mean": the mean of "neutral", the spread of "all" (the
+    # scale a device sees). Test clips and the device always use all of a speaker's clips.
     speaker_reference: str = "all"
     # feature-space augmentation of the normalised training inputs, redrawn every epoch
     # (models.features.augment_inputs); 0: off
@@ -277,8 +284,9 @@ def train_baseline(
     ``config.epochs`` epochs and keeps the last weights (with ``config.swa_epochs``: their average, as always);
     the report's validation figures are then None.
     ``progress`` shows a bar on stderr (default: when stderr is a terminal).
-    ``reference_clips`` (with ``config.speaker_reference == "neutral"``) add to their speaker's normalisation
-    statistics only (never trained on or scored); those of speakers outside training and validation are ignored.
+    ``reference_clips`` (with ``config.speaker_reference`` "neutral" or "neutral-mean") add to their speaker's
+    normalisation statistics only (never trained on or scored); those of speakers outside training and validation
+    are ignored.
     ``trainable_embedding`` (cnn, dnn): the exported file's trainable head includes the encoder's embedding layer
     (``models.export.export_tflite``).
     ``device_learning_rate``: the SGD rate the metadata tells devices to use for federated updates (default: 0.01
@@ -333,7 +341,7 @@ def train_baseline(
     norm = train_fs.normalization()
     ref_train = ref_val = None
     extra = None
-    if config.speaker_reference == "neutral":
+    if config.speaker_reference in NEUTRAL_REFERENCES:
         own = {c.speaker for c in train_clips} | {c.speaker for c in val_clips}
         if precomputed is None:
             extra = compute_features([c for c in reference_clips if c.speaker in own], features, cache_dir=cache_dir)

@@ -53,6 +53,32 @@ def test_extra_reference_clips_join_only_known_speakers():
     assert sorted(reference) == ["a", "b"] and reference["a"].count == 3010 and reference["b"].count == 3000
 
 
+def test_neutral_mean_reference_takes_the_mean_of_neutral_clips_and_the_spread_of_all_clips():
+    """The device normalises by all of a user's clips; "neutral-mean" keeps the neutral clips' centre (what
+    "neutral" is for) with that spread, so training inputs move as much as a device's do."""
+    fs = _set()  # per speaker: one neutral clip at its offset, two angry clips 10 above, noise sd 1
+    calm = FeatureSet([Clip("/x/calm.wav", "a", "calm")], [np.full((3000, 4), -1.0, np.float32)])
+    neutral, mixed = fs.reference_stats("neutral", calm), fs.reference_stats("neutral-mean", calm)
+    every = SpeakerStats(4)
+    for r in fs.raw[:3]:
+        every.add(r)
+    for spk in ("a", "b"):
+        np.testing.assert_allclose(mixed[spk].sum / mixed[spk].count, neutral[spk].sum / neutral[spk].count)
+    mean_a = every.sum / every.count
+    var_a = every.sumsq / every.count - mean_a**2
+    m = mixed["a"].sum / mixed["a"].count
+    np.testing.assert_allclose(mixed["a"].sumsq / mixed["a"].count - m**2, var_a, rtol=1e-6)
+    assert mixed["a"].count == every.count  # the shrink toward the training set's weighs as many frames as "all"
+    # in the inputs: the neutral clip still sits near 0, the angry ones above it, less far than with "neutral"
+    # (whose spread is the neutral clip's and calm's) and no further than a device would put them
+    norm = fs.normalization()
+    x_neutral, x_mixed = fs.model_inputs(CFG, norm, neutral), fs.model_inputs(CFG, norm, mixed)
+    assert abs(x_mixed[3].mean()) < 0.5 < x_mixed[4].mean() < x_neutral[4].mean()
+    with pytest.raises(ValueError, match="unknown speaker reference"):
+        fs.reference_stats("median")
+    assert TrainConfig(speaker_reference="neutral-mean").speaker_reference == "neutral-mean"
+
+
 def test_balanced_reference_weighs_every_class_the_same():
     fs = _set()  # per speaker: one neutral clip, two angry clips
     stats = fs.reference_stats("balanced")["a"]
