@@ -18,6 +18,7 @@ Pipeline for one utterance ``y`` (float32 mono at ``sample_rate``)::
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -52,6 +53,14 @@ MAX_CLIP_SECONDS = 30.0
 
 
 UTTERANCE_NORMS = ("none", "mean", "meanvar", "level")
+
+
+# FeatureConfig's bounds: wide enough for any speech front end (4-192 kHz, windows up to about 1 s at 16 kHz,
+# 30 s of 1 ms frames), narrow enough that no value makes a device allocate without bound
+FEATURE_INT_RANGES = {"sample_rate": (4000, 192000), "n_fft": (16, 16384), "win_length": (16, 16384),
+                      "hop_length": (1, 16384), "n_mels": (1, 512), "n_mfcc": (1, 512), "max_frames": (1, 30000)}
+FEATURE_FLOAT_RANGES = {"fmin": (0.0, 96000.0), "fmax": (0.0, 96000.0), "top_db": (0.0, 300.0),
+                        "trim_db": (0.0, 300.0)}
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,24 @@ class FeatureConfig:
     pitch: bool = False
 
     def __post_init__(self) -> None:
+        # a model's metadata comes from the aggregator: every field is range-checked, so that a typo in a published
+        # model (n_fft 10**8, max_frames 10**9) is refused by name instead of exhausting a device's memory
+        for name, (low, high) in FEATURE_INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise ParameterError(f"FeatureConfig.{name} must be an integer in {low}..{high}, got {value!r}")
+        for name, (low, high) in FEATURE_FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+                raise ParameterError(f"FeatureConfig.{name} must be a number in {low:g}..{high:g}, got {value!r}")
+        if not isinstance(self.speaker_norm, bool):
+            raise ParameterError(f"FeatureConfig.speaker_norm must be true or false, got {self.speaker_norm!r}")
+        if self.fmax and not self.fmin < self.fmax <= self.sample_rate / 2:
+            raise ParameterError(f"FeatureConfig fmax={self.fmax} must be above fmin={self.fmin} and at most "
+                                 f"sample_rate / 2 = {self.sample_rate / 2:g} (or 0: sample_rate / 2)")
+        if not self.fmax and self.fmin >= self.sample_rate / 2:
+            raise ParameterError(f"FeatureConfig fmin={self.fmin} must be below sample_rate / 2 = "
+                                 f"{self.sample_rate / 2:g}")
         if self.kind not in ("mfcc", "logmel"):
             raise ParameterError(f"FeatureConfig.kind must be 'mfcc' or 'logmel', got {self.kind!r}")
         if self.utterance_norm not in UTTERANCE_NORMS:
@@ -137,9 +164,6 @@ class FeatureConfig:
             raise ParameterError(f"FeatureConfig.pitch must be true or false, got {self.pitch!r}")
         if self.pitch and self.sample_rate < 8000:
             raise ParameterError(f"FeatureConfig.pitch needs a sample_rate of 8000 Hz or more, got {self.sample_rate}")
-        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "max_frames"):
-            if getattr(self, name) <= 0:
-                raise ParameterError(f"FeatureConfig.{name} must be positive, got {getattr(self, name)}")
 
     @property
     def n_features(self) -> int:
@@ -184,8 +208,8 @@ class Normalization:
             raise ParameterError(
                 f"normalisation mean has {len(self.mean)} values but std has {len(self.std)}"
             )
-        if any(s <= 0 for s in self.std):
-            raise ParameterError("normalisation std values must be positive")
+        if not all(np.isfinite(self.mean)) or not all(np.isfinite(s) and s > 0 for s in self.std):
+            raise ParameterError("normalisation mean values must be finite and std values finite and positive")
 
     @classmethod
     def fit(cls, frames: np.ndarray) -> Normalization:
@@ -212,6 +236,8 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, data: dict) -> Normalization:
+        if len(data["mean"]) > 4096 or len(data["std"]) > 4096:
+            raise ParameterError(f"normalisation has {len(data['mean'])} / {len(data['std'])} values, at most 4096")
         return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.errors import ModelError, ParameterError, RuntimeUnavailableError
+from edge_sdk.errors import FedserError, ModelError, ParameterError, RuntimeUnavailableError
 from edge_sdk.features import FeatureConfig, Normalization
 from edge_sdk.wire import HeadLayout
 
@@ -64,6 +64,12 @@ def check_threads(name: str, value: object) -> None:
                              f"got {value!r}")
 
 
+MAX_LABELS = 64
+MAX_EMBEDDING_DIM = 65536
+MAX_TRAIN_BATCH = 4096
+_REQUIRED = object()
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """What a device must know about a model besides its bytes."""
@@ -84,6 +90,11 @@ class ModelMetadata:
     input_affine_from: int | None = None
 
     def __post_init__(self) -> None:
+        n = len(self.normalization.mean)
+        if n not in (0, self.features.n_features):
+            raise ModelError(f"model metadata normalization has {n} values; the features have "
+                             f"{self.features.n_features} columns")
+        self.replay_set()  # a malformed replay set is refused with the metadata, not at the user's first fit
         if self.device_learning_rate is not None:
             object.__setattr__(self, "device_learning_rate", check_device_learning_rate(self.device_learning_rate))
         value = self.input_affine_from
@@ -142,24 +153,69 @@ class ModelMetadata:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ModelMetadata:
+        """Metadata from its JSON form, which comes from the aggregator with the model (or from a file beside it):
+        a field that is missing, of the wrong type or out of range is a ModelError naming it, never another
+        exception."""
+        if not isinstance(data, Mapping):
+            raise ModelError(f"model metadata must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
         if version != METADATA_FORMAT_VERSION:
             raise ModelError(f"model metadata format_version {version!r} is not supported")
+
+        def parse(name: str, convert, default=_REQUIRED):
+            if name not in data:
+                if default is _REQUIRED:
+                    raise ModelError(f"model metadata lacks the field {name!r}")
+                return default
+            try:
+                return convert(data[name])
+            except ModelError as exc:
+                raise ModelError(f"model metadata field {name!r}: {exc}") from exc
+            except (FedserError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                raise ModelError(f"model metadata field {name!r} is malformed: {str(exc)[:300]}") from exc
+
+        def mapping(value) -> dict:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"must be a JSON object, got {type(value).__name__}")
+            return dict(value)
+
+        def count(high: int):
+            def convert(value) -> int:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
+                    raise ValueError(f"must be an integer in 1..{high}, got {value!r}")
+                return int(value)
+            return convert
+
+        def labels(value) -> tuple[str, ...]:
+            if (not isinstance(value, (list, tuple)) or not 2 <= len(value) <= MAX_LABELS
+                    or not all(isinstance(v, str) and 0 < len(v) <= 100 for v in value)
+                    or len(set(value)) != len(value)):
+                raise ValueError(f"must be a list of 2..{MAX_LABELS} distinct names of 1..100 characters, "
+                                 f"got {str(value)[:200]}")
+            return tuple(value)
+
+        def text(value) -> str:
+            if not isinstance(value, str):
+                raise TypeError(f"must be a string, got {type(value).__name__}")
+            return value
+
         try:
             return cls(
-                labels=tuple(str(v) for v in data["labels"]),
-                features=FeatureConfig.from_dict(dict(data["features"])),
-                normalization=Normalization.from_dict(data["normalization"]),
-                head_layout=HeadLayout.from_json(data["head_layout"]),
-                embedding_dim=int(data["embedding_dim"]),
-                train_batch_size=int(data["train_batch_size"]),
-                architecture=str(data.get("architecture", "")),
-                extra=dict(data.get("extra", {})),
+                labels=parse("labels", labels),
+                features=parse("features", lambda v: FeatureConfig.from_dict(mapping(v))),
+                normalization=parse("normalization", lambda v: Normalization.from_dict(mapping(v))),
+                head_layout=parse("head_layout", HeadLayout.from_json),
+                embedding_dim=parse("embedding_dim", count(MAX_EMBEDDING_DIM)),
+                train_batch_size=parse("train_batch_size", count(MAX_TRAIN_BATCH)),
+                architecture=parse("architecture", text, ""),
+                extra=parse("extra", mapping, {}),
                 device_learning_rate=data.get("device_learning_rate"),
                 input_affine_from=data.get("input_affine_from"),
             )
-        except KeyError as exc:
-            raise ModelError(f"model metadata lacks the field {exc.args[0]!r}") from exc
+        except ModelError:
+            raise
+        except FedserError as exc:  # a field's own check (device_learning_rate)
+            raise ModelError(f"model metadata: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> None:
         from edge_sdk.storage import atomic_write
@@ -309,6 +365,7 @@ class TFLiteModel:
                  + (INPUT_SIGNATURES if self.has_input_grad else ()))
         self._runners = {name: _Signature(self._interpreter, name) for name in names}
         self._lock = threading.Lock()
+        self._check_shapes()
         weights = self.get_weights()
         for spec in metadata.head_layout:
             if spec.name not in weights or tuple(weights[spec.name].shape) != spec.shape:
@@ -316,6 +373,30 @@ class TFLiteModel:
                     f"{self.path}: head variable {spec.name!r} does not match the metadata layout {spec.shape}"
                 )
         self.input_shape = (1, metadata.features.max_frames, metadata.features.n_features)
+
+    def _check_shapes(self) -> None:
+        """The metadata must describe this file: the input frames and features, the classes, the embedding and the
+        training batch, as the ``infer`` and ``head`` signatures declare them. Metadata comes from the aggregator
+        with the model; one that disagrees (a typo in ``max_frames``, a class added to ``labels``) is refused by
+        name here, on the server at publication and on the device before the model is installed."""
+        md = self.metadata
+        expected = {
+            ("infer", "input", "features"): (1, md.features.max_frames, md.features.n_features),
+            ("infer", "output", "probs"): (1, md.num_classes),
+            ("infer", "output", "embedding"): (1, md.embedding_dim),
+            ("head", "input", "embeddings"): (md.train_batch_size, md.embedding_dim),
+        }
+        for (signature, kind, name), shape in expected.items():
+            runner = self._runners[signature].runner
+            details = runner.get_input_details() if kind == "input" else runner.get_output_details()
+            if name not in details:
+                raise ModelError(f"{self.path}: signature {signature!r} has no {kind} {name!r}")
+            actual = tuple(int(v) for v in details[name]["shape"])
+            if actual != shape:
+                raise ModelError(
+                    f"{self.path}: the metadata does not describe this model: signature {signature!r} {kind} "
+                    f"{name!r} has shape {list(actual)}, the metadata (features.max_frames, features.n_features, "
+                    f"labels, embedding_dim, train_batch_size) gives {list(shape)}")
 
     # -- signatures -----------------------------------------------------------------------
     def infer(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

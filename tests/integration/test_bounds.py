@@ -212,6 +212,31 @@ def test_admin_bodies_with_nan_and_model_metadata_not_an_object_are_400(server):
         assert _reason(r) == (422, "bad_model")
 
 
+def test_metadata_that_does_not_describe_the_model_is_refused_and_nothing_is_published(server):
+    """Before, the aggregator signed and published any metadata whose fields were positive: n_fft 10**8 made every
+    device's classify grow to 22 GB, max_frames 10**9 crashed its sync, a wrong embedding_dim was installed."""
+    import json
+
+    agg = server
+    meta = json.loads(MODEL.with_suffix(".json").read_text())
+    before = agg.status()["current_version"]
+    cases = [({"features": {**meta["features"], "n_fft": 10**8, "win_length": 10**8}}, "n_fft"),
+             ({"features": {**meta["features"], "max_frames": 10**9}}, "max_frames"),
+             ({"features": {**meta["features"], "sample_rate": 10**12}}, "sample_rate"),
+             ({"features": {**meta["features"], "max_frames": 299}}, "does not describe"),
+             ({"embedding_dim": 64, "extra": {}}, "does not describe"),
+             ({"embedding_dim": "abc"}, "embedding_dim"),
+             ({"extra": {"replay": {"embeddings": "junk", "labels": [0]}}}, "replay")]
+    with open(MODEL.with_suffix(".tflite"), "rb") as t:
+        for change, named in cases:
+            t.seek(0)
+            body = json.dumps({**meta, **change}).encode()
+            r = agg.post_admin("/models", files={"tflite": t, "metadata": ("model.json", body)})
+            assert _reason(r) == (422, "bad_model"), (change, r.text[:300])
+            assert named in r.json()["detail"], (named, r.json()["detail"])
+    assert agg.status()["current_version"] == before
+
+
 def test_a_chunked_update_over_the_limit_is_413(server):
     agg = server
     before = _refusals(agg).get("too_large", 0)
