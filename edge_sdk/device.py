@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -356,6 +357,34 @@ class SyncReport:
         return dict(self.__dict__)
 
 
+
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _checked_enroll_reply(reply, server_url: str) -> dict:
+    """The enrolment reply, checked before anything of it is written: a device id that is a plain name (it goes
+    into file names and headers), and a server key that is one. A server that answers otherwise is not a fedser
+    aggregator (or a broken one): nothing is pinned, and the error names what was wrong."""
+    def refuse(what: str):
+        raise ServerError(f"{server_url} answered the enrolment with {what}; nothing was written, this device is "
+                          "not enrolled (is the URL a fedser aggregator's?)")
+
+    if not isinstance(reply, dict):
+        refuse(f"a JSON {type(reply).__name__}, not an object")
+    device_id = reply.get("device_id")
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id) or ".." in device_id:
+        refuse(f"a device_id that is not a name of 1-128 letters, digits, '.', '_' or '-': {device_id!r:.80}")
+    key = reply.get("server_public_key")
+    try:
+        VerifyKey.from_b64(key if isinstance(key, str) else "")
+    except ParameterError:
+        refuse(f"a server_public_key that is not a base64 Ed25519 public key: {key!r:.80}")
+    manifest = reply.get("manifest")
+    if manifest is not None and not isinstance(manifest, dict):
+        refuse(f"a manifest that is not a JSON object: {type(manifest).__name__}")
+    return reply
+
+
 class Device:
     """The device side of fedser.
 
@@ -532,7 +561,8 @@ class Device:
         if self.enrolled:
             raise FedserError(f"already enrolled as {self.device_id}; wipe {self.state_dir} to enroll anew")
         client = self._client or ServerClient(server_url)
-        reply = client.enroll(token=token, public_key=self.key.verify_key.to_b64(), name=name)
+        reply = _checked_enroll_reply(client.enroll(token=token, public_key=self.key.verify_key.to_b64(), name=name),
+                                      server_url)
         identity = {
             "device_id": reply["device_id"],
             "server_url": server_url.rstrip("/"),
