@@ -121,6 +121,9 @@ class _Doctor:
         identity_file = self.state / "identity.json"
         try:
             self.identity = json.loads(identity_file.read_text()) if identity_file.exists() else {}
+            if not isinstance(self.identity, dict):
+                self.identity = {}
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             self.add("model", "fail", f"{identity_file} is unreadable: {exc}",
                      f"restore it from a backup, or remove {self.state} and enroll again")

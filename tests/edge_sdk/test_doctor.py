@@ -105,6 +105,15 @@ def test_another_server_key_is_caught(enrolled):
     assert checks["server"]["status"] == "ok"
 
 
+def test_an_identity_that_is_not_an_object_is_a_failed_check_not_a_traceback(tmp_path):
+    state = tmp_path / "dev"
+    state.mkdir()
+    (state / "identity.json").write_text("[1, 2]")
+    rc, checks = doctor(state, "--no-audio", "--timeout", "3")
+    assert rc == 1
+    _bad(checks, "model", "identity.json", "not a JSON object", "enroll again")
+
+
 def test_a_damaged_model_file_is_caught(enrolled):
     tflite = next((enrolled / "models").glob("*.tflite"))
     tflite.write_bytes(tflite.read_bytes()[:-10])
