@@ -133,14 +133,18 @@ class LabelMap:
 
 
 def _default_root(variable: str, folder: str) -> Path | None:
-    """``$variable``, else ``../shared/data/<folder>`` beside the checkout, if it exists."""
+    """``$variable`` when it is set, else ``../shared/data/<folder>`` beside the checkout; None when that is not a
+    folder. A variable set to a folder that does not exist counts as "not there" (with a warning naming it), as
+    in the demo: never a silent fall back to ``../shared/data``, which would train on another corpus than the one
+    the user named."""
     env = os.environ.get(variable)
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / folder)
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    return None
+    if env:
+        if Path(env).is_dir():
+            return Path(env)
+        log.warning("$%s=%s is not a folder: that corpus counts as not there", variable, env)
+        return None
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / folder
+    return shared if shared.is_dir() else None
 
 
 def default_ravdess_root() -> Path | None:

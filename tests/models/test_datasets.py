@@ -80,6 +80,17 @@ def test_default_nemo_root_from_the_environment(tmp_path, monkeypatch):
     assert default_corpus_root("crema-d") is None
 
 
+def test_a_corpus_variable_naming_no_folder_is_not_there_and_never_falls_back(tmp_path, monkeypatch, caplog):
+    """Before, FEDSER_RAVDESS=/typo silently trained on ../shared/data/ravdess (where it exists, as here)."""
+    from models.datasets import default_nemo_root, default_ravdess_root
+
+    monkeypatch.setenv("FEDSER_RAVDESS", str(tmp_path / "typo"))
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("FEDSER_NEMO", str(tmp_path / "a-file"))
+    assert default_ravdess_root() is None and default_nemo_root() is None
+    assert "FEDSER_RAVDESS" in caplog.text and "FEDSER_NEMO" in caplog.text
+
+
 def test_crema_d_tree(tmp_path):
     for name in ("1001_DFA_ANG_XX", "1001_IEO_HAP_HI", "1002_TIE_NEU_XX", "1002_DFA_SAD_LO", "1002_DFA_FEA_XX"):
         _tone(tmp_path / "AudioWAV" / f"{name}.wav")
