@@ -278,12 +278,24 @@ def split_summary(train, val, test) -> dict:
     return out
 
 
-def _pair(text: str) -> tuple[float, float]:
-    lo, hi = (float(v) for v in text.split(","))
+def _pair(text: str, option: str = "the range") -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes two numbers LO,HI, got {text!r}") from None
     return lo, hi
 
 
 def _configs(args):
+    """(FeatureConfig, TrainConfig) of the command line; a value out of range is a SystemExit naming it, before
+    any corpus is read."""
+    try:
+        return _build_configs(args)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"fedser-train: error: {exc}") from None
+
+
+def _build_configs(args):
     from edge_sdk.features import FeatureConfig
     from models.features import Augmentation
     from models.train import TrainConfig
@@ -294,8 +306,9 @@ def _configs(args):
                          learning_rate=args.learning_rate, seed=args.seed, mixed_precision=args.mixed_precision,
                          spec_augment=args.spec_augment, mixup=args.mixup, label_smoothing=args.label_smoothing,
                          augmentation=Augmentation(copies=args.augment, seed=args.seed,
-                                                   speed=_pair(args.augment_speed), gain_db=_pair(args.augment_gain_db),
-                                                   snr_db=_pair(args.augment_snr_db)),
+                                                   speed=_pair(args.augment_speed, "--augment-speed"),
+                                                   gain_db=_pair(args.augment_gain_db, "--augment-gain-db"),
+                                                   snr_db=_pair(args.augment_snr_db, "--augment-snr-db")),
                          speaker_reference=args.speaker_reference, lr_schedule=args.lr_schedule,
                          swa_epochs=args.swa_epochs,
                          freq_warp=args.freq_warp, time_stretch=args.time_stretch, spectral_tilt=args.spectral_tilt,
@@ -328,12 +341,12 @@ def cmd_train(args) -> int:
                              trainable_embedding=args.trainable_embedding)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    features, config = _configs(args)
     clips, name, label_map = corpus_clips(args, args.out)
     train, val, test = _split(args, clips)
     if args.dry_run:  # the split a run would use, before minutes of training
         print(json.dumps(split_summary(train, val, test), indent=1))
         return 0
-    features, config = _configs(args)
     arch = preset(args.architecture, **({"masked_pooling": True} if args.masked_pooling else {}))
     result = train_baseline(train, val, test, features=features, architecture=arch,
                             config=config, labels=label_map.classes, cache_dir=args.cache, out_dir=args.out,
@@ -372,8 +385,8 @@ def cmd_compare(args) -> int:
 
     if args.val_speakers:  # refused before the corpus is read
         raise SystemExit("compare picks each fold's validation speakers itself; --val-speakers is for train")
-    clips, name, label_map = corpus_clips(args, args.out)
     features, config = _configs(args)
+    clips, name, label_map = corpus_clips(args, args.out)
     named = set(named_test_speakers(clips))  # RAVDESS 21-24, nEMO IC0/MK0/TP0: in no fold
     folds = speaker_folds([c for c in clips if c.speaker not in named], args.folds or 5, seed=args.seed)
     archs = [a.strip() for a in args.architectures.split(",") if a.strip()]

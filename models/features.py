@@ -65,6 +65,9 @@ class Augmentation:
     def __post_init__(self) -> None:
         if self.copies < 0:
             raise ValueError(f"augmentation copies must be >= 0, got {self.copies}")
+        if not all(np.isfinite(v) for pair in (self.speed, self.gain_db, self.snr_db) for v in pair):
+            raise ValueError(f"augmentation ranges must be finite numbers, got speed {self.speed}, gain_db "
+                             f"{self.gain_db}, snr_db {self.snr_db}")
         for name in ("gain_db", "speed", "snr_db"):
             lo, hi = getattr(self, name)
             if lo > hi:

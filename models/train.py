@@ -79,14 +79,38 @@ class TrainConfig:
     lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        def whole(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
+                    or (high is not None and value > high)):
+                raise ValueError(f"{name} must be an integer >= {low}" + (f" and <= {high}" if high is not None
+                                                                           else "") + f", got {value!r}")
+
+        whole("epochs", 1, 100000)
+        whole("batch_size", 1, 65536)
+        whole("train_batch_size", 1, 4096)
+        whole("patience", 0)
+        whole("spec_augment", 0, 64)
+        whole("replay_per_class", 0, 100000)
+        whole("swa_epochs", 0, self.epochs)
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (np.isfinite(self.mixup) and self.mixup >= 0):
+            raise ValueError(f"mixup must be a finite number >= 0, got {self.mixup}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixed_precision not in ("auto", "on", "off"):
+            raise ValueError(f"mixed_precision must be auto, on or off, got {self.mixed_precision!r}")
         if self.speaker_reference not in SPEAKER_REFERENCES:
             raise ValueError(f"speaker_reference must be one of {SPEAKER_REFERENCES}, got {self.speaker_reference!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.reference_blend <= 1.0:
             raise ValueError(f"reference_blend must be in [0, 1], got {self.reference_blend}")
-        if not (0.0 <= self.freq_warp < 1.0 and 0.0 <= self.time_stretch < 1.0 and self.spectral_tilt >= 0.0):
-            raise ValueError("freq_warp and time_stretch must be in [0, 1), spectral_tilt >= 0")
+        if not (0.0 <= self.freq_warp < 1.0 and 0.0 <= self.time_stretch < 1.0
+                and 0.0 <= self.spectral_tilt < float("inf")):
+            raise ValueError("freq_warp and time_stretch must be in [0, 1), spectral_tilt a finite number >= 0; got "
+                             f"{self.freq_warp}, {self.time_stretch}, {self.spectral_tilt}")
         if not (0.0 <= self.offset_shrink <= 1.0 and 0.0 <= self.spread_shrink <= 1.0):
             raise ValueError(f"offset_shrink and spread_shrink must be in [0, 1], got {self.offset_shrink} and "
                              f"{self.spread_shrink}")

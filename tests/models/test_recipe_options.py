@@ -332,3 +332,20 @@ def test_the_personalisation_study_refuses_an_unknown_answer_mode_or_corpus(caps
     with pytest.raises(SystemExit) as exc:
         main(["--model", "nowhere", "--corpora", "nemo,ravdes", "--ravdess-users", "17,18"])
     assert exc.value.code == 2 and "--corpora: unknown ['ravdes']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--epochs", "-1", "epochs"), ("--learning-rate", "nan", "learning_rate"), ("--offset-shrink", "2", "shrink"),
+    ("--spread-shrink", "nan", "shrink"), ("--reference-blend", "-1", "reference_blend"),
+    ("--augment", "-3", "copies"), ("--augment-speed", "1", "--augment-speed"), ("--spectral-tilt", "inf", "tilt"),
+    ("--batch-size", "0", "batch_size"), ("--label-smoothing", "1.5", "label_smoothing"),
+])
+def test_fedser_train_refuses_an_option_out_of_range_by_name_before_reading_a_corpus(tmp_path, option, value, named):
+    """Before, these were ValueError tracebacks after the corpus had been read (or, --epochs -1, an untrained model
+    exported with exit code 0; --learning-rate nan, a misleading export error; --dry-run checked none of them)."""
+    from models.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "out"), "--dry-run", option, value])
+    assert named in str(info.value.code) and "fedser-train: error" in str(info.value.code)
+    assert not (tmp_path / "out").exists()
