@@ -144,7 +144,10 @@ def _run(args, lock) -> int:
     cfg = load_config(args.config, state_dir=args.state)
     if args.runtime:
         cfg.runtime = args.runtime
-    if args.threads:
+    if args.threads is not None:
+        from edge_sdk.model import check_threads
+
+        check_threads("--threads", args.threads)
         cfg.threads = args.threads
     if args.command == "devices":
         from edge_sdk.listen import list_input_devices

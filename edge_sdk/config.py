@@ -55,7 +55,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from edge_sdk.errors import ParameterError
+from edge_sdk.errors import FedserError, ParameterError
 
 __all__ = ["EdgeConfig", "load_config"]
 
@@ -177,7 +177,34 @@ class EdgeConfig:
                                  f"got {folder!r:.200}")
         if not 1 <= self.audio.stall_seconds <= 3600:  # NaN fails too
             raise ParameterError(f"audio.stall_seconds must be 1 to 3600, got {self.audio.stall_seconds}")
+        for name, (low, high) in _RANGES.items():
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if not low <= value <= high:  # NaN fails too
+                raise ParameterError(f"{name} must be {low:g} to {high:g}, got {value}")
+        if self.training.learning_rate is not None:
+            from edge_sdk.model import check_device_learning_rate
+
+            try:
+                check_device_learning_rate(self.training.learning_rate)
+            except FedserError:
+                raise ParameterError(f"training.learning_rate must be unset or a number in (0, 1], got "
+                                     f"{self.training.learning_rate}") from None
         return self
+
+
+# Every other number a deployer sets, with the range it must lie in (0 where 0 means "no limit").
+_RANGES = {
+    "audio.sample_rate": (8000, 192000), "audio.block_seconds": (0.001, 1.0), "audio.queue_blocks": (1, 100000),
+    "segmenter.threshold_db": (0.0, 100.0), "segmenter.min_seconds": (0.01, 30.0),
+    "segmenter.max_seconds": (0.02, 30.0), "segmenter.hangover_seconds": (0.0, 10.0),
+    "segmenter.pre_roll_seconds": (0.0, 10.0), "segmenter.floor_db": (-300.0, 0.0),
+    "web.port": (0, 65535),
+    "privacy.max_predictions": (0, 100_000_000), "privacy.max_age_days": (0.0, 36500.0),
+    "privacy.clip_norm": (0.0, 1e6), "privacy.noise_multiplier": (0.0, 100.0),
+    "training.min_new_feedback": (1, 100000), "training.epochs": (1, 1000), "training.idle_seconds": (0.0, 86400.0),
+    "sync.interval_seconds": (1.0, 30 * 86400.0),
+}
 
 
 def _coerce(value, target_type, where: str):
@@ -241,6 +268,10 @@ def load_config(path: str | os.PathLike | None = None, *, state_dir: str | os.Pa
                 data = tomllib.loads(candidate.read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as exc:
                 raise ParameterError(f"{candidate}: not valid TOML: {exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise ParameterError(f"{candidate}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            except OSError as exc:
+                raise ParameterError(f"{candidate}: cannot be read ({exc.strerror or exc})") from exc
             _apply(cfg, data, str(candidate))
         elif path is not None or environ.get("FEDSER_EDGE_CONFIG"):
             raise ParameterError(f"config file not found: {candidate}")

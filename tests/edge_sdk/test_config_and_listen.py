@@ -34,6 +34,15 @@ def test_toml_then_environment_overrides(tmp_path):
     ("", {"FEDSER_EDGE_AUDIO_STALL_SECONDS": "nan"}, "audio.stall_seconds must be 1 to 3600, got nan"),
     ("[training]\nthreads = 0\n", {}, "training.threads must be -1 .* or an integer in 1..64, got 0"),
     ("", {"FEDSER_EDGE_TRAINING_EPOCHS": "many"}, "FEDSER_EDGE_TRAINING_EPOCHS: training.epochs must be int"),
+    # numbers the config took unchecked before (found by an audit)
+    ("[web]\nport = 70000\n", {}, "web.port must be 0 to 65535, got 70000"),
+    ("[audio]\nsample_rate = 1000000000000\n", {}, "audio.sample_rate must be 8000 to 192000"),
+    ("", {"FEDSER_EDGE_PRIVACY_MAX_AGE_DAYS": "nan"}, "privacy.max_age_days must be 0 to 36500, got nan"),
+    ("[privacy]\nmax_predictions = -5\n", {}, "privacy.max_predictions must be 0 to"),
+    ("[privacy]\nnoise_multiplier = -1.0\n", {}, "privacy.noise_multiplier must be 0 to 100"),
+    ("", {"FEDSER_EDGE_SYNC_INTERVAL_SECONDS": "-inf"}, "sync.interval_seconds must be 1 to"),
+    ("[training]\nlearning_rate = 5.0\n", {}, "training.learning_rate must be unset or a number in"),
+    ("[segmenter]\nmax_seconds = 600.0\n", {}, "segmenter.max_seconds must be 0.02 to 30"),
 ])
 def test_bad_config_names_what_is_wrong(tmp_path, text, env, message):
     path = tmp_path / "c.toml"
@@ -42,6 +51,16 @@ def test_bad_config_names_what_is_wrong(tmp_path, text, env, message):
         load_config(path, environ=env)
     with pytest.raises(ParameterError, match="config file not found"):
         load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_a_config_path_that_is_not_utf8_text_or_a_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes("[feedback]\nlanguage = 'pl'  # zażółć\n".encode("latin-1", "replace")
+                                           + b"\xff\xfe")
+    with pytest.raises(ParameterError, match="latin1.toml: not UTF-8"):
+        load_config(tmp_path / "latin1.toml", environ={})
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ParameterError, match="folder.toml: cannot be read"):
+        load_config(tmp_path / "folder.toml", environ={})
 
 
 def _speech(seconds: float, rng, level: float = 0.3) -> np.ndarray:
