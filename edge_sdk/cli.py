@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from edge_sdk.errors import FedserError, StateBusyError
+from edge_sdk.errors import FedserError, StateBusyError, StorageFullError
 
 __all__ = ["main", "EXIT_BUSY", "LOCKED_COMMANDS"]
 
@@ -207,7 +207,12 @@ def _run(args, lock) -> int:
             from edge_sdk.storage import atomic_write
 
             # whole or not at all (a full disk: StorageFullError), readable by this user only: it is their data
-            written = atomic_write(args.out, (p.encode() for p in pieces), mode=0o600)
+            try:
+                written = atomic_write(args.out, (p.encode() for p in pieces), mode=0o600)
+            except StorageFullError:
+                raise
+            except OSError as exc:
+                raise FedserError(f"cannot write {args.out}: {exc.strerror or exc} (choose another --out)") from exc
             _out({"exported": str(args.out), "bytes": written})
         else:
             for piece in pieces:

@@ -105,6 +105,12 @@ def test_cli_export_data_streams_to_a_private_file_and_to_stdout(tmp_path):
     assert [p["id"] for p in json.loads((tmp_path / "mine.json").read_text())["predictions"]] == ids
     printed = subprocess.run([*cli, "export-data"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0 and [p["id"] for p in json.loads(printed.stdout)["predictions"]] == ids
+    # a folder that cannot be written: an error naming it, not a traceback (found by an audit)
+    (tmp_path / "a-file").write_text("x")  # a file where the folder should be
+    refused = subprocess.run([*cli, "export-data", "--out", str(tmp_path / "a-file" / "mine.json")], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "cannot write" in refused.stderr and "a-file" in refused.stderr
 
 
 @pytest.fixture
