@@ -413,6 +413,16 @@ def manifest_clips(csv_path: str | os.PathLike, *, label_map: LabelMap = LabelMa
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ParameterError(f"manifest CSV not found: {csv_path}")
+    try:
+        return _read_manifest(csv_path, label_map)
+    except UnicodeDecodeError as exc:
+        raise ParameterError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                             "UTF-8") from None
+    except csv.Error as exc:  # a cell over the csv module's field limit (128 KiB), a NUL, ...
+        raise ParameterError(f"{csv_path}: not a readable CSV: {exc}") from None
+
+
+def _read_manifest(csv_path: Path, label_map: LabelMap) -> list[Clip]:
     clips, dropped = [], Counter()
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -427,6 +437,9 @@ def manifest_clips(csv_path: str | os.PathLike, *, label_map: LabelMap = LabelMa
             raw, split = (row.get("label") or "").strip(), (row.get("split") or "").strip().lower()
             if not path or not speaker or not raw:
                 raise ParameterError(f"{csv_path}:{line}: empty path, speaker or label")
+            if not all(v.isprintable() for v in (path, speaker, raw)) or max(map(len, (path, speaker, raw))) > 4096:
+                raise ParameterError(f"{csv_path}:{line}: a path, speaker or label with a control character, or "
+                                     "longer than 4096 characters")
             if split and split not in MANIFEST_SPLITS:
                 raise ParameterError(f"{csv_path}:{line}: split {split!r} is not one of {MANIFEST_SPLITS}")
             label = label_map(raw)

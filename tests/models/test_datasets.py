@@ -167,6 +167,19 @@ def test_manifest_errors_name_the_problem(tmp_path, text, message):
         manifest_clips(csv)
 
 
+@pytest.mark.parametrize("data, message", [
+    (b"path,speaker,label\nz\xe9.wav,a,angry\n", "not UTF-8 text"),
+    (b"path,speaker,label\n" + b"x" * 200_000 + b".wav,a,angry\n", "not a readable CSV"),
+    (b"path,speaker,label\nx.wav,a\x01b,angry\n", ":2: a path, speaker or label with a control character"),
+])
+def test_a_manifest_that_is_not_utf8_or_has_a_huge_or_control_cell_is_an_error_naming_it(tmp_path, data, message):
+    """Before: UnicodeDecodeError and _csv.Error tracebacks (found by an audit)."""
+    csv = tmp_path / "bad.csv"
+    csv.write_bytes(data)
+    with pytest.raises(ParameterError, match=message):
+        manifest_clips(csv)
+
+
 def test_missing_corpus_folder_and_unknown_corpus_are_clear(tmp_path):
     with pytest.raises(ParameterError, match="CREMA-D folder not found"):
         crema_d_clips(tmp_path / "nope")
