@@ -167,44 +167,100 @@ def _check_settings(config) -> None:
     config["VALIDATION_GROUP_Z"] = group_z
 
 
+def _load_config_file(app: Flask) -> None:
+    """``<instance>/config.json``, if there: a JSON object of settings. Anything else is a ConfigError naming the
+    file (Flask's own loader raised JSONDecodeError, TypeError or UnicodeDecodeError tracebacks)."""
+    path = Path(app.instance_path) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:  # the instance path is a file: said when the folder is made
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as UTF-8 text: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of settings, not a {type(data).__name__}")
+    app.config.from_mapping(data)
+
+
+def _check_round_numbers(cfg) -> None:
+    """The numeric aggregation settings name themselves when they are not numbers (RoundPolicy checks ranges)."""
+    for key in ("ROUND_MIN_UPDATES", "TRIM_FRACTION", "CLIP_NORM", "STALENESS_EXPONENT", "MAX_EXAMPLES_WEIGHT",
+                "MAX_EXAMPLES_WEIGHT_OVER_MEDIAN", "SERVER_MOMENTUM", "SERVER_BETA1", "SERVER_BETA2", "SERVER_TAU"):
+        value = cfg.get(key)
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r:.80}") from None
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: say only its scheme
+        return f"{str(url).split(':', 1)[0]}:..."
+
+
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
     instance_path = instance_path or (test_config or {}).get("INSTANCE_PATH") or os.environ.get(
         "FEDSER_INSTANCE_PATH")
     app = Flask(__name__, instance_path=os.path.abspath(instance_path) if instance_path else None,
                 instance_relative_config=True)
     app.config.from_mapping(DEFAULTS)
-    app.config.from_file("config.json", load=json.load, silent=True)
+    _load_config_file(app)
     _from_env(app.config)
     if test_config:
         app.config.update(test_config)
     _check_settings(app.config)
     from aggregator.rounds import RoundPolicy
 
+    _check_round_numbers(app.config)
     try:  # the aggregation settings are checked at start, not at the first round close
         RoundPolicy.from_config(app.config)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"aggregation settings: {exc}") from exc
     inst = Path(app.instance_path)
-    inst.mkdir(parents=True, exist_ok=True)
+    try:
+        inst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"the instance folder {inst} cannot be created: {exc.strerror or exc}") from exc
     if not app.config["DATABASE_URL"]:
         app.config["DATABASE_URL"] = f"sqlite:///{inst / 'aggregator.db'}"
+
+    import sqlalchemy.exc
 
     from aggregator import db, identity
     from aggregator.registry import BlobStore
 
-    db.init_app(app)
-    engine = app.extensions["fedser_engine"]
-    app.extensions["fedser_server_key"] = identity.server_key(app.config, inst, engine)
-    app.config["ADMIN_TOKEN"] = identity.admin_token(app.config, inst, engine)
-    app.extensions["fedser_blobs"] = BlobStore(engine, cache_bytes=int(app.config["BLOB_CACHE_BYTES"]))
-    _import_legacy_blobs(app.extensions["fedser_blobs"], inst / "blobs")
+    try:
+        db.init_app(app)
+        engine = app.extensions["fedser_engine"]
+        app.extensions["fedser_server_key"] = identity.server_key(app.config, inst, engine)
+        app.config["ADMIN_TOKEN"] = identity.admin_token(app.config, inst, engine)
+        app.extensions["fedser_blobs"] = BlobStore(engine, cache_bytes=int(app.config["BLOB_CACHE_BYTES"]))
+        _import_legacy_blobs(app.extensions["fedser_blobs"], inst / "blobs")
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # a URL no dialect reads, a server not there, refused login
+        raise ConfigError(f"the database {_safe_url(app.config['DATABASE_URL'])} cannot be used: "
+                          f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}") from exc
     if app.config["VALIDATION_MANIFEST"]:
         from aggregator.validation import Validator
+        from edge_sdk.errors import FedserError
 
-        app.extensions["fedser_validator"] = Validator(
-            app.config["VALIDATION_MANIFEST"], inst / "validation", app.extensions["fedser_blobs"],
-            app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]),
-            min_group_clips=app.config["VALIDATION_MIN_GROUP_CLIPS"], group_z=app.config["VALIDATION_GROUP_Z"])
+        try:
+            app.extensions["fedser_validator"] = Validator(
+                app.config["VALIDATION_MANIFEST"], inst / "validation", app.extensions["fedser_blobs"],
+                app.extensions["fedser_server_key"], margin=float(app.config["VALIDATION_MARGIN"]),
+                min_group_clips=app.config["VALIDATION_MIN_GROUP_CLIPS"], group_z=app.config["VALIDATION_GROUP_Z"])
+        except (FedserError, OSError) as exc:
+            raise ConfigError(f"VALIDATION_MANIFEST: {exc}") from exc
 
     from aggregator import dashboard
     from aggregator.api import admin, devices, models, updates

@@ -60,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads per worker (gthread: keep-alive, one request's I/O wait overlaps another's); "
                             "default 4 on PostgreSQL, 2 on SQLite (one writer at a time: more threads only queue)")
     tok = sub.add_parser("create-token", help="print a one-time enrollment token")
-    tok.add_argument("--ttl", type=float, default=24 * 3600)
+    tok.add_argument("--ttl", type=_ttl, default=24 * 3600, help="seconds the token stays valid (0 < TTL <= 30 days)")
     pub = sub.add_parser("publish-base", help="publish a new base model")
     pub.add_argument("tflite", type=Path)
     pub.add_argument("metadata", type=Path)
     close = sub.add_parser("close-round", help="close the open round now")
-    close.add_argument("--min-updates", type=int, default=1)
+    close.add_argument("--min-updates", type=_whole(1, 1_000_000), default=1)
     job = sub.add_parser("train-baseline", help="start a baseline training job (a separate process)")
     job.add_argument("--architecture", default="cnn")
     job.add_argument("--epochs", type=int, default=40)
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--wait", action="store_true", help="wait for the job and print its outcome")
     sub.add_parser("jobs", help="list baseline jobs")
     rb = sub.add_parser("rollback", help="republish an earlier version as the current one")
-    rb.add_argument("version", type=int)
+    rb.add_argument("version", type=_whole(1, 2**31 - 1))
     rv = sub.add_parser("revoke", help="revoke a device")
     rv.add_argument("device_id")
     sub.add_parser("status", help="print the aggregator's state as JSON")
@@ -103,6 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folders of baseline jobs that ended longer ago, on this host (default RETENTION_JOB_DAYS; "
                          "0: keep)")
     return parser
+
+
+def _whole(low: int, high: int):
+    """An argparse type: an integer in low..high, else argparse's usage error naming the value (before, a version
+    past 64 bits was an OverflowError traceback and --min-updates -1 a ValueError one)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def _ttl(text: str) -> float:
+    """An argparse type: the enrollment token's lifetime, in the range the HTTP route takes (before, NaN reached the
+    database: an SQLAlchemy traceback)."""
+    from aggregator.api.admin import MAX_TOKEN_TTL
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= MAX_TOKEN_TTL:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_TOKEN_TTL:g}] seconds, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None, *, app: Flask | None = None) -> int:

@@ -76,6 +76,33 @@ def test_order_defaults_then_config_json_then_environment_then_test_config(tmp_p
     assert app.config["RATE_LIMIT_PER_HOUR"] == 120  # the default
 
 
+@pytest.mark.parametrize("content, match", [
+    (b"{bad", "is not valid JSON"), (b"[1, 2]", "must hold a JSON object of settings, not a list"),
+    (b"\xff\xfe{}", "cannot be read as UTF-8"), (b'{"ROUND_MIN_UPDATES": "x"}', "ROUND_MIN_UPDATES must be a number"),
+])
+def test_a_config_json_that_is_not_an_object_of_settings_is_an_error_naming_it(tmp_path, content, match):
+    """Before: JSONDecodeError, TypeError and UnicodeDecodeError tracebacks from Flask's loader (found by an
+    audit), and an int() message that did not name the setting."""
+    inst = tmp_path / "inst"
+    inst.mkdir()
+    (inst / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        create_app({"INSTANCE_PATH": str(inst)})
+
+
+def test_an_unusable_database_or_instance_folder_is_an_error_naming_it_without_the_password(tmp_path):
+    with pytest.raises(ConfigError, match="foo://x cannot be used"):
+        _app(tmp_path, DATABASE_URL="foo://x")
+    with pytest.raises(ConfigError, match=r"cannot be used") as info:
+        _app(tmp_path, DATABASE_URL="postgresql://fedser:s3cret@127.0.0.1:1/none")  # nothing listens on port 1
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="instance folder .* cannot be created"):
+        create_app({"INSTANCE_PATH": str(tmp_path / "a-file" / "inst")})
+    with pytest.raises(ConfigError, match="VALIDATION_MANIFEST"):
+        _app(tmp_path, VALIDATION_MANIFEST=str(tmp_path / "missing.csv"))
+
+
 def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("FEDSER_")}
     full.update(env, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
@@ -99,7 +126,12 @@ def test_admin_commands_under_flask_cli(tmp_path, trained_model):
     missing = _run([FLASK, "--app", "aggregator", "rollback", "99"], env, tmp_path)
     assert missing.returncode == 1 and "no version 99" in missing.stderr
     bad = _run([FLASK, "--app", "aggregator", "rollback", "one"], env, tmp_path)
-    assert bad.returncode == 2 and "invalid int value" in bad.stderr
+    assert bad.returncode == 2 and "not an integer: 'one'" in bad.stderr
+    for args, said in ((["rollback", "99999999999999999999"], "must be 1..2147483647"),
+                       (["close-round", "--min-updates", "-1"], "must be 1..1000000"),
+                       (["create-token", "--ttl", "nan"], "must be in (0,")):
+        refused = _run([FLASK, "--app", "aggregator", *args], env, tmp_path)  # before: tracebacks
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, args
     # The same instance through fedser-aggregator: both CLIs see one state.
     status = _run([sys.executable, "-m", "aggregator.cli", "--instance", str(tmp_path / "inst"), "status"], {},
                   tmp_path)
