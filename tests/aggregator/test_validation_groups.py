@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from aggregator import ConfigError, create_app
-from edge_sdk.errors import ParameterError
 from edge_sdk.wire import UpdateEnvelope
 from tests.aggregator.test_service import Server
 
@@ -148,7 +147,7 @@ def test_a_malformed_group_is_refused_at_start_naming_the_line(tmp_path, trained
     rows = _rows(synthetic_clips, "angry", lambda c: c.speaker, 3, "old")
     rows[1] = rows[1][:3] + (cell,)
     csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
-    with pytest.raises(ParameterError, match=rf"validation.csv:3: {words}"):
+    with pytest.raises(ConfigError, match=rf"VALIDATION_MANIFEST: .*validation.csv:3: {words}"):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
 
 
@@ -156,8 +155,8 @@ def test_one_clip_in_two_groups_is_refused_at_start(tmp_path, trained_model, syn
     rows = _rows(synthetic_clips, "angry", lambda c: c.speaker, 2, "old")
     rows.append(rows[0][:3] + ("new",))
     csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
-    with pytest.raises(ParameterError, match=r"validation.csv:4: .* is in group 'new' here and in group 'old' on "
-                                             r"line 2"):
+    with pytest.raises(ConfigError, match=r"validation.csv:4: .* is in group 'new' here and in group 'old' on "
+                                          r"line 2"):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
 
 
@@ -168,7 +167,7 @@ def test_more_groups_than_the_gate_judges_are_refused_at_start(tmp_path, trained
     assert len(clips) == MAX_GROUPS + 1
     rows = [(c.path, c.speaker, c.label, f"g{i}") for i, c in enumerate(clips)]
     csv = _manifest(tmp_path / "validation.csv", rows, group_column=True)
-    with pytest.raises(ParameterError, match=rf"{MAX_GROUPS + 1} groups .* at most {MAX_GROUPS}"):
+    with pytest.raises(ConfigError, match=rf"{MAX_GROUPS + 1} groups .* at most {MAX_GROUPS}"):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
 
 
@@ -217,7 +216,7 @@ def test_speaker_ids_that_name_no_corpus_are_one_group(tmp_path, trained_model, 
 def test_a_manifest_that_is_not_utf8_is_refused_at_start_naming_it(tmp_path):
     csv = tmp_path / "validation.csv"
     csv.write_bytes("path,speaker,label\nclip\xe9.wav,nemo-EB0,sad\n".encode("latin-1"))
-    with pytest.raises(ParameterError, match=r"validation.csv is not UTF-8 text"):
+    with pytest.raises(ConfigError, match=r"validation.csv is not UTF-8 text"):
         create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "VALIDATION_MANIFEST": str(csv)})
 
 
