@@ -101,6 +101,13 @@ RECIPES = {
 def add_recipe(name: str, spec: str) -> None:
     """Register a recipe from JSON: ``{"base": "A0", "what": "...", "features": {}, "train": {}, "arch": {}}``."""
     d = json.loads(spec)
+    if not isinstance(d, dict):
+        raise ValueError(f"the JSON must be an object, got a {type(d).__name__}")
+    unknown = set(d) - {"base", "what", "features", "train", "arch"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; a recipe has base, what, features, train, arch")
+    if d.get("base", "A0") not in RECIPES:
+        raise ValueError(f"unknown base recipe {d.get('base')!r}")
     base = RECIPES[d.get("base", "A0")]
     arch, base_name = d.get("arch", {}), base["arch"].get("name", "cnn")
     same_architecture = arch.get("name", base_name) == base_name  # another one starts from its own preset's sizes
@@ -402,11 +409,33 @@ def main(argv=None) -> int:
             p.error(f"--cv-folds takes fold numbers 0..{len(NEMO_CV_FOLDS) - 1} separated by commas, "
                     f"got {args.cv_folds!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # every argument is checked here, before the first of what may be hours of runs
     for d in args.define:
-        name, spec = d.split("=", 1)
-        add_recipe(name, spec)
-    args.out.mkdir(parents=True, exist_ok=True)
+        name, _, spec = d.partition("=")
+        try:
+            if not name or not spec:
+                raise ValueError("it is not NAME=JSON")
+            add_recipe(name, spec)
+            _configs(RECIPES[name], 0)  # the recipe's settings are valid (FeatureConfig, TrainConfig, preset)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            RECIPES.pop(name, None)
+            p.error(f"--define {d[:200]!r}: {exc!r:.300}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        p.error(f"--seeds takes non-negative integers separated by commas, got {args.seeds!r}")
+    names = [n for n in args.recipes.split(",") if n]
+    unknown = [n for n in names if n not in RECIPES]
+    if args.command != "table" and (not names or unknown):
+        p.error(f"--recipes: unknown {unknown or '(none given)'}; known: {', '.join(sorted(RECIPES))} (or --define)")
+    if args.command == "ensemble" and args.size < 1:
+        p.error(f"--size must be at least 1, got {args.size}")
     results = args.out / "results.jsonl"
+    if args.command == "table" and not results.is_file():
+        p.error(f"no {results} to make tables of (run first, or name the folder with --out)")
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "table":
         rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
         text = "## Task A\n\n" + table(rows, "A") + "\n## Task B\n\n" + table(rows, "B")
@@ -419,8 +448,7 @@ def main(argv=None) -> int:
     if args.command == "ensemble":
         if args.save_logits is None:
             p.error("ensemble reads the logits of --save-logits DIR")
-        for name in args.recipes.split(","):
-            seeds = [int(s) for s in args.seeds.split(",")]
+        for name in names:
             for row in ensemble_rows(args.task, name, seeds, args.size, args.save_logits, args.refit):
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -428,8 +456,8 @@ def main(argv=None) -> int:
                              {g: round(row[g]["uar"], 3) for g in ("nemo_dev", "nemo_test", "nemo_all",
                                                                    "ravdess_test") if g in row})
         return 0
-    for name in args.recipes.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for name in names:
+        for seed in seeds:
             for fold in folds:
                 row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
                               args.save_logits, args.refit, fold)

@@ -349,3 +349,27 @@ def test_fedser_train_refuses_an_option_out_of_range_by_name_before_reading_a_co
         main(["train", "--out", str(tmp_path / "out"), "--dry-run", option, value])
     assert named in str(info.value.code) and "fedser-train: error" in str(info.value.code)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["run", "--define", "noequals"], "NAME=JSON"),
+    (["run", "--define", "X={bad"], "JSONDecodeError"),
+    (["run", "--define", "X=[1]"], "must be an object"),
+    (["run", "--define", 'X={"base": "nope"}'], "unknown base recipe"),
+    (["run", "--define", 'X={"train": {"zzz": 1}}'], "zzz"),
+    (["run", "--define", 'X={"train": {"epochs": -1}}'], "epochs"),
+    (["run", "--define", 'X={"colour": 1}'], "unknown keys"),
+    (["run", "--recipes", "A0,ZZZ"], "unknown ['ZZZ']"),
+    (["run", "--seeds", "0,x"], "--seeds"),
+    (["ensemble", "--size", "0", "--save-logits", "."], "--size"),
+])
+def test_recipe_search_refuses_bad_arguments_before_any_run(tmp_path, capsys, argv, said):
+    """Before, these were tracebacks, and a bad name or seed after a good one (A0,ZZZ; 0,x) was found only after
+    the good runs had trained (found by an audit)."""
+    from models.recipe_search import RECIPES, main
+
+    before = set(RECIPES)
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path / "rs")])
+    assert info.value.code == 2 and said in capsys.readouterr().err
+    assert set(RECIPES) == before and not (tmp_path / "rs").exists()
