@@ -178,6 +178,8 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and 0 < max_seconds < math.inf):
         raise ParameterError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}")
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder, not an audio file")
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
     if path.stat().st_size == 0:
@@ -193,12 +195,18 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
     except AudioError:
         raise
     except (OSError, RuntimeError, ValueError, EOFError, MemoryError) as exc:
-        raise AudioError(f"cannot decode {path}: {exc}") from exc
+        # some readers raise with no message (a WAV whose data chunk claims more bytes than the file holds)
+        raise AudioError(f"cannot decode {path}: {exc or type(exc).__name__ + ' (a damaged or cut-short file?)'}") \
+            from exc
     if y.size == 0:
         raise AudioError(f"audio file has no samples: {path}")
     if max_seconds is not None and declared > len(y) and declared > max_seconds * sr:
-        log.warning("%s: %.1f s long; kept the first %.1f s (the maximum clip length)", path, declared / sr,
-                    len(y) / sr)
+        if len(y) < max_seconds * sr - 1:  # the header promised more than the file holds
+            log.warning("%s: its header says %.1f s but it holds %.1f s (a cut-short or damaged file); read what "
+                        "is there", path, declared / sr, len(y) / sr)
+        else:
+            log.warning("%s: %.1f s long; kept the first %.1f s (the maximum clip length)", path, declared / sr,
+                        len(y) / sr)
     return resample(y, sr, sample_rate)
 
 

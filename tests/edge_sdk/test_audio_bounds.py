@@ -75,6 +75,19 @@ def test_rates_and_channel_counts_out_of_range_are_refused_by_name(tmp_path, rat
         load_audio(path)
 
 
+def test_a_folder_and_a_wav_whose_header_lies_about_its_length_are_said_plainly(tmp_path, caplog):
+    """A folder was reported as "audio file not found"; a WAV whose data chunk claims 4 GB but holds 1 s was
+    reported as cut at the maximum clip length (found by an audit)."""
+    with pytest.raises(AudioError, match="is a folder, not an audio file"):
+        load_audio(tmp_path)
+    pcm = (np.sin(np.arange(16000) / 10) * 10000).astype("<i2").tobytes()
+    header = (b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFF0))
+    (tmp_path / "liar.wav").write_bytes(header + pcm)
+    assert len(load_audio(tmp_path / "liar.wav")) == 16000
+    assert "header says" in caplog.text and "holds 1.0 s" in caplog.text and "maximum clip length" not in caplog.text
+
+
 def test_resample_and_load_audio_check_the_rates_they_are_asked_for(tmp_path):
     y = np.zeros(4000, np.float32)
     for orig, target in ((1, 16000), (16000, 1), (16000, 10**9), (0, 16000), (16000.5, 16000)):
