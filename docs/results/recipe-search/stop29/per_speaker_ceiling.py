@@ -21,28 +21,22 @@ GRID = [(o, s) for o in (0.75, 1.0, 1.5, 2.0, 2.5) for s in (0.75, 1.0, 1.5, 2.0
 
 
 def main(argv: list[str]) -> int:
-    from test_time_gain import intensify
+    from test_time_gain import corpora, intensify, load_model
 
-    from edge_sdk.model import ModelMetadata, TFLiteModel
-    from models.cross_corpus import _clips
-    from models.datasets import split_by_speaker
     from models.features import compute_features
-    from models.recipe_search import NEMO_DEV, RAVDESS_CV, RAVDESS_TEST, RECIPES, _configs
+    from models.recipe_search import NEMO_DEV
 
     if not argv:
         print(__doc__)
         return 2
-    features, _, _ = _configs(RECIPES["A-swa-long"], 0)
-    cache = REPO / ".cache" / "features"
-    ravdess, nemo = _clips()
-    r_rest, _ = split_by_speaker(ravdess, list(RAVDESS_TEST))
-    r_train, r_val = split_by_speaker(r_rest, list(RAVDESS_CV))
-    norm = compute_features(r_train, features, cache_dir=cache).normalization()
-    fs = compute_features([c for c in nemo if c.speaker in NEMO_DEV] + r_val, features, cache_dir=cache)
+    features, cache, parts = corpora("A-swa-long")
+    norm = compute_features(parts["ravdess 1-18"], features, cache_dir=cache).normalization()
+    fs = compute_features([c for c in parts["nemo"] if c.speaker in NEMO_DEV] + parts["ravdess 19-20"], features,
+                          cache_dir=cache)
     x = fs.model_inputs(features, norm)
     speakers = np.array([c.speaker for c in fs.clips])
     for folder in map(Path, argv):
-        model = TFLiteModel(folder / "model.tflite", ModelMetadata.load(folder / "model.json"))
+        model = load_model(folder)
         y = fs.labels(list(model.metadata.labels))
         acc = {}
         for g in GRID:

@@ -35,33 +35,55 @@ def intensify(x: np.ndarray, offset_gain: float, spread_gain: float) -> np.ndarr
     return ((offset_gain * mean + dev * scale) * live).astype(np.float32)
 
 
+def paired_cell(v: np.ndarray, base: np.ndarray, setting: tuple) -> str:
+    """The paired gain of ``v`` over ``base`` in points, mean ± standard error; "-" for the (1, 1) row."""
+    d = (np.asarray(v) - np.asarray(base)) * 100
+    se = f" ± {d.std(ddof=1) / np.sqrt(len(d)):.1f}" if len(d) > 1 else ""
+    return "-" if setting == (1.0, 1.0) else f"{d.mean():+.1f}{se}"
+
+
 def _uar(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
 
 
-def main(argv: list[str]) -> int:
-    from edge_sdk.model import ModelMetadata, TFLiteModel
+def corpora(recipe: str):
+    """(the recipe's FeatureConfig, the feature cache folder, {"ravdess 1-18", "ravdess 19-20", "ravdess 21-24",
+    "nemo": clips}); shared by this folder's scripts."""
     from models.cross_corpus import _clips
     from models.datasets import split_by_speaker
+    from models.recipe_search import RAVDESS_CV, RAVDESS_TEST, RECIPES, _configs
+
+    features, _, _ = _configs(RECIPES[recipe], 0)
+    ravdess, nemo = _clips()
+    r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
+    r_train, r_val = split_by_speaker(r_rest, list(RAVDESS_CV))
+    return features, REPO / ".cache" / "features", {"ravdess 1-18": r_train, "ravdess 19-20": r_val,
+                                                    "ravdess 21-24": r_test, "nemo": nemo}
+
+
+def load_model(folder: Path):
+    from edge_sdk.model import ModelMetadata, TFLiteModel
+
+    return TFLiteModel(folder / "model.tflite", ModelMetadata.load(folder / "model.json"))
+
+
+def main(argv: list[str]) -> int:
     from models.features import compute_features
-    from models.recipe_search import NEMO_DEV, NEMO_TEST, RAVDESS_CV, RAVDESS_TEST, RECIPES, _configs
+    from models.recipe_search import NEMO_DEV, NEMO_TEST
 
     if not argv:
         print(__doc__)
         return 2
-    features, _, _ = _configs(RECIPES["A-swa-long"], 0)
-    cache = REPO / ".cache" / "features"
-    ravdess, nemo = _clips()
-    r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
-    r_train, r_val = split_by_speaker(r_rest, list(RAVDESS_CV))
-    norm = compute_features(r_train, features, cache_dir=cache).normalization()
+    features, cache, parts = corpora("A-swa-long")
+    r_val, r_test, nemo = parts["ravdess 19-20"], parts["ravdess 21-24"], parts["nemo"]
+    norm = compute_features(parts["ravdess 1-18"], features, cache_dir=cache).normalization()
     groups = {}
     for name, clips in (("RAVDESS 19-20", r_val), ("RAVDESS 21-24", r_test), ("nEMO", nemo)):
         fs = compute_features(clips, features, cache_dir=cache)
         groups[name] = (fs.model_inputs(features, norm), fs, np.array([c.speaker for c in fs.clips]))
     results = {}  # (setting, group) -> [uar per model]
     for folder in map(Path, argv):
-        model = TFLiteModel(folder / "model.tflite", ModelMetadata.load(folder / "model.json"))
+        model = load_model(folder)
         labels = list(model.metadata.labels)
         for setting in GRID:
             for name, (x, fs, speakers) in groups.items():
@@ -83,9 +105,7 @@ def main(argv: list[str]) -> int:
         for part in order:
             v = np.array(results[setting, part])
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-            d = (v - np.array(results[(1.0, 1.0), part])) * 100
-            se = f" ± {d.std(ddof=1) / np.sqrt(len(d)):.1f}" if len(d) > 1 else ""
-            cells.append("-" if setting == (1.0, 1.0) else f"{d.mean():+.1f}{se}")
+            cells.append(paired_cell(v, results[(1.0, 1.0), part], setting))
         print(f"| {setting[0]:g}, {setting[1]:g} | " + " | ".join(cells) + " |")
     return 0
 

@@ -25,25 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str]) -> int:
-    from test_time_gain import GRID, _uar, intensify
+    from test_time_gain import GRID, _uar, corpora, intensify, load_model, paired_cell
 
-    from edge_sdk.model import ModelMetadata, TFLiteModel
-    from models.cross_corpus import _clips
-    from models.datasets import split_by_speaker
     from models.features import compute_features
-    from models.recipe_search import NEMO_CV_FOLDS, RAVDESS_CV, RECIPES, _configs
+    from models.recipe_search import NEMO_CV_FOLDS
 
     if not argv:
         print(__doc__)
         return 2
-    features, _, _ = _configs(RECIPES["B-speed"], 0)
-    cache = REPO / ".cache" / "features"
-    ravdess, nemo = _clips()
-    _, r_val = split_by_speaker(ravdess, list(RAVDESS_CV))
+    features, cache, parts = corpora("B-speed")
+    r_val, nemo = parts["ravdess 19-20"], parts["nemo"]
     results: dict = {}  # (setting, group) -> [uar per fold]
     for folder in map(Path, argv):
         fold = int(re.search(r"-cv(\d)-", folder.name).group(1))
-        model = TFLiteModel(folder / "model.tflite", ModelMetadata.load(folder / "model.json"))
+        model = load_model(folder)
         norm = model.metadata.normalization
         labels = list(model.metadata.labels)
         held = [c for c in nemo if c.speaker in NEMO_CV_FOLDS[fold]]
@@ -62,10 +57,8 @@ def main(argv: list[str]) -> int:
         cells = []
         for group in groups:
             v = np.array(results[setting, group])
-            d = (v - np.array(results[(1.0, 1.0), group])) * 100
             cells.append(f"{v.mean():.3f} ({', '.join(f'{u:.3f}' for u in v)})")
-            se = f" ± {d.std(ddof=1) / np.sqrt(len(d)):.1f}" if len(d) > 1 else ""
-            cells.append("-" if setting == (1.0, 1.0) else f"{d.mean():+.1f}{se}")
+            cells.append(paired_cell(v, results[(1.0, 1.0), group], setting))
         print(f"| {setting[0]:g}, {setting[1]:g} | " + " | ".join(cells) + " |")
     return 0
 
