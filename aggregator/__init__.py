@@ -205,8 +205,8 @@ def _safe_url(url: str) -> str:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: say only its scheme
-        return f"{str(url).split(':', 1)[0]}:..."
+    except Exception:  # not a URL at all: nothing of it is said (it may hold a password)
+        return "(unparseable)"
 
 
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
@@ -240,14 +240,18 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     from aggregator import db, identity
     from aggregator.registry import BlobStore
 
-    try:
+    try:  # the URL itself: no dialect reads it, its driver is not installed, a port that is not a number
         db.init_app(app)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(f"DATABASE_URL {_safe_url(app.config['DATABASE_URL'])} cannot be used: "
+                          f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}") from exc
+    try:
         engine = app.extensions["fedser_engine"]
         app.extensions["fedser_server_key"] = identity.server_key(app.config, inst, engine)
         app.config["ADMIN_TOKEN"] = identity.admin_token(app.config, inst, engine)
         app.extensions["fedser_blobs"] = BlobStore(engine, cache_bytes=int(app.config["BLOB_CACHE_BYTES"]))
         _import_legacy_blobs(app.extensions["fedser_blobs"], inst / "blobs")
-    except sqlalchemy.exc.SQLAlchemyError as exc:  # a URL no dialect reads, a server not there, refused login
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # a server not there, a login refused
         raise ConfigError(f"the database {_safe_url(app.config['DATABASE_URL'])} cannot be used: "
                           f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}") from exc
     if app.config["VALIDATION_MANIFEST"]:

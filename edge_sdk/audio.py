@@ -196,8 +196,8 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
         raise
     except (OSError, RuntimeError, ValueError, EOFError, MemoryError) as exc:
         # some readers raise with no message (a WAV whose data chunk claims more bytes than the file holds)
-        raise AudioError(f"cannot decode {path}: {exc or type(exc).__name__ + ' (a damaged or cut-short file?)'}") \
-            from exc
+        reason = str(exc) or f"{type(exc).__name__} (a damaged or cut-short file?)"
+        raise AudioError(f"cannot decode {path}: {reason}") from exc
     if y.size == 0:
         raise AudioError(f"audio file has no samples: {path}")
     if max_seconds is not None and declared > len(y) and declared > max_seconds * sr:

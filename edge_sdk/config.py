@@ -203,7 +203,7 @@ _RANGES = {
     "privacy.max_predictions": (0, 100_000_000), "privacy.max_age_days": (0.0, 36500.0),
     "privacy.clip_norm": (0.0, 1e6), "privacy.noise_multiplier": (0.0, 100.0),
     "training.min_new_feedback": (1, 100000), "training.epochs": (1, 1000), "training.idle_seconds": (0.0, 86400.0),
-    "sync.interval_seconds": (1.0, 30 * 86400.0),
+    "sync.interval_seconds": (1.0, 10 * 365 * 86400.0),  # ten years: in effect, never
 }
 
 

@@ -924,11 +924,26 @@ class Device:
             return extract(audio, cfg, meta.normalization), {}
         raw = raw_features(trim_silence(audio, cfg), cfg)
         key = "speaker_stats:" + hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        text = self.store.get(key)
-        stats = SpeakerStats.from_dict(json.loads(text)) if text else SpeakerStats(cfg.n_features)
+        stats = self._speaker_stats(self.store.get(key), cfg.n_features)
         stats.add(raw)
         feats = fit_frames(stats.normalization(meta.normalization).apply(raw), cfg.max_frames)
         return feats, {key: json.dumps(stats.to_dict())}
+
+    def _speaker_stats(self, text: str | None, n_features: int) -> SpeakerStats:
+        """The user's running statistics as stored, or fresh ones when there are none or what is stored is not
+        statistics of this width with finite values (a damaged store: every classify would fail on it). The
+        statistics then rebuild from the next utterances, as for a new user."""
+        if not text:
+            return SpeakerStats(n_features)
+        try:
+            stats = SpeakerStats.from_dict(json.loads(text))
+            if (stats.sum.shape != (n_features,) or stats.sumsq.shape != (n_features,) or not 0 <= stats.count
+                    or not (np.isfinite(stats.sum).all() and np.isfinite(stats.sumsq).all())):
+                raise ValueError(f"not {n_features} finite sums and a count >= 0")
+            return stats
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            log.warning("the stored speaker statistics are unusable (%s): starting them anew", str(exc)[:200])
+            return SpeakerStats(n_features)
 
     def classify_file(self, path: str | os.PathLike) -> Prediction:
         audio = load_audio(path, sample_rate=self.metadata.features.sample_rate)

@@ -135,6 +135,9 @@ class FeatureConfig:
         # model (n_fft 10**8, max_frames 10**9) is refused by name instead of exhausting a device's memory
         for name, (low, high) in FEATURE_INT_RANGES.items():
             value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():  # 400.0 in a hand-edited model.json is 400
+                value = int(value)
+                object.__setattr__(self, name, value)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
                 raise ParameterError(f"FeatureConfig.{name} must be an integer in {low}..{high}, got {value!r}")
         for name, (low, high) in FEATURE_FLOAT_RANGES.items():

@@ -134,8 +134,12 @@ class ModelMetadata:
             return None
         try:
             emb = np.frombuffer(base64.b64decode(raw["embeddings"], validate=True), "<f4")
-            labels = np.asarray(raw["labels"], dtype=np.int64)
-        except (KeyError, TypeError, ValueError) as exc:
+            values = raw["labels"]
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       and 0 <= v < self.num_classes for v in values):
+                raise ValueError(f"labels must be a list of class indices 0..{self.num_classes - 1}")
+            labels = np.asarray(values, dtype=np.int64)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelError(f"model metadata extra.replay is malformed: {exc}") from exc
         if labels.ndim != 1 or emb.size != labels.size * self.embedding_dim:
             raise ModelError(f"model metadata extra.replay holds {emb.size} floats for {labels.size} labels; "

@@ -25,7 +25,6 @@ DEFAULT_VAL_SPEAKERS = "19,20"
 # named test speakers of each corpus: never trained on, never validating, whatever the command
 CORPUS_TEST_SPEAKERS = {"ravdess": ("21", "22", "23", "24"), "nemo": ("IC0", "MK0", "TP0")}
 CORPUS_VAL_SPEAKERS = {"ravdess": ("19", "20")}
-SPEAKER_REFERENCES = ("all", "neutral", "balanced", "neutral-mean")  # models.features.SPEAKER_REFERENCES (tested)
 
 
 def corpus_list(corpus: str) -> list[str]:
@@ -177,6 +176,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="two more feature columns: pitch in semitones and periodicity (numpy, on the device too)")
     g.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="normalise with each speaker's own statistics (a device keeps its user's running ones)")
+    from models.features import SPEAKER_REFERENCES
+
     g.add_argument("--speaker-reference", choices=SPEAKER_REFERENCES, default="all",
                    help="training and validation speakers' normalisation statistics from all their clips, their "
                         "neutral clips only (RAVDESS: and calm), all with every class weighing the same, or the "

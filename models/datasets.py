@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import re
+import unicodedata
 import wave
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -437,7 +438,8 @@ def _read_manifest(csv_path: Path, label_map: LabelMap) -> list[Clip]:
             raw, split = (row.get("label") or "").strip(), (row.get("split") or "").strip().lower()
             if not path or not speaker or not raw:
                 raise ParameterError(f"{csv_path}:{line}: empty path, speaker or label")
-            if not all(v.isprintable() for v in (path, speaker, raw)) or max(map(len, (path, speaker, raw))) > 4096:
+            if (any(unicodedata.category(ch) == "Cc" for v in (path, speaker, raw) for ch in v)
+                    or max(map(len, (path, speaker, raw))) > 4096):  # a no-break space in a file name is fine
                 raise ParameterError(f"{csv_path}:{line}: a path, speaker or label with a control character, or "
                                      "longer than 4096 characters")
             if split and split not in MANIFEST_SPLITS:

@@ -412,13 +412,17 @@ def main(argv=None) -> int:
     # every argument is checked here, before the first of what may be hours of runs
     for d in args.define:
         name, _, spec = d.partition("=")
+        previous = RECIPES.get(name)
         try:
             if not name or not spec:
                 raise ValueError("it is not NAME=JSON")
             add_recipe(name, spec)
             _configs(RECIPES[name], 0)  # the recipe's settings are valid (FeatureConfig, TrainConfig, preset)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            RECIPES.pop(name, None)
+            if previous is None:  # a built-in recipe of that name stays as it was
+                RECIPES.pop(name, None)
+            else:
+                RECIPES[name] = previous
             p.error(f"--define {d[:200]!r}: {exc!r:.300}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -88,6 +88,18 @@ def test_a_folder_and_a_wav_whose_header_lies_about_its_length_are_said_plainly(
     assert "header says" in caplog.text and "holds 1.0 s" in caplog.text and "maximum clip length" not in caplog.text
 
 
+def test_a_decoder_error_without_a_message_names_its_type(tmp_path, monkeypatch):
+    import edge_sdk.audio as audio
+
+    def bare(*args, **kwargs):
+        raise EOFError()
+
+    monkeypatch.setattr(audio, "_read_wav", bare)
+    (tmp_path / "x.wav").write_bytes(b"RIFF0000WAVE")
+    with pytest.raises(AudioError, match=r"cannot decode .*x.wav: EOFError \(a damaged or cut-short file\?\)"):
+        load_audio(tmp_path / "x.wav")
+
+
 def test_resample_and_load_audio_check_the_rates_they_are_asked_for(tmp_path):
     y = np.zeros(4000, np.float32)
     for orig, target in ((1, 16000), (16000, 1), (16000, 10**9), (0, 16000), (16000.5, 16000)):

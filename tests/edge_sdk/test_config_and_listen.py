@@ -171,7 +171,10 @@ def test_a_stream_rate_out_of_range_is_refused_with_a_message(tmp_path):
     from edge_sdk.errors import AudioError
     from edge_sdk.listen import Listener
 
-    cfg = load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": "4000"})
+    with pytest.raises(ParameterError, match="audio.sample_rate must be 8000 to 192000, got 4000"):
+        load_config(environ={"FEDSER_EDGE_AUDIO_SAMPLE_RATE": "4000"})  # refused with the config now
+    cfg = load_config(environ={})
+    cfg.audio.sample_rate = 4000  # a config made in code, past validate(): the listener checks it too
     with pytest.raises(AudioError, match="audio.sample_rate must be an integer from 8000 to 192000 Hz"):
         Listener(Device(tmp_path / "dev"), cfg)
 

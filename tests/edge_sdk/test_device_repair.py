@@ -158,3 +158,25 @@ def test_a_model_that_does_not_load_is_never_committed(enrolled, tmp_path):
     with pytest.raises(ModelError):
         dev._install_manifest(raw, repair=True)
     assert (state / "manifest.json").read_bytes() == before and dev.model_version == 2
+
+
+@pytest.mark.parametrize("stored", ['{"count": 10, "sum": [NaN], "sumsq": [1.0]}', "not json", "[1, 2]",
+                                    '{"count": 10, "sum": [0.0, 0.0], "sumsq": [1.0, 1.0]}'])
+def test_damaged_speaker_statistics_in_the_store_start_anew_instead_of_failing_every_classify(device, caplog,
+                                                                                              stored):
+    """The running statistics live in the device's store (a file on its disk). NaN sums, or statistics of another
+    width, made every classify fail (a NaN normalisation is refused since the metadata checks)."""
+    import hashlib
+
+    from tests.edge_sdk.conftest import clip
+
+    cfg = device.metadata.features
+    key = "speaker_stats:" + hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    device.classify(clip(1))
+    assert json.loads(device.store.get(key))["count"] > 0  # the key the device writes
+    device.store.set(key, stored)
+    again = device.classify(clip(2))
+    assert again.label in device.metadata.labels
+    assert "speaker statistics are unusable" in caplog.text
+    fresh = json.loads(device.store.get(key))  # written anew from this utterance alone, finite
+    assert 0 < fresh["count"] < 1000 and len(fresh["sum"]) == cfg.n_features

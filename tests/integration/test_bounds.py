@@ -226,7 +226,8 @@ def test_metadata_that_does_not_describe_the_model_is_refused_and_nothing_is_pub
              ({"features": {**meta["features"], "max_frames": 299}}, "does not describe"),
              ({"embedding_dim": 64, "extra": {}}, "does not describe"),
              ({"embedding_dim": "abc"}, "embedding_dim"),
-             ({"extra": {"replay": {"embeddings": "junk", "labels": [0]}}}, "replay")]
+             ({"extra": {"replay": {"embeddings": "junk", "labels": [0]}}}, "replay"),
+             ({"extra": {"replay": {"embeddings": "", "labels": [10**30]}}}, "replay")]  # was a 500
     with open(MODEL.with_suffix(".tflite"), "rb") as t:
         for change, named in cases:
             t.seek(0)

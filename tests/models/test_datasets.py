@@ -178,6 +178,9 @@ def test_a_manifest_that_is_not_utf8_or_has_a_huge_or_control_cell_is_an_error_n
     csv.write_bytes(data)
     with pytest.raises(ParameterError, match=message):
         manifest_clips(csv)
+    ok = tmp_path / "ok.csv"  # characters real file names hold (macOS puts U+202F in screenshot names) pass
+    ok.write_text("path,speaker,label\nclip\u202fone\u00a0a.wav,a,angry\nb.wav,a,sad\n", encoding="utf-8")
+    assert [c.path.rsplit("/", 1)[-1] for c in manifest_clips(ok)] == ["clip\u202fone\u00a0a.wav", "b.wav"]
 
 
 def test_missing_corpus_folder_and_unknown_corpus_are_clear(tmp_path):

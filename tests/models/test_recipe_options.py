@@ -359,6 +359,7 @@ def test_fedser_train_refuses_an_option_out_of_range_by_name_before_reading_a_co
     (["run", "--define", 'X={"train": {"zzz": 1}}'], "zzz"),
     (["run", "--define", 'X={"train": {"epochs": -1}}'], "epochs"),
     (["run", "--define", 'X={"colour": 1}'], "unknown keys"),
+    (["run", "--define", 'A0={"train": {"epochs": -1}}'], "epochs"),  # a built-in name: A0 stays as it was
     (["run", "--recipes", "A0,ZZZ"], "unknown ['ZZZ']"),
     (["run", "--seeds", "0,x"], "--seeds"),
     (["ensemble", "--size", "0", "--save-logits", "."], "--size"),
@@ -368,8 +369,8 @@ def test_recipe_search_refuses_bad_arguments_before_any_run(tmp_path, capsys, ar
     the good runs had trained (found by an audit)."""
     from models.recipe_search import RECIPES, main
 
-    before = set(RECIPES)
+    before = dict(RECIPES)
     with pytest.raises(SystemExit) as info:
         main([*argv, "--out", str(tmp_path / "rs")])
     assert info.value.code == 2 and said in capsys.readouterr().err
-    assert set(RECIPES) == before and not (tmp_path / "rs").exists()
+    assert RECIPES == before and not (tmp_path / "rs").exists()
