@@ -135,9 +135,8 @@ class ModelMetadata:
         try:
             emb = np.frombuffer(base64.b64decode(raw["embeddings"], validate=True), "<f4")
             values = raw["labels"]
-            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                       and 0 <= v < self.num_classes for v in values):
-                raise ValueError(f"labels must be a list of class indices 0..{self.num_classes - 1}")
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError("labels must be a list of integers (class indices)")
             labels = np.asarray(values, dtype=np.int64)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelError(f"model metadata extra.replay is malformed: {exc}") from exc
