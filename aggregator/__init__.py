@@ -188,25 +188,17 @@ def _load_config_file(app: Flask) -> None:
     app.config.from_mapping(data)
 
 
-def _check_round_numbers(cfg) -> None:
-    """The numeric aggregation settings name themselves when they are not numbers (RoundPolicy checks ranges)."""
-    for key in ("ROUND_MIN_UPDATES", "TRIM_FRACTION", "CLIP_NORM", "STALENESS_EXPONENT", "MAX_EXAMPLES_WEIGHT",
-                "MAX_EXAMPLES_WEIGHT_OVER_MEDIAN", "SERVER_MOMENTUM", "SERVER_BETA1", "SERVER_BETA2", "SERVER_TAU"):
-        value = cfg.get(key)
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r:.80}") from None
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for messages."""
+def _database_error(url: str, exc: BaseException) -> ConfigError:
+    """A ConfigError naming the database URL without its password (nothing of a URL that does not parse: it may
+    hold one) and the first line of what went wrong."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing of it is said (it may hold a password)
-        return "(unparseable)"
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        shown = "(unparseable)"
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+    return ConfigError(f"DATABASE_URL {shown} cannot be used: {reason}")
 
 
 def create_app(test_config: dict | None = None, *, instance_path: str | None = None) -> Flask:
@@ -222,7 +214,6 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     _check_settings(app.config)
     from aggregator.rounds import RoundPolicy
 
-    _check_round_numbers(app.config)
     try:  # the aggregation settings are checked at start, not at the first round close
         RoundPolicy.from_config(app.config)
     except (TypeError, ValueError) as exc:
@@ -243,8 +234,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     try:  # the URL itself: no dialect reads it, its driver is not installed, a port that is not a number
         db.init_app(app)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, TypeError) as exc:
-        raise ConfigError(f"DATABASE_URL {_safe_url(app.config['DATABASE_URL'])} cannot be used: "
-                          f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}") from exc
+        raise _database_error(app.config["DATABASE_URL"], exc) from exc
     try:
         engine = app.extensions["fedser_engine"]
         app.extensions["fedser_server_key"] = identity.server_key(app.config, inst, engine)
@@ -252,8 +242,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
         app.extensions["fedser_blobs"] = BlobStore(engine, cache_bytes=int(app.config["BLOB_CACHE_BYTES"]))
         _import_legacy_blobs(app.extensions["fedser_blobs"], inst / "blobs")
     except sqlalchemy.exc.SQLAlchemyError as exc:  # a server not there, a login refused
-        raise ConfigError(f"the database {_safe_url(app.config['DATABASE_URL'])} cannot be used: "
-                          f"{str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}") from exc
+        raise _database_error(app.config["DATABASE_URL"], exc) from exc
     if app.config["VALIDATION_MANIFEST"]:
         from aggregator.validation import Validator
         from edge_sdk.errors import FedserError

@@ -101,16 +101,23 @@ class RoundPolicy:
 
     @classmethod
     def from_config(cls, cfg, *, min_updates: int | None = None) -> RoundPolicy:
+        def num(key: str, convert=float):
+            """A setting as a number; one that is not names itself (ValueError)."""
+            try:
+                return convert(cfg[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, got {cfg[key]!r:.80}") from None
+
         return cls(
-            min_updates=int(min_updates if min_updates is not None else cfg["ROUND_MIN_UPDATES"]),
-            method=str(cfg["AGGREGATION"]), trim_fraction=float(cfg["TRIM_FRACTION"]),
-            clip_norm=float(cfg["CLIP_NORM"]), staleness_exponent=float(cfg["STALENESS_EXPONENT"]),
-            max_examples_weight=float(cfg["MAX_EXAMPLES_WEIGHT"]),
-            max_examples_weight_over_median=float(cfg["MAX_EXAMPLES_WEIGHT_OVER_MEDIAN"]),
+            min_updates=int(min_updates) if min_updates is not None else num("ROUND_MIN_UPDATES", int),
+            method=str(cfg["AGGREGATION"]), trim_fraction=num("TRIM_FRACTION"),
+            clip_norm=num("CLIP_NORM"), staleness_exponent=num("STALENESS_EXPONENT"),
+            max_examples_weight=num("MAX_EXAMPLES_WEIGHT"),
+            max_examples_weight_over_median=num("MAX_EXAMPLES_WEIGHT_OVER_MEDIAN"),
             optimizer=ServerOptimizer(kind=str(cfg["SERVER_OPTIMIZER"]),
-                                      lr=None if cfg.get("SERVER_LR") in (None, "") else float(cfg["SERVER_LR"]),
-                                      momentum=float(cfg["SERVER_MOMENTUM"]), beta1=float(cfg["SERVER_BETA1"]),
-                                      beta2=float(cfg["SERVER_BETA2"]), tau=float(cfg["SERVER_TAU"])))
+                                      lr=None if cfg.get("SERVER_LR") in (None, "") else num("SERVER_LR"),
+                                      momentum=num("SERVER_MOMENTUM"), beta1=num("SERVER_BETA1"),
+                                      beta2=num("SERVER_BETA2"), tau=num("SERVER_TAU")))
 
     def describe(self) -> dict:
         return {"method": self.method, "trim_fraction": self.trim_fraction, "clip_norm": self.clip_norm,

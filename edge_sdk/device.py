@@ -29,7 +29,6 @@ import math
 import numbers
 import os
 import random
-import re
 import sqlite3
 import threading
 import time
@@ -51,7 +50,16 @@ from edge_sdk.report import answer_report
 from edge_sdk.signing import SigningKey, VerifyKey
 from edge_sdk.storage import atomic_write, free_bytes, is_full_error, storage_full
 from edge_sdk.store import FeedbackExample, FeedbackStore
-from edge_sdk.wire import ArraySpec, HeadLayout, UpdateEnvelope, canonical_json, pack_arrays, unpack_arrays
+from edge_sdk.wire import (
+    MAX_DEVICE_ID_LEN,
+    ArraySpec,
+    HeadLayout,
+    UpdateEnvelope,
+    canonical_json,
+    pack_arrays,
+    unpack_arrays,
+    valid_device_id,
+)
 
 log = logging.getLogger("edge_sdk")
 
@@ -357,10 +365,6 @@ class SyncReport:
         return dict(self.__dict__)
 
 
-
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def _checked_enroll_reply(reply, server_url: str) -> dict:
     """The enrolment reply, checked before anything of it is written: a device id that is a plain name (it goes
     into file names and headers), and a server key that is one. A server that answers otherwise is not a fedser
@@ -372,8 +376,10 @@ def _checked_enroll_reply(reply, server_url: str) -> dict:
     if not isinstance(reply, dict):
         refuse(f"a JSON {type(reply).__name__}, not an object")
     device_id = reply.get("device_id")
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id) or ".." in device_id:
-        refuse(f"a device_id that is not a name of 1-128 letters, digits, '.', '_' or '-': {device_id!r:.80}")
+    # the envelope's own rule (every update carries the id), and no leading '.' or '-' and no '..' (a file name)
+    if not valid_device_id(device_id) or not device_id[0].isalnum() or ".." in device_id:
+        refuse(f"a device_id that is not a name of 1-{MAX_DEVICE_ID_LEN} letters, digits, '.', '_' or '-': "
+               f"{device_id!r:.80}")
     key = reply.get("server_public_key")
     try:
         VerifyKey.from_b64(key if isinstance(key, str) else "")
