@@ -77,18 +77,21 @@ def versions(session, key, limit: int = 200) -> list[dict]:
     """Published versions, newest first, with lineage and the figures each was published with."""
     out = []
     for row in session.scalars(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(limit)):
+        # An uploaded base's metrics are its metadata's extra.test, as the uploader wrote them: any JSON. Only
+        # numbers of the expected kind are passed on (a string there was markup on the page; an object of the
+        # wrong shape a 500 of this endpoint).
         metrics = load_manifest(row, key).metrics
-        validation = metrics.get("validation") if isinstance(metrics.get("validation"), dict) else {}
+        validation = _dict(metrics.get("validation"))
         base_test = metrics.get("base_test") if isinstance(metrics.get("base_test"), dict) else metrics
+        candidate, current = _dict(validation.get("candidate")), _dict(validation.get("current"))
         out.append({
             "version": row.version, "parent_version": row.parent_version, "round_id": row.round_id,
             "created_at": row.created_at, "current": bool(row.is_current), "note": row.note,
-            "rollback_of": metrics.get("rollback_of"),
-            "validation_uar": _num((validation.get("candidate") or {}).get("uar")),
-            "validation_accuracy": _num((validation.get("candidate") or {}).get("accuracy")),
-            "previous_validation_uar": _num((validation.get("current") or {}).get("uar")),
+            "rollback_of": _int(metrics.get("rollback_of")),
+            "validation_uar": _num(candidate.get("uar")), "validation_accuracy": _num(candidate.get("accuracy")),
+            "previous_validation_uar": _num(current.get("uar")),
             "base_test_uar": _num(base_test.get("uar")), "base_test_accuracy": _num(base_test.get("accuracy")),
-            "round_updates": metrics.get("round_updates"), "round_examples": metrics.get("round_examples"),
+            "round_updates": _int(metrics.get("round_updates")), "round_examples": _int(metrics.get("round_examples")),
         })
     return out
 
@@ -98,19 +101,17 @@ def refused_rounds(session, limit: int = 50) -> list[dict]:
     out = []
     for r in session.scalars(select(Round).where(Round.status == "rejected").order_by(Round.id.desc()).limit(limit)):
         try:
-            gate = json.loads(r.gate_report) if r.gate_report else {}
+            gate = _dict(json.loads(r.gate_report)) if r.gate_report else {}
         except ValueError:
             gate = {}
+        candidate, current = _dict(gate.get("candidate")), _dict(gate.get("current"))
         out.append({
             "id": r.id, "base_version": r.base_version, "closed_at": r.closed_at, "num_updates": r.num_updates,
             "num_examples": r.num_examples, "reason": r.note,
-            "candidate_uar": _num((gate.get("candidate") or {}).get("uar")),
-            "current_uar": _num((gate.get("current") or {}).get("uar")),
-            "candidate_accuracy": _num((gate.get("candidate") or {}).get("accuracy")),
-            "current_accuracy": _num((gate.get("current") or {}).get("accuracy")),
-            "margin": _num(gate.get("margin")), "validation_examples": (gate.get("candidate") or {}).get(
-                "num_examples"),
-            "min_group_clips": gate.get("min_group_clips"), "groups": _groups(gate.get("groups")),
+            "candidate_uar": _num(candidate.get("uar")), "current_uar": _num(current.get("uar")),
+            "candidate_accuracy": _num(candidate.get("accuracy")), "current_accuracy": _num(current.get("accuracy")),
+            "margin": _num(gate.get("margin")), "validation_examples": _int(candidate.get("num_examples")),
+            "min_group_clips": _int(gate.get("min_group_clips")), "groups": _groups(gate.get("groups")),
         })
     return out
 
@@ -123,13 +124,22 @@ def _groups(groups) -> list[dict]:
     for name, g in sorted(groups.items()):
         if not isinstance(g, dict):
             continue
-        cand, cur = g.get("candidate") or {}, g.get("current") or {}
-        out.append({"group": str(name), "examples": g.get("examples") if isinstance(g.get("examples"), int) else None,
+        cand, cur = _dict(g.get("candidate")), _dict(g.get("current"))
+        out.append({"group": str(name), "examples": _int(g.get("examples")),
                     "candidate_uar": _num(cand.get("uar")), "current_uar": _num(cur.get("uar")),
                     "candidate_accuracy": _num(cand.get("accuracy")), "current_accuracy": _num(cur.get("accuracy")),
                     "gates": bool(g.get("gates")), "dropped": bool(g.get("dropped")),
                     "note": str(g.get("note") or "")})
     return out
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value) -> int | None:
+    """A non-negative integer (a count, a version), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63 else None
 
 
 def _num(value) -> float | None:

@@ -3,16 +3,20 @@
 The page itself holds no data and needs no login on the server: the admin
 pastes the token (kept in the tab's sessionStorage; ``/admin#token=...`` also
 works, the fragment never reaches the server), and the page's script sends it
-as a bearer token. No external scripts or fonts: it works on an offline LAN.
+as a bearer token. No external scripts or fonts: it works on an offline LAN. Its Content-Security-Policy lets only
+the page's own script run (by its sha256): markup that reached the page from a device, a model's metadata or a
+job would not run even if a value were ever shown unescaped.
 """
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 from flask import Blueprint, Response, jsonify
 
 from aggregator.api import API_PREFIX, admin_required, server_key
+from edge_sdk.web import script_hashes
 
 bp = Blueprint("dashboard", __name__)
 
@@ -28,13 +32,24 @@ def console():
     return jsonify(data.console(get_read_session(), server_key()))
 
 
+@functools.cache
+def _page() -> tuple[str, str]:
+    """(the page, its Content-Security-Policy)."""
+    html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    return html, page_csp(html)
+
+
+def page_csp(html: str) -> str:
+    """The page's policy: its inline ``<script>`` elements by their sha256, and nothing else runs."""
+    return (f"default-src 'none'; script-src {script_hashes(html.encode())}; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 @bp.get("/admin")
 def page():
-    html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    html, csp = _page()
     resp = Response(html, mimetype="text/html")
-    resp.headers["Content-Security-Policy"] = ("default-src 'none'; script-src 'unsafe-inline'; "
-                                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
-                                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    resp.headers["Content-Security-Policy"] = csp
     resp.headers["X-Frame-Options"] = "DENY"  # no other site may frame the console (clickjacking)
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"

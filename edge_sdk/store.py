@@ -81,6 +81,15 @@ def _json_items(items) -> Iterator[str]:
         yield ("\n  " if i == 0 else ",\n  ") + json.dumps(item)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode that SQLite can take (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_or_none(text):
     """A JSON field as stored, or None where the file holds something else (an export still gives the rest)."""
     try:
@@ -240,6 +249,9 @@ class FeedbackStore:
             raise ParameterError(f"feedback kind must be one of {FEEDBACK_KINDS}, got {kind!r}")
         if kind == "label" and not label:
             raise ParameterError("a corrected-label answer needs the label")
+        if not _encodable(prediction_id):  # a lone surrogate (from JSON's "\ud800" or an undecodable argv byte)
+            # cannot even be looked up: SQLite's UnicodeEncodeError dropped the page's connection unanswered
+            raise ParameterError(f"no prediction with id {prediction_id!r}")
         with self._tx() as c:
             row = c.execute("SELECT label FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
             if row is None:

@@ -10,7 +10,8 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
 - **Origin**: a POST that carries an Origin must come from this page's own origin (403 ``cross_origin``).
 - **Token**: when the server has one (always when bound beyond loopback: generated once and kept in the
   device's state folder as ``web-token``), ``/api/*`` needs it in ``X-Fedser-Token`` (401 ``token_required``);
-  the page takes it from its URL's fragment (``/#token=...``, never sent to the server) and keeps it in the tab.
+  the page takes it from its URL's fragment (``/#token=...``, never sent to the server), keeps it in the browser and
+  takes it out of the address bar.
 - **Body**: ``application/json`` (415), a ``Content-Length`` of 1 to :data:`MAX_BODY` bytes (411, 400, 413),
   read within ``timeout`` seconds in all (408, then the connection is closed), a flat object
   ``{"id": str, "answer": str}`` (400 ``malformed``, nesting included); ``POST /api/wipe`` exactly
@@ -24,7 +25,8 @@ Standard library only (``http.server``); it listens on 127.0.0.1 by default. Wha
   saves to disk itself, with its own progress, instead of the page holding it all in the phone's memory; a
   request another site started (``Sec-Fetch-Site``) is refused (403 ``cross_origin``).
 - **Framing and sniffing**: every response has ``X-Frame-Options: DENY``, CSP ``frame-ancestors 'none'``,
-  ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``.
+  ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store``; the page's CSP lets only its own script run
+  (by its sha256: no inline handler, no injected ``<script>``).
 
 The page speaks its user's language (:mod:`edge_sdk.i18n`: the catalogues, checked, are embedded in it once at
 start); it posts the model's own labels whatever the language shown.
@@ -32,11 +34,14 @@ start); it posts the model's own labels whatever the language shown.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -63,8 +68,21 @@ MAX_CONNECTIONS = 32  # open at once; each lasts at most `timeout` seconds unles
 _SAFE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                  ("Referrer-Policy", "no-referrer"))  # on every response
 _I18N_SLOT = b"/*I18N*/null"  # in static/feedback.html: the catalogues go here
-_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+_CSP = ("default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
         "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def script_hashes(page: bytes) -> str:
+    """A CSP ``script-src`` list naming the page's own inline ``<script>`` elements by their sha256 (the device's
+    page and the aggregator's console): nothing else runs, no inline handler, no injected script."""
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
+                    for s in re.findall(rb"<script>(.*?)</script>", page, re.S))
+
+
+def page_csp(page: bytes) -> str:
+    """The page's Content-Security-Policy: only its own inline scripts run (so no markup that ever reached the page,
+    a label or a message, could run script), and it may talk to this server only."""
+    return _CSP.format(scripts=script_hashes(page))
 
 
 def is_loopback(host: str) -> bool:
@@ -220,6 +238,7 @@ class FeedbackServer:
             raise FedserError("edge_sdk/static/feedback.html has lost its I18N placeholder: reinstall fedser")
         self.languages = bundled_catalogues() if languages is None else dict(languages)
         page = page.replace(_I18N_SLOT, page_json(self.languages, language).encode("ascii"))
+        csp = page_csp(page)  # of the page with its catalogues in place
         server = self
         self.refusals: dict[str, int] = {}
         self._refusals_lock = threading.Lock()
@@ -261,7 +280,7 @@ class FeedbackServer:
                 self.send_header("Content-Length", str(len(body)))
                 for name, value in _SAFE_HEADERS:
                     self.send_header(name, value)
-                self.send_header("Content-Security-Policy", _CSP if ctype.startswith("text/html")
+                self.send_header("Content-Security-Policy", csp if ctype.startswith("text/html")
                                  else "default-src 'none'; frame-ancestors 'none'")
                 self.end_headers()
                 self.wfile.write(body)
@@ -341,7 +360,7 @@ class FeedbackServer:
                         return self._send(200, page, "text/html; charset=utf-8")
                     if path == "/api/state":
                         self._check_token()
-                        return self._json(200, server.state())
+                        return self._json(200, self._state())
                     if path == "/api/export":  # a script's download, with the token header
                         self._check_fetch_site()
                         self._check_token()
@@ -352,6 +371,18 @@ class FeedbackServer:
                     raise _Refusal(404, "not_found", path[:200])
                 except _Refusal as r:
                     self._refuse(r)
+
+            def _state(self) -> dict:
+                """What the page shows; a store that cannot be read (locked by a CLI writing beside listen, a
+                damaged SD card) is a 503 the page shows, never a connection dropped unanswered."""
+                try:
+                    return server.state()
+                except (FedserError, sqlite3.Error, OSError) as exc:
+                    raise _Refusal(503, "state_unavailable", f"the device could not read what it stored; it tries "
+                                   f"again: {str(exc)[:300]}") from None
+                except Exception as exc:  # a bug: answered (and logged)
+                    log.exception("the page's state failed")
+                    raise _Refusal(500, "state_unavailable", f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
             def _check_fetch_site(self) -> None:
                 # a browser says where a request came from: another site may not even start a download (its page

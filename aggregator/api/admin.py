@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 
@@ -284,5 +285,11 @@ def _validation_uar(session, version: int | None) -> float | None:
     row = session.get(ModelVersion, version)
     if row is None:
         return None
-    v = load_manifest(row, server_key()).metrics.get("validation", {})
-    return v.get("candidate", {}).get("uar") if isinstance(v, dict) else None
+    v = load_manifest(row, server_key()).metrics.get("validation")
+    candidate = v.get("candidate") if isinstance(v, dict) else None
+    return _finite(candidate.get("uar")) if isinstance(candidate, dict) else None
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value) else None

@@ -33,6 +33,10 @@ def enroll():
     for name, limit in (("token", MAX_TOKEN_LEN), ("public_key", MAX_PUBLIC_KEY_LEN), ("name", MAX_NAME_LEN)):
         if name in body and (not isinstance(body[name], str) or len(body[name]) > limit):
             return refuse(400, "out_of_range", f"{name} must be a string of at most {limit} characters")
+    # The name is shown on the admin console: printable text only (a control or bidi-override character, a lone
+    # surrogate, which the database cannot store, was a 500; one that reorders the text a spoofed name).
+    if not str(body.get("name", "")).isprintable():
+        return refuse(400, "out_of_range", "name must be printable text (no control, format or bidi characters)")
     try:
         public_key = VerifyKey.from_b64(str(body["public_key"])).to_b64()
     except ParameterError as exc:

@@ -437,3 +437,45 @@ def test_the_page_says_when_the_microphone_is_lost_and_when_it_is_back(device, c
     finally:
         server.stop()
     keep_screenshot(tmp_path / "feedback-mic-lost.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+def test_the_page_takes_the_token_out_of_the_link_and_says_when_the_device_does_not_answer(device, clips, tmp_path):
+    """The token link's fragment left the token in the address bar and the history; a tap while the device was
+    down (listen stopped) did nothing and said nothing. A token as a keeper may set it ("+", "&", a space) works
+    from the link, and markup that reached the page could not run (the CSP names the page's own script only)."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.web import FeedbackServer
+    from tools.demo import free_port
+
+    pred = device.classify_file(clips[0])
+    port, token = free_port(), "kitchen+pi&token=one two"
+    server = FeedbackServer(device, port=port, token=token).start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{port}/?lang=en#token={token}")
+            page.wait_for_selector(f'.pred[data-id="{pred.id}"]')  # (the state needs the token)
+            assert page.url == f"http://127.0.0.1:{port}/?lang=en"
+            page.evaluate("document.getElementById('heading').innerHTML = "
+                          "'<img src=x onerror=\"document.title = 1\">'")
+            server.stop()
+            page.wait_for_selector("#status:has-text('does not answer')", timeout=10_000)
+            page.click(f'button.up[data-id="{pred.id}"]')
+            page.wait_for_timeout(300)
+            assert "does not answer" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "feedback-device-down.png"))
+            server = FeedbackServer(device, port=port, token=token).start()  # listen started again
+            page.wait_for_selector("#status:empty", state="attached", timeout=10_000)
+            page.click(f'button.up[data-id="{pred.id}"]')
+            page.wait_for_selector('.answered[data-answer="up"]')
+            assert page.title() != "1" and not errors, errors
+            browser.close()
+    finally:
+        server.stop()
+    assert device.store.counts()["feedback_up"] == 1
+    keep_screenshot(tmp_path / "feedback-device-down.png")
