@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 __all__ = ["create_app", "ConfigError", "DEFAULTS", "storage_full"]
@@ -256,7 +256,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
             raise ConfigError(f"VALIDATION_MANIFEST: {exc}") from exc
 
     from aggregator import dashboard
-    from aggregator.api import admin, devices, models, updates
+    from aggregator.api import API_PREFIX, admin, devices, models, updates
 
     for bp in (devices.bp, updates.bp, models.bp, admin.bp, dashboard.bp):
         app.register_blueprint(bp)
@@ -264,6 +264,16 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
     from aggregator import observability, openapi
 
     observability.install(app)
+
+    @app.after_request
+    def _safe_headers(resp):
+        # Every answer is what it says it is (no browser sniffs a JSON error into HTML); an admin's answers (bearer
+        # token) and the metrics stay out of every cache: a shared proxy or the browser's disk must not keep them.
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if request.path.startswith(f"{API_PREFIX}/admin") or request.path == "/metrics":
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
     from aggregator.cli import register_flask_commands
 
     register_flask_commands(app)  # `flask --app aggregator status` and the rest of fedser-aggregator's commands

@@ -213,3 +213,19 @@ def test_the_token_link_the_error_states_and_a_token_that_cannot_be_sent(console
         assert page.inner_text("#error") == ""
         assert not errors, errors
         browser.close()
+
+
+def test_admin_answers_are_never_cached_and_no_answer_is_sniffed(tmp_path):
+    """The admin API's answers (bearer token) and /metrics carry ``Cache-Control: no-store``; every answer carries
+    ``nosniff``; a route that sets its own cache policy (the manifest's ``no-cache`` with ETag) keeps it."""
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "LOG_JSON": True})
+    client, auth = app.test_client(), {"Authorization": f"Bearer {app.config['ADMIN_TOKEN']}"}
+    for path in ("/api/v1/admin/status", "/api/v1/admin/console", "/metrics"):
+        r = client.get(path, headers=auth)
+        assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store", path
+        assert r.headers["X-Content-Type-Options"] == "nosniff", path
+    refused = client.get("/api/v1/admin/status")  # no token: the refusal is not cached either
+    assert refused.status_code == 401 and refused.headers["Cache-Control"] == "no-store"
+    for path in ("/healthz", "/api/v1/nothing-here"):
+        assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
+    assert "Cache-Control" not in client.get("/healthz").headers
