@@ -105,8 +105,8 @@ def document() -> dict:
                                    "public_key": {"type": "string", "minLength": 1, "maxLength": 100,
                                                   "description": "base64 raw Ed25519 public key (32 bytes)"},
                                    "name": {"type": "string", "maxLength": 200,
-                                            "description": "printable text: no control, format or bidi "
-                                                           "characters"}}}}}},
+                                            "description": "text that shows as itself: no control, line separator, "
+                                                           "lone surrogate or bidi override"}}}}}},
                 "responses": {"201": _resp("Enrolled", {"type": "object", "required": ["device_id",
                                                                                          "server_public_key"],
                                                         "properties": {"device_id": {"type": "string",

@@ -112,12 +112,23 @@ def _check_text(value, where: str) -> str:
         raise ParameterError(f"{where} must be a string, got {type(value).__name__}")
     if not 0 < len(value) <= MAX_TEXT:
         raise ParameterError(f"{where} must be 1 to {MAX_TEXT} characters, got {len(value)}")
-    for ch in value:
-        kind = unicodedata.category(ch)
-        if (kind in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp") or ch in _BIDI_CONTROLS
-                or (kind == "Cf" and ch not in _FORMAT_OK)):
-            raise ParameterError(f"{where} holds a non-printable character U+{ord(ch):04X}: {shown(value, 60)}")
+    ch = unshowable_char(value)
+    if ch is not None:
+        raise ParameterError(f"{where} holds a non-printable character U+{ord(ch):04X}: {shown(value, 60)}")
     return value
+
+
+def unshowable_char(text: str, *, unassigned_ok: bool = False) -> str | None:
+    """The first character of ``text`` a page should not show: a control, a lone surrogate, a private-use or (unless
+    ``unassigned_ok``: an emoji newer than this Python's tables) an unassigned code point, a line or paragraph
+    separator, a bidi embedding, override or isolate (they reorder the text around them), or a format character
+    other than those scripts and emoji need (ZWJ, ZWNJ, ZWSP, soft hyphen, the marks); else None."""
+    for ch in text:
+        kind = unicodedata.category(ch)
+        if ((kind in ("Cc", "Cs", "Co", "Zl", "Zp") or (kind == "Cn" and not unassigned_ok)) or ch in _BIDI_CONTROLS
+                or (kind == "Cf" and ch not in _FORMAT_OK)):
+            return ch
+    return None
 
 
 def load_catalogue(data: bytes, *, source: str, expect_language: str | None = None,

@@ -50,7 +50,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from edge_sdk.errors import FedserError, ParameterError, StorageFullError
 from edge_sdk.i18n import bundled_catalogues, check_language_setting, page_json
@@ -75,8 +75,17 @@ _CSP = ("default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; co
 def script_hashes(page: bytes) -> str:
     """A CSP ``script-src`` list naming the page's own inline ``<script>`` elements by their sha256 (the device's
     page and the aggregator's console): nothing else runs, no inline handler, no injected script."""
-    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
-                    for s in re.findall(rb"<script>(.*?)</script>", page, re.S))
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
+    if len(scripts) != len(re.findall(rb"<script", page, re.I)):  # a <script type=...> or <SCRIPT> is not hashed
+        raise FedserError("a page's <script> elements must be written <script>...</script>, without attributes, "
+                          "for the Content-Security-Policy to name them")
+    # hashed with the line ends a browser parses them with (CRLF and CR become LF): a copy checked out with Windows
+    # line ends would otherwise block its own script
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(_lf(s)).digest()).decode()}'" for s in scripts)
+
+
+def _lf(text: bytes) -> bytes:
+    return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def page_csp(page: bytes) -> str:
@@ -242,6 +251,7 @@ class FeedbackServer:
         server = self
         self.refusals: dict[str, int] = {}
         self._refusals_lock = threading.Lock()
+        self._state_error: str | None = None  # the last failure to read the page's state that was logged
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # quiet: the device's log is for the device
@@ -376,13 +386,18 @@ class FeedbackServer:
                 """What the page shows; a store that cannot be read (locked by a CLI writing beside listen, a
                 damaged SD card) is a 503 the page shows, never a connection dropped unanswered."""
                 try:
-                    return server.state()
+                    state = server.state()
                 except (FedserError, sqlite3.Error, OSError) as exc:
-                    raise _Refusal(503, "state_unavailable", f"the device could not read what it stored; it tries "
-                                   f"again: {str(exc)[:300]}") from None
-                except Exception as exc:  # a bug: answered (and logged)
-                    log.exception("the page's state failed")
-                    raise _Refusal(500, "state_unavailable", f"{type(exc).__name__}: {str(exc)[:300]}") from None
+                    server._state_failed(exc, bug=False)
+                    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # (no file paths)
+                    raise _Refusal(503, "state_unavailable", f"the device could not read what it stored ("
+                                   f"{why[:200]}); it tries again") from None
+                except Exception as exc:  # a bug: answered, and logged with its traceback
+                    server._state_failed(exc, bug=True)
+                    raise _Refusal(500, "state_unavailable", f"the device failed ({type(exc).__name__}); its log "
+                                   "says where") from None
+                server._state_failed(None)
+                return state
 
             def _check_fetch_site(self) -> None:
                 # a browser says where a request came from: another site may not even start a download (its page
@@ -609,7 +624,22 @@ class FeedbackServer:
         when the server has a token."""
         host, port = self.httpd.server_address[:2]
         base = f"http://{socket.gethostname().lower()}.local:{port}/" if host in ("0.0.0.0", "::") else self.url
-        return base + (f"#token={self.token}" if self.token else "")
+        return base + (f"#token={quote(self.token, safe='')}" if self.token else "")  # (the page decodes it)
+
+    def _state_failed(self, exc: BaseException | None, bug: bool = False) -> None:
+        """Log a failure to read the page's state once, not at every poll of every open page (once a second): again
+        only when it changes, or after the state was read again (``exc`` None)."""
+        what = None if exc is None else f"{type(exc).__name__}: {str(exc)[:300]}"
+        with self._refusals_lock:
+            if what == self._state_error:
+                return
+            self._state_error = what
+        if exc is None:
+            log.info("the page's state is readable again")
+        elif bug:
+            log.error("the page's state failed (logged once until it changes)", exc_info=exc)
+        else:
+            log.warning("the page's state cannot be read (logged once until it changes): %s", what)
 
     def state(self) -> dict:
         d = self.device

@@ -49,6 +49,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import requests
@@ -91,6 +92,11 @@ def start_aggregator(instance: Path, port: int, *, min_updates: int, workers: in
 
 def admin_token(instance: Path) -> str:
     return (instance / "admin_token").read_text().strip()
+
+
+def dashboard_link(base_url: str, instance: Path) -> str:
+    """The admin console's link with the token in its fragment, percent-encoded (the page decodes it)."""
+    return f"{base_url}/admin#token={quote(admin_token(instance), safe='')}"
 
 
 @contextmanager
@@ -286,7 +292,7 @@ def _loop(args: argparse.Namespace) -> int:
     with _aggregator(args, instance, min_updates=n_dev, validation=val_csv, tflite=result.export.tflite_path,
                      metadata=result.export.metadata_path, timeout=60) as (base_url, auth, version):
         print(f"[3/6] aggregator on {base_url} (gunicorn, 2 workers); published base as version {version}")
-        print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (open it while the demo runs; "
+        print(f"      dashboard: {dashboard_link(base_url, instance)}  (open it while the demo runs; "
               "--keep-server leaves it up)")
 
         devices = {}
@@ -515,7 +521,7 @@ def new_population(args: argparse.Namespace, nemo: Path, ravdess: Path | None) -
                  f"{margin} on all of them, or on either group by more than {margin} and one standard error of "
                  "that group's figure, is refused" if rav_gate else
                  f"; a round whose UAR on them drops more than {margin} is refused"))
-        print(f"      dashboard: {base_url}/admin#token={admin_token(instance)}  (--keep-server leaves it up)")
+        print(f"      dashboard: {dashboard_link(base_url, instance)}  (--keep-server leaves it up)")
         devices = {}
         for spk in device_spk:
             token = requests.post(f"{base_url}/api/v1/admin/enrollment-tokens", headers=auth, json={},

@@ -296,7 +296,7 @@ class Simulation:
         from edge_sdk.device import Device, TrainPolicy
         from edge_sdk.model import ModelMetadata, TFLiteModel
         from models.datasets import corpus_guidance, default_ravdess_root, ravdess_clips, write_manifest
-        from tools.demo import admin_token, free_port, start_aggregator
+        from tools.demo import admin_token, dashboard_link, free_port, start_aggregator
 
         cfg = self.cfg
         if cfg.scenario not in SCENARIOS:
@@ -366,7 +366,7 @@ class Simulation:
                                   database_url=cfg.database_url, env=env)
         base_url = f"http://127.0.0.1:{port}"
         auth = {"Authorization": f"Bearer {admin_token(instance)}"}
-        print(f"aggregator {base_url}/admin#token={admin_token(instance)}", flush=True)
+        print(f"aggregator {dashboard_link(base_url, instance)}", flush=True)
         try:
             if not self.history:
                 with open(model_dir / "model.tflite", "rb") as t, open(model_dir / "model.json", "rb") as m:

@@ -15,6 +15,7 @@ from aggregator.api import API_PREFIX, json_object_body, refuse, server_key
 from aggregator.db import Device, EnrollmentToken, get_session
 from aggregator.registry import current_version
 from edge_sdk.errors import ParameterError
+from edge_sdk.i18n import unshowable_char
 from edge_sdk.signing import VerifyKey
 
 bp = Blueprint("devices", __name__, url_prefix=f"{API_PREFIX}/devices")
@@ -33,10 +34,12 @@ def enroll():
     for name, limit in (("token", MAX_TOKEN_LEN), ("public_key", MAX_PUBLIC_KEY_LEN), ("name", MAX_NAME_LEN)):
         if name in body and (not isinstance(body[name], str) or len(body[name]) > limit):
             return refuse(400, "out_of_range", f"{name} must be a string of at most {limit} characters")
-    # The name is shown on the admin console: printable text only (a control or bidi-override character, a lone
-    # surrogate, which the database cannot store, was a 500; one that reorders the text a spoofed name).
-    if not str(body.get("name", "")).isprintable():
-        return refuse(400, "out_of_range", "name must be printable text (no control, format or bidi characters)")
+    # The name is shown on the admin console: text that shows as itself (a lone surrogate, which the database cannot
+    # store, was a 500; a bidi override reordered what the admin read). Any script, spaces and emoji are fine.
+    bad = unshowable_char(str(body.get("name", "")), unassigned_ok=True)
+    if bad is not None:
+        return refuse(400, "out_of_range", f"name holds U+{ord(bad):04X}, which the console cannot show as text "
+                      "(control, line-separator, lone-surrogate and bidi-override characters are refused)")
     try:
         public_key = VerifyKey.from_b64(str(body["public_key"])).to_b64()
     except ParameterError as exc:

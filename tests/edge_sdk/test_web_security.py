@@ -4,7 +4,10 @@ token the page needs once it is open beyond loopback."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import shutil
 import socket
 import stat
 import time
@@ -199,7 +202,7 @@ def test_only_the_pages_own_script_may_run(server):
     assert script_src.split() == [f"'sha256-{base64.b64encode(hashlib.sha256(scripts[0]).digest()).decode()}'"]
 
 
-def test_a_store_that_cannot_be_read_is_a_503_the_page_shows(server, device, pred, monkeypatch):
+def test_a_store_that_cannot_be_read_is_a_503_the_page_shows(server, device, pred, monkeypatch, caplog):
     """A read of the state failing (the store locked by a CLI writing beside listen) dropped the connection
     unanswered: the page could only guess."""
     import sqlite3
@@ -208,10 +211,20 @@ def test_a_store_that_cannot_be_read_is_a_503_the_page_shows(server, device, pre
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(device.store, "recent", locked)
-    r = requests.get(server.url + "api/state")
-    assert (r.status_code, r.json()["error"]) == (503, "state_unavailable") and "locked" in r.json()["detail"]
+    with caplog.at_level(logging.WARNING, logger="edge_sdk"):
+        for _ in range(3):  # an open page polls every second: the log (on the Pi's SD card) says it once
+            r = requests.get(server.url + "api/state")
+            assert (r.status_code, r.json()["error"]) == (503, "state_unavailable") and "locked" in r.json()["detail"]
+    assert len([rec for rec in caplog.records if "cannot be read" in rec.getMessage()]) == 1
     monkeypatch.undo()
     assert requests.get(server.url + "api/state").json()["predictions"][0]["id"] == pred.id
+
+    def unreadable(*args, **kwargs):  # the answer names the reason, not the device's file paths
+        raise PermissionError(13, "Permission denied", "/home/someone/.local/state/fedser/store.sqlite")
+
+    monkeypatch.setattr(device.store, "recent", unreadable)
+    r = requests.get(server.url + "api/state")
+    assert r.status_code == 503 and "Permission denied" in r.json()["detail"] and "/home" not in r.text
 
 
 @pytest.mark.parametrize("body", [b'{"id": "\\ud800", "answer": "up"}', b'{"id": "a\\udcff", "answer": "down"}'])
@@ -374,3 +387,35 @@ def test_an_existing_token_file_is_tightened_to_0600(device):
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     finally:
         srv.httpd.server_close()
+
+
+def _fulfill(route, body: bytes, headers: dict) -> None:
+    route.fulfill(body=body, headers=headers)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (scripts/setup.sh "
+                    "installs it)")
+def test_the_pages_script_runs_under_its_own_csp_whatever_the_line_ends():
+    """A browser hashes a script with CRLF turned into LF: a page checked out with Windows line ends blocked its own
+    script (the feedback page dead) until the hash was taken the same way. A ``<script>`` the hash cannot name
+    (attributes, capitals) is refused at start instead of being blocked without a word."""
+    from playwright.sync_api import sync_playwright
+
+    from edge_sdk.errors import FedserError
+    from edge_sdk.web import page_csp
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page()
+        for ends in (b"\n", b"\r\n", b"\r"):
+            body = (b"<!doctype html><title>t</title><script>" + ends + b"const a = 1;" + ends
+                    + b"document.title = 'ran';" + ends + b"</script>")
+            headers = {"Content-Type": "text/html", "Content-Security-Policy": page_csp(body)}
+            page.route("http://fedser.test/", functools.partial(_fulfill, body=body, headers=headers))
+            page.goto("http://fedser.test/")
+            assert page.title() == "ran", ends
+            page.unroute("http://fedser.test/")
+        browser.close()
+    for bad in (b"<script type=module>x</script>", b"<SCRIPT>x</SCRIPT>"):
+        with pytest.raises(FedserError, match="without attributes"):
+            page_csp(b"<!doctype html>" + bad)
