@@ -18,6 +18,7 @@ import requests
 
 from aggregator import create_app
 from edge_sdk.signing import SigningKey
+from tests.integration.test_dashboard_console import open_page
 from tools.demo import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -138,21 +139,12 @@ _CONSOLE = {
 }
 
 
-def _open(pw):
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                "--disable-dev-shm-usage"])
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    return browser, page, errors
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
 def test_whatever_the_json_holds_the_page_shows_it_as_text(console, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser, page, errors = _open(pw)
+        browser, page, errors = open_page(pw)
         page.route("**/api/v1/admin/status", lambda route: route.fulfill(json=_STATUS))
         page.route("**/api/v1/admin/console", lambda route: route.fulfill(json=_CONSOLE))
         page.goto(f"{console}/admin#token={TOKEN}")
@@ -182,7 +174,7 @@ def test_the_token_link_the_error_states_and_a_token_that_cannot_be_sent(console
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser, page, errors = _open(pw)
+        browser, page, errors = open_page(pw)
         # the link as the tools print it (tools.demo.dashboard_link: percent-encoded); it leaves the address bar at once
         page.goto(f"{console}/admin#token={quote(TOKEN, safe='')}")
         page.wait_for_selector("#main:not([hidden])")
