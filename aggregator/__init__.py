@@ -260,6 +260,7 @@ def create_app(test_config: dict | None = None, *, instance_path: str | None = N
 
     for bp in (devices.bp, updates.bp, models.bp, admin.bp, dashboard.bp):
         app.register_blueprint(bp)
+    dashboard.page_and_csp()  # a console page whose script its CSP cannot name stops the start, not each GET /admin
 
     from aggregator import observability, openapi
 

@@ -33,7 +33,7 @@ def console():
 
 
 @functools.cache
-def _page() -> tuple[str, str]:
+def page_and_csp() -> tuple[str, str]:
     """(the page, its Content-Security-Policy)."""
     html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
     return html, page_csp(html)
@@ -47,7 +47,7 @@ def page_csp(html: str) -> str:
 
 @bp.get("/admin")
 def page():
-    html, csp = _page()
+    html, csp = page_and_csp()
     resp = Response(html, mimetype="text/html")
     resp.headers["Content-Security-Policy"] = csp
     resp.headers["X-Frame-Options"] = "DENY"  # no other site may frame the console (clickjacking)

@@ -120,14 +120,16 @@ def _check_text(value, where: str) -> str:
 
 def unshowable_char(text: str, *, unassigned_ok: bool = False) -> str | None:
     """The first character of ``text`` a page should not show: a control, a lone surrogate, a private-use or (unless
-    ``unassigned_ok``: an emoji newer than this Python's tables) an unassigned code point, a line or paragraph
+    ``unassigned_ok``: an emoji newer than this Python's tables; never a noncharacter) an unassigned code point, a
+    line or paragraph
     separator, a bidi embedding, override or isolate (they reorder the text around them), or a format character
     other than those scripts and emoji need (ZWJ, ZWNJ, ZWSP, soft hyphen, the marks); else None."""
     for ch in text:
-        kind = unicodedata.category(ch)
-        if ((kind in ("Cc", "Cs", "Co", "Zl", "Zp") or (kind == "Cn" and not unassigned_ok)) or ch in _BIDI_CONTROLS
-                or (kind == "Cf" and ch not in _FORMAT_OK)):
-            return ch
+        kind, cp = unicodedata.category(ch), ord(ch)
+        if (kind in ("Cc", "Cs", "Co", "Zl", "Zp") or ch in _BIDI_CONTROLS
+                or (kind == "Cn" and (not unassigned_ok or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE))
+                or (kind == "Cf" and ch not in _FORMAT_OK and not 0xE0020 <= cp <= 0xE007F)):
+            return ch  # (the tag characters spell the flags of England, Scotland and Wales after U+1F3F4)
     return None
 
 

@@ -76,7 +76,9 @@ def script_hashes(page: bytes) -> str:
     """A CSP ``script-src`` list naming the page's own inline ``<script>`` elements by their sha256 (the device's
     page and the aggregator's console): nothing else runs, no inline handler, no injected script."""
     scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
-    if len(scripts) != len(re.findall(rb"<script", page, re.I)):  # a <script type=...> or <SCRIPT> is not hashed
+    # a <script type=...> or <SCRIPT> is not hashed (nor would it run); the pages hold no "<script" text in their
+    # scripts, and the embedded catalogues cannot (page_json writes "<" as \u003c)
+    if len(scripts) != len(re.findall(rb"<script", page, re.I)):
         raise FedserError("a page's <script> elements must be written <script>...</script>, without attributes, "
                           "for the Content-Security-Policy to name them")
     # hashed with the line ends a browser parses them with (CRLF and CR become LF): a copy checked out with Windows
@@ -662,8 +664,8 @@ class FeedbackServer:
         host = self.httpd.server_address[0]
         if self.token and not is_loopback(host):
             log.warning("feedback page open beyond this machine at %s (answers to %s, or this machine's address); "
-                        "open %s#token=<the token in %s> on the phone (or the same link with the device's "
-                        "address)", self.url, ", ".join(sorted(self.allowed_hosts)), link,
+                        "open %s#token=<the token in %s, percent-encoded> on the phone (or the same link with "
+                        "the device's address)", self.url, ", ".join(sorted(self.allowed_hosts)), link,
                         Path(self.device.state_dir) / "web-token")
         elif self.token:
             log.info("feedback page on %s (this machine only; the API needs the token)", self.url)

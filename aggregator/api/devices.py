@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import unicodedata
 import uuid
 
 from flask import Blueprint, jsonify
@@ -38,8 +39,11 @@ def enroll():
     # store, was a 500; a bidi override reordered what the admin read). Any script, spaces and emoji are fine.
     bad = unshowable_char(str(body.get("name", "")), unassigned_ok=True)
     if bad is not None:
-        return refuse(400, "out_of_range", f"name holds U+{ord(bad):04X}, which the console cannot show as text "
-                      "(control, line-separator, lone-surrogate and bidi-override characters are refused)")
+        unnamed = {"Cc": "a control character", "Cs": "a lone surrogate", "Co": "a private-use character"}
+        what = unicodedata.name(bad, "") or unnamed.get(unicodedata.category(bad), "a noncharacter")
+        return refuse(400, "out_of_range", f"name holds U+{ord(bad):04X} ({what}), which the console cannot show "
+                      "as text: control, separator, private-use, invisible format and bidi-override characters are "
+                      "refused")
     try:
         public_key = VerifyKey.from_b64(str(body["public_key"])).to_b64()
     except ParameterError as exc:

@@ -61,7 +61,7 @@ def test_model_metrics_of_any_shape_reach_the_console_as_numbers_or_nothing(tmp_
 
 
 @pytest.mark.parametrize("name", ["\ud800", "a\u0000b", "\u202eevil\u202c", "two\nlines", "tab\there",
-                                  "a\u2028b", "\u2067isolate"])
+                                  "a\u2028b", "\u2067isolate", "\ue000", "x\ufdd0", "\ufeffbom"])
 def test_an_enrollment_name_the_console_cannot_show_is_a_400(tmp_path, name):
     """The name is shown on the console: a lone surrogate was a 500 (SQLite cannot store it), a bidi override
     reordered what the admin read."""
@@ -76,9 +76,9 @@ def test_an_enrollment_name_the_console_cannot_show_is_a_400(tmp_path, name):
     r = enroll(name)
     assert (r.status_code, r.json["error"]) == (400, "out_of_range"), r.get_data(as_text=True)[:300]
     assert "console cannot show" in r.json["detail"]
-    # any script, spaces of every kind and emoji (joined ones too; one newer than Python's tables) are names
+    # any script, spaces of every kind and emoji (joined ones, tag-sequence flags, one newer than Python's tables)
     for fine in ("Kuchnia Łódź (pi-4)", "Salle\u00a03", "👩\u200d💻 desk", "🏳️\u200d🌈", "میز\u200cکار",
-                 "🫨 \U0001faea"):
+                 "🫨 \U0001faea", "🏴\U000e0067\U000e0062\U000e0077\U000e006c\U000e0073\U000e007f Cymru"):
         assert enroll(fine).status_code == 201, fine
 
 
@@ -135,7 +135,7 @@ _CONSOLE = {
                         "num_updates": "<img id=c20>", "candidate_uar": "x", "current_uar": "x", "margin": "x",
                         "reason": "<img id=c21>", "min_group_clips": "<img id=c22>",
                         "groups": [{"group": '"><img id=c23>', "examples": "<img id=c24>", "current_uar": "x",
-                                    "candidate_uar": "x", "dropped": True}]}],
+                                    "candidate_uar": "x", "dropped": True}, None, 7]}],
 }
 
 
@@ -147,7 +147,7 @@ def test_whatever_the_json_holds_the_page_shows_it_as_text(console, tmp_path):
         browser, page, errors = open_page(pw)
         page.route("**/api/v1/admin/status", lambda route: route.fulfill(json=_STATUS))
         page.route("**/api/v1/admin/console", lambda route: route.fulfill(json=_CONSOLE))
-        page.goto(f"{console}/admin#token={TOKEN}")
+        page.goto(f"{console}/admin#token={quote(TOKEN, safe='')}")
         page.wait_for_selector("#versions tbody td:has-text('<img id=c17>')")
         page.screenshot(path=str(tmp_path / "console-hostile.png"), full_page=True)
         assert page.title() == "fedser aggregator"

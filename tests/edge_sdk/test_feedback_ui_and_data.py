@@ -450,7 +450,7 @@ def test_the_page_takes_the_token_out_of_the_link_and_says_when_the_device_does_
     from tools.demo import free_port
 
     pred = device.classify_file(clips[0])
-    port, token = free_port(), "kitchen+pi&token=one two"
+    port, token = free_port(), "kitchen+pi&token=one two %41"
     server = FeedbackServer(device, port=port, token=token).start()
     try:
         with sync_playwright() as pw:
@@ -458,7 +458,8 @@ def test_the_page_takes_the_token_out_of_the_link_and_says_when_the_device_does_
             page = browser.new_page(viewport={"width": 390, "height": 844})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"http://127.0.0.1:{port}/?lang=en#token={token}")
+            # the link as the device prints it (page_url: the token percent-encoded), on this machine's address
+            page.goto(f"http://127.0.0.1:{port}/?lang=en#" + server.page_url.split("#", 1)[1])
             page.wait_for_selector(f'.pred[data-id="{pred.id}"]')  # (the state needs the token)
             assert page.url == f"http://127.0.0.1:{port}/?lang=en"
             page.evaluate("document.body.insertAdjacentHTML('beforeend', "  # (hidden: the screenshot shows the page)

@@ -11,6 +11,7 @@ import shutil
 import socket
 import stat
 import time
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -256,7 +257,7 @@ def test_beyond_loopback_the_api_needs_the_token_kept_in_the_state_folder(device
         token_file = device.state_dir / "web-token"
         assert srv.token and token_file.read_text().strip() == srv.token
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        assert srv.page_url == f"http://{socket.gethostname().lower()}.local:{port}/#token={srv.token}"
+        assert srv.page_url == f"http://{socket.gethostname().lower()}.local:{port}/#token={quote(srv.token, safe='')}"
         base = f"http://127.0.0.1:{port}/"
         assert requests.get(base).status_code == 200  # the page itself holds no data
         r = requests.get(base + "api/state")
