@@ -16,7 +16,7 @@ from importlib import resources
 from flask import Blueprint, Response, jsonify
 
 from aggregator.api import API_PREFIX, admin_required, server_key
-from edge_sdk.web import script_hashes
+from edge_sdk.web import page_csp
 
 bp = Blueprint("dashboard", __name__)
 
@@ -36,13 +36,7 @@ def console():
 def page_and_csp() -> tuple[str, str]:
     """(the page, its Content-Security-Policy)."""
     html = resources.files("aggregator").joinpath("static/dashboard.html").read_text(encoding="utf-8")
-    return html, page_csp(html)
-
-
-def page_csp(html: str) -> str:
-    """The page's policy: its inline ``<script>`` elements by their sha256, and nothing else runs."""
-    return (f"default-src 'none'; script-src {script_hashes(html.encode())}; style-src 'unsafe-inline'; "
-            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, page_csp(html.encode())  # the device page's policy: only its own script runs, by its sha256
 
 
 @bp.get("/admin")
@@ -51,7 +45,6 @@ def page():
     resp = Response(html, mimetype="text/html")
     resp.headers["Content-Security-Policy"] = csp
     resp.headers["X-Frame-Options"] = "DENY"  # no other site may frame the console (clickjacking)
-    resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"
     resp.headers["Cache-Control"] = "no-store"
     return resp

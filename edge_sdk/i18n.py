@@ -121,9 +121,9 @@ def _check_text(value, where: str) -> str:
 def unshowable_char(text: str, *, unassigned_ok: bool = False) -> str | None:
     """The first character of ``text`` a page should not show: a control, a lone surrogate, a private-use or (unless
     ``unassigned_ok``: an emoji newer than this Python's tables; never a noncharacter) an unassigned code point, a
-    line or paragraph
-    separator, a bidi embedding, override or isolate (they reorder the text around them), or a format character
-    other than those scripts and emoji need (ZWJ, ZWNJ, ZWSP, soft hyphen, the marks); else None."""
+    line or paragraph separator, a bidi embedding, override or isolate (they reorder the text around them), or a
+    format character other than those scripts and emoji need (ZWJ, ZWNJ, ZWSP, soft hyphen, the marks, the tags of
+    subdivision flags); else None."""
     for ch in text:
         kind, cp = unicodedata.category(ch), ord(ch)
         if (kind in ("Cc", "Cs", "Co", "Zl", "Zp") or ch in _BIDI_CONTROLS

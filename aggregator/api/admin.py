@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 import time
 
@@ -285,11 +284,6 @@ def _validation_uar(session, version: int | None) -> float | None:
     row = session.get(ModelVersion, version)
     if row is None:
         return None
-    v = load_manifest(row, server_key()).metrics.get("validation")
-    candidate = v.get("candidate") if isinstance(v, dict) else None
-    return _finite(candidate.get("uar")) if isinstance(candidate, dict) else None
+    from aggregator.console import _dict, _num  # (the console's reading of a version's metrics: any JSON)
 
-
-def _finite(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value) else None
+    return _num(_dict(_dict(load_manifest(row, server_key()).metrics.get("validation")).get("candidate")).get("uar"))

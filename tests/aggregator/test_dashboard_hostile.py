@@ -225,6 +225,6 @@ def test_admin_answers_are_never_cached_and_no_answer_is_sniffed(tmp_path):
         assert r.headers["X-Content-Type-Options"] == "nosniff", path
     refused = client.get("/api/v1/admin/status")  # no token: the refusal is not cached either
     assert refused.status_code == 401 and refused.headers["Cache-Control"] == "no-store"
-    for path in ("/healthz", "/api/v1/nothing-here"):
+    for path in ("/healthz", "/api/v1/nothing-here", "/admin"):
         assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
     assert "Cache-Control" not in client.get("/healthz").headers
