@@ -245,6 +245,22 @@ def test_a_search_recipe_may_name_another_architecture():
         RECIPES.pop("T-wide-afcn", None)
 
 
+def test_a_search_recipe_may_change_the_feature_kind():
+    """recipe_search builds log-mel features unless a recipe's ``features`` names another ``kind`` (it used to be a
+    TypeError); ``n_mfcc`` only matters with ``kind`` "mfcc"."""
+    from models.recipe_search import RECIPES, _configs, add_recipe
+
+    add_recipe("T-mfcc", '{"base": "A-swa-long", "features": {"kind": "mfcc", "n_mfcc": 20}}')
+    try:
+        features, _, _ = _configs(RECIPES["T-mfcc"], 0)
+        assert (features.kind, features.n_mfcc, features.n_features) == ("mfcc", 20, 20)
+        assert features.speaker_norm and features.utterance_norm == "level"  # the base's and the search's own
+        base, _, _ = _configs(RECIPES["A-swa-long"], 0)
+        assert (base.kind, base.n_features) == ("logmel", 40)
+    finally:
+        RECIPES.pop("T-mfcc")
+
+
 def test_the_personalisation_study_parses_optional_policy_fields():
     """``--policy NAME=k:v``: an ``X | None`` field takes an X; a bool takes true/false; an unknown field exits."""
     from tools.personalisation_study import parse_policy
