@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -355,14 +356,24 @@ def initial_head(tflite: bytes, metadata: ModelMetadata) -> dict[str, np.ndarray
             raise ModelError(f"the uploaded model does not load in the TFLite runtime: {exc}") from exc
 
 
+def _excerpt(value: object, limit: int = 40) -> str:
+    """A short JSON excerpt of ``value`` for an error message (never the whole of a large upload)."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
                  metadata: ModelMetadata, *, metrics: dict | None = None, deadline_seconds: float | None = None,
                  validation: dict | None = None, note: str = "") -> Manifest:
     """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+    test = metadata.extra.get("test")
+    if not metrics and test is not None and not isinstance(test, dict):
+        raise ModelError("model metadata extra.test must be an object of test figures (for example "
+                         f'{{"uar": 0.7}}) or absent, got {type(test).__name__} {_excerpt(test)}')
     head = initial_head(tflite, metadata)
     base = blobs.put(tflite, session)
     parent = current_version(session)
-    metrics = dict(metrics or metadata.extra.get("test", {}))
+    metrics = dict(metrics or test or {})
     if validation:
         metrics["validation"] = validation
     return publish_version(session, blobs, key, base=base, head=head, metadata=metadata,

@@ -60,6 +60,20 @@ def test_model_metrics_of_any_shape_reach_the_console_as_numbers_or_nothing(tmp_
     assert versions[0]["rollback_of"] == 1
 
 
+@pytest.mark.parametrize("test", ["ab", [["uar", 0.5]], [1, 2], 5, True])
+def test_model_metrics_that_are_not_an_object_are_a_422_that_says_so(tmp_path, trained_model, test):
+    """``extra.test`` of another kind was a 422 quoting Python ("dictionary update sequence element #0 ..."), and a
+    list of pairs was taken as figures; now every kind but an object (or null: no figures) is refused by name."""
+    app = create_app({"INSTANCE_PATH": str(tmp_path / "inst"), "LOG_JSON": True})
+    client, auth = app.test_client(), {"Authorization": f"Bearer {app.config['ADMIN_TOKEN']}"}
+    r = _publish(client, auth, trained_model, test)
+    assert (r.status_code, r.json["error"]) == (422, "bad_model"), r.get_data(as_text=True)[:300]
+    assert r.json["detail"].startswith("model metadata extra.test must be an object of test figures")
+    assert type(test).__name__ in r.json["detail"]
+    assert client.get("/api/v1/admin/console", headers=auth).json["versions"] == []  # nothing was published
+    assert _publish(client, auth, trained_model, None).status_code == 201  # null: a base without figures
+
+
 @pytest.mark.parametrize("name", ["\ud800", "a\u0000b", "\u202eevil\u202c", "two\nlines", "tab\there",
                                   "a\u2028b", "\u2067isolate", "\ue000", "x\ufdd0", "\ufeffbom"])
 def test_an_enrollment_name_the_console_cannot_show_is_a_400(tmp_path, name):
