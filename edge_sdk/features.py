@@ -283,13 +283,14 @@ class SpeakerStats:
         self.sum = np.zeros(n_features, np.float64)
         self.sumsq = np.zeros(n_features, np.float64)
 
-    def add(self, frames: np.ndarray) -> None:
+    def add(self, frames: np.ndarray, weight: float = 1.0) -> None:
+        """Count ``frames [T, F]``, each as ``weight`` frames (training's class-balanced references weigh clips)."""
         f = np.asarray(frames, np.float64)
         if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
             raise ParameterError(f"frames must be [T, {self.sum.shape[0]}], got {f.shape}")
-        self.count += f.shape[0]
-        self.sum += f.sum(axis=0)
-        self.sumsq += (f * f).sum(axis=0)
+        self.count += weight * f.shape[0]
+        self.sum += weight * f.sum(axis=0)
+        self.sumsq += weight * (f * f).sum(axis=0)
 
     def normalization(self, prior: Normalization, prior_frames: int | None = None) -> Normalization:
         n0 = self.PRIOR_FRAMES if prior_frames is None else prior_frames

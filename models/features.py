@@ -245,7 +245,8 @@ class FeatureSet:
         mean of "neutral" with the spread (around their own mean) of all their clips in this set, the scale a device
         sees."""
         if kind == "neutral-mean":
-            neutral, every = self.reference_stats("neutral", extra), self._all_clip_stats()
+            neutral, every = self.reference_stats("neutral", extra), _speaker_stats(
+                (c, r, 1.0) for c, r in zip(self.clips, self.raw, strict=True))
             out = {}
             for speaker, n in neutral.items():
                 a = every.get(speaker)
@@ -267,27 +268,22 @@ class FeatureSet:
             clips = Counter(c.speaker for c in self.clips)
             weights = np.array([clips[c.speaker] / (classes[c.speaker] * pairs[c.speaker, c.label])
                                 for c in self.clips])
-        out: dict[str, SpeakerStats] = {}
         items = [(c, r, w) for c, r, w in zip(self.clips, self.raw, weights, strict=True)
                  if kind == "balanced" or c.label == "neutral"]
         if extra is not None and kind == "neutral":
             items += [(c, r, 1.0) for c, r in zip(extra.clips, extra.raw, strict=True) if c.speaker in speakers]
-        for c, r, w in items:
-            stats = out.setdefault(c.speaker, SpeakerStats(r.shape[1]))
-            f = np.asarray(r, np.float64)
-            stats.count += w * f.shape[0]
-            stats.sum += w * f.sum(axis=0)
-            stats.sumsq += w * (f * f).sum(axis=0)
-        return out
-
-    def _all_clip_stats(self) -> dict[str, SpeakerStats]:
-        out: dict[str, SpeakerStats] = {}
-        for c, r in zip(self.clips, self.raw, strict=True):
-            out.setdefault(c.speaker, SpeakerStats(r.shape[1])).add(r)
-        return out
+        return _speaker_stats(items)
 
     def labels(self, label_names: Sequence[str]) -> np.ndarray:
         return np.array([list(label_names).index(c.label) for c in self.clips], dtype=np.int64)
+
+
+def _speaker_stats(items) -> dict[str, SpeakerStats]:
+    """Per speaker, the statistics of ``(clip, raw frames, weight)`` items (each frame counted ``weight`` times)."""
+    out: dict[str, SpeakerStats] = {}
+    for c, r, w in items:
+        out.setdefault(c.speaker, SpeakerStats(r.shape[1])).add(r, w)
+    return out
 
 
 def _config_key(cfg: FeatureConfig, aug: Augmentation | None) -> str:
