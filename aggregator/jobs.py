@@ -221,13 +221,13 @@ def _check(params: dict) -> dict:
     except SystemExit as exc:
         raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, with "
                        f"data as one folder per corpus: {exc}") from None
-    if out.get("features", "mfcc") not in FEATURES:
+    if out.get("features", "logmel") not in FEATURES:
         raise JobError(f"features must be one of {FEATURES}, got {out['features']!r}")
     if "max_frames" in out and not 1 <= out["max_frames"] <= MAX_FRAMES:
         raise JobError(f"max_frames must be in 1..{MAX_FRAMES}")
     if not 0 <= out.get("augment", 0) <= MAX_AUGMENT:
         raise JobError(f"augment must be in 0..{MAX_AUGMENT} copies per clip")
-    if out.get("utterance_norm", "none") not in UTTERANCE_NORMS:
+    if out.get("utterance_norm", "level") not in UTTERANCE_NORMS:
         raise JobError(f"utterance_norm must be one of {UTTERANCE_NORMS}, got {out['utterance_norm']!r}")
     for key, (low, high) in RANGES.items():
         if key in out:

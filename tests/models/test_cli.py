@@ -42,7 +42,9 @@ def test_train_writes_model_and_report_then_evaluate_scores_the_tflite(synthetic
     assert report["architecture"]["name"] == "afcn" and report["hardware"]["device"] in ("CPU", "GPU")
     assert "UAR" in (out / "report.md").read_text()
     meta = json.loads((out / "model.json").read_text())
-    assert meta["features"]["utterance_norm"] == "none" and meta["extra"]["test"]["uar"] == report["test"]["uar"]
+    # the shipped front end is the default: log-mel with the recording's level removed
+    assert (meta["features"]["kind"], meta["features"]["utterance_norm"]) == ("logmel", "level")
+    assert meta["extra"]["test"]["uar"] == report["test"]["uar"]
 
     # evaluate: the manifest's test rows, through edge_sdk's numpy features and the TFLite runtime
     (tmp_path / "gone.wav").write_bytes(b"")
