@@ -221,13 +221,18 @@ def _check(params: dict) -> dict:
     except SystemExit as exc:
         raise JobError(f"corpus must be one or several (comma-separated, each once) of {sorted(CORPORA)}, with "
                        f"data as one folder per corpus: {exc}") from None
-    if out.get("features", "logmel") not in FEATURES:
+    # the front end is recorded in the job's parameters as it will train (fedser-train's defaults when not named),
+    # so a job listed later says what it used even after those defaults change
+    defaults = _train_defaults()
+    out.setdefault("features", defaults.features)
+    out.setdefault("utterance_norm", defaults.utterance_norm)
+    if out["features"] not in FEATURES:
         raise JobError(f"features must be one of {FEATURES}, got {out['features']!r}")
     if "max_frames" in out and not 1 <= out["max_frames"] <= MAX_FRAMES:
         raise JobError(f"max_frames must be in 1..{MAX_FRAMES}")
     if not 0 <= out.get("augment", 0) <= MAX_AUGMENT:
         raise JobError(f"augment must be in 0..{MAX_AUGMENT} copies per clip")
-    if out.get("utterance_norm", "level") not in UTTERANCE_NORMS:
+    if out["utterance_norm"] not in UTTERANCE_NORMS:
         raise JobError(f"utterance_norm must be one of {UTTERANCE_NORMS}, got {out['utterance_norm']!r}")
     for key, (low, high) in RANGES.items():
         if key in out:
@@ -249,6 +254,13 @@ def _check(params: dict) -> dict:
         if folder is None or str(folder) in ("", ".") or not folder.exists():
             raise JobError(f"data for {corpus} not found on the server: {str(folder)!r}")
     return out
+
+
+def _train_defaults():
+    """``fedser-train train``'s own defaults (an argparse namespace), read from its parser."""
+    from models.cli import build_parser
+
+    return build_parser().parse_args(["train", "--out", "unused"])
 
 
 def _child_env(app: Flask) -> dict:

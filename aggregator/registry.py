@@ -362,18 +362,24 @@ def _excerpt(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
-                 metadata: ModelMetadata, *, metrics: dict | None = None, deadline_seconds: float | None = None,
-                 validation: dict | None = None, note: str = "") -> Manifest:
-    """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+def base_metrics(metadata: ModelMetadata, metrics: dict | None = None) -> dict:
+    """The figures a new base is published with: ``metrics``, else its metadata's ``extra.test``, which must then be
+    an object (or absent or null); ModelError naming the field otherwise."""
     test = metadata.extra.get("test")
     if not metrics and test is not None and not isinstance(test, dict):
         raise ModelError("model metadata extra.test must be an object of test figures (for example "
                          f'{{"uar": 0.7}}) or absent, got {type(test).__name__} {_excerpt(test)}')
+    return dict(metrics or test or {})
+
+
+def publish_base(session: Session, blobs: BlobStore, key: SigningKey, tflite: bytes,
+                 metadata: ModelMetadata, *, metrics: dict | None = None, deadline_seconds: float | None = None,
+                 validation: dict | None = None, note: str = "") -> Manifest:
+    """Publish a new base model; its initial head is read from the file through ``get_weights``."""
+    metrics = base_metrics(metadata, metrics)
     head = initial_head(tflite, metadata)
     base = blobs.put(tflite, session)
     parent = current_version(session)
-    metrics = dict(metrics or test or {})
     if validation:
         metrics["validation"] = validation
     return publish_version(session, blobs, key, base=base, head=head, metadata=metadata,

@@ -283,11 +283,14 @@ class SpeakerStats:
         self.sum = np.zeros(n_features, np.float64)
         self.sumsq = np.zeros(n_features, np.float64)
 
-    def add(self, frames: np.ndarray, weight: float = 1.0) -> None:
-        """Count ``frames [T, F]``, each as ``weight`` frames (training's class-balanced references weigh clips)."""
+    def add(self, frames: np.ndarray, weight: float = 1) -> None:
+        """Count ``frames [T, F]``, each as ``weight`` frames (training's class-balanced references weigh clips; a
+        device adds with weight 1, so its count stays a whole number)."""
         f = np.asarray(frames, np.float64)
         if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
             raise ParameterError(f"frames must be [T, {self.sum.shape[0]}], got {f.shape}")
+        if not (np.isfinite(weight) and weight >= 0):
+            raise ParameterError(f"weight must be a finite number >= 0, got {weight!r}")
         self.count += weight * f.shape[0]
         self.sum += weight * f.sum(axis=0)
         self.sumsq += weight * (f * f).sum(axis=0)

@@ -170,9 +170,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "normalisation with all-clips normalisation, weight of the latter up to B; 0 = off")
     g.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
     # the defaults are the front end every shipped model uses (docs/results/recipe-search/stop31: paired over seeds
-    # 0-2 on both corpora, validation UAR +9.7 +- 2.1 points over mfcc with no per-utterance normalisation)
+    # 0-2 on the bundled split, validation UAR +9.7 +- 2.1 points over MFCC with no per-utterance normalisation)
     g.add_argument("--features", choices=("mfcc", "logmel"), default="logmel",
-                   help="40 log-mel bands (default) or MFCCs (the studies' features)")
+                   help="40 log-mel bands (default) or MFCCs (as in the prior studies)")
     g.add_argument("--utterance-norm", choices=UTTERANCE_NORMS, default="level",
                    help="per-utterance normalisation (level, the default: remove the recording's gain only; none: "
                         "keep it)")

@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["VARIANTS", "main", "prior_correction"]
 
-BASE_FEATURES = {"kind": "logmel", "speaker_norm": True}  # the bundled model's features (fedser-train defaults)
+BASE_FEATURES = {"kind": "logmel", "speaker_norm": True}  # log-mel and speaker normalisation, as every shipped model
 BASE_TRAIN = {"epochs": 40, "patience": 10}
 
 # name -> (what changes, FeatureConfig changes, TrainConfig changes)

@@ -246,7 +246,7 @@ class FeatureSet:
         sees."""
         if kind == "neutral-mean":
             neutral, every = self.reference_stats("neutral", extra), _speaker_stats(
-                (c, r, 1.0) for c, r in zip(self.clips, self.raw, strict=True))
+                (c, r, 1) for c, r in zip(self.clips, self.raw, strict=True))
             out = {}
             for speaker, n in neutral.items():
                 a = every.get(speaker)

@@ -122,7 +122,8 @@ def _configs(recipe: dict, seed: int):
     from models.features import Augmentation
     from models.train import TrainConfig
 
-    features = FeatureConfig(**{"kind": "logmel", "speaker_norm": True, **recipe["features"]})  # a recipe may change both
+    # log-mel with speaker normalisation unless the recipe says otherwise (it may change either)
+    features = FeatureConfig(**{"kind": "logmel", "speaker_norm": True, **recipe["features"]})
     sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["arch"].items() if k != "name"}
     arch = preset(recipe["arch"].get("name", "cnn"), **sizes)  # "name": another architecture than the CNN
     train = dict(recipe["train"])

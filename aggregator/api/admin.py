@@ -24,7 +24,7 @@ from aggregator.api import (
 )
 from aggregator.api.updates import refusal_counts
 from aggregator.db import Device, EnrollmentToken, Job, ModelVersion, Round, Update, get_read_session, get_session
-from aggregator.registry import begin_durable, current_version, load_manifest, publish_base, rollback_to
+from aggregator.registry import base_metrics, begin_durable, current_version, load_manifest, publish_base, rollback_to
 from aggregator.rounds import open_round
 from edge_sdk.errors import FedserError
 from edge_sdk.model import ModelMetadata
@@ -63,6 +63,7 @@ def new_token():
 
 def publish_checked(session, tflite: bytes, metadata: ModelMetadata, *, note: str = "") -> tuple[dict, int]:
     """Publish a new base through the validation gate; (JSON body, HTTP status)."""
+    base_metrics(metadata)  # malformed figures are refused before the validation gate spends a run on the model
     begin_durable(session)  # SQLite: the publishing commit is synced (a power cut never undoes a version)
     validator = current_app.extensions.get("fedser_validator")
     validation = {}

@@ -251,6 +251,24 @@ def test_validation_gate_rejects_a_harmful_round_and_publishes_a_harmless_one(tm
     assert metrics["candidate"]["uar"] >= metrics["current"]["uar"]
 
 
+def test_malformed_base_figures_are_refused_before_the_validation_gate_runs(tmp_path, trained_model, validation_csv):
+    """With a validation gate, a base whose extra.test is not an object was scored (both models) before being
+    refused, and a base that also failed the gate was answered validation_failed: now bad_model at once."""
+    srv = Server(tmp_path, trained_model, VALIDATION_MANIFEST=str(validation_csv))
+    meta = json.loads(trained_model.metadata_path.read_text())
+    meta["extra"]["test"] = [["uar", 0.5]]
+    validator = srv.app.extensions["fedser_validator"]
+    calls = []
+    check = validator.check_base
+    validator.check_base = lambda *a, **k: calls.append(1) or check(*a, **k)
+    with open(trained_model.tflite_path, "rb") as t:
+        r = srv.client.post("/api/v1/admin/models", headers=srv.auth, data={
+            "tflite": (t, "model.tflite"), "metadata": (io.BytesIO(json.dumps(meta).encode()), "model.json")})
+    assert (r.status_code, r.json["error"]) == (422, "bad_model") and "extra.test" in r.json["detail"]
+    assert calls == []  # the gate never ran
+    assert srv.publish().status_code == 201 and calls == [1]
+
+
 def _finished_job(srv: Server, job_id: int, seconds: float) -> dict:
     """The job as the API shows it once it succeeded or failed (or as it is after ``seconds``)."""
     deadline = time.time() + seconds

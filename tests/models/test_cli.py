@@ -260,6 +260,15 @@ def test_a_baseline_job_can_train_the_bundled_recipe_and_its_values_are_range_ch
                                                           tmp_path / "cache")))[0].pitch
     assert config.epochs == 20 and config.augmentation == Augmentation(copies=2, speed=(0.8, 1.25),
                                                                        gain_db=(0.0, 0.0), snr_db=(90.0, 90.0))
+    # a job that names no front end trains with fedser-train's defaults (log-mel, level), and its stored parameters
+    # say so; one that names the old front end keeps it
+    plain = _check({})
+    assert (plain["features"], plain["utterance_norm"]) == ("logmel", "level")
+    features, _ = _configs(build_parser().parse_args(_train_argv(plain, tmp_path / "out")))
+    assert (features.kind, features.utterance_norm) == ("logmel", "level")
+    old = _check({"features": "mfcc", "utterance_norm": "none"})
+    features, _ = _configs(build_parser().parse_args(_train_argv(old, tmp_path / "out")))
+    assert (features.kind, features.utterance_norm) == ("mfcc", "none")
     # a range starting with a minus sign is one argument, not another option
     args = build_parser().parse_args(_train_argv(_check({"augment_gain_db": "-6,-3", "test_speakers": "-x"}),
                                                  tmp_path / "out"))
