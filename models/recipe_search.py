@@ -132,10 +132,20 @@ def _configs(recipe: dict, seed: int):
     return features, TrainConfig(**train, seed=seed), arch
 
 
-def _split(task: str, refit: bool = False, cv_fold: int | None = None):
+def nemo_subset(k: int, seed: int) -> tuple[str, ...]:
+    """``k`` of the six non-test nEMO speakers (:data:`NEMO_DEV`), drawn with ``seed``: a learning curve's training
+    speakers (``run --task B --refit --nemo-speakers K``)."""
+    if not 0 <= k <= len(NEMO_DEV):
+        raise ValueError(f"nemo speakers must be 0..{len(NEMO_DEV)}, got {k}")
+    pick = np.random.default_rng(seed).choice(len(NEMO_DEV), size=k, replace=False)
+    return tuple(NEMO_DEV[i] for i in sorted(pick))
+
+
+def _split(task: str, refit: bool = False, cv_fold: int | None = None, nemo_train: tuple[str, ...] | None = None):
     """(train, validation, test, calm reference clips); ``refit``: the validation speakers train too and there is
     no validation (the recipe's epochs all run); ``cv_fold`` (task B): fold K of :data:`NEMO_CV_FOLDS` and RAVDESS
-    19-20 are the "test" part, the rest of the non-test speakers train, no validation."""
+    19-20 are the "test" part, the rest of the non-test speakers train, no validation; ``nemo_train`` (task B refit):
+    only these non-test nEMO speakers train (the others are not used at all)."""
     from models.cross_corpus import _calm_clips, _clips
     from models.datasets import split_by_speaker
 
@@ -153,6 +163,11 @@ def _split(task: str, refit: bool = False, cv_fold: int | None = None):
         return (r_rest, [], r_test + nemo, _calm_clips()) if refit else (r_train, r_val, r_test + nemo,
                                                                            _calm_clips())
     n_rest, n_test = split_by_speaker(nemo, list(NEMO_TEST))
+    if nemo_train is not None:
+        if task != "B" or not refit or set(nemo_train) - set(NEMO_DEV):
+            raise ValueError(f"nemo_train is for task B with refit, of {NEMO_DEV}; got task {task}, refit {refit}, "
+                             f"{nemo_train}")
+        n_rest = [c for c in n_rest if c.speaker in nemo_train]
     if refit:
         return r_rest + n_rest, [], r_test + n_test, _calm_clips()
     n_train, n_val = split_by_speaker(n_rest, ["nemo-WR0"])
@@ -167,24 +182,26 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
             "recall": {k: rep["per_class"][k]["recall"] for k in LABELS}}
 
 
-def _row_name(name: str, refit: bool, cv_fold: int | None = None) -> str:
-    """A refit's rows, export folders and logits are NAME-refit, a cross-validation fold's NAME-cvK: they never
-    overwrite the recipe's own."""
-    return f"{name}-refit" if refit else f"{name}-cv{cv_fold}" if cv_fold is not None else name
+def _row_name(name: str, refit: bool, cv_fold: int | None = None, nemo_speakers: int | None = None) -> str:
+    """A refit's rows, export folders and logits are NAME-refit (NAME-refit-nemoK with K nEMO training speakers), a
+    cross-validation fold's NAME-cvK: they never overwrite the recipe's own."""
+    base = f"{name}-refit" if refit else f"{name}-cv{cv_fold}" if cv_fold is not None else name
+    return base if nemo_speakers is None else f"{base}-nemo{nemo_speakers}"
 
 
 def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = None,
             trainable_embedding: bool = False, save_logits: Path | None = None, refit: bool = False,
-            cv_fold: int | None = None) -> dict:
+            cv_fold: int | None = None, nemo_speakers: int | None = None) -> dict:
     from models.features import NEUTRAL_REFERENCES, compute_features
     from models.train import train_baseline
 
     recipe = RECIPES[name]
     features, config, arch = _configs(recipe, seed)
-    train, val, test, calm = _split(task, refit, cv_fold)
+    nemo_train = nemo_subset(nemo_speakers, seed) if nemo_speakers is not None else None
+    train, val, test, calm = _split(task, refit, cv_fold, nemo_train)
     if (refit or cv_fold is not None) and config.patience and not config.swa_epochs:
         log.info("no validation, so all %d epochs run (patience %d unused)", config.epochs, config.patience)
-    row_name = _row_name(name, refit, cv_fold)
+    row_name = _row_name(name, refit, cv_fold, nemo_speakers)
     out_dir = export / f"{row_name}-seed{seed}" if export else None
     result = train_baseline(train, val, test, features=features, architecture=arch, config=config, cache_dir=cache,
                             out_dir=out_dir, progress=False, dataset_name=f"recipe {name} (task {task})",
@@ -229,6 +246,8 @@ def run_one(task: str, name: str, seed: int, cache: Path, export: Path | None = 
            **(_cv_scores(cv_fold, spk, y, pred) if cv_fold is not None else _group_scores(task, spk, y, pred))}
     if cv_fold is not None:
         row.update(base_recipe=name, cv_fold=cv_fold)
+    if nemo_train is not None:
+        row.update(base_recipe=name, nemo_train=list(nemo_train))
     return row
 
 
@@ -397,9 +416,15 @@ def main(argv=None) -> int:
                    help="run, task B: cross-validation folds (0-2) instead of the usual split: fold K's two nEMO "
                         "speakers and RAVDESS 19-20 are scored after every epoch of the recipe has run on the rest of "
                         "the non-test speakers (rows NAME-cvK); the named test speakers are not scored")
+    p.add_argument("--nemo-speakers", type=int, default=None, metavar="K",
+                   help="run --task B --refit: only K of the six non-test nEMO speakers train, drawn with each seed "
+                        "(a learning curve; rows NAME-refit-nemoK name them); the named test speakers are scored")
     args = p.parse_args(argv)
     if args.cv_folds is not None and (args.command != "run" or args.task != "B" or args.refit):
         p.error("--cv-folds is for run --task B, without --refit")
+    if args.nemo_speakers is not None and (args.command != "run" or args.task != "B" or not args.refit
+                                           or not 0 <= args.nemo_speakers <= len(NEMO_DEV)):
+        p.error(f"--nemo-speakers is for run --task B --refit, 0..{len(NEMO_DEV)}; got {args.nemo_speakers}")
     folds = [None]  # the usual split
     if args.cv_folds is not None:
         try:
@@ -465,7 +490,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             for fold in folds:
                 row = run_one(args.task, name, seed, args.cache, args.export, args.trainable_embedding,
-                              args.save_logits, args.refit, fold)
+                              args.save_logits, args.refit, fold, args.nemo_speakers)
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 logging.info("%s seed %d: val %s | %s", row["recipe"], seed, _mean_se([row["final_val_uar"]]),

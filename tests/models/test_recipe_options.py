@@ -261,6 +261,29 @@ def test_a_search_recipe_may_change_the_feature_kind():
         RECIPES.pop("T-mfcc")
 
 
+def test_a_learning_curve_draws_its_nemo_speakers_from_the_non_test_six(capsys):
+    """``run --task B --refit --nemo-speakers K``: K of the six non-test nEMO speakers, the same K for a seed every
+    time, growing subsets differ by seed; never a test speaker; refused outside task B refit or out of 0..6."""
+    from models.recipe_search import NEMO_DEV, NEMO_TEST, _row_name, main, nemo_subset
+
+    assert nemo_subset(0, 0) == () and nemo_subset(6, 3) == NEMO_DEV
+    for k in range(7):
+        for seed in range(4):
+            pick = nemo_subset(k, seed)
+            assert len(pick) == len(set(pick)) == k and set(pick) <= set(NEMO_DEV) and not set(pick) & set(NEMO_TEST)
+            assert pick == nemo_subset(k, seed)
+    assert len({nemo_subset(2, seed) for seed in range(6)}) > 1
+    with pytest.raises(ValueError, match="0..6"):
+        nemo_subset(7, 0)
+    assert _row_name("B-speed-e20", True, None, 2) == "B-speed-e20-refit-nemo2"
+    for argv in (["run", "--task", "B", "--nemo-speakers", "2"],
+                 ["run", "--task", "A", "--refit", "--nemo-speakers", "2"],
+                 ["run", "--task", "B", "--refit", "--nemo-speakers", "9"]):
+        with pytest.raises(SystemExit):
+            main(argv + ["--recipes", "B0"])
+        assert "--nemo-speakers is for run --task B --refit" in capsys.readouterr().err
+
+
 def test_the_personalisation_study_parses_optional_policy_fields():
     """``--policy NAME=k:v``: an ``X | None`` field takes an X; a bool takes true/false; an unknown field exits."""
     from tools.personalisation_study import parse_policy
