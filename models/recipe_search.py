@@ -149,6 +149,9 @@ def _split(task: str, refit: bool = False, cv_fold: int | None = None, nemo_trai
     from models.cross_corpus import _calm_clips, _clips
     from models.datasets import split_by_speaker
 
+    if nemo_train is not None and (task != "B" or not refit or cv_fold is not None or set(nemo_train) - set(NEMO_DEV)):
+        raise ValueError(f"nemo_train is for task B with refit (no cv_fold), of {NEMO_DEV}; got task {task}, refit "
+                         f"{refit}, cv_fold {cv_fold}, {nemo_train}")
     ravdess, nemo = _clips()
     r_rest, r_test = split_by_speaker(ravdess, list(RAVDESS_TEST))
     r_train, r_val = split_by_speaker(r_rest, list(RAVDESS_CV))
@@ -164,9 +167,6 @@ def _split(task: str, refit: bool = False, cv_fold: int | None = None, nemo_trai
                                                                            _calm_clips())
     n_rest, n_test = split_by_speaker(nemo, list(NEMO_TEST))
     if nemo_train is not None:
-        if task != "B" or not refit or set(nemo_train) - set(NEMO_DEV):
-            raise ValueError(f"nemo_train is for task B with refit, of {NEMO_DEV}; got task {task}, refit {refit}, "
-                             f"{nemo_train}")
         n_rest = [c for c in n_rest if c.speaker in nemo_train]
     if refit:
         return r_rest + n_rest, [], r_test + n_test, _calm_clips()

@@ -276,6 +276,12 @@ def test_a_learning_curve_draws_its_nemo_speakers_from_the_non_test_six(capsys):
     with pytest.raises(ValueError, match="0..6"):
         nemo_subset(7, 0)
     assert _row_name("B-speed-e20", True, None, 2) == "B-speed-e20-refit-nemo2"
+    from models.recipe_search import _split
+
+    for task, refit, fold, pick in (("A", True, None, ("nemo-EB0",)), ("B", False, None, ("nemo-EB0",)),
+                                    ("B", False, 0, ("nemo-EB0",)), ("B", True, None, ("nemo-IC0",))):
+        with pytest.raises(ValueError, match="nemo_train is for task B"):  # before any corpus is read
+            _split(task, refit, fold, pick)
     for argv in (["run", "--task", "B", "--nemo-speakers", "2"],
                  ["run", "--task", "A", "--refit", "--nemo-speakers", "2"],
                  ["run", "--task", "B", "--refit", "--nemo-speakers", "9"]):
