@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -356,19 +355,13 @@ def initial_head(tflite: bytes, metadata: ModelMetadata) -> dict[str, np.ndarray
             raise ModelError(f"the uploaded model does not load in the TFLite runtime: {exc}") from exc
 
 
-def _excerpt(value: object, limit: int = 40) -> str:
-    """A short JSON excerpt of ``value`` for an error message (never the whole of a large upload)."""
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def base_metrics(metadata: ModelMetadata, metrics: dict | None = None) -> dict:
     """The figures a new base is published with: ``metrics``, else its metadata's ``extra.test``, which must then be
     an object (or absent or null); ModelError naming the field otherwise."""
     test = metadata.extra.get("test")
     if not metrics and test is not None and not isinstance(test, dict):
         raise ModelError("model metadata extra.test must be an object of test figures (for example "
-                         f'{{"uar": 0.7}}) or absent, got {type(test).__name__} {_excerpt(test)}')
+                         f'{{"uar": 0.7}}) or absent, got {type(test).__name__} {str(test)[:40]}')
     return dict(metrics or test or {})
 
 
